@@ -1,0 +1,92 @@
+"""Fixed 2-D sin-cos position embeddings.
+
+Layout (project convention, OBJECTIVES.md section 0): for width ``W`` the first
+``W/2`` channels encode the **column** coordinate and the last ``W/2`` the
+**row** coordinate. Each half uses ``W/4`` frequencies
+``omega_k = 10000 ** (-k / (W/4))``, k = 0..W/4-1, laid out as
+``[sin(c * omega_0..), cos(c * omega_0..)]``. Patches are in raster order
+(patch ``i`` sits at row ``i // G``, column ``i % G``) and the optional cls
+slot (index 0) is all zeros.
+
+``sincos_from_coords`` takes arbitrary (possibly fractional, possibly
+differentiable) coordinates, which AdPE's coordinate mode perturbs; the fixed
+table ``sincos_2d`` is built on it, so a zero perturbation reproduces the table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["sincos_2d", "sincos_from_coords", "grid_coords"]
+
+_TEMPERATURE = 10000.0
+
+
+def _check_dim(dim: int) -> None:
+    if not isinstance(dim, int) or dim <= 0 or dim % 4 != 0:
+        raise ValueError(
+            f"2-D sin-cos position embedding needs a positive width divisible by 4 "
+            f"(half for columns, half for rows, each split into sin and cos); got dim={dim!r}"
+        )
+
+
+def grid_coords(grid: int, dtype: torch.dtype = torch.float32, device=None) -> Tensor:
+    """Integer grid coordinates in raster order.
+
+    Returns:
+        coords: ``[grid*grid, 2]`` with ``coords[i] = (col, row) = (i % grid, i // grid)``.
+    """
+    if grid <= 0:
+        raise ValueError(f"grid must be positive, got {grid}")
+    idx = torch.arange(grid * grid, device=device)
+    return torch.stack([idx % grid, idx // grid], dim=-1).to(dtype)
+
+
+def sincos_from_coords(dim: int, coords: Tensor) -> Tensor:
+    """Sin-cos embedding of continuous 2-D coordinates.
+
+    Args:
+        dim: embedding width ``W`` (multiple of 4).
+        coords: ``[..., N, 2]`` float coordinates, last axis ``(col, row)``.
+            May require grad (gradients flow through sin/cos).
+
+    Returns:
+        ``[..., N, W]``: ``[sin(col*w), cos(col*w), sin(row*w), cos(row*w)]``
+        with ``w`` the ``W/4`` frequencies. Computed in at least fp32 (bf16/fp16
+        inputs are promoted, since sin/cos of large arguments in bf16 is wrong by
+        whole periods); the output dtype is the promoted coordinate dtype.
+    """
+    _check_dim(dim)
+    if coords.shape[-1] != 2:
+        raise ValueError(f"coords must have a trailing axis of size 2 (col, row); got shape {tuple(coords.shape)}")
+    if not coords.is_floating_point() or coords.dtype in (torch.float16, torch.bfloat16):
+        coords = coords.to(torch.float32)
+    quarter = dim // 4
+    k = torch.arange(quarter, dtype=coords.dtype, device=coords.device)
+    omega = _TEMPERATURE ** (-k / quarter)  # [W/4]
+    out = []
+    for axis in (0, 1):  # column first, then row
+        angle = coords[..., axis : axis + 1] * omega  # [..., N, W/4]
+        out.append(torch.sin(angle))
+        out.append(torch.cos(angle))
+    return torch.cat(out, dim=-1)
+
+
+def sincos_2d(dim: int, grid: int, cls_token: bool = True) -> Tensor:
+    """Fixed 2-D sin-cos table for a ``grid x grid`` patch grid.
+
+    Args:
+        dim: embedding width ``W`` (multiple of 4, else ``ValueError``).
+        grid: patch-grid side ``G``.
+        cls_token: prepend an all-zero row for the cls slot.
+
+    Returns:
+        ``[1, G*G + int(cls_token), W]`` float32. Computed in float64 and rounded
+        once to float32.
+    """
+    _check_dim(dim)
+    table = sincos_from_coords(dim, grid_coords(grid, dtype=torch.float64))  # [N, W]
+    if cls_token:
+        table = torch.cat([table.new_zeros(1, dim), table], dim=0)
+    return table.to(torch.float32).unsqueeze(0)
