@@ -1,0 +1,163 @@
+"""Image transforms with explicit randomness: ``transform(img: PIL.Image, generator: torch.Generator) -> [C, H, W]``.
+
+No transform touches a global RNG: every random draw comes from the ``generator`` the loader seeds per
+sample, so augmentations are reproducible and survive an exact resume.  Objects hold only plain
+values and small tensors, so they pickle cheaply to loader workers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from mimscale.errors import DataError
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TrainTransform", "EvalTransform", "rrc_params"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def rrc_params(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+               generator: torch.Generator) -> tuple[int, int, int, int]:
+    """Random-resized-crop box ``(top, left, h, w)`` drawn from ``generator``.
+
+    Up to 10 attempts draw an area fraction uniformly in ``scale`` and an aspect ratio log-uniformly in
+    ``ratio``; the first box that fits is placed uniformly.  Otherwise: the central crop whose aspect
+    ratio is the nearest one inside ``ratio``.  Always consumes 40 uniforms from ``generator``.
+    """
+    u = torch.rand(_RRC_DRAWS, generator=generator, dtype=torch.float64).tolist()
+    return _rrc_box(width, height, scale, ratio, u)
+
+
+_RRC_DRAWS = 40
+
+
+def _rrc_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
+             u: Sequence[float]) -> tuple[int, int, int, int]:
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for t in range(0, _RRC_DRAWS, 4):
+        u_area, u_ratio, u_top, u_left = u[t:t + 4]
+        target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = min(int(u_top * (height - h + 1)), height - h)
+            left = min(int(u_left * (width - w + 1)), width - w)
+            return top, left, h, w
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+class _Base:
+    def __init__(self, img_size: int | Sequence[int], mean: Sequence[float], std: Sequence[float], in_chans: int):
+        if in_chans not in (1, 3):
+            raise DataError(f"in_chans must be 1 or 3, got {in_chans}")
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise DataError(f"mean/std need {in_chans} values for in_chans={in_chans}, got {len(mean)}/{len(std)}")
+        if any(s <= 0 for s in std):
+            raise DataError(f"std values must be > 0, got {tuple(std)}")
+        size = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+        if len(size) != 2 or min(size) < 1:
+            raise DataError(f"img_size must be a positive int or (height, width), got {img_size!r}")
+        self.size = (int(size[0]), int(size[1]))
+        self.in_chans = in_chans
+        self.mean = tuple(float(m) for m in mean)
+        self.std = tuple(float(s) for s in std)
+        self._mode = "RGB" if in_chans == 3 else "L"
+        self._scale = np.asarray([1.0 / (255.0 * s) for s in self.std], dtype=np.float32)
+        self._shift = np.asarray([m / s for m, s in zip(self.mean, self.std)], dtype=np.float32)
+
+    def _prepare(self, img: Image.Image) -> Image.Image:
+        """Bring exotic modes (palette, CMYK, 16-bit, alpha) to RGB/L before resampling; L stays L (cheaper)."""
+        if img.mode in ("RGB", "L"):
+            return img  # L stays L through crop/resize; _finish broadcasts it to 3 channels
+        if img.mode == "P":
+            img = img.convert("RGBA")
+        return img.convert(self._mode)
+
+    def _finish(self, img: Image.Image) -> torch.Tensor:
+        """uint8 PIL -> normalized float32 [C, H, W]: one fused scale-and-shift per pixel (gray -> RGB by broadcast)."""
+        arr = np.asarray(img)
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.dtype != np.uint8 or arr.shape[2] not in (1, self.in_chans):
+            arr = np.asarray(img.convert(self._mode))
+            arr = arr[:, :, None] if arr.ndim == 2 else arr
+        out = np.empty((arr.shape[0], arr.shape[1], self.in_chans), dtype=np.float32)
+        np.multiply(arr, self._scale, out=out)
+        out -= self._shift
+        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+    def _fields(self) -> str:
+        return f"img_size={self.size}, in_chans={self.in_chans}, mean={self.mean}, std={self.std}"
+
+
+class TrainTransform(_Base):
+    """RandomResizedCrop (bicubic) + horizontal flip + normalize: PIL image -> float32 ``[C, H, W]``.
+
+    Grayscale inputs become 3-channel when ``in_chans=3``.  All randomness comes from ``generator``.
+    """
+
+    def __init__(self, img_size: int | Sequence[int], scale: Sequence[float] = (0.2, 1.0),
+                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, in_chans: int = 3):
+        super().__init__(img_size, mean, std, in_chans)
+        if not (0 < scale[0] <= scale[1] <= 1):
+            raise DataError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise DataError(f"ratio must satisfy 0 < min <= max, got {tuple(ratio)}")
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = bool(hflip)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
+        img = self._prepare(img)
+        u = torch.rand(_RRC_DRAWS + 1, generator=generator, dtype=torch.float64).tolist()  # one draw per sample
+        top, left, h, w = _rrc_box(img.width, img.height, self.scale, self.ratio, u)
+        img = TF.resized_crop(img, top, left, h, w, list(self.size),
+                              interpolation=InterpolationMode.BICUBIC, antialias=True)
+        if self.hflip and u[_RRC_DRAWS] < 0.5:
+            img = TF.hflip(img)
+        return self._finish(img)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform({self._fields()}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
+
+
+class EvalTransform(_Base):
+    """Resize the shorter side to ``img_size / crop_pct`` (bicubic), center crop, normalize.
+
+    Same call signature as :class:`TrainTransform`; the generator is ignored.
+    """
+
+    def __init__(self, img_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, in_chans: int = 3, crop_pct: float = 1.0):
+        super().__init__(img_size, mean, std, in_chans)
+        if not (0 < crop_pct <= 1):
+            raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.crop_pct = float(crop_pct)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        img = self._prepare(img)
+        short = int(math.floor(min(self.size) / self.crop_pct))
+        img = TF.resize(img, short, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        img = TF.center_crop(img, list(self.size))
+        return self._finish(img)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self._fields()}, crop_pct={self.crop_pct})"

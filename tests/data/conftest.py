@@ -1,0 +1,60 @@
+"""Shared helpers for the data tests: tiny real PNG images in real WebDataset shards."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mimscale.data import shard_name, write_manifest, write_shard
+
+
+def png_bytes(seed: int, size: tuple[int, int] = (12, 10), mode: str = "RGB") -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_shards(out: Path, sizes, corrupt=(), truncate=(), extra_npy: bool = False, manifest: bool = True,
+                prefix: str = "train") -> list[Path]:
+    """Shards with ``sizes[i]`` samples each; keys are global indices, label = index % 5.
+
+    ``corrupt``: global indices whose png is garbage; ``truncate``: shard indices cut in half after writing
+    (the manifest keeps the original counts, like a shard damaged after conversion).
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    infos, paths, g = [], [], 0
+    for i, n in enumerate(sizes):
+        samples = []
+        for _ in range(n):
+            sample = {"__key__": f"{g:09d}", "png": b"this is not a png" if g in corrupt else png_bytes(g), "cls": g % 5}
+            if extra_npy:
+                sample["npy"] = np.full((2, 3), g, dtype=np.int16)
+            samples.append(sample)
+            g += 1
+        path = out / shard_name(prefix, i)
+        infos.append(write_shard(path, samples))
+        paths.append(path)
+    if manifest:
+        write_manifest(out, infos, classes=[str(c) for c in range(5)], source="test")
+    for i in truncate:
+        data = paths[i].read_bytes()
+        paths[i].write_bytes(data[: len(data) // 2])
+    return paths
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """Factory: ``shards(sizes, **kw) -> (dir, paths)``."""
+    counter = iter(range(1000))
+
+    def make(sizes, **kw):
+        d = tmp_path / f"shards{next(counter)}"
+        return d, make_shards(d, sizes, **kw)
+
+    return make
