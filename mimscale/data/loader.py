@@ -13,10 +13,19 @@ hands them out round-robin, so the batch order is deterministic.  The main proce
 it hands to the caller (not what workers prefetched) and records each worker's cursor from metadata
 carried inside the batches, together with corrupt-data events for ``loader.stats``.
 
-Train mode cycles every stream over its shards so that each rank yields exactly
-``samples_per_epoch // (world_size * batch_size)`` batches.  Eval mode reads each sample exactly once
-(contiguous ranges per rank, then per worker) and pads every rank to the same number of full batches
-with ``valid=False`` entries.
+(On a resume the DataLoader's worker ``i`` plays stream ``(i + batches_done) % num_workers`` so the
+round-robin starts with the stream that owns the next batch.)
+
+Train mode: shards are split by rank (``perm[rank::world_size]`` of a fresh permutation per epoch from
+``(seed, epoch)``, identical on every rank), then by worker; a level with fewer shards than takers falls
+back to sample-level striding (every k-th sample, with a warning about the extra reading).  Every
+stream cycles over its shards as long as needed, so each rank yields exactly
+``samples_per_epoch // (world_size * batch_size)`` batches per epoch; the shuffle buffer is drained at
+the end of each pass, so a stream repeats a sample only after emitting its whole pass.
+
+Eval mode reads each sample exactly once (contiguous position ranges per rank, then per worker; the
+manifest counts let a worker open only the shards its range touches) and pads every rank to the same
+number of full batches with ``valid=False`` entries.
 """
 
 from __future__ import annotations
@@ -33,7 +42,6 @@ import shlex
 import subprocess
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -49,6 +57,7 @@ __all__ = ["ShardLoader", "default_collate", "expand_source", "iter_tar_samples"
 log = logging.getLogger("mimscale.data")
 
 STATE_FORMAT = "mimscale-loader/1"
+_CYCLE_END = object()  # marks the end of one pass of a train stream over its shards
 _TAG_SHARDS, _TAG_CYCLE, _TAG_BUFFER, _TAG_AUG, _TAG_COLLATE = 1, 2, 3, 4, 5
 
 
@@ -159,8 +168,9 @@ def _tar_members(f) -> Iterator[tuple[str, bytes]]:
             size = _octal(head[124:136])
         except ValueError:
             raise ShardReadError("corrupt tar header") from None
-        unsigned = sum(head[:148]) + 256 + sum(head[156:])
-        if stored != unsigned and stored != unsigned - 2 * sum(b for b in head if b > 127):
+        rest = head[:148] + head[156:]
+        unsigned = sum(rest) + 8 * 0x20  # the checksum field counts as 8 spaces
+        if stored != unsigned and stored != unsigned - 256 * sum(1 for b in rest if b > 127):  # old signed variant
             raise ShardReadError("corrupt tar header (checksum mismatch)")
         kind = head[156:157]
         padded = size + (-size % _BLOCK)
@@ -406,26 +416,30 @@ class _Stream:
                                 f"({names}); check or rewrite these shards")
             self.cycle_raw = raw_count
             cycle += 1
+            yield _CYCLE_END
 
-    def shuffled(self, it: Iterator[dict]) -> Iterator[dict]:
+    def shuffled(self, it: Iterator[Any]) -> Iterator[dict]:
+        """Shuffle buffer over raw samples, drained at every end of a pass (``_CYCLE_END``) so that a
+        stream emits all of one pass before repeating anything."""
         p = self.p
         size = p.shuffle_buffer if p.shuffle else 0
-        if size <= 1:
-            yield from it
-            return
         rng = random.Random(_mix(p.seed, _TAG_BUFFER, p.epoch, p.rank, self.w))
         buf: list[dict] = []
         for x in it:
-            if len(buf) < size:
-                buf.append(x)
+            if x is _CYCLE_END:
+                while buf:
+                    k = rng.randrange(len(buf))
+                    buf[k], buf[-1] = buf[-1], buf[k]
+                    yield buf.pop()
                 continue
-            k = rng.randrange(size)
-            buf[k], x = x, buf[k]
-            yield x
-        while buf:  # only reached by finite inputs
-            k = rng.randrange(len(buf))
-            buf[k], buf[-1] = buf[-1], buf[k]
-            yield buf.pop()
+            if size <= 1:
+                yield x
+            elif len(buf) < size:
+                buf.append(x)
+            else:
+                k = rng.randrange(size)
+                buf[k], x = x, buf[k]
+                yield x
 
     def train_batches(self) -> Iterator[tuple]:
         p, w, nw = self.p, self.w, self.p.num_streams
@@ -568,8 +582,26 @@ def _passthrough(item):
 class ShardLoader:
     """Iterable of batches over WebDataset shards; see the module docstring for the data flow.
 
-    ``len(loader)`` is this rank's number of batches per epoch.  ``state_dict()`` / ``load_state_dict()``
-    give an exact mid-epoch resume (same world_size, num_workers, seed and batch size).
+    Args:
+        source: a shard directory with ``manifest.json``, a path, a brace pattern
+            (``/d/train-{000000..000011}.tar``), ``pipe:CMD ARGS`` (split with shlex, never run by a
+            shell), or a list of those.
+        transform: ``transform(PIL.Image, torch.Generator) -> Tensor [C, H, W]`` (pickled to workers).
+        collate: ``collate(samples: list[dict], torch.Generator) -> batch``; default: :func:`default_collate`.
+            Each sample has ``image``, ``label`` (-1 if absent), ``key``, every extra tar field (``npy``
+            decoded to a tensor, others raw bytes) and, in eval mode, ``valid``.
+        samples_per_epoch: train: epoch size (default: the manifest counts of the shards); eval: the
+            number of samples, needed only without a manifest.
+        manifest: a manifest path/dir with the counts of the shards, when none lies beside them.
+        mode: ``"train"`` (split, shuffle, cycle, exactly ``len(self)`` batches per rank) or ``"eval"``
+            (every sample once across ranks, equal batch counts, padding marked ``valid=False``).
+        multiprocessing_context: start method for the workers (default: the platform's; workers get the
+            transform and collate pickled under ``spawn``/``forkserver``).
+
+    ``len(loader)`` is this rank's number of batches per epoch; an epoch that was run to its end moves
+    on to the next one at the next ``iter()``.  ``state_dict()`` / ``load_state_dict()`` give an exact
+    mid-epoch resume (same world_size, rank, num_workers, seed, batch size and data).  ``stats`` counts
+    corrupt samples and bad shards (skipped, logged once each on logger ``mimscale.data``).
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], *, batch_size: int,
@@ -618,12 +650,13 @@ class ShardLoader:
             if self._batches < 1:
                 raise DataError(f"samples_per_epoch={self.samples_per_epoch} is less than world_size*batch_size="
                                 f"{self.world_size * self.batch_size}; lower batch_size or add data")
-            n = len(self.urls)
-            if n < self.world_size * self._streams:
-                log.warning("%d shard(s) for %d stream(s) (world_size %d x %d workers): streams read shards they "
-                            "share and keep every k-th sample, which reads more data than needed; write at least "
-                            "%d shards", n, self.world_size * self._streams, self.world_size, self._streams,
-                            self.world_size * self._streams)
+            n, W, nw = len(self.urls), self.world_size, self._streams
+            rank_shards = n if n < W else len(range(self.rank, n, W))
+            amplification = (W if n < W else 1) * (nw if rank_shards < nw else 1)
+            if amplification > 1:
+                log.warning("rank %d: %d shard(s) for world_size %d x %d workers, so streams share shards and keep "
+                            "every k-th sample, reading %dx more data than needed; write at least %d shards",
+                            self.rank, n, W, nw, amplification, W * nw)
         else:
             per_rank = math.ceil(self.samples_per_epoch / self.world_size)
             self._batches = math.ceil(per_rank / self.batch_size)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import random
+import tarfile
 from collections import Counter
 
 import numpy as np
@@ -106,6 +108,15 @@ def test_every_rank_same_batches_with_uneven_shards(shards):
         assert loaders[0].epoch == epoch + 1
 
 
+def test_balanced_train_epoch_is_one_pass_despite_a_large_buffer(shards):
+    d, _ = shards([10] * 4)   # 2 workers x 2 shards x 10 samples; the buffer is larger than a pass
+    ld = ShardLoader(d, batch_size=4, transform=TRAIN, num_workers=2, shuffle_buffer=1000, seed=9)
+    epochs = [keys_of(ld) for _ in range(2)]
+    for keys in epochs:
+        assert sorted(keys) == [f"{i:09d}" for i in range(40)]   # every sample once, no repeats
+    assert epochs[0] != epochs[1]                                 # reshuffled per epoch
+
+
 @pytest.mark.parametrize("sizes", [[7, 8], [16]])
 def test_few_shards_sample_level_split_warns(shards, caplog, sizes):
     # fewer shards than streams (2 ranks x 2 workers): streams that share shards keep every k-th sample
@@ -113,7 +124,7 @@ def test_few_shards_sample_level_split_warns(shards, caplog, sizes):
     with caplog.at_level(logging.WARNING, logger="mimscale.data"):
         loaders = [ShardLoader(d, batch_size=2, transform=TRAIN, rank=r, world_size=2, num_workers=2,
                                shuffle=False) for r in (0, 1)]
-    assert "reads more data than needed" in caplog.text
+    assert "more data than needed" in caplog.text
     runs = [list(ld) for ld in loaders]
     assert [len(r) for r in runs] == [sum(sizes) // 4] * 2
     # an epoch this size fits in one pass: no sample is read twice, by any stream of any rank
@@ -263,9 +274,19 @@ def test_spawned_workers_get_pickled_pipeline(shards):
     assert_same_batches(spawned, forked)
 
 
-def test_loader_reads_webdataset_compatible_shards(shards):
+def test_loader_reads_webdataset_compatible_shards(shards, tmp_path):
     d, paths = shards([3, 2])
     ours = keys_of(ShardLoader(d, batch_size=1, transform=EVAL, num_workers=0, mode="eval"))
     theirs = [s["__key__"] for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False)]
     assert ours == theirs
     assert Counter(len(k) for k in ours) == {9: 5}
+    # tars written by Python's tarfile (pax headers), gzipped, are read too
+    gz = tmp_path / "other.tar.gz"
+    with tarfile.open(gz, "w:gz", format=tarfile.PAX_FORMAT) as tf:
+        for s in wds.WebDataset([str(p) for p in paths], shardshuffle=False):
+            for ext in ("png", "cls"):
+                info = tarfile.TarInfo(f"some/dir/{s['__key__']}.{ext}")
+                info.size = len(s[ext])
+                tf.addfile(info, io.BytesIO(s[ext]))
+    got = keys_of(ShardLoader(str(gz), samples_per_epoch=5, batch_size=1, transform=EVAL, num_workers=0, mode="eval"))
+    assert got == [f"some/dir/{k}" for k in ours]
