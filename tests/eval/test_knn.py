@@ -1,0 +1,106 @@
+"""Weighted kNN classification of frozen features (cosine similarity, exp(cos / T) votes)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimscale.eval.knn import knn_predict, knn_top1
+
+
+def clusters(per_class: int, num_classes: int = 4, dim: int = 16, noise: float = 0.05, seed: int = 0):
+    """Tight clusters around random unit centres: ``feats [num_classes*per_class, dim]``, ``labels [..]``."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(num_classes, dim, generator=g), dim=1) * 5.0
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    feats = centres[labels] + noise * torch.randn(len(labels), dim, generator=g)
+    perm = torch.randperm(len(labels), generator=g)
+    return feats[perm], labels[perm]
+
+
+def test_separable_clusters_are_classified_perfectly():
+    xtr, ytr = clusters(50, seed=0)                          # [200, 16], [200]
+    xte, yte = clusters(20, seed=0)                          # same centres (same seed), new points below
+    xte = xte + 0.05 * torch.randn(xte.shape, generator=torch.Generator().manual_seed(1))
+    pred = knn_predict(xtr, ytr, xte, num_classes=4, k=20, temperature=0.07)
+    assert pred.shape == (80,) and pred.dtype == torch.long
+    assert torch.equal(pred, yte)
+    assert knn_top1(xtr, ytr, xte, yte, num_classes=4) == 100.0
+
+
+def test_accuracy_in_percent():
+    xtr, ytr = clusters(10, num_classes=2)
+    yte_wrong = 1 - ytr[:10]
+    assert knn_top1(xtr, ytr, xtr[:10], yte_wrong, num_classes=2, k=1) == 0.0
+    half = torch.cat([ytr[:5], 1 - ytr[5:10]])
+    assert knn_top1(xtr, ytr, xtr[:10], half, num_classes=2, k=1) == 50.0
+
+
+def test_features_are_normalised_scale_does_not_matter():
+    xtr, ytr = clusters(10)
+    q = xtr[:8]
+    a = knn_predict(xtr, ytr, q, 4, k=5)
+    scale = torch.rand(len(xtr), 1, generator=torch.Generator().manual_seed(2)) * 100 + 0.01   # per-row scale
+    b = knn_predict(xtr * scale, ytr, q * 7.0, 4, k=5)
+    assert torch.equal(a, b)
+
+
+def _weighting_case():
+    """Query q = e0. One class-1 neighbour at cos 0.99, two class-0 neighbours at cos 0.5.
+
+    Unweighted majority (or a very high T) says class 0 (2 votes vs 1); with T = 0.07 the close
+    neighbour wins: exp(0.99/0.07) = 1.4e6 > 2 exp(0.5/0.07) = 2.5e3.
+    """
+    q = torch.tensor([[1.0, 0.0, 0.0]])                                  # [1, 3]
+    near = torch.tensor([0.99, (1 - 0.99 ** 2) ** 0.5, 0.0])
+    far_a = torch.tensor([0.5, 0.0, 0.75 ** 0.5])
+    far_b = torch.tensor([0.5, -(0.75 ** 0.5), 0.0])
+    very_far = torch.tensor([-1.0, 0.0, 0.0])                             # outside k = 3
+    train = torch.stack([near, far_a, far_b, very_far])                  # [4, 3]
+    labels = torch.tensor([1, 0, 0, 1])
+    return train, labels, q
+
+
+def test_temperature_weighting_beats_majority():
+    train, labels, q = _weighting_case()
+    assert knn_predict(train, labels, q, num_classes=2, k=3, temperature=0.07).tolist() == [1]
+    # nearly uniform weights: the plain majority of the same three neighbours wins
+    assert knn_predict(train, labels, q, num_classes=2, k=3, temperature=1e3).tolist() == [0]
+    # k = 1: only the nearest neighbour votes, at any temperature
+    assert knn_predict(train, labels, q, num_classes=2, k=1, temperature=1e3).tolist() == [1]
+
+
+def test_k_larger_than_the_bank():
+    train, labels, q = _weighting_case()
+    # k = 50 > 4 entries: every entry votes; class 1 still wins through the weighted close neighbour
+    assert knn_predict(train, labels, q, num_classes=2, k=50, temperature=0.07).tolist() == [1]
+    # a one-entry bank
+    assert knn_predict(train[:1], labels[:1], q, num_classes=2, k=20).tolist() == [1]
+
+
+def test_chunking_gives_the_same_result():
+    xtr, ytr = clusters(30, num_classes=5, noise=1.5, seed=3)            # overlapping: non-trivial votes
+    xte, _ = clusters(13, num_classes=5, noise=1.5, seed=4)              # 65 queries
+    full = knn_predict(xtr, ytr, xte, num_classes=5, k=7, chunk=1024)
+    for chunk in (1, 7, 64, 65):
+        assert torch.equal(knn_predict(xtr, ytr, xte, num_classes=5, k=7, chunk=chunk), full)
+    assert full.shape == (65,)
+    assert len(set(full.tolist())) > 1
+
+
+def test_empty_queries():
+    xtr, ytr = clusters(5)
+    out = knn_predict(xtr, ytr, torch.zeros(0, 16), num_classes=4)
+    assert out.shape == (0,) and out.dtype == torch.long
+
+
+def test_half_precision_features():
+    xtr, ytr = clusters(20)
+    a = knn_predict(xtr, ytr, xtr[:10], 4, k=5)
+    b = knn_predict(xtr.bfloat16(), ytr, xtr[:10].bfloat16(), 4, k=5)
+    assert torch.equal(a, b) and torch.equal(a, ytr[:10])
+
+
+def test_self_query_with_k1_returns_own_label():
+    xtr, ytr = clusters(10, noise=0.5)
+    pred = knn_predict(xtr, ytr, xtr, 4, k=1)
+    assert torch.equal(pred, ytr)
