@@ -1,0 +1,4 @@
+"""Loss plugins. Importing this package registers the built-in objectives."""
+from .base import (LossOutput, Objective, ObjectiveConfig, available, build_objective,  # noqa: F401
+                   objective_class, register)
+from . import mae  # noqa: F401,E402  (registers)

@@ -1,0 +1,104 @@
+"""``mimscale pretrain|objectives|data ...`` — the command line.
+
+User errors (:class:`mimscale.errors.MimscaleError`) print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import MimscaleError
+
+PRETRAIN_HELP = """\
+Pre-train with a recipe (default: tiny_cpu) and key=value overrides, e.g.
+  mimscale pretrain mae_vit_l16 data.train=/data/in1k/train-{000000..001281}.tar train.zero_stage=3
+Launch the same command under torchrun / deepspeed / accelerate / srun for several ranks
+(or `python -m mimscale.train ...`, which is what launchers that want a module call)."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimscale", description="Masked-image-modeling pre-training of ViTs at scale.")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    pt = sub.add_parser("pretrain", help="pre-train a ViT", description=PRETRAIN_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pt.add_argument("config", nargs="?", default=None, help="recipe name (see mimscale/configs) or YAML path")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
+    pt.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+    sub.add_parser("objectives", help="list registered objectives (built-in and entry points)")
+
+    dp = sub.add_parser("data", help="write WebDataset shards")
+    dsub = dp.add_subparsers(dest="data_cmd", required=True, metavar="SOURCE")
+    fm = dsub.add_parser("fashion-mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist")
+    fm.add_argument("out", help="output directory (gets train/ and test/)")
+    fm.add_argument("--shard-size", type=int, default=5000)
+    fm.add_argument("--workers", type=int, default=2)
+    fo = dsub.add_parser("folder", help="an ImageNet-style class-folder tree")
+    fo.add_argument("src")
+    fo.add_argument("out")
+    fo.add_argument("--shard-size", type=int, default=1000)
+    fo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    fo.add_argument("--prefix", default="train")
+    return p
+
+
+def _cmd_pretrain(args) -> int:
+    from . import config as C
+
+    cfg = C.load(args.config, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
+        return 0
+    from .engine.loop import pretrain
+
+    summary = pretrain(cfg)
+    init, final = summary.get("knn_top1_init"), summary.get("knn_top1_final")
+    if final is not None and int(os.environ.get("RANK", "0")) == 0:
+        line = f"kNN top-1 on the test split: trained {final:.2f}%"
+        if init is not None:
+            line += f" vs random init {init:.2f}% ({final - init:+.2f} points)"
+        print(line, flush=True)
+    return 0
+
+
+def _cmd_objectives(args) -> int:
+    from .objectives import available
+
+    for name, cls in available().items():
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:10s} {cls.__module__}.{cls.__name__}  {doc[0] if doc else ''}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from .data import shards
+
+    if args.data_cmd == "fashion-mnist":
+        out = shards.write_fashion_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
+    else:
+        out = shards.write_folder(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
+                                  prefix=args.prefix)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .dist import strip_launcher_args
+
+    argv = strip_launcher_args(sys.argv[1:] if argv is None else list(argv))
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return {"pretrain": _cmd_pretrain, "objectives": _cmd_objectives, "data": _cmd_data}[args.cmd](args)
+    except MimscaleError as e:
+        print(f"mimscale: error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Typed run configuration: YAML recipe + ``key=value`` dotlist overrides.
+
+Unknown keys, wrong types and impossible combinations raise :class:`ConfigError` with one line
+that names the key (and the closest valid one). Values that follow from others (lr from blr, steps,
+warmup, gradient accumulation) are derived once in :func:`derive` and saved into the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_RECIPE = "tiny_cpu"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_base"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    drop_path: float = 0.0
+    layer_scale_init: float | None = None
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    train: str = "fashion-mnist:train"      # shard source, or a built-in name converted on first use
+    root: str = "~/.cache/mimscale/data"     # where built-in data sets are converted to shards
+    samples_per_epoch: int | None = None     # default: the manifest's sample count
+    num_workers: int = 8
+    shuffle_buffer: int = 5000
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+@dataclass
+class OptimConfig:
+    blr: float = 1.5e-4                      # base lr; lr = blr * batch_size / 256
+    lr: float | None = None                  # absolute lr; overrides blr
+    min_lr: float = 0.0
+    warmup_epochs: float = 40.0
+    weight_decay: float = 0.05
+    weight_decay_end: float | None = None    # cosine wd schedule end value (None: constant)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    clip_grad: float = 0.0                   # 0: no clipping
+    impl: Literal["auto", "torch", "fused"] = "auto"  # auto: torch AdamW on CPU, DeepSpeed FusedAdam on CUDA
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 800.0
+    batch_size: int = 4096                   # effective (global) batch per optimizer step
+    micro_batch_size: int = 64               # per device per forward
+    max_steps: int | None = None             # stop early; the schedule still spans `epochs`
+    max_minutes: float | None = None         # stop early after this much wall-clock
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: int = 1
+    offload: bool = False                    # ZeRO-Offload of optimizer state (stage 1-3) and params (stage 3)
+    ds_config: str | None = None             # a DeepSpeed knobs file instead of ds_configs/zero{stage}.json
+    seed: int = 0
+    run_dir: str = "runs/{objective}_{arch}"
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    knn_train: str | None = None             # labelled shards for the kNN memory bank
+    knn_test: str | None = None              # labelled shards to classify
+    knn_train_samples: int | None = None     # cap on the memory bank (whole shards are taken)
+    knn_every: int = 0                       # steps between kNN evaluations (0: only at start/end)
+    knn_at_start: bool = True                # the random-init baseline
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    pool: Literal["cls", "mean"] = "cls"
+    img_size: int | None = None              # default: model.img_size
+    batch_size: int = 256
+    num_workers: int = 2
+
+
+@dataclass
+class LogConfig:
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    tensorboard: bool = True
+    jsonl: bool = True
+    project: str = "mimscale"
+    run_name: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: dict[str, Any] = field(default_factory=lambda: {"name": "mae"})
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass
+class Derived:
+    """Values that follow from the config and the launch; computed once, saved with the run."""
+
+    world_size: int
+    grad_accum: int
+    lr: float
+    samples_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    run_dir: str
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _check_type(value: Any, tp: Any, key: str) -> Any:
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(value, a, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, args))}{hint}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key} must have {len(args)} elements, got {len(value)}")
+        return tuple(_check_type(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{key}'{hint}")
+        kwargs[k] = _check_type(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain YAML-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def recipe_path(name_or_path: str | None) -> Path:
+    """A recipe name from mimscale/configs (``mae_vit_b16``) or a YAML path."""
+    if not name_or_path:
+        name_or_path = DEFAULT_RECIPE
+    p = Path(name_or_path).expanduser()
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    builtin = CONFIG_DIR / f"{p.stem}.yaml"
+    if builtin.exists() and p.parent == Path("."):
+        return builtin
+    if p.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file not found: {p}")
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(p.stem, names, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise ConfigError(f"no recipe named '{name_or_path}'{hint}; recipes: {', '.join(names)}")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``optim.blr=1e-4`` -> (['optim', 'blr'], 1e-4); the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like key=value (e.g. train.epochs=1)")
+    key, raw = item.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{item}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_float(raw):  # YAML 1.1 reads 1e-4 as a string
+        value = float(raw)
+    return key.split("."), value
+
+
+def _looks_float(s: str) -> bool:
+    """A number YAML 1.1 missed (``1e-4``); not words like ``nan``/``inf`` meant as strings."""
+    if not any(ch.isdigit() for ch in s):
+        return False
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_raw(recipe: str | None, overrides: list[str] = ()) -> dict:
+    path = recipe_path(recipe)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            if node.get(k) is None:  # absent, or an empty section (`log:` with nothing under it)
+                node[k] = {}
+            node = node[k]
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return raw
+
+
+def load(recipe: str | None = None, overrides: list[str] = ()) -> Config:
+    """Read a recipe, apply overrides, validate every key, including the objective's own knobs."""
+    cfg = from_dict(Config, load_raw(recipe, overrides))
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one key; the objective validates its own section."""
+    from .objectives import objective_class  # late: objectives import config
+
+    for key, value in _walk(to_dict(cfg)):
+        if value == "???":
+            raise ConfigError(f"{key} must be set (the recipe leaves it to you), e.g. {key}=/path/to/value")
+
+    obj = dict(cfg.objective)
+    name = obj.pop("name", None)
+    if not name:
+        raise ConfigError("objective.name is required (see `mimscale objectives`)")
+    cls = objective_class(name)
+    from_dict(cls.Config, obj, "objective")
+    m, t, d, e = cfg.model, cfg.train, cfg.data, cfg.eval
+    from .models.vit import ARCHS
+
+    if m.arch not in ARCHS:
+        close = difflib.get_close_matches(m.arch, list(ARCHS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.arch='{m.arch}' is not one of {', '.join(ARCHS)}{hint}")
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
+    if t.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    if t.offload and t.zero_stage == 0:
+        raise ConfigError("train.offload=true needs train.zero_stage >= 1")
+    if t.micro_batch_size < 1 or t.batch_size < t.micro_batch_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be >= train.micro_batch_size={t.micro_batch_size} >= 1")
+    if t.epochs <= 0:
+        raise ConfigError(f"train.epochs={t.epochs} must be positive")
+    if len(d.mean) != m.in_chans or len(d.std) != m.in_chans:
+        raise ConfigError(f"data.mean/data.std need {m.in_chans} values (model.in_chans)")
+    if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale={list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
+    if (e.knn_train is None) != (e.knn_test is None):
+        raise ConfigError("eval.knn_train and eval.knn_test must be set together")
+
+
+def _walk(node: Any, prefix: str = ""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _walk(v, f"{prefix}.{k}" if prefix else k)
+    else:
+        yield prefix, node
+
+
+def objective_knobs(cfg: Config) -> Any:
+    """The objective's typed config dataclass built from ``cfg.objective``."""
+    from .objectives import objective_class
+
+    obj = dict(cfg.objective)
+    cls = objective_class(obj.pop("name"))
+    return from_dict(cls.Config, obj, "objective")
+
+
+def derive(cfg: Config, world_size: int, samples_per_epoch: int) -> Derived:
+    """lr = blr * batch / 256, accumulation from batch / (micro * world), steps, warmup."""
+    t, o = cfg.train, cfg.optim
+    per_step = t.micro_batch_size * world_size
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.micro_batch_size x world size = "
+            f"{t.micro_batch_size} x {world_size}; change one of them"
+        )
+    steps_per_epoch = samples_per_epoch // t.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is larger than an epoch ({samples_per_epoch} samples); "
+            "lower it or raise data.samples_per_epoch"
+        )
+    total = math.ceil(t.epochs * steps_per_epoch)
+    run_dir = t.run_dir.format(objective=cfg.objective.get("name"), arch=cfg.model.arch)
+    return Derived(
+        world_size=world_size,
+        grad_accum=t.batch_size // per_step,
+        lr=o.lr if o.lr is not None else o.blr * t.batch_size / 256,
+        samples_per_epoch=samples_per_epoch,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=min(total, round(o.warmup_epochs * steps_per_epoch)),
+        run_dir=run_dir,
+    )
+
+
+def save_resolved(cfg: Config, derived: Derived, path: Path) -> None:
+    doc = to_dict(cfg)
+    doc["objective"] = {"name": cfg.objective["name"], **to_dict(objective_knobs(cfg))}
+    doc["derived"] = to_dict(derived)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,178 @@
+"""Build the DeepSpeed engine from the YAML config plus a knobs-only ``ds_configs/*.json`` file.
+
+The knobs file holds ZeRO/communication settings only; batch sizes, optimizer, precision and clipping
+come from the YAML and are filled in here, so a knobs file that sets them is a conflict (ConfigError).
+This module and ``checkpoint.py`` are the only ones that import deepspeed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import Config, Derived
+from ..errors import ConfigError
+
+DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                 "optimizer", "scheduler", "bf16", "fp16", "gradient_clipping", "amp")
+
+
+def knobs_file(cfg: Config) -> Path:
+    """``train.ds_config`` (a path or a name in ds_configs/) or ``zero{stage}[_offload].json``."""
+    t = cfg.train
+    name = t.ds_config or (f"zero{t.zero_stage}" + ("_offload" if t.offload else ""))
+    p = Path(name).expanduser()
+    if p.suffix == ".json" and p.exists():
+        return p
+    builtin = DS_CONFIG_DIR / f"{p.stem}.json"
+    if builtin.exists():
+        return builtin
+    names = ", ".join(sorted(q.stem for q in DS_CONFIG_DIR.glob("*.json")))
+    raise ConfigError(f"train.ds_config: no DeepSpeed knobs file '{name}' (built-in: {names})")
+
+
+def load_knobs(cfg: Config) -> dict:
+    path = knobs_file(cfg)
+    try:
+        knobs = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    clash = [k for k in OWNED_BY_YAML if k in knobs]
+    if clash:
+        raise ConfigError(f"{path} sets {', '.join(clash)}: these come from the YAML (train.*, optim.*); remove them")
+    stage = knobs.get("zero_optimization", {}).get("stage", 0)
+    if cfg.train.ds_config is None and stage != cfg.train.zero_stage:  # pragma: no cover - shipped files agree
+        raise ConfigError(f"{path} has stage {stage} but train.zero_stage={cfg.train.zero_stage}")
+    if cfg.train.ds_config is not None and stage != cfg.train.zero_stage:
+        raise ConfigError(f"{path} has ZeRO stage {stage} but train.zero_stage={cfg.train.zero_stage}; make them agree")
+    return knobs
+
+
+def ds_config(cfg: Config, derived: Derived, accelerator: str) -> dict:
+    """The full DeepSpeed config dict. ``accelerator`` is 'cuda' or 'cpu' (decides the Adam kernel)."""
+    knobs = copy.deepcopy(load_knobs(cfg))
+    t, o = cfg.train, cfg.optim
+    zero = knobs.get("zero_optimization", {})
+    offload = "offload_optimizer" in zero or "offload_param" in zero
+    impl = o.impl if o.impl != "auto" else ("fused" if accelerator == "cuda" else "torch")
+    params = {"lr": derived.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if impl == "torch" and not offload:
+        params["torch_adam"] = True       # no JIT-compiled kernel; DeepSpeed's FusedAdam/CPUAdam otherwise
+    knobs.update({
+        "train_batch_size": t.batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": derived.grad_accum,
+        "optimizer": {"type": "AdamW", "params": params},
+        "gradient_clipping": o.clip_grad,
+    })
+    if t.precision == "bf16":
+        knobs["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        knobs["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return knobs
+
+
+def param_groups(model: nn.Module, no_decay: set[str], weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decay on >= 2-D weights, none on biases, norms, tokens and ``no_decay`` names.
+
+    Each group carries ``wd_scale`` (1 or 0) so the weight-decay schedule can rescale it later.
+    """
+    decay, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (rest if p.ndim <= 1 or name in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0},
+            {"params": rest, "weight_decay": 0.0, "wd_scale": 0.0}]
+
+
+def skip_shm_comm_build() -> None:
+    """Opt-out (``MIMSCALE_SKIP_SHM_COMM=1``) of DeepSpeed's CPU shm_comm op JIT build (~30 s once)."""
+    import deepspeed.comm.torch  # noqa: F401  (the attribute would be the torch module; patch via sys.modules)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator: str):
+    """``deepspeed.initialize`` on the objective (encoder + heads). Returns the engine.
+
+    Frozen teachers (``objective.frozen_modules()``) never reach DeepSpeed: they are detached from the
+    wrapped module for the call, so ZeRO-3 does not partition them and the optimizer never sees them.
+    """
+    import deepspeed
+
+    frozen = list(objective.frozen_modules())
+    for m in frozen:
+        m.eval().requires_grad_(False)
+    groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
+    with _detached(objective, frozen):
+        engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=groups,
+                                               config=ds_config(cfg, derived, accelerator),
+                                               dist_init_required=True)
+    if frozen:
+        dev = torch.device(engine.device)
+        for m in frozen:
+            m.to(dev)
+    return engine
+
+
+class _detached:
+    """Temporarily remove submodules (by identity) from their parents."""
+
+    def __init__(self, root: nn.Module, modules: list[nn.Module]):
+        self.root, self.ids, self.removed = root, {id(m) for m in modules}, []
+
+    def __enter__(self):
+        for parent in list(self.root.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and id(child) in self.ids:
+                    self.removed.append((parent, name, child))
+                    del parent._modules[name]
+        return self
+
+    def __exit__(self, *exc):
+        for parent, name, child in self.removed:
+            parent._modules[name] = child
+        return False
+
+
+def set_hparams(engine, lr: float, weight_decay: float) -> None:
+    """Write this step's lr and weight decay into every param group (scaled by ``wd_scale``)."""
+    for g in engine.optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+        g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
+
+
+def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Full (un-partitioned) fp32 copy of ``module``'s state on every rank, at any ZeRO stage.
+
+    Under ZeRO-3 the parameters are gathered collectively, so every rank must call this.
+    Values are the module's working weights (bf16-rounded when training in bf16).
+    """
+    import deepspeed
+
+    params = list(module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=engine.zero_optimization_stage() == 3):
+        return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_encoder(engine, path, is_main: bool) -> None:
+    """Write the encoder weights (timm key names) as safetensors; collective under ZeRO-3."""
+    from safetensors.torch import save_file
+
+    sd = full_state_dict(engine, engine.module.encoder)
+    if is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+        tmp.replace(path)

@@ -1,0 +1,186 @@
+"""The pre-training loop. Objective-agnostic: it only sees ``Objective`` and its ``LossOutput``."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as tdist
+
+from .. import config as C
+from .. import dist
+from ..data import builtin
+from ..data.loader import ShardLoader
+from ..data.shards import read_manifest
+from ..data.transforms import EvalTransform, TrainTransform
+from ..errors import DataError
+from ..eval.knn import KNNEvaluator
+from ..masking import MaskCollate
+from ..models.vit import build_vit
+from ..objectives import build_objective
+from ..telemetry import MetricLogger, Progress
+from . import deepspeed as ds
+from .schedule import cosine, warmup_cosine
+
+log = logging.getLogger("mimscale.train")
+
+
+def count_samples(source: str, override: int | None) -> int:
+    if override:
+        return override
+    try:
+        return int(read_manifest(source)["num_samples"])
+    except DataError:
+        raise DataError(f"no manifest.json found for '{source}': set data.samples_per_epoch") from None
+
+
+def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
+    e = cfg.eval
+    if not e.knn_train:
+        return None
+    size = e.img_size or cfg.model.img_size
+    tf = EvalTransform(size, mean=cfg.data.mean, std=cfg.data.std, in_chans=cfg.model.in_chans)
+    sources = []
+    for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, None)):
+        src = builtin.resolve(src, cfg.data.root)
+        sources.append(_first_samples(src, cap) if cap else src)
+    train_src, test_src = sources
+    manifest = read_manifest(train_src[1] if isinstance(train_src, tuple) else train_src)
+    kw = dict(batch_size=e.batch_size, transform=tf, rank=d.rank, world_size=d.world_size,
+              num_workers=e.num_workers, mode="eval", shuffle=False)
+    loaders = [ShardLoader(s[0], manifest=s[1], **kw) if isinstance(s, tuple) else ShardLoader(s, **kw)
+               for s in (train_src, test_src)]
+    return KNNEvaluator(*loaders, num_classes=len(manifest.get("classes") or range(10)), k=e.knn_k,
+                        temperature=e.knn_temperature, pool=e.pool)
+
+
+def _first_samples(source: str, cap: int) -> tuple[list[str], str]:
+    """Whole shards from the front of a manifest until ``cap`` samples are covered."""
+    root = Path(source)
+    manifest = read_manifest(source)
+    shards, n = [], 0
+    for s in manifest["shards"]:
+        if n >= cap:
+            break
+        shards.append(str(root / s["name"]))
+        n += int(s["count"])
+    return shards, str(root / "manifest.json")
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _mean_across_ranks(values: dict[str, torch.Tensor], device) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.stack([values[k].detach().float().to(device) for k in keys])
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t)
+        t /= tdist.get_world_size()
+    return {k: v for k, v in zip(keys, t.tolist())}
+
+
+def _any_rank(flag: bool, device) -> bool:
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def pretrain(cfg: C.Config) -> dict:
+    """Train ``cfg`` under whatever launcher started this process; returns the run summary."""
+    d = dist.detect()
+    dist.export(d)
+    torch.set_num_threads(dist.configure_threads(d))
+    accelerator = dist.accelerator_name()
+    t, m = cfg.train, cfg.model
+
+    train_src = builtin.resolve(cfg.data.train, cfg.data.root)
+    derived = C.derive(cfg, d.world_size, count_samples(train_src, cfg.data.samples_per_epoch))
+    run_dir = Path(derived.run_dir)
+    if d.is_main:
+        C.save_resolved(cfg, derived, run_dir / "config.yaml")
+
+    torch.manual_seed(t.seed)  # identical init on every rank
+    encoder = build_vit(m.arch, m.img_size, m.patch_size, m.in_chans, drop_path_rate=m.drop_path,
+                        layer_scale_init=m.layer_scale_init)
+    encoder.set_grad_checkpointing(m.grad_checkpointing)
+    objective = build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
+    engine = ds.initialize(objective, cfg, derived, accelerator)
+    device = torch.device(engine.device)
+
+    loader = ShardLoader(train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
+                         transform=TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+                                                  mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans),
+                         collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers,
+                         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                         samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda")
+    knn = build_knn(cfg, d)
+    logger = MetricLogger(run_dir, enabled=d.is_main, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
+                          wandb=cfg.log.wandb, project=cfg.log.project, run_name=cfg.log.run_name,
+                          config=C.to_dict(cfg))
+    flops = objective.flops_per_sample()
+    stop = min(derived.total_steps, t.max_steps or derived.total_steps)
+    summary = {"objective": cfg.objective["name"], "arch": m.arch, "world_size": d.world_size,
+               "total_steps": derived.total_steps, "flops_per_sample": flops}
+
+    def evaluate(step: int, tag: str) -> None:
+        if knn is None:
+            return
+        res = knn(engine.module.encoder, device)
+        logger.log(res, step=step)
+        summary[f"knn_top1_{tag}"] = res["eval/knn_top1"]
+        if d.is_main:
+            log.info("kNN top-1 (%s, step %d): %.2f%%", tag, step, res["eval/knn_top1"])
+
+    if cfg.eval.knn_at_start:
+        evaluate(0, "init")
+    progress = Progress(stop, images_per_step=t.batch_size, enabled=d.is_main)
+    batches = _forever(loader)
+    window: dict[str, torch.Tensor] = {}
+    n_window, step, t_start = 0, 0, time.time()
+    engine.train()
+    while step < stop:
+        lr = warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, cfg.optim.min_lr)
+        wd = cosine(step, derived.total_steps, cfg.optim.weight_decay,
+                    cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end)
+        ds.set_hparams(engine, lr, wd)
+        for _ in range(derived.grad_accum):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            out = engine(batch)
+            engine.backward(out.loss)
+            engine.step()
+            for k, v in out.metrics.items():
+                window[k] = window.get(k, 0.0) + v.detach().float()
+            n_window += 1
+        step += 1
+        engine.module.after_optimizer_step(step)
+        if step % t.log_every == 0 or step == stop:
+            metrics = {f"train/{k}": v / n_window for k, v in _mean_across_ranks(window, device).items()}
+            elapsed = time.time() - t_start
+            metrics.update({"train/lr": lr, "train/wd": wd, "train/epoch": step / derived.steps_per_epoch,
+                            "perf/img_per_s": progress.rate(), "time/elapsed_s": elapsed,
+                            "time/device_hours": elapsed * d.world_size / 3600.0,
+                            "perf/train_pflops": flops * step * t.batch_size / 1e15})
+            logger.log(metrics, step=step)
+            progress.update(step, loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
+            summary["final_loss"] = metrics["train/loss"]
+            window, n_window = {}, 0
+        else:
+            progress.update(step)
+        if cfg.eval.knn_every and step % cfg.eval.knn_every == 0 and step != stop:
+            evaluate(step, f"step{step}")
+        if t.max_minutes and _any_rank(time.time() - t_start > 60 * t.max_minutes, device):
+            log.info("train.max_minutes=%s reached at step %d", t.max_minutes, step)
+            break
+    progress.close()
+    summary.update(steps=step, train_seconds=time.time() - t_start, img_per_s=progress.rate())
+    evaluate(step, "final")
+    ds.save_encoder(engine, run_dir / "encoder.safetensors", is_main=d.is_main)
+    if d.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.close()
+    return summary

@@ -1,0 +1,112 @@
+"""The objective (loss plugin) contract and its registry.
+
+An objective is one ``nn.Module`` in one file that owns everything specific to it (decoder, heads,
+teachers, mask policy, targets, loss). The engine wraps that one module and never branches on its name.
+Third-party packages register more through the entry-point group ``mimscale.objectives``.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..masking import MaskSpec
+from ..models.vit import VisionTransformer
+
+ENTRY_POINT_GROUP = "mimscale.objectives"
+_REGISTRY: dict[str, type["Objective"]] = {}
+
+
+class LossOutput(NamedTuple):
+    loss: torch.Tensor                       # scalar, fp32, what backward() is called on
+    metrics: dict[str, torch.Tensor]         # named scalars logged under train/
+
+
+@dataclass
+class ObjectiveConfig:
+    """Knobs shared by every objective; subclasses extend it."""
+
+
+class Objective(nn.Module):
+    """Base class. Subclasses set ``name`` and ``Config`` and implement ``mask_spec``/``forward``.
+
+    ``forward(batch)`` gets the collated batch: ``image float [B, C, H, W]`` (fp32, normalised),
+    ``label long [B]`` and whatever ``mask_spec()`` asked the collate for (e.g. ``mask bool [B, N]``).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type] = ObjectiveConfig
+
+    def __init__(self, encoder: VisionTransformer, cfg):
+        super().__init__()
+        self.encoder = encoder
+        self.cfg = cfg
+
+    def mask_spec(self) -> MaskSpec:
+        return MaskSpec("none", self.encoder.num_patches)
+
+    def forward(self, batch: dict) -> LossOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def frozen_modules(self) -> list[nn.Module]:
+        """Teachers: not optimised, not ZeRO-partitioned, not saved in checkpoints."""
+        return []
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called once per optimizer step (EMA updates, projections)."""
+
+    def flops_per_sample(self) -> float:
+        """Training FLOPs per image (3x forward of trained modules + 1x forward of frozen ones)."""
+        raise NotImplementedError
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (as in ``named_parameters()``) excluded from weight decay besides 1-D ones."""
+        return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make ``cls`` available under ``cls.name``."""
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute 'name'")
+    other = _REGISTRY.get(cls.name)
+    if other is not None and other is not cls:
+        raise TypeError(f"objective '{cls.name}' is registered twice ({other.__module__}, {cls.__module__})")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_entry_points() -> None:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        cls = ep.load()
+        if not (isinstance(cls, type) and issubclass(cls, Objective)):
+            raise ConfigError(f"entry point '{ep.name}' ({ep.value}) is not an Objective subclass")
+        if getattr(cls, "name", None) != ep.name:
+            raise ConfigError(f"entry point '{ep.name}' names class {cls.__name__} whose name is '{cls.name}'")
+        register(cls)
+
+
+def available() -> dict[str, type[Objective]]:
+    """All objectives: built-in and from installed packages' entry points."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def objective_class(name: str) -> type[Objective]:
+    if name not in _REGISTRY:
+        _load_entry_points()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"unknown objective.name '{name}'{hint}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_objective(name: str, encoder: VisionTransformer, knobs) -> Objective:
+    return objective_class(name)(encoder, knobs)

@@ -1,0 +1,155 @@
+"""MAE: masked autoencoder with normalised-pixel regression (OBJECTIVES.md section 1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..masking import MaskSpec, visible_indices
+from ..models.pos_embed import sincos_2d
+from ..models.vit import Block, VisionTransformer
+from ..telemetry.flops import linear_flops, transformer_forward_flops
+from .base import LossOutput, Objective, register
+
+
+def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
+    """``img [B, C, H, W]`` -> ``[B, N, p*p*C]``; inside a patch pixel (dy, dx, c) is at (dy*p + dx)*C + c."""
+    b, c, h, w = img.shape
+    gh, gw = h // p, w // p
+    x = img.reshape(b, c, gh, p, gw, p)
+    return x.permute(0, 2, 4, 3, 5, 1).reshape(b, gh * gw, p * p * c)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`: ``[B, N, p*p*C]`` -> ``[B, C, H, W]`` (square grid)."""
+    b, n, _ = x.shape
+    g = int(round(n ** 0.5))
+    x = x.reshape(b, g, g, p, p, channels).permute(0, 5, 1, 3, 2, 4)
+    return x.reshape(b, channels, g * p, g * p)
+
+
+def normalize_patches(t: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-patch ``(t - mean) / sqrt(var_unbiased + eps)`` in fp32; a constant patch gives 0."""
+    t = t.float()
+    mean = t.mean(dim=-1, keepdim=True)
+    var = t.var(dim=-1, keepdim=True, unbiased=True)
+    return (t - mean) / (var + eps).sqrt()
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over masked patches of the per-patch MSE, in fp32. ``pred, target [B, N, P]``, ``mask [B, N]``.
+
+    Returns 0 (not NaN) when nothing is masked.
+    """
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)    # [B, N]
+    m = mask.to(err.dtype)
+    return (err * m).sum() / m.sum().clamp_min(1.0)
+
+
+class MAEDecoder(nn.Module):
+    """Lightweight decoder: encoded visible tokens + mask tokens at hidden slots -> pixels per patch."""
+
+    def __init__(self, enc_dim: int, num_patches: int, patch_pixels: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        grid = int(round(num_patches ** 0.5))
+        self.register_buffer("pos_embed", sincos_2d(dim, grid, cls_token=True), persistent=False)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch_pixels)
+        self.num_patches, self.dim = num_patches, dim
+        nn.init.normal_(self.mask_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, latent: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
+        """``latent [B, 1+K, D_enc]`` (cls first), ``keep_idx long [B, K]`` -> ``pred [B, N, P]``."""
+        x = self.embed(latent)                                           # [B, 1+K, d]
+        b = x.shape[0]
+        slots = self.mask_token.to(x.dtype).expand(b, self.num_patches, self.dim)
+        idx = keep_idx.unsqueeze(-1).expand(-1, -1, self.dim)
+        slots = slots.scatter(1, idx, x[:, 1:])                          # [B, N, d], raster order
+        x = torch.cat([x[:, :1], slots], dim=1) + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))[:, 1:]
+
+    def flops(self, enc_dim: int, visible: int) -> float:
+        n = self.num_patches + 1
+        return (linear_flops(1 + visible, enc_dim, self.dim)
+                + transformer_forward_flops(n, self.dim, len(self.blocks))
+                + linear_flops(n, self.dim, self.pred.out_features))
+
+
+@register
+class MAE(Objective):
+    """Hide ``mask_ratio`` of the patches, encode the rest, regress normalised pixels of the hidden ones."""
+
+    name = "mae"
+
+    @dataclass
+    class Config:
+        mask_ratio: float = 0.75
+        norm_pix_loss: bool = True
+        norm_pix_eps: float = 1e-6
+        decoder_dim: int = 512
+        decoder_depth: int = 8
+        decoder_heads: int = 16
+        loss: Literal["mse"] = "mse"
+
+    def __init__(self, encoder: VisionTransformer, cfg: "MAE.Config"):
+        super().__init__(encoder, cfg)
+        from ..errors import ConfigError
+
+        if not 0.0 <= cfg.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in [0, 1)")
+        if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
+            raise ConfigError(f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
+                              f"of objective.decoder_heads={cfg.decoder_heads}")
+        if cfg.decoder_depth < 0:
+            raise ConfigError(f"objective.decoder_depth={cfg.decoder_depth} must be >= 0")
+        p = encoder.patch_size
+        self.patch_pixels = p * p * encoder.in_chans
+        self.decoder = MAEDecoder(encoder.embed_dim, encoder.num_patches, self.patch_pixels,
+                                  cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+
+    def mask_spec(self) -> MaskSpec:
+        return MaskSpec("random", self.encoder.num_patches, self.cfg.mask_ratio)
+
+    def target(self, img: torch.Tensor) -> torch.Tensor:
+        """``img [B, C, H, W]`` -> fp32 targets ``[B, N, P]`` (per-patch normalised if norm_pix_loss)."""
+        t = patchify(img.float(), self.encoder.patch_size)
+        return normalize_patches(t, self.cfg.norm_pix_eps) if self.cfg.norm_pix_loss else t
+
+    def predict(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``pred [B, N, P]`` for every patch slot."""
+        keep_idx = visible_indices(mask)
+        latent = self.encoder.forward_features(img, keep_idx)           # [B, 1+K, D]
+        return self.decoder(latent, keep_idx)
+
+    def forward(self, batch: dict) -> LossOutput:
+        img, mask = batch["image"], batch["mask"]
+        pred = self.predict(img, mask)
+        loss = masked_mse(pred, self.target(img), mask)
+        return LossOutput(loss, {"loss": loss.detach()})
+
+    def flops_per_sample(self) -> float:
+        e = self.encoder
+        from ..masking import num_visible
+
+        k = num_visible(e.num_patches, self.cfg.mask_ratio)
+        fwd = (linear_flops(e.num_patches, self.patch_pixels, e.embed_dim)
+               + transformer_forward_flops(1 + k, e.embed_dim, e.depth)
+               + self.decoder.flops(e.embed_dim, k))
+        return 3.0 * fwd
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"decoder.mask_token"}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install everything mimscale needs on a fresh Debian/Ubuntu machine: system packages (apt) and a
+# Python venv at .venv with the pinned stack (torch 2.14.1 / torchvision 0.29.1, DeepSpeed, timm, ...).
+# Idempotent: a second run only checks. `--test` also installs what the test suite drives for real
+# (Debian's SLURM daemons and Chromium).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${MIMSCALE_VENV:-.venv}
+PY=${PYTHON:-python3}
+
+apt_pkgs=(dataset-fashion-mnist)
+[ "${1:-}" = "--test" ] && apt_pkgs+=(chromium slurmctld slurmd slurm-client)
+command -v g++ >/dev/null || apt_pkgs+=(g++)          # DeepSpeed JIT-compiles its CPU ops
+"$PY" -c 'import ensurepip' 2>/dev/null || apt_pkgs+=(python3-venv)
+[ -f "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] || apt_pkgs+=(python3-dev)
+
+missing=()
+for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "[setup] apt-get install ${missing[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+stamp="$VENV/.mimscale-installed"
+want=$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "[setup] $VENV is up to date"
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+echo "[setup] pip install into $VENV (first time: a few minutes; torch is a large wheel)"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q -e '.[test]'
+echo "$want" > "$stamp"
+echo "[setup] done"
