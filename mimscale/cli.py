@@ -48,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
 def _cmd_pretrain(args) -> int:
     from . import config as C
 
+    if args.config and "=" in args.config:  # `mimscale pretrain key=value ...`: the default recipe
+        args.overrides, args.config = [args.config, *args.overrides], None
     cfg = C.load(args.config, args.overrides)
     if args.print_config:
         import yaml

@@ -83,6 +83,7 @@ class EvalConfig:
     knn_train: str | None = None             # labelled shards for the kNN memory bank
     knn_test: str | None = None              # labelled shards to classify
     knn_train_samples: int | None = None     # cap on the memory bank (whole shards are taken)
+    knn_test_samples: int | None = None      # cap on the queries (whole shards are taken)
     knn_every: int = 0                       # steps between kNN evaluations (0: only at start/end)
     knn_at_start: bool = True                # the random-init baseline
     knn_k: int = 20
@@ -199,8 +200,15 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     for k, v in data.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)
-            hint = f" (did you mean '{prefix + '.' if prefix else ''}{close[0]}'?)" if close else ""
+            candidates = {(f"{prefix}.{n}" if prefix else n): n for n in names}
+            if cls is Config:  # a section-less key: look inside the sections too ("run_dir" -> "train.run_dir")
+                for f in dataclasses.fields(Config):
+                    if dataclasses.is_dataclass(hints[f.name]):
+                        candidates.update({f"{f.name}.{n.name}": n.name for n in dataclasses.fields(hints[f.name])})
+            exact = [full for full, short in candidates.items() if short == k]
+            close = exact or [full for full in candidates
+                              if candidates[full] in difflib.get_close_matches(str(k), list(candidates.values()), n=1)]
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
         kwargs[k] = _check_type(v, hints[k], key)
     return cls(**kwargs)

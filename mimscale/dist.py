@@ -131,7 +131,12 @@ def detect(env: Mapping[str, str] | None = None) -> DistEnv:
 
 
 def export(d: DistEnv) -> None:
-    """Write the canonical variables so torch.distributed and DeepSpeed init through env://."""
+    """Write the canonical variables so torch.distributed and DeepSpeed init through env://.
+
+    Also pins DeepSpeed's accelerator to the CPU on machines without CUDA (its auto-detection warns).
+    """
+    if "DS_ACCELERATOR" not in os.environ and accelerator_name() == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
     os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
                       LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr,
                       MASTER_PORT=str(d.master_port))

@@ -46,9 +46,7 @@ def load_knobs(cfg: Config) -> dict:
     if clash:
         raise ConfigError(f"{path} sets {', '.join(clash)}: these come from the YAML (train.*, optim.*); remove them")
     stage = knobs.get("zero_optimization", {}).get("stage", 0)
-    if cfg.train.ds_config is None and stage != cfg.train.zero_stage:  # pragma: no cover - shipped files agree
-        raise ConfigError(f"{path} has stage {stage} but train.zero_stage={cfg.train.zero_stage}")
-    if cfg.train.ds_config is not None and stage != cfg.train.zero_stage:
+    if stage != cfg.train.zero_stage:
         raise ConfigError(f"{path} has ZeRO stage {stage} but train.zero_stage={cfg.train.zero_stage}; make them agree")
     return knobs
 
@@ -57,6 +55,9 @@ def ds_config(cfg: Config, derived: Derived, accelerator: str) -> dict:
     """The full DeepSpeed config dict. ``accelerator`` is 'cuda' or 'cpu' (decides the Adam kernel)."""
     knobs = copy.deepcopy(load_knobs(cfg))
     t, o = cfg.train, cfg.optim
+    if t.precision == "fp16" and accelerator != "cuda":
+        raise ConfigError("train.precision=fp16 needs CUDA devices (DeepSpeed's CPU accelerator has no fp16 "
+                          "training); use bf16 or fp32")
     zero = knobs.get("zero_optimization", {})
     offload = "offload_optimizer" in zero or "offload_param" in zero
     impl = o.impl if o.impl != "auto" else ("fused" if accelerator == "cuda" else "torch")
@@ -176,3 +177,13 @@ def save_encoder(engine, path, is_main: bool) -> None:
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
         tmp.replace(path)
+
+
+def local_param_numel(engine) -> int:
+    """Parameter elements this rank holds (its ZeRO-3 partition, or everything below stage 3)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in engine.module.parameters())
+
+
+def total_param_numel(engine) -> int:
+    """Parameter elements of the whole trained module (partitioned or not)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())

@@ -20,7 +20,7 @@ from ..eval.knn import KNNEvaluator
 from ..masking import MaskCollate
 from ..models.vit import build_vit
 from ..objectives import build_objective
-from ..telemetry import MetricLogger, Progress
+from ..telemetry import MetricLogger, Progress, memory_stats
 from . import deepspeed as ds
 from .schedule import cosine, warmup_cosine
 
@@ -43,7 +43,7 @@ def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
     size = e.img_size or cfg.model.img_size
     tf = EvalTransform(size, mean=cfg.data.mean, std=cfg.data.std, in_chans=cfg.model.in_chans)
     sources = []
-    for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, None)):
+    for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, e.knn_test_samples)):
         src = builtin.resolve(src, cfg.data.root)
         sources.append(_first_samples(src, cap) if cap else src)
     train_src, test_src = sources
@@ -81,6 +81,15 @@ def _mean_across_ranks(values: dict[str, torch.Tensor], device) -> dict[str, flo
         tdist.all_reduce(t)
         t /= tdist.get_world_size()
     return {k: v for k, v in zip(keys, t.tolist())}
+
+
+def _all_ranks(value: int, device) -> list[int]:
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
+        return [value]
+    out = [torch.zeros_like(t) for _ in range(tdist.get_world_size())]
+    tdist.all_gather(out, t)
+    return [int(o.item()) for o in out]
 
 
 def _any_rank(flag: bool, device) -> bool:
@@ -125,7 +134,9 @@ def pretrain(cfg: C.Config) -> dict:
     flops = objective.flops_per_sample()
     stop = min(derived.total_steps, t.max_steps or derived.total_steps)
     summary = {"objective": cfg.objective["name"], "arch": m.arch, "world_size": d.world_size,
-               "total_steps": derived.total_steps, "flops_per_sample": flops}
+               "total_steps": derived.total_steps, "flops_per_sample": flops,
+               "params_total": ds.total_param_numel(engine),
+               "params_per_rank": _all_ranks(ds.local_param_numel(engine), device)}
 
     def evaluate(step: int, tag: str) -> None:
         if knn is None:
@@ -141,6 +152,7 @@ def pretrain(cfg: C.Config) -> dict:
     progress = Progress(stop, images_per_step=t.batch_size, enabled=d.is_main)
     batches = _forever(loader)
     window: dict[str, torch.Tensor] = {}
+    postfix: dict[str, str] = {}
     n_window, step, t_start = 0, 0, time.time()
     engine.train()
     while step < stop:
@@ -163,14 +175,15 @@ def pretrain(cfg: C.Config) -> dict:
             elapsed = time.time() - t_start
             metrics.update({"train/lr": lr, "train/wd": wd, "train/epoch": step / derived.steps_per_epoch,
                             "perf/img_per_s": progress.rate(), "time/elapsed_s": elapsed,
+                            "perf/step_time_s": t.batch_size / max(progress.rate(), 1e-9),
+                            **memory_stats(device),
                             "time/device_hours": elapsed * d.world_size / 3600.0,
                             "perf/train_pflops": flops * step * t.batch_size / 1e15})
             logger.log(metrics, step=step)
-            progress.update(step, loss=f"{metrics['train/loss']:.4f}", lr=f"{lr:.2e}")
+            postfix = {"loss": f"{metrics['train/loss']:.4f}", "lr": f"{lr:.2e}"}
             summary["final_loss"] = metrics["train/loss"]
             window, n_window = {}, 0
-        else:
-            progress.update(step)
+        progress.update(step, **postfix)
         if cfg.eval.knn_every and step % cfg.eval.knn_every == 0 and step != stop:
             evaluate(step, f"step{step}")
         if t.max_minutes and _any_rank(time.time() - t_start > 60 * t.max_minutes, device):

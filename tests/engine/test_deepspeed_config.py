@@ -1,0 +1,124 @@
+"""The DeepSpeed config the engine builds: knobs file + values from the YAML, conflicts rejected."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mimscale import config as C
+from mimscale.engine import deepspeed as ds
+from mimscale.errors import ConfigError
+
+
+def _cfg(*overrides):
+    return C.load("mae_vit_b16", ["data.train=/x", *overrides])
+
+
+def _derived(cfg, world=8):
+    return C.derive(cfg, world, 1_281_167)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_yaml_values_fill_the_knobs_file(stage):
+    cfg = _cfg(f"train.zero_stage={stage}", "optim.clip_grad=3.0")
+    d = _derived(cfg)
+    out = ds.ds_config(cfg, d, "cpu")
+    assert out["zero_optimization"]["stage"] == stage
+    assert out["train_batch_size"] == 4096
+    assert out["train_micro_batch_size_per_gpu"] == 128
+    assert out["gradient_accumulation_steps"] == 4096 // (128 * 8)
+    assert out["gradient_clipping"] == 3.0
+    assert out["bf16"] == {"enabled": True} and "fp16" not in out
+    p = out["optimizer"]["params"]
+    assert out["optimizer"]["type"] == "AdamW"
+    assert p["lr"] == pytest.approx(2.4e-3) and p["betas"] == [0.9, 0.95] and p["weight_decay"] == 0.05
+
+
+def test_adam_kernel_follows_the_accelerator():
+    cfg = _cfg()
+    d = _derived(cfg)
+    assert ds.ds_config(cfg, d, "cpu")["optimizer"]["params"]["torch_adam"] is True
+    assert "torch_adam" not in ds.ds_config(cfg, d, "cuda")["optimizer"]["params"]   # DeepSpeed FusedAdam
+    off = _cfg("train.zero_stage=3", "train.offload=true")
+    assert "offload_optimizer" in ds.ds_config(off, _derived(off), "cpu")["zero_optimization"]
+    assert "torch_adam" not in ds.ds_config(off, _derived(off), "cpu")["optimizer"]["params"]  # CPU Adam
+
+
+def test_fp16_is_dynamic_loss_scaled_on_cuda_and_refused_on_cpu():
+    cfg = _cfg("train.precision=fp16")
+    out = ds.ds_config(cfg, _derived(cfg), "cuda")
+    assert out["fp16"]["enabled"] and out["fp16"]["loss_scale"] == 0 and "bf16" not in out
+    with pytest.raises(ConfigError, match="fp16"):
+        ds.ds_config(cfg, _derived(cfg), "cpu")
+
+
+def test_fp32_sets_no_mixed_precision():
+    cfg = _cfg("train.precision=fp32")
+    out = ds.ds_config(cfg, _derived(cfg), "cpu")
+    assert "bf16" not in out and "fp16" not in out
+
+
+def test_knobs_file_that_sets_yaml_values_is_a_conflict(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 1}, "train_batch_size": 8, "optimizer": {}}))
+    cfg = _cfg(f"train.ds_config={p}")
+    with pytest.raises(ConfigError, match="train_batch_size, optimizer"):
+        ds.ds_config(cfg, _derived(cfg), "cpu")
+
+
+def test_knobs_file_stage_must_match(tmp_path):
+    p = tmp_path / "z3.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="stage 3"):
+        ds.load_knobs(_cfg(f"train.ds_config={p}", "train.zero_stage=1"))
+    assert ds.load_knobs(_cfg(f"train.ds_config={p}", "train.zero_stage=3"))["zero_optimization"]["stage"] == 3
+
+
+def test_unknown_or_broken_knobs_file(tmp_path):
+    with pytest.raises(ConfigError, match="no DeepSpeed knobs file"):
+        ds.knobs_file(_cfg("train.ds_config=zero9"))
+    p = tmp_path / "broken.json"
+    p.write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ds.load_knobs(_cfg(f"train.ds_config={p}"))
+
+
+def test_shipped_knobs_files_hold_knobs_only():
+    for f in ds.DS_CONFIG_DIR.glob("*.json"):
+        knobs = json.loads(f.read_text())
+        assert not set(ds.OWNED_BY_YAML) & set(knobs), f
+
+
+def test_param_groups_exclude_biases_norms_tokens_from_decay():
+    from mimscale.models.vit import build_vit
+    from mimscale.objectives.mae import MAE
+
+    m = MAE(build_vit("vit_micro", 16, 4), MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=2))
+    decay, rest = ds.param_groups(m, m.no_weight_decay(), 0.05)
+    names = {id(p): n for n, p in m.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert "encoder.cls_token" not in decayed and "decoder.mask_token" not in decayed
+    assert all(not n.endswith(".bias") and "norm" not in n for n in decayed)
+    assert "encoder.blocks.0.attn.qkv.weight" in decayed
+    assert len(decay["params"]) + len(rest["params"]) == len(list(m.parameters()))
+    assert all("pos_embed" not in n for n in names.values())   # sin-cos tables are buffers
+    assert decay["wd_scale"] == 1.0 and rest["wd_scale"] == 0.0 and rest["weight_decay"] == 0.0
+
+
+def test_set_hparams_scales_weight_decay_per_group():
+    class Opt:
+        param_groups = [{"wd_scale": 1.0}, {"wd_scale": 0.0, "lr_scale": 0.5}]
+
+    class Engine:
+        optimizer = Opt()
+
+    ds.set_hparams(Engine, 1e-3, 0.05)
+    g0, g1 = Engine.optimizer.param_groups
+    assert (g0["lr"], g0["weight_decay"]) == (1e-3, 0.05)
+    assert (g1["lr"], g1["weight_decay"]) == (5e-4, 0.0)
+
+
+def test_compute_dtype():
+    assert ds.compute_dtype(_cfg()) is torch.bfloat16
+    assert ds.compute_dtype(_cfg("train.precision=fp32")) is torch.float32
