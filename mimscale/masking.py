@@ -33,6 +33,26 @@ def random_masks(batch: int, num_patches: int, mask_ratio: float, generator: tor
     return mask
 
 
+def partition_masks(batch: int, num_patches: int, num_parts: int, mask_ratio: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    """EMAE's K-way partition: per sample, ONE random permutation of the patches cut into ``num_parts`` (K)
+    consecutive chunks of ``N_keep = floor(N(1-r))``; chunk k is the visible set of part k.
+
+    The K visible sets are pairwise disjoint; when ``K * N_keep < N`` the leftover patches (the tail of the
+    permutation) are hidden in every part. Returns ``bool [B, K, N]``, True = masked in that part.
+    """
+    keep = num_visible(num_patches, mask_ratio)
+    if num_parts < 1 or num_parts * keep > num_patches:
+        raise ValueError(f"cannot cut {num_patches} patches into num_parts={num_parts} disjoint visible sets of "
+                         f"{keep} (mask_ratio={mask_ratio})")
+    noise = torch.rand(batch, num_patches, generator=generator)
+    order = noise.argsort(dim=1)                  # [B, N]: one permutation per sample
+    visible = order[:, :num_parts * keep].reshape(batch, num_parts, keep)   # [B, K, N_keep]
+    mask = torch.ones(batch, num_parts, num_patches, dtype=torch.bool)
+    mask.scatter_(2, visible, False)
+    return mask
+
+
 def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     """Raster-ordered indices of the visible patches: ``mask [B, N]`` -> ``long [B, N_keep]``.
 
@@ -49,15 +69,18 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
 class MaskSpec:
     """What the collate must generate for an objective: ``kind`` and its parameters."""
 
-    kind: str                     # "none" | "random"
+    kind: str                     # "none" | "random" | "parts"
     num_patches: int
     mask_ratio: float = 0.0
+    num_parts: int = 0            # "parts": K disjoint visible sets per sample (EMAE)
 
     def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if self.kind == "none":
             return {}
         if self.kind == "random":
             return {"mask": random_masks(batch, self.num_patches, self.mask_ratio, generator)}
+        if self.kind == "parts":
+            return {"parts": partition_masks(batch, self.num_patches, self.num_parts, self.mask_ratio, generator)}
         raise ValueError(f"unknown mask kind '{self.kind}'")
 
 
