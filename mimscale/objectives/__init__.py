@@ -2,3 +2,4 @@
 from .base import (LossOutput, Objective, ObjectiveConfig, available, build_objective,  # noqa: F401
                    objective_class, register)
 from . import mae  # noqa: F401,E402  (registers)
+from . import emae  # noqa: F401,E402  (registers)
