@@ -160,6 +160,7 @@ def pretrain(cfg: C.Config) -> dict:
         wd = cosine(step, derived.total_steps, cfg.optim.weight_decay,
                     cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end)
         ds.set_hparams(engine, lr, wd)
+        engine.module.set_epoch(step / derived.steps_per_epoch)
         for _ in range(derived.grad_accum):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             out = engine(batch)

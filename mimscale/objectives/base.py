@@ -57,6 +57,9 @@ class Objective(nn.Module):
         """Teachers: not optimised, not ZeRO-partitioned, not saved in checkpoints."""
         return []
 
+    def set_epoch(self, epoch: float) -> None:
+        """Called before every optimizer step with the fractional epoch (schedules inside objectives)."""
+
     def after_optimizer_step(self, step: int) -> None:
         """Called once per optimizer step (EMA updates, projections)."""
 

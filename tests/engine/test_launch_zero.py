@@ -45,7 +45,7 @@ def runs(fmnist_small, tmp_path_factory, knobs_no_persistence):
 
     def launch(name, prefix, extra_env=None, **kw):
         rd = root / name
-        args = ["pretrain", "tiny_cpu", *tiny_overrides(fmnist_small, rd, **kw)]
+        args = ["tiny_cpu", *tiny_overrides(fmnist_small, rd, **kw)]
         out[name] = (rd, run([*prefix, *args], env=extra_env))
 
     port = free_port
@@ -53,7 +53,7 @@ def runs(fmnist_small, tmp_path_factory, knobs_no_persistence):
            train__zero_stage=0)
     launch("deepspeed_z1", ["deepspeed", "--num_gpus", "2", "--master_port", str(port()), "--module", "mimscale.train"],
            train__zero_stage=1)
-    launch("accelerate_z2", ["accelerate", "launch", "--num_processes", "2", "--num_machines", "1", "--cpu",
+    launch("accelerate_z2", ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                              "--main_process_port", str(port()), "-m", "mimscale.train"], train__zero_stage=2)
     launch("torchrun_z3", ["torchrun", "--nproc_per_node", "2", "--master_port", str(port()), "-m", "mimscale.train"],
            train__zero_stage=3, train__ds_config=str(knobs_no_persistence))
