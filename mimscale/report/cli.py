@@ -1,0 +1,31 @@
+"""`mimscale report` subcommand (wired into mimscale.cli through add_parser/run)."""
+from __future__ import annotations
+
+import argparse
+
+DESCRIPTION = """\
+Write a self-contained report.html (open it offline in any browser) and report.json for one or
+more run directories: per run the objective, model, epochs, device-hours, MAE-equivalent epochs,
+best kNN/linear top-1, time to a target accuracy, throughput (img/s, TFLOP/s, MFU when logged),
+peak memory, and plots of kNN top-1 vs device-hours and training loss vs step (one curve per run).
+  mimscale report runs/mae_vit_b16 runs/emae_vit_b16 --target 60 --out reports/b16"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("report", help="HTML + JSON report of one or more runs", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.run_dir of each run)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where report.html and report.json go (default: the first RUN_DIR)")
+    p.add_argument("--target", type=float, default=None, metavar="PCT",
+                   help="kNN top-1 target in percent for the time-to-target column (default: none)")
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from . import write_report
+
+    html_path, json_path = write_report(args.run_dirs, args.out, args.target)
+    print(f"report: {html_path}")
+    print(f"data:   {json_path}")
+    return 0

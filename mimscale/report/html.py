@@ -1,0 +1,291 @@
+"""The self-contained HTML report: inline CSS, inline SVG plots, a few lines of inline JS
+(sortable table, hover highlighting). No external URL of any kind, so it opens offline."""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from html import escape
+
+from .data import Run
+from .svg import Series, line_chart, run_style
+
+DASH = "—"
+
+CSS = """
+:root { --fg:#1d2330; --muted:#5d6675; --line:#d9dde4; --bg:#ffffff; --head:#f3f5f8; }
+* { box-sizing: border-box; }
+body { margin: 0; padding: 22px 26px 40px; font: 13px/1.4 system-ui, -apple-system, "Segoe UI",
+       "DejaVu Sans", sans-serif; color: var(--fg); background: var(--bg); }
+h1 { font-size: 22px; margin: 0 0 4px; }
+h2 { font-size: 17px; margin: 28px 0 10px; }
+.meta { color: var(--muted); margin: 0 0 6px; }
+.table-wrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 6px; }
+table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; }
+th, td { padding: 5px 6px; border-bottom: 1px solid var(--line); text-align: right; }
+td { white-space: nowrap; }
+td .sub { white-space: normal; }
+th { background: var(--head); font-weight: 600; vertical-align: bottom; cursor: pointer; user-select: none; }
+th .unit { display: block; font-weight: 400; color: var(--muted); font-size: 11.5px; }
+th.sorted-asc::after { content: " \\25B2"; font-size: 10px; }
+th.sorted-desc::after { content: " \\25BC"; font-size: 10px; }
+td.text, th.text { text-align: left; }
+tbody tr:last-child td { border-bottom: none; }
+tbody tr:hover, tbody tr.hl { background: #eef4fb; }
+.swatch { display: inline-block; width: 18px; height: 4px; border-radius: 2px; vertical-align: middle;
+          margin-right: 7px; }
+.sub { color: var(--muted); font-size: 11.5px; }
+.na { color: #9aa1ac; }
+.sub.warn { color: #b3261e; }
+.plots { display: grid; grid-template-columns: repeat(auto-fit, minmax(560px, 1fr)); gap: 20px; }
+figure { margin: 0; border: 1px solid var(--line); border-radius: 6px; padding: 8px; }
+figcaption { color: var(--muted); font-size: 12.5px; padding: 2px 6px 4px; }
+svg.chart { width: 100%; height: auto; display: block; font-family: inherit; }
+svg .chart-title { font-size: 15px; font-weight: 600; fill: var(--fg); }
+svg .plot-bg { fill: #fbfcfd; }
+svg .grid line { stroke: #e6e9ee; stroke-width: 1; }
+svg .axes line { stroke: #5d6675; stroke-width: 1; }
+svg .tick { font-size: 11.5px; fill: var(--muted); }
+svg .tick.x { text-anchor: middle; }
+svg .tick.y { text-anchor: end; }
+svg .axis-label { font-size: 12.5px; fill: var(--fg); text-anchor: middle; }
+svg .curve { fill: none; stroke-width: 2; stroke-linejoin: round; stroke-linecap: round; }
+svg .marker { stroke: #fff; stroke-width: 1; }
+svg .hline line { stroke: #7a818c; stroke-dasharray: 5 4; stroke-width: 1.2; }
+svg .hline text { font-size: 11.5px; fill: #5d6675; text-anchor: end; }
+svg .no-data { font-size: 13px; fill: var(--muted); text-anchor: middle; }
+svg .legend text { font-size: 12px; fill: var(--fg); }
+svg .legend line { stroke-width: 3; }
+svg .legend-item.empty text { fill: #9aa1ac; font-style: italic; }
+svg .run, svg .legend-item { transition: opacity .15s; }
+svg.dimmed .run:not(.hl), svg.dimmed .legend-item:not(.hl) { opacity: .18; }
+dl.notes { display: grid; grid-template-columns: max-content 1fr; gap: 4px 16px; margin: 0; }
+dl.notes dt { font-weight: 600; }
+dl.notes dd { margin: 0; color: var(--muted); }
+ul.paths { margin: 0; padding-left: 18px; color: var(--muted); font-size: 13px; }
+code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12.5px; }
+"""
+
+# Sort on header click; hover on a row or legend entry highlights that run in both plots.
+JS = """
+(function () {
+  var table = document.getElementById("runs");
+  var body = table.tBodies[0];
+  Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+    th.addEventListener("click", function () {
+      var asc = !th.classList.contains("sorted-asc");
+      Array.prototype.forEach.call(th.parentNode.cells, function (c) {
+        c.classList.remove("sorted-asc", "sorted-desc");
+      });
+      th.classList.add(asc ? "sorted-asc" : "sorted-desc");
+      var rows = Array.prototype.slice.call(body.rows);
+      rows.sort(function (a, b) {
+        var x = a.cells[col].getAttribute("data-sort"), y = b.cells[col].getAttribute("data-sort");
+        var nx = parseFloat(x), ny = parseFloat(y);
+        var bothNum = !isNaN(nx) && !isNaN(ny);
+        if (x === "" || y === "") { return x === y ? 0 : (x === "" ? 1 : -1); }
+        var r = bothNum ? nx - ny : String(x).localeCompare(String(y));
+        return asc ? r : -r;
+      });
+      rows.forEach(function (r) { body.appendChild(r); });
+    });
+  });
+  var charts = document.querySelectorAll("svg.chart");
+  function highlight(run) {
+    Array.prototype.forEach.call(charts, function (svg) {
+      svg.classList.toggle("dimmed", run !== null);
+      Array.prototype.forEach.call(svg.querySelectorAll("[data-run]"), function (el) {
+        el.classList.toggle("hl", el.getAttribute("data-run") === run);
+      });
+    });
+    Array.prototype.forEach.call(body.rows, function (r) {
+      r.classList.toggle("hl", r.getAttribute("data-run") === run);
+    });
+  }
+  var hoverables = Array.prototype.slice.call(body.rows).concat(
+    Array.prototype.slice.call(document.querySelectorAll("svg .legend-item, svg .run")));
+  hoverables.forEach(function (el) {
+    el.addEventListener("mouseenter", function () { highlight(el.getAttribute("data-run")); });
+    el.addEventListener("mouseleave", function () { highlight(null); });
+  });
+  document.documentElement.setAttribute("data-report-ready", "1");
+})();
+"""
+
+
+def _fmt(v: float | int | None, digits: int = 2, unit: str = "") -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return f'<span class="na">{DASH}</span>'
+    return f"{v:,.{digits}f}{unit}"
+
+
+def _sub(*parts: str, cls: str = "sub") -> str:
+    """A second, smaller line; each part stays on one line, the line may break between parts."""
+    parts = tuple(p for p in parts if p)
+    if not parts:
+        return ""
+    return f'<br><span class="{cls}">' + " &middot; ".join(p.replace(" ", "&nbsp;") for p in parts) + "</span>"
+
+
+def _hours(v: float | None) -> str:
+    """Device-hours with a precision that suits CPU minutes and GPU weeks alike (never 1e-05 style)."""
+    if v is None:
+        return f'<span class="na">{DASH}</span>'
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 1 or v == 0:
+        return f"{v:.2f}" if v else "0"
+    return f"{v:.{2 - math.floor(math.log10(v))}f}"
+
+
+def _duration(device_hours: float | None) -> str:
+    """Device-minutes/-seconds for amounts under an hour ("" otherwise)."""
+    if device_hours is None or device_hours >= 1:
+        return ""
+    secs = device_hours * 3600
+    return f"{secs / 60:.1f} min" if secs >= 60 else f"{secs:.1f} s"
+
+
+def _td(html: str, sort: float | int | str | None, cls: str = "") -> str:
+    key = "" if sort is None or (isinstance(sort, float) and not math.isfinite(sort)) else sort
+    c = f' class="{cls}"' if cls else ""
+    return f'<td{c} data-sort="{escape(str(key))}">{html}</td>'
+
+
+def _model(r: Run) -> str:
+    if not r.arch:
+        return f'<span class="na">{DASH}</span>'
+    geo = f"/{r.patch_size}" if r.patch_size else ""
+    px = f' <span class="sub">@{r.img_size}px</span>' if r.img_size else ""
+    params = f"{r.params_total / 1e6:.1f}M params" if r.params_total else ""
+    return f"{escape(str(r.arch))}{escape(geo)}{px}{_sub(params)}"
+
+
+def _time_to_target(r: Run) -> tuple[str, float | None]:
+    if r.target is None:
+        return f'<span class="na">{DASH}</span>', None
+    if r.time_to_target_h is not None:
+        at = "at init" if r.time_to_target_step == 0 else f"step {r.time_to_target_step:,}"
+        return _hours(r.time_to_target_h) + _sub(at), r.time_to_target_h
+    if not r.knn_curve:
+        return '<span class="na">no eval</span>', None
+    return '<span class="na">not reached</span>', None
+
+
+def _row(i: int, r: Run) -> str:
+    colour, _ = run_style(i)
+    label = (f'<span class="swatch" style="background:{colour}"></span>{escape(r.label)}'
+             + ("" if r.finished else _sub("unfinished")))
+    steps = ""
+    if r.steps is not None:
+        of = f" / {r.total_steps:,}" if r.total_steps and r.total_steps != r.steps else ""
+        steps = f"{r.steps:,}{of} steps"
+    devices = f"{r.world_size} device{'s' if r.world_size != 1 else ''}" if r.world_size else ""
+    ratio = f"{r.mae_equiv_ratio:.2f}\u00d7 MAE" if r.mae_equiv_ratio is not None else ""
+    init = f"init {r.knn_init:.2f}" if r.knn_best is not None and r.knn_init is not None else ""
+    tflops = f"{r.tflops_per_device:.3g} TFLOP/s/dev" if r.tflops_per_device is not None else ""
+    bad = f"{r.loss_nonfinite} NaN/inf" if r.loss_nonfinite else ""
+    ttt, ttt_sort = _time_to_target(r)
+    mfu = None if r.mfu is None else 100.0 * r.mfu
+    cells = [
+        _td(label, r.label, "text"),
+        _td(escape(r.objective or DASH), r.objective, "text"),
+        _td(_model(r), r.arch, "text"),
+        _td(_fmt(r.epochs, 2) + _sub(steps), r.epochs),
+        _td(_fmt(r.mae_equiv_epochs, 2) + _sub(ratio), r.mae_equiv_epochs),
+        _td(_hours(r.device_hours) + _sub(devices, _duration(r.device_hours)), r.device_hours),
+        _td(_fmt(r.knn_best) + _sub(init), r.knn_best),
+        _td(_fmt(r.linear_best), r.linear_best),
+        _td(ttt, ttt_sort),
+        _td(_fmt(r.img_per_s, 1) + _sub(tflops), r.img_per_s),
+        _td(_fmt(mfu, 1), mfu),
+        _td(_fmt(r.mem_peak_gb, 2), r.mem_peak_gb),
+        _td(_fmt(r.final_loss, 4) + _sub(bad, cls="sub warn"), r.final_loss),
+    ]
+    return f'<tr data-run="{i}">' + "".join(cells) + "</tr>"
+
+
+def _header(target: float | None) -> str:
+    ttt = f"Time to {target:g}%" if target is not None else "Time to target"
+    cols = [("Run", "", "text"), ("Objective", "", "text"), ("Model", "", "text"),
+            ("Epochs", "trained", ""), ("MAE-eq. epochs", "at MAE cost", ""), ("Compute", "device-hours", ""),
+            ("kNN top-1", "best, %", ""), ("Linear top-1", "best, %", ""), (ttt, "kNN, device-h", ""),
+            ("Throughput", "img/s", ""), ("MFU", "%", ""), ("Peak memory", "GB, rank 0", ""),
+            ("Final loss", "train", "")]
+    cells = []
+    for name, unit, cls in cols:
+        u = f'<span class="unit">{escape(unit)}</span>' if unit else ""
+        c = f' class="{cls}"' if cls else ""
+        cells.append(f'<th{c} title="click to sort">{escape(name)}{u}</th>')
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _plots(runs: list[Run], target: float | None) -> str:
+    acc = [Series(r.label, i, [(h, v) for _, h, v in r.knn_curve if h is not None], empty_note="no eval points",
+                  tooltip="{label}: {y}% at {x} device-hours") for i, r in enumerate(runs)]
+    loss = [Series(r.label, i, [(s, v) for s, v in r.loss_curve], empty_note="no loss logged")
+            for i, r in enumerate(runs)]
+    hline = (target, f"target {target:g}%") if target is not None else None
+    acc_svg = line_chart(acc, chart_id="plot-acc", title="kNN top-1 vs compute", x_label="device-hours",
+                         y_label="kNN top-1 (%)", markers=True, hline=hline)
+    loss_svg = line_chart(loss, chart_id="plot-loss", title="Training loss vs step", x_label="optimizer step",
+                          y_label="train loss", x_from_zero=True)
+    return (f'<div class="plots"><figure>{acc_svg}<figcaption>One curve per run; points are kNN evaluations '
+            "(step 0 = random init), placed at the device-hours the run had trained for at that step."
+            f"</figcaption></figure><figure>{loss_svg}<figcaption>Training loss as logged every "
+            "<code>train.log_every</code> steps (long runs are averaged into at most 1500 points)."
+            "</figcaption></figure></div>")
+
+
+NOTES = [
+    ("Device-hours", "training wall time &times; number of devices (ranks), from <code>time/device_hours</code>; "
+                     "evaluation pauses inside the loop count, start-up does not."),
+    ("MAE-eq. epochs", "epochs &times; FLOPs per image of the run's objective / FLOPs per image of MAE with its "
+                       "default knobs (mask 0.75, 512-d &times; 8-block decoder) on the same encoder: the "
+                       "compute yardstick of the EMAE paper."),
+    ("Time to target", "device-hours at the first kNN evaluation whose top-1 reaches the target "
+                       "(<code>--target</code>)."),
+    ("Throughput", "median of the logged global images/s; achieved TFLOP/s = FLOPs per image &times; img/s "
+                   "/ devices; MFU only when the run logs <code>perf/mfu</code>."),
+    ("Peak memory", "largest <code>perf/mem_peak_gb</code> logged on rank 0 (GPU: max allocated; CPU: peak RSS)."),
+]
+
+
+def render(runs: list[Run], target: float | None = None, generated: str | None = None) -> str:
+    """The whole report as one HTML document."""
+    generated = generated or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    title = f"mimscale report — {len(runs)} run{'s' if len(runs) != 1 else ''}"
+    target_txt = f"target kNN top-1 {target:g}%" if target is not None else "no accuracy target (--target)"
+    rows = "\n".join(_row(i, r) for i, r in enumerate(runs))
+    notes = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in NOTES)
+    paths = "".join(f"<li><code>{escape(r.label)}</code>: <code>{escape(r.path)}</code></li>" for r in runs)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{escape(title)}</h1>
+<p class="meta">Generated {escape(generated)} &middot; {escape(target_txt)} &middot; objectives:
+{escape(", ".join(sorted({r.objective or "?" for r in runs})))}</p>
+<h2>Runs</h2>
+<div class="table-wrap">
+<table id="runs">
+<thead>{_header(target)}</thead>
+<tbody>
+{rows}
+</tbody>
+</table>
+</div>
+<h2>Curves</h2>
+{_plots(runs, target)}
+<h2>Notes</h2>
+<dl class="notes">{notes}</dl>
+<h2>Run directories</h2>
+<ul class="paths">{paths}</ul>
+<script>{JS}</script>
+</body>
+</html>
+"""
