@@ -42,7 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--shard-size", type=int, default=1000)
     fo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     fo.add_argument("--prefix", default="train")
+    for mod in _PLUGGED:  # subcommands that live beside their code: add_parser(sub) and run(args) -> int
+        import importlib
+
+        importlib.import_module(mod).add_parser(sub)
     return p
+
+
+_PLUGGED = ("mimscale.report.cli", "mimscale.bench.cli")
 
 
 def _cmd_pretrain(args) -> int:
@@ -96,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return {"pretrain": _cmd_pretrain, "objectives": _cmd_objectives, "data": _cmd_data}[args.cmd](args)
+        builtin = {"pretrain": _cmd_pretrain, "objectives": _cmd_objectives, "data": _cmd_data}
+        return builtin[args.cmd](args) if args.cmd in builtin else args.run(args)
     except MimscaleError as e:
         print(f"mimscale: error: {e}", file=sys.stderr, flush=True)
         return 2

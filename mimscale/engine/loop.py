@@ -12,7 +12,7 @@ import torch.distributed as tdist
 from .. import config as C
 from .. import dist
 from ..data import builtin
-from ..data.loader import ShardLoader
+from ..data.loader import ShardLoader, expand_source
 from ..data.shards import read_manifest
 from ..data.transforms import EvalTransform, TrainTransform
 from ..errors import DataError
@@ -28,12 +28,20 @@ log = logging.getLogger("mimscale.train")
 
 
 def count_samples(source: str, override: int | None) -> int:
+    """Epoch size: ``data.samples_per_epoch``, else the manifest counts of exactly the listed shards."""
     if override:
         return override
-    try:
-        return int(read_manifest(source)["num_samples"])
-    except DataError:
-        raise DataError(f"no manifest.json found for '{source}': set data.samples_per_epoch") from None
+    urls, manifest = expand_source(source)
+    local = [u for u in urls if not u.startswith("pipe:")]
+    if manifest is None and local:
+        manifest = str(Path(local[0]).parent)
+    if manifest is None:
+        raise DataError(f"cannot size an epoch of '{source}' without a manifest: set data.samples_per_epoch")
+    counts = {s["name"]: int(s["count"]) for s in read_manifest(manifest)["shards"]}
+    missing = [u for u in urls if Path(u.split()[-1]).name not in counts]
+    if missing:
+        raise DataError(f"{missing[0]} is not listed in {manifest}: set data.samples_per_epoch")
+    return sum(counts[Path(u.split()[-1]).name] for u in urls)
 
 
 def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
