@@ -69,7 +69,7 @@ def test_print_config_with_required_override(capsys):
 
 def test_deepspeed_local_rank_argument_is_ignored(capsys):
     code, out, _ = _run(capsys, "--local_rank=0", "pretrain", "tiny_cpu", "--print-config")
-    assert code == 0 and yaml.safe_load(out)["model"]["arch"] == "vit_tiny"
+    assert code == 0 and yaml.safe_load(out)["model"]["arch"] == "vit_micro"
 
 
 def test_objectives_lists_mae(capsys):
