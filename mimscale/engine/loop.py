@@ -187,7 +187,8 @@ def pretrain(cfg: C.Config) -> dict:
                             "perf/step_time_s": t.batch_size / max(progress.rate(), 1e-9),
                             **memory_stats(device),
                             "time/device_hours": elapsed * d.world_size / 3600.0,
-                            "perf/train_pflops": flops * step * t.batch_size / 1e15})
+                            "perf/train_pflops": flops * step * t.batch_size / 1e15,
+                            **{f"data/{k}": float(v) for k, v in loader.stats.items()}})
             logger.log(metrics, step=step)
             postfix = {"loss": f"{metrics['train/loss']:.4f}", "lr": f"{lr:.2e}"}
             summary["final_loss"] = metrics["train/loss"]

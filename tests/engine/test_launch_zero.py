@@ -59,6 +59,9 @@ def runs(fmnist_small, tmp_path_factory, knobs_no_persistence):
            train__zero_stage=3, train__ds_config=str(knobs_no_persistence))
     launch("torchrun_z3_ckpt", ["torchrun", "--nproc_per_node", "2", "--master_port", str(port()), "-m", "mimscale.train"],
            train__zero_stage=3, train__ds_config=str(knobs_no_persistence), model__grad_checkpointing="true")
+    launch("torchrun_z2_bf16_clip", ["torchrun", "--nproc_per_node", "2", "--master_port", str(port()), "-m",
+                                     "mimscale.train"], train__zero_stage=2, train__precision="bf16",
+           optim__clip_grad=0.05)
     return out
 
 
@@ -122,3 +125,18 @@ def _clean_env() -> dict:
          if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC", "OMPI_"))}
     e.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu")
     return e
+
+
+def test_bf16_with_clipping_tracks_fp32(runs):
+    """bf16 forward/backward (fp32 loss and master weights) with gradient clipping stays near fp32."""
+    got, ref = losses(runs["torchrun_z2_bf16_clip"][0]), losses(runs["accelerate_z2"][0])
+    assert got[0] == pytest.approx(ref[0], rel=2e-2)          # same init, same batch: bf16 rounding only
+    assert got != pytest.approx(ref, rel=1e-6)                # it really ran in bf16 / clipped
+    assert all(abs(g - r) < 0.1 * r for g, r in zip(got, ref))
+
+
+def test_corrupt_data_counters_are_logged(runs):
+    from mimscale.telemetry import read_jsonl
+
+    rows = [r for r in read_jsonl(runs["torchrun_z0"][0] / "metrics.jsonl") if "train/loss" in r]
+    assert all(r["data/skipped_samples"] == 0 and r["data/bad_shards"] == 0 for r in rows)
