@@ -85,6 +85,7 @@ class EvalConfig:
     knn_train_samples: int | None = None     # cap on the memory bank (whole shards are taken)
     knn_test_samples: int | None = None      # cap on the queries (whole shards are taken)
     knn_every: int = 0                       # steps between kNN evaluations (0: only at start/end)
+    knn_every_minutes: float | None = None   # or: minutes of training time (evaluation time excluded)
     knn_at_start: bool = True                # the random-init baseline
     knn_k: int = 20
     knn_temperature: float = 0.07

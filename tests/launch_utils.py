@@ -31,15 +31,20 @@ def tiny_overrides(data: dict[str, Path], run_dir: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in kv.items()]
 
 
-def run(cmd: list[str], *, env: dict | None = None, timeout: float = 240, check: bool = True,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run a real process (launcher or CLI) with a clean, CPU-friendly environment."""
+def clean_env() -> dict[str, str]:
+    """This process's environment without any launcher variables, set up for CPU ranks."""
     e = {k: v for k, v in os.environ.items()
          if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC", "OMPI_"))}
     e.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true", DS_ACCELERATOR="cpu",
              PYTHONUNBUFFERED="1", PATH=f"{BIN}:{e.get('PATH', '')}")
-    e.update(env or {})
-    p = subprocess.run(cmd, env=e, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout)
+    return e
+
+
+def run(cmd: list[str], *, env: dict | None = None, timeout: float = 240, check: bool = True,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run a real process (launcher or CLI) with a clean, CPU-friendly environment."""
+    p = subprocess.run(cmd, env={**clean_env(), **(env or {})}, cwd=cwd or REPO, capture_output=True, text=True,
+                       timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}")
     return p

@@ -146,10 +146,19 @@ def pretrain(cfg: C.Config) -> dict:
                "params_total": ds.total_param_numel(engine),
                "params_per_rank": _all_ranks(ds.local_param_numel(engine), device)}
 
+    clock = {"start": time.time(), "eval_s": 0.0}
+
+    def train_seconds() -> float:
+        """Wall-clock since training began, without the time spent evaluating."""
+        return time.time() - clock["start"] - clock["eval_s"]
+
     def evaluate(step: int, tag: str) -> None:
         if knn is None:
             return
+        t0 = time.time()
         res = knn(engine.module.encoder, device)
+        clock["eval_s"] += time.time() - t0
+        res.update({"time/train_s": train_seconds(), "time/train_device_hours": train_seconds() * d.world_size / 3600})
         logger.log(res, step=step)
         summary[f"knn_top1_{tag}"] = res["eval/knn_top1"]
         if d.is_main:
@@ -157,11 +166,13 @@ def pretrain(cfg: C.Config) -> dict:
 
     if cfg.eval.knn_at_start:
         evaluate(0, "init")
+    clock.update(start=time.time(), eval_s=0.0)
+    next_eval_s = 60 * cfg.eval.knn_every_minutes if cfg.eval.knn_every_minutes else None
     progress = Progress(stop, images_per_step=t.batch_size, enabled=d.is_main)
     batches = _forever(loader)
     window: dict[str, torch.Tensor] = {}
     postfix: dict[str, str] = {}
-    n_window, step, t_start = 0, 0, time.time()
+    n_window, step = 0, 0
     engine.train()
     while step < stop:
         lr = warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, cfg.optim.min_lr)
@@ -181,7 +192,7 @@ def pretrain(cfg: C.Config) -> dict:
         engine.module.after_optimizer_step(step)
         if step % t.log_every == 0 or step == stop:
             metrics = {f"train/{k}": v / n_window for k, v in _mean_across_ranks(window, device).items()}
-            elapsed = time.time() - t_start
+            elapsed = train_seconds()
             metrics.update({"train/lr": lr, "train/wd": wd, "train/epoch": step / derived.steps_per_epoch,
                             "perf/img_per_s": progress.rate(), "time/elapsed_s": elapsed,
                             "perf/step_time_s": t.batch_size / max(progress.rate(), 1e-9),
@@ -194,13 +205,16 @@ def pretrain(cfg: C.Config) -> dict:
             summary["final_loss"] = metrics["train/loss"]
             window, n_window = {}, 0
         progress.update(step, **postfix)
+        if t.max_minutes and _any_rank(train_seconds() > 60 * t.max_minutes, device):
+            log.info("train.max_minutes=%s reached at step %d", t.max_minutes, step)
+            break                                       # the final evaluation follows
         if cfg.eval.knn_every and step % cfg.eval.knn_every == 0 and step != stop:
             evaluate(step, f"step{step}")
-        if t.max_minutes and _any_rank(time.time() - t_start > 60 * t.max_minutes, device):
-            log.info("train.max_minutes=%s reached at step %d", t.max_minutes, step)
-            break
+        if next_eval_s is not None and step != stop and _any_rank(train_seconds() >= next_eval_s, device):
+            evaluate(step, f"{train_seconds() / 60:.1f}min")
+            next_eval_s += 60 * cfg.eval.knn_every_minutes
     progress.close()
-    summary.update(steps=step, train_seconds=time.time() - t_start, img_per_s=progress.rate())
+    summary.update(steps=step, train_seconds=train_seconds(), img_per_s=progress.rate())
     evaluate(step, "final")
     ds.save_encoder(engine, run_dir / "encoder.safetensors", is_main=d.is_main)
     if d.is_main:

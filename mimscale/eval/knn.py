@@ -38,19 +38,22 @@ def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes: in
     return 100.0 * (pred == test_labels).float().mean().item()
 
 
-def _gather(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a per-rank tensor (first dim may differ by rank) across ranks, in rank order."""
+def _gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Concatenate a per-rank CPU tensor (first dim may differ by rank) across ranks, in rank order.
+
+    The collectives run on ``device`` (NCCL needs CUDA tensors; gloo takes CPU ones); the result is on CPU.
+    """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    n = torch.tensor([t.shape[0]], dtype=torch.long)
+    n = torch.tensor([t.shape[0]], dtype=torch.long, device=device)
     sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, n)
     width = int(max(s.item() for s in sizes))
-    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype)
-    padded[: t.shape[0]] = t
+    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t.to(device)
     out = [torch.zeros_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())] for o, s in zip(out, sizes)])
+    return torch.cat([o[: int(s.item())].cpu() for o, s in zip(out, sizes)])
 
 
 @torch.no_grad()
@@ -72,7 +75,7 @@ def extract_features(encoder, loader, device: torch.device, pool: str = "cls") -
     encoder.train(was_training)
     f = torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dim)
     y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    return _gather(f), _gather(y)
+    return _gather(f, device), _gather(y, device)
 
 
 class KNNEvaluator:

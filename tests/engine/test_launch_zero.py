@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from launch_utils import REPO, free_port, run, tiny_overrides
+from launch_utils import REPO, clean_env, free_port, run, tiny_overrides
 
 pytestmark = pytest.mark.slow
 PY = sys.executable
@@ -94,11 +94,23 @@ def test_zero3_holds_about_half_the_parameters_per_rank(runs):
 
 
 def test_single_process_without_launcher(fmnist_small, tmp_path):
+    """One process, gradient accumulation 2, kNN at init, every 2 steps and at the end (real shards)."""
+    from mimscale.telemetry import read_jsonl
+
     rd = tmp_path / "single"
-    run([PY, "-m", "mimscale.train", "tiny_cpu", *tiny_overrides(fmnist_small, rd)])
+    run([PY, "-m", "mimscale.train", "tiny_cpu", *tiny_overrides(
+        fmnist_small, rd, eval__knn_train=fmnist_small["train"], eval__knn_test=fmnist_small["test"],
+        eval__knn_every=2, eval__batch_size=128, eval__num_workers=1)])
     s = summary(rd)
     assert s["world_size"] == 1 and s["steps"] == 4
     assert (rd / "config.yaml").exists() and (rd / "encoder.safetensors").exists()
+    evals = [r for r in read_jsonl(rd / "metrics.jsonl") if "eval/knn_top1" in r]
+    assert [r["step"] for r in evals] == [0, 2, 4]
+    assert all(r["eval/knn_bank"] == 2048 and r["eval/knn_queries"] == 512 for r in evals)
+    assert all(10.0 < r["eval/knn_top1"] <= 100.0 for r in evals)       # 10 classes: chance is 10%
+    times = [r["time/train_s"] for r in evals]
+    assert times[0] < 1.0 and times == sorted(times)                      # training clock, eval excluded
+    assert s["knn_top1_init"] == evals[0]["eval/knn_top1"] and s["knn_top1_final"] == evals[-1]["eval/knn_top1"]
 
 
 def test_env_var_launch_like_srun(fmnist_small, tmp_path):
@@ -110,21 +122,19 @@ def test_env_var_launch_like_srun(fmnist_small, tmp_path):
     for r in range(2):
         env = {"SLURM_PROCID": str(r), "SLURM_NTASKS": "2", "SLURM_LOCALID": str(r), "SLURM_STEP_ID": "0",
                "SLURM_NNODES": "1", "SLURM_JOB_ID": "4242", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([PY, "-m", "mimscale.train", "tiny_cpu", *tiny_overrides(fmnist_small, rd)],
-                                      env={**_clean_env(), **env}, cwd=REPO, stdout=subprocess.PIPE,
+        knn = dict(eval__knn_train=fmnist_small["train"], eval__knn_test=fmnist_small["test"], eval__batch_size=100)
+        procs.append(subprocess.Popen([PY, "-m", "mimscale.train", "tiny_cpu", *tiny_overrides(fmnist_small, rd, **knn)],
+                                      env={**clean_env(), **env}, cwd=REPO, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-3000:] + outs[1][-3000:]
     assert summary(rd)["world_size"] == 2
+    # kNN features gathered from both ranks: every bank and query sample exactly once (padding dropped)
+    from mimscale.telemetry import read_jsonl
 
+    evals = [r for r in read_jsonl(rd / "metrics.jsonl") if "eval/knn_top1" in r]
+    assert [(r["eval/knn_bank"], r["eval/knn_queries"]) for r in evals] == [(2048, 512)] * 2
 
-def _clean_env() -> dict:
-    import os
-
-    e = {k: v for k, v in os.environ.items()
-         if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC", "OMPI_"))}
-    e.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", DS_ACCELERATOR="cpu")
-    return e
 
 
 def test_bf16_with_clipping_tracks_fp32(runs):
