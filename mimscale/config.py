@@ -80,8 +80,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    knn_train: str | None = None             # labelled shards for the kNN memory bank
-    knn_test: str | None = None              # labelled shards to classify
+    knn_train: str | None = None             # labelled shard directory (or built-in name): the kNN bank
+    knn_test: str | None = None              # labelled shard directory (or built-in name): queries
     knn_train_samples: int | None = None     # cap on the memory bank (whole shards are taken)
     knn_test_samples: int | None = None      # cap on the queries (whole shards are taken)
     knn_every: int = 0                       # steps between kNN evaluations (0: only at start/end)

@@ -45,36 +45,30 @@ def count_samples(source: str, override: int | None) -> int:
 
 
 def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
+    """kNN evaluator over two labelled shard directories (bank and queries), each optionally capped."""
     e = cfg.eval
     if not e.knn_train:
         return None
-    size = e.img_size or cfg.model.img_size
-    tf = EvalTransform(size, mean=cfg.data.mean, std=cfg.data.std, in_chans=cfg.model.in_chans)
-    sources = []
+    tf = EvalTransform(e.img_size or cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
+                       in_chans=cfg.model.in_chans)
+    loaders = []
     for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, e.knn_test_samples)):
         src = builtin.resolve(src, cfg.data.root)
-        sources.append(_first_samples(src, cap) if cap else src)
-    train_src, test_src = sources
-    manifest = read_manifest(train_src[1] if isinstance(train_src, tuple) else train_src)
-    kw = dict(batch_size=e.batch_size, transform=tf, rank=d.rank, world_size=d.world_size,
-              num_workers=e.num_workers, mode="eval", shuffle=False)
-    loaders = [ShardLoader(s[0], manifest=s[1], **kw) if isinstance(s, tuple) else ShardLoader(s, **kw)
-               for s in (train_src, test_src)]
-    return KNNEvaluator(*loaders, num_classes=len(manifest.get("classes") or range(10)), k=e.knn_k,
-                        temperature=e.knn_temperature, pool=e.pool)
+        loaders.append(ShardLoader(_first_shards(src, cap), manifest=src, batch_size=e.batch_size, transform=tf,
+                                   rank=d.rank, world_size=d.world_size, num_workers=e.num_workers,
+                                   mode="eval", shuffle=False))
+    return KNNEvaluator(*loaders, k=e.knn_k, temperature=e.knn_temperature, pool=e.pool)
 
 
-def _first_samples(source: str, cap: int) -> tuple[list[str], str]:
-    """Whole shards from the front of a manifest until ``cap`` samples are covered."""
-    root = Path(source)
-    manifest = read_manifest(source)
+def _first_shards(source: str, cap: int | None) -> list[str]:
+    """The shards of a shard directory, or its first whole shards covering ``cap`` samples."""
     shards, n = [], 0
-    for s in manifest["shards"]:
-        if n >= cap:
+    for s in read_manifest(source)["shards"]:
+        if cap and n >= cap:
             break
-        shards.append(str(root / s["name"]))
+        shards.append(str(Path(source) / s["name"]))
         n += int(s["count"])
-    return shards, str(root / "manifest.json")
+    return shards
 
 
 def _forever(loader):

@@ -81,13 +81,15 @@ def extract_features(encoder, loader, device: torch.device, pool: str = "cls") -
 class KNNEvaluator:
     """kNN top-1 of an encoder: memory bank from ``train_loader``, queries from ``test_loader``."""
 
-    def __init__(self, train_loader, test_loader, num_classes: int, k: int = 20, temperature: float = 0.07,
-                 pool: str = "cls"):
+    def __init__(self, train_loader, test_loader, num_classes: int | None = None, k: int = 20,
+                 temperature: float = 0.07, pool: str = "cls"):
         self.train_loader, self.test_loader = train_loader, test_loader
         self.num_classes, self.k, self.temperature, self.pool = num_classes, k, temperature, pool
 
     def __call__(self, encoder, device: torch.device) -> dict[str, float]:
+        """``{"eval/knn_top1": percent, ...}``; classes default to ``max label + 1`` of bank and queries."""
         xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool)
         xte, yte = extract_features(encoder, self.test_loader, device, self.pool)
-        acc = knn_top1(xtr, ytr, xte, yte, self.num_classes, self.k, self.temperature)
+        classes = self.num_classes or int(max(ytr.max(), yte.max())) + 1
+        acc = knn_top1(xtr, ytr, xte, yte, classes, self.k, self.temperature)
         return {"eval/knn_top1": acc, "eval/knn_bank": float(xtr.shape[0]), "eval/knn_queries": float(xte.shape[0])}
