@@ -111,6 +111,14 @@ def test_single_process_without_launcher(fmnist_small, tmp_path):
     times = [r["time/train_s"] for r in evals]
     assert times[0] < 1.0 and times == sorted(times)                      # training clock, eval excluded
     assert s["knn_top1_init"] == evals[0]["eval/knn_top1"] and s["knn_top1_final"] == evals[-1]["eval/knn_top1"]
+    # the exported encoder loads strictly into timm's VisionTransformer of the same shape
+    from safetensors.torch import load_file
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    from mimscale.models.vit import build_vit, timm_kwargs
+
+    timm_model = TimmViT(**timm_kwargs(build_vit("vit_micro", 16, 4)))
+    assert not timm_model.load_state_dict(load_file(str(rd / "encoder.safetensors")), strict=True).missing_keys
 
 
 def test_env_var_launch_like_srun(fmnist_small, tmp_path):
