@@ -18,10 +18,7 @@ Run:   python benchmarks/encoder_speed.py                     (vit_micro 32/4 B1
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,15 +28,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_SHAPES = "vit_micro:32:4:128,vit_tiny:64:8:32"
 
 
-def write_results(name: str, doc: dict) -> Path:
-    date = dt.date.today().isoformat()
-    machine = platform.node() or "machine"
-    out = REPO / "benchmarks" / "results" / f"{name}-{machine}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "machine": machine, "date": date, "cpu": platform.processor() or platform.machine(),
-           "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), **doc}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    return out
+from common import write_results  # noqa: E402
 
 
 def parse_shapes(text: str) -> list[tuple[str, int, int, int]]:

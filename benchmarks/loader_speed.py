@@ -30,10 +30,8 @@ Run:   python benchmarks/loader_speed.py                      (~1.5 min)
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -45,18 +43,10 @@ REPO = Path(__file__).resolve().parent.parent
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def write_results(name: str, doc: dict) -> Path:
-    date = dt.date.today().isoformat()
-    machine = platform.node() or "machine"
-    out = REPO / "benchmarks" / "results" / f"{name}-{machine}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "machine": machine, "date": date, "cpu": platform.processor() or platform.machine(),
-           "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), **doc}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    return out
-
-
 # ------------------------------------------------------------------------------------- data
+
+
+from common import write_results  # noqa: E402
 
 
 def garments(n: int, rng):

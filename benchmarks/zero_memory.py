@@ -39,11 +39,8 @@ Target: measured/expected within +-15% per stage.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -55,21 +52,13 @@ FORMULA = {0: "16Ψ", 1: "4Ψ + 12Ψ/N", 2: "2Ψ + 14Ψ/N", 3: "16Ψ/N"}
 CATS = ("params", "grads", "master", "adam", "buffers", "other")
 
 
+from common import write_results  # noqa: E402
+
+
 def expected_bytes(psi: int, stage: int, n: int) -> dict[str, float]:
     p16, g16, opt = 2.0 * psi, 2.0 * psi, 12.0 * psi
     return {"params": p16 / n if stage >= 3 else p16, "grads": g16 / n if stage >= 2 else g16,
             "optim": opt / n if stage >= 1 else opt}
-
-
-def write_results(name: str, doc: dict) -> Path:
-    date = dt.date.today().isoformat()
-    machine = platform.node() or "machine"
-    out = REPO / "benchmarks" / "results" / f"{name}-{machine}-{date}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "machine": machine, "date": date, "cpu": platform.processor() or platform.machine(),
-           "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), **doc}
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    return out
 
 
 # ------------------------------------------------------------------------------------- the tensor census
