@@ -98,10 +98,11 @@ class _Base:
         if arr.dtype != np.uint8 or arr.shape[2] not in (1, self.in_chans):
             arr = np.asarray(img.convert(self._mode))
             arr = arr[:, :, None] if arr.ndim == 2 else arr
-        out = np.empty((arr.shape[0], arr.shape[1], self.in_chans), dtype=np.float32)
-        np.multiply(arr, self._scale, out=out)
-        out -= self._shift
-        return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+        # channels-first on the uint8 view, then one scale-and-shift straight into the [C, H, W] output
+        out = np.empty((self.in_chans, arr.shape[0], arr.shape[1]), dtype=np.float32)
+        np.multiply(arr.transpose(2, 0, 1), self._scale.reshape(-1, 1, 1), out=out)
+        out -= self._shift.reshape(-1, 1, 1)
+        return torch.from_numpy(out)
 
     def _fields(self) -> str:
         return f"img_size={self.size}, in_chans={self.in_chans}, mean={self.mean}, std={self.std}"

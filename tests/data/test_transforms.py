@@ -112,3 +112,15 @@ def test_bad_arguments_raise_data_error():
         EvalTransform(16, crop_pct=0)
     with pytest.raises(DataError, match="in_chans must be 1 or 3"):
         EvalTransform(16, in_chans=2, mean=(0, 0), std=(1, 1))
+
+
+def test_layout_and_values_match_torchvision_per_pixel():
+    """Channels-first layout, per-channel mean/std: equal to torchvision's to_tensor + normalize."""
+    import numpy as np
+    import torchvision.transforms.functional as TF
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    ref = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
+    x = EvalTransform(16)(img)                       # same size: the resize/crop leaves pixels untouched
+    assert x.is_contiguous() and x.dtype == torch.float32
+    torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
