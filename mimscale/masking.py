@@ -53,6 +53,53 @@ def partition_masks(batch: int, num_patches: int, num_parts: int, mask_ratio: fl
     return mask
 
 
+def block_masks(batch: int, grid: tuple[int, int], num_masked: int, generator: torch.Generator,
+                min_block: int = 16, min_aspect: float = 0.3, max_attempts: int = 10) -> torch.Tensor:
+    """BEiT blockwise masking with an exact count (DTM 5.2.2; ConMIM's "block" mask): ``bool [B, H*W]``.
+
+    Per sample, while fewer than ``num_masked`` patches are masked, place a rectangle: up to
+    ``max_attempts`` draws of an area uniform in ``[min_block, remaining]``, an aspect ratio log-uniform in
+    ``[min_aspect, 1/min_aspect]``, ``h = round(sqrt(area*aspect))``, ``w = round(sqrt(area/aspect))`` and a
+    uniform top-left corner with the block inside the grid; a block is accepted when it adds between 1 and
+    ``remaining`` new patches, and placement stops when a round adds nothing. Then uniformly random extra
+    patches are masked (or masked ones unmasked) so that every row has exactly ``num_masked`` True.
+    """
+    gh, gw = grid
+    n = gh * gw
+    if not 0 <= num_masked <= n:
+        raise ValueError(f"num_masked={num_masked} must be in [0, {n}]")
+    lo_a, hi_a = math.log(min_aspect), math.log(1.0 / min_aspect)
+    out = torch.zeros(batch, n, dtype=torch.bool)
+    for b in range(batch):
+        m = torch.zeros(gh, gw, dtype=torch.bool)
+        count = 0
+        while count < num_masked:
+            remaining, added = num_masked - count, 0
+            for _ in range(max_attempts):
+                u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
+                area = min_block + (max(remaining, min_block) - min_block) * u[0]
+                aspect = math.exp(lo_a + (hi_a - lo_a) * u[1])
+                h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+                if not (0 < h < gh and 0 < w < gw):
+                    continue
+                top, left = int(u[2] * (gh - h + 1)), int(u[3] * (gw - w + 1))
+                new = h * w - int(m[top:top + h, left:left + w].sum())
+                if 0 < new <= remaining:
+                    m[top:top + h, left:left + w] = True
+                    added = new
+                    break
+            if added == 0:
+                break
+            count += added
+        flat = m.flatten()
+        pool = (~flat if count < num_masked else flat).nonzero().flatten()
+        if count != num_masked:
+            pick = pool[torch.randperm(pool.numel(), generator=generator)[:abs(num_masked - count)]]
+            flat[pick] = count < num_masked
+        out[b] = flat
+    return out
+
+
 def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     """Raster-ordered indices of the visible patches: ``mask [B, N]`` -> ``long [B, N_keep]``.
 

@@ -165,3 +165,34 @@ def test_mask_collate_is_picklable():
 
     c = pickle.loads(pickle.dumps(MaskCollate(MaskSpec("random", 16, 0.5))))
     assert c.spec == MaskSpec("random", 16, 0.5)
+
+
+# ---- block_masks (BEiT blockwise, exact count: DTM 5.5.8, ConMIM "block")
+from mimscale.masking import block_masks  # noqa: E402
+
+
+@pytest.mark.parametrize("grid,count", [((14, 14), 75), ((4, 4), 6), ((8, 8), 0), ((7, 7), 49), ((16, 16), 98)])
+def test_block_masks_exact_count(grid, count):
+    m = block_masks(16, grid, count, torch.Generator().manual_seed(0))
+    assert m.shape == (16, grid[0] * grid[1]) and m.dtype == torch.bool
+    assert (m.sum(1) == count).all()
+
+
+def test_block_masks_are_blocky_seeded_and_differ_across_samples():
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    a, b = block_masks(8, (14, 14), 75, g()), block_masks(8, (14, 14), 75, g())
+    assert torch.equal(a, b)
+    assert len({tuple(r.tolist()) for r in a}) == 8
+    # blocks, not salt-and-pepper: most masked patches have a masked 4-neighbour
+    grid = a.view(8, 14, 14)
+    nb = torch.zeros_like(grid)
+    nb[:, 1:] |= grid[:, :-1]
+    nb[:, :-1] |= grid[:, 1:]
+    nb[:, :, 1:] |= grid[:, :, :-1]
+    nb[:, :, :-1] |= grid[:, :, 1:]
+    assert (grid & nb).sum() / grid.sum() > 0.9
+
+
+def test_block_masks_rejects_impossible_count():
+    with pytest.raises(ValueError):
+        block_masks(1, (4, 4), 17, torch.Generator())

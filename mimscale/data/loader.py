@@ -350,14 +350,17 @@ class _Stream:
                     continue
                 extras[ext] = _decode_npy(value) if ext == "npy" or ext.endswith(".npy") else value
             gen = _generator(p.seed, _TAG_AUG, p.epoch, p.rank, self.w, index)
-            image = p.transform(img, gen)
+            out = p.transform(img, gen)
+            views = out if isinstance(out, dict) else {"image": out}
+            if "image" not in views:
+                raise ValueError(f"the transform returned {sorted(views)} without an 'image' entry")
         except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, counted and reported
             reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")
             reason = (reason.splitlines() or [""])[0][:200]
             self.last_failure = f"{shard}/{key}: {reason}"
             self.events.append(("sample", f"{shard}/{key}", reason))
             return None
-        sample = {"image": image, "label": label, "key": key, **extras}
+        sample = {**views, "label": label, "key": key, **extras}
         self.last_sample = sample
         return sample
 

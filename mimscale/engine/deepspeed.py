@@ -111,16 +111,41 @@ def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator:
     frozen = list(objective.frozen_modules())
     for m in frozen:
         m.eval().requires_grad_(False)
-    groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
-    with _detached(objective, frozen):
+    outside = frozen + list(objective.private_modules())
+    with _detached(objective, outside):
+        groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
         engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=groups,
                                                config=ds_config(cfg, derived, accelerator),
                                                dist_init_required=True)
-    if frozen:
-        dev = torch.device(engine.device)
-        for m in frozen:
-            m.to(dev)
+    dev = torch.device(engine.device)
+    for m in outside:
+        m.to(dev)
     return engine
+
+
+def master_params(engine, module: nn.Module):
+    """``(name, full fp32 master value)`` for each trainable parameter of ``module`` (inside the engine).
+
+    Reads DeepSpeed's fp32 master copy (bf16/fp16 training at any ZeRO stage), else the parameter itself.
+    Under ZeRO-3 each call gathers collectively: every rank must iterate the same parameters.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        full = safe_get_full_fp32_param(p) if engine.zero_optimization_stage() or p.dtype != torch.float32 else None
+        yield name, (p.detach() if full is None else full).float().view(getattr(p, "ds_shape", p.shape))
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Average ``t`` in place over the data-parallel ranks (no-op on one rank)."""
+    import torch.distributed as tdist
+
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t)
+        t /= tdist.get_world_size()
+    return t
 
 
 class _detached:

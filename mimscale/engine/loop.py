@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from ..errors import DataError
 from ..eval.knn import KNNEvaluator
 from ..masking import MaskCollate
 from ..models.vit import build_vit
-from ..objectives import build_objective
+from ..objectives import StepContext, build_objective
 from ..telemetry import MetricLogger, Progress, memory_stats
 from . import deepspeed as ds
 from .schedule import cosine, warmup_cosine
@@ -117,15 +119,16 @@ def pretrain(cfg: C.Config) -> dict:
 
     torch.manual_seed(t.seed)  # identical init on every rank
     encoder = build_vit(m.arch, m.img_size, m.patch_size, m.in_chans, drop_path_rate=m.drop_path,
-                        layer_scale_init=m.layer_scale_init)
+                        layer_scale_init=m.layer_scale_init, pos_embed=m.pos_embed)
     encoder.set_grad_checkpointing(m.grad_checkpointing)
     objective = build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
     engine = ds.initialize(objective, cfg, derived, accelerator)
     device = torch.device(engine.device)
 
     loader = ShardLoader(train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
-                         transform=TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
-                                                  mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans),
+                         transform=objective.train_transform(
+                             TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+                                            mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
                          collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers,
                          seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                          samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda")
@@ -173,7 +176,11 @@ def pretrain(cfg: C.Config) -> dict:
         wd = cosine(step, derived.total_steps, cfg.optim.weight_decay,
                     cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end)
         ds.set_hparams(engine, lr, wd)
-        engine.module.set_epoch(step / derived.steps_per_epoch)
+        ctx = StepContext(step=step, total_steps=derived.total_steps, epoch=step / derived.steps_per_epoch, lr=lr,
+                          lr_factor=lr / derived.lr if derived.lr else 0.0, rank=d.rank, world_size=d.world_size,
+                          grad_accum=derived.grad_accum, master_params=partial(ds.master_params, engine),
+                          all_reduce_mean=ds.all_reduce_mean)
+        engine.module.before_step(ctx)
         for _ in range(derived.grad_accum):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             out = engine(batch)
@@ -183,7 +190,7 @@ def pretrain(cfg: C.Config) -> dict:
                 window[k] = window.get(k, 0.0) + v.detach().float()
             n_window += 1
         step += 1
-        engine.module.after_optimizer_step(step)
+        engine.module.after_optimizer_step(replace(ctx, step=step))
         if step % t.log_every == 0 or step == stop:
             metrics = {f"train/{k}": v / n_window for k, v in _mean_across_ranks(window, device).items()}
             elapsed = train_seconds()

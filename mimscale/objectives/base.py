@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import ClassVar, NamedTuple
+from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -25,6 +25,38 @@ _REGISTRY: dict[str, type["Objective"]] = {}
 class LossOutput(NamedTuple):
     loss: torch.Tensor                       # scalar, fp32, what backward() is called on
     metrics: dict[str, torch.Tensor]         # named scalars logged under train/
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _own_params(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    for n, p in module.named_parameters():
+        yield n, p.detach().float()
+
+
+@dataclass
+class StepContext:
+    """What the engine tells an objective's step hooks. ``step`` counts optimizer steps: in
+    ``before_step`` the step about to run (0-based), in ``after_optimizer_step`` the steps done (1-based).
+
+    ``master_params(module)`` yields ``(name, fp32 tensor)`` for every trainable parameter of ``module`` (a
+    submodule of the objective) with the FULL fp32 master value, at any ZeRO stage and precision; under
+    ZeRO-3 it is a collective, so every rank must call it. ``all_reduce_mean(t)`` averages ``t`` across
+    data-parallel ranks in place and returns it (identity on one rank).
+    """
+
+    step: int = 0
+    total_steps: int = 1
+    epoch: float = 0.0
+    lr: float = 0.0                      # this step's main lr
+    lr_factor: float = 1.0               # lr / peak lr: the warmup+cosine shape, for objectives' own optimizers
+    rank: int = 0
+    world_size: int = 1
+    grad_accum: int = 1
+    master_params: Callable[[nn.Module], Iterator[tuple[str, torch.Tensor]]] = _own_params
+    all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
 
 
 @dataclass
@@ -48,20 +80,52 @@ class Objective(nn.Module):
         self.cfg = cfg
 
     def mask_spec(self) -> MaskSpec:
+        """What the collate generates per batch: a ``MaskSpec`` or any picklable object with
+        ``generate(batch: int, generator) -> dict[str, Tensor]`` (runs in loader workers, on CPU)."""
         return MaskSpec("none", self.encoder.num_patches)
+
+    def train_transform(self, default: Callable) -> Callable:
+        """The per-sample training transform ``(PIL image, generator) -> Tensor | dict[str, Tensor]``.
+
+        ``default`` is the recipe's RandomResizedCrop+flip+normalise (``data.*``). Return it, or a picklable
+        transform of your own (multi-crop, two views sharing geometry, ...). A dict must hold ``image``;
+        its other entries become batch keys (stacked)."""
+        return default
 
     def forward(self, batch: dict) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def frozen_modules(self) -> list[nn.Module]:
-        """Teachers: not optimised, not ZeRO-partitioned, not saved in checkpoints."""
+        """Teachers: not optimised, not ZeRO-partitioned, not saved in checkpoints. The engine sets them
+        ``eval()`` and ``requires_grad_(False)`` and moves them to the device."""
         return []
+
+    def private_modules(self) -> list[nn.Module]:
+        """Modules the objective manages itself, outside DeepSpeed (EMA teachers, adversarial parameters
+        with their own optimizer): not partitioned, not in the engine's optimizer or grad clipping, kept in
+        fp32, moved to the device, mode and ``requires_grad`` untouched. Persist them via
+        ``checkpoint_state``."""
+        return []
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """State outside DeepSpeed that a checkpoint must carry (EMA teacher, adversarial params and their
+        optimizer). Replicated on every rank; rank 0's copy is saved. Tensors, numbers, dicts, lists only."""
+        return {}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        """Inverse of ``checkpoint_state`` (called on every rank after the engine state is loaded)."""
+        if state:
+            raise ValueError(f"{type(self).__name__} got checkpoint state {sorted(state)} it does not use")
 
     def set_epoch(self, epoch: float) -> None:
         """Called before every optimizer step with the fractional epoch (schedules inside objectives)."""
 
-    def after_optimizer_step(self, step: int) -> None:
-        """Called once per optimizer step (EMA updates, projections)."""
+    def before_step(self, ctx: StepContext) -> None:
+        """Called once before every optimizer step (before its micro-batches). Default: ``set_epoch``."""
+        self.set_epoch(ctx.epoch)
+
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        """Called once after every optimizer step (EMA updates, adversarial ascent, projections)."""
 
     def flops_per_sample(self) -> float:
         """Training FLOPs per image (3x forward of trained modules + 1x forward of frozen ones)."""
