@@ -1,0 +1,426 @@
+"""AdPE: adversarial positional embeddings, and its MAE+ baseline (OBJECTIVES.md section 3).
+
+**MAE+** (``mae_plus``, ``adv_type = 0``). Every image gives ``num_crops`` independent RandomResizedCrops
+at ``crop_size`` px (``crop_scale``, bicubic, flip): the train transform returns ``image [num_crops, C, c, c]``
+per sample and the objective flattens the batch to ``M = B * num_crops`` crops (image-major: row
+``b * num_crops + j`` is crop j of image b). Each crop has a ``G_c x G_c`` grid of ``N_c`` patches and its own
+random MAE mask (``crop_masks bool [B, num_crops, N_c]``, True = masked). The encoder is BEiT-style: it runs
+on ALL ``1 + N_c`` tokens, masked slots hold a learned mask token, and the fixed 2-D sin-cos table is
+generated here for the CROP grid (the encoder's own ``pos_embed`` buffer stays the ``model.img_size`` one,
+which is what export and fine-tuning use; the paper re-generates sin-cos at fine-tune resolution). The
+decoder maps all ``1 + N_c`` tokens to its width (no mask-token insertion), adds its own sin-cos table,
+runs its blocks and predicts pixels; loss = MAE's norm-pix MSE over masked patches, fp32.
+
+**AdPE** (``adpe``), absolute position encodings only (``pe_type = "ape"``):
+
+* embedding mode (``adv_type = 1``): masked slots receive ``delta + pos_i`` with an adversarial
+  ``delta [D]`` (init 0) that REPLACES the mask token (no descent-trained mask token in this mode);
+* coordinate mode (``adv_type = 2``): masked slots receive ``mask_token + sincos(col_i + d_col,
+  row_i + d_row)`` with a global ``delta = (d_col, d_row)`` (init 0) shifting the continuous
+  coordinates, in fp32; visible slots use the fixed table.
+
+The adversarial update is single-loop descent-ascent: one forward/backward per micro-batch. ``delta`` lives
+in :class:`AdversarialDelta`, a private module (outside DeepSpeed: replicated, fp32, not in the engine's
+optimizer, clipping or ZeRO partitions). It is kept with ``requires_grad=False`` so DeepSpeed never sees or
+zeroes its gradient; each forward uses a fresh leaf copy whose gradient hook adds ``dL/d delta`` into the
+module's fp32 accumulator during ``engine.backward`` (DeepSpeed already divides the loss by the gradient
+accumulation steps, so the accumulator holds the mean over micro-batches). In ``after_optimizer_step`` the
+accumulator is averaged across ranks (``ctx.all_reduce_mean``), NEGATED and fed to a torch AdamW with a
+positive lr (ascent; equivalent to the original's negative-lr group: Adam's m flips sign, v is unchanged),
+then ``delta`` is projected onto the eps-ball and the accumulator is zeroed. A non-finite accumulated
+gradient (fp16 overflow) skips the adversarial step. Under fp16 the accumulator carries DeepSpeed's loss
+scale; Adam is scale-invariant up to its eps, so this only matters for tiny gradients.
+
+``adv_lr = adv_blr * eff_batch / 256 * ctx.lr_factor`` (the main warmup + cosine shape). ``eff_batch`` is the
+``adv_batch_size`` knob when set, else images per micro-batch (seen in ``forward``) x ``ctx.grad_accum`` x
+``ctx.world_size`` (= ``train.batch_size``, the same batch the main lr is scaled with).
+
+RPE variants (``pe_type = "rpe"``) are not implemented (optional in the spec): ConfigError.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from torch import nn
+
+from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
+from ..errors import ConfigError
+from ..masking import num_visible, random_masks
+from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
+from ..models.vit import Block, VisionTransformer
+from ..telemetry.flops import linear_flops, transformer_forward_flops
+from .base import LossOutput, Objective, StepContext, register
+from .mae import masked_mse, normalize_patches, patchify
+
+_NORMS = {0: 0, "none": 0, 1: 1, "l2": 1, 2: 2, "linf": 2}
+
+
+# ----------------------------------------------------------------------------- data side (loader workers)
+
+
+class MultiCrop:
+    """``num_crops`` independent RandomResizedCrop+flip+normalise views of one image.
+
+    ``(PIL image, generator) -> {"image": float32 [num_crops, C, crop, crop]}``; all randomness from the
+    generator (each crop draws its own box and flip). Picklable (plain values only).
+    """
+
+    def __init__(self, num_crops: int, crop: TrainTransform):
+        self.num_crops = num_crops
+        self.crop = crop
+
+    def __call__(self, img, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return {"image": torch.stack([self.crop(img, generator) for _ in range(self.num_crops)])}
+
+    def __repr__(self) -> str:
+        return f"MultiCrop({self.num_crops} x {self.crop!r})"
+
+
+@dataclass(frozen=True)
+class CropMaskSpec:
+    """Independent MAE random masks for every crop: ``generate(B, g) -> {"crop_masks": bool [B, num_crops, N_c]}``
+    with exactly ``N_c - floor(N_c (1 - r))`` True per crop."""
+
+    num_crops: int
+    num_patches: int            # N_c, patches per crop
+    mask_ratio: float
+
+    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        m = random_masks(batch * self.num_crops, self.num_patches, self.mask_ratio, generator)
+        return {"crop_masks": m.view(batch, self.num_crops, self.num_patches)}
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class CropDecoder(nn.Module):
+    """MAE+ decoder on all ``1 + N_c`` tokens: ``Linear D->d``, + sin-cos(d) for the crop grid, blocks, norm,
+    ``Linear d->P``; ``forward(latent [M, 1+N_c, D]) -> pred [M, N_c, P]`` (cls dropped)."""
+
+    def __init__(self, enc_dim: int, grid: int, patch_pixels: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        self.embed = nn.Linear(enc_dim, dim)
+        self.register_buffer("pos_embed", sincos_2d(dim, grid, cls_token=True), persistent=False)
+        self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pred = nn.Linear(dim, patch_pixels)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        x = self.embed(latent)
+        x = x + self.pos_embed.to(x.dtype)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.pred(self.norm(x))[:, 1:]
+
+    def flops(self, enc_dim: int) -> float:
+        n = self.pos_embed.shape[1]
+        return (linear_flops(n, enc_dim, self.embed.out_features)
+                + transformer_forward_flops(n, self.embed.out_features, len(self.blocks))
+                + linear_flops(n, self.embed.out_features, self.pred.out_features))
+
+
+class AdversarialDelta(nn.Module):
+    """The adversarial perturbation ``delta [size]`` (fp32, init 0) with its own ascent optimizer.
+
+    ``delta`` has ``requires_grad=False``: :meth:`live` returns a differentiable leaf copy for one forward
+    whose gradient is added into ``grad_acc [size]`` (fp32) during backward, out of DeepSpeed's reach.
+    """
+
+    def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float):
+        super().__init__()
+        self.delta = nn.Parameter(torch.zeros(size), requires_grad=False)
+        self.register_buffer("grad_acc", torch.zeros(size), persistent=False)
+        self.backward_calls = 0
+        self._opt_args = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self._opt: torch.optim.Optimizer | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over ``delta`` (built lazily, after the engine moved the module to its device)."""
+        if self._opt is None or self._opt.param_groups[0]["params"][0] is not self.delta:
+            self._opt = torch.optim.AdamW([self.delta], lr=0.0, foreach=False, **self._opt_args)
+        return self._opt
+
+    def live(self) -> torch.Tensor:
+        """``delta`` as a fresh differentiable leaf (fp32) feeding ``grad_acc``; plain ``delta`` without grad."""
+        if not torch.is_grad_enabled():
+            return self.delta.detach()
+        leaf = self.delta.detach().clone().requires_grad_(True)
+        leaf.register_hook(self._accumulate)
+        return leaf
+
+    def _accumulate(self, grad: torch.Tensor) -> None:
+        self.grad_acc.add_(grad.detach().float())
+        self.backward_calls += 1
+
+    def ascent_step(self, lr: float, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+        """Average ``grad_acc`` across ranks, step AdamW on its NEGATION with ``lr >= 0``, zero it.
+
+        Returns False (and changes nothing but the accumulator) when the gradient is not finite.
+        Every rank must call this (collective)."""
+        g = all_reduce_mean(self.grad_acc.clone())
+        self.grad_acc.zero_()
+        self.backward_calls = 0
+        if not torch.isfinite(g).all():
+            return False
+        opt = self.optimizer
+        for group in opt.param_groups:
+            group["lr"] = lr
+        self.delta.grad = -g
+        opt.step()
+        self.delta.grad = None
+        return True
+
+    @torch.no_grad()
+    def project(self, norm: int, eps: float) -> None:
+        """``norm`` 1: rescale so ``||delta||_2 <= eps``; 2: clamp entries to ``[-eps, eps]``; 0: nothing."""
+        if norm == 1:
+            n = self.delta.norm()
+            if n > eps:
+                self.delta.mul_(eps / n)
+        elif norm == 2:
+            self.delta.clamp_(-eps, eps)
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+@dataclass
+class AdPEConfig:
+    pe_type: Literal["ape", "rpe"] = "ape"    # "rpe" (iRPE-style) is not implemented
+    adv_type: int = 1                         # 0 none (MAE+) | 1 embedding mode | 2 coordinate mode
+    adv_blr: float = 1.5e-4                   # adv_lr = adv_blr * eff_batch / 256 * lr_factor [code/README]
+    adv_wd: float = 0.0                       # decoupled decay of delta (shrinks it); 0 in the original [code]
+    adv_norm: Literal[0, 1, 2, "none", "l2", "linf"] = 0   # projection after each step [unverified]
+    adv_eps: float = 1.0                      # projection radius [unverified]
+    adv_betas: tuple[float, float] = (0.9, 0.95)   # the original shares the main AdamW's betas
+    adv_adam_eps: float = 1e-8
+    adv_batch_size: int | None = None         # eff_batch for adv_lr; None = micro-batch x grad_accum x world
+    num_crops: int = 4
+    crop_size: int = 112
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    norm_pix_eps: float = 1e-6
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+
+class _MultiCropMIM(Objective):
+    """Shared implementation of MAE+ (adv_type 0) and AdPE (adv_type 1/2); see the module docstring."""
+
+    def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
+        super().__init__(encoder, cfg)
+        self._validate(encoder, cfg)
+        p = encoder.patch_size
+        self.grid = cfg.crop_size // p
+        self.num_crop_patches = self.grid ** 2
+        self.patch_pixels = p * p * encoder.in_chans
+        self.adv_type = cfg.adv_type
+        self.adv_norm = _NORMS[cfg.adv_norm]
+        d = encoder.embed_dim
+        self.register_buffer("crop_pos", sincos_2d(d, self.grid, cls_token=False), persistent=False)
+        if self.adv_type != 1:                    # embedding mode: delta replaces the mask token
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+            nn.init.normal_(self.mask_token, std=0.02)
+        self.decoder = CropDecoder(d, self.grid, self.patch_pixels, cfg.decoder_dim, cfg.decoder_depth,
+                                   cfg.decoder_heads)
+        self.adv: AdversarialDelta | None = None
+        if self.adv_type:
+            self.adv = AdversarialDelta(d if self.adv_type == 1 else 2, cfg.adv_betas, cfg.adv_adam_eps, cfg.adv_wd)
+        self._micro_batch: int | None = None
+
+    @staticmethod
+    def _validate(encoder: VisionTransformer, cfg: AdPEConfig) -> None:
+        if cfg.pe_type != "ape":
+            raise ConfigError("objective.pe_type='rpe' (relative position AdPE) is not implemented; use 'ape'")
+        if cfg.adv_type not in (0, 1, 2) or isinstance(cfg.adv_type, bool):
+            raise ConfigError(f"objective.adv_type={cfg.adv_type!r} must be 0 (none), 1 (embedding) or 2 (coordinate)")
+        if encoder.pos_embed_type != "sincos":
+            raise ConfigError("mae_plus/adpe add a fixed sin-cos table for the crop grid: set model.pos_embed=sincos")
+        if cfg.crop_size < encoder.patch_size or cfg.crop_size % encoder.patch_size:
+            raise ConfigError(f"objective.crop_size={cfg.crop_size} must be a positive multiple of "
+                              f"model.patch_size={encoder.patch_size}")
+        if cfg.num_crops < 1:
+            raise ConfigError(f"objective.num_crops={cfg.num_crops} must be >= 1")
+        if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+            raise ConfigError(f"objective.crop_scale={list(cfg.crop_scale)} must satisfy 0 < min <= max <= 1")
+        if not 0.0 <= cfg.mask_ratio < 1.0:
+            raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in [0, 1)")
+        if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
+            raise ConfigError(f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
+                              f"of objective.decoder_heads={cfg.decoder_heads}")
+        if cfg.decoder_depth < 0:
+            raise ConfigError(f"objective.decoder_depth={cfg.decoder_depth} must be >= 0")
+        if cfg.adv_blr < 0 or cfg.adv_wd < 0 or cfg.adv_eps < 0:
+            raise ConfigError(f"objective.adv_blr={cfg.adv_blr}, adv_wd={cfg.adv_wd} and adv_eps={cfg.adv_eps} "
+                              "must be >= 0 (ascent comes from the negated gradient, not a negative lr)")
+        if cfg.adv_batch_size is not None and cfg.adv_batch_size < 1:
+            raise ConfigError(f"objective.adv_batch_size={cfg.adv_batch_size} must be >= 1 (or null)")
+
+    @classmethod
+    def tiny_config(cls) -> AdPEConfig:
+        """For the contract test (16 px images, p = 4): crops at 16 px (N_c = 16), a 48-d 1-block decoder."""
+        return dataclasses.replace(cls.Config(), crop_size=16, decoder_dim=48, decoder_depth=1, decoder_heads=4)
+
+    # ------------------------------------------------------------------ data
+
+    def train_transform(self, default: Callable) -> MultiCrop:
+        """``num_crops`` crops at ``crop_size`` with ``crop_scale`` (the recipe's ``data.crop_scale`` and image
+        size are not used for training crops); flip, mean/std and channels follow ``default``."""
+        crop = TrainTransform(self.cfg.crop_size, scale=self.cfg.crop_scale,
+                              ratio=getattr(default, "ratio", (3 / 4, 4 / 3)), hflip=getattr(default, "hflip", True),
+                              mean=getattr(default, "mean", IMAGENET_MEAN), std=getattr(default, "std", IMAGENET_STD),
+                              in_chans=self.encoder.in_chans)
+        return MultiCrop(self.cfg.num_crops, crop)
+
+    def mask_spec(self) -> CropMaskSpec:
+        return CropMaskSpec(self.cfg.num_crops, self.num_crop_patches, self.cfg.mask_ratio)
+
+    # ------------------------------------------------------------------ model
+
+    def private_modules(self) -> list[nn.Module]:
+        return [self.adv] if self.adv is not None else []
+
+    def flatten(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """``image [B, nc, C, c, c]``, ``crop_masks bool [B, nc, N_c]`` -> crops ``[M, C, c, c]``, masks ``[M, N_c]``
+        with ``M = B * nc`` (image-major)."""
+        img, masks = batch["image"], batch["crop_masks"]
+        nc, c = self.cfg.num_crops, self.cfg.crop_size
+        if img.ndim != 5 or img.shape[1] != nc or img.shape[-1] != c or img.shape[-2] != c:
+            raise ValueError(f"batch['image'] must be [B, {nc}, C, {c}, {c}] (this objective's train_transform), "
+                             f"got {tuple(img.shape)}")
+        if masks.shape != (img.shape[0], nc, self.num_crop_patches):
+            raise ValueError(f"batch['crop_masks'] must be [B, {nc}, {self.num_crop_patches}], got {tuple(masks.shape)}")
+        return img.flatten(0, 1), masks.flatten(0, 1)
+
+    def masked_pos(self, delta: torch.Tensor | None) -> torch.Tensor:
+        """Coordinate mode: sin-cos ``[N_c, D]`` (fp32) of the crop grid shifted by ``delta = (d_col, d_row)``.
+
+        Computed in fp64 and rounded once, like the fixed table, so ``delta = 0`` reproduces it exactly."""
+        coords = grid_coords(self.grid, dtype=torch.float64, device=self.crop_pos.device)
+        if delta is not None:
+            coords = coords + delta.to(torch.float64)
+        return sincos_from_coords(self.encoder.embed_dim, coords).float()
+
+    def encoder_input(self, crops: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Patch tokens with mask token / delta and position embeddings: ``[M, C, c, c]``, ``[M, N_c]`` ->
+        ``[M, N_c, D]`` (no cls). Masked slot i gets ``mask_token + pos_i`` (adv_type 0), ``delta + pos_i`` (1)
+        or ``mask_token + sincos(coords_i + delta)`` (2); visible slots ``patch_i + pos_i``."""
+        proj = self.encoder.patch_embed.proj          # the conv runs on any multiple of p (crops != img_size)
+        x = proj(crops.to(proj.weight.dtype)).flatten(2).transpose(1, 2)       # [M, N_c, D]
+        m = masks.unsqueeze(-1)
+        pos = self.crop_pos.to(x.dtype)                                         # [1, N_c, D]
+        if self.adv_type == 1:
+            fill = self.adv.live().to(x.dtype)
+        else:
+            fill = self.mask_token.to(x.dtype)
+        x = torch.where(m, fill, x)
+        if self.adv_type == 2:
+            shifted = self.masked_pos(self.adv.live()).to(x.dtype)             # [N_c, D]
+            pos = torch.where(m, shifted, pos)
+        return x + pos
+
+    def predict_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens [M, N_c, D]`` -> ``pred [M, N_c, P]`` (encoder on all 1 + N_c tokens, then decoder)."""
+        latent = self.encoder.encode(self.encoder.add_cls(tokens))            # [M, 1+N_c, D]
+        return self.decoder(latent)
+
+    def target(self, crops: torch.Tensor) -> torch.Tensor:
+        """``crops [M, C, c, c]`` -> fp32 targets ``[M, N_c, P]`` (per-patch normalised if norm_pix_loss)."""
+        t = patchify(crops.float(), self.encoder.patch_size)
+        return normalize_patches(t, self.cfg.norm_pix_eps) if self.cfg.norm_pix_loss else t
+
+    def forward(self, batch: dict) -> LossOutput:
+        """``batch["image"] [B, nc, C, c, c]``, ``batch["crop_masks"] bool [B, nc, N_c]`` -> norm-pix MSE."""
+        crops, masks = self.flatten(batch)
+        self._micro_batch = batch["image"].shape[0]
+        pred = self.predict_tokens(self.encoder_input(crops, masks))
+        loss = masked_mse(pred, self.target(crops), masks)
+        metrics = {"loss": loss.detach()}
+        if self.adv is not None:
+            metrics["adv_delta_norm"] = self.adv.delta.detach().float().norm()
+        return LossOutput(loss, metrics)
+
+    # ------------------------------------------------------------------ adversarial step
+
+    def adv_lr(self, ctx: StepContext) -> float:
+        """``adv_blr * eff_batch / 256 * ctx.lr_factor`` (see the module docstring for ``eff_batch``)."""
+        eff = self.cfg.adv_batch_size or (self._micro_batch or 0) * ctx.grad_accum * ctx.world_size
+        return self.cfg.adv_blr * eff / 256 * ctx.lr_factor
+
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        """Ascent on delta: all-reduce-mean its gradient, negate, AdamW step, project. Collective when adversarial
+        (every rank calls it once per optimizer step)."""
+        if self.adv is None:
+            return
+        self.adv.ascent_step(self.adv_lr(ctx), ctx.all_reduce_mean)
+        self.adv.project(self.adv_norm, self.cfg.adv_eps)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        if self.adv is None:
+            return {}
+        return {"delta": self.adv.delta.detach().cpu().clone(), "optimizer": self.adv.optimizer.state_dict()}
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
+        if self.adv is None:
+            return super().load_checkpoint_state(state)
+        if set(state) != {"delta", "optimizer"}:
+            raise ValueError(f"{self.name} checkpoint state must hold delta and optimizer, got {sorted(state)}")
+        delta = torch.as_tensor(state["delta"])
+        if delta.shape != self.adv.delta.shape:
+            raise ValueError(f"{self.name}: checkpoint delta has shape {tuple(delta.shape)}, "
+                             f"expected {tuple(self.adv.delta.shape)} (adv_type={self.adv_type})")
+        with torch.no_grad():
+            self.adv.delta.copy_(delta)
+        self.adv.optimizer.load_state_dict(state["optimizer"])
+        self.adv.grad_acc.zero_()
+
+    # ------------------------------------------------------------------ accounting
+
+    def flops_per_sample(self) -> float:
+        """3 x forward of num_crops x (patch embedding + encoder on 1 + N_c tokens + decoder on 1 + N_c)."""
+        e, n = self.encoder, self.num_crop_patches
+        per_crop = (linear_flops(n, self.patch_pixels, e.embed_dim)
+                    + transformer_forward_flops(1 + n, e.embed_dim, e.depth, e.mlp_ratio)
+                    + self.decoder.flops(e.embed_dim))
+        return 3.0 * self.cfg.num_crops * per_crop
+
+    def no_weight_decay(self) -> set[str]:
+        names = super().no_weight_decay()
+        return names | ({"mask_token"} if self.adv_type != 1 else set())
+
+
+@register
+class MAEPlus(_MultiCropMIM):
+    """MAE+: multi-crop (4 x 112 px) BEiT-style MAE on all tokens with a mask token (AdPE's baseline)."""
+
+    name = "mae_plus"
+
+    @dataclass
+    class Config(AdPEConfig):
+        adv_type: int = 0
+
+    def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
+        if cfg.adv_type != 0:
+            raise ConfigError(f"objective.adv_type={cfg.adv_type} with name mae_plus; use name: adpe for AdPE")
+        super().__init__(encoder, cfg)
+
+
+@register
+class AdPE(_MultiCropMIM):
+    """AdPE: MAE+ with adversarial position embeddings of masked tokens (embedding / coordinate mode)."""
+
+    name = "adpe"
+    Config = AdPEConfig
