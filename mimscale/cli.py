@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_PLUGGED = ("mimscale.report.cli", "mimscale.bench.cli")
+_PLUGGED = ("mimscale.report.cli", "mimscale.bench.cli", "mimscale.preflight", "mimscale.eval.cli")
 
 
 def _cmd_pretrain(args) -> int:
@@ -65,9 +65,13 @@ def _cmd_pretrain(args) -> int:
         return 0
     from .engine.loop import pretrain
 
+    from .dist import detect
+
     summary = pretrain(cfg)
+    if "exit_code" in summary:      # saved on SIGUSR1/SIGTERM: the launcher (slurm/pretrain.sh) requeues
+        return summary["exit_code"]
     init, final = summary.get("knn_top1_init"), summary.get("knn_top1_final")
-    if final is not None and int(os.environ.get("RANK", "0")) == 0:
+    if final is not None and detect().is_main:
         line = f"kNN top-1 on the test split: trained {final:.2f}%"
         if init is not None:
             line += f" vs random init {init:.2f}% ({final - init:+.2f} points)"

@@ -77,6 +77,14 @@ class TrainConfig:
     seed: int = 0
     run_dir: str = "runs/{objective}_{arch}"
     log_every: int = 10
+    save_every: int = 0                      # optimizer steps between checkpoints (0: only by time / at the end)
+    save_every_minutes: float | None = 30.0  # wall-clock minutes between checkpoints
+    keep_last: int = 3                       # complete checkpoints kept (older ones are removed after a save)
+    resume: Literal["auto", "never"] = "auto"  # auto: continue from RUN_DIR/checkpoints/latest when present
+    nonfinite_patience: int = 20             # non-finite steps in a row before on_nonfinite acts
+    on_nonfinite: Literal["rollback", "stop"] = "stop"  # rollback: reload the last checkpoint, lr x rollback_lr_scale
+    rollback_lr_scale: float = 0.5
+    inject_nonfinite_at: tuple[int, ...] = ()  # fault injection (tests): steps whose loss is made NaN on rank 0
 
 
 @dataclass

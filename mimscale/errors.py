@@ -19,3 +19,7 @@ class CheckpointError(MimscaleError):
 
 class LaunchError(MimscaleError):
     """An inconsistent launcher environment (world size, ranks, master address)."""
+
+
+class NonFiniteError(MimscaleError):
+    """Training diverged: too many non-finite losses or gradients in a row (train.on_nonfinite=stop)."""

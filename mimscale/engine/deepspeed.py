@@ -100,11 +100,12 @@ def skip_shm_comm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator: str):
+def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator: str, load_universal: bool = False):
     """``deepspeed.initialize`` on the objective (encoder + heads). Returns the engine.
 
     Frozen teachers (``objective.frozen_modules()``) never reach DeepSpeed: they are detached from the
     wrapped module for the call, so ZeRO-3 does not partition them and the optimizer never sees them.
+    ``load_universal``: the engine will load a DeepSpeed universal checkpoint (a new world size).
     """
     import deepspeed
 
@@ -114,13 +115,22 @@ def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator:
     outside = frozen + list(objective.private_modules())
     with _detached(objective, outside):
         groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
-        engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=groups,
-                                               config=ds_config(cfg, derived, accelerator),
+        config = ds_config(cfg, derived, accelerator)
+        if load_universal:
+            config["checkpoint"] = {"load_universal": True}
+        engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=groups, config=config,
                                                dist_init_required=True)
     dev = torch.device(engine.device)
     for m in outside:
         m.to(dev)
     return engine
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed (before the engine exists, e.g. to convert a checkpoint)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_init_required=True)
 
 
 def master_params(engine, module: nn.Module):
@@ -193,10 +203,13 @@ def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_encoder(engine, path, is_main: bool) -> None:
-    """Write the encoder weights (timm key names) as safetensors; collective under ZeRO-3."""
+    """Write the encoder weights (timm key names) as safetensors: the fp32 master weights for parameters,
+    the module's buffers (e.g. the sin-cos table) as they are. Collective under ZeRO-3."""
     from safetensors.torch import save_file
 
-    sd = full_state_dict(engine, engine.module.encoder)
+    encoder = engine.module.encoder
+    master = dict(master_params(engine, encoder))
+    sd = {k: master.get(k, v) for k, v in full_state_dict(engine, encoder).items()}
     if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from dataclasses import replace
 from functools import partial
@@ -11,13 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as tdist
 
+from .. import checkpoint as ckpt
 from .. import config as C
 from .. import dist
 from ..data import builtin
 from ..data.loader import ShardLoader, expand_source
 from ..data.shards import read_manifest
 from ..data.transforms import EvalTransform, TrainTransform
-from ..errors import DataError
+from ..errors import DataError, NonFiniteError
 from ..eval.knn import KNNEvaluator
 from ..masking import MaskCollate
 from ..models.vit import build_vit
@@ -103,8 +105,60 @@ def _any_rank(flag: bool, device) -> bool:
     return bool(t.item())
 
 
+class _Signals:
+    """SIGUSR1/SIGTERM (SLURM's warning signal, preemption) -> finish the step, save, exit EXIT_REQUEUE."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:              # not the main thread (e.g. an embedding app): no handler
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+        log.warning("received %s: saving after this step", signal.Signals(signum).name)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class _Clock:
+    """Training time (evaluation excluded) and device-hours, carried across resumes."""
+
+    def __init__(self, world_size: int, train_s: float = 0.0, device_hours: float = 0.0):
+        self.world_size, self.prior_s, self.prior_dh = world_size, train_s, device_hours
+        self.start, self.eval_s = time.time(), 0.0
+
+    def segment_s(self) -> float:
+        return time.time() - self.start - self.eval_s
+
+    def train_s(self) -> float:
+        return self.prior_s + self.segment_s()
+
+    def device_hours(self) -> float:
+        return self.prior_dh + self.segment_s() * self.world_size / 3600.0
+
+    def state(self) -> dict:
+        return {"train_s": self.train_s(), "device_hours": self.device_hours()}
+
+
+def _identity(cfg: C.Config) -> dict:
+    """What must match for a checkpoint to belong to this run."""
+    m = cfg.model
+    return {"objective": cfg.objective["name"], "arch": m.arch, "img_size": m.img_size, "patch_size": m.patch_size,
+            "in_chans": m.in_chans, "pos_embed": m.pos_embed}
+
+
 def pretrain(cfg: C.Config) -> dict:
-    """Train ``cfg`` under whatever launcher started this process; returns the run summary."""
+    """Train ``cfg`` under whatever launcher started this process; returns the run summary.
+
+    Resumes from ``RUN_DIR/checkpoints`` when it holds a checkpoint (``train.resume=auto``); on SIGUSR1 or
+    SIGTERM saves and returns with ``summary["exit_code"] = EXIT_REQUEUE``.
+    """
     d = dist.detect()
     dist.export(d)
     torch.set_num_threads(dist.configure_threads(d))
@@ -114,6 +168,11 @@ def pretrain(cfg: C.Config) -> dict:
     train_src = builtin.resolve(cfg.data.train, cfg.data.root)
     derived = C.derive(cfg, d.world_size, count_samples(train_src, cfg.data.samples_per_epoch))
     run_dir = Path(derived.run_dir)
+    found = ckpt.find(run_dir, _identity(cfg)) if t.resume == "auto" else None
+    universal = found is not None and found.meta["world_size"] != d.world_size
+    if universal:
+        ds.init_distributed()
+        ckpt.convert_to_universal(found, d.rank)
     if d.is_main:
         C.save_resolved(cfg, derived, run_dir / "config.yaml")
 
@@ -122,9 +181,8 @@ def pretrain(cfg: C.Config) -> dict:
                         layer_scale_init=m.layer_scale_init, pos_embed=m.pos_embed)
     encoder.set_grad_checkpointing(m.grad_checkpointing)
     objective = build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
-    engine = ds.initialize(objective, cfg, derived, accelerator)
+    engine = ds.initialize(objective, cfg, derived, accelerator, load_universal=universal)
     device = torch.device(engine.device)
-
     loader = ShardLoader(train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
                          transform=objective.train_transform(
                              TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
@@ -132,47 +190,64 @@ def pretrain(cfg: C.Config) -> dict:
                          collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers,
                          seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                          samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda")
+    saver = ckpt.Checkpointer(run_dir, engine, rank=d.rank, world_size=d.world_size, keep_last=t.keep_last,
+                              identity=_identity(cfg))
+    state = {"step": 0, "train_s": 0.0, "device_hours": 0.0, "summary": {}, "next_eval_s": None,
+             "nonfinite_total": 0, "lr_scale": 1.0, "wandb_id": None}
+    if found is not None:
+        state.update(_restore(saver, found, universal, loader, objective, d))
+    stop = min(derived.total_steps, t.max_steps or derived.total_steps)
+
     knn = build_knn(cfg, d)
     logger = MetricLogger(run_dir, enabled=d.is_main, jsonl=cfg.log.jsonl, tensorboard=cfg.log.tensorboard,
                           wandb=cfg.log.wandb, project=cfg.log.project, run_name=cfg.log.run_name,
-                          config=C.to_dict(cfg))
+                          config=C.to_dict(cfg), resume_id=state["wandb_id"],
+                          purge_step=state["step"] + 1 if found is not None else None)
     flops = objective.flops_per_sample()
-    stop = min(derived.total_steps, t.max_steps or derived.total_steps)
     summary = {"objective": cfg.objective["name"], "arch": m.arch, "world_size": d.world_size,
                "total_steps": derived.total_steps, "flops_per_sample": flops,
                "params_total": ds.total_param_numel(engine),
-               "params_per_rank": _all_ranks(ds.local_param_numel(engine), device)}
-
-    clock = {"start": time.time(), "eval_s": 0.0}
-
-    def train_seconds() -> float:
-        """Wall-clock since training began, without the time spent evaluating."""
-        return time.time() - clock["start"] - clock["eval_s"]
+               "params_per_rank": _all_ranks(ds.local_param_numel(engine), device), **state["summary"]}
+    clock = _Clock(d.world_size, state["train_s"], state["device_hours"])
 
     def evaluate(step: int, tag: str) -> None:
         if knn is None:
             return
         t0 = time.time()
         res = knn(engine.module.encoder, device)
-        clock["eval_s"] += time.time() - t0
-        res.update({"time/train_s": train_seconds(), "time/train_device_hours": train_seconds() * d.world_size / 3600})
+        clock.eval_s += time.time() - t0
+        res.update({"time/train_s": clock.train_s(), "time/train_device_hours": clock.device_hours()})
         logger.log(res, step=step)
         summary[f"knn_top1_{tag}"] = res["eval/knn_top1"]
         if d.is_main:
             log.info("kNN top-1 (%s, step %d): %.2f%%", tag, step, res["eval/knn_top1"])
 
-    if cfg.eval.knn_at_start:
+    def save(step: int) -> None:
+        trainer = {**clock.state(), "step": step, "summary": {k: v for k, v in summary.items()
+                                                             if k.startswith(("knn_", "final_loss"))},
+                   "next_eval_s": next_eval_s, "nonfinite_total": nonfinite_total, "lr_scale": lr_scale,
+                   "wandb_id": logger.wandb_id}
+        t0 = time.time()
+        saver.save(step, trainer, loader.state_dict(), objective.checkpoint_state(),
+                   extra=lambda tmp: ds.save_encoder(engine, tmp / "encoder.safetensors", d.is_main))
+        clock.eval_s += time.time() - t0             # saving is not training time
+
+    step, lr_scale, nonfinite_total = state["step"], state["lr_scale"], state["nonfinite_total"]
+    if found is None and cfg.eval.knn_at_start:
         evaluate(0, "init")
-    clock.update(start=time.time(), eval_s=0.0)
-    next_eval_s = 60 * cfg.eval.knn_every_minutes if cfg.eval.knn_every_minutes else None
-    progress = Progress(stop, images_per_step=t.batch_size, enabled=d.is_main)
+        clock = _Clock(d.world_size)
+    every_min = cfg.eval.knn_every_minutes
+    next_eval_s = state["next_eval_s"] if found is not None else (60 * every_min if every_min else None)
+    last_save = time.time()
+    signals = _Signals()
+    progress = Progress(stop, start_step=step, images_per_step=t.batch_size, enabled=d.is_main)
     batches = _forever(loader)
     window: dict[str, torch.Tensor] = {}
     postfix: dict[str, str] = {}
-    n_window, step = 0, 0
+    n_window, bad_in_row, stopped_by = 0, 0, None
     engine.train()
     while step < stop:
-        lr = warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, cfg.optim.min_lr)
+        lr = lr_scale * warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, cfg.optim.min_lr)
         wd = cosine(step, derived.total_steps, cfg.optim.weight_decay,
                     cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else cfg.optim.weight_decay_end)
         ds.set_hparams(engine, lr, wd)
@@ -181,44 +256,97 @@ def pretrain(cfg: C.Config) -> dict:
                           grad_accum=derived.grad_accum, master_params=partial(ds.master_params, engine),
                           all_reduce_mean=ds.all_reduce_mean)
         engine.module.before_step(ctx)
-        for _ in range(derived.grad_accum):
+        done, skipped_before = 0, engine.skipped_steps
+        while done < derived.grad_accum and bad_in_row < t.nonfinite_patience:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             out = engine(batch)
-            engine.backward(out.loss)
+            loss = out.loss * float("nan") if step in t.inject_nonfinite_at and d.rank == 0 else out.loss
+            if _any_rank(not bool(torch.isfinite(loss.detach())), device):
+                nonfinite_total, bad_in_row = nonfinite_total + 1, bad_in_row + 1   # drop it, on every rank
+                continue
+            engine.backward(loss)
             engine.step()
             for k, v in out.metrics.items():
                 window[k] = window.get(k, 0.0) + v.detach().float()
-            n_window += 1
-        step += 1
-        engine.module.after_optimizer_step(replace(ctx, step=step))
+            n_window, done = n_window + 1, done + 1
+        if done == derived.grad_accum and engine.skipped_steps > skipped_before:   # DeepSpeed saw inf/NaN grads
+            nonfinite_total, bad_in_row = nonfinite_total + 1, bad_in_row + 1
+        elif done == derived.grad_accum:
+            step, bad_in_row = step + 1, 0
+            engine.module.after_optimizer_step(replace(ctx, step=step))
+        if bad_in_row >= t.nonfinite_patience:
+            if t.on_nonfinite == "stop" or not ckpt.candidates(run_dir):
+                raise NonFiniteError(f"{bad_in_row} non-finite losses/gradients in a row at step {step}; stopping "
+                                     f"(train.on_nonfinite={t.on_nonfinite}); checkpoints in {run_dir / ckpt.CKPT_DIR} "
+                                     "are intact")
+            restored = _restore(saver, ckpt.find(run_dir, _identity(cfg)), False, None, objective, d)
+            step, lr_scale, bad_in_row = restored["step"], lr_scale * t.rollback_lr_scale, 0
+            log.warning("rolled back to checkpoint step=%d after %d non-finite steps; lr scale now %.3g (the data "
+                        "stream moves on)", step, t.nonfinite_patience, lr_scale)
+            continue
         if step % t.log_every == 0 or step == stop:
-            metrics = {f"train/{k}": v / n_window for k, v in _mean_across_ranks(window, device).items()}
-            elapsed = train_seconds()
+            metrics = {f"train/{k}": v / max(n_window, 1) for k, v in _mean_across_ranks(window, device).items()}
             metrics.update({"train/lr": lr, "train/wd": wd, "train/epoch": step / derived.steps_per_epoch,
-                            "perf/img_per_s": progress.rate(), "time/elapsed_s": elapsed,
+                            "train/nonfinite_skipped": nonfinite_total,
+                            "perf/img_per_s": progress.rate(), "time/elapsed_s": clock.train_s(),
                             "perf/step_time_s": t.batch_size / max(progress.rate(), 1e-9),
-                            **memory_stats(device),
-                            "time/device_hours": elapsed * d.world_size / 3600.0,
+                            **memory_stats(device), "time/device_hours": clock.device_hours(),
                             "perf/train_pflops": flops * step * t.batch_size / 1e15,
                             **{f"data/{k}": float(v) for k, v in loader.stats.items()}})
             logger.log(metrics, step=step)
-            postfix = {"loss": f"{metrics['train/loss']:.4f}", "lr": f"{lr:.2e}"}
-            summary["final_loss"] = metrics["train/loss"]
+            postfix = {"loss": f"{metrics.get('train/loss', float('nan')):.4f}", "lr": f"{lr:.2e}"}
+            summary["final_loss"] = metrics.get("train/loss")
             window, n_window = {}, 0
         progress.update(step, **postfix)
-        if t.max_minutes and _any_rank(train_seconds() > 60 * t.max_minutes, device):
+        if _any_rank(signals.received is not None, device):
+            stopped_by = "signal"
+            break
+        if t.max_minutes and _any_rank(clock.train_s() > 60 * t.max_minutes, device):
             log.info("train.max_minutes=%s reached at step %d", t.max_minutes, step)
             break                                       # the final evaluation follows
         if cfg.eval.knn_every and step % cfg.eval.knn_every == 0 and step != stop:
             evaluate(step, f"step{step}")
-        if next_eval_s is not None and step != stop and _any_rank(train_seconds() >= next_eval_s, device):
-            evaluate(step, f"{train_seconds() / 60:.1f}min")
-            next_eval_s += 60 * cfg.eval.knn_every_minutes
+        if next_eval_s is not None and step != stop and _any_rank(clock.train_s() >= next_eval_s, device):
+            evaluate(step, f"{clock.train_s() / 60:.1f}min")
+            next_eval_s += 60 * every_min
+        due = (t.save_every and step % t.save_every == 0) or \
+            (t.save_every_minutes and _any_rank(time.time() - last_save >= 60 * t.save_every_minutes, device))
+        if due and step != stop:
+            save(step)
+            last_save = time.time()
     progress.close()
-    summary.update(steps=step, train_seconds=train_seconds(), img_per_s=progress.rate())
-    evaluate(step, "final")
+    signals.restore()
+    summary.update(steps=step, train_seconds=clock.train_s(), device_hours=clock.device_hours(),
+                   img_per_s=progress.rate(), nonfinite_skipped=nonfinite_total)
+    if stopped_by == "signal":
+        save(step)
+        summary["exit_code"] = ckpt.EXIT_REQUEUE
+        logger.close()
+        return summary
+    if step > state["step"] or found is None:
+        evaluate(step, "final")
+        save(step)
     ds.save_encoder(engine, run_dir / "encoder.safetensors", is_main=d.is_main)
     if d.is_main:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return summary
+
+
+def _restore(saver: ckpt.Checkpointer, found: ckpt.Found, universal: bool, loader: ShardLoader | None,
+             objective, d: dist.DistEnv) -> dict:
+    """Load ``found`` (engine, objective state, RNG, and unless ``loader`` is None this rank's data position);
+    returns the trainer state."""
+    got = saver.load(found, universal)
+    objective.load_checkpoint_state(got["objective"])
+    if loader is not None and got["loader"] is not None:
+        loader.load_state_dict(got["loader"])
+    elif loader is not None:
+        loader.set_epoch(got["epoch"])
+        if d.is_main:
+            log.warning("world size %d -> %d: the data position cannot be mapped exactly; the loader restarts "
+                        "epoch %d with the new layout", found.meta["world_size"], d.world_size, got["epoch"])
+    if d.is_main:
+        how = f" (universal checkpoint, world size {found.meta['world_size']} -> {d.world_size})" if universal else ""
+        log.info("resumed from checkpoint step=%d%s", got["trainer"]["step"], how)
+    return got["trainer"]

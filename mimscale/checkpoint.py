@@ -1,0 +1,248 @@
+"""Checkpoints that survive clusters: atomic saves, a ``latest`` pointer, keep-last-K, fallback past a bad
+checkpoint, and DeepSpeed universal checkpoints when the world size changes.
+
+Layout of ``RUN_DIR/checkpoints/``::
+
+    latest                  the tag of the newest complete checkpoint (switched last, atomically)
+    step_00000100/          DeepSpeed's files (model states, per-rank ZeRO optimizer shards) plus
+        meta.json           format, step, world size, ZeRO stage, objective, model shape, file sizes
+        trainer.pt          the loop's counters (time, kNN results, non-finite counts) and the
+                            objective's outside-DeepSpeed state (EMA teacher, adversarial params)
+        rank_00000.pt       per rank: data-loader position and RNG states
+    universal/step_...      a universal conversion, made on demand for a new world size
+
+A save goes to ``.tmp-step_X`` and is renamed once every rank has written its files; a crash mid-save
+leaves the previous checkpoint and the pointer untouched. Nothing is deleted except checkpoints older than
+the newest ``keep_last`` complete ones, and only after a newer save has been published.
+
+This module and ``engine/deepspeed.py`` are the only ones that import deepspeed. Our own files load with
+``weights_only=True``; DeepSpeed's loader reads its own files (written by this run) with pickle.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from .errors import CheckpointError
+
+log = logging.getLogger("mimscale.checkpoint")
+
+FORMAT = "mimscale-checkpoint/1"
+CKPT_DIR = "checkpoints"
+LATEST = "latest"
+EXIT_REQUEUE = 42          # process exit code after a save on SIGUSR1/SIGTERM: "requeue me"
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.barrier()
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (temp file, fsync, rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's RNG states (torch CPU, numpy, python) as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+            "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()]}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    torch.set_rng_state(s["torch"])
+    n = s["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+@dataclass
+class Found:
+    """A complete checkpoint on disk."""
+
+    tag: str
+    path: Path
+    meta: dict
+
+
+def _files(d: Path) -> dict[str, int]:
+    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file() and p.name != "meta.json"}
+
+
+def check_complete(path: Path) -> dict:
+    """The checkpoint's meta after checking every file it lists is there with its recorded size."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: no readable meta.json ({type(e).__name__})") from None
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a {FORMAT} checkpoint (format {meta.get('format')!r})")
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CheckpointError(f"{path}: file {name} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(f"{path}: file {name} is truncated or changed ({f.stat().st_size} of {size} bytes)")
+    return meta
+
+
+def candidates(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint directories, the ``latest`` one first, then newest first."""
+    root = Path(run_dir) / CKPT_DIR
+    if not root.is_dir():
+        return []
+    tags = sorted((p for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True)
+    latest = root / LATEST
+    if latest.is_file():
+        pointed = root / latest.read_text().strip()
+        if pointed in tags:
+            tags.remove(pointed)
+            tags.insert(0, pointed)
+    return tags
+
+
+def find(run_dir: Path, expect: dict) -> Found | None:
+    """The newest usable checkpoint of ``run_dir`` (or None). Bad ones are skipped with one warning each;
+    a checkpoint of another objective or model is an error (a different run in the same directory)."""
+    problems = []
+    for path in candidates(run_dir):
+        try:
+            meta = check_complete(path)
+        except CheckpointError as e:
+            log.warning("skipping checkpoint: %s", e)
+            problems.append(str(e))
+            continue
+        for key, want in expect.items():
+            if meta.get("identity", {}).get(key) != want:
+                raise CheckpointError(f"{path} was written for {key}={meta.get('identity', {}).get(key)!r} but this "
+                                      f"run has {key}={want!r}; use another train.run_dir or resume=never")
+        return Found(path.name, path, meta)
+    if problems:
+        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CKPT_DIR} ({problems[0]}); "
+                              "nothing was deleted: move the directory away or set train.resume=never")
+    return None
+
+
+class Checkpointer:
+    """Saves and restores one run's training state (collective: every rank calls every method)."""
+
+    def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, keep_last: int, identity: dict):
+        self.root = Path(run_dir) / CKPT_DIR
+        self.engine, self.rank, self.world_size = engine, rank, world_size
+        self.keep_last, self.identity = max(1, keep_last), identity
+
+    # ------------------------------------------------------------------ save
+    def save(self, step: int, trainer: dict, loader_state: dict, objective_state: dict, extra=None) -> Path:
+        """Write checkpoint ``step`` (collective). ``extra(tmp_dir)`` is called on every rank before the
+        checkpoint is published, to add files (e.g. the consolidated encoder)."""
+        tag = tag_of(step)
+        tmp_tag = f".tmp-{tag}"
+        tmp, final = self.root / tmp_tag, self.root / tag
+        t0 = time.time()
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)                      # debris of a save that crashed
+        _barrier()
+        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
+        torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
+        if self.rank == 0:
+            torch.save({"trainer": trainer, "objective": objective_state}, tmp / "trainer.pt")
+        if extra is not None:
+            extra(tmp)
+        _barrier()
+        if self.rank == 0:
+            meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
+                    "zero_stage": self.engine.zero_optimization_stage(), "identity": self.identity,
+                    "saved_at": time.time(), "files": _files(tmp)}
+            _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
+            if final.exists():                          # an older, unusable copy of this step: set it aside
+                final.rename(self.root / f"{tag}.replaced-{int(time.time())}")
+            tmp.rename(final)
+            _fsync_write(self.root / LATEST, tag)
+            self._prune(keep=final)
+            log.info("saved checkpoint step=%d to %s (%.1f s)", step, final, time.time() - t0)
+        _barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        tags = sorted((p for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True)
+        for old in tags[self.keep_last:]:
+            if old != keep:
+                shutil.rmtree(old, ignore_errors=True)
+                universal = self.root / "universal" / old.name
+                shutil.rmtree(universal, ignore_errors=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self, found: Found, universal: bool) -> dict:
+        """Load ``found`` into the engine and restore this rank's RNG states. Returns ``trainer`` (the loop's
+        counters), ``objective`` (its outside-DeepSpeed state), ``loader`` (this rank's data position, None
+        when the world size differs: it cannot be mapped exactly) and ``epoch`` (the data epoch in progress)."""
+        load_dir = self.root / "universal" if universal else self.root
+        try:
+            path, _ = self.engine.load_checkpoint(str(load_dir), tag=found.tag, load_module_strict=False,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+        except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds on a damaged file
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"{found.path}: DeepSpeed could not load it ({type(e).__name__}: {first})") from None
+        if path is None:
+            raise CheckpointError(f"{found.path}: DeepSpeed found nothing to load")
+        own = torch.load(found.path / "trainer.pt", map_location="cpu", weights_only=True)
+        same = found.meta["world_size"] == self.world_size
+        mine = torch.load(found.path / f"rank_{self.rank if same else 0:05d}.pt", map_location="cpu", weights_only=True)
+        if same:
+            set_rng_state(mine["rng"])
+        return {"trainer": own["trainer"], "objective": own["objective"], "loader": mine["loader"] if same else None,
+                "epoch": int(mine["loader"].get("epoch", 0))}
+
+
+def convert_to_universal(found: Found, rank: int) -> None:
+    """Rank 0 converts ``found`` into ``checkpoints/universal/<tag>`` (once); the others wait at a barrier."""
+    out = found.path.parent / "universal" / found.tag
+    if rank == 0 and not (out / "done").is_file():
+        from deepspeed.checkpoint import ds_to_universal
+
+        t0 = time.time()
+        tmp = out.with_name(f".tmp-{found.tag}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        ds_to_universal.main(_universal_args(found.path, tmp))
+        (tmp / "done").write_text(found.tag)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        log.info("converted %s (world size %d) to a universal checkpoint in %.1f s", found.path,
+                 found.meta["world_size"], time.time() - t0)
+    _barrier()
+
+
+def _universal_args(src: Path, dst: Path):
+    import argparse
+
+    return argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, no_strict=False,
+                              inject_missing_state=True)
