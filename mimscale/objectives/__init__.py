@@ -4,3 +4,4 @@ from .base import (LossOutput, Objective, ObjectiveConfig, available, build_obje
 from . import mae  # noqa: F401,E402  (registers)
 from . import emae  # noqa: F401,E402  (registers)
 from . import adpe  # noqa: F401,E402  (registers)
+from . import mapet  # noqa: F401,E402  (registers)
