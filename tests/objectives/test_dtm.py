@@ -515,3 +515,25 @@ def test_flops_vit_b16_matches_section_8():
         teacher = ProjTeacher()
         model = DTM(enc, DTM.Config(teacher="unused"), teacher=teacher)
     assert model.flops_per_sample() / 1e9 == pytest.approx(141.1, rel=2e-3)
+
+
+# ----------------------------------------------------------------------------- recipes
+
+
+@pytest.mark.parametrize("recipe,arch", [("dtm_vit_b16", "vit_base"), ("dtm_vit_l16", "vit_large")])
+def test_recipes_follow_section_5_3(recipe, arch):
+    from mimscale import config as C
+
+    with pytest.raises(ConfigError, match="must be set"):
+        C.load(recipe, ["data.train=/x"])                     # the teacher is left to the user
+    cfg = C.load(recipe, ["data.train=/x", "objective.teacher=/clip.bin"])
+    k = C.objective_knobs(cfg)
+    assert cfg.model.arch == arch and cfg.model.layer_scale_init == 0.1 and cfg.model.drop_path == 0.1
+    o = cfg.optim
+    assert o.lr == pytest.approx(1.5e-3 * math.sqrt(cfg.train.batch_size / 2048))   # sqrt rule, absolute lr
+    assert (o.min_lr, o.weight_decay, o.clip_grad, o.betas[0], o.eps) == (1e-5, 0.05, 3.0, 0.9, 1e-8)
+    assert (k.num_levels, k.max_merges, k.max_iters, k.smooth_l1_beta, k.num_masked, k.head_dim) == \
+        (2, 196, 14, 2.0, 75, 512)
+    assert (k.loss, k.teacher_norm, k.split, k.protect_first_token, k.color_jitter) == \
+        ("smooth_l1", "student", "alternate", True, 0.4)
+    assert k.teacher_arch == "ViT-B-16" and cfg.train.epochs == 300
