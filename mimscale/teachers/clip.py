@@ -42,12 +42,13 @@ __all__ = ["CLIP_FORMAT", "TINY_CLIP_ARCH", "TINY_CLIP_CFG", "CLIPTeacher", "bui
 
 CLIP_FORMAT = "mimscale-clip/1"
 TINY_CLIP_ARCH = "mimscale-tiny-clip"
-#: A CPU-sized real CLIP (open_clip model cfg): ViT 32 px / patch 4 (8x8 = 64 patches), width 64, 3 blocks,
-#: 4 heads, 64-d joint embedding; text: 16-token context, width 64, 2 blocks (open_clip's BPE vocabulary).
+#: A CPU-sized real CLIP (open_clip model cfg): ViT 32 px / patch 4 (8x8 = 64 patches, the ``tiny_cpu``
+#: student's grid), width 32, 2 blocks, 2 heads, 64-d joint embedding (= the teacher's ``D_out``); text:
+#: 16-token context, width 32, 2 blocks, 2 heads, open_clip's BPE vocabulary. ~4 MFLOPs per image forward.
 TINY_CLIP_CFG: dict[str, Any] = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 3, "head_width": 16, "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 32, "layers": 2, "head_width": 16, "mlp_ratio": 4.0},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
 }
 
 

@@ -1,0 +1,312 @@
+"""Teacher targets cached in shards: ``mimscale data add-targets SRC --teacher clip.pt --out DIR``.
+
+Reads the shards of ``SRC`` and writes new shards to ``DIR`` holding every original field plus one
+per-sample array computed by a frozen CLIP teacher on a **deterministic centre crop** of the image:
+
+* ``--kind features`` -> ``clip.npy``: float16 ``[N, D]`` patch features (:class:`CLIPTeacher` output);
+* ``--kind codes --kmeans km.pt`` -> ``kclip.npy``: uint16 ``[N]`` nearest-centroid codes (k-CLIP, MaPeT).
+
+``N = gh * gw`` tokens in raster order. The loader hands them over as ``batch["clip.npy"] float16 [B, N, D]``
+/ ``batch["kclip.npy"] uint16 [B, N]`` (the dtype as stored: cast before use).
+
+**Crop rule.** The targets belong to the exact pixels of :func:`target_view`: resize the shorter side to
+``floor(image_size / crop_pct)`` (bicubic, antialiased), centre crop ``image_size``, normalise with
+``mean``/``std``. An objective that trains on cached targets must feed the student the same geometric
+view (no random crop, no flip; photometric jitter only, e.g. MaPeT's ``CenterCropJitter``), and must ask
+for the rule it uses: ``ShardLoader(..., targets={"names": [...], "image_size": S, "crop_pct": p})`` or
+:func:`check_targets` refuse shards whose recorded rule or size differ. The manifest records, per field::
+
+    "targets": {"clip.npy": {"kind", "dtype", "shape", "grid", "crop_rule", "image_size", "crop_pct",
+                             "mean", "std", "teacher": {"path", "sha256", "arch"}, "kmeans": null | {...}}}
+"""
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import DataError
+from .shards import (_check_existing, _clean_stale_tmp, _fmt_eta, _publish, _tmp_dir_for, IMAGE_EXTENSIONS,
+                     read_manifest, shard_name, write_manifest, write_shard)
+
+__all__ = ["FIELD_NAMES", "crop_rule", "target_view", "add_targets", "check_targets", "find_manifest"]
+
+FIELD_NAMES = {"features": "clip.npy", "codes": "kclip.npy"}
+
+
+def crop_rule(crop_pct: float = 1.0) -> str:
+    """The identifier of the deterministic view targets are computed on (recorded in manifests)."""
+    return f"center-crop/1:shorter-side=floor(size/{float(crop_pct):g}),bicubic,antialias"
+
+
+def target_view(image_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int = 3,
+                crop_pct: float = 1.0):
+    """The deterministic transform ``(PIL image, generator=None) -> [C, S, S]`` targets are computed on."""
+    from .transforms import EvalTransform
+
+    return EvalTransform(int(image_size), mean=mean, std=std, in_chans=in_chans, crop_pct=crop_pct)
+
+
+# --------------------------------------------------------------------------------------------- checking
+
+
+def find_manifest(source) -> str:
+    """The manifest of a shard source (a directory, or the ``manifest.json`` beside its first local shard)."""
+    from .loader import _local_path_of, expand_source
+
+    urls, manifest = expand_source(source)
+    if manifest is None and urls:
+        local = _local_path_of(urls[0])
+        beside = os.path.join(os.path.dirname(local), "manifest.json") if local else None
+        if beside and os.path.isfile(beside):
+            manifest = beside
+    if manifest is None:
+        raise DataError(f"cached targets need the shards' manifest.json, none found for {source!r}")
+    return manifest
+
+
+def check_targets(source, names: Sequence[str], image_size: int | Sequence[int], crop_pct: float = 1.0) -> dict:
+    """Refuse (``DataError``, one line) cached targets ``names`` of ``source`` unless they were computed with
+    the crop rule and image size the caller will train on. Returns ``{name: manifest entry}``."""
+    manifest = find_manifest(source)
+    entries = read_manifest(manifest).get("targets") or {}
+    size = [int(image_size), int(image_size)] if isinstance(image_size, int) else [int(s) for s in image_size]
+    want = crop_rule(crop_pct)
+    out = {}
+    for name in names:
+        e = entries.get(name)
+        if e is None:
+            have = ", ".join(sorted(entries)) or "none"
+            raise DataError(f"{manifest} has no cached targets '{name}' (has: {have}); write them with "
+                            f"mimscale data add-targets")
+        if e.get("crop_rule") != want or list(e.get("image_size") or []) != size:
+            raise DataError(f"cached targets '{name}' in {manifest} were computed on crop rule "
+                            f"{e.get('crop_rule')!r} at size {e.get('image_size')} but training asks for {want!r} at "
+                            f"size {size}; rebuild them with mimscale data add-targets --image-size/--crop-pct")
+        out[name] = e
+    return out
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+_W: dict[str, Any] = {}  # per worker process: the teacher, the view, the k-means model
+
+
+def _init_worker(spec: dict) -> None:
+    import torch
+
+    from ..teachers.clip import CLIPTeacher
+
+    torch.set_num_threads(max(1, int(spec["threads"])))
+    teacher = CLIPTeacher(spec["teacher"], arch=spec["arch"], dtype=torch.float32)
+    if teacher.info["sha256"] != spec["teacher_sha256"]:
+        raise DataError(f"teacher file {spec['teacher']} changed while add-targets was running")
+    km = None
+    if spec["kmeans"]:
+        from ..teachers.kmeans import KMeans
+
+        km = KMeans.load(spec["kmeans"])
+    _W.update(spec=spec, teacher=teacher, km=km,
+              view=target_view(spec["image_size"], spec["mean"], spec["std"], 3, spec["crop_pct"]))
+
+
+def _targets_for(images: list) -> list[np.ndarray]:
+    import torch
+
+    spec, teacher, km = _W["spec"], _W["teacher"], _W["km"]
+    x = torch.stack([_W["view"](img, None) for img in images])
+    feats = teacher(x, grid=spec["grid"])                                   # [B, N, D] fp32
+    if km is None:
+        return list(feats.to(torch.float16).numpy())
+    return list(km.assign(feats).to(torch.int32).numpy().astype(np.uint16))  # [B, N]
+
+
+def _shard_task(args) -> dict:
+    src_url, out_path, name, batch_size = args
+    from PIL import Image
+
+    from .loader import ShardReadError, iter_tar_samples
+
+    def samples():
+        pending: list[dict] = []
+
+        def flush():
+            images = []
+            for raw in pending:
+                ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
+                try:
+                    if ext is None:
+                        raise ValueError("no image field")
+                    img = Image.open(io.BytesIO(raw[ext]))
+                    img.load()
+                except Exception as e:  # noqa: BLE001
+                    raise DataError(f"{src_url}: sample {raw['__key__']} has no decodable image ({e}); "
+                                    f"rewrite the source shards") from None
+                images.append(img)
+            for raw, target in zip(pending, _targets_for(images)):
+                yield {"__key__": raw["__key__"], **{k: v for k, v in raw.items() if not k.startswith("__")},
+                       name: target}
+            pending.clear()
+
+        try:
+            with open(src_url, "rb", buffering=1 << 20) as f:
+                for raw in iter_tar_samples(f, os.path.basename(src_url)):
+                    pending.append(raw)
+                    if len(pending) == batch_size:
+                        yield from flush()
+        except (OSError, ShardReadError) as e:
+            raise DataError(f"cannot read source shard {src_url} ({e}); rewrite it") from None
+        if pending:
+            yield from flush()
+
+    return write_shard(out_path, samples())
+
+
+def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: str = "features",
+                kmeans: str | os.PathLike | None = None, arch: str | None = None, image_size: int | None = None,
+                grid: int | None = None, crop_pct: float = 1.0, mean: Sequence[float] | None = None,
+                std: Sequence[float] | None = None, batch_size: int = 256, workers: int = 1,
+                progress: bool = True) -> Path:
+    """Write ``out``: the shards of ``src`` + one cached target field per sample (see module docstring).
+
+    ``image_size`` / ``mean`` / ``std`` default to the teacher's own; ``grid`` (side of the token grid)
+    to ``image_size // teacher patch``. Atomic: shards and manifest appear together under ``out``.
+    """
+    import torch
+
+    from ..teachers.clip import CLIPTeacher
+    from .loader import _local_path_of, expand_source
+
+    if kind not in FIELD_NAMES:
+        raise DataError(f"--kind must be one of {', '.join(FIELD_NAMES)}, got {kind!r}")
+    if (kind == "codes") != (kmeans is not None):
+        raise DataError("--kind codes needs --kmeans KM.pt (and --kmeans only goes with --kind codes)")
+    if not 0 < crop_pct <= 1:
+        raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    out = Path(out)
+    urls, _ = expand_source(src)
+    local = [_local_path_of(u) for u in urls]
+    if not urls or any(p is None or not os.path.isfile(p) for p in local):
+        raise DataError(f"add-targets reads local shard files; {src!r} names none or a missing one")
+    manifest = read_manifest(find_manifest(src))
+    counts = {s["name"]: s["count"] for s in manifest["shards"]}
+    total = sum(counts.get(os.path.basename(p), 0) for p in local)
+    if _check_existing(out, total, f"samples of {src}"):
+        return out
+    t = CLIPTeacher(teacher, arch=arch)
+    size = int(image_size or t.image_size)
+    side = int(grid or size // t.patch_size)
+    mean = [float(m) for m in (mean or t.mean)]
+    std = [float(s) for s in (std or t.std)]
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    name = FIELD_NAMES[kind]
+    km_info = None
+    if kmeans is not None:
+        from ..teachers.kmeans import KMeans
+
+        km = KMeans.load(kmeans)
+        if km.teacher.get("sha256") != t.info["sha256"]:
+            raise DataError(f"{kmeans} was fit on features of teacher {km.teacher.get('sha256', '?')[:12]} but "
+                            f"--teacher is {t.info['sha256'][:12]}; fit k-means with this teacher")
+        if km.k > 65536:
+            raise DataError(f"k={km.k} codes do not fit uint16")
+        km_info = {"path": km.path, "sha256": km.sha256, "k": km.k, "dim": km.dim}
+    dim = t.out_dim
+    entry = {"kind": kind, "dtype": "float16" if kind == "features" else "uint16",
+             "shape": [side * side, dim] if kind == "features" else [side * side], "grid": [side, side],
+             "crop_rule": crop_rule(crop_pct), "image_size": [size, size], "crop_pct": float(crop_pct),
+             "mean": mean, "std": std, "teacher": t.teacher_id(), "kmeans": km_info}
+    del t
+    workers = max(1, int(workers))
+    spec = {"teacher": str(teacher), "arch": arch, "teacher_sha256": entry["teacher"]["sha256"],
+            "kmeans": str(kmeans) if kmeans else None, "image_size": size, "grid": (side, side),
+            "crop_pct": crop_pct, "mean": mean, "std": std,
+            "threads": max(1, torch.get_num_threads() // workers)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(out)
+    tmp = _tmp_dir_for(out)
+    tmp.mkdir()
+    try:
+        tasks = [(p, tmp / shard_name("targets", i), name, int(batch_size)) for i, p in enumerate(local)]
+        infos: list[dict | None] = [None] * len(tasks)
+        t0 = time.monotonic()
+        done = 0
+
+        def report(i: int, info: dict) -> None:
+            nonlocal done
+            infos[i] = info
+            done += info["count"]
+            if progress:
+                rate = done / max(time.monotonic() - t0, 1e-9)
+                eta = (total - done) / rate if rate > 0 else 0.0
+                print(f"add-targets {out.name}: {sum(x is not None for x in infos)}/{len(tasks)} shards, "
+                      f"{done}/{total} samples, {rate:.0f} samples/s, ETA {_fmt_eta(eta)}", file=sys.stderr, flush=True)
+
+        if workers > 1 and len(tasks) > 1:
+            methods = multiprocessing.get_all_start_methods()
+            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(spec,)) as pool:
+                for i, info in pool.imap_unordered(_indexed_task, list(enumerate(tasks))):
+                    report(i, info)
+        else:
+            _init_worker(spec)
+            try:
+                for i, task in enumerate(tasks):
+                    report(i, _shard_task(task))
+            finally:
+                _W.clear()
+        extra = {k: v for k, v in manifest.items()
+                 if k not in ("format", "num_samples", "shards", "classes", "source", "targets")}
+        targets = dict(manifest.get("targets") or {})
+        targets[name] = entry
+        write_manifest(tmp, infos, classes=manifest.get("classes", []), source=f"add-targets:{src}",
+                       targets=targets, **extra)
+        _publish(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _indexed_task(arg):
+    i, task = arg
+    return i, _shard_task(task)
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def add_parser(dsub) -> None:
+    """``mimscale data add-targets`` (plugged into the ``data`` subcommands)."""
+    p = dsub.add_parser("add-targets", help="copy shards adding cached CLIP features or k-CLIP codes per sample")
+    p.add_argument("src", metavar="SRC_SHARDS", help="source shard directory (or pattern)")
+    p.add_argument("--teacher", required=True, metavar="CLIP.pt")
+    p.add_argument("--arch", default=None, help="open_clip architecture of a plain open_clip checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--kind", choices=sorted(FIELD_NAMES), default="features",
+                   help="features -> clip.npy float16 [N, D]; codes -> kclip.npy uint16 [N] (needs --kmeans)")
+    p.add_argument("--kmeans", default=None, metavar="KM.pt", help="k-means file of mimscale teacher fit-kmeans")
+    p.add_argument("--image-size", type=int, default=None, help="centre-crop size (default: the teacher's)")
+    p.add_argument("--grid", type=int, default=None, help="token grid side (default: image size // teacher patch)")
+    p.add_argument("--crop-pct", type=float, default=1.0, help="shorter side -> floor(size / crop_pct), then crop")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation (default: the teacher's)")
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(run=run)
+
+
+def run(args) -> int:
+    out = add_targets(args.src, args.teacher, args.out, kind=args.kind, kmeans=args.kmeans, arch=args.arch,
+                      image_size=args.image_size, grid=args.grid, crop_pct=args.crop_pct, mean=args.mean,
+                      std=args.std, batch_size=args.batch_size, workers=args.workers)
+    print(out)
+    return 0

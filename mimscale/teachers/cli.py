@@ -1,0 +1,78 @@
+"""``mimscale teacher train-clip | fit-kmeans`` (plugged into mimscale.cli through add_parser/run)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+DESCRIPTION = """\
+Frozen teachers for DTM / MaPeT:
+  mimscale teacher train-clip clip.pt                      a small real CLIP on Fashion-MNIST captions
+  mimscale teacher fit-kmeans SHARDS --teacher clip.pt --k 8192 --out km.pt   k-CLIP tokenizer (MaPeT)"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("teacher", help="train a small CLIP teacher / fit the k-CLIP tokenizer",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    tsub = p.add_subparsers(dest="teacher_cmd", required=True, metavar="ACTION")
+
+    tc = tsub.add_parser("train-clip", help="train a tiny open_clip CLIP on Fashion-MNIST + class captions")
+    tc.add_argument("out", metavar="OUT.pt", help="checkpoint to write (the result goes beside it as OUT.json)")
+    tc.add_argument("--data-root", default="~/.cache/mimscale/data", help="where Fashion-MNIST shards live/are made")
+    tc.add_argument("--train", default="fashion-mnist:train", help="training shards (default: Fashion-MNIST train)")
+    tc.add_argument("--test", default="fashion-mnist:test", help="zero-shot test shards (default: Fashion-MNIST test)")
+    tc.add_argument("--samples", type=int, default=None, help="training images seen (default: 60000, one epoch)")
+    tc.add_argument("--batch-size", type=int, default=None)
+    tc.add_argument("--lr", type=float, default=None)
+    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    tc.add_argument("--test-samples", type=int, default=None, help="evaluate on the first N test images only")
+    tc.set_defaults(run=_run_train_clip)
+
+    km = tsub.add_parser("fit-kmeans", help="streaming k-means over CLIP patch features (k-CLIP tokenizer)")
+    km.add_argument("shards", metavar="SHARDS", help="shard directory (or pattern) to fit on")
+    km.add_argument("--teacher", required=True, metavar="CLIP.pt", help="CLIP teacher file")
+    km.add_argument("--arch", default=None, help="open_clip architecture of a plain open_clip checkpoint")
+    km.add_argument("--k", type=int, default=8192, help="number of centroids (<= 65536)")
+    km.add_argument("--out", required=True, metavar="KM.pt")
+    km.add_argument("--iters", type=int, default=10, help="streaming Lloyd passes over the data after the init")
+    km.add_argument("--init-sample", type=int, default=None,
+                    help="feature vectors kept for the k-means++ init (default: min(max(20k, 20000), 200000))")
+    km.add_argument("--max-images", type=int, default=None, help="use only the first N images of SHARDS")
+    km.add_argument("--image-size", type=int, default=None, help="center-crop size (default: the teacher's)")
+    km.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation (default: the teacher's)")
+    km.add_argument("--std", type=float, nargs="+", default=None)
+    km.add_argument("--l2-normalize", action="store_true", help="cluster L2-normalised features (cosine k-means)")
+    km.add_argument("--batch-size", type=int, default=256, help="images per teacher forward")
+    km.add_argument("--workers", type=int, default=1, help="loader worker processes")
+    km.add_argument("--seed", type=int, default=0)
+    km.set_defaults(run=_run_fit_kmeans)
+
+
+def _run_train_clip(args) -> int:
+    from ..data import builtin
+    from .train_clip import TrainCLIPConfig, train_clip
+
+    cfg = TrainCLIPConfig(seed=args.seed, num_workers=args.workers, test_samples=args.test_samples)
+    for name in ("samples", "batch_size", "lr"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    train = builtin.resolve(args.train, args.data_root)
+    test = builtin.resolve(args.test, args.data_root)
+    res = train_clip(args.out, train, test, cfg)
+    print(f"zero-shot top-1 on {res['test_samples']} test images: {res['zero_shot_top1']:.2f}% "
+          f"(chance {res['chance']:.0f}%), trained {res['train_samples']} images in {res['train_seconds']:.0f} s")
+    print(f"checkpoint: {res['checkpoint']}")
+    print(f"result:     {res['checkpoint'].rsplit('.', 1)[0]}.json")
+    return 0
+
+
+def _run_fit_kmeans(args) -> int:
+    from .kmeans import fit_kmeans_shards
+
+    info = fit_kmeans_shards(args.shards, args.teacher, k=args.k, out=args.out, arch=args.arch, iters=args.iters,
+                             init_sample=args.init_sample, max_images=args.max_images, image_size=args.image_size,
+                             mean=args.mean, std=args.std, l2_normalize=args.l2_normalize,
+                             batch_size=args.batch_size, num_workers=args.workers, seed=args.seed)
+    print(json.dumps({k: info[k] for k in ("k", "dim", "points", "inertia", "empty_clusters", "seconds")}))
+    print(f"k-means: {args.out}")
+    return 0

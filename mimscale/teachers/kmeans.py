@@ -1,0 +1,269 @@
+"""k-CLIP tokenizer: streaming k-means over frozen-teacher patch features (MaPeT targets, OBJECTIVES 6.2.8).
+
+``mimscale teacher fit-kmeans SHARDS --teacher clip.pt --k 8192 --out km.pt``
+
+Algorithm (never holds more than ``init_sample + one batch`` feature vectors):
+
+1. **Sample pass**: a uniform sample of ``init_sample`` feature vectors without replacement, chosen as the
+   points with the smallest hash key ``h(seed, global index)`` (bottom-k sampling: independent of how the
+   stream is chunked).
+2. **k-means++ init** on that sample (D^2 sampling from a seeded generator).
+3. ``iters`` **streaming Lloyd passes** over the whole stream: each point is assigned to its nearest centroid,
+   per-centroid sums (float64) and counts are accumulated, and the centroids become the means at the end of
+   the pass (exact k-means iterations, so the result does not depend on the chunking beyond float rounding).
+   A centroid left empty is re-seeded with the sampled point farthest from its nearest centroid.
+
+Output file (``torch.save``, read back with ``weights_only=True``)::
+
+    {"format": "mimscale-kmeans/1", "k": int, "dim": int, "centroids": float32 [k, dim],
+     "l2_normalize": bool, "teacher": {"path", "sha256", "arch"}, "view": {crop rule, image size, grid, ...},
+     "stats": {"points", "inertia", ...}}
+
+:meth:`KMeans.assign` maps features ``[..., dim]`` to codes ``int64 [...]`` (nearest centroid, L2).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError
+
+__all__ = ["KMEANS_FORMAT", "KMeans", "assign", "kmeans_pp", "fit_streaming", "fit_kmeans_shards"]
+
+KMEANS_FORMAT = "mimscale-kmeans/1"
+log = logging.getLogger("mimscale.teachers")
+
+
+def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each row: ``x [M, D]``, ``centroids [k, D]`` -> ``(codes int64 [M], sq. dist [M])``."""
+    c = centroids.to(x.dtype)
+    c2 = (c * c).sum(1)
+    codes, dists = [], []
+    for i in range(0, x.shape[0], chunk):
+        xi = x[i:i + chunk]
+        score = xi @ c.T - 0.5 * c2                       # argmax of x.c - |c|^2/2 = argmin |x - c|^2
+        best, idx = score.max(1)
+        codes.append(idx)
+        dists.append(((xi * xi).sum(1) - 2 * best).clamp_min(0))
+    if not codes:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=x.dtype)
+    return torch.cat(codes), torch.cat(dists)
+
+
+def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ (D^2 sampling) seeds: ``x [n, D]`` -> ``[k, D]`` (``n >= k``)."""
+    n = x.shape[0]
+    if n < k:
+        raise ConfigError(f"k-means++ needs at least k={k} points, got {n}; lower --k or raise --init-sample")
+    idx = [int(torch.randint(n, (1,), generator=generator))]
+    d2 = ((x - x[idx[0]]) ** 2).sum(1)
+    for _ in range(1, k):
+        total = float(d2.sum())
+        if total <= 0:  # all remaining points coincide with a seed: take any not yet chosen
+            j = int(torch.randint(n, (1,), generator=generator))
+        else:
+            j = int(torch.multinomial(d2 / total, 1, generator=generator))
+        idx.append(j)
+        d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
+    return x[idx].clone()
+
+
+def _keys(seed: int, start: int, count: int) -> np.ndarray:
+    """Uniform [0, 1) keys of global point indices ``start .. start+count-1`` (splitmix64; chunk-independent)."""
+    with np.errstate(over="ignore"):
+        z = np.arange(start, start + count, dtype=np.uint64) + np.uint64(seed & 0xFFFFFFFF) * np.uint64(1 << 40)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: int = 10,
+                  init_sample: int | None = None, seed: int = 0, l2_normalize: bool = False,
+                  tol: float = 1e-4, progress: Callable[[str], None] | None = None) -> tuple[torch.Tensor, dict]:
+    """k-means over a re-iterable stream: ``batches()`` yields ``[m, D]`` feature chunks, the same points in
+    the same order each time it is called. Returns ``(centroids float32 [k, D], stats)``; ``stats`` has
+    ``points`` (per pass), ``stored`` (sample size), ``max_held`` (most feature rows held at once),
+    ``inertia`` (mean squared distance, last pass), ``empty_clusters``, ``passes``."""
+    if k < 1:
+        raise ConfigError(f"k must be >= 1, got {k}")
+    cap = int(init_sample or min(max(20 * k, 20000), 200000))
+    prep = (lambda t: F.normalize(t.float(), dim=-1)) if l2_normalize else (lambda t: t.float())
+    say = progress or (lambda s: None)
+
+    # 1. bottom-k uniform sample of the stream
+    sample, keys = None, None
+    seen, max_held, t0 = 0, 0, time.time()
+    for chunk in batches():
+        x = prep(chunk)
+        kx = torch.from_numpy(_keys(seed, seen, x.shape[0]))
+        seen += x.shape[0]
+        if sample is None:
+            sample, keys = x, kx
+        else:
+            sample, keys = torch.cat([sample, x]), torch.cat([keys, kx])
+        max_held = max(max_held, sample.shape[0])
+        if sample.shape[0] > cap:
+            keep = torch.topk(keys, cap, largest=False).indices.sort().values
+            sample, keys = sample[keep].contiguous(), keys[keep]
+    if sample is None or seen < k:
+        raise ConfigError(f"k-means needs at least k={k} feature vectors, the stream has {seen}")
+    order = torch.argsort(keys)  # canonical order of the sample: by key (chunk-independent)
+    sample = sample[order]
+    say(f"k-means: sampled {sample.shape[0]} of {seen} vectors ({time.time() - t0:.0f} s); k-means++ init, k={k}")
+
+    # 2. k-means++ on the sample
+    gen = torch.Generator().manual_seed(seed)
+    centroids = kmeans_pp(sample, k, gen)
+
+    # 3. streaming Lloyd passes
+    stats = {"points": seen, "stored": int(sample.shape[0]), "inertia": float("nan"), "empty_clusters": 0,
+             "passes": 0}
+    prev = None
+    for it in range(iters):
+        t1 = time.time()
+        sums = torch.zeros(k, centroids.shape[1], dtype=torch.float64)
+        counts = torch.zeros(k, dtype=torch.float64)
+        sse, n = 0.0, 0
+        for chunk in batches():
+            x = prep(chunk)
+            max_held = max(max_held, sample.shape[0] + x.shape[0])
+            codes, d2 = assign(x, centroids)
+            sums.index_add_(0, codes, x.double())
+            counts += torch.bincount(codes, minlength=k).double()
+            sse += float(d2.double().sum())
+            n += x.shape[0]
+        if n != seen:
+            raise ConfigError(f"the feature stream changed between passes ({seen} then {n} vectors)")
+        empty = counts == 0
+        new = (sums / counts.clamp_min(1).unsqueeze(1)).float()
+        new[empty] = centroids[empty]
+        if empty.any():
+            _, far = assign(sample, new)
+            pick = torch.topk(far, int(empty.sum())).indices
+            new[empty] = sample[pick]
+        centroids = new
+        inertia = sse / n
+        stats.update(inertia=inertia, empty_clusters=int(empty.sum()), passes=it + 1)
+        say(f"k-means pass {it + 1}/{iters}: {n} vectors, inertia {inertia:.5g}, {int(empty.sum())} empty, "
+            f"{n / max(time.time() - t1, 1e-9):.0f} vectors/s")
+        if prev is not None and not empty.any() and abs(prev - inertia) <= tol * max(prev, 1e-12):
+            break
+        prev = inertia
+    stats["max_held"] = max_held
+    return centroids.contiguous(), stats
+
+
+class KMeans:
+    """A fitted k-CLIP codebook. ``assign(features [..., D]) -> codes int64 [...]``."""
+
+    def __init__(self, centroids: torch.Tensor, l2_normalize: bool = False, teacher: dict | None = None,
+                 view: dict | None = None, stats: dict | None = None, path: str | None = None,
+                 sha256: str | None = None):
+        if centroids.dim() != 2:
+            raise ConfigError(f"centroids must be [k, D], got {tuple(centroids.shape)}")
+        self.centroids = centroids.float().contiguous()
+        self.l2_normalize = bool(l2_normalize)
+        self.teacher, self.view, self.stats = dict(teacher or {}), dict(view or {}), dict(stats or {})
+        self.path, self.sha256 = path, sha256
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    def assign(self, features: torch.Tensor) -> torch.Tensor:
+        """``features [..., D]`` -> nearest-centroid codes ``int64 [...]``."""
+        if features.shape[-1] != self.dim:
+            raise ValueError(f"features have dim {features.shape[-1]}, the codebook {self.dim}")
+        x = features.reshape(-1, self.dim).float()
+        if self.l2_normalize:
+            x = F.normalize(x, dim=-1)
+        codes, _ = assign(x, self.centroids.to(x.device))
+        return codes.view(features.shape[:-1])
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        blob = {"format": KMEANS_FORMAT, "k": self.k, "dim": self.dim, "centroids": self.centroids.cpu(),
+                "l2_normalize": self.l2_normalize, "teacher": self.teacher, "view": self.view, "stats": self.stats}
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+        self.path, self.sha256 = str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest()
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "KMeans":
+        path = Path(path).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"k-means file {path} not found; fit one with mimscale teacher fit-kmeans")
+        data = path.read_bytes()
+        try:
+            blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"k-means file {path} is corrupt ({type(e).__name__})") from None
+        if not isinstance(blob, dict) or blob.get("format") != KMEANS_FORMAT:
+            fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+            raise CheckpointError(f"{path} is not a {KMEANS_FORMAT} file (format {fmt!r})")
+        c = blob.get("centroids")
+        if not isinstance(c, torch.Tensor) or tuple(c.shape) != (blob.get("k"), blob.get("dim")):
+            raise CheckpointError(f"k-means file {path} is damaged (centroids do not match k/dim)")
+        return cls(c, bool(blob.get("l2_normalize")), blob.get("teacher"), blob.get("view"), blob.get("stats"),
+                   path=str(path.resolve()), sha256=hashlib.sha256(data).hexdigest())
+
+
+def fit_kmeans_shards(src, teacher: str | os.PathLike, k: int, out: str | os.PathLike, arch: str | None = None,
+                      iters: int = 10, init_sample: int | None = None, max_images: int | None = None,
+                      image_size: int | None = None, grid: int | None = None, crop_pct: float = 1.0,
+                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                      l2_normalize: bool = False, batch_size: int = 256, num_workers: int = 1, seed: int = 0,
+                      progress: bool = True) -> dict:
+    """Fit k-means on the teacher's patch features of the images of ``src`` (the deterministic centre crop
+    of :func:`mimscale.data.targets.target_view`, the same view ``add-targets`` uses) and save ``out``.
+    Returns the saved info (``k``, ``dim``, ``points``, ``inertia``, ``empty_clusters``, ``seconds``, ...)."""
+    from ..data.loader import ShardLoader
+    from ..data.targets import crop_rule, target_view
+    from .clip import CLIPTeacher
+
+    if not 1 <= k <= 65536:
+        raise ConfigError(f"--k must be in [1, 65536] (codes are stored as uint16), got {k}")
+    t = CLIPTeacher(teacher, arch=arch)
+    size = int(image_size or t.image_size)
+    side = int(grid or size // t.patch_size)
+    mean = [float(m) for m in (mean or t.mean)]
+    std = [float(s) for s in (std or t.std)]
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    loader = ShardLoader(src, batch_size=batch_size, mode="eval", num_workers=num_workers,
+                         transform=target_view(size, mean, std, 3, crop_pct), samples_per_epoch=max_images)
+
+    def batches():
+        for batch in loader:
+            feats = t(batch["image"], grid=(side, side))            # [B, N, D]
+            yield feats[batch["valid"]].reshape(-1, t.out_dim)
+
+    say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress else None
+    t0 = time.time()
+    centroids, stats = fit_streaming(batches, k, iters=iters, init_sample=init_sample, seed=seed,
+                                     l2_normalize=l2_normalize, progress=say)
+    stats["seconds"] = round(time.time() - t0, 1)
+    view = {"crop_rule": crop_rule(crop_pct), "image_size": [size, size], "crop_pct": float(crop_pct),
+            "grid": [side, side], "mean": mean, "std": std, "source": str(src), "max_images": max_images}
+    km = KMeans(centroids, l2_normalize, t.teacher_id(), view, stats)
+    km.save(out)
+    return {"k": km.k, "dim": km.dim, "path": km.path, "sha256": km.sha256, **stats}
