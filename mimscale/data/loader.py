@@ -600,6 +600,9 @@ class ShardLoader:
             (every sample once across ranks, equal batch counts, padding marked ``valid=False``).
         multiprocessing_context: start method for the workers (default: the platform's; workers get the
             transform and collate pickled under ``spawn``/``forkserver``).
+        targets: cached teacher targets the caller will use, ``{"names": ["kclip.npy"], "image_size": S,
+            "crop_pct": 1.0}``: refused (DataError) unless the manifest records that crop rule and size
+            (:func:`mimscale.data.targets.check_targets`).
 
     ``len(loader)`` is this rank's number of batches per epoch; an epoch that was run to its end moves
     on to the next one at the next ``iter()``.  ``state_dict()`` / ``load_state_dict()`` give an exact
@@ -612,7 +615,7 @@ class ShardLoader:
                  num_workers: int = 2, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  samples_per_epoch: int | None = None, manifest: str | os.PathLike | None = None,
                  mode: str = "train", pin_memory: bool = False, prefetch_factor: int = 2,
-                 multiprocessing_context: str | None = None):
+                 multiprocessing_context: str | None = None, targets: dict | None = None):
         if mode not in ("train", "eval"):
             raise DataError(f"mode must be 'train' or 'eval', got {mode!r}")
         if int(batch_size) < 1:
@@ -636,6 +639,10 @@ class ShardLoader:
         self.urls, dir_manifest = expand_source(source)
         if not self.urls:
             raise DataError(f"data source {source!r} names no shards")
+        if targets:
+            from .targets import check_targets
+
+            check_targets(source, **targets)
         for url in self.urls:
             if not url.startswith("pipe:") and not os.path.isfile(url):
                 if "://" in url:
