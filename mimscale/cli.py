@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--shard-size", type=int, default=1000)
     fo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     fo.add_argument("--prefix", default="train")
+    from .data.targets import add_parser as add_targets_parser
+
+    add_targets_parser(dsub)  # mimscale data add-targets: cached teacher targets (run via args.run)
     for mod in _PLUGGED:  # subcommands that live beside their code: add_parser(sub) and run(args) -> int
         import importlib
 
@@ -49,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_PLUGGED = ("mimscale.report.cli", "mimscale.bench.cli", "mimscale.preflight", "mimscale.eval.cli")
+_PLUGGED = ("mimscale.report.cli", "mimscale.bench.cli", "mimscale.preflight", "mimscale.eval.cli",
+            "mimscale.teachers.cli")
 
 
 def _cmd_pretrain(args) -> int:
@@ -91,6 +95,8 @@ def _cmd_objectives(args) -> int:
 def _cmd_data(args) -> int:
     from .data import shards
 
+    if args.data_cmd == "add-targets":
+        return args.run(args)
     if args.data_cmd == "fashion-mnist":
         out = shards.write_fashion_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
     else:
