@@ -3,6 +3,7 @@ from .base import (LossOutput, Objective, ObjectiveConfig, available, build_obje
                    objective_class, register, StepContext)
 from . import mae  # noqa: F401,E402  (registers)
 from . import emae  # noqa: F401,E402  (registers)
-from . import adpe  # noqa: F401,E402  (registers)
 from . import mapet  # noqa: F401,E402  (registers)
+from . import conmim  # noqa: F401,E402  (registers)
+from . import adpe  # noqa: F401,E402  (registers)
 from . import dtm  # noqa: F401,E402  (registers)

@@ -1,0 +1,258 @@
+"""ConMIM: masked image modeling with denoising contrast (OBJECTIVES.md section 4).
+
+Per image, ONE random crop + flip gives two views (:class:`~mimscale.data.photometric.SharedGeometryViews`):
+the student sees the crop with a mask token at its masked patches (BEiT-style: the full sequence goes through
+the encoder), an EMA teacher (encoder + projector copies) sees the photometrically perturbed crop with no mask.
+A projector maps every token to ``proj_out`` channels; the loss is a patch-level InfoNCE WITHIN each image::
+
+    s = proj(student(mask_token-filled view))[:, 1:]     [B, N, C]    (cls dropped after the projector)
+    t = proj_ema(teacher(perturbed view))[:, 1:]         [B, N, C]    (no gradient)
+    logits_b = norm(s_b) @ norm(t_b)^T / tau             [B, N, N]    fp32
+    loss = CE over the rows of masked positions, target = the row's own patch index (positives on the diagonal)
+
+After every optimizer step the teacher moves towards the student's fp32 master weights,
+``t = m t + (1 - m) s`` with ``m`` cosine from ``ema_m0`` to 1 (:mod:`mimscale.teachers.ema`).
+
+Deviations from the official code, on purpose: the encoder keeps the project's fixed 2-D sin-cos absolute
+position embedding instead of BEiT's shared relative position bias (every objective trains the same
+timm-loadable ViT), and the unused ``lm_head`` of the original is not created. Projector BatchNorm statistics
+are per micro-batch (no SyncBN): keep the reference per-device batch (64) when reproducing.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.photometric import Photometric, PhotometricConfig, SharedGeometryViews
+from ..errors import ConfigError
+from ..masking import block_masks
+from ..models.vit import VisionTransformer
+from ..teachers.ema import EMATeacher, momentum_at
+from ..telemetry.flops import linear_flops, transformer_forward_flops
+from .base import LossOutput, Objective, register
+
+
+def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """"random_mps" masking: hide ``ceil(U * r)`` of the ``U = (grid / unit)^2`` aligned ``unit x unit``-patch
+    squares, uniformly per sample -> ``bool [B, grid^2]`` (raster order, True = masked) with exactly
+    ``unit^2 * ceil(U * r)`` True per row (ViT-B/16, 32-px units: 4 * 37 = 148 of 196)."""
+    if grid % unit:
+        raise ValueError(f"patch grid {grid} is not a multiple of the mask unit {unit}")
+    gu = grid // unit
+    k = math.ceil(gu * gu * mask_ratio - 1e-9)
+    order = torch.rand(batch, gu * gu, generator=generator).argsort(dim=1)
+    units = torch.zeros(batch, gu * gu, dtype=torch.bool)
+    units.scatter_(1, order[:, :k], True)
+    units = units.view(batch, gu, 1, gu, 1).expand(batch, gu, unit, gu, unit)
+    return units.reshape(batch, grid * grid)
+
+
+@dataclass(frozen=True)
+class ConMIMMasks:
+    """Collate-side mask generator: ``generate(B, generator) -> {"mask": bool [B, N]}`` (picklable)."""
+
+    kind: str                 # "random_mps32" | "block"
+    num_patches: int
+    mask_ratio: float = 0.75
+    unit: int = 2             # random_mps: patches per side of a masking unit
+    num_masked: int = 75      # block: exact masked count
+    min_block: int = 16       # block: smallest rectangle (patches)
+
+    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        grid = int(round(self.num_patches ** 0.5))
+        if self.kind == "random_mps32":
+            return {"mask": unit_masks(batch, grid, self.unit, self.mask_ratio, generator)}
+        if self.kind == "block":
+            return {"mask": block_masks(batch, (grid, grid), self.num_masked, generator, min_block=self.min_block)}
+        raise ValueError(f"unknown ConMIM mask kind '{self.kind}'")
+
+
+class Projector(nn.Module):
+    """Per-token head: ``layers - 1`` x [Linear (no bias) -> BatchNorm1d -> ReLU], then Linear (no bias) ->
+    BatchNorm1d(affine=False). ``forward(x [B, L, D]) -> [B, L, out]``; BatchNorm statistics are over all
+    ``B * L`` tokens."""
+
+    def __init__(self, dim: int, hidden: int, out: int, layers: int):
+        super().__init__()
+        mods: list[nn.Module] = []
+        width = dim
+        for _ in range(layers - 1):
+            mods += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            width = hidden
+        mods += [nn.Linear(width, out, bias=False), nn.BatchNorm1d(out, affine=False)]
+        self.net = nn.Sequential(*mods)
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        return self.net(x.reshape(b * n, d)).view(b, n, -1)
+
+    def flops(self, tokens: int) -> float:
+        return sum(linear_flops(tokens, m.in_features, m.out_features) for m in self.net if isinstance(m, nn.Linear))
+
+
+def patch_infonce(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
+                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intra-image patch InfoNCE in fp32: ``s, t [B, N, C]``, ``mask bool [B, N]`` -> ``(loss, accuracy)``.
+
+    ``logits_b = norm(s_b) norm(t_b)^T / temperature [B, N, N]``; the rows of masked positions (``M`` in the
+    batch) are scored with cross-entropy against their own index (positive: the teacher feature of the same
+    patch of the same image; negatives: the other ``N - 1`` patches of that image), averaged over the ``M``
+    rows. ``accuracy``: fraction of those rows whose arg-max is the diagonal. Nothing masked -> loss 0.
+    """
+    s = F.normalize(s.float(), dim=-1)
+    t = F.normalize(t.float(), dim=-1)
+    logits = torch.bmm(s, t.transpose(1, 2)) / temperature             # [B, N, N]
+    rows = logits[mask]                                                  # [M, N]
+    target = mask.nonzero(as_tuple=True)[1]                              # [M]: the row's own patch index
+    if rows.shape[0] == 0:
+        return logits.sum() * 0.0, logits.new_zeros(())
+    loss = F.cross_entropy(rows, target)
+    acc = (rows.detach().argmax(dim=1) == target).float().mean()
+    return loss, acc
+
+
+@register
+class ConMIM(Objective):
+    """ConMIM: intra-image patch contrast between a masked student and an EMA teacher on a perturbed view."""
+
+    name = "conmim"
+
+    @dataclass
+    class Config:
+        temperature: float = 0.1
+        ema_m0: float = 0.996
+        ema_schedule: Literal["cosine_to_1", "constant"] = "cosine_to_1"
+        proj_hidden: int = 4096
+        proj_out: int = 256
+        proj_layers: int = 3
+        mask_type: Literal["random_mps32", "block"] = "random_mps32"
+        mask_ratio: float = 0.75              # random_mps32: ceil(U * r) units of mask_unit x mask_unit patches
+        mask_unit: int = 2                    # 2 x 2 patches = 32 px at p = 16, 28 px at p = 14 [unverified for H]
+        block_num_masked: int = 75            # block: exact masked patches per image
+        block_min_patches: int = 16           # block: smallest rectangle
+        teacher_aug: PhotometricConfig = field(default_factory=PhotometricConfig)
+
+    @classmethod
+    def tiny_config(cls) -> "ConMIM.Config":
+        """Small projector for contract tests on a 16-patch model."""
+        return cls.Config(proj_hidden=48, proj_out=32, block_num_masked=6)
+
+    def __init__(self, encoder: VisionTransformer, cfg: "ConMIM.Config"):
+        super().__init__(encoder, cfg)
+        n, grid = encoder.num_patches, encoder.grid_size
+        if cfg.temperature <= 0:
+            raise ConfigError(f"objective.temperature={cfg.temperature} must be > 0")
+        if not 0.0 <= cfg.ema_m0 <= 1.0:
+            raise ConfigError(f"objective.ema_m0={cfg.ema_m0} must be in [0, 1]")
+        if cfg.proj_layers < 1 or cfg.proj_hidden < 1 or cfg.proj_out < 1:
+            raise ConfigError(f"objective.proj_layers={cfg.proj_layers}, proj_hidden={cfg.proj_hidden} and "
+                              f"proj_out={cfg.proj_out} must be >= 1")
+        if cfg.mask_type == "random_mps32":
+            if not 0.0 < cfg.mask_ratio < 1.0:
+                raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in (0, 1)")
+            if cfg.mask_unit < 1 or grid % cfg.mask_unit:
+                raise ConfigError(f"objective.mask_unit={cfg.mask_unit} must divide the {grid}x{grid} patch grid "
+                                  f"(model.img_size / model.patch_size)")
+        elif not 0 < cfg.block_num_masked < n:
+            raise ConfigError(f"objective.block_num_masked={cfg.block_num_masked} must be in [1, {n - 1}] "
+                              f"for {n} patches")
+        cfg.teacher_aug.validate("objective.teacher_aug")
+        d = encoder.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        self.projector = Projector(d, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
+        # fp32 EMA copies taken now, before DeepSpeed partitions or casts the student
+        self.teacher_encoder = EMATeacher(encoder)
+        self.teacher_projector = EMATeacher(self.projector)
+        self.momentum = float(cfg.ema_m0)
+
+    # ------------------------------------------------------------------ data side
+
+    def mask_spec(self) -> ConMIMMasks:
+        c = self.cfg
+        return ConMIMMasks(c.mask_type, self.encoder.num_patches, c.mask_ratio, c.mask_unit, c.block_num_masked,
+                           c.block_min_patches)
+
+    def train_transform(self, default):
+        return SharedGeometryViews(default, Photometric(self.cfg.teacher_aug))
+
+    # ------------------------------------------------------------------ model
+
+    def private_modules(self) -> list[nn.Module]:
+        return [self.teacher_encoder, self.teacher_projector]
+
+    def student_features(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """BEiT-style encoder: ``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``[B, 1 + N, D]``; the mask token
+        replaces the patch embedding of masked patches before the position embedding is added."""
+        e = self.encoder
+        x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))                # [B, N, D]
+        w = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)                  # [B, N, 1]
+        x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
+        x = x + e.pos_embed[:, 1:].to(x.dtype)
+        return e.encode(e.add_cls(x))
+
+    @torch.no_grad()
+    def teacher_targets(self, img: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """EMA teacher on the full perturbed view: ``img [B, C, H, W]`` -> ``[B, N, proj_out]`` (fp32 weights;
+        computed in ``dtype`` under autocast when the student trains in low precision)."""
+        with torch.autocast(img.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            z = self.teacher_encoder.module.forward_features(img.float())         # [B, 1 + N, D]
+            return self.teacher_projector(z)[:, 1:].float()
+
+    def forward(self, batch: dict) -> LossOutput:
+        """``batch``: ``image``, ``image_teacher`` ``[B, C, H, W]`` (same crop), ``mask bool [B, N]``."""
+        if "image_teacher" not in batch:
+            raise ValueError("ConMIM needs batch['image_teacher'] (the perturbed view from its train_transform)")
+        img, mask = batch["image"], batch["mask"]
+        dtype = self.encoder.patch_embed.proj.weight.dtype
+        t = self.teacher_targets(batch["image_teacher"], dtype)                   # [B, N, C]
+        s = self.projector(self.student_features(img, mask))[:, 1:]              # [B, N, C]
+        loss, acc = patch_infonce(s, t, mask.to(s.device), self.cfg.temperature)
+        return LossOutput(loss, {"loss": loss.detach(), "pos_acc": acc.detach(),
+                                 "ema_momentum": torch.tensor(self.momentum)})
+
+    # ------------------------------------------------------------------ step hooks / state
+
+    def after_optimizer_step(self, ctx) -> None:
+        """EMA update from the student's fp32 master weights (collective under ZeRO-3: all ranks call it)."""
+        c = self.cfg
+        self.momentum = momentum_at(c.ema_schedule, ctx.step, ctx.total_steps, c.ema_m0)
+        self.teacher_encoder.update(ctx, self.encoder, self.momentum)
+        self.teacher_projector.update(ctx, self.projector, self.momentum)
+
+    def checkpoint_state(self) -> dict:
+        return {"teacher_encoder": self.teacher_encoder.checkpoint_state(),
+                "teacher_projector": self.teacher_projector.checkpoint_state(),
+                "ema_momentum": self.momentum}
+
+    def load_checkpoint_state(self, state: dict) -> None:
+        from ..errors import CheckpointError
+
+        want = {"teacher_encoder", "teacher_projector", "ema_momentum"}
+        if set(state) != want:
+            raise CheckpointError(f"ConMIM checkpoint state has keys {sorted(state)}, expected {sorted(want)}")
+        self.teacher_encoder.load_checkpoint_state(state["teacher_encoder"])
+        self.teacher_projector.load_checkpoint_state(state["teacher_projector"])
+        self.momentum = float(state["ema_momentum"])
+
+    # ------------------------------------------------------------------ accounting
+
+    def flops_per_sample(self) -> float:
+        """3 x (student: encoder on 1 + N tokens + projector) + 1 x (the same for the EMA teacher)."""
+        e = self.encoder
+        n = e.num_patches
+        fwd = (linear_flops(n, e.patch_size ** 2 * e.in_chans, e.embed_dim)
+               + transformer_forward_flops(1 + n, e.embed_dim, e.depth, e.mlp_ratio)
+               + self.projector.flops(1 + n))
+        return 4.0 * fwd
+
+    def no_weight_decay(self) -> set[str]:
+        return super().no_weight_decay() | {"mask_token"}

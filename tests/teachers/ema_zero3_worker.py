@@ -1,0 +1,120 @@
+"""Run under ``torchrun --nproc_per_node 2``: ConMIM's EMA teacher at ZeRO-3 against an independent reference.
+
+Usage: ``torchrun ... ema_zero3_worker.py OUT_DIR DS_KNOBS_JSON STEPS``. Each rank writes ``OUT_DIR/rank{r}.json``.
+
+The engine is built exactly as ``mimscale.train`` builds it (``engine.deepspeed.initialize``), in fp32 at
+ZeRO stage 3 with every parameter partitioned. After each optimizer step:
+
+* the student's CONSOLIDATED weights are gathered through ZeRO-3's module all-gather
+  (``GatheredParameters``), a path independent of the ``ctx.master_params`` the teacher update uses;
+* the objective's ``after_optimizer_step`` runs the EMA update (collective);
+* a reference ``ref = m * ref + (1 - m) * consolidated`` is advanced with the same momentum, and so is a
+  "stale" control that uses the previous step's consolidated weights (what a late or cached read would give).
+
+Recorded per step: the largest |teacher - ref| and |teacher - stale| over all teacher parameters, how far the
+student moved, a checksum of the teacher (compared across ranks), and partitioning facts.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+
+def main(out_dir: str, knobs: str, steps: int) -> None:
+    import deepspeed
+
+    from mimscale import config as C
+    from mimscale import dist
+    from mimscale.engine import deepspeed as ds
+    from mimscale.models.vit import build_vit
+    from mimscale.objectives import StepContext, build_objective
+
+    d = dist.detect()
+    dist.export(d)
+    torch.set_num_threads(1)
+    cfg = C.load("tiny_cpu", [
+        "model.arch=vit_micro", "model.img_size=16", "model.patch_size=4", "train.precision=fp32",
+        "train.zero_stage=3", f"train.ds_config={knobs}", "train.batch_size=8", "train.micro_batch_size=4",
+        f"train.run_dir={out_dir}/run", "optim.lr=3e-3", "optim.warmup_epochs=0", "log.wandb=disabled",
+        "objective={name: conmim, proj_hidden: 48, proj_out: 32, ema_m0: 0.6}",
+    ])
+    derived = C.derive(cfg, d.world_size, samples_per_epoch=8 * steps)
+    torch.manual_seed(cfg.train.seed)
+    m = cfg.model
+    encoder = build_vit(m.arch, m.img_size, m.patch_size, m.in_chans)
+    obj = build_objective("conmim", encoder, C.objective_knobs(cfg))
+    ds.skip_shm_comm_build()          # plain gloo collectives: no JIT build (nor its lock) in this test
+    engine = ds.initialize(obj, cfg, derived, dist.accelerator_name())
+    ds.set_hparams(engine, derived.lr, cfg.optim.weight_decay)
+    students = {"teacher_encoder": obj.encoder, "teacher_projector": obj.projector}
+    teachers = {"teacher_encoder": obj.teacher_encoder.module, "teacher_projector": obj.teacher_projector.module}
+
+    def consolidated() -> dict[str, torch.Tensor]:
+        out = {}
+        for tname, module in students.items():
+            params = [p for p in module.parameters() if p.requires_grad]
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for n, p in module.named_parameters():
+                    if p.requires_grad:
+                        out[f"{tname}.{n}"] = p.detach().float().clone()
+        return out
+
+    def teacher_now() -> dict[str, torch.Tensor]:
+        return {f"{tname}.{n}": p.detach().clone() for tname, t in teachers.items() for n, p in t.named_parameters()}
+
+    ref = teacher_now()
+    stale_ref = {k: v.clone() for k, v in ref.items()}
+    prev = consolidated()
+    init_teacher = {k: v.clone() for k, v in ref.items()}
+    g = torch.Generator().manual_seed(1234 + d.rank)
+    spec = obj.mask_spec()
+    record = {"rank": d.rank, "world_size": d.world_size, "steps": []}
+    student_params = [p for p in engine.module.parameters() if hasattr(p, "ds_id")]
+    record["student_partitioned"] = sum(p.ds_tensor.numel() < p.ds_numel for p in student_params)
+    record["student_params"] = len(student_params)
+    record["teacher_partitioned"] = sum(hasattr(p, "ds_id") for t in teachers.values() for p in t.parameters())
+    record["teacher_requires_grad"] = sum(p.requires_grad for t in teachers.values() for p in t.parameters())
+    opt_ids = {id(p) for grp in engine.optimizer.param_groups for p in grp["params"]}
+    record["teacher_in_optimizer"] = sum(id(p) in opt_ids for t in teachers.values() for p in t.parameters())
+    engine.train()
+    for step in range(steps):
+        ctx = StepContext(step=step, total_steps=steps, epoch=step / steps, lr=derived.lr, rank=d.rank,
+                          world_size=d.world_size, grad_accum=derived.grad_accum,
+                          master_params=partial(ds.master_params, engine), all_reduce_mean=ds.all_reduce_mean)
+        engine.module.before_step(ctx)
+        for _ in range(derived.grad_accum):
+            img = torch.randn(4, 3, 16, 16, generator=g)
+            batch = {"image": img, "image_teacher": img + 0.3 * torch.randn(img.shape, generator=g),
+                     **spec.generate(4, g)}
+            out = engine(batch)
+            engine.backward(out.loss)
+            engine.step()
+        now = consolidated()
+        engine.module.after_optimizer_step(replace(ctx, step=step + 1))
+        mom = obj.momentum
+        teacher = teacher_now()
+        for k in ref:
+            ref[k] = mom * ref[k] + (1.0 - mom) * now[k]
+            stale_ref[k] = mom * stale_ref[k] + (1.0 - mom) * prev[k]
+        flat = torch.cat([v.flatten() for v in teacher.values()])
+        record["steps"].append({
+            "momentum": mom,
+            "loss": float(out.loss),
+            "max_err": max(float((teacher[k] - ref[k]).abs().max()) for k in ref),
+            "max_err_stale": max(float((teacher[k] - stale_ref[k]).abs().max()) for k in ref),
+            "student_moved": max(float((now[k] - prev[k]).abs().max()) for k in now),
+            "teacher_moved": max(float((teacher[k] - init_teacher[k]).abs().max()) for k in teacher),
+            "checksum": [float(flat.sum()), float((flat * torch.linspace(-1, 1, flat.numel())).sum())],
+        })
+        prev = now
+    record["teacher_keys"] = sorted(ref)
+    Path(out_dir, f"rank{d.rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
