@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.transforms import EvalTransform
 from ..errors import ConfigError, DataError
 from ..masking import block_masks
 from ..models.vit import VisionTransformer
@@ -291,6 +290,7 @@ class DTM(Objective):
         teacher_dtype: Literal["fp32", "bf16"] = "fp32"
         teacher_norm: Literal["student", "clip"] = "student"   # official: the student's normalised tensor
         target_key: str = "clip.npy"          # batch key of cached targets (target_source: shards)
+        crop_pct: float = 1.0                 # shards: the centre crop the cache was computed on (add-targets)
         num_levels: int = 2
         max_merges: int | None = None         # per level; None: N (196 for ViT-B/16)
         max_iters: int = 14
@@ -322,6 +322,8 @@ class DTM(Objective):
         if not 0 <= self.max_merges <= n or cfg.max_iters < 1 or cfg.num_levels < 1:
             raise ConfigError(f"objective.max_merges={cfg.max_merges} must be in [0, {n}], objective.max_iters="
                               f"{cfg.max_iters} and objective.num_levels={cfg.num_levels} >= 1")
+        if not 0.0 < cfg.crop_pct <= 1.0:
+            raise ConfigError(f"objective.crop_pct={cfg.crop_pct} must be in (0, 1]")
         if cfg.smooth_l1_beta <= 0 or cfg.head_dim < 1:
             raise ConfigError(f"objective.smooth_l1_beta={cfg.smooth_l1_beta} and objective.head_dim="
                               f"{cfg.head_dim} must be positive")
@@ -351,13 +353,23 @@ class DTM(Objective):
 
     def train_transform(self, default):
         """Online targets: colour jitter, then the recipe's crop + flip + normalise. Cached targets: colour
-        jitter, then the deterministic centre crop the cache was computed on (no flip, no random crop)."""
+        jitter, then exactly the deterministic centre crop ``mimscale data add-targets`` computed the cache
+        on (:func:`mimscale.data.targets.target_view`; no random crop, no flip)."""
+        from ..data.targets import target_view
+
         self._student_norm = (tuple(default.mean), tuple(default.std))
         jitter = ColorJitter(self.cfg.color_jitter)
         if self.cfg.target_source == "online":
             return JitterThen(jitter, default)
-        return JitterThen(jitter, EvalTransform(default.size, mean=default.mean, std=default.std,
-                                                in_chans=default.in_chans))
+        return JitterThen(jitter, target_view(default.size[0], default.mean, default.std, default.in_chans,
+                                              self.cfg.crop_pct))
+
+    def cached_targets(self) -> dict | None:
+        """What the train loader must check in the shards' manifest (``ShardLoader(targets=...)``): the
+        cached field, the image size and the crop rule it was computed on; ``None`` for online targets."""
+        if self.cfg.target_source == "online":
+            return None
+        return {"names": [self.cfg.target_key], "image_size": self.encoder.img_size, "crop_pct": self.cfg.crop_pct}
 
     # ------------------------------------------------------------------ schedule
 

@@ -537,3 +537,60 @@ def test_recipes_follow_section_5_3(recipe, arch):
     assert (k.loss, k.teacher_norm, k.split, k.protect_first_token, k.color_jitter) == \
         ("smooth_l1", "student", "alternate", True, 0.4)
     assert k.teacher_arch == "ViT-B-16" and cfg.train.epochs == 300
+
+
+# ----------------------------------------------------------------------------- real CLIP teacher, real cache
+
+
+FM_MEAN, FM_STD = (0.286,) * 3, (0.353,) * 3
+
+
+@pytest.fixture(scope="module")
+def random_clip_file(tmp_path_factory):
+    """A random-init tiny open_clip CLIP saved as a mimscale CLIP file (fast; no training)."""
+    from mimscale.teachers.clip import TINY_CLIP_CFG, build_clip, save_clip
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = build_clip(TINY_CLIP_CFG)
+    return save_clip(model, TINY_CLIP_CFG, tmp_path_factory.mktemp("clip") / "clip.pt", mean=FM_MEAN, std=FM_STD)
+
+
+def test_add_targets_cache_through_the_loader_equals_online(fmnist_small, random_clip_file, tmp_path):
+    """`mimscale data add-targets` features of real Fashion-MNIST, read back by the ShardLoader with DTM's
+    cached-target transform (centre crop, jitter off): the student sees exactly the pixels the cache was
+    computed on, and the shards-mode loss equals the online-teacher loss on the same batch (fp16 cache)."""
+    from mimscale.data.loader import ShardLoader
+    from mimscale.data.targets import add_targets
+    from mimscale.masking import MaskCollate
+
+    shard = sorted(fmnist_small["train"].glob("*.tar"))[0]
+    out = add_targets(str(shard), random_clip_file, tmp_path / "cached", image_size=IMG, mean=FM_MEAN,
+                      std=FM_STD, progress=False)
+    torch.manual_seed(0)
+    cached = DTM(build_vit("vit_micro", img_size=IMG, patch_size=P, depth=2),
+                 DTM.Config(target_source="shards", head_dim=64, color_jitter=0.0))
+    online = DTM(build_vit("vit_micro", img_size=IMG, patch_size=P, depth=2),
+                 DTM.Config(teacher=str(random_clip_file), head_dim=64))
+    online.load_state_dict(cached.state_dict())            # the CLIP tower is not in the state dict
+    assert cached.cached_targets() == {"names": ["clip.npy"], "image_size": IMG, "crop_pct": 1.0}
+    assert online.cached_targets() is None
+    tf = cached.train_transform(TrainTransform(IMG, mean=FM_MEAN, std=FM_STD))
+    loader = ShardLoader(str(out), batch_size=16, transform=tf, collate=MaskCollate(cached.mask_spec()),
+                         num_workers=0, shuffle_buffer=16, targets=cached.cached_targets())
+    batch = next(iter(loader))
+    cache = batch["clip.npy"]
+    assert cache.dtype == torch.float16 and cache.shape == (16, N, 64)
+    assert (batch["mask"].sum(1) == round(0.383 * N)).all()
+    with torch.no_grad():
+        v = online.targets(batch)
+    assert torch.allclose(v, cache.float(), rtol=2e-3, atol=2e-3 * v.abs().max().item())
+    for sched in ([(0, 1)], [(3, 2), (6, 1)]):
+        online.set_schedule(sched)
+        cached.set_schedule(sched)
+        a, b = online(batch).loss, cached(batch).loss
+        assert torch.allclose(a, b, rtol=2e-3), (sched, a, b)
+    # shards made for another crop size are refused
+    with pytest.raises(DataError, match="crop rule"):
+        ShardLoader(str(out), batch_size=16, transform=tf, num_workers=0,
+                    targets={**cached.cached_targets(), "image_size": 32})
