@@ -176,3 +176,27 @@ def configure_threads(d: DistEnv, cpus: int | None = None, env: dict | None = No
     n = max(1, cpus // max(1, d.local_world_size))
     env["OMP_NUM_THREADS"] = str(n)
     return n
+
+
+# NCCL / torch-NCCL settings applied on CUDA nodes unless the user (or the cluster's module system)
+# already set them: a failed or timed-out collective tears the process down, so torchrun / srun see
+# the failure instead of every rank hanging until the job's wall-clock limit; NCCL prints its
+# warnings (e.g. "falling back to sockets" when InfiniBand is not found) without the INFO flood.
+NCCL_ENV_DEFAULTS: dict[str, str] = {
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    "NCCL_DEBUG": "WARN",
+}
+
+
+def nccl_env_defaults(env: dict | None = None, cuda_available: bool | None = None) -> dict[str, str]:
+    """Set :data:`NCCL_ENV_DEFAULTS` in ``env`` (default ``os.environ``) where unset, on CUDA only.
+
+    Returns what was set (``{}`` on CPU nodes, where the backend is gloo and NCCL is never loaded).
+    Call before the process group is created (before ``deepspeed.initialize``).
+    """
+    env = os.environ if env is None else env
+    if accelerator_name(cuda_available) != "cuda":
+        return {}
+    added = {k: v for k, v in NCCL_ENV_DEFAULTS.items() if k not in env}
+    env.update(added)
+    return added

@@ -16,20 +16,23 @@ The CUDA peak is since the last :func:`reset_peak` (call it after logging to
 get a per-interval peak); the CPU peak is since process start, because the
 kernel's high-water mark is not reset by :func:`reset_peak`.
 
-Both functions take the CUDA namespace as a ``cuda=`` parameter (default
-``torch.cuda``) so the CUDA branch runs on a machine without a GPU against a
-stand-in object exposing ``memory_allocated``, ``max_memory_allocated``,
-``memory_reserved`` and ``reset_peak_memory_stats``.
+The CUDA numbers come from one ``torch.cuda.memory_stats(device)`` call,
+turned into the keys above by :func:`cuda_memory_gb` (a pure function of that
+flat ``"allocated_bytes.all.current"``-style dict, so a CPU test feeds it a
+real-shaped dict). Both functions also take the CUDA namespace as a ``cuda=``
+parameter (default ``torch.cuda``) so the CUDA branch runs on a machine
+without a GPU against a stand-in exposing ``memory_stats`` and
+``reset_peak_memory_stats``.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 
-__all__ = ["GB", "memory_stats", "reset_peak"]
+__all__ = ["GB", "cuda_memory_gb", "memory_stats", "reset_peak"]
 
 GB = float(1 << 30)
 
@@ -84,6 +87,24 @@ def _process_stats(status_path: str = _PROC_STATUS) -> dict[str, float]:
     }
 
 
+def cuda_memory_gb(stats: Mapping[str, Any]) -> dict[str, float]:
+    """The ``perf/mem_*_gb`` keys from a ``torch.cuda.memory_stats(device)`` dict (bytes -> GB).
+
+    allocated = ``allocated_bytes.all.current`` (what ``torch.cuda.memory_allocated`` returns),
+    peak = ``allocated_bytes.all.peak`` (``max_memory_allocated``), reserved =
+    ``reserved_bytes.all.current`` (``memory_reserved``). Missing keys count 0, as in torch
+    (``memory_stats`` is ``{}`` before CUDA is initialised).
+    """
+    def gb(key: str) -> float:
+        return float(stats.get(key, 0)) / GB
+
+    return {
+        "perf/mem_allocated_gb": gb("allocated_bytes.all.current"),
+        "perf/mem_peak_gb": gb("allocated_bytes.all.peak"),
+        "perf/mem_reserved_gb": gb("reserved_bytes.all.current"),
+    }
+
+
 def memory_stats(device: torch.device | str | int, *, cuda: Any = None) -> dict[str, float]:
     """Allocated, peak and reserved memory of ``device`` in GB (see the module doc).
 
@@ -92,11 +113,7 @@ def memory_stats(device: torch.device | str | int, *, cuda: Any = None) -> dict[
     device = _as_device(device)
     if device.type == "cuda":
         cuda = torch.cuda if cuda is None else cuda
-        return {
-            "perf/mem_allocated_gb": cuda.memory_allocated(device) / GB,
-            "perf/mem_peak_gb": cuda.max_memory_allocated(device) / GB,
-            "perf/mem_reserved_gb": cuda.memory_reserved(device) / GB,
-        }
+        return cuda_memory_gb(cuda.memory_stats(device))
     return _process_stats()
 
 

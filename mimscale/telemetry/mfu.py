@@ -22,6 +22,7 @@ require grad), so it counts 2x forward instead of the analytic 3x (-0.4 % for MA
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import time
 from contextlib import ExitStack, contextmanager
@@ -38,12 +39,16 @@ from ..errors import ConfigError
 __all__ = [
     "PEAK_TFLOPS",
     "count_train_flops",
+    "cpu_matmul_peak",
     "device_peak_flops",
     "gpu_peak_key",
     "measure_matmul_flops",
     "mfu",
+    "peak_flops_for",
     "train_flop_counts",
 ]
+
+log = logging.getLogger("mimscale.telemetry")
 
 # Dense (no 2:4 sparsity) peak TFLOP/s per GPU, from the NVIDIA A100 / H100 / H200 datasheets
 # (the datasheets print the sparse figure, twice these, for tf32/bf16/fp16). "fp32" is the
@@ -145,6 +150,46 @@ def _measure(key: str, n: int, repeats: int, device: str) -> float:
         sync()
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / max(best, 1e-9)
+
+
+def cpu_matmul_peak(dtype: torch.dtype | str = torch.float32, sizes: tuple[int, ...] = (256, 512, 1024, 2048),
+                    budget_s: float = 0.25) -> float:
+    """Measured GEMM peak of this process on the CPU: the best :func:`measure_matmul_flops` over ``sizes``.
+
+    Sizes are tried smallest first; the next size is skipped when one of its matmuls would take
+    longer than ``budget_s`` at the best rate so far (bf16 on a CPU without AVX512-BF16/AMX is ~30x
+    slower than fp32, so the bigger sizes would cost seconds for no information). Uses the current ``torch.get_num_threads()``:
+    the peak of what this rank may use. Cached like :func:`measure_matmul_flops`.
+    """
+    key = {"tf32": "fp32"}.get(_dtype_key(dtype), _dtype_key(dtype))
+    best = 0.0
+    for n in sorted(int(n) for n in sizes):
+        if best and 2.0 * n**3 / best > budget_s:
+            break
+        best = max(best, measure_matmul_flops(key, n=n))
+    return best
+
+
+def peak_flops_for(device: torch.device | str | int, precision: str, *, name: str | None = None) -> float | None:
+    """The peak FLOP/s that MFU divides by, for one device training in ``precision`` (bf16|fp16|fp32).
+
+    Call once per run (the CPU measurement costs ~0.1-1 s), then per logging interval
+    ``mfu(flops_per_sample, images_per_s / world_size, peak)``. CUDA (or ``name`` given, e.g. a
+    CPU test passing ``name="NVIDIA A100-SXM4-80GB"``): the :data:`PEAK_TFLOPS` datasheet entry;
+    ``None`` (with one warning) for a GPU not in the table, so training goes on without ``perf/mfu``.
+    CPU: :func:`cpu_matmul_peak` of the precision's dtype.
+    """
+    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    key = _dtype_key(precision)
+    if name is None and dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+    if name is not None:
+        try:
+            return device_peak_flops(dev, key, name=name)
+        except ConfigError as e:
+            log.warning("no MFU: %s", e)
+            return None
+    return cpu_matmul_peak(key)
 
 
 def mfu(flops_per_sample: float, images_per_s: float, peak_flops: float) -> float:

@@ -39,26 +39,50 @@ def test_proc_status_parsing(tmp_path):
     assert stats["perf/mem_peak_gb"] >= stats["perf/mem_allocated_gb"]
 
 
+def cuda_stats_dict(allocated: int, peak: int, reserved: int) -> dict:
+    """A dict in the exact format of ``torch.cuda.memory_stats``: torch's own flattening of the
+    nested ``torch._C._cuda_memoryStats`` structure (every stat x pool x metric, event counters)."""
+    from torch.cuda import memory as cm
+
+    def pools(current, peak_):
+        metrics = {"current": current, "peak": peak_, "allocated": peak_ * 3, "freed": peak_ * 3 - current}
+        return {"all": metrics, "large_pool": dict(metrics), "small_pool": {k: 0 for k in metrics}}
+
+    nested = {name: pools(1 + allocated // 4096, 1 + peak // 4096)
+              for name in ("allocation", "segment", "active", "inactive_split")}
+    nested.update(allocated_bytes=pools(allocated, peak), reserved_bytes=pools(reserved, reserved + GiB),
+                  active_bytes=pools(allocated, peak), inactive_split_bytes=pools(0, 0),
+                  requested_bytes=pools(allocated - 512, peak - 512),
+                  oversize_allocations={"current": 0, "peak": 0, "allocated": 0, "freed": 0},
+                  oversize_segments={"current": 0, "peak": 0, "allocated": 0, "freed": 0},
+                  num_alloc_retries=2, num_ooms=0, num_sync_all_streams=0, num_device_alloc=7, num_device_free=1,
+                  max_split_size=-1)
+    out: list = []
+    cm._recurse_add_to_result(out, "", nested, str)
+    return dict(sorted(out))
+
+
 class FakeCuda:
-    """The four torch.cuda functions the CUDA branch calls, with fixed byte counts."""
+    """The two torch.cuda functions the CUDA branch calls; memory_stats in torch's real format."""
 
     def __init__(self):
         self.calls = []
 
-    def memory_allocated(self, device):
-        self.calls.append(("memory_allocated", device))
-        return 3 * GiB
-
-    def max_memory_allocated(self, device):
-        self.calls.append(("max_memory_allocated", device))
-        return 5 * GiB + GiB // 2
-
-    def memory_reserved(self, device):
-        self.calls.append(("memory_reserved", device))
-        return 6 * GiB + GiB // 4
+    def memory_stats(self, device):
+        self.calls.append(("memory_stats", device))
+        return cuda_stats_dict(3 * GiB, 5 * GiB + GiB // 2, 6 * GiB + GiB // 4)
 
     def reset_peak_memory_stats(self, device):
         self.calls.append(("reset_peak_memory_stats", device))
+
+
+def test_cuda_memory_gb_reads_the_torch_memory_stats_keys():
+    stats = cuda_stats_dict(3 * GiB, 5 * GiB + GiB // 2, 6 * GiB + GiB // 4)
+    assert "allocated_bytes.all.current" in stats and "reserved_bytes.large_pool.peak" in stats  # real format
+    assert memory_mod.cuda_memory_gb(stats) == {
+        "perf/mem_allocated_gb": 3.0, "perf/mem_peak_gb": 5.5, "perf/mem_reserved_gb": 6.25}
+    # before CUDA is initialised torch returns {}: zeros, not a KeyError
+    assert memory_mod.cuda_memory_gb({}) == dict.fromkeys(KEYS, 0.0)
 
 
 def test_cuda_branch_maps_bytes_to_gb():
@@ -70,8 +94,7 @@ def test_cuda_branch_maps_bytes_to_gb():
         "perf/mem_reserved_gb": 6.25,
     }
     reset_peak("cuda:1", cuda=fake)
-    assert [name for name, _ in fake.calls] == [
-        "memory_allocated", "max_memory_allocated", "memory_reserved", "reset_peak_memory_stats"]
+    assert [name for name, _ in fake.calls] == ["memory_stats", "reset_peak_memory_stats"]
     assert all(d == dev for _, d in fake.calls)  # the device is passed through, not the current one
 
     fake.calls.clear()
@@ -80,6 +103,16 @@ def test_cuda_branch_maps_bytes_to_gb():
     assert fake.calls == []  # CPU never touches the CUDA namespace
 
 
+def test_cuda_branch_with_the_real_torch_cuda_namespace():
+    """The CUDA branch against the real ``torch.cuda``: on a machine without a GPU (CUDA never
+    initialised) ``torch.cuda.memory_stats`` is {} and the numbers are 0; on a GPU they are real."""
+    got = memory_stats(torch.device("cuda", 0))
+    assert set(got) == KEYS and all(v >= 0.0 for v in got.values())
+    if not torch.cuda.is_available():
+        assert got == dict.fromkeys(KEYS, 0.0)
+
+
 def test_stand_in_matches_the_real_torch_cuda_names():
-    for name in ("memory_allocated", "max_memory_allocated", "memory_reserved", "reset_peak_memory_stats"):
+    for name in ("memory_stats", "reset_peak_memory_stats"):
         assert callable(getattr(torch.cuda, name))
+    assert callable(torch.cuda.memory._recurse_add_to_result)  # the flattening cuda_stats_dict relies on
