@@ -32,7 +32,7 @@ from ..data.photometric import Photometric, PhotometricConfig, SharedGeometryVie
 from ..errors import ConfigError
 from ..masking import block_masks
 from ..models.vit import VisionTransformer
-from ..teachers.ema import EMATeacher, momentum_at
+from ..teachers.ema import EMATeacher, hold_outside, momentum_at
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, register
 
@@ -169,9 +169,12 @@ class ConMIM(Objective):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.trunc_normal_(self.mask_token, std=0.02)
         self.projector = Projector(d, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
-        # fp32 EMA copies taken now, before DeepSpeed partitions or casts the student
-        self.teacher_encoder = EMATeacher(encoder)
-        self.teacher_projector = EMATeacher(self.projector)
+        # fp32 EMA copies taken now, before DeepSpeed partitions or casts the student; held OUTSIDE the module
+        # tree (ZeRO-3 expects every parameter under the engine's module to be its own), always in train mode
+        hold_outside(self, "teacher_encoder", EMATeacher(encoder))
+        hold_outside(self, "teacher_projector", EMATeacher(self.projector))
+        self.teacher_encoder.train()
+        self.teacher_projector.train()
         self.momentum = float(cfg.ema_m0)
 
     # ------------------------------------------------------------------ data side

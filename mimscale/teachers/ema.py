@@ -2,8 +2,8 @@
 
 Any objective can hold one (or several) :class:`EMATeacher` per student submodule::
 
-    self.teacher = EMATeacher(self.encoder)              # deepcopy NOW, before DeepSpeed partitions anything
-    def private_modules(self): return [self.teacher]     # outside DeepSpeed: not partitioned, not optimised
+    hold_outside(self, "teacher", EMATeacher(self.encoder))  # deepcopy NOW, before DeepSpeed touches the student
+    def private_modules(self): return [self.teacher]          # the engine moves it to the device
     def after_optimizer_step(self, ctx):
         self.teacher.update(ctx, self.encoder, cosine_to_one(ctx.step, ctx.total_steps, 0.996))
     def checkpoint_state(self): return {"teacher": self.teacher.checkpoint_state()}
@@ -27,6 +27,17 @@ from torch import nn
 from ..errors import CheckpointError
 
 
+def hold_outside(owner: nn.Module, name: str, module: nn.Module) -> None:
+    """Set ``owner.<name> = module`` WITHOUT registering it as a submodule.
+
+    A teacher must stay out of the objective's module tree: DeepSpeed ZeRO-3 walks ``engine.module.parameters()``
+    after every step and fails on parameters it does not manage ("no attribute 'ds_active_sub_modules'"), and
+    ``objective.bfloat16()`` / ``.train()`` / ``state_dict()`` must not reach it either (fp32, own mode, saved
+    via ``checkpoint_state``). Return it from ``private_modules()`` so the engine moves it to the device.
+    """
+    object.__setattr__(owner, name, module)
+
+
 def cosine_to_one(step: int, total_steps: int, m0: float) -> float:
     """``m(it) = 1 - (1 - m0) * (1 + cos(pi * it / T)) / 2``: ``m0`` at 0, rising to 1 at ``T`` (and after)."""
     if total_steps <= 0:
@@ -48,10 +59,10 @@ class EMATeacher(nn.Module):
     """fp32 copy of ``student`` (taken at construction), moved only by :meth:`update`.
 
     ``forward(*args)`` runs the copy. Its parameters have ``requires_grad=False`` and must never reach an
-    optimizer: return this module from the objective's ``private_modules()`` (not ``frozen_modules()``, which
-    would force eval mode — the mode is left to the objective, e.g. train mode for BatchNorm batch statistics).
-    ``deterministic=True`` turns stochastic depth and dropout off in the copy (a teacher target must not be
-    noisy); parameter names are unchanged by that.
+    optimizer: hold it with :func:`hold_outside` and return it from the objective's ``private_modules()`` (not
+    ``frozen_modules()``, which would force eval mode: the mode is the objective's choice, e.g. train mode for
+    BatchNorm batch statistics). ``deterministic=True`` turns stochastic depth and dropout off in the copy (a
+    teacher target must not be noisy); parameter names are unchanged by that.
     """
 
     def __init__(self, student: nn.Module, deterministic: bool = True):

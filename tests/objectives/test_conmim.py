@@ -101,6 +101,8 @@ def test_negatives_are_intra_image():
 def test_negatives_are_intra_image_through_the_model_in_eval_mode():
     """Projector BatchNorm in eval mode: changing image 1 leaves image 0's student and teacher features."""
     obj = make().eval()
+    obj.teacher_encoder.eval()
+    obj.teacher_projector.eval()
     batch = random_batch(obj, b=2)
     other = {k: v.clone() for k, v in batch.items()}
     other["image"][1] = torch.randn(3, IMG, IMG)
@@ -164,7 +166,7 @@ def test_student_is_beit_style_masked_patches_are_mask_tokens():
 
 
 def test_teacher_gets_no_gradient_and_is_outside_the_optimizer():
-    from mimscale.engine.deepspeed import _detached, param_groups
+    from mimscale.engine.deepspeed import param_groups
 
     obj = make().train()
     teachers = obj.private_modules()
@@ -174,16 +176,19 @@ def test_teacher_gets_no_gradient_and_is_outside_the_optimizer():
     t_params = [p for m in teachers for p in m.parameters()]
     assert t_params and all(not p.requires_grad and p.grad is None for p in t_params)
     assert all(p.grad is not None for n, p in obj.named_parameters() if p.requires_grad)
-    with _detached(obj, teachers):                                       # what engine.initialize hands DeepSpeed
-        grouped = {id(p) for g in param_groups(obj, obj.no_weight_decay(), 0.05) for p in g["params"]}
-    assert grouped and not grouped & {id(p) for p in t_params}
-    assert {id(p) for n, p in obj.named_parameters() if p.requires_grad} == grouped
+    # outside the module tree: DeepSpeed (and ZeRO-3's parameter walks) never see the teacher
+    assert not {id(p) for p in obj.parameters()} & {id(p) for p in t_params}
+    assert not any(k.startswith("teacher") for k in obj.state_dict())
+    grouped = {id(p) for g in param_groups(obj, obj.no_weight_decay(), 0.05) for p in g["params"]}
+    assert grouped == {id(p) for p in obj.parameters()}
+    obj.bfloat16()                                                       # what DeepSpeed does for bf16 runs
+    assert all(p.dtype == torch.float32 for p in t_params)
 
 
 def test_teacher_stays_in_train_mode_and_has_no_drop_path():
     torch.manual_seed(0)
-    obj = ConMIM(build_vit("vit_micro", IMG, PATCH, depth=2, drop_path_rate=0.2), ConMIM.tiny_config()).train()
-    assert obj.teacher_projector.training                                # BatchNorm uses batch statistics
+    obj = ConMIM(build_vit("vit_micro", IMG, PATCH, depth=2, drop_path_rate=0.2), ConMIM.tiny_config()).eval()
+    assert obj.teacher_projector.training and obj.teacher_encoder.training   # BatchNorm uses batch statistics
     assert all(m.p == 0 for m in obj.teacher_encoder.modules() if type(m).__name__ == "DropPath")
     img = torch.randn(4, 3, IMG, IMG)
     assert torch.equal(obj.teacher_targets(img, torch.float32), obj.teacher_targets(img, torch.float32))
