@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from .bench import resolve_bench
 from .data import Run, load_run, load_runs, mae_reference_flops
 from .html import render
 
@@ -22,17 +23,18 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_report(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None,
-                 target: float | None = None) -> tuple[Path, Path]:
+                 target: float | None = None, bench: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.json`` into ``out_dir`` (default: the first run dir).
 
     Returns their paths. Raises :class:`mimscale.errors.MimscaleError` for a missing run
     directory, one without metrics, or a target outside (0, 100].
     """
     runs = load_runs(list(run_dirs), target)
+    bench_doc = resolve_bench(bench)    # --bench FILE, else the newest benchmarks/results/throughput-*.json
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / "report.html", out / "report.json"
-    doc = {"target": target, "runs": [r.to_json() for r in runs]}
+    doc = {"target": target, "runs": [r.to_json() for r in runs], **({"bench": bench_doc} if bench_doc else {})}
     _write(json_path, json.dumps(doc, indent=2) + "\n")
-    _write(html_path, render(runs, target))
+    _write(html_path, render(runs, target, bench=bench_doc))
     return html_path, json_path

@@ -19,13 +19,16 @@ def add_parser(sub) -> None:
                    help="where report.html and report.json go (default: the first RUN_DIR)")
     p.add_argument("--target", type=float, default=None, metavar="PCT",
                    help="kNN top-1 target in percent for the time-to-target column (default: none)")
+    p.add_argument("--bench", default=None, metavar="FILE",
+                   help="a `mimscale bench throughput --sweep` results file to show as a table + plot "
+                        "(default: the newest benchmarks/results/throughput-*.json, if any)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
     from . import write_report
 
-    html_path, json_path = write_report(args.run_dirs, args.out, args.target)
+    html_path, json_path = write_report(args.run_dirs, args.out, args.target, bench=args.bench)
     print(f"report: {html_path}")
     print(f"data:   {json_path}")
     return 0

@@ -7,6 +7,7 @@ import math
 from html import escape
 
 from .data import Run
+from .bench import bench_section
 from .svg import Series, line_chart, run_style
 
 DASH = "—"
@@ -250,7 +251,8 @@ NOTES = [
 ]
 
 
-def render(runs: list[Run], target: float | None = None, generated: str | None = None) -> str:
+def render(runs: list[Run], target: float | None = None, generated: str | None = None,
+           bench: dict | None = None) -> str:
     """The whole report as one HTML document."""
     generated = generated or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = f"mimscale report — {len(runs)} run{'s' if len(runs) != 1 else ''}"
@@ -281,7 +283,7 @@ def render(runs: list[Run], target: float | None = None, generated: str | None =
 </div>
 <h2>Curves</h2>
 {_plots(runs, target)}
-<h2>Notes</h2>
+{bench_section(bench) if bench else ""}<h2>Notes</h2>
 <dl class="notes">{notes}</dl>
 <h2>Run directories</h2>
 <ul class="paths">{paths}</ul>
