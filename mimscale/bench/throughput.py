@@ -8,7 +8,9 @@ ones (``engine(batch); engine.backward(loss); engine.step()``, device-synchronis
 JSON line:
 
 * ``img_per_s`` = micro-batch x world size / median step time (``step_time_s`` is that median,
-  ``step_time_iqr_s`` its interquartile range);
+  ``step_time_iqr_s`` its interquartile range); ``cpu_time_s`` is the median CPU time of this process
+  per step and ``img_per_cpu_s`` = micro-batch / that: on a CPU shared with other jobs the CPU time of
+  a step moves far less with the load than its wall-clock time (on a GPU it is host overhead only);
 * ``mfu`` = counted FLOPs per image x img/s per device / device peak. FLOPs are counted by
   :func:`mimscale.telemetry.mfu.count_train_flops` on a copy of the objective built on the meta
   device (model FLOPs: checkpointing recompute is not counted, so it lowers MFU); the peak is
@@ -270,12 +272,13 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
         step()
     sync()
     reset_peak(device)
-    times, loss = [], None
+    times, cpu_times, loss = [], [], None
     for _ in range(tc.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         sync()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
     mem = memory_stats(device)["perf/mem_peak_gb"]
     loss_v = float(loss.detach().float())
     if tdist.is_initialized() and tdist.get_world_size() > 1:
@@ -297,6 +300,8 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
         "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
         "steps": tc.steps, "warmup": tc.warmup, "params": params,
         "img_per_s": img_s, "step_time_s": med, "step_time_iqr_s": [q[0], q[2]],
+        "cpu_time_s": statistics.median(cpu_times),
+        "img_per_cpu_s": cfg.train.micro_batch_size / statistics.median(cpu_times),
         "flops_per_sample": flops, "flops_per_sample_analytic": analytic,
         "tflops_per_device": flops * img_s / d.world_size / 1e12,
         "peak_tflops": peak / 1e12 if peak else None,
@@ -416,6 +421,7 @@ def run_grid(configs: list[ThroughputConfig], repeats: int = 1, emit=print) -> l
         rs = sorted(rounds[i], key=lambda x: x["img_per_s"])
         row = dict(rs[len(rs) // 2])
         row["img_per_s_rounds"] = [x["img_per_s"] for x in rounds[i]]
+        row["img_per_cpu_s_rounds"] = [x.get("img_per_cpu_s") for x in rounds[i]]
         if repeats > 1:
             emit(json.dumps(row))
         out.append(row)
@@ -426,11 +432,20 @@ def run_grid(configs: list[ThroughputConfig], repeats: int = 1, emit=print) -> l
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """img/s of each row relative to ZeRO-0 without checkpointing at the same micro-batch (if measured)."""
-    base = {r["micro_batch"]: r["img_per_s"] for r in rows if r["zero"] == 0 and not r["ckpt"]}
-    return [{"zero": r["zero"], "ckpt": r["ckpt"], "micro_batch": r["micro_batch"],
-             "img_per_s_vs_zero0": r["img_per_s"] / base[r["micro_batch"]] if r["micro_batch"] in base else None}
-            for r in rows]
+    """img/s (and img per CPU-second, when measured) of each row relative to ZeRO-0 without checkpointing
+    at the same micro-batch and model (``None`` without that baseline)."""
+    def key(r):
+        return r.get("arch"), r["micro_batch"], r.get("world_size", 1)
+
+    base = {key(r): r for r in rows if r["zero"] == 0 and not r["ckpt"]}
+    out = []
+    for r in rows:
+        b = base.get(key(r))
+        cpu = b is not None and r.get("img_per_cpu_s") and b.get("img_per_cpu_s")
+        out.append({"arch": r.get("arch"), "zero": r["zero"], "ckpt": r["ckpt"], "micro_batch": r["micro_batch"],
+                    "img_per_s_vs_zero0": r["img_per_s"] / b["img_per_s"] if b else None,
+                    "img_per_cpu_s_vs_zero0": r["img_per_cpu_s"] / b["img_per_cpu_s"] if cpu else None})
+    return out
 
 
 def sweep_doc(rows: list[dict], grid_spec: dict, repeats: int) -> dict[str, Any]:
@@ -497,14 +512,16 @@ def write_sweep(rows: list[dict], out: str | os.PathLike, grid_spec: dict, repea
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of a sweep (img/s, ratio to ZeRO-0, step time, MFU, peak memory)."""
     rel = ratios(rows)
-    head = (f"{'arch':<10} {'ZeRO':>4} {'ckpt':>4} {'mb':>4} {'img/s':>9} {'vs Z0':>6} {'step ms':>8} "
-            f"{'MFU':>6} {'mem GB':>7}")
+    head = (f"{'arch':<10} {'ZeRO':>4} {'ckpt':>4} {'mb':>4} {'img/s':>9} {'vs Z0':>6} {'img/CPU-s':>9} "
+            f"{'vs Z0':>6} {'step ms':>8} {'MFU':>6} {'mem GB':>7}")
     lines = [head]
     for r, q in zip(rows, rel):
-        v = q["img_per_s_vs_zero0"]
+        v, vc = q["img_per_s_vs_zero0"], q["img_per_cpu_s_vs_zero0"]
         mfu_s = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "   n/a"
         line = (f"{r['arch']:<10} {r['zero']:>4} {r['ckpt']:>4} {r['micro_batch']:>4} {r['img_per_s']:>9.1f} "
-                f"{(f'{v:.3f}' if v is not None else '-'):>6} {1000 * r['step_time_s']:>8.1f} {mfu_s} "
+                f"{(f'{v:.3f}' if v is not None else '-'):>6} "
+                f"{(format(r['img_per_cpu_s'], '.1f') if r.get('img_per_cpu_s') else '-'):>9} "
+                f"{(f'{vc:.3f}' if vc is not None else '-'):>6} {1000 * r['step_time_s']:>8.1f} {mfu_s} "
                 f"{r['mem_peak_gb']:>7.2f}")
         if "plan" in r:
             p = r["plan"]

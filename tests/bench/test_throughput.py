@@ -119,6 +119,10 @@ def test_sweep_ratios_table_and_plot(tmp_path):
     rows = [_row(0, 0, 8, 100.0), _row(3, 0, 8, 80.0), _row(3, 1, 8, 60.0), _row(1, 0, 16, 50.0)]
     rel = T.ratios(rows)
     assert [r["img_per_s_vs_zero0"] for r in rel] == [1.0, 0.8, 0.6, None]   # mb 16 has no ZeRO-0 baseline
+    assert [r["img_per_cpu_s_vs_zero0"] for r in rel] == [None] * 4             # not measured in these rows
+    cpu = [dict(rows[0], img_per_cpu_s=120.0), dict(rows[1], img_per_cpu_s=90.0)]
+    assert [r["img_per_cpu_s_vs_zero0"] for r in T.ratios(cpu)] == [1.0, 0.75]
+    assert [r["img_per_s_vs_zero0"] for r in T.ratios([*cpu, dict(rows[1], arch="vit_tiny")])] == [1.0, 0.8, None]
     table = T.format_table(rows)
     assert len(table.splitlines()) == 5 and "0.800" in table
     path, svg = T.write_sweep(rows, tmp_path, {"zero": [0, 1, 3]}, 1)
