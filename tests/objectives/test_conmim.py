@@ -413,3 +413,17 @@ def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
 
 LEARN = {"steps": 128, "epochs": 4, "blr": 6e-3, "warmup_epochs": 0.2, "proj_hidden": 256, "proj_out": 64,
          "ema_m0": 0.99, "min_gain": 0.5}
+
+
+def test_bf16_student_with_fp32_teacher():
+    """DeepSpeed bf16 casts the objective (not the teacher): the teacher runs under autocast, the loss stays fp32."""
+    obj = make().train()
+    batch = random_batch(obj)
+    ref = obj(batch).loss.item()
+    obj.bfloat16()
+    assert obj.teacher_encoder.module.cls_token.dtype == torch.float32
+    out = obj(batch)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    assert out.loss.item() == pytest.approx(ref, rel=0.05)
+    out.loss.backward()
+    assert obj.mask_token.grad is not None and obj.mask_token.grad.dtype == torch.bfloat16
