@@ -6,7 +6,7 @@ import argparse
 DESCRIPTION = """\
 Write a self-contained report.html (open it offline in any browser) and report.json for one or
 more run directories: per run the objective, model, epochs, device-hours, MAE-equivalent epochs,
-best kNN/linear top-1, time to a target accuracy, throughput (img/s, TFLOP/s, MFU when logged),
+best kNN/linear/fine-tune top-1, time to a target accuracy, throughput (img/s, TFLOP/s, MFU when logged),
 peak memory, and plots of kNN top-1 vs device-hours and training loss vs step (one curve per run).
   mimscale report runs/mae_vit_b16 runs/emae_vit_b16 --target 60 --out reports/b16"""
 

@@ -38,6 +38,7 @@ from ..errors import MimscaleError
 
 KNN_KEY = "eval/knn_top1"
 LINEAR_KEY = "eval/linear_top1"
+FINETUNE_KEY = "eval/finetune_top1"
 LOSS_KEY = "train/loss"
 
 
@@ -70,6 +71,7 @@ class Run:
     knn_best_step: int | None = None
     knn_final: float | None = None
     linear_best: float | None = None
+    finetune_best: float | None = None          # `mimscale eval finetune` appends eval/finetune_top1
     target: float | None = None
     time_to_target_h: float | None = None       # None: no target, or not reached (see target_reached)
     time_to_target_step: int | None = None
@@ -284,6 +286,8 @@ def load_run(path: str | Path, target: float | None = None) -> Run:
         run.knn_final = knn[-1][1]
     lin = [v for _, v in _last_per_step(records, LINEAR_KEY)]
     run.linear_best = max(lin) if lin else None
+    ft = [v for _, v in _last_per_step(records, FINETUNE_KEY)]
+    run.finetune_best = max(ft) if ft else None
     if target is not None:
         hit = next(((int(s), h) for s, h, v in run.knn_curve if v >= target), None)
         run.target_reached = hit is not None

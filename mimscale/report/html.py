@@ -196,6 +196,7 @@ def _row(i: int, r: Run) -> str:
         _td(_hours(r.device_hours) + _sub(devices, _duration(r.device_hours)), r.device_hours),
         _td(_fmt(r.knn_best) + _sub(init), r.knn_best),
         _td(_fmt(r.linear_best), r.linear_best),
+        _td(_fmt(r.finetune_best), r.finetune_best),
         _td(ttt, ttt_sort),
         _td(_fmt(r.img_per_s, 1) + _sub(tflops), r.img_per_s),
         _td(_fmt(mfu, 1), mfu),
@@ -209,7 +210,8 @@ def _header(target: float | None) -> str:
     ttt = f"Time to {target:g}%" if target is not None else "Time to target"
     cols = [("Run", "", "text"), ("Objective", "", "text"), ("Model", "", "text"),
             ("Epochs", "trained", ""), ("MAE-eq. epochs", "at MAE cost", ""), ("Compute", "device-hours", ""),
-            ("kNN top-1", "best, %", ""), ("Linear top-1", "best, %", ""), (ttt, "kNN, device-h", ""),
+            ("kNN top-1", "best, %", ""), ("Linear top-1", "best, %", ""),
+            ("Fine-tune top-1", "best, %", ""), (ttt, "kNN, device-h", ""),
             ("Throughput", "img/s", ""), ("MFU", "%", ""), ("Peak memory", "GB, rank 0", ""),
             ("Final loss", "train", "")]
     cells = []

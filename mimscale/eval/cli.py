@@ -1,0 +1,174 @@
+"""`mimscale eval knn|linear|finetune SOURCE --data TRAIN --test TEST [key=value ...]` (plugged into mimscale.cli)."""
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DESCRIPTION = """\
+Evaluate a pre-trained encoder on labelled shard directories (written by `mimscale data ...`).
+SOURCE is a `mimscale pretrain` run directory (geometry and normalisation from its config.yaml, weights
+from encoder.safetensors) or an exported encoder .safetensors file (geometry read from its tensors;
+--arch etc. are checked against it). Results are printed and written as JSON (RUN_DIR/eval/<kind>.json),
+and eval/<kind>_top1 is appended to the run's metrics.jsonl for `mimscale report`.
+
+  knn       weighted kNN (cosine, k=20, T=0.07) on frozen features      knobs: k, temperature, pool, ...
+  linear    linear probe (BatchNorm + Linear, LARS/SGD) via accelerate  knobs: see mimscale/eval/linear.py
+            accelerate launch --multi_gpu --num_processes 2 -m mimscale.cli eval linear RUN ...  (CPU too)
+  finetune  MAE fine-tuning recipe through the DeepSpeed engine         recipe: --recipe finetune_vit_b16
+            (default by arch: finetune_vit_{b16,l16,h14}); overrides like train.epochs=10 finetune.mixup=0
+
+  mimscale eval linear runs/tiny_cpu --data DIR/train --test DIR/test epochs=20 batch_size=256 optimizer=sgd"""
+
+
+@dataclass
+class KNNConfig:
+    k: int = 20
+    temperature: float = 0.07
+    pool: Literal["cls", "mean"] = "cls"
+    num_classes: int | None = None
+    train_samples: int | None = None
+    test_samples: int | None = None
+    batch_size: int = 256
+    num_workers: int = 2
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def _options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
+    d = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("--data", metavar="TRAIN_SHARDS", help="labelled training shard directory (or built-in "
+                   "name, e.g. fashion-mnist:train)", **d)
+    p.add_argument("--test", metavar="TEST_SHARDS", help="labelled test shard directory", **d)
+    p.add_argument("--arch", help="with a .safetensors SOURCE: expected arch (checked)", **d)
+    p.add_argument("--img-size", type=int, help="expected image size (checked)", **d)
+    p.add_argument("--patch-size", type=int, help="expected patch size (checked)", **d)
+    p.add_argument("--in-chans", type=int, help="expected input channels (checked)", **d)
+    p.add_argument("--recipe", help="finetune: recipe name or YAML (default: by arch)", **d)
+    p.add_argument("--out", help="result JSON path (default: RUN_DIR/eval/<kind>.json)", **d)
+    p.add_argument("--out-dir", help="finetune: where the model and its logs go (default: RUN_DIR/eval/finetune)",
+                   **d)
+    p.add_argument("--data-root", default=argparse.SUPPRESS if suppress else "~/.cache/mimscale/data",
+                   help="where built-in data sets are converted to shards")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="kNN / linear probe / fine-tune a pre-trained encoder", description=DESCRIPTION,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=("knn", "linear", "finetune"))
+    p.add_argument("source", metavar="SOURCE", help="run directory or exported encoder .safetensors")
+    _options(p)
+    # options may also follow SOURCE, mixed with key=value overrides: parsed again in run()
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="key=value overrides (and options)")
+    p.set_defaults(run=run)
+
+
+def _knobs(cls, overrides: list[str]):
+    """A knob dataclass from ``key=value`` strings (typed and checked like the YAML config)."""
+    from ..config import from_dict, parse_override
+    from ..errors import ConfigError
+
+    raw = {}
+    for item in overrides:
+        keys, value = parse_override(item)
+        if len(keys) != 1:
+            raise ConfigError(f"override '{item}': {cls.__name__} knobs have no sections (e.g. epochs=20)")
+        raw[keys[0]] = value
+    return from_dict(cls, raw)
+
+
+def run(args) -> int:
+    from ..data import builtin
+    from ..errors import ConfigError
+    from .results import record
+    from .source import load_source
+
+    again = argparse.ArgumentParser(prog=f"mimscale eval {args.kind}", add_help=False)
+    _options(again, suppress=True)
+    again.add_argument("overrides", nargs="*")
+    ns = again.parse_intermixed_args(args.rest)
+    for k, v in vars(ns).items():
+        setattr(args, k, v)
+    if not args.data or not args.test:
+        raise ConfigError("pass the labelled shard directories: --data TRAIN_SHARDS --test TEST_SHARDS")
+    train_dir, test_dir = (builtin.resolve(s, args.data_root) for s in (args.data, args.test))
+    source = load_source(args.source, args.arch, args.img_size, args.patch_size, args.in_chans)
+    if args.kind == "finetune":
+        return _finetune(args, source, train_dir, test_dir)
+
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    import torch
+
+    from .. import dist
+
+    d = dist.detect()
+    dist.export(d)
+    torch.set_num_threads(dist.configure_threads(d))
+    acc = Accelerator(cpu=dist.accelerator_name() == "cpu",
+                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if args.kind == "knn":
+        cfg = _knobs(KNNConfig, args.overrides)
+        result = _knn(source, train_dir, test_dir, cfg, acc.device, acc.process_index, acc.num_processes)
+    else:
+        from .linear import LinearConfig, linear_probe
+
+        cfg = _knobs(LinearConfig, args.overrides)
+        result = linear_probe(source.encoder, train_dir, test_dir, cfg, acc, img_size=source.img_size,
+                              in_chans=source.in_chans, mean=cfg.mean or source.mean, std=cfg.std or source.std)
+    from ..config import to_dict
+
+    result["config"] = to_dict(cfg)
+    if acc.is_main_process:
+        metrics = {f"eval/{args.kind}_top1": result["top1"]}
+        path = record(source, args.kind, result, metrics, args.out)
+        print(f"{args.kind} top-1: {result['top1']:.2f}% (best {result.get('best_top1', result['top1']):.2f}%) "
+              f"on {result['test_samples']} test images -> {path}", flush=True)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return 0
+
+
+def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: int) -> dict:
+    from ..data.loader import ShardLoader
+    from ..data.transforms import EvalTransform
+    from .knn import KNNEvaluator
+    from .source import first_shards, num_classes
+
+    tf = EvalTransform(source.img_size, mean=cfg.mean or source.mean, std=cfg.std or source.std,
+                       in_chans=source.in_chans)
+    loaders = [ShardLoader(first_shards(src, cap), manifest=src, batch_size=cfg.batch_size, transform=tf, rank=rank,
+                           world_size=world, num_workers=cfg.num_workers, mode="eval", shuffle=False)
+               for src, cap in ((train_dir, cfg.train_samples), (test_dir, cfg.test_samples))]
+    ev = KNNEvaluator(*loaders, num_classes=num_classes(train_dir, cfg.num_classes), k=cfg.k,
+                      temperature=cfg.temperature, pool=cfg.pool)
+    res = ev(source.encoder.to(device), device)
+    return {"top1": res["eval/knn_top1"], "train_samples": int(res["eval/knn_bank"]),
+            "test_samples": int(res["eval/knn_queries"]), "processes": world}
+
+
+def _finetune(args, source, train_dir: str, test_dir: str) -> int:
+    from .finetune import finetune, load_recipe
+    from .results import record
+
+    recipe = load_recipe(args.recipe, args.overrides, source)
+    if args.out_dir:
+        out_dir = Path(args.out_dir)
+    elif source.run_dir is not None:
+        out_dir = source.run_dir / "eval" / "finetune"
+    else:
+        out_dir = source.weights.with_name(f"{source.weights.stem}_finetune")
+    result = finetune(source, train_dir, test_dir, recipe, out_dir)
+    if result["rank"] == 0:
+        metrics = {"eval/finetune_top1": result["top1"]}
+        path = record(source, "finetune", result, metrics, args.out)
+        print(f"finetune top-1: {result['top1']:.2f}% (best {result['best_top1']:.2f}%) on "
+              f"{result['test_samples']} test images after {result['steps']} steps -> {path}", flush=True)
+    logging.getLogger("mimscale.eval").info("fine-tuned model: %s", result["model"])
+    return 0
+
+
+__all__ = ["add_parser", "run", "KNNConfig"]

@@ -1,0 +1,144 @@
+"""What ``mimscale eval`` evaluates: a pre-training run directory or an exported encoder file.
+
+A run directory holds ``config.yaml`` (geometry and normalisation of the run) and ``encoder.safetensors``;
+an exported ``.safetensors`` file carries its geometry in its tensors (``patch_embed.proj.weight
+[D, C, p, p]``, ``pos_embed [1, 1 + N, D]``, the block count), so arch, patch size, image size and channels
+are inferred and ``--arch`` etc. only have to agree. Weights are read with safetensors only (no pickle).
+Any missing, corrupt or mismatching file raises :class:`~mimscale.errors.CheckpointError` (one line).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+from ..config import IMAGENET_MEAN, IMAGENET_STD
+from ..errors import CheckpointError, DataError
+from ..models.pos_embed import sincos_2d
+from ..models.vit import ARCHS, VisionTransformer, build_vit
+
+ENCODER_FILE = "encoder.safetensors"
+
+
+@dataclass
+class Source:
+    """A loaded encoder and what it was trained with."""
+
+    encoder: VisionTransformer            # global_pool="token", num_classes=0: the exported encoder
+    state: dict[str, torch.Tensor]        # its weights as read (timm key names)
+    arch: str
+    img_size: int
+    patch_size: int
+    in_chans: int
+    pos_embed: str                        # "sincos" (fixed buffer) or "learned"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    weights: Path
+    run_dir: Path | None = None           # set when SOURCE is a run directory
+    step: int | None = None               # the run's last training step (where eval metrics are logged)
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; CheckpointError if missing or unreadable."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"encoder weights not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for truncated / non-safetensors files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+
+
+def infer_geometry(state: dict[str, torch.Tensor], path: Path) -> dict:
+    """``arch, img_size, patch_size, in_chans, pos_embed`` from the tensors of an exported encoder."""
+    try:
+        w, pos = state["patch_embed.proj.weight"], state["pos_embed"]
+    except KeyError as e:
+        raise CheckpointError(f"{path} is not a mimscale/timm ViT encoder (no {e.args[0]} tensor)") from None
+    dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
+    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
+    arch = next((a for a, s in ARCHS.items() if s["embed_dim"] == dim and s["depth"] == depth), None)
+    grid = math.isqrt(int(pos.shape[1]) - 1)
+    if arch is None or grid * grid != pos.shape[1] - 1:
+        raise CheckpointError(f"{path}: width {dim} x {depth} blocks is not a known ViT ({', '.join(ARCHS)})")
+    sincos = torch.allclose(pos.float(), sincos_2d(dim, grid, cls_token=True), atol=1e-5)
+    return dict(arch=arch, img_size=grid * patch, patch_size=patch, in_chans=in_chans,
+                pos_embed="sincos" if sincos else "learned")
+
+
+def load_source(source: str | Path, arch: str | None = None, img_size: int | None = None,
+                patch_size: int | None = None, in_chans: int | None = None) -> Source:
+    """Load SOURCE (a run directory or an exported ``.safetensors`` file) into a strict-checked encoder."""
+    p = Path(source).expanduser()
+    run_dir, cfg = None, {}
+    if p.is_dir():
+        if not (p / "config.yaml").is_file():
+            raise CheckpointError(f"{p} has no config.yaml: pass a `mimscale pretrain` run directory or an "
+                                  f"exported encoder .safetensors file")
+        try:
+            cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
+        except yaml.YAMLError as e:
+            raise CheckpointError(f"{p / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]})") from None
+        run_dir, weights = p, p / ENCODER_FILE
+    elif p.suffix == ".safetensors":
+        weights = p
+    else:
+        raise CheckpointError(f"{source}: not a run directory or a .safetensors file (no such path)"
+                              if not p.exists() else f"{source}: expected a run directory or a .safetensors file")
+    state = read_weights(weights)
+    geo = infer_geometry(state, weights)
+    model_cfg = cfg.get("model") or {}
+    for key, given in (("arch", arch), ("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans)):
+        want = given if given is not None else model_cfg.get(key)
+        if want is not None and want != geo[key]:
+            raise CheckpointError(f"{weights} holds a {geo['arch']} with img_size={geo['img_size']}, "
+                                  f"patch_size={geo['patch_size']}, in_chans={geo['in_chans']}, but {key}={want} "
+                                  f"was asked for")
+    encoder = build_vit(geo["arch"], geo["img_size"], geo["patch_size"], geo["in_chans"], pos_embed=geo["pos_embed"],
+                        layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state else None)  # values come from state
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
+        raise CheckpointError(f"{weights} does not load into a {geo['arch']} encoder: {first}") from None
+    data = cfg.get("data") or {}
+    summary_step = None
+    if run_dir is not None and (run_dir / "summary.json").is_file():
+        import json
+
+        try:
+            summary_step = json.loads((run_dir / "summary.json").read_text()).get("steps")
+        except ValueError:
+            summary_step = None
+    return Source(encoder=encoder, state=state, weights=weights, run_dir=run_dir, step=summary_step,
+                  mean=tuple(data.get("mean") or IMAGENET_MEAN), std=tuple(data.get("std") or IMAGENET_STD), **geo)
+
+
+def num_classes(shard_dir: str, given: int | None = None) -> int:
+    """Class count: ``given``, else the length of the manifest's ``classes`` list."""
+    from ..data.shards import read_manifest
+
+    if given:
+        return int(given)
+    classes = read_manifest(shard_dir).get("classes") or []
+    if not classes:
+        raise DataError(f"the manifest of {shard_dir} lists no classes: pass num_classes=N")
+    return len(classes)
+
+
+def first_shards(shard_dir: str, cap: int | None) -> list[str]:
+    """The shards of a shard directory, or its first whole shards covering ``cap`` samples."""
+    from ..data.shards import read_manifest
+
+    shards, n = [], 0
+    for s in read_manifest(shard_dir)["shards"]:
+        if cap and n >= cap:
+            break
+        shards.append(str(Path(shard_dir) / s["name"]))
+        n += int(s["count"])
+    return shards

@@ -1,0 +1,42 @@
+"""Linear probe: LARS maths, the head, and a real probe on Fashion-MNIST features in one process."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mimscale.eval.linear import LARS, LinearConfig, LinearHead, linear_probe
+from mimscale.models.vit import build_vit
+
+
+def test_lars_step():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))      # ||w|| = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    opt = LARS([w, b], lr=0.5, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001)
+    w.grad, b.grad = torch.tensor([[0.0, 2.0]]), torch.tensor([2.0])
+    opt.step()
+    # weight: d = g * 0.001 * 5 / 2 -> [0, 0.005]; w -= 0.5 d. bias: plain momentum SGD.
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0 - 0.0025]]))
+    assert torch.allclose(b, torch.tensor([0.0]))
+    opt.step()                                              # momentum: mu = 0.9 mu + d
+    assert torch.allclose(b, torch.tensor([-1.9]))
+
+
+def test_head_is_parameter_free_bn_plus_linear():
+    h = LinearHead(8, 3)
+    assert [n for n, _ in h.named_parameters()] == ["fc.weight", "fc.bias"]
+    assert h(torch.randn(5, 8)).shape == (5, 3)
+
+
+def test_probe_on_real_features_single_process(fmnist_small):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", 16, 4, 3)
+    cfg = LinearConfig(pool="mean", epochs=5, batch_size=256, blr=0.1, warmup_epochs=1, optimizer="sgd",
+                       num_workers=0, feature_batch_size=512)
+    res = linear_probe(enc, str(fmnist_small["train"]), str(fmnist_small["test"]), cfg, Accelerator(cpu=True),
+                       img_size=16, in_chans=3, mean=(0.286,) * 3, std=(0.353,) * 3)
+    assert res["train_samples"] == 2048 and res["test_samples"] == 512 and res["classes"] == 10
+    assert res["steps"] == 5 * 8 and len(res["curve"]) == 5
+    assert res["top1"] > 40.0, res                          # chance is 10%
+    assert all(not p.requires_grad for p in enc.parameters())
