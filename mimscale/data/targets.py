@@ -251,8 +251,7 @@ def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: s
                       f"{done}/{total} samples, {rate:.0f} samples/s, ETA {_fmt_eta(eta)}", file=sys.stderr, flush=True)
 
         if workers > 1 and len(tasks) > 1:
-            methods = multiprocessing.get_all_start_methods()
-            ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
             with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(spec,)) as pool:
                 for i, info in pool.imap_unordered(_indexed_task, list(enumerate(tasks))):
                     report(i, info)

@@ -47,8 +47,8 @@ TINY_STD = (0.353, 0.353, 0.353)
 @dataclass
 class TrainCLIPConfig:
     samples: int = 60000            # training images seen (60000 = one Fashion-MNIST epoch)
-    batch_size: int = 256
-    lr: float = 2e-3
+    batch_size: int = 128
+    lr: float = 3e-3
     warmup_frac: float = 0.05
     weight_decay: float = 0.1
     crop_scale: tuple[float, float] = (0.6, 1.0)
@@ -154,7 +154,7 @@ def train_clip(out: str | Path, train_src: str, test_src: str, cfg: TrainCLIPCon
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             step += 1
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(step, loss=losses[-1], lr=sched.get_last_lr()[0])
             if step >= steps:
                 break
