@@ -17,3 +17,16 @@ def fmnist_small(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+@pytest.fixture(scope="session")
+def tiny_clip(fmnist_small, tmp_path_factory) -> Path:
+    """Path of a tiny real CLIP (open_clip, ``TINY_CLIP_CFG``: 32 px, patch 4 -> 8x8 grid, ``D_out`` 64), trained
+    for 4096 images on ``fmnist_small`` (train: 3-4x chance zero-shot; ~15 s idle). Load it with
+    ``mimscale.teachers.clip.CLIPTeacher(path)``; its zero-shot result is beside it (``clip.json``)."""
+    from mimscale.teachers.train_clip import TrainCLIPConfig, train_clip
+
+    out = tmp_path_factory.mktemp("tiny_clip") / "clip.pt"
+    cfg = TrainCLIPConfig(samples=4096, batch_size=32, lr=3e-3, num_workers=0, test_samples=512)
+    train_clip(out, str(fmnist_small["train"]), str(fmnist_small["test"]), cfg, progress=False)
+    return out
+
+
