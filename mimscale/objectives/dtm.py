@@ -18,6 +18,8 @@ Data flow (shapes for ViT-B/16 at 224 px: N = 196, D = 768, teacher dim Dt = 512
   (:func:`morph_groups`), giving every original token a group; both ``u`` and ``v`` are replaced token-wise
   by their group mean (:func:`group_mean`, fp32);
 * loss: smooth-L1 (beta = 2) over all tokens (visible and masked), channels and batch, averaged over levels.
+  ``normalize_target`` standardises each target token (LayerNorm without affine) before the group means;
+  the matching always uses the raw teacher features [unverified].
 
 Position embedding: the paper's student is a BEiT encoder with a shared relative position bias and no
 absolute position embedding; mimscale keeps every objective on the same timm ViT, so the encoder's fixed
