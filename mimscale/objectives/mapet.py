@@ -187,6 +187,7 @@ class MaPeT(Objective):
         label_smoothing: float = 0.0
         aux_pos_tokens: bool = True           # False: XLNet-style (no aux tokens in the content stream)
         crop_pct: float = 1.0                 # centre crop the cached codes were computed on (1.0: full square)
+        target_image_size: int | None = None  # size the codes were computed at (add-targets --image-size); None: model's
         color_jitter: float = 0.4
 
     def __init__(self, encoder: VisionTransformer, cfg: "MaPeT.Config"):
@@ -202,6 +203,8 @@ class MaPeT(Objective):
             raise ConfigError(f"objective.crop_pct={cfg.crop_pct} must be in (0, 1]")
         if not 0.0 <= cfg.color_jitter < 1.0:
             raise ConfigError(f"objective.color_jitter={cfg.color_jitter} must be in [0, 1)")
+        if cfg.target_image_size is not None and cfg.target_image_size < 1:
+            raise ConfigError(f"objective.target_image_size={cfg.target_image_size} must be >= 1 (or null)")
         if isinstance(encoder.norm, nn.Identity):
             raise ConfigError("MaPeT needs the encoder's final LayerNorm (build it with global_pool='token')")
         self.z = nn.Parameter(torch.zeros(d))                 # the shared content of every aux / query token
@@ -227,6 +230,16 @@ class MaPeT(Objective):
             return default
         return CenterCropJitter(default.size, default.mean, default.std, default.in_chans,
                                 crop_pct=self.cfg.crop_pct, jitter=self.cfg.color_jitter)
+
+    def cached_targets(self) -> dict | None:
+        """What the train loader must check in the shards' manifest (``ShardLoader(targets=...)``,
+        :func:`mimscale.data.targets.check_targets`): the codes field, the size they were computed at and the
+        centre-crop rule; ``None`` when the codes are computed from the batch (``pixel_mean``). The token grid
+        is checked on every batch (codes must be ``[B, N]``)."""
+        if self.cfg.target_source != "shards":
+            return None
+        size = self.cfg.target_image_size or self.encoder.img_size
+        return {"names": [self.cfg.target_key], "image_size": size, "crop_pct": self.cfg.crop_pct}
 
     # ------------------------------------------------------------------ targets
 
