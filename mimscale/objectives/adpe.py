@@ -21,8 +21,8 @@ runs its blocks and predicts pixels; loss = MAE's norm-pix MSE over masked patch
 
 The adversarial update is single-loop descent-ascent: one forward/backward per micro-batch. ``delta`` lives
 in :class:`AdversarialDelta`, a private module (outside DeepSpeed: replicated, fp32, not in the engine's
-optimizer, clipping or ZeRO partitions). It is kept with ``requires_grad=False`` so DeepSpeed never sees or
-zeroes its gradient; each forward uses a fresh leaf copy whose gradient hook adds ``dL/d delta`` into the
+optimizer, clipping or ZeRO partitions). It is a buffer, not a parameter, so DeepSpeed never sees, zeroes or
+releases it; each forward uses a fresh leaf copy whose gradient hook adds ``dL/d delta`` into the
 module's fp32 accumulator during ``engine.backward`` (DeepSpeed already divides the loss by the gradient
 accumulation steps, so the accumulator holds the mean over micro-batches). In ``after_optimizer_step`` the
 accumulator is averaged across ranks (``ctx.all_reduce_mean``), NEGATED and fed to a torch AdamW with a
@@ -132,13 +132,16 @@ class CropDecoder(nn.Module):
 class AdversarialDelta(nn.Module):
     """The adversarial perturbation ``delta [size]`` (fp32, init 0) with its own ascent optimizer.
 
-    ``delta`` has ``requires_grad=False``: :meth:`live` returns a differentiable leaf copy for one forward
-    whose gradient is added into ``grad_acc [size]`` (fp32) during backward, out of DeepSpeed's reach.
+    ``delta`` is a (non-persistent) buffer, not an ``nn.Parameter``: DeepSpeed walks every parameter of the
+    wrapped module (ZeRO-3 releases them all after each step, stage 0 zeroes and clips their grads), so a
+    parameter here would be touched by it. :meth:`live` returns a differentiable leaf copy for one forward
+    whose gradient is added into ``grad_acc [size]`` (fp32) during backward. Persisted via
+    :meth:`_MultiCropMIM.checkpoint_state`.
     """
 
     def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float):
         super().__init__()
-        self.delta = nn.Parameter(torch.zeros(size), requires_grad=False)
+        self.register_buffer("delta", torch.zeros(size), persistent=False)
         self.register_buffer("grad_acc", torch.zeros(size), persistent=False)
         self.backward_calls = 0
         self._opt_args = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
