@@ -1,0 +1,125 @@
+"""slurm/pretrain.sh and slurm/pretrain_launcher.sh, unchanged, on a real local SLURM (2 CPU "nodes").
+
+Each job overrides only the allocation shape on the sbatch command line (no GPUs, 1 rank per node, 1 CPU
+per rank) and trains a micro ViT on real Fashion-MNIST shards with ZeRO-3 across the two nodes.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from launch_utils import REPO, clean_env, tiny_overrides
+
+pytestmark = pytest.mark.slow
+CPU_NODES = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=30"]  # > the 600 s warning
+
+
+@pytest.fixture(scope="module")
+def zero3_knobs(tmp_path_factory) -> Path:
+    """ZeRO-3 knobs that partition even the micro ViT's tensors across the two nodes."""
+    p = tmp_path_factory.mktemp("ds") / "zero3_all.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                             "steps_per_print": 10 ** 9}))
+    return p
+
+
+def submit(slurm, script: str, args: list[str], cwd: Path, *opts: str) -> int:
+    return slurm.sbatch([*CPU_NODES, *opts, str(REPO / "slurm" / script), *args], env=clean_env(), cwd=cwd)
+
+
+def job_log(slurm, job_id: int) -> str:
+    return Path(slurm.job(job_id)["StdOut"]).read_text()
+
+
+def zero3_args(fmnist_small, run_dir: Path, knobs: Path, **kw) -> list[str]:
+    return ["tiny_cpu", *tiny_overrides(fmnist_small, run_dir, train__zero_stage=3, train__ds_config=str(knobs), **kw)]
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+@pytest.mark.parametrize("script", ["pretrain.sh", "pretrain_launcher.sh"])
+def test_two_node_zero3_job_trains(slurm, fmnist_small, zero3_knobs, tmp_path, script):
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    jid = submit(slurm, script, zero3_args(fmnist_small, run_dir, zero3_knobs), tmp_path)
+    info = slurm.wait_state(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    log = job_log(slurm, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-4000:]
+    assert info["NodeList"] == "msn[1-2]" and info["NumNodes"] == "2"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert summary["params_per_rank"][0] < summary["params_total"]          # ZeRO-3 partitioned the model
+    assert steps_logged(run_dir) == [1, 2, 3, 4]
+    assert "config OK: mae vit_micro, world size 2" in log
+    assert re.search(r"rendezvous msn1:\d+", log)
+    print(f"{script}: 2-node ZeRO-3 job {jid} done in {time.time() - t0:.1f} s")
+
+
+def test_usr1_saves_requeues_and_resumes(slurm, fmnist_small, zero3_knobs, tmp_path):
+    """The warning signal to the batch shell -> save -> exit 42 -> requeue -> the same job resumes."""
+    run_dir, total = tmp_path / "run", 40
+    args = zero3_args(fmnist_small, run_dir, zero3_knobs, train__max_steps=total, train__save_every=0,
+                      train__save_every_minutes="null")
+    t0 = time.time()
+    jid = submit(slurm, "pretrain.sh", args, tmp_path)
+    deadline = time.time() + 180
+    while max(steps_logged(run_dir), default=0) < 2:                       # mid-run: a few steps done
+        assert time.time() < deadline and slurm.job(jid)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, jid)
+        time.sleep(0.2)
+    slurm.cmd(["scancel", "--signal=USR1", "--batch", str(jid)])           # what --signal=B:USR1@... does
+    # The requeued job waits 120 s (SLURM's requeue delay) unless told to start now; an update sent while
+    # it is still COMPLETING does not stick, so wait for PENDING and repeat until it runs again.
+    deadline = time.time() + 120
+    while True:
+        info = slurm.job(jid)
+        if info.get("Restarts") == "1" and info["JobState"] != "PENDING":
+            break
+        assert time.time() < deadline and info["JobState"] in ("RUNNING", "COMPLETING", "PENDING"), \
+            (info, job_log(slurm, jid)[-4000:])
+        if info["JobState"] == "PENDING":
+            slurm.cmd(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=False)
+        time.sleep(0.5)
+    info = slurm.wait_state(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=180)
+    log = job_log(slurm, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log[-4000:]
+    assert "USR1 (time limit near)" in log and "exit 42): requeueing job" in log
+    saved = [int(n) for n in re.findall(r"saved checkpoint step=(\d+)", log)]
+    resumed = [int(n) for n in re.findall(r"resumed from checkpoint step=(\d+)", log)]
+    assert len(resumed) == 1 and 0 < resumed[0] < total, log[-4000:]
+    assert resumed[0] == saved[0]                                           # the save on USR1 is what resumed
+    assert "job %d (restart 1)" % jid in log
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == total and summary["world_size"] == 2
+    steps = steps_logged(run_dir)
+    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))   # no gap across the restart
+    print(f"USR1 at step >= 2, saved/resumed at step {resumed[0]}, finished {total} steps; {time.time() - t0:.1f} s")
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (["tiny_cpu", "train.no_such_key=1"], "unknown config key 'train.no_such_key'"),
+    (["no_such_recipe"], "no recipe named 'no_such_recipe'"),
+])
+def test_bad_argument_fails_fast_with_a_clear_line(slurm, fmnist_small, tmp_path, bad, reason):
+    recipe, *extra = bad
+    args = [recipe, *tiny_overrides(fmnist_small, tmp_path / "run"), *extra]
+    t0 = time.time()
+    jid = submit(slurm, "pretrain.sh", args, tmp_path)
+    info = slurm.wait_state(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=60)
+    took = time.time() - t0
+    log = job_log(slurm, jid)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "2:0", log
+    assert f"mimscale: error: {reason}" in log
+    assert "FAILED: the run's arguments do not check out" in log
+    assert not re.search(r"^\d+: ", log, re.M)                               # no rank started
+    assert took < 60
+    print(f"bad argument -> FAILED in {took:.1f} s")
