@@ -155,6 +155,11 @@ def _run_throughput(args) -> int:
                               world_size=args.world_size, data=args.data, seed=args.seed, plan_gpu=args.plan_gpu,
                               overrides=tuple(args.overrides))
     configs = T.grid(base, zeros, [bool(c) for c in ckpts], args.micro_batch)
+    if args.plan_gpu == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--plan-gpu auto needs a CUDA device; name the GPU instead (e.g. --plan-gpu a100-80gb)")
     for tc in configs:
         tc.check()
         T.build_config(tc, tc.world_size)         # a bad recipe / arch / override: one line, before any launch

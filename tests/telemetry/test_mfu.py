@@ -151,3 +151,14 @@ def test_analytic_helper_matches_a_counted_block():
     with FlopCounterMode(display=False, custom_mapping=_attention_formulas()) as fc, torch.no_grad():
         blk(x)
     assert fc.get_total_flops() == 2 * transformer_forward_flops(10, 64, 1)
+
+
+def test_cpu_matmul_peak_is_the_best_size_within_the_time_budget():
+    from mimscale.telemetry.mfu import cpu_matmul_peak
+
+    only_first = cpu_matmul_peak("fp32", sizes=(192, 96), budget_s=1e-12)     # sizes are sorted: 96 first
+    assert only_first == measure_matmul_flops("fp32", n=96)
+    both = cpu_matmul_peak("fp32", sizes=(96, 192), budget_s=10.0)
+    assert both == max(measure_matmul_flops("fp32", n=96), measure_matmul_flops("fp32", n=192))
+    with pytest.raises(ConfigError):
+        cpu_matmul_peak("int8")
