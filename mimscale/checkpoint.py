@@ -246,3 +246,40 @@ def _universal_args(src: Path, dst: Path):
     return argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, no_strict=False,
                               inject_missing_state=True)
+
+
+def export(run_dir: Path, out: Path, step: int | None = None) -> dict:
+    """Copy the consolidated fp32 encoder (timm key names) of ``run_dir``'s newest usable checkpoint (or of
+    checkpoint ``step``) to ``out`` as safetensors. Works for any ZeRO stage: every checkpoint holds the
+    encoder gathered from the fp32 master weights at save time. Returns what was exported."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"run directory {run_dir} does not exist")
+    paths = [run_dir / CKPT_DIR / tag_of(step)] if step is not None else candidates(run_dir)
+    problems = []
+    for path in paths:
+        try:
+            meta = check_complete(path)
+            if "encoder.safetensors" not in meta["files"]:
+                raise CheckpointError(f"{path}: holds no encoder.safetensors")
+            tensors = load_file(str(path / "encoder.safetensors"))
+        except (CheckpointError, SafetensorError, OSError) as e:
+            problems.append(str(e))
+            log.warning("skipping checkpoint: %s", e)
+            continue
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        ident = meta["identity"]
+        save_file(tensors, str(tmp), metadata={"format": "pt", "arch": str(ident["arch"]),
+                                               "img_size": str(ident["img_size"]),
+                                               "patch_size": str(ident["patch_size"]), "step": str(meta["step"])})
+        os.replace(tmp, out)
+        return {"checkpoint": str(path), "step": meta["step"], "tensors": len(tensors), **ident}
+    if step is not None and not paths[0].exists():
+        raise CheckpointError(f"{paths[0]} does not exist")
+    raise CheckpointError(f"no usable checkpoint to export in {run_dir / CKPT_DIR}"
+                          + (f" ({problems[0]})" if problems else ""))

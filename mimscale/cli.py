@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("objectives", help="list registered objectives (built-in and entry points)")
 
+    ex = sub.add_parser("export", help="write a run's encoder (fp32, timm key names) as safetensors")
+    ex.add_argument("run_dir", help="a run directory with checkpoints/")
+    ex.add_argument("--out", required=True, help="output .safetensors file")
+    ex.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the newest usable)")
+
     dp = sub.add_parser("data", help="write WebDataset shards")
     dsub = dp.add_subparsers(dest="data_cmd", required=True, metavar="SOURCE")
     fm = dsub.add_parser("fashion-mnist", help="Fashion-MNIST from Debian's dataset-fashion-mnist")
@@ -92,6 +97,20 @@ def _cmd_objectives(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .checkpoint import export
+    from .models.vit import ARCHS, timm_model_name
+
+    got = export(args.run_dir, args.out, args.step)
+    print(f"wrote {args.out}: {got['tensors']} tensors of {got['arch']} (img {got['img_size']}, patch "
+          f"{got['patch_size']}) from {got['checkpoint']}")
+    if got["arch"] in ARCHS and got["arch"] != "vit_micro":
+        name = timm_model_name(got["arch"], got["patch_size"], got["img_size"])
+        print(f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
+              f"num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))")
+    return 0
+
+
 def _cmd_data(args) -> int:
     from .data import shards
 
@@ -113,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        builtin = {"pretrain": _cmd_pretrain, "objectives": _cmd_objectives, "data": _cmd_data}
+        builtin = {"pretrain": _cmd_pretrain, "objectives": _cmd_objectives, "data": _cmd_data,
+                   "export": _cmd_export}
         return builtin[args.cmd](args) if args.cmd in builtin else args.run(args)
     except MimscaleError as e:
         print(f"mimscale: error: {e}", file=sys.stderr, flush=True)

@@ -84,7 +84,8 @@ class TrainConfig:
     nonfinite_patience: int = 20             # non-finite steps in a row before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "stop"  # rollback: reload the last checkpoint, lr x rollback_lr_scale
     rollback_lr_scale: float = 0.5
-    inject_nonfinite_at: tuple[int, ...] = ()  # fault injection (tests): steps whose loss is made NaN on rank 0
+    inject_nonfinite_at: tuple[int, ...] = ()  # fault injection (tests): each entry makes one micro-batch loss
+    #                                            of that step NaN on rank 0 ([3, 3]: two at step 3)
 
 
 @dataclass

@@ -94,7 +94,11 @@ def param_groups(model: nn.Module, no_decay: set[str], weight_decay: float) -> l
 
 
 def skip_shm_comm_build() -> None:
-    """Opt-out (``MIMSCALE_SKIP_SHM_COMM=1``) of DeepSpeed's CPU shm_comm op JIT build (~30 s once)."""
+    """Use plain gloo collectives on CPU instead of DeepSpeed's shared-memory allreduce op.
+
+    That op is JIT-compiled with ninja into ~/.cache/torch_extensions at every process start (~1 min of
+    two compilers on a busy box, and concurrent launches rebuild it over each other and can wait forever
+    on its file lock). CPU runs are tests and demos: gloo is plenty. CUDA runs never build it."""
     import deepspeed.comm.torch  # noqa: F401  (the attribute would be the torch module; patch via sys.modules)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
@@ -109,6 +113,8 @@ def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator:
     """
     import deepspeed
 
+    if accelerator == "cpu":
+        skip_shm_comm_build()
     frozen = list(objective.frozen_modules())
     for m in frozen:
         m.eval().requires_grad_(False)
@@ -130,6 +136,10 @@ def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed (before the engine exists, e.g. to convert a checkpoint)."""
     import deepspeed
 
+    from ..dist import accelerator_name
+
+    if accelerator_name() == "cpu":
+        skip_shm_comm_build()
     deepspeed.init_distributed(dist_init_required=True)
 
 

@@ -5,6 +5,7 @@ import json
 import logging
 import signal
 import time
+from collections import Counter
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -245,6 +246,7 @@ def pretrain(cfg: C.Config) -> dict:
     window: dict[str, torch.Tensor] = {}
     postfix: dict[str, str] = {}
     n_window, bad_in_row, stopped_by = 0, 0, None
+    inject = Counter(t.inject_nonfinite_at)
     engine.train()
     while step < stop:
         lr = lr_scale * warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, cfg.optim.min_lr)
@@ -260,7 +262,10 @@ def pretrain(cfg: C.Config) -> dict:
         while done < derived.grad_accum and bad_in_row < t.nonfinite_patience:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
             out = engine(batch)
-            loss = out.loss * float("nan") if step in t.inject_nonfinite_at and d.rank == 0 else out.loss
+            loss = out.loss
+            if d.rank == 0 and inject[step] > 0:     # fault injection for tests of this policy
+                inject[step] -= 1
+                loss = loss * float("nan")
             if _any_rank(not bool(torch.isfinite(loss.detach())), device):
                 nonfinite_total, bad_in_row = nonfinite_total + 1, bad_in_row + 1   # drop it, on every rank
                 continue
