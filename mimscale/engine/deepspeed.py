@@ -99,7 +99,7 @@ def skip_shm_comm_build() -> None:
     That op is JIT-compiled with ninja into ~/.cache/torch_extensions at every process start (~1 min of
     two compilers on a busy box, and concurrent launches rebuild it over each other and can wait forever
     on its file lock). CPU runs are tests and demos: gloo is plenty. CUDA runs never build it."""
-    import deepspeed.comm.torch  # noqa: F401  (the attribute would be the torch module; patch via sys.modules)
+    import deepspeed.comm.torch  # noqa: F401  (registers the module patched below)
 
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 

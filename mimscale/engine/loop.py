@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 import time
 from collections import Counter
 from dataclasses import replace
@@ -11,147 +10,29 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as tdist
 
 from .. import checkpoint as ckpt
 from .. import config as C
 from .. import dist
 from ..data import builtin
-from ..data.loader import ShardLoader, expand_source
-from ..data.shards import read_manifest
-from ..data.transforms import EvalTransform, TrainTransform
-from ..errors import DataError, NonFiniteError
-from ..eval.knn import KNNEvaluator
+from ..data.loader import ShardLoader
+from ..data.transforms import TrainTransform
+from ..errors import NonFiniteError
 from ..masking import MaskCollate
 from ..models.vit import build_vit
 from ..objectives import StepContext, build_objective
 from ..telemetry import MetricLogger, Progress, memory_stats
 from . import deepspeed as ds
+from . import runstate as rs
+from .setup import build_knn, count_samples
 from .schedule import cosine, warmup_cosine
 
 log = logging.getLogger("mimscale.train")
 
 
-def count_samples(source: str, override: int | None) -> int:
-    """Epoch size: ``data.samples_per_epoch``, else the manifest counts of exactly the listed shards."""
-    if override:
-        return override
-    urls, manifest = expand_source(source)
-    local = [u for u in urls if not u.startswith("pipe:")]
-    if manifest is None and local:
-        manifest = str(Path(local[0]).parent)
-    if manifest is None:
-        raise DataError(f"cannot size an epoch of '{source}' without a manifest: set data.samples_per_epoch")
-    counts = {s["name"]: int(s["count"]) for s in read_manifest(manifest)["shards"]}
-    missing = [u for u in urls if Path(u.split()[-1]).name not in counts]
-    if missing:
-        raise DataError(f"{missing[0]} is not listed in {manifest}: set data.samples_per_epoch")
-    return sum(counts[Path(u.split()[-1]).name] for u in urls)
-
-
-def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
-    """kNN evaluator over two labelled shard directories (bank and queries), each optionally capped."""
-    e = cfg.eval
-    if not e.knn_train:
-        return None
-    tf = EvalTransform(e.img_size or cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
-                       in_chans=cfg.model.in_chans)
-    loaders = []
-    for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, e.knn_test_samples)):
-        src = builtin.resolve(src, cfg.data.root)
-        loaders.append(ShardLoader(_first_shards(src, cap), manifest=src, batch_size=e.batch_size, transform=tf,
-                                   rank=d.rank, world_size=d.world_size, num_workers=e.num_workers,
-                                   mode="eval", shuffle=False))
-    return KNNEvaluator(*loaders, k=e.knn_k, temperature=e.knn_temperature, pool=e.pool)
-
-
-def _first_shards(source: str, cap: int | None) -> list[str]:
-    """The shards of a shard directory, or its first whole shards covering ``cap`` samples."""
-    shards, n = [], 0
-    for s in read_manifest(source)["shards"]:
-        if cap and n >= cap:
-            break
-        shards.append(str(Path(source) / s["name"]))
-        n += int(s["count"])
-    return shards
-
-
 def _forever(loader):
     while True:
         yield from loader
-
-
-def _mean_across_ranks(values: dict[str, torch.Tensor], device) -> dict[str, float]:
-    keys = sorted(values)
-    t = torch.stack([values[k].detach().float().to(device) for k in keys])
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t)
-        t /= tdist.get_world_size()
-    return {k: v for k, v in zip(keys, t.tolist())}
-
-
-def _all_ranks(value: int, device) -> list[int]:
-    t = torch.tensor([value], dtype=torch.long, device=device)
-    if not (tdist.is_initialized() and tdist.get_world_size() > 1):
-        return [value]
-    out = [torch.zeros_like(t) for _ in range(tdist.get_world_size())]
-    tdist.all_gather(out, t)
-    return [int(o.item()) for o in out]
-
-
-def _any_rank(flag: bool, device) -> bool:
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    if tdist.is_initialized() and tdist.get_world_size() > 1:
-        tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
-    return bool(t.item())
-
-
-class _Signals:
-    """SIGUSR1/SIGTERM (SLURM's warning signal, preemption) -> finish the step, save, exit EXIT_REQUEUE."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._old = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:              # not the main thread (e.g. an embedding app): no handler
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-        log.warning("received %s: saving after this step", signal.Signals(signum).name)
-
-    def restore(self) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class _Clock:
-    """Training time (evaluation excluded) and device-hours, carried across resumes."""
-
-    def __init__(self, world_size: int, train_s: float = 0.0, device_hours: float = 0.0):
-        self.world_size, self.prior_s, self.prior_dh = world_size, train_s, device_hours
-        self.start, self.eval_s = time.time(), 0.0
-
-    def segment_s(self) -> float:
-        return time.time() - self.start - self.eval_s
-
-    def train_s(self) -> float:
-        return self.prior_s + self.segment_s()
-
-    def device_hours(self) -> float:
-        return self.prior_dh + self.segment_s() * self.world_size / 3600.0
-
-    def state(self) -> dict:
-        return {"train_s": self.train_s(), "device_hours": self.device_hours()}
-
-
-def _identity(cfg: C.Config) -> dict:
-    """What must match for a checkpoint to belong to this run."""
-    m = cfg.model
-    return {"objective": cfg.objective["name"], "arch": m.arch, "img_size": m.img_size, "patch_size": m.patch_size,
-            "in_chans": m.in_chans, "pos_embed": m.pos_embed}
 
 
 def pretrain(cfg: C.Config) -> dict:
@@ -169,7 +50,7 @@ def pretrain(cfg: C.Config) -> dict:
     train_src = builtin.resolve(cfg.data.train, cfg.data.root)
     derived = C.derive(cfg, d.world_size, count_samples(train_src, cfg.data.samples_per_epoch))
     run_dir = Path(derived.run_dir)
-    found = ckpt.find(run_dir, _identity(cfg)) if t.resume == "auto" else None
+    found = ckpt.find(run_dir, rs.identity(cfg)) if t.resume == "auto" else None
     universal = found is not None and found.meta["world_size"] != d.world_size
     if universal:
         ds.init_distributed()
@@ -192,11 +73,11 @@ def pretrain(cfg: C.Config) -> dict:
                          seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                          samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda")
     saver = ckpt.Checkpointer(run_dir, engine, rank=d.rank, world_size=d.world_size, keep_last=t.keep_last,
-                              identity=_identity(cfg))
+                              identity=rs.identity(cfg))
     state = {"step": 0, "train_s": 0.0, "device_hours": 0.0, "summary": {}, "next_eval_s": None,
              "nonfinite_total": 0, "lr_scale": 1.0, "wandb_id": None}
     if found is not None:
-        state.update(_restore(saver, found, universal, loader, objective, d))
+        state.update(rs.restore(saver, found, universal, loader, objective, d))
     stop = min(derived.total_steps, t.max_steps or derived.total_steps)
 
     knn = build_knn(cfg, d)
@@ -208,8 +89,8 @@ def pretrain(cfg: C.Config) -> dict:
     summary = {"objective": cfg.objective["name"], "arch": m.arch, "world_size": d.world_size,
                "total_steps": derived.total_steps, "flops_per_sample": flops,
                "params_total": ds.total_param_numel(engine),
-               "params_per_rank": _all_ranks(ds.local_param_numel(engine), device), **state["summary"]}
-    clock = _Clock(d.world_size, state["train_s"], state["device_hours"])
+               "params_per_rank": rs.all_ranks(ds.local_param_numel(engine), device), **state["summary"]}
+    clock = rs.Clock(d.world_size, state["train_s"], state["device_hours"])
 
     def evaluate(step: int, tag: str) -> None:
         if knn is None:
@@ -236,11 +117,11 @@ def pretrain(cfg: C.Config) -> dict:
     step, lr_scale, nonfinite_total = state["step"], state["lr_scale"], state["nonfinite_total"]
     if found is None and cfg.eval.knn_at_start:
         evaluate(0, "init")
-        clock = _Clock(d.world_size)
+        clock = rs.Clock(d.world_size)
     every_min = cfg.eval.knn_every_minutes
     next_eval_s = state["next_eval_s"] if found is not None else (60 * every_min if every_min else None)
     last_save = time.time()
-    signals = _Signals()
+    signals = rs.Signals()
     progress = Progress(stop, start_step=step, images_per_step=t.batch_size, enabled=d.is_main)
     batches = _forever(loader)
     window: dict[str, torch.Tensor] = {}
@@ -266,7 +147,7 @@ def pretrain(cfg: C.Config) -> dict:
             if d.rank == 0 and inject[step] > 0:     # fault injection for tests of this policy
                 inject[step] -= 1
                 loss = loss * float("nan")
-            if _any_rank(not bool(torch.isfinite(loss.detach())), device):
+            if rs.any_rank(not bool(torch.isfinite(loss.detach())), device):
                 nonfinite_total, bad_in_row = nonfinite_total + 1, bad_in_row + 1   # drop it, on every rank
                 continue
             engine.backward(loss)
@@ -284,13 +165,13 @@ def pretrain(cfg: C.Config) -> dict:
                 raise NonFiniteError(f"{bad_in_row} non-finite losses/gradients in a row at step {step}; stopping "
                                      f"(train.on_nonfinite={t.on_nonfinite}); checkpoints in {run_dir / ckpt.CKPT_DIR} "
                                      "are intact")
-            restored = _restore(saver, ckpt.find(run_dir, _identity(cfg)), False, None, objective, d)
+            restored = rs.restore(saver, ckpt.find(run_dir, rs.identity(cfg)), False, None, objective, d)
             step, lr_scale, bad_in_row = restored["step"], lr_scale * t.rollback_lr_scale, 0
             log.warning("rolled back to checkpoint step=%d after %d non-finite steps; lr scale now %.3g (the data "
                         "stream moves on)", step, t.nonfinite_patience, lr_scale)
             continue
         if step % t.log_every == 0 or step == stop:
-            metrics = {f"train/{k}": v / max(n_window, 1) for k, v in _mean_across_ranks(window, device).items()}
+            metrics = {f"train/{k}": v / max(n_window, 1) for k, v in rs.mean_across_ranks(window, device).items()}
             metrics.update({"train/lr": lr, "train/wd": wd, "train/epoch": step / derived.steps_per_epoch,
                             "train/nonfinite_skipped": nonfinite_total,
                             "perf/img_per_s": progress.rate(), "time/elapsed_s": clock.train_s(),
@@ -303,19 +184,19 @@ def pretrain(cfg: C.Config) -> dict:
             summary["final_loss"] = metrics.get("train/loss")
             window, n_window = {}, 0
         progress.update(step, **postfix)
-        if _any_rank(signals.received is not None, device):
+        if rs.any_rank(signals.received is not None, device):
             stopped_by = "signal"
             break
-        if t.max_minutes and _any_rank(clock.train_s() > 60 * t.max_minutes, device):
+        if t.max_minutes and rs.any_rank(clock.train_s() > 60 * t.max_minutes, device):
             log.info("train.max_minutes=%s reached at step %d", t.max_minutes, step)
             break                                       # the final evaluation follows
         if cfg.eval.knn_every and step % cfg.eval.knn_every == 0 and step != stop:
             evaluate(step, f"step{step}")
-        if next_eval_s is not None and step != stop and _any_rank(clock.train_s() >= next_eval_s, device):
+        if next_eval_s is not None and step != stop and rs.any_rank(clock.train_s() >= next_eval_s, device):
             evaluate(step, f"{clock.train_s() / 60:.1f}min")
             next_eval_s += 60 * every_min
         due = (t.save_every and step % t.save_every == 0) or \
-            (t.save_every_minutes and _any_rank(time.time() - last_save >= 60 * t.save_every_minutes, device))
+            (t.save_every_minutes and rs.any_rank(time.time() - last_save >= 60 * t.save_every_minutes, device))
         if due and step != stop:
             save(step)
             last_save = time.time()
@@ -336,22 +217,3 @@ def pretrain(cfg: C.Config) -> dict:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logger.close()
     return summary
-
-
-def _restore(saver: ckpt.Checkpointer, found: ckpt.Found, universal: bool, loader: ShardLoader | None,
-             objective, d: dist.DistEnv) -> dict:
-    """Load ``found`` (engine, objective state, RNG, and unless ``loader`` is None this rank's data position);
-    returns the trainer state."""
-    got = saver.load(found, universal)
-    objective.load_checkpoint_state(got["objective"])
-    if loader is not None and got["loader"] is not None:
-        loader.load_state_dict(got["loader"])
-    elif loader is not None:
-        loader.set_epoch(got["epoch"])
-        if d.is_main:
-            log.warning("world size %d -> %d: the data position cannot be mapped exactly; the loader restarts "
-                        "epoch %d with the new layout", found.meta["world_size"], d.world_size, got["epoch"])
-    if d.is_main:
-        how = f" (universal checkpoint, world size {found.meta['world_size']} -> {d.world_size})" if universal else ""
-        log.info("resumed from checkpoint step=%d%s", got["trainer"]["step"], how)
-    return got["trainer"]
