@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 DESCRIPTION = """\
 Frozen teachers for DTM / MaPeT:
@@ -62,7 +63,7 @@ def _run_train_clip(args) -> int:
     print(f"zero-shot top-1 on {res['test_samples']} test images: {res['zero_shot_top1']:.2f}% "
           f"(chance {res['chance']:.0f}%), trained {res['train_samples']} images in {res['train_seconds']:.0f} s")
     print(f"checkpoint: {res['checkpoint']}")
-    print(f"result:     {res['checkpoint'].rsplit('.', 1)[0]}.json")
+    print(f"result:     {Path(res['checkpoint']).with_suffix('.json')}")
     return 0
 
 

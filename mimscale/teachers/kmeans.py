@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 
-__all__ = ["KMEANS_FORMAT", "KMeans", "assign", "kmeans_pp", "fit_streaming", "fit_kmeans_shards"]
+__all__ = ["KMEANS_FORMAT", "KMeans", "KCLIPTokenizer", "assign", "kmeans_pp", "fit_streaming", "fit_kmeans_shards"]
 
 KMEANS_FORMAT = "mimscale-kmeans/1"
 log = logging.getLogger("mimscale.teachers")
@@ -267,3 +267,51 @@ def fit_kmeans_shards(src, teacher: str | os.PathLike, k: int, out: str | os.Pat
     km = KMeans(centroids, l2_normalize, t.teacher_id(), view, stats)
     km.save(out)
     return {"k": km.k, "dim": km.dim, "path": km.path, "sha256": km.sha256, **stats}
+
+
+class KCLIPTokenizer(torch.nn.Module):
+    """Online k-CLIP tokenizer (MaPeT ``target_source: online``): frozen CLIP teacher + k-means codebook.
+
+    ``forward(images [B, C, H, W], grid=None) -> codes int64 [B, gh*gw]`` (no grad, raster order), i.e.
+    ``kmeans.assign(teacher(images, grid))``. Like :class:`~mimscale.teachers.clip.CLIPTeacher` it registers
+    no parameters or buffers (nothing reaches DeepSpeed, the optimizer or checkpoints; ``.to()`` still
+    moves the weights and centroids); return it from ``frozen_modules()``.
+    """
+
+    def __init__(self, teacher: str | os.PathLike, kmeans: str | os.PathLike, arch: str | None = None,
+                 resize: str = "input", dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from .clip import CLIPTeacher
+
+        self.teacher = CLIPTeacher(teacher, arch=arch, resize=resize, dtype=dtype)
+        km = KMeans.load(kmeans)
+        if km.teacher.get("sha256") != self.teacher.info["sha256"]:
+            raise CheckpointError(f"{kmeans} was fit on features of another teacher than {teacher}; "
+                                  f"fit it with mimscale teacher fit-kmeans --teacher {teacher}")
+        if km.dim != self.teacher.out_dim:
+            raise CheckpointError(f"{kmeans} has dim {km.dim} but the teacher gives {self.teacher.out_dim}")
+        self.__dict__["km"] = km
+
+    @property
+    def vocab_size(self) -> int:
+        return self.km.k
+
+    def _apply(self, fn, recurse: bool = True):
+        self.km.centroids = fn(self.km.centroids)
+        return super()._apply(fn, recurse)
+
+    def train(self, mode: bool = True) -> "KCLIPTokenizer":
+        return super().train(False)
+
+    def teacher_id(self) -> dict:
+        """``{"teacher": {path, sha256, arch}, "kmeans": {path, sha256, k}}`` (what checkpoints record)."""
+        return {"teacher": self.teacher.teacher_id(),
+                "kmeans": {"path": self.km.path, "sha256": self.km.sha256, "k": self.km.k}}
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:
+        return self.km.assign(self.teacher(images, grid))
+
+    def flops_per_image(self, grid: Sequence[int] | None = None) -> float:
+        gh, gw = self.teacher.grid if grid is None else grid
+        return self.teacher.flops_per_image(grid) + 2.0 * gh * gw * self.km.k * self.km.dim

@@ -75,3 +75,23 @@ def test_file_roundtrip_and_errors(tmp_path):
         KMeans.load(tmp_path / "x.pt")
     with pytest.raises(ConfigError, match="at least k"):
         fit_streaming(_stream(torch.randn(5, 2), 2), 8)
+
+
+def test_online_kclip_tokenizer(tmp_path):
+    from mimscale.teachers.clip import TINY_CLIP_CFG, CLIPTeacher, build_clip, save_clip
+    from mimscale.teachers.kmeans import KCLIPTokenizer
+
+    torch.manual_seed(0)
+    clip = save_clip(build_clip(TINY_CLIP_CFG), TINY_CLIP_CFG, tmp_path / "c.pt", mean=[0.5] * 3, std=[0.5] * 3)
+    teacher = CLIPTeacher(clip)
+    KMeans(torch.randn(32, 64), teacher=teacher.teacher_id()).save(tmp_path / "km.pt")
+    tok = KCLIPTokenizer(clip, tmp_path / "km.pt")
+    x = torch.randn(3, 3, 32, 32)
+    codes = tok(x)
+    assert codes.shape == (3, 64) and codes.dtype == torch.long and tok.vocab_size == 32
+    assert torch.equal(codes, KMeans.load(tmp_path / "km.pt").assign(teacher(x)))
+    assert list(tok.parameters()) == [] and list(tok.state_dict()) == [] and not tok.train().training
+    assert tok.teacher_id()["kmeans"]["sha256"] == KMeans.load(tmp_path / "km.pt").sha256
+    KMeans(torch.randn(32, 64), teacher={"sha256": "f" * 64}).save(tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="another teacher"):
+        KCLIPTokenizer(clip, tmp_path / "other.pt")
