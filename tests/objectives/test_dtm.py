@@ -634,7 +634,7 @@ def test_learns_from_tiny_clip_on_fashion_mnist(fmnist_small, tiny_clip, tmp_pat
     s = json.loads((rd / "summary.json").read_text())
     assert s["objective"] == "dtm" and s["steps"] == LEARN_STEPS
     assert math.isfinite(s["final_loss"])
-    assert s["knn_top1_final"] > s["knn_top1_init"] + 3.0, s
+    assert s["knn_top1_final"] > s["knn_top1_init"] + 5.0, s   # an untrained CLIP teacher: +2.7
     metrics = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert losses[-1] < losses[0], losses
