@@ -270,9 +270,8 @@ def test_full_step_moves_delta_up_and_network_down_its_gradient():
 # ----------------------------------------------------------------------------- 3.7.4 projection
 
 
-@pytest.mark.parametrize("norm", [1, 2, "l2", "linf"])
-@pytest.mark.parametrize("adv_type", [1, 2])
-def test_projection_keeps_delta_in_the_eps_ball(norm, adv_type):
+@pytest.mark.parametrize("adv_type,norm", [(1, 1), (1, "linf"), (2, "l2"), (2, 2)])
+def test_projection_keeps_delta_in_the_eps_ball(adv_type, norm):
     eps = 0.01
     obj = make(adv_type=adv_type, adv_norm=norm, adv_eps=eps, adv_batch_size=256 * 100)   # adv_lr = 1.5e-2
     batch = make_batch(obj)
