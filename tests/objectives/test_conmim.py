@@ -401,8 +401,8 @@ def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
         optim__blr=LEARN["blr"], optim__warmup_epochs=LEARN["warmup_epochs"],
         eval__knn_train=fmnist_small["train"], eval__knn_test=fmnist_small["test"], eval__batch_size=256,
         eval__num_workers=1)
-    obj = "{name: conmim, proj_hidden: %d, proj_out: %d, ema_m0: %s}" % (LEARN["proj_hidden"], LEARN["proj_out"],
-                                                                           LEARN["ema_m0"])
+    obj = "{name: conmim, %s}" % ", ".join(f"{k}: {LEARN[k]}" for k in ("proj_hidden", "proj_out", "ema_m0",
+                                                                         "mask_unit", "mask_ratio"))
     args = [a for a in args if not a.startswith("objective.")] + [f"objective={obj}"]
     run([sys.executable, "-m", "mimscale.train", "tiny_cpu", *args], timeout=400)
     s = json.loads((rd / "summary.json").read_text())
@@ -411,8 +411,11 @@ def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
     assert s["knn_top1_final"] > s["knn_top1_init"] + LEARN["min_gain"], s
 
 
+# Measured on 2 shared cores (fmnist_small, 16 px, p = 4, vit_micro, 128 steps of 64): kNN top-1 60.5% at init
+# -> 66.6% and 67.6% trained (two runs). Per-patch masking (mask_unit 1) at r = 0.5 suits the 4x4 grid (2x2 units would leave one
+# visible quadrant); m0 = 0.99 lets the teacher bootstrap within a short run (0.996: no gain in 64 steps).
 LEARN = {"steps": 128, "epochs": 4, "blr": 6e-3, "warmup_epochs": 0.2, "proj_hidden": 256, "proj_out": 64,
-         "ema_m0": 0.99, "min_gain": 0.5}
+         "ema_m0": 0.99, "mask_unit": 1, "mask_ratio": 0.5, "min_gain": 2.0}
 
 
 def test_bf16_student_with_fp32_teacher():
