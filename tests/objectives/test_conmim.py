@@ -411,9 +411,10 @@ def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
     assert s["knn_top1_final"] > s["knn_top1_init"] + LEARN["min_gain"], s
 
 
-# Measured on 2 shared cores (fmnist_small, 16 px, p = 4, vit_micro, 128 steps of 64): kNN top-1 60.5% at init
-# -> 66.6% and 67.6% trained (two runs). Per-patch masking (mask_unit 1) at r = 0.5 suits the 4x4 grid (2x2 units would leave one
-# visible quadrant); m0 = 0.99 lets the teacher bootstrap within a short run (0.996: no gain in 64 steps).
+# Measured on 2 busy shared cores (fmnist_small, 16 px, p = 4, vit_micro, 128 steps of 64): kNN top-1 60.5% at
+# init -> 66.6% / 67.6% trained (two runs). Per-patch masking (mask_unit 1) at r = 0.5 suits the 4x4 grid (2x2
+# units would leave one visible quadrant: +0.8 points only); m0 = 0.99 lets the teacher bootstrap within a short
+# run (0.996: no gain in 64 steps).
 LEARN = {"steps": 128, "epochs": 4, "blr": 6e-3, "warmup_epochs": 0.2, "proj_hidden": 256, "proj_out": 64,
          "ema_m0": 0.99, "mask_unit": 1, "mask_ratio": 0.5, "min_gain": 2.0}
 
