@@ -85,7 +85,8 @@ def test_reproducible_and_picklable():
 
 
 @pytest.mark.parametrize("bad,match", [({"blur_p": -0.1}, "blur_p"), ({"hue": 0.7}, "hue"),
-                                       ({"brightness": -1.0}, "brightness"), ({"blur_radius": (2.0, 1.0)}, "blur_radius"),
+                                       ({"brightness": -1.0}, "brightness"),
+                                       ({"blur_radius": (2.0, 1.0)}, "blur_radius"),
                                        ({"solarize_threshold": 300}, "solarize_threshold")])
 def test_bad_config_is_one_clear_error(bad, match):
     with pytest.raises(ConfigError, match=match):
