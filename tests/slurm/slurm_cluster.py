@@ -50,6 +50,16 @@ def _daemon(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
+def _die_with_parent() -> None:
+    """In the daemon child: get SIGTERM when the test process dies, even if it is killed (no finalizer ran)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
 class LocalSlurm:
     """Start/stop the cluster, submit jobs and wait for their states.
 
@@ -105,10 +115,17 @@ class LocalSlurm:
     def _map_node_names(self) -> None:
         todo = [n for n in self.nodes if not _resolves(n)]
         if not todo:
+            stale = [ln for ln in Path("/etc/hosts").read_text().splitlines() if ln.endswith(HOSTS_MARK)]
+            self.hosts_line = stale[0] if stale else None   # left by a killed session: removed on stop
             return
         self.hosts_line = f"127.0.0.1 {' '.join(todo)} {HOSTS_MARK}"
-        with open("/etc/hosts", "a") as f:  # append in place: /etc/hosts is often a bind mount
-            f.write(self.hosts_line + "\n")
+        try:
+            with open("/etc/hosts", "a") as f:  # append in place: /etc/hosts is often a bind mount
+                f.write(self.hosts_line + "\n")
+        except OSError as e:
+            self.hosts_line = None
+            raise RuntimeError(f"node names {todo} do not resolve and /etc/hosts is not writable ({e}): "
+                               f"add '127.0.0.1 {' '.join(todo)}' to /etc/hosts") from None
 
     def _unmap_node_names(self) -> None:
         if self.hosts_line is None:
@@ -125,11 +142,13 @@ class LocalSlurm:
         self._map_node_names()
         with open(self.log_dir / "slurmctld.stdout", "w") as out:
             self.procs["slurmctld"] = subprocess.Popen([_daemon("slurmctld"), "-D", "-i", "-f", str(self.conf)],
-                                                       stdout=out, stderr=subprocess.STDOUT, env=self.env)
+                                                       stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                                       preexec_fn=_die_with_parent)
         for n in self.nodes:
             with open(self.log_dir / f"slurmd-{n}.stdout", "w") as out:
                 self.procs[n] = subprocess.Popen([_daemon("slurmd"), "-D", "-N", n, "-f", str(self.conf)],
-                                                 stdout=out, stderr=subprocess.STDOUT, env=self.env)
+                                                 stdout=out, stderr=subprocess.STDOUT, env=self.env,
+                                                 preexec_fn=_die_with_parent)
         deadline = time.time() + timeout
         while time.time() < deadline:
             for name, p in self.procs.items():
