@@ -71,7 +71,8 @@ def pretrain(cfg: C.Config) -> dict:
                                             mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
                          collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers,
                          seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                         samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda")
+                         samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda",
+                         targets=objective.cached_targets())
     saver = ckpt.Checkpointer(run_dir, engine, rank=d.rank, world_size=d.world_size, keep_last=t.keep_last,
                               identity=rs.identity(cfg))
     state = {"step": 0, "train_s": 0.0, "device_hours": 0.0, "summary": {}, "next_eval_s": None,

@@ -95,6 +95,18 @@ class Objective(nn.Module):
     def forward(self, batch: dict) -> LossOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def cached_targets(self) -> dict | None:
+        """Per-sample targets this objective reads from the shards, for the loader to check against the
+        manifest (``ShardLoader(targets=...)``: field names, image size, crop rule); None: none."""
+        return None
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train`` that leaves frozen teachers in eval mode (``engine.train()`` recurses)."""
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()
+        return self
+
     def frozen_modules(self) -> list[nn.Module]:
         """Teachers: not optimised, not ZeRO-partitioned, not saved in checkpoints. The engine sets them
         ``eval()`` and ``requires_grad_(False)`` and moves them to the device."""

@@ -394,12 +394,6 @@ class DTM(Objective):
 
     # ------------------------------------------------------------------ model
 
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()                    # frozen: never in training mode
-        return self
-
     def student(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``u [B, N, head_dim]`` (encoder dtype)."""
         e = self.encoder

@@ -296,3 +296,10 @@ def test_entry_point_name_mismatch(tmp_path, isolated_registry):
 def test_registry_is_clean_after_entry_point_tests():
     assert "toy_ep" not in objective_base._REGISTRY
     assert not any(m.startswith("mimscale_test_plugin") for m in sys.modules)
+
+
+def test_frozen_modules_stay_in_eval_mode(name):
+    obj = build(name)
+    obj.train()
+    assert all(not m.training for f in obj.frozen_modules() for m in f.modules())
+    assert obj.encoder.training
