@@ -12,7 +12,7 @@ Evaluate a pre-trained encoder on labelled shard directories (written by `mimsca
 SOURCE is a `mimscale pretrain` run directory (geometry and normalisation from its config.yaml, weights
 from encoder.safetensors) or an exported encoder .safetensors file (geometry read from its tensors;
 --arch etc. are checked against it). Results are printed and written as JSON (RUN_DIR/eval/<kind>.json),
-and eval/<kind>_top1 is appended to the run's metrics.jsonl for `mimscale report`.
+and eval/linear_top1 / eval/finetune_top1 are appended to the run's metrics.jsonl for `mimscale report`.
 
   knn       weighted kNN (cosine, k=20, T=0.07) on frozen features      knobs: k, temperature, pool, ...
   linear    linear probe (BatchNorm + Linear, LARS/SGD) via accelerate  knobs: see mimscale/eval/linear.py
@@ -124,7 +124,7 @@ def run(args) -> int:
     result["config"] = to_dict(cfg)
     if acc.is_main_process:
         metrics = {f"eval/{args.kind}_top1": result["top1"]}
-        path = record(source, args.kind, result, metrics, args.out)
+        path = record(source, args.kind, result, metrics if args.kind == "linear" else {}, args.out)
         print(f"{args.kind} top-1: {result['top1']:.2f}% (best {result.get('best_top1', result['top1']):.2f}%) "
               f"on {result['test_samples']} test images -> {path}", flush=True)
     acc.wait_for_everyone()

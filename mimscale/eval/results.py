@@ -1,8 +1,9 @@
 """Where evaluation results go: printed, a JSON file, and the run's ``metrics.jsonl``.
 
 With a run directory as SOURCE the result is written to ``RUN_DIR/eval/<kind>.json`` and its headline
-metrics (``eval/linear_top1``, ``eval/finetune_top1``, ...) are appended to ``RUN_DIR/metrics.jsonl`` at
-the run's last training step, so ``mimscale report`` shows them. For an exported ``.safetensors`` file the
+metrics (``eval/linear_top1``, ``eval/finetune_top1``) are appended to ``RUN_DIR/metrics.jsonl`` at the
+run's last training step, so ``mimscale report`` shows them. A kNN result is not appended: the run's own
+``eval/knn_top1`` curve (logged during pre-training with the run's eval settings) stays as it was. For an exported ``.safetensors`` file the
 JSON goes beside it (``<file stem>.<kind>.json``) unless ``--out`` says otherwise.
 """
 from __future__ import annotations
@@ -33,7 +34,7 @@ def record(source: Source, kind: str, result: dict, metrics: dict[str, float], o
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(path)
-    if source.run_dir is not None:
+    if source.run_dir is not None and metrics:
         with MetricLogger(source.run_dir, tensorboard=False, wandb="disabled") as logger:
             logger.log(metrics, step=int(source.step or 0))
     return path
