@@ -40,3 +40,18 @@ def test_probe_on_real_features_single_process(fmnist_small):
     assert res["steps"] == 5 * 8 and len(res["curve"]) == 5
     assert res["top1"] > 40.0, res                          # chance is 10%
     assert all(not p.requires_grad for p in enc.parameters())
+
+
+def test_augmented_path_runs_the_frozen_encoder_every_step(fmnist_small):
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", 16, 4, 3)
+    before = {k: v.clone() for k, v in enc.state_dict().items()}
+    cfg = LinearConfig(augment=True, epochs=2, batch_size=64, blr=0.1, warmup_epochs=0, optimizer="lars",
+                       train_samples=256, test_samples=256, num_workers=0)
+    res = linear_probe(enc, str(fmnist_small["train"]), str(fmnist_small["test"]), cfg, Accelerator(cpu=True),
+                       img_size=16, in_chans=3, mean=(0.286,) * 3, std=(0.353,) * 3)
+    assert res["train_samples"] == 256 and res["test_samples"] == 256 and res["steps"] == 2 * 4
+    assert len(res["curve"]) == 2 and 0.0 <= res["top1"] <= 100.0
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())   # the encoder stayed frozen
