@@ -115,8 +115,12 @@ def test_plain_open_clip_checkpoint_by_arch(tmp_path, random_clip):
     t = CLIPTeacher(plain, arch="mimscale-test-tiny")
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(t(x), ref(x))
-    with pytest.raises(CheckpointError, match="cannot load"):
-        CLIPTeacher(plain, arch="ViT-B-16")
+    wider = json.loads(json.dumps(TINY_CLIP_CFG))
+    wider["vision_cfg"]["width"] = 48
+    (tmp_path / "mimscale-test-wider.json").write_text(json.dumps(wider))
+    open_clip.add_model_config(tmp_path / "mimscale-test-wider.json")
+    with pytest.raises(CheckpointError, match="cannot load .* as open_clip 'mimscale-test-wider'"):
+        CLIPTeacher(plain, arch="mimscale-test-wider")
 
 
 def test_missing_and_corrupt_files_give_one_clear_line(tmp_path, random_clip, capsys):
