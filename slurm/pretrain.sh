@@ -93,8 +93,6 @@ if ! python -m mimscale.cli check-config --world-size "$SLURM_NTASKS" "$@"; then
     exit 2
 fi
 
-# Warning signal: forward it to the ranks (srun passes USR1 on to every task), keep waiting for them.
-
 # --wait=120: once one rank has exited, the others get 2 minutes, then the step is killed (a crashed rank
 #   does not leave the rest hanging in a collective; rank 0 still has time to finish writing its logs).
 step_opts=(--label --wait=120)

@@ -86,10 +86,10 @@ if ! python -m mimscale.cli check-config --world-size "$WORLD" "$@"; then
     exit 2
 fi
 
-
 # One task per node, holding all of the node's CPUs (and, inherited from the job, its GPUs). Each writes
 # its own hostfile (no shared file system needed) and runs the launcher for its node rank. The launcher
 # processes ignore USR1 (inherited SIG_IGN); the ranks install their own handler and save.
+# shellcheck disable=SC2016  # expanded by bash -c on each node, not here
 NODE_SCRIPT='
 slots=$1; shift
 hostfile=$(mktemp "${TMPDIR:-/tmp}/mimscale-hostfile.XXXXXX")

@@ -65,13 +65,14 @@ def test_two_node_zero3_job_trains(slurm, fmnist_small, zero3_knobs, tmp_path, s
     print(f"{script}: 2-node ZeRO-3 job {jid} done in {time.time() - t0:.1f} s")
 
 
-def test_usr1_saves_requeues_and_resumes(slurm, fmnist_small, zero3_knobs, tmp_path):
+@pytest.mark.parametrize("script", ["pretrain.sh", "pretrain_launcher.sh"])
+def test_usr1_saves_requeues_and_resumes(slurm, fmnist_small, zero3_knobs, tmp_path, script):
     """The warning signal to the batch shell -> save -> exit 42 -> requeue -> the same job resumes."""
     run_dir, total = tmp_path / "run", 40
     args = zero3_args(fmnist_small, run_dir, zero3_knobs, train__max_steps=total, train__save_every=0,
                       train__save_every_minutes="null")
     t0 = time.time()
-    jid = submit(slurm, "pretrain.sh", args, tmp_path)
+    jid = submit(slurm, script, args, tmp_path)
     deadline = time.time() + 180
     while max(steps_logged(run_dir), default=0) < 2:                       # mid-run: a few steps done
         assert time.time() < deadline and slurm.job(jid)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, jid)
@@ -102,7 +103,7 @@ def test_usr1_saves_requeues_and_resumes(slurm, fmnist_small, zero3_knobs, tmp_p
     assert summary["steps"] == total and summary["world_size"] == 2
     steps = steps_logged(run_dir)
     assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))   # no gap across the restart
-    print(f"USR1 at step >= 2, saved/resumed at step {resumed[0]}, finished {total} steps; {time.time() - t0:.1f} s")
+    print(f"{script}: USR1 at step >= 2, saved/resumed at step {resumed[0]}, finished {total} steps; {time.time() - t0:.1f} s")
 
 
 @pytest.mark.parametrize("bad, reason", [
