@@ -449,12 +449,13 @@ def ratios(rows: list[dict]) -> list[dict]:
 
 
 def sweep_doc(rows: list[dict], grid_spec: dict, repeats: int) -> dict[str, Any]:
-    import deepspeed
+    from importlib.metadata import version
+
     import torch
 
     return {"benchmark": "throughput", "machine": platform.node() or "machine", "date": dt.date.today().isoformat(),
             "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": version("deepspeed"),
             "grid": grid_spec, "repeats": repeats, "results": rows, "ratios": ratios(rows),
             "caveat": "img/s on a shared machine moves with the load; compare configurations by the ratios"}
 
@@ -477,19 +478,25 @@ SVG_STYLE = """<style>
 
 
 def sweep_svg(rows: list[dict], *, chart_id: str = "bench-throughput", standalone: bool = True) -> str:
-    """img/s against ZeRO stage, one curve per (checkpointing, micro-batch, arch) (the report's line chart)."""
+    """Throughput against ZeRO stage, one curve per (arch, micro-batch, checkpointing) (the report's line chart).
+
+    img/s, except when every row ran on a CPU with its CPU time measured: then images per CPU-second of
+    the process, which a shared machine's load moves far less than wall-clock img/s.
+    """
     from ..report.svg import Series, line_chart
 
+    per_cpu = bool(rows) and all(r.get("device") == "cpu" and r.get("img_per_cpu_s") for r in rows)
+    metric, unit = ("img_per_cpu_s", "img per CPU-second") if per_cpu else ("img_per_s", "img/s")
     keys = sorted({(r["arch"], r["micro_batch"], r["ckpt"]) for r in rows})
     series = [Series(f"{a} mb {mb}" + (" + ckpt" if c else ""), i,
-                     sorted((float(r["zero"]), r["img_per_s"]) for r in rows
+                     sorted((float(r["zero"]), r[metric]) for r in rows
                             if (r["arch"], r["micro_batch"], r["ckpt"]) == (a, mb, c)),
-                     tooltip="{label}: ZeRO-{x}, {y} img/s")
+                     tooltip="{label}: ZeRO-{x}, {y} " + unit)
               for i, (a, mb, c) in enumerate(keys)]
     first = rows[0] if rows else {}
     title = (f"{first.get('objective', '')} throughput by ZeRO stage ({first.get('world_size', 1)} x "
              f"{first.get('device', '')}, {first.get('precision', '')})")
-    svg = line_chart(series, chart_id=chart_id, title=title, x_label="ZeRO stage", y_label="img/s", markers=True,
+    svg = line_chart(series, chart_id=chart_id, title=title, x_label="ZeRO stage", y_label=unit, markers=True,
                      x_from_zero=True)
     if standalone:
         svg = svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1).replace(

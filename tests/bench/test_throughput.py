@@ -135,6 +135,9 @@ def test_sweep_ratios_table_and_plot(tmp_path):
     import xml.dom.minidom
 
     xml.dom.minidom.parseString(text)                                        # well-formed standalone SVG
+    assert ">img/s</text>" in text
+    on_cpu = T.sweep_svg([dict(r, img_per_cpu_s=2 * r["img_per_s"]) for r in rows])
+    assert ">img per CPU-second</text>" in on_cpu                           # load-robust metric on CPUs
 
 
 @pytest.mark.slow
