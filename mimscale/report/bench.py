@@ -88,7 +88,8 @@ def bench_section(doc: dict[str, Any]) -> str:
             f"{escape(str(doc.get('torch', '?')))}, DeepSpeed {escape(str(doc.get('deepspeed', '?')))} &middot; "
             f"{len(rows)} configurations, {doc.get('repeats', 1)} round(s) each. On a shared machine compare "
             "configurations by the ratios, not the absolute img/s.")
-    # no <thead>/<tbody>: the run table's sorting and row checks address tbody rows of #runs only
+    # rows in <tfoot>, not <tbody> (which a browser would insert around bare rows): every tbody row of the
+    # page is a run of the #runs table to the report's scripts and checks
     return (f'<h2>Benchmarks</h2>\n<p class="meta">{meta}</p>\n<div class="table-wrap"><table id="bench">'
-            f"{head}{''.join(body)}</table></div>\n<div class=\"plots\"><figure>{svg}<figcaption>img/s by ZeRO "
+            f"<thead>{head}</thead><tfoot>{''.join(body)}</tfoot></table></div>\n<div class=\"plots\"><figure>{svg}<figcaption>img/s by ZeRO "
             "stage; one curve per micro-batch and activation-checkpointing setting.</figcaption></figure></div>\n")
