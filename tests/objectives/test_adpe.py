@@ -468,7 +468,11 @@ def test_zero3_two_ranks_bf16_keep_delta_identical_and_moving(fmnist_small, tmp_
 @pytest.mark.slow
 def test_learns_on_fashion_mnist_through_the_real_train_path(fmnist_small, tmp_path):
     """`python -m mimscale.train` with AdPE (embedding mode) on real Fashion-MNIST shards: kNN top-1 after
-    128 steps (2 epochs of 2048 images, 4 crops each) beats the same encoder at random init."""
+    128 steps (2 epochs of 2048 images, 4 crops each) beats the same encoder at random init.
+
+    The main lr is set directly (3e-3), so adv_blr is raised to give the adversary the same lr
+    (0.024 * 32 / 256 = 3e-3); with the recipe's 1.5e-4 it would move delta by only ~1e-3 here.
+    Measured (2 cores): 60.5% -> 65.8%, ||delta|| 0.15 at the end."""
     from launch_utils import run, tiny_overrides
 
     rd = tmp_path / "run"
@@ -476,13 +480,13 @@ def test_learns_on_fashion_mnist_through_the_real_train_path(fmnist_small, tmp_p
                           train__epochs=2, train__log_every=16, optim__lr=3e-3, optim__warmup_epochs=0.1,
                           eval__knn_train=str(fmnist_small["train"]), eval__knn_test=str(fmnist_small["test"]),
                           eval__knn_train_samples="null", eval__knn_test_samples="null", eval__batch_size=256,
-                          objective="{name: adpe, adv_type: 1, crop_size: 16, decoder_dim: 32, decoder_depth: 1, "
-                                    "decoder_heads: 2}")
+                          objective="{name: adpe, adv_type: 1, adv_blr: 0.024, crop_size: 16, decoder_dim: 32, "
+                                    "decoder_depth: 1, decoder_heads: 2}")
     run([sys.executable, "-m", "mimscale.train", "tiny_cpu", *args], timeout=600)
     s = json.loads((rd / "summary.json").read_text())
     assert s["steps"] == 128 and s["objective"] == "adpe"
     from mimscale.telemetry import read_jsonl
 
     rows = [r for r in read_jsonl(rd / "metrics.jsonl") if "train/adv_delta_norm" in r]
-    assert rows and rows[-1]["train/adv_delta_norm"] > 0                  # the adversary moved
+    assert rows and rows[-1]["train/adv_delta_norm"] > 0.05               # the adversary moved
     assert s["knn_top1_final"] > s["knn_top1_init"] + 2.0, s
