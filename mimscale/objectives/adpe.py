@@ -48,7 +48,7 @@ from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
 from ..errors import ConfigError
-from ..masking import num_visible, random_masks
+from ..masking import random_masks
 from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
 from ..models.vit import Block, VisionTransformer
 from ..telemetry.flops import linear_flops, transformer_forward_flops
@@ -305,7 +305,8 @@ class _MultiCropMIM(Objective):
             raise ValueError(f"batch['image'] must be [B, {nc}, C, {c}, {c}] (this objective's train_transform), "
                              f"got {tuple(img.shape)}")
         if masks.shape != (img.shape[0], nc, self.num_crop_patches):
-            raise ValueError(f"batch['crop_masks'] must be [B, {nc}, {self.num_crop_patches}], got {tuple(masks.shape)}")
+            raise ValueError(f"batch['crop_masks'] must be [B, {nc}, {self.num_crop_patches}], "
+                             f"got {tuple(masks.shape)}")
         return img.flatten(0, 1), masks.flatten(0, 1)
 
     def masked_pos(self, delta: torch.Tensor | None) -> torch.Tensor:

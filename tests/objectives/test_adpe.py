@@ -23,7 +23,7 @@ from mimscale.models.pos_embed import sincos_2d
 from mimscale.models.vit import build_vit
 from mimscale.objectives import StepContext, available
 from mimscale.objectives.adpe import AdPE, AdPEConfig, MAEPlus
-from mimscale.objectives.mae import MAE
+from mimscale.objectives.mae import MAE, masked_mse
 
 IMG, PATCH, CROP, NC = 32, 4, 16, 4
 NCROP = (CROP // PATCH) ** 2          # 16 patches per crop
@@ -220,7 +220,6 @@ def test_embedding_mode_visible_inputs_ignore_delta_and_grad_is_sum_over_masked_
     tokens = obj.encoder_input(crops, masks)
     tokens.retain_grad()
     pred = obj.predict_tokens(tokens)
-    from mimscale.objectives.mae import masked_mse
     masked_mse(pred, obj.target(crops), masks).backward()
     expected = tokens.grad[masks].sum(0)
     assert obj.adv.grad_acc.abs().sum() > 0
