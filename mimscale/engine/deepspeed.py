@@ -119,7 +119,7 @@ def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator:
     for m in frozen:
         m.eval().requires_grad_(False)
     outside = frozen + list(objective.private_modules())
-    with _detached(objective, outside):
+    with _detached(objective, outside, permanent=True):
         groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
         config = ds_config(cfg, derived, accelerator)
         if load_universal:
@@ -169,10 +169,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 class _detached:
-    """Temporarily remove submodules (by identity) from their parents."""
+    """Remove submodules (by identity) from their parents' module trees for the ``with`` block.
 
-    def __init__(self, root: nn.Module, modules: list[nn.Module]):
-        self.root, self.ids, self.removed = root, {id(m) for m in modules}, []
+    ``permanent``: afterwards they stay out of the tree but remain plain attributes (``parent.name``):
+    ZeRO-3 walks every parameter of the wrapped module after each step and fails on ones it does not
+    manage, and ``state_dict()``/``.train()``/dtype casts of the engine must not reach teachers either."""
+
+    def __init__(self, root: nn.Module, modules: list[nn.Module], permanent: bool = False):
+        self.root, self.ids, self.removed, self.permanent = root, {id(m) for m in modules}, [], permanent
 
     def __enter__(self):
         for parent in list(self.root.modules()):
@@ -184,7 +188,10 @@ class _detached:
 
     def __exit__(self, *exc):
         for parent, name, child in self.removed:
-            parent._modules[name] = child
+            if self.permanent:
+                object.__setattr__(parent, name, child)
+            else:
+                parent._modules[name] = child
         return False
 
 

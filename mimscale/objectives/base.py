@@ -109,13 +109,15 @@ class Objective(nn.Module):
 
     def frozen_modules(self) -> list[nn.Module]:
         """Teachers: not optimised, not ZeRO-partitioned, not saved in checkpoints. The engine sets them
-        ``eval()`` and ``requires_grad_(False)`` and moves them to the device."""
+        ``eval()`` and ``requires_grad_(False)``, moves them to the device and takes them out of the wrapped
+        module's tree (they stay reachable as attributes), so ZeRO-3, ``state_dict`` and dtype casts skip them."""
         return []
 
     def private_modules(self) -> list[nn.Module]:
         """Modules the objective manages itself, outside DeepSpeed (EMA teachers, adversarial parameters
         with their own optimizer): not partitioned, not in the engine's optimizer or grad clipping, kept in
-        fp32, moved to the device, mode and ``requires_grad`` untouched. Persist them via
+        fp32, moved to the device, mode and ``requires_grad`` untouched, taken out of the wrapped module's
+        tree like frozen modules (or never put in it: ``teachers.ema.hold_outside``). Persist them via
         ``checkpoint_state``."""
         return []
 

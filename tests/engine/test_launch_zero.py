@@ -158,3 +158,27 @@ def test_corrupt_data_counters_are_logged(runs):
 
     rows = [r for r in read_jsonl(runs["torchrun_z0"][0] / "metrics.jsonl") if "train/loss" in r]
     assert all(r["data/skipped_samples"] == 0 and r["data/bad_shards"] == 0 for r in rows)
+
+
+def test_frozen_teacher_under_zero3_is_whole_and_not_checkpointed(fmnist_small, tmp_path, knobs_no_persistence):
+    """DTM's frozen CLIP teacher (random tiny tower) at ZeRO-3 on 2 ranks: training runs, the teacher stays
+    outside DeepSpeed (whole on each rank) and outside the checkpoint, and the run resumes."""
+    import torch
+
+    rd = tmp_path / "dtm_z3"
+    kv = [a for a in tiny_overrides(fmnist_small, rd, train__zero_stage=3, train__ds_config=str(knobs_no_persistence),
+                                    train__max_steps=2) if not a.startswith("objective.")]
+    obj = "objective={name: dtm, teacher: 'random:mimscale-tiny-clip', head_dim: 64}"
+    torchrun = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mimscale.train"]
+    run([*torchrun, "tiny_cpu", *kv, obj])
+    assert summary(rd)["steps"] == 2
+    files = sorted((rd / "checkpoints" / "step_00000002").glob("*model_states.pt"))
+    assert len(files) == 2                                   # ZeRO-3: one model-states file per rank
+    for f in files:
+        states = torch.load(f, weights_only=False)          # written by this test's own run
+        assert states["module"] and not [k for k in states["module"] if k.startswith("teacher.")]
+    kv = [a.replace("train.max_steps=2", "train.max_steps=3") for a in kv]
+    torchrun[4] = str(free_port())
+    p = run([*torchrun, "tiny_cpu", *kv, obj])
+    assert "resumed from checkpoint step=2" in p.stdout + p.stderr
+    assert summary(rd)["steps"] == 3
