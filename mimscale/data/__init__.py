@@ -1,27 +1,25 @@
-"""Streaming data: WebDataset shard writers, transforms and the resumable ShardLoader."""
+"""Streaming data: WebDataset shard writers, transforms and the resumable ShardLoader.
 
-from .loader import ShardLoader, default_collate, expand_source, iter_tar_samples
-from .shards import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
-    IMAGE_EXTENSIONS,
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    is_complete,
-    read_idx,
-    read_manifest,
-    shard_name,
-    write_fashion_mnist,
-    write_folder,
-    write_manifest,
-    write_shard,
-)
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, TrainTransform, rrc_params
+Names are imported on first use, so that ``mimscale`` subcommands that only parse arguments (or check a
+config before a SLURM launch) do not pay for importing torch.
+"""
+from importlib import import_module
 
-__all__ = [
-    "ShardLoader", "default_collate", "expand_source", "iter_tar_samples",
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_DIR", "IMAGE_EXTENSIONS", "MANIFEST_FORMAT", "MANIFEST_NAME",
-    "is_complete", "read_idx", "read_manifest", "shard_name", "write_fashion_mnist", "write_folder",
-    "write_manifest", "write_shard",
-    "IMAGENET_MEAN", "IMAGENET_STD", "EvalTransform", "TrainTransform", "rrc_params",
-]
+_WHERE = {
+    "ShardLoader": "loader", "default_collate": "loader", "expand_source": "loader", "iter_tar_samples": "loader",
+    "FASHION_MNIST_CLASSES": "shards", "FASHION_MNIST_DIR": "shards", "IMAGE_EXTENSIONS": "shards",
+    "MANIFEST_FORMAT": "shards", "MANIFEST_NAME": "shards", "is_complete": "shards", "read_idx": "shards",
+    "read_manifest": "shards", "shard_name": "shards", "write_fashion_mnist": "shards", "write_folder": "shards",
+    "write_manifest": "shards", "write_shard": "shards",
+    "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "EvalTransform": "transforms",
+    "TrainTransform": "transforms", "rrc_params": "transforms",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

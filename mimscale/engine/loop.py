@@ -22,6 +22,7 @@ from ..masking import MaskCollate
 from ..models.vit import build_vit
 from ..objectives import StepContext, build_objective
 from ..telemetry import MetricLogger, Progress, memory_stats
+from ..telemetry.mfu import mfu, peak_flops_for
 from . import deepspeed as ds
 from . import runstate as rs
 from .setup import build_knn, count_samples
@@ -43,6 +44,7 @@ def pretrain(cfg: C.Config) -> dict:
     """
     d = dist.detect()
     dist.export(d)
+    dist.nccl_env_defaults()
     torch.set_num_threads(dist.configure_threads(d))
     accelerator = dist.accelerator_name()
     t, m = cfg.train, cfg.model
@@ -65,6 +67,7 @@ def pretrain(cfg: C.Config) -> dict:
     objective = build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
     engine = ds.initialize(objective, cfg, derived, accelerator, load_universal=universal)
     device = torch.device(engine.device)
+    peak = peak_flops_for(device, t.precision)           # per device: datasheet on GPUs, measured on CPUs
     loader = ShardLoader(train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
                          transform=objective.train_transform(
                              TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
@@ -180,6 +183,8 @@ def pretrain(cfg: C.Config) -> dict:
                             **memory_stats(device), "time/device_hours": clock.device_hours(),
                             "perf/train_pflops": flops * step * t.batch_size / 1e15,
                             **{f"data/{k}": float(v) for k, v in loader.stats.items()}})
+            if peak and progress.rate() > 0:
+                metrics["perf/mfu"] = mfu(flops, progress.rate() / d.world_size, peak)
             logger.log(metrics, step=step)
             postfix = {"loss": f"{metrics.get('train/loss', float('nan')):.4f}", "lr": f"{lr:.2e}"}
             summary["final_loss"] = metrics.get("train/loss")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -46,6 +47,7 @@ class Signals:
 
     def __init__(self):
         self.received: int | None = None
+        self.pid = os.getpid()          # loader workers inherit the handler: only this process logs
         self._old = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
@@ -55,7 +57,8 @@ class Signals:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
-        log.warning("received %s: saving after this step", signal.Signals(signum).name)
+        if os.getpid() == self.pid:
+            log.warning("received %s: saving after this step", signal.Signals(signum).name)
 
     def restore(self) -> None:
         for sig, old in self._old.items():
