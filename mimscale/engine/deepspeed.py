@@ -104,23 +104,27 @@ def skip_shm_comm_build() -> None:
     sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
 
 
-def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator: str, load_universal: bool = False):
+def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator: str, load_universal: bool = False,
+               groups: list[dict] | None = None):
     """``deepspeed.initialize`` on the objective (encoder + heads). Returns the engine.
 
     Frozen teachers (``objective.frozen_modules()``) never reach DeepSpeed: they are detached from the
     wrapped module for the call, so ZeRO-3 does not partition them and the optimizer never sees them.
     ``load_universal``: the engine will load a DeepSpeed universal checkpoint (a new world size).
+    ``groups``: the optimizer's parameter groups (e.g. layer-wise lr decay, each with ``lr_scale`` and
+    ``wd_scale``); default: :func:`param_groups` of the objective. Any ``nn.Module`` works (fine-tuning).
     """
     import deepspeed
 
     if accelerator == "cpu":
         skip_shm_comm_build()
-    frozen = list(objective.frozen_modules())
+    frozen = list(getattr(objective, "frozen_modules", list)())
     for m in frozen:
         m.eval().requires_grad_(False)
-    outside = frozen + list(objective.private_modules())
+    outside = frozen + list(getattr(objective, "private_modules", list)())
     with _detached(objective, outside, permanent=True):
-        groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
+        if groups is None:
+            groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
         config = ds_config(cfg, derived, accelerator)
         if load_universal:
             config["checkpoint"] = {"load_universal": True}

@@ -16,8 +16,7 @@ every epoch (centre crop, no augmentation).
 
 The engine: the same DeepSpeed config (``engine.deepspeed.ds_config``: ZeRO stage, precision, AdamW,
 batch / micro-batch / accumulation) and ``set_hparams`` (lr x ``lr_scale``, wd x ``wd_scale`` per group)
-as pre-training. ``engine.deepspeed.initialize`` builds its own two parameter groups, so this module
-calls ``deepspeed.initialize`` itself with the layer-decay groups.
+as pre-training, built by ``engine.deepspeed.initialize`` with the layer-decay parameter groups.
 """
 from __future__ import annotations
 
@@ -149,8 +148,6 @@ def evaluate(model: nn.Module, loader, device) -> tuple[float, int]:
 
 def finetune(source: Source, train_dir: str, test_dir: str, recipe: FinetuneRecipe, out_dir: Path) -> dict:
     """Fine-tune under whatever launcher started this process; returns the result (rank 0 writes files)."""
-    import deepspeed
-
     from ..data.loader import ShardLoader
     from ..data.transforms import EvalTransform
     from ..telemetry import MetricLogger
@@ -183,10 +180,7 @@ def finetune(source: Source, train_dir: str, test_dir: str, recipe: FinetuneReci
     model.set_grad_checkpointing(r.model.grad_checkpointing)
     task = Classifier(model)
     groups = layer_decay_groups(model, r.optim.weight_decay, f.layer_decay, model.depth, model.no_weight_decay())
-    if d.world_size == 1:
-        ds.skip_shm_comm_build()  # a shared-memory allreduce JIT build (~30 s, file-locked): nothing to reduce
-    engine, _, _, _ = deepspeed.initialize(model=task, model_parameters=groups,
-                                           config=ds.ds_config(cfg, derived, accelerator), dist_init_required=True)
+    engine = ds.initialize(task, cfg, derived, accelerator, groups=groups)
     device = torch.device(engine.device)
 
     loader = ShardLoader(train_shards, manifest=train_dir, batch_size=t.micro_batch_size, rank=d.rank,
