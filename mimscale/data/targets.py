@@ -28,7 +28,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -169,6 +169,18 @@ def _shard_task(args) -> dict:
     return write_shard(out_path, samples())
 
 
+def teacher_view_args(t, image_size, grid, mean, std) -> tuple[int, int, list[float], list[float]]:
+    """Crop size, token-grid side and 3-channel normalisation for teacher ``t``: the given values, else
+    the teacher's own (its image size, size // patch, its mean/std)."""
+    size = int(image_size or t.image_size)
+    side = int(grid or size // t.patch_size)
+    mean = [float(m) for m in (mean or t.mean)]
+    std = [float(s) for s in (std or t.std)]
+    if len(mean) == 1:
+        mean, std = mean * 3, std * 3
+    return size, side, mean, std
+
+
 def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: str = "features",
                 kmeans: str | os.PathLike | None = None, arch: str | None = None, image_size: int | None = None,
                 grid: int | None = None, crop_pct: float = 1.0, mean: Sequence[float] | None = None,
@@ -201,12 +213,7 @@ def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: s
     if _check_existing(out, total, f"samples of {src}"):
         return out
     t = CLIPTeacher(teacher, arch=arch)
-    size = int(image_size or t.image_size)
-    side = int(grid or size // t.patch_size)
-    mean = [float(m) for m in (mean or t.mean)]
-    std = [float(s) for s in (std or t.std)]
-    if len(mean) == 1:
-        mean, std = mean * 3, std * 3
+    size, side, mean, std = teacher_view_args(t, image_size, grid, mean, std)
     name = FIELD_NAMES[kind]
     km_info = None
     if kmeans is not None:

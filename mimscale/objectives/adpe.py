@@ -53,7 +53,7 @@ from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
 from ..models.vit import Block, VisionTransformer
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, StepContext, register
-from .mae import masked_mse, normalize_patches, patchify
+from .mae import init_decoder_weights, masked_mse, normalize_patches, patchify
 
 _NORMS = {0: 0, "none": 0, 1: 1, "l2": 1, 2: 2, "linf": 2}
 
@@ -107,13 +107,7 @@ class CropDecoder(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_pixels)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_decoder_weights(self)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         x = self.embed(latent)

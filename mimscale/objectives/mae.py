@@ -48,6 +48,17 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (err * m).sum() / m.sum().clamp_min(1.0)
 
 
+def init_decoder_weights(module: nn.Module) -> None:
+    """MAE's decoder init: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MAEDecoder(nn.Module):
     """Lightweight decoder: encoded visible tokens + mask tokens at hidden slots -> pixels per patch."""
 
@@ -62,13 +73,7 @@ class MAEDecoder(nn.Module):
         self.pred = nn.Linear(dim, patch_pixels)
         self.num_patches, self.dim = num_patches, dim
         nn.init.normal_(self.mask_token, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_decoder_weights(self)
 
     def forward(self, latent: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """``latent [B, 1+K, D_enc]`` (cls first), ``keep_idx long [B, K]`` -> ``pred [B, N, P]``."""

@@ -237,18 +237,13 @@ def fit_kmeans_shards(src, teacher: str | os.PathLike, k: int, out: str | os.Pat
     of :func:`mimscale.data.targets.target_view`, the same view ``add-targets`` uses) and save ``out``.
     Returns the saved info (``k``, ``dim``, ``points``, ``inertia``, ``empty_clusters``, ``seconds``, ...)."""
     from ..data.loader import ShardLoader
-    from ..data.targets import crop_rule, target_view
+    from ..data.targets import crop_rule, target_view, teacher_view_args
     from .clip import CLIPTeacher
 
     if not 1 <= k <= 65536:
         raise ConfigError(f"--k must be in [1, 65536] (codes are stored as uint16), got {k}")
     t = CLIPTeacher(teacher, arch=arch)
-    size = int(image_size or t.image_size)
-    side = int(grid or size // t.patch_size)
-    mean = [float(m) for m in (mean or t.mean)]
-    std = [float(s) for s in (std or t.std)]
-    if len(mean) == 1:
-        mean, std = mean * 3, std * 3
+    size, side, mean, std = teacher_view_args(t, image_size, grid, mean, std)
     loader = ShardLoader(src, batch_size=batch_size, mode="eval", num_workers=num_workers,
                          transform=target_view(size, mean, std, 3, crop_pct), samples_per_epoch=max_images)
 
