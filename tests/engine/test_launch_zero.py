@@ -182,3 +182,20 @@ def test_frozen_teacher_under_zero3_is_whole_and_not_checkpointed(fmnist_small, 
     p = run([*torchrun, "tiny_cpu", *kv, obj])
     assert "resumed from checkpoint step=2" in p.stdout + p.stderr
     assert summary(rd)["steps"] == 3
+
+
+def test_mapet_two_stream_attention_is_identical_at_zero0_and_zero3(fmnist_small, tmp_path, knobs_no_persistence):
+    """MaPeT reaches into the encoder's blocks (``Attention.forward_qkv``, learned ``pos_embed``) outside their
+    own forward calls: ZeRO-3 must still gather those weights, giving ZeRO-0's per-step losses."""
+    got = {}
+    for stage in (0, 3):
+        rd = tmp_path / f"z{stage}"
+        kv = [a for a in tiny_overrides(fmnist_small, rd, train__zero_stage=stage, train__max_steps=3,
+                                        model__pos_embed="learned") if not a.startswith("objective.")]
+        if stage == 3:
+            kv.append(f"train.ds_config={knobs_no_persistence}")
+        run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mimscale.train",
+             "tiny_cpu", *kv, "objective={name: mapet, target_source: pixel_mean, vocab_size: 64}"])
+        got[stage] = losses(rd)
+    assert len(got[0]) == 3
+    assert got[3] == pytest.approx(got[0], rel=1e-5)
