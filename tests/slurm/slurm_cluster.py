@@ -92,6 +92,9 @@ class LocalSlurm:
             f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
             "AuthType=auth/none", "CredType=cred/none",
+            # a requeued job may start once its old credential expired (default 120 s); starting it earlier
+            # (scontrol update StartTime=now) gets it killed as "Job credential revoked"
+            "AuthInfo=cred_expire=10",
             f"SlurmUser={user}", f"SlurmdUser={user}",
             f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool-%n",
             f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd-%n.pid",
