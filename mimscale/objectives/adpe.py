@@ -53,7 +53,7 @@ from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
 from ..models.vit import Block, VisionTransformer
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, StepContext, register
-from .mae import init_decoder_weights, masked_mse, normalize_patches, patchify
+from .mae import check_mae_knobs, init_decoder_weights, masked_mse, normalize_patches, patchify
 
 _NORMS = {0: 0, "none": 0, 1: 1, "l2": 1, 2: 2, "linf": 2}
 
@@ -253,13 +253,7 @@ class _MultiCropMIM(Objective):
             raise ConfigError(f"objective.num_crops={cfg.num_crops} must be >= 1")
         if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
             raise ConfigError(f"objective.crop_scale={list(cfg.crop_scale)} must satisfy 0 < min <= max <= 1")
-        if not 0.0 <= cfg.mask_ratio < 1.0:
-            raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in [0, 1)")
-        if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
-            raise ConfigError(f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
-                              f"of objective.decoder_heads={cfg.decoder_heads}")
-        if cfg.decoder_depth < 0:
-            raise ConfigError(f"objective.decoder_depth={cfg.decoder_depth} must be >= 0")
+        check_mae_knobs(cfg)
         if cfg.adv_blr < 0 or cfg.adv_wd < 0 or cfg.adv_eps < 0:
             raise ConfigError(f"objective.adv_blr={cfg.adv_blr}, adv_wd={cfg.adv_wd} and adv_eps={cfg.adv_eps} "
                               "must be >= 0 (ascent comes from the negated gradient, not a negative lr)")

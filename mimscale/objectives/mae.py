@@ -48,6 +48,19 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (err * m).sum() / m.sum().clamp_min(1.0)
 
 
+def check_mae_knobs(cfg) -> None:
+    """ConfigError for a mask ratio outside [0, 1) or a decoder shape the sin-cos table / heads cannot take."""
+    from ..errors import ConfigError
+
+    if not 0.0 <= cfg.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in [0, 1)")
+    if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
+        raise ConfigError(f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
+                          f"of objective.decoder_heads={cfg.decoder_heads}")
+    if cfg.decoder_depth < 0:
+        raise ConfigError(f"objective.decoder_depth={cfg.decoder_depth} must be >= 0")
+
+
 def init_decoder_weights(module: nn.Module) -> None:
     """MAE's decoder init: xavier-uniform Linear weights, zero biases, unit LayerNorms."""
     for m in module.modules():
@@ -112,15 +125,7 @@ class MAE(Objective):
 
     def __init__(self, encoder: VisionTransformer, cfg: "MAE.Config"):
         super().__init__(encoder, cfg)
-        from ..errors import ConfigError
-
-        if not 0.0 <= cfg.mask_ratio < 1.0:
-            raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in [0, 1)")
-        if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
-            raise ConfigError(f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
-                              f"of objective.decoder_heads={cfg.decoder_heads}")
-        if cfg.decoder_depth < 0:
-            raise ConfigError(f"objective.decoder_depth={cfg.decoder_depth} must be >= 0")
+        check_mae_knobs(cfg)
         p = encoder.patch_size
         self.patch_pixels = p * p * encoder.in_chans
         self.decoder = MAEDecoder(encoder.embed_dim, encoder.num_patches, self.patch_pixels,
