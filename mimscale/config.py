@@ -34,6 +34,7 @@ class ModelConfig:
     layer_scale_init: float | None = None
     pos_embed: Literal["sincos", "learned"] = "sincos"
     grad_checkpointing: bool = False
+    compile: bool = False                    # torch.compile every transformer block (encoder and decoder)
 
 
 @dataclass
@@ -60,7 +61,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     clip_grad: float = 0.0                   # 0: no clipping
-    impl: Literal["auto", "torch", "fused"] = "auto"  # auto: torch AdamW on CPU, DeepSpeed FusedAdam on CUDA
+    # auto: torch.optim.AdamW(fused=True) on CUDA, torch's foreach AdamW on CPU (nothing JIT-compiled);
+    # fused / torch: those two anywhere; deepspeed: DeepSpeed's FusedAdam (JIT-built, needs nvcc + CUDA toolkit)
+    impl: Literal["auto", "torch", "fused", "deepspeed"] = "auto"
 
 
 @dataclass
@@ -71,6 +74,7 @@ class TrainConfig:
     max_steps: int | None = None             # stop early; the schedule still spans `epochs`
     max_minutes: float | None = None         # stop early after this much wall-clock
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    tf32: bool = True                        # CUDA: TF32 tensor cores for fp32 matmuls/convolutions
     zero_stage: int = 1
     offload: bool = False                    # ZeRO-Offload of optimizer state (stage 1-3) and params (stage 3)
     ds_config: str | None = None             # a DeepSpeed knobs file instead of ds_configs/zero{stage}.json
@@ -84,8 +88,6 @@ class TrainConfig:
     nonfinite_patience: int = 20             # non-finite steps in a row before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "stop"  # rollback: reload the last checkpoint, lr x rollback_lr_scale
     rollback_lr_scale: float = 0.5
-    inject_nonfinite_at: tuple[int, ...] = ()  # fault injection (tests): each entry makes one micro-batch loss
-    #                                            of that step NaN on rank 0 ([3, 3]: two at step 3)
 
 
 @dataclass
@@ -336,6 +338,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     if t.offload and t.zero_stage == 0:
         raise ConfigError("train.offload=true needs train.zero_stage >= 1")
+    if m.compile and t.zero_stage == 3:
+        raise ConfigError("model.compile=true with train.zero_stage=3: ZeRO-3 gathers each block's parameters "
+                          "in module hooks that a compiled block bypasses; use zero_stage 0-2, or compile=false")
     if t.micro_batch_size < 1 or t.batch_size < t.micro_batch_size:
         raise ConfigError(f"train.batch_size={t.batch_size} must be >= train.micro_batch_size={t.micro_batch_size} >= 1")
     if t.epochs <= 0:

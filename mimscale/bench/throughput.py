@@ -121,27 +121,10 @@ def build_config(tc: ThroughputConfig, world_size: int):
 
 
 def build_objective_for(cfg, device: str | None = None):
-    """Encoder + objective exactly as ``engine/loop.py`` builds them (``device="meta"``: shapes only)."""
-    import torch
+    """Encoder + objective exactly as the Trainer builds them (``device="meta"``: shapes only)."""
+    from ..engine.build import build_model
 
-    from .. import config as C
-    from ..models.vit import build_vit
-    from ..objectives import build_objective
-
-    m = cfg.model
-    with torch.device(device) if device else _nullcontext():
-        encoder = build_vit(m.arch, m.img_size, m.patch_size, m.in_chans, drop_path_rate=m.drop_path,
-                            layer_scale_init=m.layer_scale_init, pos_embed=m.pos_embed)
-        encoder.set_grad_checkpointing(m.grad_checkpointing)
-        return build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return build_model(cfg, device)
 
 
 def synthetic_batches(objective, cfg, n: int, seed: int = 0) -> list[dict]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from torch import nn
 from ..config import Config, Derived
 from ..errors import ConfigError
 
+log = logging.getLogger("mimscale.train")
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
 OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                  "optimizer", "scheduler", "bf16", "fp16", "gradient_clipping", "amp")
@@ -58,12 +60,8 @@ def ds_config(cfg: Config, derived: Derived, accelerator: str) -> dict:
     if t.precision == "fp16" and accelerator != "cuda":
         raise ConfigError("train.precision=fp16 needs CUDA devices (DeepSpeed's CPU accelerator has no fp16 "
                           "training); use bf16 or fp32")
-    zero = knobs.get("zero_optimization", {})
-    offload = "offload_optimizer" in zero or "offload_param" in zero
-    impl = o.impl if o.impl != "auto" else ("fused" if accelerator == "cuda" else "torch")
-    params = {"lr": derived.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
-    if impl == "torch" and not offload:
-        params["torch_adam"] = True       # no JIT-compiled kernel; DeepSpeed's FusedAdam/CPUAdam otherwise
+    params = {"lr": derived.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
+              **optimizer_params(o.impl, accelerator, offloaded(knobs))}
     knobs.update({
         "train_batch_size": t.batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -77,6 +75,27 @@ def ds_config(cfg: Config, derived: Derived, accelerator: str) -> dict:
         knobs["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                          "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return knobs
+
+
+def offloaded(knobs: dict) -> bool:
+    zero = knobs.get("zero_optimization", {})
+    return "offload_optimizer" in zero or "offload_param" in zero
+
+
+def optimizer_params(impl: str, accelerator: str, offload: bool) -> dict:
+    """The DeepSpeed optimizer ``params`` that pick the Adam kernel. Nothing here is JIT-compiled unless
+    asked for: ``auto`` is ``torch.optim.AdamW(fused=True)`` on CUDA and torch's foreach AdamW on CPU,
+    both through DeepSpeed's ``torch_adam`` path. ``deepspeed`` is DeepSpeed's FusedAdam, which builds a
+    CUDA extension at first use (needs nvcc + a CUDA toolkit). ZeRO-Offload always uses DeepSpeed's
+    CPUAdam (built once with g++; the log says so when it builds)."""
+    if offload:
+        log.info("train.offload: the optimizer is DeepSpeed's CPUAdam, JIT-built once with g++ into "
+                 "~/.cache/torch_extensions on first use (about a minute)")
+        return {}
+    impl = ("fused" if accelerator == "cuda" else "torch") if impl == "auto" else impl
+    if impl == "deepspeed":
+        return {}
+    return {"torch_adam": True, **({"fused": True} if impl == "fused" else {})}
 
 
 def param_groups(model: nn.Module, no_decay: set[str], weight_decay: float) -> list[dict]:

@@ -38,8 +38,14 @@ def test_yaml_values_fill_the_knobs_file(stage):
 def test_adam_kernel_follows_the_accelerator():
     cfg = _cfg()
     d = _derived(cfg)
-    assert ds.ds_config(cfg, d, "cpu")["optimizer"]["params"]["torch_adam"] is True
-    assert "torch_adam" not in ds.ds_config(cfg, d, "cuda")["optimizer"]["params"]   # DeepSpeed FusedAdam
+    cpu = ds.ds_config(cfg, d, "cpu")["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and "fused" not in cpu                           # torch foreach AdamW
+    cuda = ds.ds_config(cfg, d, "cuda")["optimizer"]["params"]
+    assert cuda["torch_adam"] is True and cuda["fused"] is True                       # torch fused AdamW
+    forced = _cfg("optim.impl=deepspeed")
+    assert "torch_adam" not in ds.ds_config(forced, _derived(forced), "cuda")["optimizer"]["params"]  # FusedAdam
+    fused_cpu = _cfg("optim.impl=fused")
+    assert ds.ds_config(fused_cpu, _derived(fused_cpu), "cpu")["optimizer"]["params"]["fused"] is True
     off = _cfg("train.zero_stage=3", "train.offload=true")
     assert "offload_optimizer" in ds.ds_config(off, _derived(off), "cpu")["zero_optimization"]
     assert "torch_adam" not in ds.ds_config(off, _derived(off), "cpu")["optimizer"]["params"]  # CPU Adam

@@ -1,0 +1,347 @@
+"""The pre-training ``Trainer``: small stateful parts around one short step loop.
+
+Objective-agnostic: it only sees ``Objective`` and its ``LossOutput``. The parts own their concerns
+(:mod:`.cadence` for save/eval/time triggers, :mod:`.nonfinite` for the non-finite policy, :mod:`.flags`
+for agreeing on all of it in ONE collective per optimizer step, :class:`TrainState` for what a checkpoint
+carries); :meth:`Trainer.fit` only sequences them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .. import checkpoint as ckpt
+from .. import config as C
+from .. import dist
+from ..data import builtin
+from ..data.loader import ShardLoader
+from ..data.transforms import TrainTransform
+from ..errors import NonFiniteError
+from ..masking import MaskCollate
+from ..objectives import StepContext
+from ..telemetry import MetricLogger, Progress, memory_stats
+from ..telemetry.mfu import mfu, peak_flops_for
+from . import deepspeed as ds
+from .build import build_model, configure_backends
+from .cadence import Clock, EvalCadence, SaveCadence, TimeLimit
+from .flags import Agreed, StepFlags
+from .nonfinite import NonFinitePolicy
+from .resume import all_ranks, identity, restore
+from .schedule import cosine, warmup_cosine
+from .setup import build_knn, count_samples
+from .signals import Signals
+from .state import TrainState
+
+log = logging.getLogger("mimscale.train")
+
+LossHook = Callable[[int, torch.Tensor], torch.Tensor]   # (step, loss) -> loss; tests inject faults with it
+
+
+class Trainer:
+    """Builds the run of ``cfg`` under whatever launcher started this process; :meth:`fit` trains it.
+
+    ``now``/``wall`` replace the training clock and the wall clock (tests drive the minute triggers with
+    a fake clock); ``loss_hooks`` see every micro-batch loss before the step uses it.
+    """
+
+    def __init__(self, cfg: C.Config, *, now: Callable[[], float] = time.time,
+                 wall: Callable[[], float] = time.monotonic):
+        self.cfg, t, m = cfg, cfg.train, cfg.model
+        self.d = d = dist.detect()
+        dist.export(d)
+        dist.nccl_env_defaults()
+        torch.set_num_threads(dist.configure_threads(d))
+        accelerator = dist.accelerator_name()
+        configure_backends(cfg, accelerator)
+        train_src = builtin.resolve(cfg.data.train, cfg.data.root)
+        self.derived = C.derive(cfg, d.world_size, count_samples(train_src, cfg.data.samples_per_epoch))
+        self.run_dir = Path(self.derived.run_dir)
+        self.identity = identity(cfg)
+        self.found = ckpt.find(self.run_dir, self.identity) if t.resume == "auto" else None
+        universal = self.found is not None and self.found.meta["world_size"] != d.world_size
+        if universal:
+            ds.init_distributed()
+            ckpt.convert_to_universal(self.found, d.rank)
+        if d.is_main:
+            C.save_resolved(cfg, self.derived, self.run_dir / "config.yaml")
+
+        torch.manual_seed(t.seed)  # identical init on every rank
+        self.objective = build_model(cfg)
+        self.engine = ds.initialize(self.objective, cfg, self.derived, accelerator, load_universal=universal)
+        self.device = torch.device(self.engine.device)
+        self.loader = ShardLoader(
+            train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
+            transform=self.objective.train_transform(
+                TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+                               mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
+            collate=MaskCollate(self.objective.mask_spec()), num_workers=cfg.data.num_workers, seed=t.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=self.derived.samples_per_epoch,
+            pin_memory=accelerator == "cuda", targets=self.objective.cached_targets())
+        self.saver = ckpt.Checkpointer(self.run_dir, self.engine, rank=d.rank, world_size=d.world_size,
+                                       keep_last=t.keep_last, identity=self.identity)
+        self.state = TrainState()
+        if self.found is not None:
+            self.state.load_state_dict(restore(self.saver, self.found, universal, self.loader, self.objective, d))
+        self.stop = min(self.derived.total_steps, t.max_steps or self.derived.total_steps)
+
+        self.knn = build_knn(cfg, d)
+        self.logger = MetricLogger(self.run_dir, enabled=d.is_main, jsonl=cfg.log.jsonl,
+                                   tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.project,
+                                   run_name=cfg.log.run_name, config=C.to_dict(cfg), resume_id=self.state.wandb_id,
+                                   purge_step=self.state.step + 1 if self.found is not None else None)
+        self.flops = self.objective.flops_per_sample()
+        self.peak = peak_flops_for(self.device, t.precision)   # per device: datasheet on GPUs, measured on CPUs
+        self.summary = {"objective": cfg.objective["name"], "arch": m.arch, "world_size": d.world_size,
+                        "total_steps": self.derived.total_steps, "flops_per_sample": self.flops,
+                        "params_total": ds.total_param_numel(self.engine),
+                        "params_per_rank": all_ranks(ds.local_param_numel(self.engine), self.device),
+                        **self.state.summary}
+        self.now, self.wall = now, wall
+        self.clock = Clock(d.world_size, self.state.train_s, self.state.device_hours, now=now)
+        self.saves = SaveCadence(t.save_every, t.save_every_minutes, now=wall)
+        self.evals = EvalCadence(cfg.eval.knn_every, cfg.eval.knn_every_minutes)
+        self.limit = TimeLimit(t.max_minutes)
+        self.nonfinite = NonFinitePolicy(t.nonfinite_patience, t.on_nonfinite, t.rollback_lr_scale, self.state)
+        self.flags = StepFlags(self.device)
+        self.loss_hooks: list[LossHook] = []
+        self._postfix: dict[str, str] = {}
+        self._wd = cfg.optim.weight_decay
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        """Train to ``stop``; returns the run summary. On SIGUSR1/SIGTERM saves and returns with
+        ``summary["exit_code"] = EXIT_REQUEUE``."""
+        st, cfg = self.state, self.cfg
+        if self.found is None:
+            if cfg.eval.knn_at_start:
+                self.evaluate("init")
+                self.clock = Clock(self.d.world_size, now=self.now)   # the baseline is not training time
+            st.next_eval_s = self.evals.first_due_s()
+        signals = Signals()
+        progress = Progress(self.stop, start_step=st.step, images_per_step=cfg.train.batch_size,
+                            enabled=self.d.is_main)
+        batches, window, stopped_by = self._batches(), _Window(), None
+        self.engine.train()
+        while st.step < self.stop:
+            ctx = self._step_context()
+            self.engine.module.before_step(ctx)
+            r = self._run_step(batches, window, signals, log_now=self._log_due(st.step + 1))
+            agreed = r.agreed
+            if r.dropped:                                  # on every rank; already counted by the policy
+                if r.action != "continue":
+                    self._stop_or_roll_back()
+                    continue
+            else:
+                st.step += 1
+                self.nonfinite.good()
+                self.engine.module.after_optimizer_step(replace(ctx, step=st.step))
+                if agreed.metrics:
+                    self._log(agreed.metrics, ctx.lr, progress)
+                    window.clear()
+            progress.update(st.step, **self._postfix)
+            if agreed.signal:
+                stopped_by = "signal"
+                break
+            if agreed.time_up:
+                log.info("train.max_minutes=%s reached at step %d", cfg.train.max_minutes, st.step)
+                break                                       # the final evaluation follows
+            if r.dropped:
+                continue
+            if st.step == self.stop:
+                break
+            if self.evals.due_by_steps(st.step):
+                self.evaluate(f"step{st.step}")
+            if agreed.eval_due:
+                self.evaluate(f"{self.clock.train_s() / 60:.1f}min")
+                st.next_eval_s = self.evals.advance(st.next_eval_s)
+            if self.saves.due(st.step, agreed.save_due):
+                self.save()
+        progress.close()
+        signals.restore()
+        return self._finish(stopped_by, progress.rate())
+
+    def _run_step(self, batches: Iterator[dict], window: _Window, signals: Signals, log_now: bool) -> _StepResult:
+        """Forward/backward the step's micro-batches. The flags are agreed once, at the last micro-batch and
+        before its backward, so a step with a non-finite loss on any rank never updates the weights.
+
+        With gradient accumulation a non-finite micro-batch before the last is dropped at once (one scalar
+        collective each): its backward would already have put NaN into the accumulated gradients."""
+        gas, done, skipped_before = self.derived.grad_accum, 0, self.engine.skipped_steps
+        while True:
+            out = self.engine(_to_device(self.loader, next(batches), self.device))
+            loss = out.loss
+            for hook in self.loss_hooks:
+                loss = hook(self.state.step, loss)
+            bad = ~torch.isfinite(loss.detach())           # stays on the device until the flags are agreed
+            if done < gas - 1:
+                if self.flags.agree(bad).nonfinite:
+                    action = self.nonfinite.bad(self._can_roll_back())
+                    if action != "continue":
+                        return _StepResult(Agreed(nonfinite=True), True, action)
+                    continue                              # the step goes on with another micro-batch
+            else:
+                st, train_s = self.state, self.clock.train_s()
+                agreed = self.flags.agree(
+                    bad, signal=signals.received is not None, time_up=self.limit.due_local(train_s),
+                    eval_due=st.step + 1 != self.stop and self.evals.due_local(train_s, st.next_eval_s),
+                    save_due=self.saves.due_local(),
+                    metrics=window.with_(out.metrics) if log_now else None, count=window.n + 1)
+                if agreed.nonfinite:
+                    return _StepResult(agreed, True, self.nonfinite.bad(self._can_roll_back()))
+            self.engine.backward(loss)
+            self.engine.step()
+            window.add(out.metrics)
+            done += 1
+            if done == gas:
+                if self.engine.skipped_steps > skipped_before:   # DeepSpeed saw inf/NaN gradients
+                    return _StepResult(agreed, True, self.nonfinite.bad(self._can_roll_back()))
+                return _StepResult(agreed, False, "continue")
+
+    # ------------------------------------------------------------------ parts of a step
+    def _batches(self) -> Iterator[dict]:
+        while True:
+            yield from self.loader
+
+    def _step_context(self) -> StepContext:
+        st, dv, o = self.state, self.derived, self.cfg.optim
+        lr = st.lr_scale * warmup_cosine(st.step, dv.total_steps, dv.warmup_steps, dv.lr, o.min_lr)
+        wd = cosine(st.step, dv.total_steps, o.weight_decay,
+                    o.weight_decay if o.weight_decay_end is None else o.weight_decay_end)
+        ds.set_hparams(self.engine, lr, wd)
+        self._wd = wd
+        return StepContext(step=st.step, total_steps=dv.total_steps, epoch=st.step / dv.steps_per_epoch, lr=lr,
+                           lr_factor=lr / dv.lr if dv.lr else 0.0, rank=self.d.rank, world_size=self.d.world_size,
+                           grad_accum=dv.grad_accum, master_params=partial(ds.master_params, self.engine),
+                           all_reduce_mean=ds.all_reduce_mean)
+
+    def _log_due(self, step: int) -> bool:
+        return step % self.cfg.train.log_every == 0 or step == self.stop
+
+    def _log(self, means: dict[str, float], lr: float, progress: Progress) -> None:
+        st, t, dv = self.state, self.cfg.train, self.derived
+        rate = progress.rate()
+        metrics = {f"train/{k}": v for k, v in means.items()}
+        metrics.update({"train/lr": lr, "train/wd": self._wd, "train/epoch": st.step / dv.steps_per_epoch,
+                        "train/nonfinite_skipped": st.nonfinite_total, "perf/img_per_s": rate,
+                        "time/elapsed_s": self.clock.train_s(), "perf/step_time_s": t.batch_size / max(rate, 1e-9),
+                        **memory_stats(self.device), "time/device_hours": self.clock.device_hours(),
+                        "perf/train_pflops": self.flops * st.step * t.batch_size / 1e15,
+                        **{f"data/{k}": float(v) for k, v in self.loader.stats.items()}})
+        if self.peak and rate > 0:
+            metrics["perf/mfu"] = mfu(self.flops, rate / self.d.world_size, self.peak)
+        self.logger.log(metrics, step=st.step)
+        self._postfix = {"loss": f"{metrics.get('train/loss', float('nan')):.4f}", "lr": f"{lr:.2e}"}
+        self.summary["final_loss"] = metrics.get("train/loss")
+
+    def _stop_or_roll_back(self) -> None:
+        st, t = self.state, self.cfg.train
+        found = ckpt.find(self.run_dir, self.identity)
+        if t.on_nonfinite == "stop" or found is None:
+            raise NonFiniteError(f"{st.nonfinite_in_row} non-finite losses/gradients in a row at step {st.step}; "
+                                 f"stopping (train.on_nonfinite={t.on_nonfinite}); checkpoints in "
+                                 f"{self.run_dir / ckpt.CKPT_DIR} are intact")
+        keep = {"nonfinite_total": st.nonfinite_total, "lr_scale": st.lr_scale, "wandb_id": st.wandb_id}
+        st.load_state_dict({**restore(self.saver, found, False, None, self.objective, self.d), **keep})
+        self.nonfinite.rolled_back()
+        log.warning("rolled back to checkpoint step=%d after %d non-finite steps; lr scale now %.3g (the data "
+                    "stream moves on)", st.step, t.nonfinite_patience, st.lr_scale)
+
+    # ------------------------------------------------------------------ evaluation, saving, the end
+    def evaluate(self, tag: str) -> None:
+        if self.knn is None:
+            return
+        with self.clock.pause():
+            res = self.knn(self.engine.module.encoder, self.device)
+        res.update({"time/train_s": self.clock.train_s(), "time/train_device_hours": self.clock.device_hours()})
+        self.logger.log(res, step=self.state.step)
+        self.summary[f"knn_top1_{tag}"] = res["eval/knn_top1"]
+        if self.d.is_main:
+            log.info("kNN top-1 (%s, step %d): %.2f%%", tag, self.state.step, res["eval/knn_top1"])
+
+    def save(self) -> None:
+        st = self.state
+        st.train_s, st.device_hours = self.clock.train_s(), self.clock.device_hours()
+        st.wandb_id = self.logger.wandb_id
+        st.summary = {k: v for k, v in self.summary.items() if k.startswith(("knn_", "final_loss"))}
+        with self.clock.pause():                          # saving is not training time
+            self.saver.save(st.step, st.state_dict(), self.loader.state_dict(), self.objective.checkpoint_state(),
+                            extra=lambda tmp: ds.save_encoder(self.engine, tmp / "encoder.safetensors",
+                                                              self.d.is_main))
+        self.saves.saved()
+
+    def _finish(self, stopped_by: str | None, rate: float) -> dict:
+        st = self.state
+        self.summary.update(steps=st.step, train_seconds=self.clock.train_s(), device_hours=self.clock.device_hours(),
+                            img_per_s=rate, nonfinite_skipped=st.nonfinite_total,
+                            collectives_per_step=self.flags.collectives / max(self._steps_run(), 1))
+        if stopped_by == "signal":
+            self.save()
+            self.summary["exit_code"] = ckpt.EXIT_REQUEUE
+            self.logger.close()
+            return self.summary
+        start = self.found is None or st.step > self._start_step
+        if start:
+            self.evaluate("final")
+            self.save()
+        ds.save_encoder(self.engine, self.run_dir / "encoder.safetensors", is_main=self.d.is_main)
+        if self.d.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        self.logger.close()
+        return self.summary
+
+    def _can_roll_back(self) -> bool:
+        return bool(ckpt.candidates(self.run_dir))
+
+    @property
+    def _start_step(self) -> int:
+        return int(self.found.meta["step"]) if self.found is not None else 0
+
+    def _steps_run(self) -> int:
+        return self.state.step - self._start_step + self.state.nonfinite_total
+
+
+class _Window:
+    """Per-metric sums of the micro-batches since the last log, kept on the device (no sync)."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for k, v in metrics.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def with_(self, metrics: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The sums including ``metrics`` (the micro-batch whose step is being decided), not stored."""
+        return {k: self.sums.get(k, 0.0) + v.detach().float() for k, v in metrics.items()}
+
+    def clear(self) -> None:
+        self.sums, self.n = {}, 0
+
+
+class _StepResult(NamedTuple):
+    agreed: Agreed
+    dropped: bool                   # the step was not taken, on every rank
+    action: str                     # the non-finite policy's answer: continue / stop / rollback
+
+
+def _to_device(loader, batch: dict, device: torch.device) -> dict:
+    move = getattr(loader, "to_device", None)
+    if move is not None:
+        return move(batch, device)
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def pretrain(cfg: C.Config) -> dict:
+    """Train ``cfg``; returns the run summary (``exit_code`` set when it saved on a signal)."""
+    return Trainer(cfg).fit()
