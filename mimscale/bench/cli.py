@@ -163,6 +163,9 @@ def _run_throughput(args) -> int:
     for tc in configs:
         tc.check()
         T.build_config(tc, tc.world_size)         # a bad recipe / arch / override: one line, before any launch
+    if len(configs) == 1 and not args.sweep and T.build_config(configs[0], 1).model.compile:
+        T.compile_ratio(configs[0], args.repeats, emit=lambda line: print(line, flush=True))
+        return 0
     if len(configs) == 1 and not args.sweep and args.repeats == 1:
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's prints: stdout carries the JSON line only
             row = T.run_one(configs[0])

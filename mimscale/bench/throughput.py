@@ -414,6 +414,21 @@ def run_grid(configs: list[ThroughputConfig], repeats: int = 1, emit=print) -> l
 # ----------------------------------------------------------------------------- sweep output
 
 
+def compile_ratio(tc: ThroughputConfig, repeats: int = 1, emit=print) -> dict[str, Any]:
+    """``model.compile=true`` in ``tc``: measure it and its eager twin (``model.compile=false``), each in its
+    own process, alternating over ``repeats``; emit both rows, then one line with the median
+    compiled/eager img/s ratio (warm-up steps absorb the compilation)."""
+    eager = replace(tc, overrides=(*tc.overrides, "model.compile=false"))
+    rows = run_grid([tc, eager], repeats, emit=emit)
+    compiled_r, eager_r = rows
+    ratio = [c / e for c, e in zip(compiled_r["img_per_s_rounds"], eager_r["img_per_s_rounds"])] \
+        if "img_per_s_rounds" in compiled_r else [compiled_r["img_per_s"] / eager_r["img_per_s"]]
+    out = {"compile": {"compiled_img_per_s": compiled_r["img_per_s"], "eager_img_per_s": eager_r["img_per_s"],
+                       "compiled_over_eager": statistics.median(ratio), "repeats": repeats}}
+    emit(json.dumps(out))
+    return out
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """img/s (and img per CPU-second, when measured) of each row relative to ZeRO-0 without checkpointing
     at the same micro-batch and model (``None`` without that baseline)."""

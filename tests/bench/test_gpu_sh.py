@@ -39,5 +39,12 @@ def test_cpu_smoke_runs_the_script_end_to_end(tmp_path):
     assert row["img_per_s"] > 0 and row["mfu"] > 0 and row["mem_peak_gb"] > 0
     assert row["plan"]["gpu"] == "a100-80gb" and row["plan"]["fits"] is True
     out = p.stdout
+    # part 2: the real train path (mimscale pretrain on generated JPEG shards) vs bench on the same shards
+    (loop_file,) = tmp_path.glob("gpu_loop-*.json")
+    loop = json.loads(loop_file.read_text())
+    (r,) = loop["rounds"]
+    assert r["loop"]["img_per_s"] > 0 and r["bench"]["img_per_s"] > 0 and loop["ratio_loop_over_bench"] > 0
+    assert r["loop"]["mem_peak_gb"] > 0 and r["loop"]["mfu"] > 0
+    assert "the real train path" in out and "loop / bench" in out
     assert "== summary" in out and "plan GB" in out
     assert "target: >= 45% MFU for MAE vit_large" in out and "not evaluated" in out
