@@ -72,7 +72,7 @@ def _cmd_pretrain(args) -> int:
 
         print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
         return 0
-    from .engine.loop import pretrain
+    from .pretrain import pretrain
 
     from .dist import detect
 

@@ -31,7 +31,7 @@ def check(recipe: str | None, overrides: list[str], world_size: int = 1) -> str:
     from .data.loader import expand_source
     from .data.shards import read_manifest
     from .engine import deepspeed as ds
-    from .engine.loop import count_samples
+    from .data.epoch import count_samples
 
     train = builtin.resolve(cfg.data.train, cfg.data.root)  # a built-in name is converted once, under a lock
     urls, _ = expand_source(train)

@@ -2,7 +2,7 @@
 
 One *configuration* = objective x model x ZeRO stage x activation checkpointing x micro-batch x
 precision x world size. For each, the real thing the train loop runs is built: the recipe through
-``mimscale.config.load`` + overrides, the encoder and objective as in ``engine/loop.py``, the
+``mimscale.config.load`` + overrides, the encoder and objective as the Trainer builds them (``engine/build.py``), the
 DeepSpeed engine by ``engine.deepspeed.initialize``. Then ``warmup`` untimed steps and ``steps`` timed
 ones (``engine(batch); engine.backward(loss); engine.step()``, device-synchronised per step), and one
 JSON line:

@@ -1,8 +1,8 @@
-"""The pre-training ``Trainer``: small stateful parts around one short step loop.
+"""The ``Trainer``: small stateful parts around one short step loop, for any :class:`~.task.Task`.
 
-Objective-agnostic: it only sees ``Objective`` and its ``LossOutput``. The parts own their concerns
-(:mod:`.cadence` for save/eval/time triggers, :mod:`.nonfinite` for the non-finite policy, :mod:`.flags`
-for agreeing on all of it in ONE collective per optimizer step, :class:`TrainState` for what a checkpoint
+It only sees the task's module and its ``LossOutput`` (no objective names). The parts own their concerns
+(:mod:`.cadence` for save/eval/time triggers, :mod:`.nonfinite` for the non-finite policy, :mod:`.flags` for
+agreeing on all of it in ONE collective per optimizer step, :class:`TrainState` for what a checkpoint
 carries); :meth:`Trainer.fit` only sequences them.
 """
 from __future__ import annotations
@@ -21,24 +21,20 @@ import torch
 from .. import checkpoint as ckpt
 from .. import config as C
 from .. import dist
-from ..data import builtin
-from ..data.loader import ShardLoader
-from ..data.transforms import TrainTransform
 from ..errors import NonFiniteError
-from ..masking import MaskCollate
 from ..objectives import StepContext
 from ..telemetry import MetricLogger, Progress, memory_stats
 from ..telemetry.mfu import mfu, peak_flops_for
 from . import deepspeed as ds
-from .build import build_model, configure_backends
+from .build import configure_backends
 from .cadence import Clock, EvalCadence, SaveCadence, TimeLimit
 from .flags import Agreed, StepFlags
 from .nonfinite import NonFinitePolicy
-from .resume import all_ranks, identity, restore
+from .resume import all_ranks, restore
 from .schedule import cosine, warmup_cosine
-from .setup import build_knn, count_samples
 from .signals import Signals
 from .state import TrainState
+from .task import Task
 
 log = logging.getLogger("mimscale.train")
 
@@ -46,68 +42,60 @@ LossHook = Callable[[int, torch.Tensor], torch.Tensor]   # (step, loss) -> loss;
 
 
 class Trainer:
-    """Builds the run of ``cfg`` under whatever launcher started this process; :meth:`fit` trains it.
-
-    ``now``/``wall`` replace the training clock and the wall clock (tests drive the minute triggers with
-    a fake clock); ``loss_hooks`` see every micro-batch loss before the step uses it.
+    """Builds ``task`` under whatever launcher started this process (``cfg``: model/optim/train/log sections);
+    :meth:`fit` trains it. ``now``/``wall`` replace the training clock and the wall clock (tests drive the
+    minute triggers with a fake clock); ``loss_hooks`` see every micro-batch loss before the step uses it.
     """
 
-    def __init__(self, cfg: C.Config, *, now: Callable[[], float] = time.time,
+    def __init__(self, cfg: C.Config, task: Task, *, now: Callable[[], float] = time.time,
                  wall: Callable[[], float] = time.monotonic):
-        self.cfg, t, m = cfg, cfg.train, cfg.model
+        self.cfg, self.task, t = cfg, task, cfg.train
         self.d = d = dist.detect()
         dist.export(d)
         dist.nccl_env_defaults()
         torch.set_num_threads(dist.configure_threads(d))
         accelerator = dist.accelerator_name()
         configure_backends(cfg, accelerator)
-        train_src = builtin.resolve(cfg.data.train, cfg.data.root)
-        self.derived = C.derive(cfg, d.world_size, count_samples(train_src, cfg.data.samples_per_epoch))
+        self.derived = C.derive(cfg, d.world_size, task.samples_per_epoch())
         self.run_dir = Path(self.derived.run_dir)
-        self.identity = identity(cfg)
+        self.identity = task.identity()
         self.found = ckpt.find(self.run_dir, self.identity) if t.resume == "auto" else None
         universal = self.found is not None and self.found.meta["world_size"] != d.world_size
         if universal:
             ds.init_distributed()
             ckpt.convert_to_universal(self.found, d.rank)
         if d.is_main:
-            C.save_resolved(cfg, self.derived, self.run_dir / "config.yaml")
+            task.write_config(self.derived, self.run_dir)
 
         torch.manual_seed(t.seed)  # identical init on every rank
-        self.objective = build_model(cfg)
-        self.engine = ds.initialize(self.objective, cfg, self.derived, accelerator, load_universal=universal)
+        self.module = task.build()
+        self.engine = ds.initialize(self.module, cfg, self.derived, accelerator, load_universal=universal,
+                                    groups=task.param_groups(self.module))
         self.device = torch.device(self.engine.device)
-        self.loader = ShardLoader(
-            train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
-            transform=self.objective.train_transform(
-                TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
-                               mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
-            collate=MaskCollate(self.objective.mask_spec()), num_workers=cfg.data.num_workers, seed=t.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=self.derived.samples_per_epoch,
-            pin_memory=accelerator == "cuda", targets=self.objective.cached_targets())
+        self.loader = task.loader(self.module, self.derived, d, accelerator)
         self.saver = ckpt.Checkpointer(self.run_dir, self.engine, rank=d.rank, world_size=d.world_size,
                                        keep_last=t.keep_last, identity=self.identity)
         self.state = TrainState()
         if self.found is not None:
-            self.state.load_state_dict(restore(self.saver, self.found, universal, self.loader, self.objective, d))
+            self.state.load_state_dict(restore(self.saver, self.found, universal, self.loader, self.module, d))
         self.stop = min(self.derived.total_steps, t.max_steps or self.derived.total_steps)
 
-        self.knn = build_knn(cfg, d)
+        self.evaluation = task.evaluation(d, self.derived)
         self.logger = MetricLogger(self.run_dir, enabled=d.is_main, jsonl=cfg.log.jsonl,
                                    tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.project,
                                    run_name=cfg.log.run_name, config=C.to_dict(cfg), resume_id=self.state.wandb_id,
                                    purge_step=self.state.step + 1 if self.found is not None else None)
-        self.flops = self.objective.flops_per_sample()
+        self.flops = self.module.flops_per_sample()
         self.peak = peak_flops_for(self.device, t.precision)   # per device: datasheet on GPUs, measured on CPUs
-        self.summary = {"objective": cfg.objective["name"], "arch": m.arch, "world_size": d.world_size,
-                        "total_steps": self.derived.total_steps, "flops_per_sample": self.flops,
-                        "params_total": ds.total_param_numel(self.engine),
+        self.summary = {**task.summary(), "world_size": d.world_size, "total_steps": self.derived.total_steps,
+                        "flops_per_sample": self.flops, "params_total": ds.total_param_numel(self.engine),
                         "params_per_rank": all_ranks(ds.local_param_numel(self.engine), self.device),
                         **self.state.summary}
         self.now, self.wall = now, wall
         self.clock = Clock(d.world_size, self.state.train_s, self.state.device_hours, now=now)
         self.saves = SaveCadence(t.save_every, t.save_every_minutes, now=wall)
-        self.evals = EvalCadence(cfg.eval.knn_every, cfg.eval.knn_every_minutes)
+        ev = self.evaluation
+        self.evals = EvalCadence(ev.every_steps, ev.every_minutes) if ev else EvalCadence(0, None)
         self.limit = TimeLimit(t.max_minutes)
         self.nonfinite = NonFinitePolicy(t.nonfinite_patience, t.on_nonfinite, t.rollback_lr_scale, self.state)
         self.flags = StepFlags(self.device)
@@ -121,7 +109,7 @@ class Trainer:
         ``summary["exit_code"] = EXIT_REQUEUE``."""
         st, cfg = self.state, self.cfg
         if self.found is None:
-            if cfg.eval.knn_at_start:
+            if self.evaluation is not None and self.evaluation.at_start:
                 self.evaluate("init")
                 self.clock = Clock(self.d.world_size, now=self.now)   # the baseline is not training time
             st.next_eval_s = self.evals.first_due_s()
@@ -249,32 +237,33 @@ class Trainer:
                                  f"stopping (train.on_nonfinite={t.on_nonfinite}); checkpoints in "
                                  f"{self.run_dir / ckpt.CKPT_DIR} are intact")
         keep = {"nonfinite_total": st.nonfinite_total, "lr_scale": st.lr_scale, "wandb_id": st.wandb_id}
-        st.load_state_dict({**restore(self.saver, found, False, None, self.objective, self.d), **keep})
+        st.load_state_dict({**restore(self.saver, found, False, None, self.module, self.d), **keep})
         self.nonfinite.rolled_back()
         log.warning("rolled back to checkpoint step=%d after %d non-finite steps; lr scale now %.3g (the data "
                     "stream moves on)", st.step, t.nonfinite_patience, st.lr_scale)
 
     # ------------------------------------------------------------------ evaluation, saving, the end
     def evaluate(self, tag: str) -> None:
-        if self.knn is None:
+        ev = self.evaluation
+        if ev is None:
             return
         with self.clock.pause():
-            res = self.knn(self.engine.module.encoder, self.device)
+            res = ev.run(self.engine.module, self.device)
         res.update({"time/train_s": self.clock.train_s(), "time/train_device_hours": self.clock.device_hours()})
         self.logger.log(res, step=self.state.step)
-        self.summary[f"knn_top1_{tag}"] = res["eval/knn_top1"]
+        self.summary[f"{ev.summary_prefix}_{tag}"] = res[ev.key]
         if self.d.is_main:
-            log.info("kNN top-1 (%s, step %d): %.2f%%", tag, self.state.step, res["eval/knn_top1"])
+            log.info("%s (%s, step %d): %.2f", ev.key, tag, self.state.step, res[ev.key])
 
     def save(self) -> None:
         st = self.state
         st.train_s, st.device_hours = self.clock.train_s(), self.clock.device_hours()
         st.wandb_id = self.logger.wandb_id
-        st.summary = {k: v for k, v in self.summary.items() if k.startswith(("knn_", "final_loss"))}
+        prefix = self.evaluation.summary_prefix if self.evaluation else "final_loss"
+        st.summary = {k: v for k, v in self.summary.items() if k.startswith((prefix + "_", "final_loss"))}
         with self.clock.pause():                          # saving is not training time
-            self.saver.save(st.step, st.state_dict(), self.loader.state_dict(), self.objective.checkpoint_state(),
-                            extra=lambda tmp: ds.save_encoder(self.engine, tmp / "encoder.safetensors",
-                                                              self.d.is_main))
+            self.saver.save(st.step, st.state_dict(), self.loader.state_dict(), self.module.checkpoint_state(),
+                            extra=lambda tmp: self.task.export(self.engine, tmp, self.d.is_main))
         self.saves.saved()
 
     def _finish(self, stopped_by: str | None, rate: float) -> dict:
@@ -291,7 +280,7 @@ class Trainer:
         if start:
             self.evaluate("final")
             self.save()
-        ds.save_encoder(self.engine, self.run_dir / "encoder.safetensors", is_main=self.d.is_main)
+        self.task.export(self.engine, self.run_dir, self.d.is_main)
         if self.d.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
         self.logger.close()
@@ -340,8 +329,3 @@ def _to_device(loader, batch: dict, device: torch.device) -> dict:
     if move is not None:
         return move(batch, device)
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def pretrain(cfg: C.Config) -> dict:
-    """Train ``cfg``; returns the run summary (``exit_code`` set when it saved on a signal)."""
-    return Trainer(cfg).fit()

@@ -163,7 +163,7 @@ def finetune(source: Source, train_dir: str, test_dir: str, recipe: FinetuneReci
         raise ConfigError(f"finetune.mean/std need {source.in_chans} values")
     classes = num_classes(train_dir, f.num_classes)
     train_shards = first_shards(train_dir, f.train_samples)
-    from ..engine.loop import count_samples
+    from ..data.epoch import count_samples
 
     cfg = C.Config(model=r.model, data=r.data, optim=r.optim, train=t, log=r.log)
     derived = C.derive(cfg, d.world_size, count_samples(train_shards, r.data.samples_per_epoch))

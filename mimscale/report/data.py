@@ -1,6 +1,6 @@
 """Load run directories and derive the numbers the report shows.
 
-A run directory (written by :func:`mimscale.engine.loop.pretrain`) holds ``config.yaml`` (resolved
+A run directory (written by :func:`mimscale.pretrain.pretrain`) holds ``config.yaml`` (resolved
 config + ``derived``), ``metrics.jsonl`` and, once training finished, ``summary.json``. Only
 ``metrics.jsonl`` is required; what is missing shows up as ``None`` (``—`` in the HTML).
 

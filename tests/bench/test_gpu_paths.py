@@ -11,7 +11,7 @@ bf16 on CUDA     engine.deepspeed.ds_config(cfg, derived, "cuda"): bf16 block + 
                  tests/engine/test_deepspeed_config.py (fp16/FusedAdam/compute_dtype),
                  tests/engine/test_launch_zero.py::test_bf16_with_clipping_tracks_fp32 (bf16 engine on CPU)
 fp16 on CUDA     ds_config(..., "cuda") loss scaling                   -> tests/engine/test_deepspeed_config.py
-pinned memory    ShardLoader(pin_memory=accelerator == "cuda") in engine/loop.py and bench throughput
+pinned memory    ShardLoader(pin_memory=accelerator == "cuda") in mimscale/pretrain.py and bench throughput
                                                                         -> test_pinned_memory_loader_path (here)
 CUDA memory      telemetry.memory.cuda_memory_gb / memory_stats / reset_peak CUDA branch
                                                                         -> tests/telemetry/test_memory.py

@@ -174,7 +174,7 @@ def test_minute_triggers_follow_a_fake_clock(fmnist_small, tmp_path, dist_single
     """train.max_minutes, eval.knn_every_minutes and train.save_every_minutes, in-process on one rank, with a
     clock that advances one minute per micro-batch (evaluation and saving take no fake time)."""
     from mimscale import config as C
-    from mimscale.engine.trainer import Trainer
+    from mimscale.pretrain import trainer as pretrain_trainer
 
     rd = tmp_path / "r"
     ov = tiny_overrides(fmnist_small, rd, train__precision="fp32", train__micro_batch_size=16, train__max_steps=50,
@@ -183,7 +183,7 @@ def test_minute_triggers_follow_a_fake_clock(fmnist_small, tmp_path, dist_single
                         eval__knn_test=fmnist_small["test"], eval__knn_train_samples=256,
                         eval__knn_test_samples=256, eval__batch_size=128, eval__num_workers=0, log__tensorboard="false")
     clock = FakeClock()
-    trainer = Trainer(C.load(None, ov), now=clock, wall=clock)
+    trainer = pretrain_trainer(C.load(None, ov), now=clock, wall=clock)
 
     def tick(step: int, loss: torch.Tensor) -> torch.Tensor:
         clock.t += 60

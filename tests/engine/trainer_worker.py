@@ -19,7 +19,7 @@ import torch
 import torch.distributed as tdist
 
 from mimscale import config as C
-from mimscale.engine.trainer import Trainer
+from mimscale.pretrain import trainer as pretrain_trainer
 from mimscale.errors import MimscaleError
 
 COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "barrier", "reduce", "all_gather_into_tensor",
@@ -72,7 +72,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     try:
-        trainer = Trainer(C.load(None, a.overrides))
+        trainer = pretrain_trainer(C.load(None, a.overrides))
         if a.inject:
             trainer.loss_hooks.append(inject_at([int(s) for s in a.inject.split(",")], trainer.d.rank))
         counts = Counts()

@@ -1,0 +1,104 @@
+"""Pre-training as a :class:`~mimscale.engine.task.Task`: an objective (encoder inside) on the training shards,
+the kNN evaluation on labelled shards, the encoder exported as ``encoder.safetensors``.
+
+``pretrain(cfg)`` is what ``mimscale pretrain`` and every launcher (``python -m mimscale.train``) run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import config as C
+from . import dist
+from .data import builtin
+from .data.epoch import count_samples, first_shards
+from .data.loader import ShardLoader
+from .data.transforms import EvalTransform, TrainTransform
+from .engine import deepspeed as ds
+from .engine.build import build_model
+from .engine.resume import identity
+from .engine.task import Evaluation
+from .engine.trainer import Trainer
+from .eval.knn import KNNEvaluator
+from .masking import MaskCollate
+
+
+class PretrainTask:
+    name = "pretrain"
+
+    def __init__(self, cfg: C.Config):
+        self.cfg = cfg
+        self.train_src = builtin.resolve(cfg.data.train, cfg.data.root)
+
+    def samples_per_epoch(self) -> int:
+        return count_samples(self.train_src, self.cfg.data.samples_per_epoch)
+
+    def identity(self) -> dict:
+        return identity(self.cfg)
+
+    def write_config(self, derived: C.Derived, run_dir: Path) -> None:
+        C.save_resolved(self.cfg, derived, run_dir / "config.yaml")
+
+    def build(self) -> nn.Module:
+        return build_model(self.cfg)
+
+    def param_groups(self, module: nn.Module) -> list[dict] | None:
+        return None                                    # the objective's decay / no-decay groups
+
+    def loader(self, module: nn.Module, derived: C.Derived, d: dist.DistEnv, accelerator: str) -> ShardLoader:
+        cfg, m, t = self.cfg, self.cfg.model, self.cfg.train
+        return ShardLoader(
+            self.train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
+            transform=module.train_transform(
+                TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
+                               mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
+            collate=MaskCollate(module.mask_spec()), num_workers=cfg.data.num_workers, seed=t.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=derived.samples_per_epoch,
+            pin_memory=accelerator == "cuda", targets=module.cached_targets())
+
+    def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation | None:
+        knn = build_knn(self.cfg, d)
+        if knn is None:
+            return None
+        e = self.cfg.eval
+
+        def run(module: nn.Module, device: torch.device) -> dict[str, float]:
+            return knn(module.encoder, device)
+
+        return Evaluation(run, key="eval/knn_top1", summary_prefix="knn_top1", every_steps=e.knn_every,
+                          every_minutes=e.knn_every_minutes, at_start=e.knn_at_start)
+
+    def summary(self) -> dict[str, Any]:
+        return {"objective": self.cfg.objective["name"], "arch": self.cfg.model.arch}
+
+    def export(self, engine, run_dir: Path, is_main: bool) -> None:
+        ds.save_encoder(engine, run_dir / "encoder.safetensors", is_main)
+
+
+def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
+    """kNN evaluator over two labelled shard directories (bank and queries), each optionally capped."""
+    e = cfg.eval
+    if not e.knn_train:
+        return None
+    tf = EvalTransform(e.img_size or cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
+                       in_chans=cfg.model.in_chans)
+    loaders = []
+    for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, e.knn_test_samples)):
+        src = builtin.resolve(src, cfg.data.root)
+        loaders.append(ShardLoader(first_shards(src, cap), manifest=src, batch_size=e.batch_size, transform=tf,
+                                   rank=d.rank, world_size=d.world_size, num_workers=e.num_workers,
+                                   mode="eval", shuffle=False))
+    return KNNEvaluator(*loaders, k=e.knn_k, temperature=e.knn_temperature, pool=e.pool)
+
+
+def trainer(cfg: C.Config, **kw) -> Trainer:
+    """The pre-training Trainer of ``cfg`` (``kw``: the Trainer's clock hooks)."""
+    return Trainer(cfg, PretrainTask(cfg), **kw)
+
+
+def pretrain(cfg: C.Config) -> dict:
+    """Train ``cfg``; returns the run summary (``exit_code`` set when it saved on a signal)."""
+    return trainer(cfg).fit()
