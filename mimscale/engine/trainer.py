@@ -101,6 +101,7 @@ class Trainer:
         self.flags = StepFlags(self.device)
         self.loss_hooks: list[LossHook] = []
         self._postfix: dict[str, str] = {}
+        self.last_eval: dict[str, float] = {}
         self._wd = cfg.optim.weight_decay
 
     # ------------------------------------------------------------------ the loop
@@ -252,6 +253,7 @@ class Trainer:
         res.update({"time/train_s": self.clock.train_s(), "time/train_device_hours": self.clock.device_hours()})
         self.logger.log(res, step=self.state.step)
         self.summary[f"{ev.summary_prefix}_{tag}"] = res[ev.key]
+        self.last_eval = res
         if self.d.is_main:
             log.info("%s (%s, step %d): %.2f", ev.key, tag, self.state.step, res[ev.key])
 

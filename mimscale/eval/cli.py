@@ -162,6 +162,8 @@ def _finetune(args, source, train_dir: str, test_dir: str) -> int:
     else:
         out_dir = source.weights.with_name(f"{source.weights.stem}_finetune")
     result = finetune(source, train_dir, test_dir, recipe, out_dir)
+    if "exit_code" in result:     # saved on SIGUSR1/SIGTERM: requeue and run the same command again to resume
+        return result["exit_code"]
     if result["rank"] == 0:
         metrics = {"eval/finetune_top1": result["top1"]}
         path = record(source, "finetune", result, metrics, args.out)

@@ -14,32 +14,39 @@ transform is RandomResizedCrop + flip + RandAugment + random erasing, then Mixup
 smoothing, and the loss soft-target cross-entropy (:mod:`.augment`). Top-1 on the test shards after
 every epoch (centre crop, no augmentation).
 
-The engine: the same DeepSpeed config (``engine.deepspeed.ds_config``: ZeRO stage, precision, AdamW,
-batch / micro-batch / accumulation) and ``set_hparams`` (lr x ``lr_scale``, wd x ``wd_scale`` per group)
-as pre-training, built by ``engine.deepspeed.initialize`` with the layer-decay parameter groups.
+The loop is pre-training's :class:`~mimscale.engine.trainer.Trainer` (this module is its fine-tuning
+:class:`~mimscale.engine.task.Task`): the same DeepSpeed config, schedule, one-collective step flags,
+checkpoints in ``OUT_DIR/checkpoints`` with exact resume (``train.resume=auto``), save-on-signal (exit 42,
+requeue), the non-finite policy and the time limit. The layer-decay parameter groups go to the engine.
 """
 from __future__ import annotations
 
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from .. import config as C
 from .. import dist
+from ..data.epoch import count_samples, first_shards
+from ..data.loader import ShardLoader
+from ..data.transforms import EvalTransform
 from ..engine import deepspeed as ds
-from ..engine.schedule import warmup_cosine
+from ..engine.task import Evaluation, TaskModule
+from ..engine.trainer import Trainer
 from ..errors import CheckpointError, ConfigError
 from ..models.vit import VisionTransformer, build_vit
+from ..objectives.base import LossOutput
 from .augment import FinetuneTransform, MixupCollate
 from .layer_decay import layer_decay_groups
-from .source import Source, first_shards, num_classes
+from .source import Source, num_classes
 
 log = logging.getLogger("mimscale.eval")
 
@@ -117,16 +124,21 @@ def build_classifier(source: Source, classes: int, drop_path: float, head_init_s
     return model
 
 
-class Classifier(nn.Module):
-    """What the engine trains: ``forward(image [B, C, H, W], target [B, K] soft labels) -> loss`` (fp32)."""
+class Classifier(TaskModule):
+    """What the engine trains: ``forward({"image": [B, C, H, W], "target": [B, K] soft labels}) -> LossOutput``
+    with the soft-target cross-entropy in fp32."""
 
     def __init__(self, model: VisionTransformer):
         super().__init__()
         self.model = model
 
-    def forward(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def loss(self, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = self.model(image).float()
         return torch.sum(-target * F.log_softmax(logits, dim=-1), dim=-1).mean()
+
+    def forward(self, batch: dict) -> LossOutput:
+        loss = self.loss(batch["image"], batch["target"])
+        return LossOutput(loss, {"loss": loss.detach()})
 
 
 @torch.no_grad()
@@ -146,100 +158,107 @@ def evaluate(model: nn.Module, loader, device) -> tuple[float, int]:
     return 100.0 * stats[0].item() / max(stats[1].item(), 1.0), int(stats[1].item())
 
 
-def finetune(source: Source, train_dir: str, test_dir: str, recipe: FinetuneRecipe, out_dir: Path) -> dict:
-    """Fine-tune under whatever launcher started this process; returns the result (rank 0 writes files)."""
-    from ..data.loader import ShardLoader
-    from ..data.transforms import EvalTransform
-    from ..telemetry import MetricLogger
+class FinetuneTask:
+    """Fine-tuning ``source`` on ``train_dir`` (top-1 on ``test_dir`` after every epoch) as a Trainer task."""
 
-    d = dist.detect()
-    dist.export(d)
-    torch.set_num_threads(dist.configure_threads(d))
-    accelerator = dist.accelerator_name()
-    r, f, t = recipe, recipe.finetune, recipe.train
-    r.data.train = train_dir
-    mean, std = f.mean or source.mean, f.std or source.std
-    if len(mean) != source.in_chans or len(std) != source.in_chans:
-        raise ConfigError(f"finetune.mean/std need {source.in_chans} values")
-    classes = num_classes(train_dir, f.num_classes)
-    train_shards = first_shards(train_dir, f.train_samples)
-    from ..data.epoch import count_samples
+    name = "finetune"
 
-    cfg = C.Config(model=r.model, data=r.data, optim=r.optim, train=t, log=r.log)
-    derived = C.derive(cfg, d.world_size, count_samples(train_shards, r.data.samples_per_epoch))
-    derived.run_dir = str(out_dir)
-    if d.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        doc = {**C.to_dict(r), "source": str(source.weights), "classes": classes, "derived": C.to_dict(derived)}
-        import yaml
+    def __init__(self, source: Source, train_dir: str, test_dir: str, recipe: FinetuneRecipe, out_dir: Path):
+        r, f = recipe, recipe.finetune
+        self.source, self.recipe, self.test_dir, self.out_dir = source, recipe, test_dir, out_dir
+        self.mean, self.std = f.mean or source.mean, f.std or source.std
+        if len(self.mean) != source.in_chans or len(self.std) != source.in_chans:
+            raise ConfigError(f"finetune.mean/std need {source.in_chans} values")
+        r.data.train = train_dir
+        r.train.run_dir = str(out_dir)
+        self.classes = num_classes(train_dir, f.num_classes)
+        self.train_shards = first_shards(train_dir, f.train_samples)
+        self.cfg = C.Config(model=r.model, data=r.data, optim=r.optim, train=r.train, log=r.log)
 
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    def samples_per_epoch(self) -> int:
+        return count_samples(self.train_shards, self.recipe.data.samples_per_epoch)
 
-    torch.manual_seed(t.seed)  # identical init (head) on every rank
-    model = build_classifier(source, classes, r.model.drop_path, f.head_init_std)
-    model.set_grad_checkpointing(r.model.grad_checkpointing)
-    task = Classifier(model)
-    groups = layer_decay_groups(model, r.optim.weight_decay, f.layer_decay, model.depth, model.no_weight_decay())
-    engine = ds.initialize(task, cfg, derived, accelerator, groups=groups)
-    device = torch.device(engine.device)
+    def identity(self) -> dict:
+        s = self.source
+        return {"task": "finetune", "arch": s.arch, "img_size": s.img_size, "patch_size": s.patch_size,
+                "in_chans": s.in_chans, "classes": self.classes, "source": str(s.weights)}
 
-    loader = ShardLoader(train_shards, manifest=train_dir, batch_size=t.micro_batch_size, rank=d.rank,
-                         world_size=d.world_size, seed=t.seed, num_workers=r.data.num_workers,
-                         shuffle_buffer=r.data.shuffle_buffer, samples_per_epoch=derived.samples_per_epoch,
-                         transform=FinetuneTransform(source.img_size, scale=f.crop_scale, hflip=r.data.hflip,
-                                                     rand_aug=f.rand_aug, reprob=f.reprob, mean=mean, std=std,
-                                                     in_chans=source.in_chans),
-                         collate=MixupCollate(classes, f.mixup, f.cutmix, f.mixup_prob, f.mixup_switch_prob,
-                                              f.smoothing), pin_memory=accelerator == "cuda")
-    test_loader = ShardLoader(first_shards(test_dir, f.test_samples), manifest=test_dir,
-                              batch_size=f.eval_batch_size, rank=d.rank, world_size=d.world_size,
-                              num_workers=r.data.num_workers, mode="eval", shuffle=False,
-                              transform=EvalTransform(source.img_size, mean=mean, std=std, in_chans=source.in_chans))
-    logger = MetricLogger(out_dir, enabled=d.is_main, jsonl=r.log.jsonl, tensorboard=r.log.tensorboard,
-                          wandb=r.log.wandb, project=r.log.project, run_name=r.log.run_name, config=C.to_dict(r))
-    stop = min(derived.total_steps, t.max_steps or derived.total_steps)
-    curve: list[list[float]] = []
-    start, step, loss_sum, n_loss = time.time(), 0, torch.zeros((), device=device), 0
-    batches = iter(())
-    engine.train()
-    while step < stop:
-        lr = warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, r.optim.min_lr)
-        ds.set_hparams(engine, lr, r.optim.weight_decay)
-        for _ in range(derived.grad_accum):
-            batch = next(batches, None)
-            if batch is None:
-                batches = iter(loader)
-                batch = next(batches)
-            loss = engine(batch["image"].to(device), batch["target"].to(device))
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-            n_loss += 1
-        step += 1
-        if step % t.log_every == 0 or step == stop:
-            mean_loss = ds.all_reduce_mean(loss_sum / max(n_loss, 1)).item()
-            logger.log({"train/loss": mean_loss, "train/lr": lr, "train/epoch": step / derived.steps_per_epoch,
-                        "time/elapsed_s": time.time() - start}, step=step)
-            loss_sum.zero_()
-            n_loss = 0
-        if step % derived.steps_per_epoch == 0 or step == stop:
-            acc, n_test = evaluate(engine.module.model, test_loader, device)
-            curve.append([round(step / derived.steps_per_epoch, 4), acc])
-            logger.log({"eval/finetune_top1": acc}, step=step)
-            if d.is_main:
-                log.info("fine-tune step %d/%d (epoch %.2f): test top-1 %.2f%%", step, stop,
-                         step / derived.steps_per_epoch, acc)
-    sd = ds.full_state_dict(engine, engine.module.model)
-    if d.is_main:
-        from safetensors.torch import save_file
+    def write_config(self, derived: C.Derived, run_dir: Path) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        doc = {**C.to_dict(self.recipe), "source": str(self.source.weights), "classes": self.classes,
+               "derived": C.to_dict(derived)}
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
-        save_file({k: v.contiguous() for k, v in sd.items()}, str(out_dir / "model.safetensors"))
-    logger.close()
-    result = {"lr_scales": sorted({round(g.get("lr_scale", 1.0), 10) for g in engine.optimizer.param_groups}),
-              "top1": curve[-1][1], "best_top1": max(a for _, a in curve), "curve": curve, "classes": classes,
-              "steps": step, "total_steps": derived.total_steps, "world_size": d.world_size,
-              "train_seconds": time.time() - start, "lr": derived.lr, "layer_decay": f.layer_decay,
-              "test_samples": n_test, "model": str(out_dir / "model.safetensors"), "rank": d.rank}
-    if d.is_main:
+    def build(self) -> nn.Module:
+        r = self.recipe
+        model = build_classifier(self.source, self.classes, r.model.drop_path, r.finetune.head_init_std)
+        model.set_grad_checkpointing(r.model.grad_checkpointing)
+        return Classifier(model)
+
+    def param_groups(self, module: nn.Module) -> list[dict] | None:
+        m = module.model
+        return layer_decay_groups(m, self.recipe.optim.weight_decay, self.recipe.finetune.layer_decay, m.depth,
+                                  m.no_weight_decay())
+
+    def loader(self, module: nn.Module, derived: C.Derived, d: dist.DistEnv, accelerator: str) -> ShardLoader:
+        r, f, t, s = self.recipe, self.recipe.finetune, self.recipe.train, self.source
+        return ShardLoader(self.train_shards, manifest=r.data.train, batch_size=t.micro_batch_size, rank=d.rank,
+                           world_size=d.world_size, seed=t.seed, num_workers=r.data.num_workers,
+                           shuffle_buffer=r.data.shuffle_buffer, samples_per_epoch=derived.samples_per_epoch,
+                           transform=FinetuneTransform(s.img_size, scale=f.crop_scale, hflip=r.data.hflip,
+                                                       rand_aug=f.rand_aug, reprob=f.reprob, mean=self.mean,
+                                                       std=self.std, in_chans=s.in_chans),
+                           collate=MixupCollate(self.classes, f.mixup, f.cutmix, f.mixup_prob, f.mixup_switch_prob,
+                                                f.smoothing), pin_memory=accelerator == "cuda")
+
+    def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation:
+        r, s = self.recipe, self.source
+        test = ShardLoader(first_shards(self.test_dir, r.finetune.test_samples), manifest=self.test_dir,
+                           batch_size=r.finetune.eval_batch_size, rank=d.rank, world_size=d.world_size,
+                           num_workers=r.data.num_workers, mode="eval", shuffle=False,
+                           transform=EvalTransform(s.img_size, mean=self.mean, std=self.std, in_chans=s.in_chans))
+
+        def run(module: nn.Module, device: torch.device) -> dict[str, float]:
+            acc, n = evaluate(module.model, test, device)
+            return {"eval/finetune_top1": acc, "eval/finetune_test_samples": float(n)}
+
+        return Evaluation(run, key="eval/finetune_top1", summary_prefix="finetune_top1",
+                          every_steps=derived.steps_per_epoch)
+
+    def summary(self) -> dict[str, Any]:
+        return {"task": "finetune", "arch": self.source.arch, "classes": self.classes}
+
+    def export(self, engine, run_dir: Path, is_main: bool) -> None:
+        sd = ds.full_state_dict(engine, engine.module.model)
+        if is_main:
+            from safetensors.torch import save_file
+
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(run_dir / "model.safetensors"))
+
+
+def finetune(source: Source, train_dir: str, test_dir: str, recipe: FinetuneRecipe, out_dir: Path,
+             **trainer_kw) -> dict:
+    """Fine-tune under whatever launcher started this process; returns the result (rank 0 writes files).
+    A run saved on SIGUSR1/SIGTERM returns ``exit_code`` (42: requeue me)."""
+    task = FinetuneTask(source, train_dir, test_dir, recipe, out_dir)
+    trainer = Trainer(task.cfg, task, **trainer_kw)
+    s = trainer.fit()
+    spe = trainer.derived.steps_per_epoch
+    if "exit_code" in s:
+        return {"exit_code": s["exit_code"], "steps": s["steps"], "rank": trainer.d.rank}
+    curve = sorted([int(k[len("finetune_top1_step"):]) / spe, v] for k, v in s.items()
+                   if k.startswith("finetune_top1_step"))
+    if "finetune_top1_final" in s:
+        curve.append([s["steps"] / spe, s["finetune_top1_final"]])
+    curve = [[round(e, 4), a] for e, a in curve]
+    result = {"lr_scales": sorted({round(g.get("lr_scale", 1.0), 10) for g in trainer.engine.optimizer.param_groups}),
+              "top1": curve[-1][1], "best_top1": max(a for _, a in curve), "curve": curve, "classes": task.classes,
+              "steps": s["steps"], "total_steps": trainer.derived.total_steps, "world_size": trainer.d.world_size,
+              "train_seconds": s["train_seconds"], "lr": trainer.derived.lr,
+              "layer_decay": recipe.finetune.layer_decay, "test_samples": int(trainer.last_eval.get(
+                  "eval/finetune_test_samples", 0)), "model": str(out_dir / "model.safetensors"),
+              "rank": trainer.d.rank}
+    if trainer.d.is_main:
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result

@@ -41,7 +41,9 @@ def test_soft_target_loss_equals_cross_entropy_on_one_hot(source):
     task = Classifier(build_classifier(source, 10, 0.0, 0.02)).eval()
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([1, 2, 3, 9])
     ref = F.cross_entropy(task.model(x), y)
-    assert torch.allclose(task(x, F.one_hot(y, 10).float()), ref, atol=1e-6)
+    assert torch.allclose(task.loss(x, F.one_hot(y, 10).float()), ref, atol=1e-6)
+    out = task({"image": x, "target": F.one_hot(y, 10).float()})
+    assert torch.allclose(out.loss, ref, atol=1e-6) and set(out.metrics) == {"loss"}
 
 
 @pytest.mark.parametrize("name,arch,epochs,blr,decay,dp", [
