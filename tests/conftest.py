@@ -30,3 +30,31 @@ def tiny_clip(fmnist_small, tmp_path_factory) -> Path:
     return out
 
 
+
+
+# ----------------------------------------------------------------------------- tiers
+# unit: in-process, seconds.  multirank: launches several real ranks (torchrun / deepspeed / accelerate).
+# system: real outside parts (the SLURM daemons, headless Chromium, the README demo).  `slow` stays as
+# the marker of everything that launches processes or trains on real data.
+#   pytest -m unit          pytest -m "not system"          pytest -m multirank
+_MULTIRANK = ("ranks=2", "ranks=3", "ranks=ranks", "nproc_per_node", "--num_processes")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        path = str(item.path)
+        fn = getattr(item, "function", None)
+        try:
+            src = inspect.getsource(fn) if fn is not None else ""
+        except (OSError, TypeError):
+            src = ""
+        system = "/tests/slurm/" in path or path.endswith("test_demo.py") or "chromium" in src.lower()
+        if system:
+            item.add_marker(pytest.mark.system)
+        if any(m in src for m in _MULTIRANK) or (path.endswith("test_launch_zero.py")
+                                                  and "runs" in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.multirank)
+        if not system and not item.get_closest_marker("slow") and not item.get_closest_marker("multirank"):
+            item.add_marker(pytest.mark.unit)
