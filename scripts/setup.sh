@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install everything mimscale needs on a fresh Debian/Ubuntu machine: system packages (apt) and a
-# Python venv at .venv with the pinned stack (torch 2.14.1 / torchvision 0.29.1, DeepSpeed, timm, ...).
+# Python venv at .venv with the exact tested stack of constraints.txt (torch 2.14.1 / torchvision 0.29.1,
+# DeepSpeed 0.19.8, timm 1.0.31, ...); pyproject.toml itself only states ranges.
 # Idempotent: a second run only checks. `--test` also installs what the test suite drives for real
 # (Debian's SLURM daemons and Chromium).
 set -euo pipefail
@@ -24,7 +25,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 stamp="$VENV/.mimscale-installed"
-want=$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -d' ' -f1)
+extras='.[test]'
+[ "${1:-}" = "--test" ] && extras='.[test,lint]'
+want=$( (cat pyproject.toml constraints.txt scripts/setup.sh; echo "$extras") | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] $VENV is up to date"
   exit 0
@@ -32,6 +35,6 @@ fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 echo "[setup] pip install into $VENV (first time: a few minutes; torch is a large wheel)"
 "$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -e '.[test]'
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e "$extras"
 echo "$want" > "$stamp"
 echo "[setup] done"
