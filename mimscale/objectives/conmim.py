@@ -1,4 +1,4 @@
-"""ConMIM: masked image modeling with denoising contrast (OBJECTIVES.md section 4).
+"""ConMIM: masked image modeling with denoising contrast (docs/objectives/conmim.md).
 
 Per image, ONE random crop + flip gives two views (:class:`~mimscale.data.photometric.SharedGeometryViews`):
 the student sees the crop with a mask token at its masked patches (BEiT-style: the full sequence goes through
@@ -13,10 +13,12 @@ A projector maps every token to ``proj_out`` channels; the loss is a patch-level
 After every optimizer step the teacher moves towards the student's fp32 master weights,
 ``t = m t + (1 - m) s`` with ``m`` cosine from ``ema_m0`` to 1 (:mod:`mimscale.teachers.ema`).
 
-Deviations from the official code, on purpose: the encoder keeps the project's fixed 2-D sin-cos absolute
-position embedding instead of BEiT's shared relative position bias (every objective trains the same
-timm-loadable ViT), and the unused ``lm_head`` of the original is not created. Projector BatchNorm statistics
-are per micro-batch (no SyncBN): keep the reference per-device batch (64) when reproducing.
+Encoder: the recipes use ``model.pos_embed=relative`` (BEiT's shared relative position bias, no absolute
+embedding, as the official code); the student adds the mask token before ``encoder.add_pos`` (a no-op then).
+``init`` (default ``beit``) re-initialises the encoder, mask token and projector as the code does.
+Deviations from the official code, on purpose: the unused ``lm_head`` of the original is not created.
+Projector BatchNorm statistics are per micro-batch (no SyncBN): keep the reference per-device batch (64)
+when reproducing.
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ from torch import nn
 from ..data.photometric import Photometric, PhotometricConfig, SharedGeometryViews
 from ..errors import ConfigError
 from ..masking import block_masks
-from ..models.vit import VisionTransformer
+from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..teachers.ema import EMATeacher, hold_outside, momentum_at
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, register
+from .base import LossOutput, Objective, init_encoder, register, token_no_decay
 
 
 def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -77,7 +79,7 @@ class Projector(nn.Module):
     BatchNorm1d(affine=False). ``forward(x [B, L, D]) -> [B, L, out]``; BatchNorm statistics are over all
     ``B * L`` tokens."""
 
-    def __init__(self, dim: int, hidden: int, out: int, layers: int):
+    def __init__(self, dim: int, hidden: int, out: int, layers: int, init: str = "beit"):
         super().__init__()
         mods: list[nn.Module] = []
         width = dim
@@ -88,7 +90,7 @@ class Projector(nn.Module):
         self.net = nn.Sequential(*mods)
         for m in self.net:
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                init_linear_(m, init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -139,6 +141,9 @@ class ConMIM(Objective):
         block_num_masked: int = 75            # block: exact masked patches per image
         block_min_patches: int = 16           # block: smallest rectangle
         teacher_aug: PhotometricConfig = field(default_factory=PhotometricConfig)
+        init: Literal["mae", "beit", "timm"] = "beit"   # encoder, mask token, projector [code: BEiT's]
+        wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
+        wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]
 
     @classmethod
     def tiny_config(cls) -> "ConMIM.Config":
@@ -165,10 +170,11 @@ class ConMIM(Objective):
             raise ConfigError(f"objective.block_num_masked={cfg.block_num_masked} must be in [1, {n - 1}] "
                               f"for {n} patches")
         cfg.teacher_aug.validate("objective.teacher_aug")
+        init_encoder(encoder, cfg.init)
         d = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
-        self.projector = Projector(d, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
+        init_token_(self.mask_token, cfg.init)
+        self.projector = Projector(d, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers, cfg.init)
         # fp32 EMA copies taken now, before DeepSpeed partitions or casts the student; held OUTSIDE the module
         # tree (ZeRO-3 expects every parameter under the engine's module to be its own), always in train mode
         hold_outside(self, "teacher_encoder", EMATeacher(encoder))
@@ -199,8 +205,7 @@ class ConMIM(Objective):
         x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))                # [B, N, D]
         w = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)                  # [B, N, 1]
         x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
-        x = x + e.pos_embed[:, 1:].to(x.dtype)
-        return e.encode(e.add_cls(x))
+        return e.encode(e.add_cls(e.add_pos(x)))
 
     @torch.no_grad()
     def teacher_targets(self, img: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -258,4 +263,4 @@ class ConMIM(Objective):
         return 4.0 * fwd
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
+        return token_no_decay(self, {"mask_token"})

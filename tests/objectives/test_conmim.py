@@ -165,6 +165,32 @@ def test_student_is_beit_style_masked_patches_are_mask_tokens():
         assert not torch.allclose(a, obj.student_features(img3, mask))
 
 
+def test_relative_position_encoder_init_and_weight_decay():
+    """The recipe's encoder (BEiT layout): student and EMA teacher carry the shared relative bias, it trains;
+    BEiT init of encoder, mask token and projector; the mask token is decayed, cls is not (official code)."""
+    from mimscale.engine.deepspeed import param_groups
+
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", IMG, PATCH, depth=2, pos_embed="relative", layer_scale_init=0.1)
+    obj = ConMIM(enc, ConMIM.tiny_config()).train()
+    assert obj.encoder.pos_embed is None and obj.teacher_encoder.module.rel_pos_bias is not None
+    assert obj.mask_token.abs().max() <= 0.02 and obj.encoder.cls_token.abs().max() <= 0.02
+    assert all(m.weight.abs().max() <= 0.02 for m in obj.projector.net if isinstance(m, torch.nn.Linear))
+    assert obj.encoder.blocks[1].mlp.fc2.weight.abs().max() <= 0.02 / 2 + 1e-7        # 1 / sqrt(2 * 2)
+    out = obj(random_batch(obj))
+    out.loss.backward()
+    assert obj.encoder.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0
+    assert obj.no_weight_decay() == {"encoder.cls_token"}
+    decay, rest = param_groups(obj, obj.no_weight_decay(), 0.05)
+    assert any(p is obj.mask_token for p in decay["params"])
+    assert any(p is obj.encoder.cls_token for p in rest["params"])
+    spared = ConMIM(build_vit("vit_micro", IMG, PATCH, depth=2), dataclasses.replace(
+        ConMIM.tiny_config(), wd_mask_token=False, wd_cls_token=True, init="mae"))
+    assert spared.no_weight_decay() == {"mask_token"}
+    with pytest.raises(ConfigError, match="objective.init"):
+        ConMIM(build_vit("vit_micro", IMG, PATCH, depth=2), dataclasses.replace(ConMIM.tiny_config(), init="x"))
+
+
 def test_teacher_gets_no_gradient_and_is_outside_the_optimizer():
     from mimscale.engine.deepspeed import param_groups
 
@@ -379,6 +405,8 @@ def test_recipes_validate(recipe, arch, lr, ls):
     assert cfg.optim.lr == lr and cfg.optim.min_lr == 1e-5 and cfg.optim.betas == (0.9, 0.98)
     assert cfg.optim.clip_grad == 1.0 and cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_epochs == 10
     assert cfg.model.layer_scale_init == ls and cfg.model.drop_path == 0.0
+    assert cfg.model.pos_embed == "relative" and knobs.init == "beit"              # BEiT encoder, as the code
+    assert (knobs.wd_mask_token, knobs.wd_cls_token) == (True, False)
     assert cfg.train.batch_size == 2048
     assert knobs.temperature == 0.1 and knobs.ema_m0 == 0.996 and knobs.proj_hidden == 4096
     assert knobs.proj_out == 256 and knobs.mask_type == "random_mps32" and knobs.mask_ratio == 0.75
@@ -390,14 +418,17 @@ def test_recipes_validate(recipe, arch, lr, ls):
 
 @pytest.mark.slow
 def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
-    """A short real `python -m mimscale.train` run of the tiny ConMIM on Fashion-MNIST shards: the kNN top-1
-    of the trained encoder beats the same encoder at random init (summary.json)."""
+    """A short real `python -m mimscale.train` run of the tiny ConMIM on Fashion-MNIST shards with the recipe's
+    BEiT encoder (relative position bias, LayerScale, BEiT init): the kNN top-1 of the trained encoder beats
+    the same encoder at random init (summary.json), and the exported encoder loads strictly into timm's Beit
+    and gives the same features as our encoder."""
     from launch_utils import run, tiny_overrides
 
     rd = tmp_path / "conmim"
     args = tiny_overrides(
         fmnist_small, rd, train__max_steps=LEARN["steps"], train__epochs=LEARN["epochs"],
         train__batch_size=64, train__micro_batch_size=64, train__log_every=10,
+        model__pos_embed="relative", model__layer_scale_init=0.1,
         optim__blr=LEARN["blr"], optim__warmup_epochs=LEARN["warmup_epochs"],
         eval__knn_train=fmnist_small["train"], eval__knn_test=fmnist_small["test"], eval__batch_size=256,
         eval__num_workers=1)
@@ -409,6 +440,9 @@ def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
     assert s["objective"] == "conmim" and s["steps"] == LEARN["steps"]
     print(f"kNN top-1: init {s['knn_top1_init']:.2f}% -> trained {s['knn_top1_final']:.2f}%")
     assert s["knn_top1_final"] > s["knn_top1_init"] + LEARN["min_gain"], s
+    from beit_check import check_beit_export
+
+    check_beit_export(rd / "encoder.safetensors", IMG, PATCH)
 
 
 # Measured on 2 busy shared cores (fmnist_small, 16 px, p = 4, vit_micro, 128 steps of 64): kNN top-1 60.5% at

@@ -6,6 +6,7 @@ Two geometries: 16x16 RGB, p = 4 -> N = 16 (r = 0.75: N_keep = 4, K = 4, K*N_kee
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -460,7 +461,9 @@ def test_flops_match_objectives_section_8(arch, patch, ratio):
 
 def test_no_weight_decay_names(emae):
     names = {n for n, _ in emae.named_parameters()}
-    assert {"encoder.cls_token", "decoder.mask_token"} <= emae.no_weight_decay() <= names
+    assert emae.no_weight_decay() == set()                             # as MAE's code: both 3-D tokens decayed
+    spare = EMAE(emae.encoder, dataclasses.replace(emae.cfg, wd_mask_token=False, wd_cls_token=False))
+    assert {"encoder.cls_token", "decoder.mask_token"} == spare.no_weight_decay() <= names
 
 
 # ----------------------------------------------------------------------------- learning on real data

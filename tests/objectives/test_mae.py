@@ -5,6 +5,7 @@ encoder vit_micro (D = 64, 4 heads) cut to 2 blocks, decoder width 32, 1 block, 
 """
 from __future__ import annotations
 
+import dataclasses
 import copy
 import math
 
@@ -443,8 +444,10 @@ def test_flops_scale_with_mask_ratio():
 
 
 def test_no_weight_decay(mae):
-    names = mae.no_weight_decay()
-    assert {"decoder.mask_token", "encoder.cls_token"} <= names
+    assert mae.no_weight_decay() == set()                              # MAE's code decays both 3-D tokens
+    spare = MAE(mae.encoder, dataclasses.replace(mae.cfg, wd_mask_token=False, wd_cls_token=False))
+    names = spare.no_weight_decay()
+    assert names == {"decoder.mask_token", "encoder.cls_token"}
     params = dict(mae.named_parameters())
     assert names <= set(params)                                        # real parameter names
     assert not any("pos_embed" in n for n in names)                    # buffers, never parameters

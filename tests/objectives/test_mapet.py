@@ -273,7 +273,8 @@ def test_parameter_count_is_vit_plus_z_plus_head():
     count = sum(p.numel() for p in obj.parameters())
     assert count == sum(p.numel() for p in vit.parameters()) + d + d * v + v
     assert {n.split(".")[0] for n, _ in obj.named_parameters()} == {"encoder", "z", "head"}
-    assert obj.no_weight_decay() == {"encoder.cls_token", "encoder.pos_embed", "z"}
+    assert obj.no_weight_decay() == {"encoder.cls_token", "encoder.pos_embed"}   # z decayed, as in the code
+    assert obj.z.ndim == 3                                      # [1, 1, D]: the 1-D rule does not spare it
 
 
 # ----------------------------------------------------------------------------- oracle order test (6.5.8)
