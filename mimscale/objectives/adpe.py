@@ -1,4 +1,4 @@
-"""AdPE: adversarial positional embeddings, and its MAE+ baseline (OBJECTIVES.md section 3).
+"""AdPE: adversarial positional embeddings, and its MAE+ baseline (docs/objectives/adpe.md).
 
 **MAE+** (``mae_plus``, ``adv_type = 0``). Every image gives ``num_crops`` independent RandomResizedCrops
 at ``crop_size`` px (``crop_scale``, bicubic, flip): the train transform returns ``image [num_crops, C, c, c]``
@@ -409,6 +409,7 @@ class MAEPlus(_MultiCropMIM):
     """MAE+: multi-crop (4 x 112 px) BEiT-style MAE on all tokens with a mask token (AdPE's baseline)."""
 
     name = "mae_plus"
+    reference = "official code: maple-research-lab/AdPE, adv_type 0 (docs/objectives/adpe.md)"
 
     @dataclass
     class Config(AdPEConfig):
@@ -425,4 +426,5 @@ class AdPE(_MultiCropMIM):
     """AdPE: MAE+ with adversarial position embeddings of masked tokens (embedding / coordinate mode)."""
 
     name = "adpe"
+    reference = "official code: maple-research-lab/AdPE (docs/objectives/adpe.md)"
     Config = AdPEConfig

@@ -73,6 +73,8 @@ class Objective(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type] = ObjectiveConfig
+    #: where the method's defaults come from, shown by `mimscale objectives` (official code, or why not)
+    reference: ClassVar[str] = ""
 
     def __init__(self, encoder: VisionTransformer, cfg):
         super().__init__()

@@ -62,15 +62,17 @@ class ConMIMMasks:
     num_patches: int
     mask_ratio: float = 0.75
     unit: int = 2             # random_mps: patches per side of a masking unit
-    num_masked: int = 75      # block: exact masked count
+    num_masked: int = 75      # block: target masked count
     min_block: int = 16       # block: smallest rectangle (patches)
+    exact: bool = False       # block: force exactly num_masked (ConMIM's code does not: mean ~74.5 of 75)
 
     def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         grid = int(round(self.num_patches ** 0.5))
         if self.kind == "random_mps32":
             return {"mask": unit_masks(batch, grid, self.unit, self.mask_ratio, generator)}
         if self.kind == "block":
-            return {"mask": block_masks(batch, (grid, grid), self.num_masked, generator, min_block=self.min_block)}
+            return {"mask": block_masks(batch, (grid, grid), self.num_masked, generator, min_block=self.min_block,
+                                        exact=self.exact)}
         raise ValueError(f"unknown ConMIM mask kind '{self.kind}'")
 
 
@@ -79,7 +81,7 @@ class Projector(nn.Module):
     BatchNorm1d(affine=False). ``forward(x [B, L, D]) -> [B, L, out]``; BatchNorm statistics are over all
     ``B * L`` tokens."""
 
-    def __init__(self, dim: int, hidden: int, out: int, layers: int, init: str = "beit"):
+    def __init__(self, dim: int, hidden: int, out: int, layers: int):
         super().__init__()
         mods: list[nn.Module] = []
         width = dim
@@ -90,7 +92,7 @@ class Projector(nn.Module):
         self.net = nn.Sequential(*mods)
         for m in self.net:
             if isinstance(m, nn.Linear):
-                init_linear_(m, init)
+                init_linear_(m, "beit")                 # the code's: truncated normal 0.02 cut at +-1 std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -126,6 +128,7 @@ class ConMIM(Objective):
     """ConMIM: intra-image patch contrast between a masked student and an EMA teacher on a perturbed view."""
 
     name = "conmim"
+    reference = "official code: TencentARC/ConMIM (docs/objectives/conmim.md)"
 
     @dataclass
     class Config:
@@ -138,10 +141,11 @@ class ConMIM(Objective):
         mask_type: Literal["random_mps32", "block"] = "random_mps32"
         mask_ratio: float = 0.75              # random_mps32: ceil(U * r) units of mask_unit x mask_unit patches
         mask_unit: int = 2                    # 2 x 2 patches = 32 px at p = 16, 28 px at p = 14 [unverified for H]
-        block_num_masked: int = 75            # block: exact masked patches per image
-        block_min_patches: int = 16           # block: smallest rectangle
+        block_num_masked: int = 75            # block: target masked patches per image [code]
+        block_min_patches: int = 16           # block: smallest rectangle [code]
+        block_exact_count: bool = False       # block: force the count; the code's generator does not [code]
         teacher_aug: PhotometricConfig = field(default_factory=PhotometricConfig)
-        init: Literal["mae", "beit", "timm"] = "beit"   # encoder, mask token, projector [code: BEiT's]
+        init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]
         wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
         wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]
 
@@ -174,7 +178,7 @@ class ConMIM(Objective):
         d = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         init_token_(self.mask_token, cfg.init)
-        self.projector = Projector(d, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers, cfg.init)
+        self.projector = Projector(d, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
         # fp32 EMA copies taken now, before DeepSpeed partitions or casts the student; held OUTSIDE the module
         # tree (ZeRO-3 expects every parameter under the engine's module to be its own), always in train mode
         hold_outside(self, "teacher_encoder", EMATeacher(encoder))
@@ -188,7 +192,7 @@ class ConMIM(Objective):
     def mask_spec(self) -> ConMIMMasks:
         c = self.cfg
         return ConMIMMasks(c.mask_type, self.encoder.num_patches, c.mask_ratio, c.mask_unit, c.block_num_masked,
-                           c.block_min_patches)
+                           c.block_min_patches, c.block_exact_count)
 
     def train_transform(self, default):
         return SharedGeometryViews(default, Photometric(self.cfg.teacher_aug))

@@ -291,6 +291,7 @@ class DTM(Objective):
     """DTM: token-morphed feature distillation from a frozen CLIP teacher (block masks, all tokens)."""
 
     name = "dtm"
+    reference = "official code: naver-ai/dtm (docs/objectives/dtm.md)"
 
     @dataclass
     class Config:
@@ -318,7 +319,7 @@ class DTM(Objective):
         head_dim: int = 512
         color_jitter: float = 0.4             # ColorJitter(0.4, 0.4, 0.4) before the crop
         schedule_seed: int = 0                # the morphing schedule's generator: (seed, rank, step, micro-batch)
-        init: Literal["mae", "beit", "timm"] = "beit"   # encoder, mask token, head [code: BEiT's]
+        init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]
         wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
         wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]
 
@@ -346,7 +347,7 @@ class DTM(Objective):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         init_token_(self.mask_token, cfg.init)
         self.head = nn.Linear(encoder.embed_dim, cfg.head_dim)
-        init_linear_(self.head, cfg.init)
+        init_linear_(self.head, "beit")                       # the code's lm_head init
         self.teacher: nn.Module | None = None
         if cfg.target_source == "online":
             if not cfg.teacher_proj:

@@ -1,4 +1,4 @@
-"""EMAE: efficient masked autoencoders with self-consistency (OBJECTIVES.md section 2).
+"""EMAE: efficient masked autoencoders with self-consistency (docs/objectives/emae.md).
 
 Every image is split into K disjoint visible sets ("parts") cut from ONE random permutation per sample
 (made by the collate, ``parts bool [B, K, N]``, True = masked). The MAE task runs on all K parts in the
@@ -90,6 +90,8 @@ class EMAE(Objective):
     """EMAE: MAE on K disjoint parts of every image per step + a self-consistency loss between parts."""
 
     name = "emae"
+    reference = ("NO public code: everything beyond the paper's description is our reading [unverified] "
+                 "(docs/objectives/emae.md)")
 
     @dataclass
     class Config:

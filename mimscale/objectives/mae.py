@@ -1,4 +1,4 @@
-"""MAE: masked autoencoder with normalised-pixel regression (OBJECTIVES.md section 1)."""
+"""MAE: masked autoencoder with normalised-pixel regression (docs/objectives/mae.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -112,6 +112,7 @@ class MAE(Objective):
     """Hide ``mask_ratio`` of the patches, encode the rest, regress normalised pixels of the hidden ones."""
 
     name = "mae"
+    reference = "official code: facebookresearch/mae (docs/objectives/mae.md)"
 
     @dataclass
     class Config:

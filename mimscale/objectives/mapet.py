@@ -1,4 +1,4 @@
-"""MaPeT: masked and permuted pre-training with two-stream attention (OBJECTIVES.md section 6).
+"""MaPeT: masked and permuted pre-training with two-stream attention (docs/objectives/mapet.md).
 
 Per sample the collate draws a random factorisation order (:class:`PermutationMasks`, ``rank int16 [B, N]``,
 patch ranks 1..N; the cls token has rank 0). Tokens with rank < ``least`` form the context ``C`` (cls +
@@ -176,6 +176,7 @@ class MaPeT(Objective):
     """MaPeT: permuted autoregressive prediction of k-CLIP codes with two-stream attention and aux position tokens."""
 
     name = "mapet"
+    reference = "official code: aimagelab/MaPeT (docs/objectives/mapet.md)"
 
     @dataclass
     class Config:
@@ -189,7 +190,7 @@ class MaPeT(Objective):
         crop_pct: float = 1.0                 # centre crop the cached codes were computed on (1.0: full square)
         target_image_size: int | None = None  # size the codes were computed at (add-targets --image-size); None: model's
         color_jitter: float = 0.4
-        init: Literal["mae", "beit", "timm"] = "timm"   # encoder, z, head [code: timm's ViT init]
+        init: Literal["mae", "beit", "timm"] = "timm"   # encoder and z [code: timm's ViT init]
         wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
         wd_mask_token: bool = True            # weight decay on z [code: its 3-D mask positional token is decayed]
 
@@ -215,7 +216,7 @@ class MaPeT(Objective):
         self.z = nn.Parameter(torch.zeros(1, 1, d))           # the shared content of every aux / query token
         self.head = nn.Linear(d, cfg.vocab_size)
         init_token_(self.z, cfg.init)
-        init_linear_(self.head, cfg.init)
+        init_linear_(self.head, "timm")                       # the code's decoder head init
 
     @classmethod
     def tiny_config(cls) -> "MaPeT.Config":

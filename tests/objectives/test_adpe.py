@@ -357,6 +357,24 @@ def test_eps_zero_embedding_mode_is_mae_plus_with_a_zero_mask_token():
         assert emb(batch).loss == plus(batch).loss
 
 
+def test_initial_deltas_follow_the_code():
+    """Embedding mode: delta replaces the mask token and starts like it, N(0, 0.02) (official code; an earlier
+    version started at 0). Coordinate mode: zeros(2) (no shift at step 0). Same seed -> same delta (ranks)."""
+    def build(adv_type, seed=0):
+        torch.manual_seed(seed)
+        enc = build_vit("vit_micro", img_size=IMG, patch_size=PATCH, depth=1, embed_dim=768)
+        return AdPE(enc, dataclasses.replace(AdPE.Config(), adv_type=adv_type, crop_size=CROP, decoder_dim=32,
+                                             decoder_depth=1, decoder_heads=2))
+    emb = build(1)
+    d = emb.adv.delta
+    assert d.shape == (768,) and d.dtype == torch.float32 and abs(d.mean().item()) < 0.003
+    assert abs(d.std().item() - 0.02) < 0.002 and d.abs().max() > 0.04          # normal, not truncated at 1 sigma
+    assert torch.equal(build(1).adv.delta, d)
+    coord = build(2)
+    assert torch.equal(coord.adv.delta, torch.zeros(2))
+    assert abs(coord.mask_token.std().item() - 0.02) < 0.002                       # MAE's N(0, 0.02)
+
+
 # ----------------------------------------------------------------------------- lr, state, robustness
 
 

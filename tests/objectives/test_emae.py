@@ -512,3 +512,14 @@ def test_learns_on_fashion_mnist(tmp_path):
     assert torch.isfinite(after["loss_sc"])
     assert after["loss_rec"] < 0.5 * before["loss_rec"], (before, after)
     assert after["loss_rec"] < 0.92 * zero_baseline, (after, zero_baseline)
+
+
+def test_objectives_cli_says_emae_has_no_public_code(capsys):
+    """`mimscale objectives` names each method's source; EMAE's defaults are our reading (no public code)."""
+    from mimscale.cli import main
+
+    assert main(["objectives"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    i = next(k for k, line in enumerate(out) if line.startswith("emae "))
+    assert "NO public code" in out[i + 1] and "docs/objectives/emae.md" in out[i + 1]
+    assert any("official code: facebookresearch/mae" in line for line in out)

@@ -280,6 +280,18 @@ def test_parameter_count_is_vit_plus_z_plus_head():
 # ----------------------------------------------------------------------------- oracle order test (6.5.8)
 
 
+def test_init_is_timms_as_in_the_code():
+    """MaPeT's code: timm's ViT init (truncated normal 0.02 cut at +-2, no depth rescale), cls ~ N(0, 1e-6),
+    z and the head truncated normal 0.02."""
+    obj = make(depth=2)
+    assert obj.cfg.init == "timm"
+    assert obj.encoder.cls_token.abs().max() < 1e-5
+    w = obj.encoder.blocks[1].mlp.fc2.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and w.abs().max() > 0.04
+    assert abs(obj.head.weight.std().item() - 0.02) < 0.001 and torch.all(obj.head.bias == 0)
+    assert 0 < obj.z.abs().max() < 0.1
+
+
 def test_oracle_targets_by_patch_index_are_learned_exactly():
     """Targets = the raster index of each patch. The query stream holds z + pos_j, so if the outputs are in the
     same order as the gathered targets the loss can reach ~0. Every step draws NEW orders (one image batch),
