@@ -94,6 +94,8 @@ def _cmd_objectives(args) -> int:
     for name, cls in available().items():
         doc = (cls.__doc__ or "").strip().splitlines()
         print(f"{name:10s} {cls.__module__}.{cls.__name__}  {doc[0] if doc else ''}")
+        if getattr(cls, "reference", ""):
+            print(f"{'':10s} {cls.reference}")
     return 0
 
 
@@ -104,7 +106,12 @@ def _cmd_export(args) -> int:
     got = export(args.run_dir, args.out, args.step)
     print(f"wrote {args.out}: {got['tensors']} tensors of {got['arch']} (img {got['img_size']}, patch "
           f"{got['patch_size']}) from {got['checkpoint']}")
-    if got["arch"] in ARCHS and got["arch"] != "vit_micro":
+    relative = got.get("pos_embed") == "relative"
+    if relative and got["arch"] in ("vit_base", "vit_large"):      # BEiT layout (per-block relative bias tables)
+        name = timm_model_name(got["arch"], got["patch_size"], got["img_size"], pos_embed="relative")
+        print(f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
+              f"num_classes=0, global_pool='token', pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))")
+    elif not relative and got["arch"] in ARCHS and got["arch"] != "vit_micro":
         name = timm_model_name(got["arch"], got["patch_size"], got["img_size"])
         print(f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
               f"num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))")

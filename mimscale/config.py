@@ -32,7 +32,7 @@ class ModelConfig:
     in_chans: int = 3
     drop_path: float = 0.0
     layer_scale_init: float | None = None
-    pos_embed: Literal["sincos", "learned"] = "sincos"
+    pos_embed: Literal["sincos", "learned", "relative"] = "sincos"  # relative: BEiT shared rel-pos bias
     grad_checkpointing: bool = False
     compile: bool = False                    # torch.compile every transformer block (encoder and decoder)
 

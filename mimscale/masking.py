@@ -54,15 +54,19 @@ def partition_masks(batch: int, num_patches: int, num_parts: int, mask_ratio: fl
 
 
 def block_masks(batch: int, grid: tuple[int, int], num_masked: int, generator: torch.Generator,
-                min_block: int = 16, min_aspect: float = 0.3, max_attempts: int = 10) -> torch.Tensor:
-    """BEiT blockwise masking with an exact count (DTM 5.2.2; ConMIM's "block" mask): ``bool [B, H*W]``.
+                min_block: int = 16, min_aspect: float = 0.3, max_attempts: int = 10,
+                exact: bool = True) -> torch.Tensor:
+    """BEiT blockwise masking (DTM's, with ``exact``; ConMIM's "block" mask, without): ``bool [B, H*W]``.
 
     Per sample, while fewer than ``num_masked`` patches are masked, place a rectangle: up to
-    ``max_attempts`` draws of an area uniform in ``[min_block, remaining]``, an aspect ratio log-uniform in
-    ``[min_aspect, 1/min_aspect]``, ``h = round(sqrt(area*aspect))``, ``w = round(sqrt(area/aspect))`` and a
-    uniform top-left corner with the block inside the grid; a block is accepted when it adds between 1 and
-    ``remaining`` new patches, and placement stops when a round adds nothing. Then uniformly random extra
-    patches are masked (or masked ones unmasked) so that every row has exactly ``num_masked`` True.
+    ``max_attempts`` draws of an area uniform between ``min_block`` and ``remaining`` (either order, as
+    Python's ``random.uniform`` in the BEiT code), an aspect ratio log-uniform in ``[min_aspect,
+    1/min_aspect]``, ``h = round(sqrt(area*aspect))``, ``w = round(sqrt(area/aspect))`` and a uniform top-left
+    corner with the block inside the grid; a block is accepted when it adds between 1 and ``remaining`` new
+    patches, and placement stops when a round adds nothing. With ``exact`` (DTM's code) uniformly random
+    extra patches are then masked (or masked ones unmasked) so that every row has exactly ``num_masked``
+    True; without it (BEiT's and ConMIM's code) a row may end below ``num_masked`` (mean ~74.5 of 75 for a
+    14 x 14 grid), never above.
     """
     gh, gw = grid
     n = gh * gw
@@ -77,7 +81,7 @@ def block_masks(batch: int, grid: tuple[int, int], num_masked: int, generator: t
             remaining, added = num_masked - count, 0
             for _ in range(max_attempts):
                 u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
-                area = min_block + (max(remaining, min_block) - min_block) * u[0]
+                area = min_block + (remaining - min_block) * u[0]
                 aspect = math.exp(lo_a + (hi_a - lo_a) * u[1])
                 h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
                 if not (0 < h < gh and 0 < w < gw):
@@ -93,7 +97,7 @@ def block_masks(batch: int, grid: tuple[int, int], num_masked: int, generator: t
             count += added
         flat = m.flatten()
         pool = (~flat if count < num_masked else flat).nonzero().flatten()
-        if count != num_masked:
+        if exact and count != num_masked:
             pick = pool[torch.randperm(pool.numel(), generator=generator)[:abs(num_masked - count)]]
             flat[pick] = count < num_masked
         out[b] = flat

@@ -196,3 +196,21 @@ def test_block_masks_are_blocky_seeded_and_differ_across_samples():
 def test_block_masks_rejects_impossible_count():
     with pytest.raises(ValueError):
         block_masks(1, (4, 4), 17, torch.Generator())
+
+
+def test_block_masks_without_exact_count_follow_beits_generator():
+    """ConMIM's (BEiT's) generator does not force the count: rows end at or below the target, on average just
+    below it (~74.5 of 75 on 14 x 14); DTM's (exact) tops the short rows up."""
+    free = block_masks(400, (14, 14), 75, torch.Generator().manual_seed(0), exact=False)
+    counts = free.sum(1).float()
+    assert (counts <= 75).all() and (counts < 75).any()
+    assert 73.5 < counts.mean().item() < 75.0
+    exact = block_masks(400, (14, 14), 75, torch.Generator().manual_seed(0), exact=True)
+    assert (exact.sum(1) == 75).all()
+
+
+def test_block_area_is_drawn_between_min_block_and_the_remainder():
+    """When fewer than min_block patches remain, BEiT's random.uniform(min_block, remaining) draws areas
+    below min_block too: small top-up blocks appear (area < 16 with h, w >= 1)."""
+    m = block_masks(200, (14, 14), 20, torch.Generator().manual_seed(1), exact=False)
+    assert (m.sum(1) <= 20).all() and (m.sum(1) > 16).float().mean() > 0.5

@@ -4,7 +4,7 @@ Everything is derived from shapes; no GPU is needed. The model and objective are
 device (no memory, no compute), then:
 
 * **compute** — ``objective.flops_per_sample()`` (analytic training FLOPs per image, 3x forward of
-  trained modules, OBJECTIVES.md section 8). Images/s per GPU = ``MFU x peak / FLOPs per image``,
+  trained modules, docs/objectives/README.md). Images/s per GPU = ``MFU x peak / FLOPs per image``,
   with the dense bf16/fp16 peak of :data:`mimscale.telemetry.mfu.PEAK_TFLOPS` and an assumed MFU.
 * **model states** — ZeRO mixed-precision Adam (Rajbhandari et al. 2020): per trainable parameter
   2 B 16-bit weights + 2 B 16-bit gradients + 12 B fp32 master weights, momentum and variance.

@@ -7,8 +7,8 @@ exact resume; the object holds only floats, so it pickles cheaply to loader work
 
 ``SharedGeometryViews(base, photometric)``: ONE RandomResizedCrop + flip (exactly the crop and flip that
 ``base`` — a :class:`~mimscale.data.transforms.TrainTransform` — would draw from the same generator), then
-``{"image": normalised crop, "image_teacher": normalised photometric(crop)}``. Used by ConMIM (OBJECTIVES.md
-4.2.1), whose positives need the two views to cover the same pixels.
+``{"image": normalised crop, "image_teacher": normalised photometric(crop)}``. Used by ConMIM
+(docs/objectives/conmim.md), whose positives need the two views to cover the same pixels.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ _DRAWS = 13  # uniforms consumed per Photometric call (whatever is applied)
 
 @dataclass
 class PhotometricConfig:
-    """Probabilities and strengths (defaults: BEiT/ConMIM's teacher view, OBJECTIVES.md 4.2.1)."""
+    """Probabilities and strengths (defaults: BEiT/ConMIM's teacher view, docs/objectives/conmim.md)."""
 
     jitter_p: float = 0.8
     brightness: float = 0.4

@@ -244,12 +244,13 @@ def full_state_dict(engine, module: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_encoder(engine, path, is_main: bool) -> None:
     """Write the encoder weights (timm key names) as safetensors: the fp32 master weights for parameters,
-    the module's buffers (e.g. the sin-cos table) as they are. Collective under ZeRO-3."""
+    the module's buffers (e.g. the sin-cos table) as they are, in the layout timm loads strictly
+    (``VisionTransformer.export_state_dict``: BEiT's for ``pos_embed=relative``). Collective under ZeRO-3."""
     from safetensors.torch import save_file
 
     encoder = engine.module.encoder
     master = dict(master_params(engine, encoder))
-    sd = {k: master.get(k, v) for k, v in full_state_dict(engine, encoder).items()}
+    sd = encoder.export_state_dict({k: master.get(k, v) for k, v in full_state_dict(engine, encoder).items()})
     if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -33,7 +33,7 @@ class Source:
     img_size: int
     patch_size: int
     in_chans: int
-    pos_embed: str                        # "sincos" (fixed buffer) or "learned"
+    pos_embed: str                        # "sincos" (fixed buffer), "learned" or "relative" (BEiT layout)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     weights: Path
@@ -56,19 +56,27 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 def infer_geometry(state: dict[str, torch.Tensor], path: Path) -> dict:
     """``arch, img_size, patch_size, in_chans, pos_embed`` from the tensors of an exported encoder."""
+    table = state.get("blocks.0.attn.relative_position_bias_table")  # BEiT layout (pos_embed=relative)
     try:
-        w, pos = state["patch_embed.proj.weight"], state["pos_embed"]
+        w, pos = state["patch_embed.proj.weight"], state["pos_embed"] if table is None else None
     except KeyError as e:
         raise CheckpointError(f"{path} is not a mimscale/timm ViT encoder (no {e.args[0]} tensor)") from None
     dim, in_chans, patch = int(w.shape[0]), int(w.shape[1]), int(w.shape[2])
     depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     arch = next((a for a, s in ARCHS.items() if s["embed_dim"] == dim and s["depth"] == depth), None)
-    grid = math.isqrt(int(pos.shape[1]) - 1)
-    if arch is None or grid * grid != pos.shape[1] - 1:
+    if table is not None:  # (2G - 1)^2 + 3 rows
+        side = math.isqrt(int(table.shape[0]) - 3)
+        grid, ok = (side + 1) // 2, side * side == table.shape[0] - 3 and side % 2 == 1
+    else:
+        grid = math.isqrt(int(pos.shape[1]) - 1)
+        ok = grid * grid == pos.shape[1] - 1
+    if arch is None or not ok:
         raise CheckpointError(f"{path}: width {dim} x {depth} blocks is not a known ViT ({', '.join(ARCHS)})")
-    sincos = torch.allclose(pos.float(), sincos_2d(dim, grid, cls_token=True), atol=1e-5)
-    return dict(arch=arch, img_size=grid * patch, patch_size=patch, in_chans=in_chans,
-                pos_embed="sincos" if sincos else "learned")
+    if table is not None:
+        kind = "relative"
+    else:
+        kind = "sincos" if torch.allclose(pos.float(), sincos_2d(dim, grid, cls_token=True), atol=1e-5) else "learned"
+    return dict(arch=arch, img_size=grid * patch, patch_size=patch, in_chans=in_chans, pos_embed=kind)
 
 
 def load_source(source: str | Path, arch: str | None = None, img_size: int | None = None,
@@ -100,7 +108,8 @@ def load_source(source: str | Path, arch: str | None = None, img_size: int | Non
                                   f"patch_size={geo['patch_size']}, in_chans={geo['in_chans']}, but {key}={want} "
                                   f"was asked for")
     encoder = build_vit(geo["arch"], geo["img_size"], geo["patch_size"], geo["in_chans"], pos_embed=geo["pos_embed"],
-                        layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state else None)  # values come from state
+                        layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state
+                        else None)  # values come from state
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -1,6 +1,6 @@
 """Fixed 2-D sin-cos position embeddings.
 
-Layout (project convention, OBJECTIVES.md section 0): for width ``W`` the first
+Layout (project convention, docs/objectives/README.md): for width ``W`` the first
 ``W/2`` channels encode the **column** coordinate and the last ``W/2`` the
 **row** coordinate. Each half uses ``W/4`` frequencies
 ``omega_k = 10000 ** (-k / (W/4))``, k = 0..W/4-1, laid out as

@@ -1,4 +1,4 @@
-"""AdPE: adversarial positional embeddings, and its MAE+ baseline (OBJECTIVES.md section 3).
+"""AdPE: adversarial positional embeddings, and its MAE+ baseline (docs/objectives/adpe.md).
 
 **MAE+** (``mae_plus``, ``adv_type = 0``). Every image gives ``num_crops`` independent RandomResizedCrops
 at ``crop_size`` px (``crop_scale``, bicubic, flip): the train transform returns ``image [num_crops, C, c, c]``
@@ -14,7 +14,8 @@ runs its blocks and predicts pixels; loss = MAE's norm-pix MSE over masked patch
 **AdPE** (``adpe``), absolute position encodings only (``pe_type = "ape"``):
 
 * embedding mode (``adv_type = 1``): masked slots receive ``delta + pos_i`` with an adversarial
-  ``delta [D]`` (init 0) that REPLACES the mask token (no descent-trained mask token in this mode);
+  ``delta [D]`` (init N(0, 0.02), like the mask token it REPLACES; no descent-trained mask token in this
+  mode);
 * coordinate mode (``adv_type = 2``): masked slots receive ``mask_token + sincos(col_i + d_col,
   row_i + d_row)`` with a global ``delta = (d_col, d_row)`` (init 0) shifting the continuous
   coordinates, in fp32; visible slots use the fixed table.
@@ -52,7 +53,7 @@ from ..masking import random_masks
 from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
 from ..models.vit import Block, VisionTransformer
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, StepContext, register
+from .base import LossOutput, Objective, StepContext, init_encoder, register, token_no_decay
 from .mae import check_mae_knobs, init_decoder_weights, masked_mse, normalize_patches, patchify
 
 _NORMS = {0: 0, "none": 0, 1: 1, "l2": 1, 2: 2, "linf": 2}
@@ -124,7 +125,8 @@ class CropDecoder(nn.Module):
 
 
 class AdversarialDelta(nn.Module):
-    """The adversarial perturbation ``delta [size]`` (fp32, init 0) with its own ascent optimizer.
+    """The adversarial perturbation ``delta [size]`` (fp32, init N(0, init_std), 0 for ``init_std = 0``) with
+    its own ascent optimizer.
 
     ``delta`` is a (non-persistent) buffer, not an ``nn.Parameter``: DeepSpeed walks every parameter of the
     wrapped module (ZeRO-3 releases them all after each step, stage 0 zeroes and clips their grads), so a
@@ -133,9 +135,12 @@ class AdversarialDelta(nn.Module):
     :meth:`_MultiCropMIM.checkpoint_state`.
     """
 
-    def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float):
+    def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float,
+                 init_std: float = 0.0):
         super().__init__()
         self.register_buffer("delta", torch.zeros(size), persistent=False)
+        if init_std > 0:
+            nn.init.normal_(self.delta, std=init_std)
         self.register_buffer("grad_acc", torch.zeros(size), persistent=False)
         self.backward_calls = 0
         self._opt_args = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -212,6 +217,9 @@ class AdPEConfig:
     decoder_dim: int = 512
     decoder_depth: int = 8
     decoder_heads: int = 16
+    init: Literal["mae", "beit", "timm"] = "mae"   # encoder init [code: MAE's xavier]; the decoder keeps MAE's
+    wd_cls_token: bool = True                 # weight decay on the 3-D cls token [code: decayed]
+    wd_mask_token: bool = True                # ... and on the mask token [code: decayed]
 
 
 class _MultiCropMIM(Objective):
@@ -220,6 +228,7 @@ class _MultiCropMIM(Objective):
     def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
         super().__init__(encoder, cfg)
         self._validate(encoder, cfg)
+        init_encoder(encoder, cfg.init)
         p = encoder.patch_size
         self.grid = cfg.crop_size // p
         self.num_crop_patches = self.grid ** 2
@@ -235,7 +244,9 @@ class _MultiCropMIM(Objective):
                                    cfg.decoder_heads)
         self.adv: AdversarialDelta | None = None
         if self.adv_type:
-            self.adv = AdversarialDelta(d if self.adv_type == 1 else 2, cfg.adv_betas, cfg.adv_adam_eps, cfg.adv_wd)
+            # embedding mode: N(0, 0.02) like the mask token it replaces [code]; coordinate mode: zeros(2) [code]
+            self.adv = AdversarialDelta(d if self.adv_type == 1 else 2, cfg.adv_betas, cfg.adv_adam_eps, cfg.adv_wd,
+                                        init_std=0.02 if self.adv_type == 1 else 0.0)
         self._micro_batch: int | None = None
 
     @staticmethod
@@ -390,8 +401,7 @@ class _MultiCropMIM(Objective):
         return 3.0 * self.cfg.num_crops * per_crop
 
     def no_weight_decay(self) -> set[str]:
-        names = super().no_weight_decay()
-        return names | ({"mask_token"} if self.adv_type != 1 else set())
+        return token_no_decay(self, {"mask_token"} if self.adv_type != 1 else set())
 
 
 @register
@@ -399,6 +409,7 @@ class MAEPlus(_MultiCropMIM):
     """MAE+: multi-crop (4 x 112 px) BEiT-style MAE on all tokens with a mask token (AdPE's baseline)."""
 
     name = "mae_plus"
+    reference = "official code: maple-research-lab/AdPE, adv_type 0 (docs/objectives/adpe.md)"
 
     @dataclass
     class Config(AdPEConfig):
@@ -415,4 +426,5 @@ class AdPE(_MultiCropMIM):
     """AdPE: MAE+ with adversarial position embeddings of masked tokens (embedding / coordinate mode)."""
 
     name = "adpe"
+    reference = "official code: maple-research-lab/AdPE (docs/objectives/adpe.md)"
     Config = AdPEConfig

@@ -73,6 +73,8 @@ class Objective(nn.Module):
 
     name: ClassVar[str]
     Config: ClassVar[type] = ObjectiveConfig
+    #: where the method's defaults come from, shown by `mimscale objectives` (official code, or why not)
+    reference: ClassVar[str] = ""
 
     def __init__(self, encoder: VisionTransformer, cfg):
         super().__init__()
@@ -148,6 +150,38 @@ class Objective(nn.Module):
     def no_weight_decay(self) -> set[str]:
         """Parameter names (as in ``named_parameters()``) excluded from weight decay besides 1-D ones."""
         return {f"encoder.{n}" for n in self.encoder.no_weight_decay()}
+
+
+def init_encoder(encoder: VisionTransformer, scheme: str) -> None:
+    """Re-initialise ``encoder`` with ``scheme`` (the objective's ``init`` knob, see
+    :meth:`VisionTransformer.init_weights`). Objectives call this first in ``__init__``, before copying
+    the encoder (EMA teachers), so the copy starts from the same weights."""
+    from ..models.vit import INIT_SCHEMES
+
+    if scheme not in INIT_SCHEMES:
+        raise ConfigError(f"objective.init={scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
+    encoder.init_weights(scheme)
+
+
+def token_no_decay(objective: Objective, mask_tokens: set[str]) -> set[str]:
+    """``no_weight_decay()`` names under the objective's ``wd_cls_token`` / ``wd_mask_token`` knobs.
+
+    Starts from the encoder's list (``encoder.cls_token``, a learned ``encoder.pos_embed``); with
+    ``wd_cls_token`` the cls token is decayed (it is a 3-D tensor, so the 1-D rule never spares it); without
+    ``wd_mask_token`` the objective's ``mask_tokens`` (its 3-D mask / auxiliary tokens) are spared."""
+    names = {f"encoder.{n}" for n in objective.encoder.no_weight_decay()}
+    if getattr(objective.cfg, "wd_cls_token", False):
+        names.discard("encoder.cls_token")
+    if not getattr(objective.cfg, "wd_mask_token", False):
+        names |= set(mask_tokens)
+    return names
+
+
+def require_absolute_pos(encoder: VisionTransformer, name: str) -> None:
+    """ConfigError for ``model.pos_embed=relative`` in objectives that add absolute positions themselves."""
+    if encoder.pos_embed is None:
+        raise ConfigError(f"objective {name} needs an absolute position embedding: set model.pos_embed=sincos "
+                          "(or learned); model.pos_embed=relative is for mae, conmim and dtm")
 
 
 def register(cls: type[Objective]) -> type[Objective]:

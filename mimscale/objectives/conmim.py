@@ -1,4 +1,4 @@
-"""ConMIM: masked image modeling with denoising contrast (OBJECTIVES.md section 4).
+"""ConMIM: masked image modeling with denoising contrast (docs/objectives/conmim.md).
 
 Per image, ONE random crop + flip gives two views (:class:`~mimscale.data.photometric.SharedGeometryViews`):
 the student sees the crop with a mask token at its masked patches (BEiT-style: the full sequence goes through
@@ -13,10 +13,12 @@ A projector maps every token to ``proj_out`` channels; the loss is a patch-level
 After every optimizer step the teacher moves towards the student's fp32 master weights,
 ``t = m t + (1 - m) s`` with ``m`` cosine from ``ema_m0`` to 1 (:mod:`mimscale.teachers.ema`).
 
-Deviations from the official code, on purpose: the encoder keeps the project's fixed 2-D sin-cos absolute
-position embedding instead of BEiT's shared relative position bias (every objective trains the same
-timm-loadable ViT), and the unused ``lm_head`` of the original is not created. Projector BatchNorm statistics
-are per micro-batch (no SyncBN): keep the reference per-device batch (64) when reproducing.
+Encoder: the recipes use ``model.pos_embed=relative`` (BEiT's shared relative position bias, no absolute
+embedding, as the official code); the student adds the mask token before ``encoder.add_pos`` (a no-op then).
+``init`` (default ``beit``) re-initialises the encoder, mask token and projector as the code does.
+Deviations from the official code, on purpose: the unused ``lm_head`` of the original is not created.
+Projector BatchNorm statistics are per micro-batch (no SyncBN): keep the reference per-device batch (64)
+when reproducing.
 """
 from __future__ import annotations
 
@@ -31,10 +33,10 @@ from torch import nn
 from ..data.photometric import Photometric, PhotometricConfig, SharedGeometryViews
 from ..errors import ConfigError
 from ..masking import block_masks
-from ..models.vit import VisionTransformer
+from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..teachers.ema import EMATeacher, hold_outside, momentum_at
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, register
+from .base import LossOutput, Objective, init_encoder, register, token_no_decay
 
 
 def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -60,15 +62,17 @@ class ConMIMMasks:
     num_patches: int
     mask_ratio: float = 0.75
     unit: int = 2             # random_mps: patches per side of a masking unit
-    num_masked: int = 75      # block: exact masked count
+    num_masked: int = 75      # block: target masked count
     min_block: int = 16       # block: smallest rectangle (patches)
+    exact: bool = False       # block: force exactly num_masked (ConMIM's code does not: mean ~74.5 of 75)
 
     def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         grid = int(round(self.num_patches ** 0.5))
         if self.kind == "random_mps32":
             return {"mask": unit_masks(batch, grid, self.unit, self.mask_ratio, generator)}
         if self.kind == "block":
-            return {"mask": block_masks(batch, (grid, grid), self.num_masked, generator, min_block=self.min_block)}
+            return {"mask": block_masks(batch, (grid, grid), self.num_masked, generator, min_block=self.min_block,
+                                        exact=self.exact)}
         raise ValueError(f"unknown ConMIM mask kind '{self.kind}'")
 
 
@@ -88,7 +92,7 @@ class Projector(nn.Module):
         self.net = nn.Sequential(*mods)
         for m in self.net:
             if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
+                init_linear_(m, "beit")                 # the code's: truncated normal 0.02 cut at +-1 std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -124,6 +128,7 @@ class ConMIM(Objective):
     """ConMIM: intra-image patch contrast between a masked student and an EMA teacher on a perturbed view."""
 
     name = "conmim"
+    reference = "official code: TencentARC/ConMIM (docs/objectives/conmim.md)"
 
     @dataclass
     class Config:
@@ -136,9 +141,13 @@ class ConMIM(Objective):
         mask_type: Literal["random_mps32", "block"] = "random_mps32"
         mask_ratio: float = 0.75              # random_mps32: ceil(U * r) units of mask_unit x mask_unit patches
         mask_unit: int = 2                    # 2 x 2 patches = 32 px at p = 16, 28 px at p = 14 [unverified for H]
-        block_num_masked: int = 75            # block: exact masked patches per image
-        block_min_patches: int = 16           # block: smallest rectangle
+        block_num_masked: int = 75            # block: target masked patches per image [code]
+        block_min_patches: int = 16           # block: smallest rectangle [code]
+        block_exact_count: bool = False       # block: force the count; the code's generator does not [code]
         teacher_aug: PhotometricConfig = field(default_factory=PhotometricConfig)
+        init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]
+        wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
+        wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]
 
     @classmethod
     def tiny_config(cls) -> "ConMIM.Config":
@@ -165,9 +174,10 @@ class ConMIM(Objective):
             raise ConfigError(f"objective.block_num_masked={cfg.block_num_masked} must be in [1, {n - 1}] "
                               f"for {n} patches")
         cfg.teacher_aug.validate("objective.teacher_aug")
+        init_encoder(encoder, cfg.init)
         d = encoder.embed_dim
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        init_token_(self.mask_token, cfg.init)
         self.projector = Projector(d, cfg.proj_hidden, cfg.proj_out, cfg.proj_layers)
         # fp32 EMA copies taken now, before DeepSpeed partitions or casts the student; held OUTSIDE the module
         # tree (ZeRO-3 expects every parameter under the engine's module to be its own), always in train mode
@@ -182,7 +192,7 @@ class ConMIM(Objective):
     def mask_spec(self) -> ConMIMMasks:
         c = self.cfg
         return ConMIMMasks(c.mask_type, self.encoder.num_patches, c.mask_ratio, c.mask_unit, c.block_num_masked,
-                           c.block_min_patches)
+                           c.block_min_patches, c.block_exact_count)
 
     def train_transform(self, default):
         return SharedGeometryViews(default, Photometric(self.cfg.teacher_aug))
@@ -199,8 +209,7 @@ class ConMIM(Objective):
         x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))                # [B, N, D]
         w = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)                  # [B, N, 1]
         x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
-        x = x + e.pos_embed[:, 1:].to(x.dtype)
-        return e.encode(e.add_cls(x))
+        return e.encode(e.add_cls(e.add_pos(x)))
 
     @torch.no_grad()
     def teacher_targets(self, img: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -258,4 +267,4 @@ class ConMIM(Objective):
         return 4.0 * fwd
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
+        return token_no_decay(self, {"mask_token"})

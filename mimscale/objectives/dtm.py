@@ -1,4 +1,4 @@
-"""DTM: masked image modeling with dynamic token morphing of teacher targets (OBJECTIVES.md section 5).
+"""DTM: masked image modeling with dynamic token morphing of teacher targets (docs/objectives/dtm.md).
 
 Data flow (shapes for ViT-B/16 at 224 px: N = 196, D = 768, teacher dim Dt = 512):
 
@@ -12,18 +12,19 @@ Data flow (shapes for ViT-B/16 at 224 px: N = 196, D = 768, teacher dim Dt = 512
   behaviour; ``teacher_norm: clip`` re-normalises with CLIP's statistics); ``target_source: shards`` reads
   the per-sample cache ``batch["clip.npy"]`` written by ``mimscale data add-targets`` - the train
   transform is then the deterministic centre crop the cache was built on plus the photometric jitter;
-* dynamic schedule (once per optimizer step, from a generator seeded by (schedule_seed, rank, step)):
-  for each of L levels a total merge count ``n ~ U{0..max_merges}`` and iterations ``k ~ U{1..max_iters}``;
+* dynamic schedule (drawn per micro-batch, i.e. per loader iteration as in the official code, from a
+  generator seeded by (schedule_seed, rank, step, micro-batch index)): for each of L levels a total merge
+  count ``n ~ U{0..max_merges}`` and iterations ``k ~ U{1..max_iters}``;
 * token morphing (per level, no gradient): ToMe-style bipartite matching on the teacher features only
   (:func:`morph_groups`), giving every original token a group; both ``u`` and ``v`` are replaced token-wise
   by their group mean (:func:`group_mean`, fp32);
 * loss: smooth-L1 (beta = 2) over all tokens (visible and masked), channels and batch, averaged over levels.
-  ``normalize_target`` standardises each target token (LayerNorm without affine) before the group means;
-  the matching always uses the raw teacher features [unverified].
+  ``normalize_target`` standardises each AGGREGATED (morphed) target token over its channels with the
+  unbiased variance, ``(t - mean) / sqrt(var + 1e-6)``, per level (official code); the matching always uses
+  the raw teacher features.
 
-Position embedding: the paper's student is a BEiT encoder with a shared relative position bias and no
-absolute position embedding; mimscale keeps every objective on the same timm ViT, so the encoder's fixed
-2-D sin-cos embedding is used instead (no relative bias).
+Position embedding: the official student is a BEiT encoder with a shared relative position bias and no
+absolute position embedding; the recipes set ``model.pos_embed=relative`` for that (``sincos`` is a knob).
 """
 from __future__ import annotations
 
@@ -37,9 +38,9 @@ from torch import nn
 
 from ..errors import ConfigError, DataError
 from ..masking import block_masks
-from ..models.vit import VisionTransformer
+from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, StepContext, register
+from .base import LossOutput, Objective, StepContext, init_encoder, register, token_no_decay
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -132,10 +133,17 @@ def draw_schedule(generator: torch.Generator, num_levels: int, max_merges: int, 
     return out
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """A CPU generator for one (seed, rank, step): reproducible, different per rank, no global RNG."""
-    mixed = (seed * 0x9E3779B1 + rank * 0x85EBCA77 + step * 0xC2B2AE3D + 0x27D4EB2F) % (2**63 - 1)
+def step_generator(seed: int, rank: int, step: int, micro: int = 0) -> torch.Generator:
+    """A CPU generator for one (seed, rank, step, micro-batch): reproducible, different per rank, no global RNG."""
+    mixed = (seed * 0x9E3779B1 + rank * 0x85EBCA77 + step * 0xC2B2AE3D + micro * 0x165667B1
+             + 0x27D4EB2F) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
+
+
+def standardize_tokens(t: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per token over channels, fp32: ``(t - mean) / sqrt(var_unbiased + eps)``; ``t [B, N, D] -> [B, N, D]``."""
+    t = t.float()
+    return (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True, unbiased=True) + eps).sqrt()
 
 
 def group_sums(x: torch.Tensor, assign: torch.Tensor, num_groups: int) -> torch.Tensor:
@@ -217,21 +225,23 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Te
 
 def morphed_loss(u: torch.Tensor, v: torch.Tensor, schedule: list[tuple[int, int]], criterion=None,
                  protect_first: bool = True, generator: torch.Generator | None = None,
-                 target: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+                 normalize_target: bool = False) -> tuple[torch.Tensor, list[int]]:
     """The DTM loss of student ``u [B, N, Dt]`` against teacher ``v [B, N, Dt]``: for each level ``(r, k)``
     of ``schedule`` the groups come from ``v`` alone (:func:`morph_groups`), both sides are replaced by
     their group means (fp32) and compared with ``criterion`` (default: smooth-L1, beta = 2) over all
-    tokens; the mean over levels is returned with each level's group count. ``target`` (default ``v``) is
-    what ``u`` regresses onto (e.g. standardised ``v``); the matching always uses ``v``."""
+    tokens; the mean over levels is returned with each level's group count. ``normalize_target``
+    standardises the morphed targets per token (:func:`standardize_tokens`) AFTER the group means."""
     criterion = criterion or (lambda a, b: smooth_l1(a, b, 2.0))
-    target = v if target is None else target
     losses, groups = [], []
     for r, k in schedule:
         assign, t = morph_groups(v, r, k, protect_first, generator)
         if t == v.shape[1]:                              # no merge happened: S = I
-            losses.append(criterion(u.float(), target.float()))
+            pred, target = u.float(), v.float()
         else:
-            losses.append(criterion(group_mean(u, assign, t), group_mean(target, assign, t)))
+            pred, target = group_mean(u, assign, t), group_mean(v, assign, t)
+        if normalize_target:
+            target = standardize_tokens(target)
+        losses.append(criterion(pred, target))
         groups.append(t)
     return torch.stack(losses).mean(), groups
 
@@ -281,6 +291,7 @@ class DTM(Objective):
     """DTM: token-morphed feature distillation from a frozen CLIP teacher (block masks, all tokens)."""
 
     name = "dtm"
+    reference = "official code: naver-ai/dtm (docs/objectives/dtm.md)"
 
     @dataclass
     class Config:
@@ -299,7 +310,7 @@ class DTM(Objective):
         loss: Literal["smooth_l1", "mse"] = "smooth_l1"
         smooth_l1_beta: float = 2.0
         w_dtm: float = 1.0
-        normalize_target: bool = False        # per-token standardisation of the targets [unverified]
+        normalize_target: bool = False        # standardise the morphed targets per token [code: off by default]
         protect_first_token: bool = True      # compat with the reference (ToMe's class-token option)
         split: Literal["alternate", "random"] = "alternate"
         mask_ratio: float = 0.383             # num_masked = round(mask_ratio * N) when num_masked is unset
@@ -307,7 +318,10 @@ class DTM(Objective):
         min_block: int = 16
         head_dim: int = 512
         color_jitter: float = 0.4             # ColorJitter(0.4, 0.4, 0.4) before the crop
-        schedule_seed: int = 0                # the morphing schedule's generator: (seed, rank, step)
+        schedule_seed: int = 0                # the morphing schedule's generator: (seed, rank, step, micro-batch)
+        init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]
+        wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
+        wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]
 
     @classmethod
     def tiny_config(cls) -> "DTM.Config":
@@ -329,11 +343,11 @@ class DTM(Objective):
         if cfg.smooth_l1_beta <= 0 or cfg.head_dim < 1:
             raise ConfigError(f"objective.smooth_l1_beta={cfg.smooth_l1_beta} and objective.head_dim="
                               f"{cfg.head_dim} must be positive")
+        init_encoder(encoder, cfg.init)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
-        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        init_token_(self.mask_token, cfg.init)
         self.head = nn.Linear(encoder.embed_dim, cfg.head_dim)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        init_linear_(self.head, "beit")                       # the code's lm_head init
         self.teacher: nn.Module | None = None
         if cfg.target_source == "online":
             if not cfg.teacher_proj:
@@ -345,6 +359,8 @@ class DTM(Objective):
         self._student_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self._schedule: list[tuple[int, int]] | None = None
         self._split_gen: torch.Generator | None = None
+        self._draw = (0, 0, 0)                       # (rank, step, micro-batch) of the next schedule draw
+        self._fixed = False
         self._teacher_flops: float | None = None
 
     # ------------------------------------------------------------------ data side
@@ -376,19 +392,34 @@ class DTM(Objective):
     # ------------------------------------------------------------------ schedule
 
     def before_step(self, ctx: StepContext) -> None:
-        """Draw this optimizer step's morphing schedule (same for all its micro-batches)."""
-        gen = step_generator(self.cfg.schedule_seed, ctx.rank, ctx.step)
+        """Start optimizer step ``ctx.step``: its first micro-batch's schedule is drawn now, every later
+        micro-batch (forward) draws its own, as the official code draws one per loader iteration."""
+        self._fixed = False
+        self._draw_schedule(ctx.rank, ctx.step, 0)
+
+    def _draw_schedule(self, rank: int, step: int, micro: int) -> None:
+        gen = step_generator(self.cfg.schedule_seed, rank, step, micro)
         self._schedule = draw_schedule(gen, self.cfg.num_levels, self.max_merges, self.cfg.max_iters,
                                        self.encoder.num_patches)
         self._split_gen = gen if self.cfg.split == "random" else None
+        self._draw = (rank, step, micro)
+
+    def _advance_schedule(self) -> None:
+        """After a forward: the next micro-batch of the same step gets the next draw (unless fixed)."""
+        if not self._fixed:
+            rank, step, micro = self._draw
+            self._draw_schedule(rank, step, micro + 1)
 
     def set_schedule(self, schedule: list[tuple[int, int]]) -> None:
-        """Fix the per-level ``(merges per iteration, iterations)`` until the next ``before_step``."""
+        """Fix the per-level ``(merges per iteration, iterations)`` for every forward until the next
+        ``before_step``."""
         self._schedule = [(int(r), int(k)) for r, k in schedule]
+        self._fixed = True
 
     @property
     def schedule(self) -> list[tuple[int, int]]:
-        if self._schedule is None:                 # forward without before_step: the step-0 schedule
+        """The schedule the next forward uses."""
+        if self._schedule is None:                 # forward without before_step: step 0's first draw
             self.before_step(StepContext())
         return self._schedule
 
@@ -399,8 +430,7 @@ class DTM(Objective):
         e = self.encoder
         x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))                   # [B, N, D]
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        x = x + e.pos_embed[:, 1:].to(x.dtype)
-        z = e.encode(e.add_cls(x))[:, 1:]                                            # final norm, cls dropped
+        z = e.encode(e.add_cls(e.add_pos(x)))[:, 1:]                                            # final norm, cls dropped
         return self.head(z)
 
     @torch.no_grad()
@@ -450,9 +480,9 @@ class DTM(Objective):
         """``batch["image"] [B, C, H, W]``, ``batch["mask"] bool [B, N]`` (+ ``batch["clip.npy"]`` if cached)."""
         u = self.student(batch["image"], batch["mask"])                               # [B, N, Dt]
         v = self.targets(batch)                                                       # [B, N, Dt] fp32
-        target = F.layer_norm(v, v.shape[-1:], eps=1e-6) if self.cfg.normalize_target else v
         loss_dtm, groups = morphed_loss(u, v, self.schedule, self._criterion, self.cfg.protect_first_token,
-                                        self._split_gen, target)
+                                        self._split_gen, self.cfg.normalize_target)
+        self._advance_schedule()
         loss = self.cfg.w_dtm * loss_dtm
         metrics = {"loss": loss.detach(), "loss_dtm": loss_dtm.detach(),
                    "groups": torch.tensor(sum(groups) / len(groups), dtype=torch.float32)}   # mean over levels
@@ -491,7 +521,7 @@ class DTM(Objective):
         return self._teacher_flops
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"mask_token"}
+        return token_no_decay(self, {"mask_token"})
 
 
 def _takes_grid(teacher: nn.Module) -> bool:

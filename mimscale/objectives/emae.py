@@ -1,4 +1,4 @@
-"""EMAE: efficient masked autoencoders with self-consistency (OBJECTIVES.md section 2).
+"""EMAE: efficient masked autoencoders with self-consistency (docs/objectives/emae.md).
 
 Every image is split into K disjoint visible sets ("parts") cut from ONE random permutation per sample
 (made by the collate, ``parts bool [B, K, N]``, True = masked). The MAE task runs on all K parts in the
@@ -30,7 +30,7 @@ from ..errors import ConfigError
 from ..masking import MaskSpec, num_visible, visible_indices
 from ..models.vit import VisionTransformer
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, register
+from .base import LossOutput, Objective, init_encoder, register, require_absolute_pos, token_no_decay
 from .mae import MAEDecoder, masked_mse, normalize_patches, patchify
 
 
@@ -90,6 +90,8 @@ class EMAE(Objective):
     """EMAE: MAE on K disjoint parts of every image per step + a self-consistency loss between parts."""
 
     name = "emae"
+    reference = ("NO public code: everything beyond the paper's description is our reading [unverified] "
+                 "(docs/objectives/emae.md)")
 
     @dataclass
     class Config:
@@ -105,9 +107,14 @@ class EMAE(Objective):
         decoder_dim: int = 512
         decoder_depth: int = 8
         decoder_heads: int = 16
+        init: Literal["mae", "beit", "timm"] = "mae"   # no EMAE code: MAE's (xavier) [our choice]
+        wd_cls_token: bool = True             # as MAE's code [our choice]
+        wd_mask_token: bool = True            # as MAE's code [our choice]
 
     def __init__(self, encoder: VisionTransformer, cfg: "EMAE.Config"):
         super().__init__(encoder, cfg)
+        require_absolute_pos(encoder, self.name)
+        init_encoder(encoder, cfg.init)
         self.num_parts = resolve_num_parts(encoder.num_patches, cfg.mask_ratio, cfg.num_parts)
         self.num_keep = num_visible(encoder.num_patches, cfg.mask_ratio)
         if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
@@ -228,4 +235,4 @@ class EMAE(Objective):
         return 3.0 * fwd
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"decoder.mask_token"}
+        return token_no_decay(self, {"decoder.mask_token"})

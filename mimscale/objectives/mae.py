@@ -1,4 +1,4 @@
-"""MAE: masked autoencoder with normalised-pixel regression (OBJECTIVES.md section 1)."""
+"""MAE: masked autoencoder with normalised-pixel regression (docs/objectives/mae.md)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ from ..masking import MaskSpec, visible_indices
 from ..models.pos_embed import sincos_2d
 from ..models.vit import Block, VisionTransformer
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, register
+from .base import LossOutput, Objective, init_encoder, register, token_no_decay
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -112,6 +112,7 @@ class MAE(Objective):
     """Hide ``mask_ratio`` of the patches, encode the rest, regress normalised pixels of the hidden ones."""
 
     name = "mae"
+    reference = "official code: facebookresearch/mae (docs/objectives/mae.md)"
 
     @dataclass
     class Config:
@@ -122,10 +123,14 @@ class MAE(Objective):
         decoder_depth: int = 8
         decoder_heads: int = 16
         loss: Literal["mse"] = "mse"
+        init: Literal["mae", "beit", "timm"] = "mae"   # encoder init [code: xavier]; the decoder keeps MAE's
+        wd_cls_token: bool = True             # weight decay on the 3-D cls token [code: decayed]
+        wd_mask_token: bool = True            # ... and on the decoder's mask token [code: decayed]
 
     def __init__(self, encoder: VisionTransformer, cfg: "MAE.Config"):
         super().__init__(encoder, cfg)
         check_mae_knobs(cfg)
+        init_encoder(encoder, cfg.init)
         p = encoder.patch_size
         self.patch_pixels = p * p * encoder.in_chans
         self.decoder = MAEDecoder(encoder.embed_dim, encoder.num_patches, self.patch_pixels,
@@ -162,4 +167,4 @@ class MAE(Objective):
         return 3.0 * fwd
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"decoder.mask_token"}
+        return token_no_decay(self, {"decoder.mask_token"})

@@ -1,4 +1,4 @@
-"""MaPeT: masked and permuted pre-training with two-stream attention (OBJECTIVES.md section 6).
+"""MaPeT: masked and permuted pre-training with two-stream attention (docs/objectives/mapet.md).
 
 Per sample the collate draws a random factorisation order (:class:`PermutationMasks`, ``rank int16 [B, N]``,
 patch ranks 1..N; the cls token has rank 0). Tokens with rank < ``least`` form the context ``C`` (cls +
@@ -52,9 +52,9 @@ from torchvision.transforms import functional as TF
 
 from ..data.transforms import EvalTransform
 from ..errors import ConfigError, DataError
-from ..models.vit import Block, VisionTransformer
+from ..models.vit import Block, VisionTransformer, init_linear_, init_token_
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, register
+from .base import LossOutput, Objective, init_encoder, register, require_absolute_pos, token_no_decay
 from .mae import patchify
 
 
@@ -176,6 +176,7 @@ class MaPeT(Objective):
     """MaPeT: permuted autoregressive prediction of k-CLIP codes with two-stream attention and aux position tokens."""
 
     name = "mapet"
+    reference = "official code: aimagelab/MaPeT (docs/objectives/mapet.md)"
 
     @dataclass
     class Config:
@@ -189,9 +190,14 @@ class MaPeT(Objective):
         crop_pct: float = 1.0                 # centre crop the cached codes were computed on (1.0: full square)
         target_image_size: int | None = None  # size the codes were computed at (add-targets --image-size); None: model's
         color_jitter: float = 0.4
+        init: Literal["mae", "beit", "timm"] = "timm"   # encoder and z [code: timm's ViT init]
+        wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
+        wd_mask_token: bool = True            # weight decay on z [code: its 3-D mask positional token is decayed]
 
     def __init__(self, encoder: VisionTransformer, cfg: "MaPeT.Config"):
         super().__init__(encoder, cfg)
+        require_absolute_pos(encoder, self.name)
+        init_encoder(encoder, cfg.init)
         n, d = encoder.num_patches, encoder.embed_dim
         self.least = resolve_least(n, cfg.least_context, cfg.predict_ratio)
         self.num_pred = n + 1 - self.least
@@ -207,11 +213,10 @@ class MaPeT(Objective):
             raise ConfigError(f"objective.target_image_size={cfg.target_image_size} must be >= 1 (or null)")
         if isinstance(encoder.norm, nn.Identity):
             raise ConfigError("MaPeT needs the encoder's final LayerNorm (build it with global_pool='token')")
-        self.z = nn.Parameter(torch.zeros(d))                 # the shared content of every aux / query token
+        self.z = nn.Parameter(torch.zeros(1, 1, d))           # the shared content of every aux / query token
         self.head = nn.Linear(d, cfg.vocab_size)
-        nn.init.normal_(self.z, std=0.02)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        init_token_(self.z, cfg.init)
+        init_linear_(self.head, "timm")                       # the code's decoder head init
 
     @classmethod
     def tiny_config(cls) -> "MaPeT.Config":
@@ -324,4 +329,4 @@ class MaPeT(Objective):
         return 3.0 * fwd
 
     def no_weight_decay(self) -> set[str]:
-        return super().no_weight_decay() | {"z"}
+        return token_no_decay(self, {"z"})

@@ -160,7 +160,7 @@ class CLIPTeacher(nn.Module):
     (default: the teacher's own grid ``image_size // patch``) is the token grid to return, normally the
     student's. When it differs from what the images give, ``resize`` decides:
 
-    * ``"input"`` (default; OBJECTIVES 5.2 for H/14): the images are resized (bicubic, antialiased) to
+    * ``"input"`` (default; docs/objectives/dtm.md, for H/14): the images are resized (bicubic, antialiased) to
       ``grid * teacher_patch`` pixels and the teacher's learned position embedding is interpolated
       (bicubic) to ``grid``, so every output token sees exactly one student patch's area. No resizing
       at all when ``H == gh * teacher_patch`` and ``grid`` is the teacher's grid (e.g. ViT-B/16 student

@@ -1,4 +1,4 @@
-"""k-CLIP tokenizer: streaming k-means over frozen-teacher patch features (MaPeT targets, OBJECTIVES 6.2.8).
+"""k-CLIP tokenizer: streaming k-means over frozen-teacher patch features (MaPeT targets, docs/objectives/mapet.md).
 
 ``mimscale teacher fit-kmeans SHARDS --teacher clip.pt --k 8192 --out km.pt``
 

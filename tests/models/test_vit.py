@@ -364,3 +364,110 @@ def test_constructor_validation():
         VisionTransformer(img_size=32, patch_size=4, embed_dim=66, depth=1, num_heads=3)
     with pytest.raises(ValueError, match="patch_size"):
         VisionTransformer(img_size=30, patch_size=4, embed_dim=64, depth=1, num_heads=4)
+
+
+# --------------------------------------------------------------------------- pos_embed="relative" (BEiT layout)
+
+
+def _randomise(m):
+    """Non-zero values everywhere, so a key mix-up cannot hide behind zero-init tables / biases."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return m
+
+
+def test_relative_export_loads_strictly_into_timm_beit_and_matches():
+    from timm.models.beit import Beit
+
+    from mimscale.models.vit import timm_beit_kwargs
+
+    torch.manual_seed(0)
+    m = _randomise(build_vit("vit_micro", 32, 4, pos_embed="relative", layer_scale_init=0.1, init="beit")).eval()
+    assert m.pos_embed is None and "pos_embed" not in m.state_dict()
+    assert m.rel_pos_bias.relative_position_bias_table.shape == ((2 * 8 - 1) ** 2 + 3, 4)
+    assert m.blocks[0].attn.qkv.bias is None  # BEiT: q and v biases only
+    exported = m.export_state_dict(m.state_dict())
+    assert "rel_pos_bias.relative_position_bias_table" not in exported and "blocks.0.gamma_1" in exported
+    t = Beit(**timm_beit_kwargs(m)).eval()
+    t.load_state_dict(exported, strict=True)
+    x = _img()
+    torch.testing.assert_close(t.forward_features(x), m.forward_features(x), atol=1e-5, rtol=1e-5)
+    # the bias is live: changing the shared table changes the output
+    with torch.no_grad():
+        m.rel_pos_bias.relative_position_bias_table[:5] += 1.0
+    assert (t.forward_features(x) - m.forward_features(x)).abs().max() > 1e-3
+    # and the export layout loads back strictly into our encoder (eval/fine-tune read exports)
+    back = build_vit("vit_micro", 32, 4, pos_embed="relative", layer_scale_init=0.1).eval()
+    back.load_state_dict(exported, strict=True)
+    torch.testing.assert_close(back.forward_features(x), t.forward_features(x), atol=1e-5, rtol=1e-5)
+    diverged = dict(exported)
+    diverged["blocks.1.attn.relative_position_bias_table"] = diverged["blocks.1.attn.relative_position_bias_table"] + 1
+    with pytest.raises(RuntimeError, match="differ"):
+        back.load_state_dict(diverged, strict=True)
+
+
+@pytest.mark.parametrize("arch,ls", [("vit_base", 0.1), ("vit_large", 1e-5)])
+def test_relative_export_loads_into_named_timm_beit_models(arch, ls):
+    """The registry models themselves (pretrained=False), on the meta device: keys and shapes strictly."""
+    with torch.device("meta"):
+        m = build_vit(arch, 224, 16, pos_embed="relative", layer_scale_init=ls)
+        name = timm_model_name(arch, 16, 224, pos_embed="relative")
+        t = timm.create_model(name, pretrained=False, num_classes=0, global_pool="token")
+    assert name == f"beit_{arch[4:]}_patch16_224"
+    t.load_state_dict(m.export_state_dict(m.state_dict()), strict=True)
+    assert _shapes(t.state_dict()) == _shapes(m.export_state_dict(m.state_dict()))
+
+
+def test_relative_subset_forward_gathers_the_bias(micro):
+    torch.manual_seed(0)
+    m = _randomise(build_vit("vit_micro", 32, 4, pos_embed="relative", layer_scale_init=0.1)).eval()
+    x = _img()
+    keep = torch.stack([torch.randperm(64, generator=torch.Generator().manual_seed(s))[:20] for s in (0, 1)])
+    got = m.forward_features(x, keep)
+    for b in range(2):  # reference: one sample, the full bias restricted to cls + its kept patches
+        pos = torch.cat([torch.zeros(1, dtype=torch.long), keep[b] + 1])
+        bias = m.rel_pos_bias()[:, :, pos][:, :, :, pos]
+        ref = m.encode(m.add_cls(m.gather_tokens(m.embed(x[b:b + 1]), keep[b:b + 1])), rel_bias=bias)
+        torch.testing.assert_close(got[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="relative"):
+        m.encode(torch.zeros(1, 5, 64))
+
+
+# --------------------------------------------------------------------------- init schemes
+
+
+def test_beit_init_truncates_at_one_sigma_and_rescales_by_depth():
+    torch.manual_seed(0)
+    m = build_vit("vit_small", 32, 4, pos_embed="relative", layer_scale_init=0.1, init="beit")
+    for name, mod in m.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            assert torch.all(mod.weight.abs() <= 0.02 + 1e-7), name
+            if mod.bias is not None:
+                assert torch.all(mod.bias == 0), name
+    w = m.blocks[0].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02 * 0.5399) < 5e-4           # std of N(0, s) cut at +-s is 0.54 s
+    assert 0.0199 < w.abs().max().item() <= 0.02
+    for i, blk in enumerate(m.blocks):                           # 1 / sqrt(2 l) on attn.proj and fc2
+        s = 0.02 * 0.5399 / math.sqrt(2 * (i + 1))
+        assert abs(blk.attn.proj.weight.std().item() - s) < 0.06 * s, i
+        assert abs(blk.mlp.fc2.weight.std().item() - s) < 0.03 * s, i
+        assert abs(blk.mlp.fc1.weight.std().item() - 0.02 * 0.5399) < 5e-4, i
+    assert m.patch_embed.proj.weight.abs().max() <= 0.02 and m.cls_token.abs().max() <= 0.02
+    assert torch.all(m.rel_pos_bias.relative_position_bias_table == 0)
+    assert torch.all(m.blocks[3].attn.q_bias == 0) and torch.all(m.blocks[3].ls2.gamma == 0.1)
+
+
+def test_timm_init_matches_timm_vit_statistics():
+    torch.manual_seed(0)
+    m = build_vit("vit_small", 32, 4, init="timm")
+    w = m.blocks[5].mlp.fc1.weight
+    assert abs(w.std().item() - 0.02) < 3e-4 and w.abs().max() > 0.06    # practically untruncated
+    assert abs(m.blocks[5].mlp.fc2.weight.std().item() - 0.02) < 3e-4     # no depth rescale
+    assert m.cls_token.abs().max() < 1e-5                                 # N(0, 1e-6)
+    c = m.patch_embed.proj                                                # PyTorch default conv init
+    bound = 1 / math.sqrt(c.weight[0].numel())
+    assert c.weight.abs().max() <= bound and c.weight.abs().max() > 0.9 * bound
+    with pytest.raises(ValueError, match="init scheme"):
+        m.init_weights("xavier")

@@ -170,7 +170,10 @@ def test_mae_plus_has_no_adversary_and_runs_on_all_tokens():
         obj(make_batch(obj, b=2))
         assert seen["enc"] == (2 * NC, NCROP + 1, D)                      # all tokens + cls
         assert seen["dec"] == seen["enc"]                                 # no insertion in the decoder
-    assert "mask_token" in MAEPlus.no_weight_decay(make(cls=MAEPlus))
+        # the official code decays the 3-D mask and cls tokens; the knobs spare them
+        assert MAEPlus.no_weight_decay(make(cls=MAEPlus)) == set()
+        assert MAEPlus.no_weight_decay(make(cls=MAEPlus, wd_mask_token=False, wd_cls_token=False)) == \
+            {"mask_token", "encoder.cls_token"}
 
 
 def test_encoder_pos_embed_stays_at_model_img_size():
@@ -256,10 +259,11 @@ def test_full_step_moves_delta_up_and_network_down_its_gradient():
     out = obj(batch)
     out.loss.backward()
     g_delta = obj.adv.grad_acc.clone()
+    delta0 = obj.adv.delta.clone()
     params = {n: (p.detach().clone(), p.grad.clone()) for n, p in obj.named_parameters() if p.requires_grad}
     opt.step()
     obj.after_optimizer_step(step_ctx(lr_factor=1.0))
-    assert torch.dot(obj.adv.delta, g_delta) > 0                        # delta started at 0
+    assert torch.dot(obj.adv.delta - delta0, g_delta) > 0               # ascent
     moved = sum(torch.dot((p.detach() - params[n][0]).flatten(), params[n][1].flatten())
                 for n, p in obj.named_parameters() if n in params)
     assert moved < 0
@@ -353,6 +357,24 @@ def test_eps_zero_embedding_mode_is_mae_plus_with_a_zero_mask_token():
         assert emb(batch).loss == plus(batch).loss
 
 
+def test_initial_deltas_follow_the_code():
+    """Embedding mode: delta replaces the mask token and starts like it, N(0, 0.02) (official code; an earlier
+    version started at 0). Coordinate mode: zeros(2) (no shift at step 0). Same seed -> same delta (ranks)."""
+    def build(adv_type, seed=0):
+        torch.manual_seed(seed)
+        enc = build_vit("vit_micro", img_size=IMG, patch_size=PATCH, depth=1, embed_dim=768)
+        return AdPE(enc, dataclasses.replace(AdPE.Config(), adv_type=adv_type, crop_size=CROP, decoder_dim=32,
+                                             decoder_depth=1, decoder_heads=2))
+    emb = build(1)
+    d = emb.adv.delta
+    assert d.shape == (768,) and d.dtype == torch.float32 and abs(d.mean().item()) < 0.003
+    assert abs(d.std().item() - 0.02) < 0.002 and d.abs().max() > 0.04          # normal, not truncated at 1 sigma
+    assert torch.equal(build(1).adv.delta, d)
+    coord = build(2)
+    assert torch.equal(coord.adv.delta, torch.zeros(2))
+    assert abs(coord.mask_token.std().item() - 0.02) < 0.002                       # MAE's N(0, 0.02)
+
+
 # ----------------------------------------------------------------------------- lr, state, robustness
 
 
@@ -387,9 +409,10 @@ def test_checkpoint_state_round_trip_continues_identically():
 
 def test_non_finite_gradient_skips_the_adversarial_step():
     obj = make(adv_batch_size=256)
+    delta0 = obj.adv.delta.clone()
     obj.adv.grad_acc.fill_(float("inf"))
     obj.after_optimizer_step(step_ctx(lr_factor=1.0))
-    assert obj.adv.delta.abs().sum() == 0 and obj.adv.grad_acc.abs().sum() == 0
+    assert torch.equal(obj.adv.delta, delta0) and obj.adv.grad_acc.abs().sum() == 0
 
 
 def test_bf16_forward_keeps_delta_and_its_gradient_fp32():

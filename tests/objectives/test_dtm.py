@@ -21,7 +21,8 @@ from mimscale.errors import ConfigError, DataError
 from mimscale.models.vit import build_vit
 from mimscale.objectives import LossOutput, StepContext, available
 from mimscale.objectives.dtm import (DTM, BlockMasks, ColorJitter, draw_schedule, group_mean, membership,
-                                     merges_per_iteration, morph_groups, morphed_loss, smooth_l1, step_generator)
+                                     merges_per_iteration, morph_groups, morphed_loss, smooth_l1,
+                                     standardize_tokens, step_generator)
 from mimscale.telemetry.flops import linear_flops, transformer_forward_flops
 
 B, C, IMG, P = 4, 3, 16, 4
@@ -99,7 +100,27 @@ def test_forward_shapes_metrics_and_gradients():
     assert all(p.grad is None for p in model.teacher.parameters())
     assert model.frozen_modules() == [model.teacher]
     assert not model.teacher.training                          # .train() keeps the frozen teacher in eval
-    assert "mask_token" in model.no_weight_decay()
+    assert model.no_weight_decay() == {"encoder.cls_token"}    # the code decays the mask token, not cls
+
+
+def test_relative_position_student_with_beit_init():
+    """The recipe's student (BEiT layout, BEiT init of encoder, mask token and head): the shared relative bias
+    trains, masked pixels stay invisible, the mask token is decayed and cls is not (official code)."""
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", img_size=IMG, patch_size=P, depth=2, pos_embed="relative", layer_scale_init=0.1)
+    model = DTM(enc, DTM.Config(head_dim=DT, teacher="unused"), teacher=PatchTeacher()).train()
+    assert model.cfg.init == "beit" and model.encoder.pos_embed is None
+    assert model.mask_token.abs().max() <= 0.02 and model.head.weight.abs().max() <= 0.02
+    assert torch.all(model.head.bias == 0)
+    batch = make_batch(model)
+    model(batch).loss.backward()
+    assert model.encoder.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0
+    model.eval()
+    img2 = batch["image"].clone()
+    pm = batch["mask"].view(B, IMG // P, IMG // P).repeat_interleave(P, 1).repeat_interleave(P, 2)
+    img2[pm.unsqueeze(1).expand_as(img2)] = 7.0
+    with torch.no_grad():
+        assert torch.equal(model.student(batch["image"], batch["mask"]), model.student(img2, batch["mask"]))
 
 
 def test_mask_token_only_at_masked_slots():
@@ -377,7 +398,7 @@ def test_normalize_target_and_mse_knobs():
     with torch.no_grad():
         u = model.student(batch["image"], batch["mask"]).float()
         v = model.teacher(batch["image"]).float()
-        t = (v - v.mean(-1, keepdim=True)) / (v.var(-1, unbiased=False, keepdim=True) + 1e-6).sqrt()
+        t = (v - v.mean(-1, keepdim=True)) / (v.var(-1, unbiased=True, keepdim=True) + 1e-6).sqrt()
     assert torch.allclose(out.loss, smooth_l1(u, t, 2.0), rtol=1e-5)
     model = make_dtm(loss="mse", w_dtm=0.5)
     model.set_schedule([(0, 1)])
@@ -385,6 +406,56 @@ def test_normalize_target_and_mse_knobs():
     with torch.no_grad():
         u = model.student(batch["image"], batch["mask"]).float()
     assert torch.allclose(out.loss, 0.5 * (u - v).pow(2).mean(), rtol=1e-5)
+
+
+def test_normalize_target_standardises_the_morphed_targets():
+    """Official order: morph first, then standardise each aggregated target token (unbiased variance, eps
+    1e-6). Every target token then has zero mean and unit unbiased std, merged groups included (standardising
+    before the group mean, as before, leaves merged tokens with std < 1)."""
+    u, v = feats(d=16, seed=3), feats(d=16, seed=4) * 3.0 + 1.0
+    seen = []
+
+    def capture(pred, target):
+        seen.append(target)
+        return smooth_l1(pred, target, 2.0)
+
+    for sched in ([(0, 1)], [(5, 2)], [(7, 1), (2, 3)]):
+        seen.clear()
+        loss, groups = morphed_loss(u, v, sched, capture, normalize_target=True)
+        for (r, k), t in zip(sched, seen):
+            assert torch.allclose(t.mean(-1), torch.zeros(t.shape[:2]), atol=1e-5)
+            assert torch.allclose(t.std(-1, unbiased=True), torch.ones(t.shape[:2]), atol=1e-4)
+            assign, g = morph_groups(v, r, k)
+            assert torch.allclose(t, standardize_tokens(group_mean(v, assign, g)), atol=1e-6)
+        assert (min(groups) < N) == (sched != [(0, 1)])             # merges happened (except with 0 merges)
+        assert torch.isclose(loss, torch.stack([smooth_l1(group_mean(u, *morph_groups(v, r, k)), t, 2.0)
+                                                for (r, k), t in zip(sched, seen)]).mean())
+    # the old order (standardise, then average the group) does not give unit-std merged tokens
+    assign, g = morph_groups(v, 5, 2)
+    old = group_mean(standardize_tokens(v), assign, g)
+    assert (old.std(-1) < 0.99).any()
+
+
+def test_schedule_is_drawn_per_micro_batch_reproducibly():
+    """One schedule per forward (per loader iteration, official), reproducible from (seed, rank, step, micro):
+    with gradient accumulation the micro-batches of one optimizer step see different granularities."""
+    def run(model, step, forwards):
+        model.before_step(StepContext(step=step, rank=0))
+        got = []
+        for i in range(forwards):
+            got.append(model.schedule)
+            model(make_batch(model, seed=i))
+        return got
+
+    a, b = make_dtm(), make_dtm()
+    seq = run(a, 5, 4)
+    assert len({tuple(s) for s in seq}) > 1                       # not one schedule for the whole step
+    assert run(b, 5, 4) == seq                                    # same step again: same draws (resume)
+    assert run(b, 6, 1)[0] != seq[0]
+    a.before_step(StepContext(step=5, rank=0))
+    a.set_schedule([(3, 1)])                                      # fixed: every forward until before_step
+    a(make_batch(a))
+    assert a.schedule == [(3, 1)]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -553,6 +624,8 @@ def test_recipes_follow_section_5_3(recipe, arch):
     assert (k.loss, k.teacher_norm, k.split, k.protect_first_token, k.color_jitter) == \
         ("smooth_l1", "student", "alternate", True, 0.4)
     assert k.teacher_arch == "ViT-B-16" and cfg.train.epochs == 300
+    assert cfg.model.pos_embed == "relative" and k.init == "beit"                  # BEiT student, as the code
+    assert (k.wd_mask_token, k.wd_cls_token, k.normalize_target) == (True, False, False)
 
 
 # ----------------------------------------------------------------------------- real CLIP teacher, real cache
@@ -620,7 +693,9 @@ def test_learns_from_tiny_clip_on_fashion_mnist(fmnist_small, tiny_clip, tmp_pat
     """The real path (`python -m mimscale.train`, DeepSpeed, loader worker) with the trained tiny CLIP teacher
     (native 8x8 grid, run on the student's 4x4 grid of 16 px images): kNN top-1 of the mean-pooled encoder
     on real Fashion-MNIST test images after 200 steps of 32 images clearly beats the same encoder at random
-    init (measured on a loaded 2-core machine: 60.5% -> 69.0% after 240 steps)."""
+    init (measured on a loaded 2-core machine: 60.5% -> 69.0% after 240 steps). The student is the recipes'
+    BEiT encoder (relative position bias, LayerScale 0.1, BEiT init); its export loads strictly into timm's
+    Beit."""
     import json
     import sys
 
@@ -640,11 +715,15 @@ def test_learns_from_tiny_clip_on_fashion_mnist(fmnist_small, tiny_clip, tmp_pat
     assert losses[-1] < losses[0], losses
     groups = [m["train/groups"] for m in metrics if "train/groups" in m]
     assert len(set(groups)) > 1 and all(1 <= g <= 16 for g in groups)   # the schedule is dynamic
+    from beit_check import check_beit_export
+
+    check_beit_export(rd / "encoder.safetensors", IMG, P)
 
 
 LEARN_STEPS = 200
 LEARN_OVERRIDES = [
-    "model.arch=vit_micro", "model.img_size=16", "model.patch_size=4", "data.num_workers=1",
+    "model.arch=vit_micro", "model.img_size=16", "model.patch_size=4", "model.pos_embed=relative",
+    "model.layer_scale_init=0.1", "data.num_workers=1",
     "data.shuffle_buffer=256", "train.batch_size=32", "train.micro_batch_size=32", f"train.max_steps={LEARN_STEPS}",
     "train.epochs=3.5", "train.log_every=10", "optim.warmup_epochs=0.25", "optim.blr=1.5e-2",
     "eval.knn_train_samples=2048", "eval.knn_test_samples=512", "eval.num_workers=0", "eval.batch_size=256",

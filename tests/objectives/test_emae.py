@@ -6,6 +6,7 @@ Two geometries: 16x16 RGB, p = 4 -> N = 16 (r = 0.75: N_keep = 4, K = 4, K*N_kee
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -460,7 +461,9 @@ def test_flops_match_objectives_section_8(arch, patch, ratio):
 
 def test_no_weight_decay_names(emae):
     names = {n for n, _ in emae.named_parameters()}
-    assert {"encoder.cls_token", "decoder.mask_token"} <= emae.no_weight_decay() <= names
+    assert emae.no_weight_decay() == set()                             # as MAE's code: both 3-D tokens decayed
+    spare = EMAE(emae.encoder, dataclasses.replace(emae.cfg, wd_mask_token=False, wd_cls_token=False))
+    assert {"encoder.cls_token", "decoder.mask_token"} == spare.no_weight_decay() <= names
 
 
 # ----------------------------------------------------------------------------- learning on real data
@@ -509,3 +512,14 @@ def test_learns_on_fashion_mnist(tmp_path):
     assert torch.isfinite(after["loss_sc"])
     assert after["loss_rec"] < 0.5 * before["loss_rec"], (before, after)
     assert after["loss_rec"] < 0.92 * zero_baseline, (after, zero_baseline)
+
+
+def test_objectives_cli_says_emae_has_no_public_code(capsys):
+    """`mimscale objectives` names each method's source; EMAE's defaults are our reading (no public code)."""
+    from mimscale.cli import main
+
+    assert main(["objectives"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    i = next(k for k, line in enumerate(out) if line.startswith("emae "))
+    assert "NO public code" in out[i + 1] and "docs/objectives/emae.md" in out[i + 1]
+    assert any("official code: facebookresearch/mae" in line for line in out)

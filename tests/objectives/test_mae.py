@@ -5,6 +5,7 @@ encoder vit_micro (D = 64, 4 heads) cut to 2 blocks, decoder width 32, 1 block, 
 """
 from __future__ import annotations
 
+import dataclasses
 import copy
 import math
 
@@ -443,11 +444,26 @@ def test_flops_scale_with_mask_ratio():
 
 
 def test_no_weight_decay(mae):
-    names = mae.no_weight_decay()
-    assert {"decoder.mask_token", "encoder.cls_token"} <= names
+    assert mae.no_weight_decay() == set()                              # MAE's code decays both 3-D tokens
+    spare = MAE(mae.encoder, dataclasses.replace(mae.cfg, wd_mask_token=False, wd_cls_token=False))
+    names = spare.no_weight_decay()
+    assert names == {"decoder.mask_token", "encoder.cls_token"}
     params = dict(mae.named_parameters())
     assert names <= set(params)                                        # real parameter names
     assert not any("pos_embed" in n for n in names)                    # buffers, never parameters
+
+
+def test_init_knob_reinitialises_the_encoder_only():
+    """objective.init: mae (xavier, the code's) by default; beit re-initialises the encoder (truncated normal
+    at +-1 sigma, depth rescale) and leaves MAE's xavier decoder alone."""
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", 16, 4, depth=2)
+    model = MAE(enc, dataclasses.replace(MAE.Config(), decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                                         init="beit"))
+    assert enc.blocks[0].mlp.fc1.weight.abs().max() <= 0.02
+    assert enc.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2 + 1e-7
+    w = model.decoder.blocks[0].mlp.fc1.weight
+    assert w.abs().max() > 0.05                                        # xavier bound sqrt(6 / 160) = 0.19
 
 
 def test_every_parameter_gets_a_gradient():

@@ -273,10 +273,23 @@ def test_parameter_count_is_vit_plus_z_plus_head():
     count = sum(p.numel() for p in obj.parameters())
     assert count == sum(p.numel() for p in vit.parameters()) + d + d * v + v
     assert {n.split(".")[0] for n, _ in obj.named_parameters()} == {"encoder", "z", "head"}
-    assert obj.no_weight_decay() == {"encoder.cls_token", "encoder.pos_embed", "z"}
+    assert obj.no_weight_decay() == {"encoder.cls_token", "encoder.pos_embed"}   # z decayed, as in the code
+    assert obj.z.ndim == 3                                      # [1, 1, D]: the 1-D rule does not spare it
 
 
 # ----------------------------------------------------------------------------- oracle order test (6.5.8)
+
+
+def test_init_is_timms_as_in_the_code():
+    """MaPeT's code: timm's ViT init (truncated normal 0.02 cut at +-2, no depth rescale), cls ~ N(0, 1e-6),
+    z and the head truncated normal 0.02."""
+    obj = make(depth=2)
+    assert obj.cfg.init == "timm"
+    assert obj.encoder.cls_token.abs().max() < 1e-5
+    w = obj.encoder.blocks[1].mlp.fc2.weight
+    assert abs(w.std().item() - 0.02) < 0.001 and w.abs().max() > 0.04
+    assert abs(obj.head.weight.std().item() - 0.02) < 0.001 and torch.all(obj.head.bias == 0)
+    assert 0 < obj.z.abs().max() < 0.1
 
 
 def test_oracle_targets_by_patch_index_are_learned_exactly():
