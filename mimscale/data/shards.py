@@ -53,6 +53,11 @@ __all__ = [
     "read_idx",
     "write_fashion_mnist",
     "write_folder",
+    "tmp_dir_for",
+    "clean_stale_tmp",
+    "publish_dir",
+    "check_existing",
+    "fmt_eta",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -216,13 +221,15 @@ def is_complete(shard_dir: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- atomic dirs
+# A writer fills ``tmp_dir_for(final)`` and renames it into place with ``publish_dir``; ``check_existing`` makes
+# writers idempotent; ``clean_stale_tmp`` removes what interrupted writers on this host left behind.
 
 
-def _tmp_dir_for(final: Path) -> Path:
+def tmp_dir_for(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _clean_stale_tmp(final: Path) -> None:
+def clean_stale_tmp(final: Path) -> None:
     """Remove temp dirs of *dead* writers on this host (interrupted conversions)."""
     host = socket.gethostname()
     for d in final.parent.glob(f".{final.name}.tmp-{host}-*"):
@@ -240,7 +247,7 @@ def _clean_stale_tmp(final: Path) -> None:
             pass
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_dir(tmp: Path, final: Path) -> None:
     """Rename the finished temp dir into place; if another writer won the race, keep theirs."""
     try:
         os.rename(tmp, final)
@@ -252,7 +259,7 @@ def _publish(tmp: Path, final: Path) -> None:
         raise DataError(f"{final} exists but is not a complete shard directory; delete it and run again") from None
 
 
-def _check_existing(final: Path, num_samples: int, what: str) -> bool:
+def check_existing(final: Path, num_samples: int, what: str) -> bool:
     """True if ``final`` already holds the requested data; DataError if it holds something else."""
     if not final.exists():
         return False
@@ -346,14 +353,14 @@ def write_fashion_mnist(out_dir: str | os.PathLike, splits: Sequence[str] = ("tr
         n = total if limit is None else max(0, min(int(limit), total))
         final = out_dir / split
         result[split] = final
-        if _check_existing(final, n, "Fashion-MNIST samples"):
+        if check_existing(final, n, "Fashion-MNIST samples"):
             continue
         images, labels = read_idx(img_path), read_idx(lab_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{img_path} and {lab_path} do not match; reinstall with apt-get install --reinstall dataset-fashion-mnist")
         out_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale_tmp(final)
-        tmp = _tmp_dir_for(final)
+        clean_stale_tmp(final)
+        tmp = tmp_dir_for(final)
         tmp.mkdir()
         try:
             tasks = [(tmp / shard_name(split, i), images[s:s + shard_size], labels[s:s + shard_size], s)
@@ -365,7 +372,7 @@ def write_fashion_mnist(out_dir: str | os.PathLike, splits: Sequence[str] = ("tr
                 infos = [_fmnist_shard_task(t) for t in tasks]
             write_manifest(tmp, infos, classes=FASHION_MNIST_CLASSES, source=f"fashion-mnist:{img_path}",
                            image_size=[int(images.shape[1]), int(images.shape[2])], channels=1)
-            _publish(tmp, final)
+            publish_dir(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -410,7 +417,7 @@ def _folder_shard_task(args) -> dict:
     return write_shard(path, samples())
 
 
-def _fmt_eta(seconds: float) -> str:
+def fmt_eta(seconds: float) -> str:
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -432,15 +439,15 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
     if shard_size < 1:
         raise DataError(f"shard_size must be >= 1, got {shard_size}")
     classes, files = _scan_folder(src, extensions)
-    if _check_existing(out_dir, len(files), f"image files under {src}"):
+    if check_existing(out_dir, len(files), f"image files under {src}"):
         return out_dir
     random.Random(seed).shuffle(files)
     n = len(files)
     tasks = [(None, str(src), files[s:s + shard_size], s) for s in range(0, n, shard_size)]
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(out_dir)
-    tmp = _tmp_dir_for(out_dir)
+    clean_stale_tmp(out_dir)
+    tmp = tmp_dir_for(out_dir)
     tmp.mkdir()
     try:
         tasks = [(tmp / shard_name(prefix, i), *t[1:]) for i, t in enumerate(tasks)]
@@ -458,7 +465,7 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
             eta = (n - done_files) / rate if rate > 0 else 0.0
             done_shards = sum(i is not None for i in infos)
             print(f"write_folder {out_dir.name}: {done_shards}/{len(tasks)} shards, {done_files}/{n} files, "
-                  f"{rate:.0f} files/s, ETA {_fmt_eta(eta)}", file=sys.stderr, flush=True)
+                  f"{rate:.0f} files/s, ETA {fmt_eta(eta)}", file=sys.stderr, flush=True)
 
         if workers > 1 and len(tasks) > 1:
             with _pool(min(workers, len(tasks))) as pool:
@@ -473,7 +480,7 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
                 report()
         report(final=True)
         write_manifest(tmp, infos, classes=classes, source=f"folder:{src.resolve()}", seed=seed)
-        _publish(tmp, out_dir)
+        publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
