@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader
 
 from mimscale.errors import DataError
 
+from .device_decode import DeviceDecoder, DeviceViews, PackedCollate, device_views_of, resolve_decode
 from .shards import MANIFEST_NAME, read_manifest
 from .sources import expand_source, local_path_of, url_shard_name
 from .streams import EpochDataset, Plan, default_collate, passthrough
@@ -69,6 +70,11 @@ class ShardLoader:
             (every sample once across ranks, equal batch counts, padding marked ``valid=False``).
         multiprocessing_context: start method for the workers (default: the platform's; workers get the
             transform and collate pickled under ``spawn``/``forkserver``).
+        decode: where training images are decoded: ``"cpu"`` (default: in the workers, by ``transform``),
+            ``"device"`` (workers read bytes and draw the crops; :meth:`to_device` decodes, crops, resizes and
+            normalises the batch on the device; needs a transform with ``device_views()``: TrainTransform,
+            MultiCrop) or ``"auto"`` (device on CUDA when the transform allows it). The random draws, hence
+            the batches' crops and an exact resume, are the same on both paths.
         targets: cached teacher targets the caller will use, ``{"names": ["kclip.npy"], "image_size": S,
             "crop_pct": 1.0}``: refused (DataError) unless the manifest records that crop rule and size
             (:func:`mimscale.data.targets.check_targets`).
@@ -84,7 +90,7 @@ class ShardLoader:
                  num_workers: int = 2, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
                  samples_per_epoch: int | None = None, manifest: str | os.PathLike | None = None,
                  mode: str = "train", pin_memory: bool = False, prefetch_factor: int = 2,
-                 multiprocessing_context: str | None = None, targets: dict | None = None):
+                 multiprocessing_context: str | None = None, targets: dict | None = None, decode: str = "cpu"):
         if mode not in ("train", "eval"):
             raise DataError(f"mode must be 'train' or 'eval', got {mode!r}")
         if int(batch_size) < 1:
@@ -102,6 +108,12 @@ class ShardLoader:
         self.shuffle = bool(shuffle) and mode == "train"
         self.shuffle_buffer = max(0, int(shuffle_buffer))
         self.transform, self.collate = transform, (collate or default_collate)
+        self.decode = resolve_decode(decode, transform)
+        self._decoder: DeviceDecoder | None = None
+        if self.decode == "device":
+            views, stacked = device_views_of(transform)
+            self._decoder = DeviceDecoder(views, stacked)
+            self.transform, self.collate = DeviceViews(views), PackedCollate(self.collate)
         self.pin_memory, self.prefetch_factor = bool(pin_memory), int(prefetch_factor)
         self.multiprocessing_context = multiprocessing_context
 
@@ -176,6 +188,16 @@ class ShardLoader:
         return counts
 
     # ---- public API
+    def to_device(self, batch: dict, device: torch.device | str) -> dict:
+        """A collated batch on ``device``: tensors moved (non-blocking from pinned memory on CUDA); on the
+        device-decode path also ``image`` decoded, cropped, resized, flipped and normalised there (the
+        batch's ``encoded*``, ``image_info`` and ``crop_boxes`` are consumed)."""
+        device = torch.device(device)
+        if self._decoder is not None:
+            batch = self._decoder.decode(dict(batch), device)
+        non_blocking = device.type == "cuda"
+        return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
     def __len__(self) -> int:
         return self._batches
 
@@ -191,7 +213,10 @@ class ShardLoader:
     @property
     def stats(self) -> dict[str, int]:
         """Distinct corrupt samples and bad shards met so far (each is logged once)."""
-        return {"skipped_samples": len(self._bad_samples), "bad_shards": len(self._bad_shards)}
+        stats = {"skipped_samples": len(self._bad_samples), "bad_shards": len(self._bad_shards)}
+        if self._decoder is not None:
+            stats["device_decode_failed"] = self._decoder.failed
+        return stats
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` from its beginning on the next iteration.  Setting the epoch that is already in
@@ -291,4 +316,5 @@ class ShardLoader:
 
     def __repr__(self) -> str:
         return (f"ShardLoader({len(self.urls)} shards, mode={self.mode}, rank={self.rank}/{self.world_size}, "
-                f"batch_size={self.batch_size}, workers={self.num_workers}, batches_per_epoch={self._batches})")
+                f"batch_size={self.batch_size}, workers={self.num_workers}, batches_per_epoch={self._batches}, "
+                f"decode={self.decode})")

@@ -46,13 +46,14 @@ def _decode_npy(data: bytes) -> torch.Tensor:
 
 
 def default_collate(samples: list[dict], generator: torch.Generator | None = None) -> dict:
-    """Stack ``image`` -> ``[B, C, H, W]``, ``label`` -> LongTensor ``[B]``, ``valid`` -> BoolTensor ``[B]``;
+    """Stack ``image`` -> ``[B, C, H, W]`` (when the samples have one), ``label`` -> LongTensor ``[B]``, ``valid`` -> BoolTensor ``[B]``;
     ``key`` -> ``list[str]``.  Extra fields: tensors of equal shape are stacked, anything else is a list."""
     batch: dict[str, Any] = {
-        "image": torch.stack([s["image"] for s in samples]),
         "label": torch.tensor([int(s["label"]) for s in samples], dtype=torch.long),
         "key": [s["key"] for s in samples],
     }
+    if "image" in samples[0]:  # (absent on the device-decode path: ShardLoader.to_device makes it)
+        batch = {"image": torch.stack([s["image"] for s in samples]), **batch}
     names: list[str] = []
     for s in samples:
         names.extend(k for k in s if k not in batch and k not in names)
@@ -112,8 +113,7 @@ class _Stream:
                 raise ValueError(f"no image field ({'/'.join(IMAGE_EXTENSIONS)})")
             from PIL import Image
 
-            img = Image.open(io.BytesIO(raw[img_ext]))
-            img.load()
+            img = Image.open(io.BytesIO(raw[img_ext]))  # decoded by the transform (which may decode at reduced size)
             label = int(raw["cls"]) if "cls" in raw else -1
             extras: dict[str, Any] = {}
             for ext, value in raw.items():
@@ -123,7 +123,7 @@ class _Stream:
             gen = seeded_generator(p.seed, _TAG_AUG, p.epoch, p.rank, self.w, index)
             out = p.transform(img, gen)
             views = out if isinstance(out, dict) else {"image": out}
-            if "image" not in views:
+            if "image" not in views and "encoded" not in views:  # (encoded: the device-decode path)
                 raise ValueError(f"the transform returned {sorted(views)} without an 'image' entry")
         except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, counted and reported
             reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")

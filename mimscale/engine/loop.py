@@ -75,7 +75,7 @@ def pretrain(cfg: C.Config) -> dict:
                          collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers,
                          seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
                          samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda",
-                         targets=objective.cached_targets())
+                         targets=objective.cached_targets(), decode=cfg.data.decode)
     saver = ckpt.Checkpointer(run_dir, engine, rank=d.rank, world_size=d.world_size, keep_last=t.keep_last,
                               identity=rs.identity(cfg))
     state = {"step": 0, "train_s": 0.0, "device_hours": 0.0, "summary": {}, "next_eval_s": None,
@@ -145,7 +145,7 @@ def pretrain(cfg: C.Config) -> dict:
         engine.module.before_step(ctx)
         done, skipped_before = 0, engine.skipped_steps
         while done < derived.grad_accum and bad_in_row < t.nonfinite_patience:
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
+            batch = loader.to_device(next(batches), device)
             out = engine(batch)
             loss = out.loss
             if d.rank == 0 and inject[step] > 0:     # fault injection for tests of this policy
