@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from mimscale.errors import ConfigError
 
-from .transforms import TrainTransform
+from .transforms import TrainTransform, complete_jpeg_bytes
 
 __all__ = ["DeviceViews", "PackedCollate", "DeviceDecoder", "device_views_of", "resolve_decode", "DECODE_MODES"]
 
@@ -44,7 +44,6 @@ log = logging.getLogger("mimscale.data")
 
 DECODE_MODES = ("auto", "cpu", "device")
 KIND_PIXELS, KIND_JPEG = 0, 1
-_EOI = b"\xff\xd9"
 
 
 def device_views_of(transform: Any) -> tuple[list[TrainTransform], bool] | None:
@@ -96,10 +95,8 @@ class DeviceViews:
         width, height = img.size
         boxes = [v.draw(width, height, generator) for v in self.views]
         first = self.views[0]
-        fp = getattr(img, "fp", None)
-        data = fp.getvalue() if isinstance(fp, io.BytesIO) else None
-        if (data is not None and img.format == "JPEG" and img.mode in ("RGB", "L")
-                and _EOI in data[-64:]):          # complete baseline/progressive JPEG: the device decodes it
+        data = complete_jpeg_bytes(img)
+        if data is not None:                            # a complete RGB/grey JPEG: the device decodes it
             encoded = np.frombuffer(data, dtype=np.uint8)
             info = (KIND_JPEG, height, width, first.in_chans)
         else:                                           # decode here (also raises on a corrupt image -> skipped)

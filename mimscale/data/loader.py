@@ -42,7 +42,7 @@ from mimscale.errors import DataError
 
 from .device_decode import DeviceDecoder, DeviceViews, PackedCollate, device_views_of, resolve_decode
 from .shards import MANIFEST_NAME, read_manifest
-from .sources import expand_source, local_path_of, url_shard_name
+from .sources import expand_source, local_path_of, shard_command, url_shard_name
 from .streams import EpochDataset, Plan, default_collate, passthrough
 from .tario import ShardReadError, iter_tar_samples
 
@@ -58,7 +58,8 @@ class ShardLoader:
     Args:
         source: a shard directory with ``manifest.json``, a path, a brace pattern
             (``/d/train-{000000..000011}.tar``), ``pipe:CMD ARGS`` (split with shlex, never run by a
-            shell), or a list of those.
+            shell), an ``http(s)://`` / ``gs://`` ... URL (streamed by curl / gsutil, as webdataset does; see
+            :mod:`mimscale.data.sources`), or a list of those.
         transform: ``transform(PIL.Image, torch.Generator) -> Tensor [C, H, W]`` (pickled to workers).
         collate: ``collate(samples: list[dict], torch.Generator) -> batch``; default: :func:`default_collate`.
             Each sample has ``image``, ``label`` (-1 if absent), ``key``, every extra tar field (``npy``
@@ -125,9 +126,7 @@ class ShardLoader:
 
             check_targets(source, **targets)
         for url in self.urls:
-            if not url.startswith("pipe:") and not os.path.isfile(url):
-                if "://" in url:
-                    raise DataError(f"shard {url} is not a local file; stream remote shards with 'pipe:curl -sL {url}'")
+            if shard_command(url) is None and not os.path.isfile(url):   # (remote/pipe shards are read as streams)
                 raise DataError(f"shard file not found: {url}")
         self.names = [url_shard_name(u) for u in self.urls]
         self.counts = self._find_counts(manifest or dir_manifest, samples_per_epoch)

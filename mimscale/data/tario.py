@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import shlex
 import subprocess
 import zlib
 from typing import Iterator
 
-from .sources import url_shard_name
+from .sources import shard_command, url_shard_name
 
 __all__ = ["ShardReadError", "iter_tar_samples", "read_shard"]
 
@@ -124,9 +123,11 @@ def iter_tar_samples(fileobj, shard: str) -> Iterator[dict]:
 
 
 def read_shard(url: str) -> Iterator[dict]:
-    """Samples of one shard (local file or ``pipe:`` command, never through a shell)."""
+    """Samples of one shard: a local file, or the stdout of a ``pipe:`` command or of curl/gsutil for a
+    remote URL (:func:`mimscale.data.sources.shard_command`; never through a shell)."""
     name = url_shard_name(url)
-    if not url.startswith("pipe:"):
+    argv = shard_command(url)
+    if argv is None:
         try:
             f = open(url, "rb", buffering=1 << 20)
         except OSError as e:
@@ -134,7 +135,6 @@ def read_shard(url: str) -> Iterator[dict]:
         with f:
             yield from iter_tar_samples(f, name)
         return
-    argv = shlex.split(url[5:])
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=1 << 20)
     except (OSError, ValueError) as e:
@@ -152,4 +152,3 @@ def read_shard(url: str) -> Iterator[dict]:
         rc = proc.wait()
     if rc != 0:
         raise ShardReadError(f"command {argv[0]} exited with status {rc}")
-
