@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--shard-size", type=int, default=1000)
     fo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     fo.add_argument("--prefix", default="train")
+    fo.add_argument("--max-side", type=int, default=None, metavar="N",
+                    help="shrink images whose longer side exceeds N px and store them as JPEG (e.g. 320 for 224 px "
+                         "crops: cheaper decoding in training; recorded in the manifest)")
+    fo.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of shrunk images (default: 90)")
     from .data.targets import add_parser as add_targets_parser
 
     add_targets_parser(dsub)  # mimscale data add-targets: cached teacher targets (run via args.run)
@@ -127,7 +131,7 @@ def _cmd_data(args) -> int:
         out = shards.write_fashion_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
     else:
         out = shards.write_folder(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
-                                  prefix=args.prefix)
+                                  prefix=args.prefix, max_side=args.max_side, quality=args.quality)
     print(out)
     return 0
 

@@ -48,6 +48,8 @@ class DataConfig:
     hflip: bool = True
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
+    decode: Literal["auto", "cpu", "device"] = "auto"  # device: batched nvJPEG decode + crop on the GPU; auto: on
+    #                                        CUDA when the objective's transform allows it (else cpu, in the workers)
 
 
 @dataclass

@@ -6,7 +6,7 @@ config before a SLURM launch) do not pay for importing torch.
 from importlib import import_module
 
 _WHERE = {
-    "ShardLoader": "loader", "default_collate": "loader", "expand_source": "loader", "iter_tar_samples": "loader",
+    "ShardLoader": "loader", "default_collate": "streams", "expand_source": "sources", "iter_tar_samples": "tario",
     "FASHION_MNIST_CLASSES": "shards", "FASHION_MNIST_DIR": "shards", "IMAGE_EXTENSIONS": "shards",
     "MANIFEST_FORMAT": "shards", "MANIFEST_NAME": "shards", "is_complete": "shards", "read_idx": "shards",
     "read_manifest": "shards", "shard_name": "shards", "write_fashion_mnist": "shards", "write_folder": "shards",

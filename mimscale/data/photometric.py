@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError
-from .transforms import _RRC_DRAWS, TrainTransform, _rrc_box
+from .transforms import TrainTransform
 
 __all__ = ["PhotometricConfig", "Photometric", "SharedGeometryViews"]
 
@@ -113,15 +113,10 @@ class SharedGeometryViews:
 
     def crop(self, img: Image.Image, generator: torch.Generator) -> Image.Image:
         """The geometric part of ``base``: RandomResizedCrop (bicubic) + horizontal flip, as a PIL image."""
-        b = self.base
-        img = b._prepare(img)
-        u = torch.rand(_RRC_DRAWS + 1, generator=generator, dtype=torch.float64).tolist()
-        top, left, h, w = _rrc_box(img.width, img.height, b.scale, b.ratio, u)
-        img = TF.resized_crop(img, top, left, h, w, list(b.size), interpolation=InterpolationMode.BICUBIC,
-                              antialias=True)
-        if b.hflip and u[_RRC_DRAWS] < 0.5:
-            img = TF.hflip(img)
-        return img
+        view, flip = self.base.crop(img, generator)
+        if isinstance(view, np.ndarray):
+            view = Image.fromarray(np.ascontiguousarray(view[:, :, 0] if view.shape[2] == 1 else view))
+        return TF.hflip(view) if flip else view
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
         view = self.crop(img, generator)

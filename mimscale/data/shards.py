@@ -53,6 +53,12 @@ __all__ = [
     "read_idx",
     "write_fashion_mnist",
     "write_folder",
+    "capped_image",
+    "tmp_dir_for",
+    "clean_stale_tmp",
+    "publish_dir",
+    "check_existing",
+    "fmt_eta",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -216,13 +222,15 @@ def is_complete(shard_dir: str | os.PathLike) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- atomic dirs
+# A writer fills ``tmp_dir_for(final)`` and renames it into place with ``publish_dir``; ``check_existing`` makes
+# writers idempotent; ``clean_stale_tmp`` removes what interrupted writers on this host left behind.
 
 
-def _tmp_dir_for(final: Path) -> Path:
+def tmp_dir_for(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
-def _clean_stale_tmp(final: Path) -> None:
+def clean_stale_tmp(final: Path) -> None:
     """Remove temp dirs of *dead* writers on this host (interrupted conversions)."""
     host = socket.gethostname()
     for d in final.parent.glob(f".{final.name}.tmp-{host}-*"):
@@ -240,7 +248,7 @@ def _clean_stale_tmp(final: Path) -> None:
             pass
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish_dir(tmp: Path, final: Path) -> None:
     """Rename the finished temp dir into place; if another writer won the race, keep theirs."""
     try:
         os.rename(tmp, final)
@@ -252,7 +260,7 @@ def _publish(tmp: Path, final: Path) -> None:
         raise DataError(f"{final} exists but is not a complete shard directory; delete it and run again") from None
 
 
-def _check_existing(final: Path, num_samples: int, what: str) -> bool:
+def check_existing(final: Path, num_samples: int, what: str) -> bool:
     """True if ``final`` already holds the requested data; DataError if it holds something else."""
     if not final.exists():
         return False
@@ -346,14 +354,14 @@ def write_fashion_mnist(out_dir: str | os.PathLike, splits: Sequence[str] = ("tr
         n = total if limit is None else max(0, min(int(limit), total))
         final = out_dir / split
         result[split] = final
-        if _check_existing(final, n, "Fashion-MNIST samples"):
+        if check_existing(final, n, "Fashion-MNIST samples"):
             continue
         images, labels = read_idx(img_path), read_idx(lab_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DataError(f"{img_path} and {lab_path} do not match; reinstall with apt-get install --reinstall dataset-fashion-mnist")
         out_dir.mkdir(parents=True, exist_ok=True)
-        _clean_stale_tmp(final)
-        tmp = _tmp_dir_for(final)
+        clean_stale_tmp(final)
+        tmp = tmp_dir_for(final)
         tmp.mkdir()
         try:
             tasks = [(tmp / shard_name(split, i), images[s:s + shard_size], labels[s:s + shard_size], s)
@@ -365,7 +373,7 @@ def write_fashion_mnist(out_dir: str | os.PathLike, splits: Sequence[str] = ("tr
                 infos = [_fmnist_shard_task(t) for t in tasks]
             write_manifest(tmp, infos, classes=FASHION_MNIST_CLASSES, source=f"fashion-mnist:{img_path}",
                            image_size=[int(images.shape[1]), int(images.shape[2])], channels=1)
-            _publish(tmp, final)
+            publish_dir(tmp, final)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -395,22 +403,60 @@ def _scan_folder(src: Path, extensions: Sequence[str]) -> tuple[list[str], list[
     return classes, files
 
 
+def capped_image(data: bytes, max_side: int, quality: int) -> tuple[str, bytes] | None:
+    """``("jpg", JPEG bytes)`` of the image ``data`` shrunk (bicubic, antialiased, aspect kept) so its longer
+    side is ``max_side``, or None when it is no longer than that already (keep the original bytes).
+
+    JPEGs are decoded at a reduced DCT scale first when that still leaves >= ``max_side``; images with
+    alpha or a palette are flattened to RGB, grey ones stay grey.
+    """
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(data))
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return None
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if img.format == "JPEG":
+        img.draft(None, size)  # DCT-domain reduction to >= size (libjpeg-turbo), then an exact resize
+    mode = "L" if img.mode in ("L", "I;16", "I", "F", "1") else "RGB"
+    img = img.convert("RGBA").convert(mode) if img.mode in ("P", "PA", "RGBA", "LA") else img.convert(mode)
+    img = img.resize(size, Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    return "jpg", buf.getvalue()
+
+
 def _folder_shard_task(args) -> dict:
-    path, src, items, start = args
+    path, src, items, start, cap = args
+    resized = 0
 
     def samples():
+        nonlocal resized
         for i, (rel, label) in enumerate(items):
             try:
                 data = Path(src, rel).read_bytes()
             except OSError as e:
                 raise DataError(f"cannot read {Path(src, rel)} ({e.strerror}); fix its permissions or remove it") from None
             ext = rel.rsplit(".", 1)[-1].lower()
+            if cap is not None:
+                try:
+                    small = capped_image(data, *cap)
+                except Exception as e:  # noqa: BLE001 - an unreadable image is the user's to fix, named
+                    raise DataError(f"cannot decode {Path(src, rel)} to resize it ({type(e).__name__}: {e}); "
+                                    "fix or remove it, or write without --max-side") from None
+                if small is not None:
+                    ext, data = small
+                    resized += 1
             yield {"__key__": f"{start + i:09d}", ext: data, "cls": label}
 
-    return write_shard(path, samples())
+    info = write_shard(path, samples())
+    info["resized"] = resized
+    return info
 
 
-def _fmt_eta(seconds: float) -> str:
+def fmt_eta(seconds: float) -> str:
     seconds = int(seconds)
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
@@ -419,11 +465,15 @@ def _fmt_eta(seconds: float) -> str:
 
 def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size: int = 1000,
                  workers: int | None = None, prefix: str = "train", seed: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, progress: bool = True) -> Path:
+                 extensions: Sequence[str] = IMAGE_EXTENSIONS, progress: bool = True,
+                 max_side: int | None = None, quality: int = 90) -> Path:
     """Shard an ImageNet-style tree ``src/<class>/<image>`` (class = sorted subfolder index) into ``out_dir``.
 
     The sorted file list is shuffled with ``seed``; shard ``i`` holds files ``[i*S, (i+1)*S)``.  Image
-    bytes are stored unchanged under their lower-case extension.  ``workers`` processes (default:
+    bytes are stored unchanged under their lower-case extension, unless ``max_side`` is set: images whose
+    longer side exceeds it are shrunk to it and stored as JPEG at ``quality`` (:func:`capped_image`; FFCV's
+    ``max_resolution``: decoding then costs what the training crops need). The manifest records
+    ``max_side``, ``quality`` and how many images were resized.  ``workers`` processes (default:
     ``min(8, cpu_count)``) write whole shards; progress (files/s, ETA) goes to stderr.
     """
     src, out_dir = Path(src), Path(out_dir)
@@ -431,16 +481,25 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
         raise DataError(f"image folder {src} does not exist; pass a directory of class subfolders")
     if shard_size < 1:
         raise DataError(f"shard_size must be >= 1, got {shard_size}")
+    if max_side is not None and int(max_side) < 8:
+        raise DataError(f"--max-side {max_side}: must be >= 8 pixels (e.g. 320 for 224 px training crops)")
+    if not 1 <= int(quality) <= 100:
+        raise DataError(f"--quality {quality}: must be a JPEG quality in 1..100 (e.g. 90)")
+    cap = (int(max_side), int(quality)) if max_side is not None else None
     classes, files = _scan_folder(src, extensions)
-    if _check_existing(out_dir, len(files), f"image files under {src}"):
+    if check_existing(out_dir, len(files), f"image files under {src}"):
+        m = read_manifest(out_dir)
+        if (m.get("max_side"), m.get("quality") if m.get("max_side") else None) != (cap or (None, None)):
+            raise DataError(f"{out_dir} holds shards written with max_side={m.get('max_side')}, quality="
+                            f"{m.get('quality')}, not the requested max_side={max_side}; delete it or choose another out_dir")
         return out_dir
     random.Random(seed).shuffle(files)
     n = len(files)
-    tasks = [(None, str(src), files[s:s + shard_size], s) for s in range(0, n, shard_size)]
+    tasks = [(None, str(src), files[s:s + shard_size], s, cap) for s in range(0, n, shard_size)]
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale_tmp(out_dir)
-    tmp = _tmp_dir_for(out_dir)
+    clean_stale_tmp(out_dir)
+    tmp = tmp_dir_for(out_dir)
     tmp.mkdir()
     try:
         tasks = [(tmp / shard_name(prefix, i), *t[1:]) for i, t in enumerate(tasks)]
@@ -458,7 +517,7 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
             eta = (n - done_files) / rate if rate > 0 else 0.0
             done_shards = sum(i is not None for i in infos)
             print(f"write_folder {out_dir.name}: {done_shards}/{len(tasks)} shards, {done_files}/{n} files, "
-                  f"{rate:.0f} files/s, ETA {_fmt_eta(eta)}", file=sys.stderr, flush=True)
+                  f"{rate:.0f} files/s, ETA {fmt_eta(eta)}", file=sys.stderr, flush=True)
 
         if workers > 1 and len(tasks) > 1:
             with _pool(min(workers, len(tasks))) as pool:
@@ -472,8 +531,10 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
                 done_files += infos[idx]["count"]
                 report()
         report(final=True)
-        write_manifest(tmp, infos, classes=classes, source=f"folder:{src.resolve()}", seed=seed)
-        _publish(tmp, out_dir)
+        sizing = {} if cap is None else {"max_side": cap[0], "quality": cap[1],
+                                         "resized": sum(int(i.get("resized", 0)) for i in infos)}
+        write_manifest(tmp, infos, classes=classes, source=f"folder:{src.resolve()}", seed=seed, **sizing)
+        publish_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -33,8 +33,9 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import DataError
-from .shards import (_check_existing, _clean_stale_tmp, _fmt_eta, _publish, _tmp_dir_for, IMAGE_EXTENSIONS,
-                     read_manifest, shard_name, write_manifest, write_shard)
+from .shards import IMAGE_EXTENSIONS, read_manifest, shard_name, write_manifest, write_shard
+from .shards import check_existing as _check_existing, clean_stale_tmp as _clean_stale_tmp, fmt_eta as _fmt_eta
+from .shards import publish_dir as _publish, tmp_dir_for as _tmp_dir_for
 
 __all__ = ["FIELD_NAMES", "crop_rule", "target_view", "add_targets", "check_targets", "find_manifest"]
 
@@ -59,7 +60,7 @@ def target_view(image_size: int, mean: Sequence[float], std: Sequence[float], in
 
 def find_manifest(source) -> str:
     """The manifest of a shard source (a directory, or the ``manifest.json`` beside its first local shard)."""
-    from .loader import _local_path_of, expand_source
+    from .sources import expand_source, local_path_of as _local_path_of
 
     urls, manifest = expand_source(source)
     if manifest is None and urls:
@@ -132,7 +133,7 @@ def _shard_task(args) -> dict:
     src_url, out_path, name, batch_size = args
     from PIL import Image
 
-    from .loader import ShardReadError, iter_tar_samples
+    from .tario import ShardReadError, iter_tar_samples
 
     def samples():
         pending: list[dict] = []
@@ -194,7 +195,7 @@ def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: s
     import torch
 
     from ..teachers.clip import CLIPTeacher
-    from .loader import _local_path_of, expand_source
+    from .sources import expand_source, local_path_of as _local_path_of
 
     if kind not in FIELD_NAMES:
         raise DataError(f"--kind must be one of {', '.join(FIELD_NAMES)}, got {kind!r}")

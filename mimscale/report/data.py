@@ -19,6 +19,8 @@ Definitions (also printed in the report's notes):
   window (an eval pause, start-up) does not decide it. **TFLOP/s per device** = flops_per_sample
   x img/s / world size. **MFU**: the last logged ``perf/mfu`` (a fraction), when the run logs it.
 - **peak memory**: the maximum logged ``perf/mem_peak_gb`` (rank 0; GB = 2**30 bytes).
+- **data**: ``data.train`` and, from its manifest, the image count and any write-time size cap
+  (``mimscale data folder --max-side``), plus ``data.decode`` (:func:`describe_data`).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ class Run:
     tflops_per_device: float | None = None
     mfu: float | None = None
     mem_peak_gb: float | None = None
+    data: str | None = None                     # what the training data was (source, size cap, decode path)
     final_loss: float | None = None
     loss_nonfinite: int = 0                     # logged NaN/inf losses
     knn_curve: list[list[float]] = field(default_factory=list)     # [step, device_hours, top1]
@@ -206,6 +209,31 @@ def _last_per_step(records: list[dict], key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def describe_data(cfg: dict) -> str | None:
+    """One line about a run's training data from its ``config.yaml``: the source, and when its shard
+    manifest is at hand the image count and whether the images were capped at write time
+    (``mimscale data folder --max-side N --quality Q``); then the decode path (``data.decode``)."""
+    data = cfg.get("data") or {}
+    train = data.get("train")
+    if not train:
+        return None
+    parts = [str(train)]
+    path = Path(str(train)).expanduser()
+    manifest = path / "manifest.json" if path.is_dir() else None
+    if manifest is not None and manifest.is_file():
+        m = _read_json(manifest)
+        if isinstance(m.get("num_samples"), int):
+            parts.append(f"{m['num_samples']:,} images")
+        if m.get("max_side"):
+            parts.append(f"pre-resized to max side {m['max_side']} px (JPEG q{m.get('quality')}, "
+                         f"{int(m.get('resized') or 0):,} shrunk)")
+        elif m:
+            parts.append("original image files")
+    if data.get("decode"):
+        parts.append(f"decode {data['decode']}")
+    return ", ".join(parts)
+
+
 def load_run(path: str | Path, target: float | None = None) -> Run:
     """Read one run directory. Raises :class:`MimscaleError` if it is missing or has no metrics."""
     from ..telemetry import read_jsonl
@@ -234,6 +262,7 @@ def load_run(path: str | Path, target: float | None = None) -> Run:
     run.params_total = summary.get("params_total")
     run.world_size = summary.get("world_size") or derived.get("world_size")
     run.batch_size = train_cfg.get("batch_size")
+    run.data = describe_data(cfg)
     run.finished = bool(summary)
 
     train = sorted((r for r in records if LOSS_KEY in r or "time/device_hours" in r), key=lambda r: r["step"])

@@ -190,7 +190,7 @@ def _row(i: int, r: Run) -> str:
     cells = [
         _td(label, r.label, "text"),
         _td(escape(r.objective or DASH), r.objective, "text"),
-        _td(_model(r), r.arch, "text"),
+        _td(_model(r) + _sub(*(escape(x) for x in (r.data or "").split(", "))), r.arch, "text"),
         _td(_fmt(r.epochs, 2) + _sub(steps), r.epochs),
         _td(_fmt(r.mae_equiv_epochs, 2) + _sub(ratio), r.mae_equiv_epochs),
         _td(_hours(r.device_hours) + _sub(devices, _duration(r.device_hours)), r.device_hours),

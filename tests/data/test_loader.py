@@ -219,8 +219,10 @@ def test_missing_shard_and_bad_arguments(shards, tmp_path):
         ShardLoader(str(tmp_path), batch_size=2, transform=TRAIN)
     with pytest.raises(DataError, match="lower batch_size"):
         ShardLoader(d, batch_size=4, world_size=2, transform=TRAIN)
-    with pytest.raises(DataError, match="pipe:curl"):
+    with pytest.raises(DataError, match="samples_per_epoch"):     # a remote shard has no manifest beside it
         ShardLoader("https://example.invalid/a.tar", batch_size=2, transform=TRAIN)
+    with pytest.raises(DataError, match="unknown URL scheme ftp://"):
+        ShardLoader("ftp://example.invalid/a.tar", batch_size=2, transform=TRAIN, samples_per_epoch=4)
     a = ShardLoader(d, batch_size=2, transform=TRAIN, num_workers=2)
     b = ShardLoader(d, batch_size=2, transform=TRAIN, num_workers=1)
     with pytest.raises(DataError, match="num_workers=2"):

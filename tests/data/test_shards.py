@@ -170,3 +170,44 @@ def test_write_shard_extra_fields_roundtrip(tmp_path):
     assert samples[0]["txt"] == b"hello" and samples[1]["cls"] == b"4"
     with pytest.raises(ValueError, match="no '.'"):
         write_shard(tmp_path / "y.tar", [{"__key__": "a.b", "cls": 1}])
+
+
+def test_write_folder_max_side_through_the_cli(tmp_path, capsys):
+    """``mimscale data folder --max-side N --quality Q``: large images shrunk to N (aspect kept) as JPEG, small
+    ones kept byte for byte, both recorded in the manifest; the loader reads the result; a rerun with another
+    N is refused in one line."""
+    from mimscale.cli import main
+    from mimscale.data import ShardLoader, TrainTransform
+
+    rng = np.random.default_rng(0)
+    originals = {}
+    for label, cls in enumerate(["a", "b"]):
+        (tmp_path / "src" / cls).mkdir(parents=True)
+        for i, (w, h, fmt) in enumerate([(120, 90, "JPEG"), (60, 100, "PNG"), (30, 20, "JPEG"), (50, 40, "PNG")]):
+            yy, xx = np.mgrid[:h, :w]
+            arr = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8) + rng.integers(0, 9, (h, w, 3),
+                                                                                                   dtype=np.uint8)
+            path = tmp_path / "src" / cls / f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
+            Image.fromarray(arr).convert("RGBA" if i == 1 else "RGB").save(path, format=fmt, quality=95)
+            originals[path.read_bytes()] = (w, h)
+    out = tmp_path / "capped"
+    assert main(["data", "folder", str(tmp_path / "src"), str(out), "--max-side", "48", "--quality", "80",
+                 "--workers", "1", "--shard-size", "3"]) == 0
+    m = read_manifest(out)
+    assert (m["max_side"], m["quality"], m["resized"], m["num_samples"]) == (48, 80, 6, 8)
+    sizes = []
+    for s in _wds_samples(out / x["name"] for x in m["shards"]):
+        ext = next(e for e in ("png", "jpg") if e in s)
+        img = Image.open(io.BytesIO(s[ext]))
+        if s[ext] in originals:                          # untouched: already small enough
+            assert max(img.size) <= 48 and img.size == originals[s[ext]]
+        else:
+            assert ext == "jpg" and img.format == "JPEG" and img.mode == "RGB" and max(img.size) == 48
+        sizes.append(img.size)
+    assert sorted(sizes).count((48, 36)) == 2 and sorted(sizes).count((29, 48)) == 2   # aspect kept (60x100 -> 29x48)
+    ld = ShardLoader(str(out), batch_size=4, transform=TrainTransform(16), num_workers=0)
+    assert sum(b["image"].shape[0] for b in ld) == 8
+    capsys.readouterr()
+    assert main(["data", "folder", str(tmp_path / "src"), str(out), "--max-side", "64", "--workers", "1"]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "max_side=48" in err[0]

@@ -429,3 +429,20 @@ def test_report_in_headless_chromium(report, tmp_path):
             assert n > 80, f"run {i}'s colour barely appears in {chart_id} ({n} px)"
     # the whole table fits the 1280-px window (no horizontal scrolling needed to read it)
     assert m["table_overflow"] <= 0, m["table_overflow"]
+
+
+def test_data_line_says_what_the_data_was(tmp_path):
+    """The report's data line: the source, the manifest's image count and write-time size cap, the decode path."""
+    from mimscale.data import write_manifest
+    from mimscale.report.data import describe_data
+
+    capped, plain = tmp_path / "capped", tmp_path / "plain"
+    for d, extra in ((capped, {"max_side": 320, "quality": 85, "resized": 1200}), (plain, {})):
+        d.mkdir()
+        write_manifest(d, [{"name": "train-000000.tar", "count": 1281}], source="folder:/x", **extra)
+    line = describe_data({"data": {"train": str(capped), "decode": "device"}})
+    assert line == f"{capped}, 1,281 images, pre-resized to max side 320 px (JPEG q85, 1,200 shrunk), decode device"
+    assert describe_data({"data": {"train": str(plain), "decode": "auto"}}) == \
+        f"{plain}, 1,281 images, original image files, decode auto"
+    assert describe_data({"data": {"train": "fashion-mnist:train", "decode": "cpu"}}) == "fashion-mnist:train, decode cpu"
+    assert describe_data({}) is None
