@@ -57,7 +57,7 @@ class PretrainTask:
                                mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
             collate=MaskCollate(module.mask_spec()), num_workers=cfg.data.num_workers, seed=t.seed,
             shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=derived.samples_per_epoch,
-            pin_memory=accelerator == "cuda", targets=module.cached_targets())
+            pin_memory=accelerator == "cuda", targets=module.cached_targets(), decode=cfg.data.decode)
 
     def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation | None:
         knn = build_knn(self.cfg, d)

@@ -195,6 +195,12 @@ def plan_projection(cfg, world_size: int, gpu: str, mfu: float | None = None) ->
 # ----------------------------------------------------------------------------- measuring
 
 
+def _to_device(batch: dict, device) -> dict:
+    import torch
+
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def _forever(it_factory):
     while True:
         yield from it_factory()
@@ -233,9 +239,10 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
     params = sum(p.numel() for p in objective.parameters() if p.requires_grad)
     if tc.data == "synthetic":
         pool = [probe, *synthetic_batches(objective, cfg, 2, seed=tc.seed + 1 + d.rank)]
-        batches = _forever(lambda: pool)
+        batches, move = _forever(lambda: pool), _to_device
     else:
-        batches = _forever(_shard_loader(cfg, objective, d, accelerator, derived))
+        loader = _shard_loader(cfg, objective, d, accelerator, derived)
+        batches, move = _forever(lambda: iter(loader)), loader.to_device
 
     engine = ds.initialize(objective, cfg, derived, accelerator)
     device = torch.device(engine.device)
@@ -245,8 +252,7 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
     engine.train()
 
     def step() -> float:
-        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in next(batches).items()}
-        out = engine(batch)
+        out = engine(move(next(batches), device))
         engine.backward(out.loss)
         engine.step()
         return out.loss
@@ -330,21 +336,10 @@ def cpu_name() -> str:
 
 
 def _shard_loader(cfg, objective, d, accelerator: str, derived):
-    """The train loop's loader (real shards, real workers, pinned memory on CUDA), as a factory."""
-    from ..data import builtin
-    from ..data.loader import ShardLoader
-    from ..data.transforms import TrainTransform
-    from ..masking import MaskCollate
+    """The Trainer's own pre-training loader (real shards, real workers, the decode path, pinned memory on CUDA)."""
+    from ..pretrain import PretrainTask
 
-    m, t = cfg.model, cfg.train
-    loader = ShardLoader(builtin.resolve(cfg.data.train, cfg.data.root), batch_size=t.micro_batch_size,
-                         rank=d.rank, world_size=d.world_size,
-                         transform=objective.train_transform(
-                             TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
-                                            mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
-                         collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers,
-                         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer, pin_memory=accelerator == "cuda")
-    return lambda: iter(loader)
+    return PretrainTask(cfg).loader(objective, derived, d, accelerator)
 
 
 # ----------------------------------------------------------------------------- launching

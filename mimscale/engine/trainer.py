@@ -165,7 +165,7 @@ class Trainer:
         collective each): its backward would already have put NaN into the accumulated gradients."""
         gas, done, skipped_before = self.derived.grad_accum, 0, self.engine.skipped_steps
         while True:
-            out = self.engine(_to_device(self.loader, next(batches), self.device))
+            out = self.engine(self.loader.to_device(next(batches), self.device))
             loss = out.loss
             for hook in self.loss_hooks:
                 loss = hook(self.state.step, loss)
@@ -324,10 +324,3 @@ class _StepResult(NamedTuple):
     agreed: Agreed
     dropped: bool                   # the step was not taken, on every rank
     action: str                     # the non-finite policy's answer: continue / stop / rollback
-
-
-def _to_device(loader, batch: dict, device: torch.device) -> dict:
-    move = getattr(loader, "to_device", None)
-    if move is not None:
-        return move(batch, device)
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
