@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.schedule import warmup_cosine
-from .knn import extract_features
+from .knn import extract_features, gather_features
 
 log = logging.getLogger("mimscale.eval")
 
@@ -141,7 +141,8 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
         return ShardLoader(first_shards(src, cap), manifest=src, batch_size=cfg.feature_batch_size, transform=tf,
                            rank=rank, world_size=world, num_workers=cfg.num_workers, mode="eval", shuffle=False)
 
-    xte, yte = extract_features(encoder, eval_loader(test_dir, cfg.test_samples), device, cfg.pool)
+    xte, yte = (gather_features(t).cpu() for t in extract_features(encoder, eval_loader(test_dir, cfg.test_samples),
+                                                                     device, cfg.pool))
     torch.manual_seed(cfg.seed)
     head = LinearHead(encoder.embed_dim, classes)
     opt = make_optimizer(head, cfg)
@@ -153,7 +154,8 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
         head, opt = accelerator.prepare(head, opt)
         n_train = loader.samples_per_epoch
     else:
-        xtr, ytr = extract_features(encoder, eval_loader(train_dir, cfg.train_samples), device, cfg.pool)
+        xtr, ytr = (gather_features(t).cpu() for t in extract_features(
+            encoder, eval_loader(train_dir, cfg.train_samples), device, cfg.pool))
         if len(ytr) < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(ytr)} training samples")
         loader = DataLoader(TensorDataset(xtr, ytr), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
