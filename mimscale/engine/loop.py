@@ -141,7 +141,7 @@ def pretrain(cfg: C.Config) -> dict:
         ctx = StepContext(step=step, total_steps=derived.total_steps, epoch=step / derived.steps_per_epoch, lr=lr,
                           lr_factor=lr / derived.lr if derived.lr else 0.0, rank=d.rank, world_size=d.world_size,
                           grad_accum=derived.grad_accum, master_params=partial(ds.master_params, engine),
-                          all_reduce_mean=ds.all_reduce_mean)
+                          master_shards=partial(ds.master_shards, engine), all_reduce_mean=ds.all_reduce_mean)
         engine.module.before_step(ctx)
         done, skipped_before = 0, engine.skipped_steps
         while done < derived.grad_accum and bad_in_row < t.nonfinite_patience:
