@@ -148,21 +148,6 @@ def extract_features(encoder, loader, device: torch.device, pool: str = "cls") -
     return f, y
 
 
-def gather_features(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate a per-rank tensor (first dim may differ by rank) across ranks, in rank order (on its device).
-
-    Only for small things (e.g. a test set's features): the kNN bank is never gathered.
-    """
-    _, world = _world()
-    if world == 1:
-        return t
-    sizes = _all_gather(torch.tensor([t.shape[0]], dtype=torch.long, device=t.device)).view(-1).tolist()
-    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    out = _all_gather(padded)
-    return torch.cat([o[:n] for o, n in zip(out, sizes)])
-
-
 class KNNEvaluator:
     """kNN top-1 of an encoder: memory bank from ``train_loader``, queries from ``test_loader``.
 
