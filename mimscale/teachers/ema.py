@@ -202,7 +202,8 @@ class EMATeacher(nn.Module):
         for s in shards:
             p = s.local.numel()
             n = math.prod(s.shape)
-            s.param.data = out[:, offset:offset + p].reshape(-1)[:n].view(s.shape).clone()
+            # a fresh tensor: the column slice is copied by reshape (world > 1), ``flat`` is a new cat (world 1)
+            s.param.data = out[:, offset:offset + p].reshape(-1)[:n].view(s.shape)
             offset += p
 
     @staticmethod

@@ -167,3 +167,33 @@ def test_cached_multi_rank_fit_equals_the_cpu_path(tiny_clip, fmnist_small, tmp_
         assert not (tmp_path / f"{name}.cache").exists()
     torch.testing.assert_close(KMeans.load(tmp_path / "two32.pt").centroids, ref, rtol=0, atol=1e-4)
     torch.testing.assert_close(KMeans.load(tmp_path / "two16.pt").centroids, ref, rtol=0, atol=2e-2)
+
+
+def test_feature_cache_roundtrip_reuse_and_device_errors(tmp_path):
+    from mimscale.teachers.kmeans import FeatureCache
+    from mimscale.teachers.launch import resolve_device
+
+    x = torch.randn(1000, 6)
+    fc = FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"})
+    assert not fc.complete()
+    assert fc.write(x[i:i + 300] for i in range(0, 1000, 300)) == 1000
+    back = torch.cat(list(fc.chunks(128, torch.device("cpu"))))
+    assert torch.equal(back, x)
+    assert FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"}).complete()
+    assert not FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "cd"}).complete()   # another teacher
+    assert not FeatureCache(tmp_path / "c", 0, 2, 6, "float32", {"teacher": "ab"}).complete()   # another world
+    (tmp_path / "c" / "features-rank0-of-1.bin").write_bytes(b"\0" * 10)                       # truncated
+    assert not FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"}).complete()
+    half = FeatureCache(tmp_path / "h", 0, 1, 6, "float16", {})
+    half.write([x])
+    torch.testing.assert_close(torch.cat(list(half.chunks(999, torch.device("cpu")))), x, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="cache-dtype"):
+        FeatureCache(tmp_path, 0, 1, 6, "int8", {})
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("gpu-please")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
