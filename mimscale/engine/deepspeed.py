@@ -181,6 +181,18 @@ def master_params(engine, module: nn.Module):
         yield name, (p.detach() if full is None else full).float().view(getattr(p, "ds_shape", p.shape))
 
 
+def master_shards(engine, module: nn.Module):
+    """Under ZeRO-3: ``[(name, this rank's fp32 master partition [ceil(numel / world)])]`` for each trainable
+    parameter of ``module`` (rank r's elements ``[r*p, (r+1)*p)`` of the flattened, zero-padded parameter; no
+    collective). ``None`` at ZeRO 0-2, where :func:`master_params` is the way to read the master weights."""
+    if engine.zero_optimization_stage() != 3:
+        return None
+    from deepspeed.utils import safe_get_local_fp32_param
+
+    return [(name, safe_get_local_fp32_param(p).reshape(-1)) for name, p in module.named_parameters()
+            if p.requires_grad]
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Average ``t`` in place over the data-parallel ranks (no-op on one rank)."""
     import torch.distributed as tdist

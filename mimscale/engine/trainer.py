@@ -209,6 +209,7 @@ class Trainer:
         return StepContext(step=st.step, total_steps=dv.total_steps, epoch=st.step / dv.steps_per_epoch, lr=lr,
                            lr_factor=lr / dv.lr if dv.lr else 0.0, rank=self.d.rank, world_size=self.d.world_size,
                            grad_accum=dv.grad_accum, master_params=partial(ds.master_params, self.engine),
+                           master_shards=partial(ds.master_shards, self.engine),
                            all_reduce_mean=ds.all_reduce_mean)
 
     def _log_due(self, step: int) -> bool:

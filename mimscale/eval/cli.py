@@ -136,7 +136,8 @@ def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: 
     from ..data.loader import ShardLoader
     from ..data.transforms import EvalTransform
     from .knn import KNNEvaluator
-    from .source import first_shards, num_classes
+    from ..data.epoch import first_shards
+    from .source import num_classes
 
     tf = EvalTransform(source.img_size, mean=cfg.mean or source.mean, std=cfg.std or source.std,
                        in_chans=source.in_chans)

@@ -143,15 +143,17 @@ class Classifier(TaskModule):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device) -> tuple[float, int]:
-    """Top-1 (%) and sample count over an eval-mode loader, summed over ranks (padding excluded)."""
+    """Top-1 (%) and sample count over an eval-mode loader, summed over ranks (padding excluded).
+
+    Each rank scores its own share on ``device`` (nothing is gathered; one all-reduce of two counts)."""
     was = model.training
     model.eval()
     stats = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
-        pred = model(batch["image"].to(device)).argmax(1).cpu()
-        valid = batch["valid"]
-        stats += torch.tensor([((pred == batch["label"]) & valid).sum().item(), valid.sum().item()],
-                              dtype=torch.float64, device=device)
+        pred = model(batch["image"].to(device, non_blocking=True)).argmax(1)
+        valid = batch["valid"].to(device)
+        stats[0] += ((pred == batch["label"].to(device)) & valid).sum()
+        stats[1] += valid.sum()
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(stats)
     model.train(was)

@@ -1,8 +1,15 @@
-"""Weighted k-nearest-neighbour classification of frozen features (cosine, k=20, T=0.07).
+"""Weighted k-nearest-neighbour classification of frozen features (cosine, k=20, T=0.07), sharded over ranks.
 
-Each rank extracts features for its share of the labelled shards; features are gathered so every
-rank computes the same accuracy. Under ZeRO-3 every rank runs the same number of forward passes
-(the eval loader pads), so parameter gathering never deadlocks.
+Each rank extracts features for its share of the labelled shards and KEEPS them on its device: the memory
+bank is sharded (rank r holds only its ~N/world rows, never the whole bank). Classification
+(:func:`knn_predict_sharded`) runs in chunks of queries: every rank contributes a chunk of its own queries, the
+chunk is all-gathered (each rank sees the same ``[world * c, D]`` queries), each rank scores them against its
+bank shard and keeps its top-k ``(similarity, label)`` candidates, the candidates are all-gathered and every
+rank merges them (the global top-k of the ``world * k`` candidates is the top-k of the whole bank), then the
+usual weighted vote. Peak memory per rank: bank/world + one ``[c_global, N/world]`` similarity block.
+
+Under ZeRO-3 every rank runs the same number of forward passes (the eval loader pads), so parameter
+gathering never deadlocks; padding rows are dropped (``valid``), so every sample is counted exactly once.
 """
 from __future__ import annotations
 
@@ -11,85 +18,157 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def _vote(top_sim: torch.Tensor, top_lab: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """Weighted vote: ``top_sim, top_lab [m, k]`` (``-inf`` similarity = no neighbour) -> labels ``long [m]``."""
+    votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
+    votes.scatter_add_(1, top_lab, (top_sim / temperature).exp())
+    return votes.argmax(dim=1)
+
+
 @torch.no_grad()
 def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                 num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
     """Predicted labels ``long [M]`` for ``test_feats [M, D]`` from ``train_feats [N, D]``, ``train_labels [N]``.
 
-    Features are L2-normalised here; each of the k nearest neighbours votes ``exp(cos / T)`` for its class.
+    One process, the whole bank (the reference the sharded path must reproduce). Features are L2-normalised
+    here; each of the k nearest neighbours votes ``exp(cos / T)`` for its class.
     """
     train = F.normalize(train_feats.float(), dim=1)
-    test = F.normalize(test_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1).to(train.device)
+    labels = train_labels.to(train.device)
     k = min(k, train.shape[0])
     preds = []
     for start in range(0, test.shape[0], chunk):
         sim = test[start:start + chunk] @ train.T                        # [m, N]
         top_sim, top_idx = sim.topk(k, dim=1)                            # [m, k]
-        votes = torch.zeros(sim.shape[0], num_classes)
-        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)
+        preds.append(_vote(top_sim, labels[top_idx], num_classes, temperature))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=train.device)
 
 
 def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20,
              temperature: float = 0.07) -> float:
-    """Top-1 accuracy in percent."""
+    """Top-1 accuracy in percent (one process, whole bank)."""
     pred = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
-    return 100.0 * (pred == test_labels).float().mean().item()
+    return 100.0 * (pred.cpu() == test_labels.cpu()).float().mean().item()
 
 
-def _gather(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Concatenate a per-rank CPU tensor (first dim may differ by rank) across ranks, in rank order.
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    The collectives run on ``device`` (NCCL needs CUDA tensors; gloo takes CPU ones); the result is on CPU.
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    """``t [n, ...]`` (the same shape on every rank) -> ``[world, n, ...]`` in rank order."""
+    _, world = _world()
+    if world == 1:
+        return t.unsqueeze(0)
+    out = torch.empty((world, *t.shape), dtype=t.dtype, device=t.device)
+    dist.all_gather(list(out.unbind(0)), t.contiguous())
+    return out
+
+
+def _sum(values: list[int | float], device: torch.device) -> list[float]:
+    """Sum small per-rank numbers over all ranks."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _max(value: int, device: torch.device) -> int:
+    t = torch.tensor([value], dtype=torch.long, device=device)
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+@torch.no_grad()
+def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
+                        k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+    """Predictions ``long [m]`` for this rank's ``queries [m, D]`` against the bank sharded over all ranks.
+
+    ``bank [n_r, D]`` / ``bank_labels long [n_r]``: this rank's shard (any size, possibly 0). A collective: every
+    rank of the default process group calls it (with its own shard and queries). ``chunk``: queries scored per
+    step over all ranks together (each rank contributes ``ceil(chunk / world)``). Equal to :func:`knn_predict`
+    on the concatenated bank (up to float rounding of the similarities).
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    n = torch.tensor([t.shape[0]], dtype=torch.long, device=device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    width = int(max(s.item() for s in sizes))
-    padded = torch.zeros((width, *t.shape[1:]), dtype=t.dtype, device=device)
-    padded[: t.shape[0]] = t.to(device)
-    out = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(out, padded)
-    return torch.cat([o[: int(s.item())].cpu() for o, s in zip(out, sizes)])
+    rank, world = _world()
+    dev = bank.device
+    bank = F.normalize(bank.float(), dim=1)
+    queries = F.normalize(queries.float(), dim=1).to(dev)
+    labels = bank_labels.to(dev)
+    n_total, = _sum([bank.shape[0]], dev)
+    if n_total == 0:
+        raise ValueError("the kNN memory bank is empty on every rank")
+    k_eff = min(k, int(n_total))
+    k_local = min(k_eff, bank.shape[0])
+    per_rank = max(1, -(-chunk // world))
+    steps = -(-_max(queries.shape[0], dev) // per_rank)
+    dim = queries.shape[1] if queries.dim() == 2 else bank.shape[1]
+    preds = []
+    for s in range(steps):
+        q = queries[s * per_rank:(s + 1) * per_rank]                      # [m_s, D], m_s <= per_rank
+        padded = torch.zeros(per_rank, dim, device=dev)
+        padded[: q.shape[0]] = q
+        allq = _all_gather(padded).view(world * per_rank, dim)           # [W c, D]  every rank's chunk
+        cand_sim = torch.full((world * per_rank, k_eff), float("-inf"), device=dev)
+        cand_lab = torch.zeros((world * per_rank, k_eff), dtype=torch.long, device=dev)
+        if k_local:
+            top_sim, top_idx = (allq @ bank.T).topk(k_local, dim=1)      # [W c, k_local] over this shard
+            cand_sim[:, :k_local], cand_lab[:, :k_local] = top_sim, labels[top_idx]
+        sims = _all_gather(cand_sim).permute(1, 0, 2).reshape(world * per_rank, world * k_eff)   # [W c, W k]
+        labs = _all_gather(cand_lab).permute(1, 0, 2).reshape(world * per_rank, world * k_eff)
+        mine = slice(rank * per_rank, rank * per_rank + q.shape[0])      # merge only this rank's own queries
+        top_sim, pos = sims[mine].topk(k_eff, dim=1)                     # [m_s, k] global top-k
+        preds.append(_vote(top_sim, labs[mine].gather(1, pos), num_classes, temperature))
+    return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=dev)
 
 
 @torch.no_grad()
 def extract_features(encoder, loader, device: torch.device, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
-    """Run ``encoder`` (eval mode, no masking) over an eval-mode loader; features of all ranks.
+    """Run ``encoder`` (eval mode, no masking) over an eval-mode loader: THIS rank's share, kept on ``device``.
 
-    Returns ``feats float [M, D]`` and ``labels long [M]`` with padding entries dropped.
+    Returns ``feats float [m, D]`` and ``labels long [m]`` of this rank's samples with padding entries dropped
+    (the eval loader gives every sample to exactly one rank).
     """
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for batch in loader:
         img = batch["image"].to(device, non_blocking=True)
-        f = encoder.pool(encoder.forward_features(img), pool).float().cpu()
+        f = encoder.pool(encoder.forward_features(img), pool).float()
         valid = batch.get("valid")
-        keep = valid if valid is not None else torch.ones(f.shape[0], dtype=torch.bool)
+        keep = (valid if valid is not None else torch.ones(f.shape[0], dtype=torch.bool)).to(device)
         feats.append(f[keep])
-        labels.append(batch["label"][keep])
+        labels.append(batch["label"].to(device)[keep])
     encoder.train(was_training)
-    f = torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dim)
-    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-    return _gather(f, device), _gather(y, device)
+    f = torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dim, device=device)
+    y = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    return f, y
 
 
 class KNNEvaluator:
-    """kNN top-1 of an encoder: memory bank from ``train_loader``, queries from ``test_loader``."""
+    """kNN top-1 of an encoder: memory bank from ``train_loader``, queries from ``test_loader``.
+
+    Both loaders are this rank's eval-mode share; the bank stays sharded on the device (see module docstring).
+    """
 
     def __init__(self, train_loader, test_loader, num_classes: int | None = None, k: int = 20,
-                 temperature: float = 0.07, pool: str = "cls"):
+                 temperature: float = 0.07, pool: str = "cls", chunk: int = 1024):
         self.train_loader, self.test_loader = train_loader, test_loader
         self.num_classes, self.k, self.temperature, self.pool = num_classes, k, temperature, pool
+        self.chunk = chunk
+        self.last_bank_rows = 0        # bank rows this rank held in the last evaluation (its shard)
 
     def __call__(self, encoder, device: torch.device) -> dict[str, float]:
         """``{"eval/knn_top1": percent, ...}``; classes default to ``max label + 1`` of bank and queries."""
         xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool)
         xte, yte = extract_features(encoder, self.test_loader, device, self.pool)
-        classes = self.num_classes or int(max(ytr.max(), yte.max())) + 1
-        acc = knn_top1(xtr, ytr, xte, yte, classes, self.k, self.temperature)
-        return {"eval/knn_top1": acc, "eval/knn_bank": float(xtr.shape[0]), "eval/knn_queries": float(xte.shape[0])}
+        self.last_bank_rows = int(xtr.shape[0])
+        local_max = int(torch.cat([ytr, yte]).max()) if len(ytr) + len(yte) else -1
+        classes = self.num_classes or _max(local_max, device) + 1
+        pred = knn_predict_sharded(xtr, ytr, xte, classes, self.k, self.temperature, self.chunk)
+        correct, bank, queries = _sum([int((pred == yte).sum()), xtr.shape[0], xte.shape[0]], device)
+        acc = 100.0 * correct / queries if queries else float("nan")
+        return {"eval/knn_top1": acc, "eval/knn_bank": float(bank), "eval/knn_queries": float(queries)}

@@ -15,17 +15,20 @@ norm, which suits those huge batches; for a small-batch run on a laptop use ``op
 Two paths:
 
 * ``augment=false`` (fast path, default): the encoder is frozen and the input is not augmented, so every
-  epoch would see the same features. They are extracted once (each process encodes its share of the
-  shards, then all are gathered, so every process holds all of them in memory: ``N x D`` floats) and the
-  head trains on those tensors for all epochs. An epoch costs a few matrix products instead of a pass
-  of the encoder.
+  epoch would see the same features. They are extracted once and stay SHARDED on the devices: each
+  process encodes its share of the shards and keeps only those ``~N/world x D`` floats on its device
+  (nothing is gathered). Each step every process draws ``batch_size / world`` rows of its own shard (a
+  fresh permutation per epoch from ``(seed, epoch, rank)``), so the global batch is ``batch_size`` rows
+  drawn without replacement from the whole set, as with one process. An epoch costs a few matrix
+  products instead of a pass of the encoder.
 * ``augment=true`` (MAE's protocol: RandomResizedCrop scale (0.08, 1) + flip): the encoder runs on every
   training batch (still frozen, under ``no_grad``), read by a train-mode ShardLoader split by process.
 
 Distribution: ``Accelerator(split_batches=True)``: ``batch_size`` is the global batch; each process
 takes its slice and the head's gradients are averaged (DDP), so 1 and N processes take the same steps
 up to the BatchNorm statistics, which each process computes on its slice (not synchronised, as in
-MAE). The test accuracy is computed on the gathered test features by every process.
+MAE) and the sampling (per shard, see above). The test accuracy: each process scores its own share of
+the test features on its device; the correct counts are summed over processes.
 """
 from __future__ import annotations
 
@@ -128,7 +131,8 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
     from ..data.loader import ShardLoader
     from ..data.transforms import EvalTransform, TrainTransform
     from ..errors import ConfigError
-    from .source import first_shards, num_classes
+    from ..data.epoch import first_shards
+    from .source import num_classes
 
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     if cfg.batch_size % world:
@@ -141,25 +145,24 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
         return ShardLoader(first_shards(src, cap), manifest=src, batch_size=cfg.feature_batch_size, transform=tf,
                            rank=rank, world_size=world, num_workers=cfg.num_workers, mode="eval", shuffle=False)
 
-    xte, yte = extract_features(encoder, eval_loader(test_dir, cfg.test_samples), device, cfg.pool)
+    xte, yte = extract_features(encoder, eval_loader(test_dir, cfg.test_samples), device, cfg.pool)  # own share
     torch.manual_seed(cfg.seed)
     head = LinearHead(encoder.embed_dim, classes)
     opt = make_optimizer(head, cfg)
+    head, opt = accelerator.prepare(head, opt)
     if cfg.augment:
         loader = ShardLoader(first_shards(train_dir, cfg.train_samples), manifest=train_dir,
                              batch_size=cfg.batch_size // world, rank=rank, world_size=world, seed=cfg.seed,
                              num_workers=cfg.num_workers, transform=TrainTransform(
                                  img_size, scale=(0.08, 1.0), mean=mean, std=std, in_chans=in_chans))
-        head, opt = accelerator.prepare(head, opt)
-        n_train = loader.samples_per_epoch
+        n_train, rows = loader.samples_per_epoch, None
     else:
         xtr, ytr = extract_features(encoder, eval_loader(train_dir, cfg.train_samples), device, cfg.pool)
-        if len(ytr) < cfg.batch_size:
-            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {len(ytr)} training samples")
-        loader = DataLoader(TensorDataset(xtr, ytr), batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                            generator=torch.Generator().manual_seed(cfg.seed))
-        head, opt, loader = accelerator.prepare(head, opt, loader)
-        n_train = len(ytr)
+        n_train = int(_sum([len(ytr)], device)[0])
+        rows = [int(v) for v in _sum([len(ytr) if r == rank else 0 for r in range(world)], device)]
+        if n_train < cfg.batch_size:
+            raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {n_train} training samples")
+        loader = ShardedFeatures(xtr, ytr, cfg.batch_size // world, n_train // cfg.batch_size, cfg.seed, rank)
     steps_per_epoch = len(loader)
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
@@ -186,22 +189,66 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
             opt.zero_grad(set_to_none=True)
             step += 1
         epoch += 1
-        acc = evaluate(accelerator.unwrap_model(head), xte, yte)
+        acc = evaluate(accelerator.unwrap_model(head), xte, yte, reduce=True)
         curve.append([round(step / steps_per_epoch, 4), acc])
         if accelerator.is_main_process:
             log.info("linear probe epoch %d (step %d/%d): loss %.4f, test top-1 %.2f%%", epoch, step, total,
                      loss.item(), acc)
     return {"top1": curve[-1][1], "best_top1": max(a for _, a in curve), "curve": curve, "classes": classes,
-            "train_samples": n_train, "test_samples": int(len(yte)), "steps": total, "processes": world,
-            "lr": peak, "feature_dim": int(encoder.embed_dim)}
+            "train_samples": n_train, "test_samples": int(_sum([len(yte)], device)[0]), "steps": total,
+            "processes": world, "feature_rows_per_process": rows, "lr": peak, "feature_dim": int(encoder.embed_dim)}
+
+
+class ShardedFeatures:
+    """This process's share of the training features as a re-iterable loader of ``(feats [b, D], labels [b])``.
+
+    ``feats [n_r, D]`` / ``labels [n_r]`` stay on their device. Each epoch (:meth:`set_epoch`) draws a fresh
+    permutation from ``(seed, epoch, rank)`` and yields ``steps`` batches of ``b`` rows (every process the
+    same number of steps, so the gradient all-reduce never waits; a shard a row short of ``steps * b`` wraps).
+    """
+
+    def __init__(self, feats: torch.Tensor, labels: torch.Tensor, batch: int, steps: int, seed: int, rank: int):
+        self.feats, self.labels, self.batch, self.steps, self.seed, self.rank = feats, labels, batch, steps, seed, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        n = self.feats.shape[0]
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank)
+        need = self.steps * self.batch
+        order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // max(n, 1)))])[:need]
+        order = order.to(self.feats.device)
+        for i in range(self.steps):
+            idx = order[i * self.batch:(i + 1) * self.batch]
+            yield self.feats[idx], self.labels[idx]
+
+
+def _sum(values: list[float], device) -> list[float]:
+    """Sum small numbers over processes (identity on one)."""
+    import torch.distributed as tdist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if tdist.is_available() and tdist.is_initialized() and tdist.get_world_size() > 1:
+        tdist.all_reduce(t)
+    return t.tolist()
 
 
 @torch.no_grad()
-def evaluate(head: LinearHead, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> float:
-    """Top-1 (%) of ``head`` on ``feats [M, D]`` (eval-mode BatchNorm: the running statistics)."""
+def evaluate(head: LinearHead, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 4096,
+             reduce: bool = False) -> float:
+    """Top-1 (%) of ``head`` on ``feats [M, D]`` (eval-mode BatchNorm: the running statistics).
+
+    ``reduce=True``: ``feats`` are this process's share; the correct counts are summed over processes."""
     was = head.training
     head.eval()
     dev = next(head.parameters()).device
-    logits = torch.cat([head(feats[i:i + chunk].to(dev)).cpu() for i in range(0, len(feats), chunk)])
+    correct = sum(int((head(feats[i:i + chunk].to(dev)).argmax(1) == labels[i:i + chunk].to(dev)).sum())
+                  for i in range(0, len(feats), chunk))
     head.train(was)
-    return top1(logits, labels)
+    hit, n = _sum([correct, len(labels)], dev) if reduce else (correct, len(labels))
+    return 100.0 * hit / n if n else float("nan")

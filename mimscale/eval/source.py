@@ -138,16 +138,3 @@ def num_classes(shard_dir: str, given: int | None = None) -> int:
     if not classes:
         raise DataError(f"the manifest of {shard_dir} lists no classes: pass num_classes=N")
     return len(classes)
-
-
-def first_shards(shard_dir: str, cap: int | None) -> list[str]:
-    """The shards of a shard directory, or its first whole shards covering ``cap`` samples."""
-    from ..data.shards import read_manifest
-
-    shards, n = [], 0
-    for s in read_manifest(shard_dir)["shards"]:
-        if cap and n >= cap:
-            break
-        shards.append(str(Path(shard_dir) / s["name"]))
-        n += int(s["count"])
-    return shards

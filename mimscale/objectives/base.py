@@ -43,7 +43,9 @@ class StepContext:
 
     ``master_params(module)`` yields ``(name, fp32 tensor)`` for every trainable parameter of ``module`` (a
     submodule of the objective) with the FULL fp32 master value, at any ZeRO stage and precision; under
-    ZeRO-3 it is a collective, so every rank must call it. ``all_reduce_mean(t)`` averages ``t`` across
+    ZeRO-3 it is a collective, so every rank must call it. ``master_shards(module)`` (ZeRO-3 only, else ``None``
+    or unset) gives each rank's own fp32 master partition per parameter instead, without a collective (see
+    :mod:`mimscale.teachers.ema`). ``all_reduce_mean(t)`` averages ``t`` across
     data-parallel ranks in place and returns it (identity on one rank).
     """
 
@@ -56,6 +58,7 @@ class StepContext:
     world_size: int = 1
     grad_accum: int = 1
     master_params: Callable[[nn.Module], Iterator[tuple[str, torch.Tensor]]] = _own_params
+    master_shards: Callable[[nn.Module], list[tuple[str, torch.Tensor]] | None] | None = None
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 DESCRIPTION = """\
 Frozen teachers for DTM / MaPeT:
   mimscale teacher train-clip clip.pt                      a small real CLIP on Fashion-MNIST captions
-  mimscale teacher fit-kmeans SHARDS --teacher clip.pt --k 8192 --out km.pt   k-CLIP tokenizer (MaPeT)"""
+  mimscale teacher fit-kmeans SHARDS --teacher clip.pt --k 8192 --out km.pt   k-CLIP tokenizer (MaPeT)
+  torchrun --nproc_per_node 8 -m mimscale.cli teacher fit-kmeans ...        one process per GPU (srun too)"""
 
 
 def add_parser(sub) -> None:
@@ -46,6 +47,13 @@ def add_parser(sub) -> None:
     km.add_argument("--batch-size", type=int, default=256, help="images per teacher forward")
     km.add_argument("--workers", type=int, default=1, help="loader worker processes")
     km.add_argument("--seed", type=int, default=0)
+    km.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N; one per rank")
+    km.add_argument("--cache", default=None, metavar="DIR",
+                    help="keep the teacher features here (memory-mapped, one file per rank) and reuse them on a "
+                         "rerun (default: OUT.cache, removed when done)")
+    km.add_argument("--cache-dtype", choices=("float16", "float32"), default="float16",
+                    help="dtype of the cached features (float16 halves the disk; float32 = exact)")
+    km.add_argument("--chunk-rows", type=int, default=65536, help="feature rows per k-means step on the device")
     km.set_defaults(run=_run_fit_kmeans)
 
 
@@ -73,7 +81,11 @@ def _run_fit_kmeans(args) -> int:
     info = fit_kmeans_shards(args.shards, args.teacher, k=args.k, out=args.out, arch=args.arch, iters=args.iters,
                              init_sample=args.init_sample, max_images=args.max_images, image_size=args.image_size,
                              mean=args.mean, std=args.std, l2_normalize=args.l2_normalize,
-                             batch_size=args.batch_size, num_workers=args.workers, seed=args.seed)
-    print(json.dumps({k: info[k] for k in ("k", "dim", "points", "inertia", "empty_clusters", "seconds")}))
-    print(f"k-means: {args.out}")
+                             batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
+                             device=args.device, cache=args.cache, cache_dtype=args.cache_dtype,
+                             chunk_rows=args.chunk_rows)
+    if "sha256" in info:  # rank 0 (the one that wrote the file)
+        print(json.dumps({k: info[k] for k in ("k", "dim", "points", "inertia", "empty_clusters", "seconds",
+                                               "encode_seconds", "ranks", "device")}))
+        print(f"k-means: {args.out}")
     return 0

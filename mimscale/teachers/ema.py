@@ -8,12 +8,24 @@ Any objective can hold one (or several) :class:`EMATeacher` per student submodul
         self.teacher.update(ctx, self.encoder, cosine_to_one(ctx.step, ctx.total_steps, 0.996))
     def checkpoint_state(self): return {"teacher": self.teacher.checkpoint_state()}
 
-The update reads the student's FULL fp32 master weights through ``ctx.master_params(student)`` (the optimizer's
-fp32 copy under bf16 / ZeRO-1/2; gathered shard-wise under ZeRO-3, a collective that every rank runs in the
-same order), so ``(1 - m) * delta`` never underflows bf16 and never reads a partition or a stale working copy.
-Parameters are matched by name; buffers (e.g. BatchNorm running statistics) are not averaged. The teacher stays
-fp32 and replicated on every rank (the same update on the same gathered weights keeps the replicas equal); a
-bf16 forward casts at forward time (e.g. under ``torch.autocast``).
+The update always reads the student's fp32 MASTER weights (the optimizer's copy under bf16 / ZeRO), so
+``(1 - m) * delta`` never underflows bf16 and never reads a stale working copy. Parameters are matched by name;
+buffers (e.g. BatchNorm running statistics) are not averaged.
+
+* **ZeRO 0-2** (``ctx.master_shards`` is ``None``): ``ctx.master_params(student)`` gives full values; the teacher
+  is fp32 and replicated on every rank (the same update on the same values keeps the replicas equal).
+* **ZeRO-3** (``ctx.master_shards(student)`` gives each rank's own fp32 master partition, no collective): the
+  teacher is **partitioned the same way** (rank r keeps elements ``[r*p, (r+1)*p)`` of each flattened, padded
+  parameter, ``p = ceil(numel / world)``) and updated there with one fused ``torch._foreach_*`` call: no gather
+  per step, 1/world of the teacher per rank. The full weights of a submodule are all-gathered only while its
+  ``forward`` runs (a pre-hook; freed again by a post-hook), like ZeRO-3 does for the student, so the teacher
+  forward is a collective every rank runs. Parameters owned directly by the root module (e.g. a ViT's
+  ``cls_token``/``pos_embed``, read outside any submodule's ``forward``) stay whole on every rank ("persistent":
+  updated on the partition, then re-gathered: small). A parameter read outside its own module's ``forward``
+  (other than at the root) is therefore not supported at ZeRO-3 (it would be empty: a shape error, not silence).
+  :meth:`checkpoint_state` gathers the full teacher (collective: every rank calls it, as checkpoints do).
+
+A bf16 forward casts at forward time (e.g. under ``torch.autocast``).
 """
 from __future__ import annotations
 
@@ -72,6 +84,9 @@ class EMATeacher(nn.Module):
             for m in self.module.modules():
                 if isinstance(m, nn.Dropout) or type(m).__name__ == "DropPath":
                     m.p = 0.0
+        self._shards: dict[str, _Shard] = {}      # ZeRO-3 only (after the first update): name -> partition
+        self._hooks: list = []
+        self.gathered_elements = 0                  # elements all-gathered so far (ZeRO-3 forwards, persistent params)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -80,38 +95,175 @@ class EMATeacher(nn.Module):
     def update(self, ctx, student: nn.Module, momentum: float) -> None:
         """``t = m * t + (1 - m) * s`` in fp32 for every trainable student parameter (matched by name).
 
-        ``ctx.master_params(student)`` yields ``(name, full fp32 master value)``; under ZeRO-3 it is a collective,
-        so EVERY rank must call ``update`` at the same point. ``student`` must be a submodule of the objective
-        with the same structure as the copy. Frozen student parameters (not yielded) keep their copied value.
+        Under ZeRO-3 (``ctx.master_shards``) on each rank's own partition; otherwise from ``ctx.master_params``
+        (full values; a collective under ZeRO-3). EVERY rank must call ``update`` at the same point. ``student``
+        must be a submodule of the objective with the same structure as the copy. Frozen student parameters (not
+        yielded) keep their copied value.
         """
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum {momentum} must be in [0, 1]")
+        shards_of = getattr(ctx, "master_shards", None)
+        shards = shards_of(student) if shards_of is not None else None
+        if shards is not None:
+            return self._update_shards(list(shards), momentum)
+        if self._shards:
+            raise RuntimeError("the EMA teacher is partitioned (ZeRO-3) but the step context gave full weights")
         mine = dict(self.module.named_parameters())
+        ts, vs = [], []
         for name, value in ctx.master_params(student):
+            t = self._check(mine, name, tuple(value.shape))
+            ts.append(t)
+            vs.append(value.to(device=t.device, dtype=torch.float32))
+        self._lerp(ts, vs, momentum)
+
+    @staticmethod
+    def _check(mine: dict, name: str, shape: tuple) -> nn.Parameter:
+        t = mine.get(name)
+        if t is None or tuple(t.shape) != shape:
+            got = None if t is None else tuple(t.shape)
+            raise ValueError(f"EMA teacher has no parameter '{name}' of shape {shape} (got {got})")
+        return t
+
+    @staticmethod
+    def _lerp(ts: list[torch.Tensor], vs: list[torch.Tensor], m: float) -> None:
+        if not ts or m == 1.0:
+            return
+        if m == 0.0:
+            torch._foreach_copy_(ts, vs)
+        else:                                   # one fused kernel per op over all tensors (same maths as mul/add)
+            torch._foreach_mul_(ts, m)
+            torch._foreach_add_(ts, vs, alpha=1.0 - m)
+
+    # ---------------------------------------------------------------- ZeRO-3: the teacher on this rank's partition
+
+    @staticmethod
+    def _world() -> tuple[int, int]:
+        import torch.distributed as tdist
+
+        if tdist.is_available() and tdist.is_initialized():
+            return tdist.get_rank(), tdist.get_world_size()
+        return 0, 1
+
+    def _partition(self, shards: list[tuple[str, torch.Tensor]]) -> None:
+        """First ZeRO-3 update: keep only this rank's slice of every trainable parameter; hook the gathers."""
+        rank, world = self._world()
+        mine = dict(self.module.named_parameters())
+        root = {id(p) for p in self.module.parameters(recurse=False)}
+        self._shards = {}
+        for name, part in shards:
             t = mine.get(name)
-            if t is None or tuple(t.shape) != tuple(value.shape):
-                got = None if t is None else tuple(t.shape)
-                raise ValueError(f"EMA teacher has no parameter '{name}' of shape {tuple(value.shape)} (got {got})")
-            v = value.to(device=t.device, dtype=torch.float32)
-            if momentum == 0.0:
-                t.copy_(v)
-            elif momentum < 1.0:
-                t.mul_(momentum).add_(v, alpha=1.0 - momentum)
+            if t is None:
+                raise ValueError(f"EMA teacher has no parameter '{name}'")
+            n, p = t.numel(), part.numel()
+            if p != -(-n // world):
+                raise ValueError(f"ZeRO-3 partition of '{name}' has {p} elements, expected ceil({n} / {world} ranks)")
+            flat = torch.zeros(world * p, dtype=torch.float32, device=t.device)
+            flat[:n] = t.detach().reshape(-1)
+            persistent = id(t) in root
+            self._shards[name] = _Shard(t, flat[rank * p:(rank + 1) * p].clone(), tuple(t.shape), persistent)
+            if not persistent:
+                t.data = torch.empty(0, dtype=torch.float32, device=t.device)
+        by_param = {id(s.param): s for s in self._shards.values()}
+        for m in self.module.modules():
+            own = [by_param[id(q)] for q in m.parameters(recurse=False) if id(q) in by_param]
+            if m is self.module or not own:
+                continue
+            self._hooks.append(m.register_forward_pre_hook(lambda mod, args, own=own: self._materialise(own)))
+            self._hooks.append(m.register_forward_hook(lambda mod, args, out, own=own: self._release(own)))
+
+    def _update_shards(self, shards: list[tuple[str, torch.Tensor]], m: float) -> None:
+        if not self._shards:
+            self._partition(shards)
+        ts, vs = [], []
+        for name, part in shards:
+            s = self._shards.get(name)
+            if s is None or s.local.numel() != part.numel():
+                raise ValueError(f"EMA teacher has no partition '{name}' of {part.numel()} elements")
+            ts.append(s.local)
+            vs.append(part.reshape(-1).to(device=s.local.device, dtype=torch.float32))
+        self._lerp(ts, vs, m)
+        self._materialise([s for s in self._shards.values() if s.persistent])
+
+    def _materialise(self, shards: list["_Shard"]) -> None:
+        """All-gather the full value of ``shards`` (one collective for all of them) into their parameters."""
+        if not shards:
+            return
+        _, world = self._world()
+        flat = torch.cat([s.local for s in shards])                           # [sum p]
+        if world > 1:
+            import torch.distributed as tdist
+
+            out = torch.empty(world, flat.numel(), dtype=flat.dtype, device=flat.device)
+            tdist.all_gather(list(out.unbind(0)), flat)                       # [world, sum p]
+            self.gathered_elements += out.numel()
+        else:
+            out = flat.unsqueeze(0)
+        offset = 0
+        for s in shards:
+            p = s.local.numel()
+            n = math.prod(s.shape)
+            # a fresh tensor: the column slice is copied by reshape (world > 1), ``flat`` is a new cat (world 1)
+            s.param.data = out[:, offset:offset + p].reshape(-1)[:n].view(s.shape)
+            offset += p
+
+    @staticmethod
+    def _release(shards: list["_Shard"]) -> None:
+        for s in shards:
+            s.param.data = torch.empty(0, dtype=torch.float32, device=s.local.device)
+
+    def local_numel(self) -> int:
+        """Teacher parameter elements this rank holds outside a forward (partitions + whole parameters)."""
+        held = sum(p.numel() for p in self.module.parameters())
+        return held + sum(s.local.numel() for s in self._shards.values() if not s.persistent)
+
+    def _apply(self, fn, recurse: bool = True):
+        for s in self._shards.values():
+            s.local = fn(s.local)
+        return super()._apply(fn, recurse)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Parameters and buffers as CPU fp32 tensors (what a checkpoint carries)."""
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        """Parameters and buffers as CPU fp32 tensors (what a checkpoint carries). Gathers under ZeRO-3."""
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        names = [n for n, s in self._shards.items() if not s.persistent]
+        if names:
+            self._materialise([self._shards[n] for n in names])
+            for n in names:
+                state[n] = self._shards[n].param.detach().cpu().clone()
+            self._release([self._shards[n] for n in names])
+        return state
 
     def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of :meth:`checkpoint_state`; keys and shapes must match exactly (CheckpointError otherwise)."""
         own = self.module.state_dict()
+        shapes = {k: tuple(v.shape) for k, v in own.items()}
+        shapes.update({k: s.shape for k, s in self._shards.items()})
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
             raise CheckpointError(f"EMA teacher state does not match the model: missing {missing[:3]}, "
                                   f"unexpected {extra[:3]}")
-        bad = [k for k, v in state.items() if tuple(v.shape) != tuple(own[k].shape)]
+        bad = [k for k, v in state.items() if tuple(v.shape) != shapes[k]]
         if bad:
             raise CheckpointError(f"EMA teacher state has wrong shapes for {bad[:3]}")
+        rank, world = self._world()
         with torch.no_grad():
             for k, v in own.items():
-                v.copy_(state[k].to(device=v.device, dtype=v.dtype))
+                s = self._shards.get(k)
+                if s is None:
+                    v.copy_(state[k].to(device=v.device, dtype=v.dtype))
+                    continue
+                p = s.local.numel()
+                flat = torch.zeros(world * p, dtype=torch.float32)
+                flat[:math.prod(s.shape)] = state[k].reshape(-1).float()
+                s.local.copy_(flat[rank * p:(rank + 1) * p].to(s.local.device))
+                if s.persistent:
+                    s.param.data = state[k].to(device=s.local.device, dtype=torch.float32).clone()
+
+
+class _Shard:
+    """One ZeRO-3-partitioned teacher parameter: the module's parameter (empty outside a forward unless
+    ``persistent``), this rank's fp32 slice ``local [ceil(numel / world)]`` and the full shape."""
+
+    __slots__ = ("param", "local", "shape", "persistent")
+
+    def __init__(self, param: nn.Parameter, local: torch.Tensor, shape: tuple, persistent: bool):
+        self.param, self.local, self.shape, self.persistent = param, local, shape, persistent

@@ -91,5 +91,5 @@ def test_idempotent_and_atomic(setup):
     before = (feats / "manifest.json").read_text()
     assert add_targets(src, clip, feats, progress=False) == feats   # complete: kept as is
     assert (feats / "manifest.json").read_text() == before
-    assert not [p for p in root.iterdir() if p.name.startswith(".feat.tmp")]
+    assert not [p for p in root.iterdir() if p.name.startswith((".feat.tmp", ".feat.partial"))]
     json.loads(before)

@@ -92,5 +92,7 @@ def test_linear_probe_two_processes_match_one(tmp_path, fmnist_small):
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["train_samples"] == two["train_samples"] == 2048 and one["test_samples"] == two["test_samples"] == 512
+    # the cached features stay sharded: each process holds only its share (nothing gathered)
+    assert one["feature_rows_per_process"] == [2048] and two["feature_rows_per_process"] == [1024, 1024]
     # same global batches and averaged gradients; only the BatchNorm batch statistics differ (per half-batch)
     assert abs(one["top1"] - two["top1"]) <= 1.5, (one["top1"], two["top1"])

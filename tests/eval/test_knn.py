@@ -104,3 +104,68 @@ def test_self_query_with_k1_returns_own_label():
     xtr, ytr = clusters(10, noise=0.5)
     pred = knn_predict(xtr, ytr, xtr, 4, k=1)
     assert torch.equal(pred, ytr)
+
+
+# ----------------------------------------------------------------------------- sharded bank (many ranks)
+
+
+def test_sharded_path_on_one_process_equals_the_reference():
+    from mimscale.eval.knn import knn_predict_sharded
+
+    xtr, ytr = clusters(30, num_classes=5, noise=1.5, seed=3)
+    xte, _ = clusters(13, num_classes=5, noise=1.5, seed=4)
+    ref = knn_predict(xtr, ytr, xte, num_classes=5, k=7)
+    for chunk in (1, 10, 4096):
+        assert torch.equal(knn_predict_sharded(xtr, ytr, xte, 5, k=7, chunk=chunk), ref)
+    assert torch.equal(knn_predict_sharded(xtr[:3], ytr[:3], xte, 5, k=7), knn_predict(xtr[:3], ytr[:3], xte, 5, k=7))
+    assert knn_predict_sharded(xtr, ytr, xte[:0], 5).shape == (0,)
+    with pytest.raises(ValueError, match="empty"):
+        knn_predict_sharded(xtr[:0], ytr[:0], xte, 5)
+
+
+@pytest.mark.slow
+def test_one_two_and_three_ranks_agree(tmp_path, fmnist_small):
+    """torchrun 2 and 3 gloo ranks vs one process: same predictions (synthetic) and top-1 (real shards);
+    every sample counted once; each rank holds only its share of the bank."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from launch_utils import free_port, run
+
+    from mimscale.data.loader import ShardLoader
+    from mimscale.data.transforms import EvalTransform
+    from mimscale.eval.knn import KNNEvaluator
+    from mimscale.models.vit import build_vit
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from knn_worker import synthetic
+
+    bank, labels, queries = synthetic()
+    ref = knn_predict(bank, labels, queries, 5, k=7)
+    assert len(set(ref.tolist())) == 5                                   # a non-trivial case
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", 16, 4, 1)
+    tf = EvalTransform(16, mean=(0.3,), std=(0.35,), in_chans=1)
+    loaders = [ShardLoader(str(fmnist_small[s]), batch_size=100, transform=tf, num_workers=0, mode="eval",
+                           shuffle=False) for s in ("train", "test")]
+    one = KNNEvaluator(*loaders, num_classes=10, chunk=200)(enc, torch.device("cpu"))
+    assert (one["eval/knn_bank"], one["eval/knn_queries"]) == (2048, 512)
+    assert 10.0 < one["eval/knn_top1"] < 100.0
+    worker = Path(__file__).with_name("knn_worker.py")
+    for world in (2, 3):
+        out = tmp_path / f"w{world}"
+        out.mkdir()
+        run(["torchrun", "--nproc_per_node", str(world), "--master_port", str(free_port()), str(worker), str(out),
+             str(fmnist_small["train"]), str(fmnist_small["test"])], timeout=300)
+        recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+        got = torch.full((97,), -1)
+        for rec in recs:
+            got[rec["queries"]] = torch.tensor(rec["pred"])
+            assert rec["lopsided"] == ref[rec["queries"]].tolist()
+            assert rec["real"] == recs[0]["real"]                         # every rank reports the same result
+        assert torch.equal(got, ref), world
+        assert recs[0]["real"]["eval/knn_top1"] == one["eval/knn_top1"], world
+        assert (recs[0]["real"]["eval/knn_bank"], recs[0]["real"]["eval/knn_queries"]) == (2048, 512)
+        rows = [rec["real_bank_rows"] for rec in recs]
+        assert sum(rows) == 2048 and max(rows) <= 2048 // world + 256, rows   # ~1/world each (256-sample shards)

@@ -12,7 +12,12 @@ ZeRO stage 3 with every parameter partitioned. After each optimizer step:
   "stale" control that uses the previous step's consolidated weights (what a late or cached read would give).
 
 Recorded per step: the largest |teacher - ref| and |teacher - stale| over all teacher parameters, how far the
-student moved, a checksum of the teacher (compared across ranks), and partitioning facts.
+student moved, a checksum of the teacher (compared across ranks), and partitioning facts: the teacher elements
+this rank holds between steps (its ZeRO-3 partition) against the full teacher, and how many elements are
+all-gathered per training step (``EMATeacher.gathered_elements``: the teacher forward's gathers).
+
+Then the same steps (same seeds, same batches) run again in the same processes through a ZeRO-0 engine, and
+its per-step losses are recorded next to ZeRO-3's (``losses_zero0``), so the test can compare them.
 """
 from __future__ import annotations
 
@@ -26,22 +31,26 @@ import torch
 
 
 def main(out_dir: str, knobs: str, steps: int) -> None:
-    import deepspeed
+    record = run_zero3(out_dir, knobs, steps)
+    record["losses_zero0"] = run_zero0(out_dir, steps)
+    Path(out_dir, f"rank{record['rank']}.json").write_text(json.dumps(record))
 
+
+def build(out_dir: str, stage: int, knobs: str | None, steps: int):
     from mimscale import config as C
     from mimscale import dist
     from mimscale.engine import deepspeed as ds
     from mimscale.models.vit import build_vit
-    from mimscale.objectives import StepContext, build_objective
+    from mimscale.objectives import build_objective
 
     d = dist.detect()
     dist.export(d)
     torch.set_num_threads(1)
     cfg = C.load("tiny_cpu", [
         "model.arch=vit_micro", "model.img_size=16", "model.patch_size=4", "train.precision=fp32",
-        "train.zero_stage=3", f"train.ds_config={knobs}", "train.batch_size=8", "train.micro_batch_size=4",
-        f"train.run_dir={out_dir}/run", "optim.lr=3e-3", "optim.warmup_epochs=0", "log.wandb=disabled",
-        "objective={name: conmim, proj_hidden: 48, proj_out: 32, ema_m0: 0.6}",
+        f"train.zero_stage={stage}", *([f"train.ds_config={knobs}"] if knobs else []), "train.batch_size=8",
+        "train.micro_batch_size=4", f"train.run_dir={out_dir}/run{stage}", "optim.lr=3e-3", "optim.warmup_epochs=0",
+        "log.wandb=disabled", "objective={name: conmim, proj_hidden: 48, proj_out: 32, ema_m0: 0.6}",
     ])
     derived = C.derive(cfg, d.world_size, samples_per_epoch=8 * steps)
     torch.manual_seed(cfg.train.seed)
@@ -51,6 +60,48 @@ def main(out_dir: str, knobs: str, steps: int) -> None:
     ds.skip_shm_comm_build()          # plain gloo collectives: no JIT build (nor its lock) in this test
     engine = ds.initialize(obj, cfg, derived, dist.accelerator_name())
     ds.set_hparams(engine, derived.lr, cfg.optim.weight_decay)
+    return d, derived, obj, engine
+
+
+def step_ctx(d, derived, engine, step: int, steps: int):
+    from mimscale.engine import deepspeed as ds
+    from mimscale.objectives import StepContext
+
+    return StepContext(step=step, total_steps=steps, epoch=step / steps, lr=derived.lr, rank=d.rank,
+                       world_size=d.world_size, grad_accum=derived.grad_accum,
+                       master_params=partial(ds.master_params, engine), master_shards=partial(ds.master_shards, engine),
+                       all_reduce_mean=ds.all_reduce_mean)
+
+
+def batches(obj, rank: int):
+    g = torch.Generator().manual_seed(1234 + rank)
+    spec = obj.mask_spec()
+    while True:
+        img = torch.randn(4, 3, 16, 16, generator=g)
+        yield {"image": img, "image_teacher": img + 0.3 * torch.randn(img.shape, generator=g), **spec.generate(4, g)}
+
+
+def run_zero0(out_dir: str, steps: int) -> list[float]:
+    d, derived, obj, engine = build(out_dir, 0, None, steps)
+    data = batches(obj, d.rank)
+    losses = []
+    engine.train()
+    for step in range(steps):
+        ctx = step_ctx(d, derived, engine, step, steps)
+        engine.module.before_step(ctx)
+        for _ in range(derived.grad_accum):
+            out = engine(next(data))
+            engine.backward(out.loss)
+            engine.step()
+        engine.module.after_optimizer_step(replace(ctx, step=step + 1))
+        losses.append(float(out.loss))
+    return losses
+
+
+def run_zero3(out_dir: str, knobs: str, steps: int) -> dict:
+    import deepspeed
+
+    d, derived, obj, engine = build(out_dir, 3, knobs, steps)
     students = {"teacher_encoder": obj.encoder, "teacher_projector": obj.projector}
     teachers = {"teacher_encoder": obj.teacher_encoder.module, "teacher_projector": obj.teacher_projector.module}
 
@@ -65,14 +116,19 @@ def main(out_dir: str, knobs: str, steps: int) -> None:
         return out
 
     def teacher_now() -> dict[str, torch.Tensor]:
-        return {f"{tname}.{n}": p.detach().clone() for tname, t in teachers.items() for n, p in t.named_parameters()}
+        """The full teacher (gathered from the partitions: a collective)."""
+        out = {}
+        for tname, t in (("teacher_encoder", obj.teacher_encoder), ("teacher_projector", obj.teacher_projector)):
+            state = t.checkpoint_state()
+            out.update({f"{tname}.{n}": state[n] for n, _ in t.module.named_parameters()})
+        return out
 
     ref = teacher_now()
     stale_ref = {k: v.clone() for k, v in ref.items()}
     prev = consolidated()
     init_teacher = {k: v.clone() for k, v in ref.items()}
-    g = torch.Generator().manual_seed(1234 + d.rank)
-    spec = obj.mask_spec()
+    data = batches(obj, d.rank)
+    full_numel = sum(p.numel() for t in teachers.values() for p in t.parameters())
     record = {"rank": d.rank, "world_size": d.world_size, "steps": []}
     student_params = [p for p in engine.module.parameters() if hasattr(p, "ds_id")]
     record["student_partitioned"] = sum(p.ds_tensor.numel() < p.ds_numel for p in student_params)
@@ -83,19 +139,17 @@ def main(out_dir: str, knobs: str, steps: int) -> None:
     record["teacher_in_optimizer"] = sum(id(p) in opt_ids for t in teachers.values() for p in t.parameters())
     engine.train()
     for step in range(steps):
-        ctx = StepContext(step=step, total_steps=steps, epoch=step / steps, lr=derived.lr, rank=d.rank,
-                          world_size=d.world_size, grad_accum=derived.grad_accum,
-                          master_params=partial(ds.master_params, engine), all_reduce_mean=ds.all_reduce_mean)
+        ctx = step_ctx(d, derived, engine, step, steps)
         engine.module.before_step(ctx)
+        before = obj.teacher_encoder.gathered_elements + obj.teacher_projector.gathered_elements
         for _ in range(derived.grad_accum):
-            img = torch.randn(4, 3, 16, 16, generator=g)
-            batch = {"image": img, "image_teacher": img + 0.3 * torch.randn(img.shape, generator=g),
-                     **spec.generate(4, g)}
-            out = engine(batch)
+            out = engine(next(data))
             engine.backward(out.loss)
             engine.step()
         now = consolidated()
         engine.module.after_optimizer_step(replace(ctx, step=step + 1))
+        gathered = obj.teacher_encoder.gathered_elements + obj.teacher_projector.gathered_elements - before
+        held = obj.teacher_encoder.local_numel() + obj.teacher_projector.local_numel()
         mom = obj.momentum
         teacher = teacher_now()
         for k in ref:
@@ -109,11 +163,13 @@ def main(out_dir: str, knobs: str, steps: int) -> None:
             "max_err_stale": max(float((teacher[k] - stale_ref[k]).abs().max()) for k in ref),
             "student_moved": max(float((now[k] - prev[k]).abs().max()) for k in now),
             "teacher_moved": max(float((teacher[k] - init_teacher[k]).abs().max()) for k in teacher),
+            "teacher_held": held, "teacher_full": full_numel, "gathered_per_step": gathered,
             "checksum": [float(flat.sum()), float((flat * torch.linspace(-1, 1, flat.numel())).sum())],
         })
         prev = now
     record["teacher_keys"] = sorted(ref)
-    Path(out_dir, f"rank{d.rank}.json").write_text(json.dumps(record))
+    record["losses"] = [r["loss"] for r in record["steps"]]
+    return record
 
 
 if __name__ == "__main__":

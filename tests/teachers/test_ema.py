@@ -129,6 +129,36 @@ def test_mismatched_student_is_an_error():
         t.update(CTX, student(0), 1.5)
 
 
+def test_partitioned_path_on_one_rank_matches_the_full_path():
+    """``ctx.master_shards`` (the ZeRO-3 path; on one rank every partition is the whole flattened parameter):
+    the same EMA values, the same forward (through the gather hooks), and the same checkpoint state."""
+    from mimscale.models.vit import build_vit
+
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", 16, 4, pos_embed="learned")
+    a, b = EMATeacher(enc), EMATeacher(enc)
+    perturb(enc, 0.1)
+    full = StepContext()
+    shards = StepContext(master_shards=lambda m: [(n, p.detach().reshape(-1).clone()) for n, p in m.named_parameters()])
+    for m in (0.5, 0.9):
+        a.update(full, enc, m)
+        b.update(shards, enc, m)
+    assert b.local_numel() == sum(p.numel() for p in enc.parameters())
+    held = {n for n, p in b.module.named_parameters() if p.numel()}
+    assert held == {"cls_token", "pos_embed"}                            # root parameters stay whole
+    x = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(b.module.forward_features(x), a.module.forward_features(x), rtol=0, atol=0)
+    assert {n for n, p in b.module.named_parameters() if p.numel()} == held   # released after the forward
+    sa, sb = a.checkpoint_state(), b.checkpoint_state()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    c = EMATeacher(build_vit("vit_micro", 16, 4, pos_embed="learned"))
+    c.update(shards, enc, 1.0)                                           # partition, then load the saved state
+    c.load_checkpoint_state(sb)
+    assert all(torch.equal(v, sb[k]) for k, v in c.checkpoint_state().items())
+    with pytest.raises(RuntimeError, match="partitioned"):
+        b.update(full, enc, 0.5)
+
+
 # ----------------------------------------------------------------------------- schedule (4.5 item 7)
 
 
@@ -203,5 +233,17 @@ def test_zero3_two_ranks_teacher_follows_the_consolidated_student(tmp_path):
         for row in rows[:-1]:                                             # (m = 1 at the last step: no move)
             assert row["max_err_stale"] > 100 * max(row["max_err"], 1e-7), row
         assert rows[-1]["teacher_moved"] > 1e-3
-    # the replicated teacher is identical on both ranks
+    # the (gathered) teacher is identical on both ranks
     assert [r["checksum"] for r in recs[0]["steps"]] == [r["checksum"] for r in recs[1]["steps"]]
+    for rec in recs:
+        for row in rec["steps"]:
+            # each rank holds its half of the teacher between steps (+ the root's cls_token, a few elements)
+            assert row["teacher_held"] < 0.55 * row["teacher_full"], row
+        for row in rec["steps"][1:]:   # (step 0's forward ran before the first update partitioned the teacher)
+            # the only gathers are the teacher forward's (+ the persistent root parameters): ~ one teacher
+            assert row["teacher_full"] <= row["gathered_per_step"] < 1.1 * row["teacher_full"], row
+        # ZeRO-3 (student and teacher partitioned) takes the same steps as ZeRO-0 (everything replicated)
+        assert len(rec["losses_zero0"]) == steps
+        torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(rec["losses_zero0"]), rtol=1e-4,
+                                   atol=1e-5)
+        assert len(set(rec["losses"])) == steps                         # the loss really moves step to step

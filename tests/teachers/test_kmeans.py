@@ -95,3 +95,105 @@ def test_online_kclip_tokenizer(tmp_path):
     KMeans(torch.randn(32, 64), teacher={"sha256": "f" * 64}).save(tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="another teacher"):
         KCLIPTokenizer(clip, tmp_path / "other.pt")
+
+
+def test_collective_flag_on_one_process_and_offset_keys():
+    """``collective=True`` without a process group is the one-process result; ``offset`` shifts the sample
+    keys exactly as if the points before it were streamed too (what rank r > 0 relies on)."""
+    _, _, x = _blobs(n=6000, k=8, dim=4, seed=5)
+    a = fit_streaming(_stream(x, 700), 8, iters=3, init_sample=900, seed=2)
+    b = fit_streaming(_stream(x, 1100), 8, iters=3, init_sample=900, seed=2, collective=True)
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
+    from mimscale.teachers.kmeans import _keys
+
+    assert (_keys(3, 0, 10)[4:] == _keys(3, 4, 6)).all()
+
+
+def _fit_like_before(shards, clip, k, iters, max_images, init_sample):
+    """Today's (pre-cache) CPU path, verbatim in effect: re-encode every image with the teacher on every pass."""
+    from mimscale.data.loader import ShardLoader
+    from mimscale.data.targets import target_view, teacher_view_args
+    from mimscale.teachers.clip import CLIPTeacher
+
+    t = CLIPTeacher(clip)
+    size, side, mean, std = teacher_view_args(t, None, None, None, None)
+    loader = ShardLoader(shards, batch_size=64, mode="eval", num_workers=0, samples_per_epoch=max_images,
+                         transform=target_view(size, mean, std, 3, 1.0))
+    calls = [0]
+
+    def batches():
+        calls[0] += 1
+        for batch in loader:
+            yield t(batch["image"], grid=(side, side))[batch["valid"]].reshape(-1, t.out_dim)
+
+    c, stats = fit_streaming(batches, k, iters=iters, init_sample=init_sample, seed=0)
+    return c, stats, calls[0]
+
+
+@pytest.mark.slow
+def test_cached_multi_rank_fit_equals_the_cpu_path(tiny_clip, fmnist_small, tmp_path):
+    """Real tiny CLIP on real Fashion-MNIST: the cached path (1 process in-process, then torchrun 2 gloo ranks
+    through the CLI) gives today's CPU centroids; the teacher encodes once; a rerun reuses the cache."""
+    import json
+
+    from launch_utils import free_port, run
+
+    from mimscale.teachers.kmeans import fit_kmeans_shards
+
+    shards = str(fmnist_small["train"])
+    ref, ref_stats, passes = _fit_like_before(shards, tiny_clip, 16, 4, 320, 3000)
+    assert passes == 1 + ref_stats["passes"] and ref_stats["passes"] >= 3         # today: one encode per pass
+    cache = tmp_path / "cache"
+    one = fit_kmeans_shards(shards, tiny_clip, 16, tmp_path / "one.pt", iters=4, max_images=320, init_sample=3000,
+                            batch_size=48, num_workers=0, progress=False, device="cpu", cache=cache,
+                            cache_dtype="float32")
+    assert one["points"] == 320 * 64 and one["ranks"] == 1 and one["passes"] == ref_stats["passes"]
+    torch.testing.assert_close(KMeans.load(tmp_path / "one.pt").centroids, ref, rtol=0, atol=1e-4)
+    assert one["inertia"] == pytest.approx(ref_stats["inertia"], rel=1e-5)
+    (bin_file,) = cache.glob("features-rank0-of-1.bin")
+    assert bin_file.stat().st_size == 320 * 64 * 64 * 4                  # every patch feature once, float32
+    mtime = bin_file.stat().st_mtime_ns
+    again = fit_kmeans_shards(shards, tiny_clip, 8, tmp_path / "k8.pt", iters=2, max_images=320, init_sample=3000,
+                              num_workers=0, progress=False, device="cpu", cache=cache, cache_dtype="float32")
+    assert bin_file.stat().st_mtime_ns == mtime and again["k"] == 8       # reused: nothing re-encoded
+    # two ranks through the launcher, default cache (removed afterwards), float16 features
+    for dtype, name in (("float32", "two32.pt"), ("float16", "two16.pt")):
+        p = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mimscale.cli",
+                 "teacher", "fit-kmeans", shards, "--teacher", str(tiny_clip), "--k", "16", "--out",
+                 str(tmp_path / name), "--iters", "4", "--max-images", "320", "--init-sample", "3000",
+                 "--batch-size", "48", "--workers", "0", "--device", "cpu", "--cache-dtype", dtype], timeout=300)
+        stats = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("{")))
+        assert stats["ranks"] == 2 and stats["points"] == 320 * 64 and stats["device"] == "cpu"
+        assert not (tmp_path / f"{name}.cache").exists()
+    torch.testing.assert_close(KMeans.load(tmp_path / "two32.pt").centroids, ref, rtol=0, atol=1e-4)
+    torch.testing.assert_close(KMeans.load(tmp_path / "two16.pt").centroids, ref, rtol=0, atol=2e-2)
+
+
+def test_feature_cache_roundtrip_reuse_and_device_errors(tmp_path):
+    from mimscale.teachers.kmeans import FeatureCache
+    from mimscale.teachers.launch import resolve_device
+
+    x = torch.randn(1000, 6)
+    fc = FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"})
+    assert not fc.complete()
+    assert fc.write(x[i:i + 300] for i in range(0, 1000, 300)) == 1000
+    back = torch.cat(list(fc.chunks(128, torch.device("cpu"))))
+    assert torch.equal(back, x)
+    assert FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"}).complete()
+    assert not FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "cd"}).complete()   # another teacher
+    assert not FeatureCache(tmp_path / "c", 0, 2, 6, "float32", {"teacher": "ab"}).complete()   # another world
+    (tmp_path / "c" / "features-rank0-of-1.bin").write_bytes(b"\0" * 10)                       # truncated
+    assert not FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"}).complete()
+    half = FeatureCache(tmp_path / "h", 0, 1, 6, "float16", {})
+    half.write([x])
+    torch.testing.assert_close(torch.cat(list(half.chunks(999, torch.device("cpu")))), x, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ConfigError, match="cache-dtype"):
+        FeatureCache(tmp_path, 0, 1, 6, "int8", {})
+    with pytest.raises(ConfigError, match="not a device"):
+        resolve_device("gpu-please")
+    with pytest.raises(ConfigError, match="only cpu and cuda"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("cpu") == torch.device("cpu")
