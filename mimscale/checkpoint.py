@@ -222,8 +222,21 @@ class Checkpointer:
                 "epoch": int(mine["loader"].get("epoch", 0))}
 
 
+def check_reshard(found: Found, world_size: int) -> None:
+    """CheckpointError (one line) unless ``found`` can be loaded on ``world_size`` ranks: the same world size
+    always; another one through a universal conversion, which DeepSpeed supports for ZeRO stages 1-3 only."""
+    saved = found.meta["world_size"]
+    if saved != world_size and found.meta.get("zero_stage", 0) == 0:
+        raise CheckpointError(f"{found.path} is a ZeRO-0 checkpoint of {saved} ranks and cannot be loaded on "
+                              f"{world_size} (DeepSpeed's universal checkpoint has no ZeRO-0 support, deepspeed#7200): "
+                              f"resume it on {saved} ranks, or start runs that will change size with "
+                              "train.zero_stage >= 1")
+
+
 def convert_to_universal(found: Found, rank: int) -> None:
-    """Rank 0 converts ``found`` into ``checkpoints/universal/<tag>`` (once); the others wait at a barrier."""
+    """Rank 0 converts ``found`` into ``checkpoints/universal/<tag>`` (once); the others wait at a barrier.
+    Refuses (:func:`check_reshard`) what DeepSpeed cannot convert, on every rank, before any collective."""
+    check_reshard(found, tdist.get_world_size() if tdist.is_initialized() else 1)
     out = found.path.parent / "universal" / found.tag
     if rank == 0 and not (out / "done").is_file():
         from deepspeed.checkpoint import ds_to_universal

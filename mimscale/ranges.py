@@ -32,7 +32,7 @@ class Range:
     hi_open: bool = False
 
     @classmethod
-    def parse(cls, text: str) -> "Range":
+    def parse(cls, text: str) -> Range:
         if text.strip() == "any":
             return cls(text)
         m = _BOUND.match(text)

@@ -15,17 +15,13 @@ from .. import checkpoint as ckpt
 from .. import config as C
 from .. import dist
 from ..data import builtin
-from ..data.loader import ShardLoader
-from ..data.transforms import TrainTransform
 from ..errors import NonFiniteError
-from ..masking import MaskCollate
-from ..models.vit import build_vit
-from ..objectives import StepContext, build_objective
+from ..objectives import StepContext
 from ..telemetry import MetricLogger, Progress, memory_stats
 from ..telemetry.mfu import mfu, peak_flops_for
 from . import deepspeed as ds
 from . import runstate as rs
-from .setup import build_knn, count_samples
+from .setup import build_knn, build_model, count_samples, train_loader
 from .schedule import cosine, warmup_cosine
 
 log = logging.getLogger("mimscale.train")
@@ -60,22 +56,11 @@ def pretrain(cfg: C.Config) -> dict:
     if d.is_main:
         C.save_resolved(cfg, derived, run_dir / "config.yaml")
 
-    torch.manual_seed(t.seed)  # identical init on every rank
-    encoder = build_vit(m.arch, m.img_size, m.patch_size, m.in_chans, drop_path_rate=m.drop_path,
-                        layer_scale_init=m.layer_scale_init, pos_embed=m.pos_embed)
-    encoder.set_grad_checkpointing(m.grad_checkpointing)
-    objective = build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
+    objective = build_model(cfg)  # seeded: identical init on every rank
     engine = ds.initialize(objective, cfg, derived, accelerator, load_universal=universal)
     device = torch.device(engine.device)
     peak = peak_flops_for(device, t.precision)           # per device: datasheet on GPUs, measured on CPUs
-    loader = ShardLoader(train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
-                         transform=objective.train_transform(
-                             TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
-                                            mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
-                         collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers,
-                         seed=t.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                         samples_per_epoch=derived.samples_per_epoch, pin_memory=accelerator == "cuda",
-                         targets=objective.cached_targets())
+    loader = train_loader(cfg, objective, train_src, derived, d, accelerator)
     saver = ckpt.Checkpointer(run_dir, engine, rank=d.rank, world_size=d.world_size, keep_last=t.keep_last,
                               identity=rs.identity(cfg))
     state = {"step": 0, "train_s": 0.0, "device_hours": 0.0, "summary": {}, "next_eval_s": None,
