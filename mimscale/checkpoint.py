@@ -165,31 +165,62 @@ class Checkpointer:
         tmp_tag = f".tmp-{tag}"
         tmp, final = self.root / tmp_tag, self.root / tag
         t0 = time.time()
+        try:
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)                  # debris of a save that crashed
+            _barrier()
+            self.engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False,
+                                        exclude_frozen_parameters=True)
+            torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
+            if self.rank == 0:
+                torch.save({"trainer": trainer, "objective": objective_state}, tmp / "trainer.pt")
+            if extra is not None:
+                extra(tmp)
+            _barrier()
+            if self.rank == 0:
+                meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
+                        "zero_stage": self.engine.zero_optimization_stage(), "identity": self.identity,
+                        "saved_at": time.time(), "files": _files(tmp)}
+                _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
+                if final.exists():                      # an older, unusable copy of this step: set it aside
+                    final.rename(self.root / f"{tag}.replaced-{int(time.time())}")
+                tmp.rename(final)
+        except Exception as e:  # noqa: BLE001 - disk full, read-only or vanished run dir, in any writer
+            raise self._save_failed(step, tmp, e) from None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)                      # debris of a save that crashed
-        _barrier()
-        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
-        torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            torch.save({"trainer": trainer, "objective": objective_state}, tmp / "trainer.pt")
-        if extra is not None:
-            extra(tmp)
-        _barrier()
-        if self.rank == 0:
-            meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                    "zero_stage": self.engine.zero_optimization_stage(), "identity": self.identity,
-                    "saved_at": time.time(), "files": _files(tmp)}
-            _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
-            if final.exists():                          # an older, unusable copy of this step: set it aside
-                final.rename(self.root / f"{tag}.replaced-{int(time.time())}")
-            tmp.rename(final)
-            _fsync_write(self.root / LATEST, tag)
+            try:
+                _fsync_write(self.root / LATEST, tag)
+            except OSError as e:                        # the new checkpoint is complete; find() still sees it
+                log.warning("saved %s but could not update %s (%s)", final, self.root / LATEST, e.strerror)
             self._prune(keep=final)
             log.info("saved checkpoint step=%d to %s (%.1f s)", step, final, time.time() - t0)
         _barrier()
         return final
+
+    def _save_failed(self, step: int, tmp: Path, e: Exception) -> CheckpointError:
+        """Remove this save's partial files (frees the space a full disk needs) and say, in one line, why it
+        failed and which checkpoint is still there to resume from. No collective: under a launcher the other
+        ranks are ended when this one exits (torchrun, srun --kill-on-bad-exit)."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1]
+        last = next(iter(candidates(self.root.parent)), None)
+        previous = last.name if last is not None else None
+        try:
+            free = shutil.disk_usage(self.root).free / 2**20
+            need = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) / 2**20 if last else 0.0
+            where = f"{free:.1f} MiB free" + (f": the file system is full, a checkpoint takes {need:.1f} MiB"
+                                              if free < need else "")
+        except OSError:
+            where = "free space unknown"
+        if not os.access(self.root, os.W_OK):
+            where = "not writable"
+        kept = (f"the previous checkpoint {previous} is intact; the run resumes from it once the run dir is "
+                "writable and has room" if previous else "no earlier checkpoint exists")
+        return CheckpointError(f"cannot save checkpoint step={step} in {self.root} ({where}; {type(e).__name__}: "
+                               f"{why[:200]}); {kept}")
 
     def _prune(self, keep: Path) -> None:
         tags = sorted((p for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True)

@@ -257,3 +257,78 @@ def test_corrupt_latest_checkpoint_resumes_from_previous(fmnist_small, tmp_path)
     assert "truncated" in log and "resumed from checkpoint step=3" in log
     assert newest.exists() or any(x.name.startswith("step_00000006.replaced") for x in (rd / ckpt.CKPT_DIR).iterdir())
     assert json.loads((rd / "summary.json").read_text())["steps"] == 8
+
+
+def _mount(*args: str) -> bool:
+    return subprocess.run(["mount", *args], check=False, capture_output=True).returncode == 0
+
+
+def _save_error(p: subprocess.CompletedProcess) -> str:
+    assert p.returncode == 2, (p.stdout + p.stderr)[-3000:]
+    err = [line for line in p.stderr.splitlines() if line.startswith("mimscale: error:")]
+    assert len(err) == 1, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    return err[0]
+
+
+def _intact(rd: Path, step: int) -> None:
+    found = ckpt.find(rd, {"objective": "mae"})
+    assert found.meta["step"] == step
+    ckpt.check_complete(found.path)                      # every file it lists, at its recorded size
+    assert not [p for p in (rd / ckpt.CKPT_DIR).iterdir() if p.name.startswith(".tmp-")]   # no debris left
+
+
+@pytest.mark.slow
+def test_disk_full_or_read_only_run_dir_at_save_time(fmnist_small, tmp_path):
+    """A run resumed from its step-3 checkpoint cannot write its step-6 one: (a) the file system is full (a
+    tmpfs sized to hold the run plus half a checkpoint), (b) the checkpoint directory is read-only. Each ends
+    with exit 2 and one line naming the cause and the intact checkpoint, which a later run resumes from."""
+    src = tmp_path / "src"
+    run(_cmd(src, fmnist_small, "train.max_steps=3"))
+    ck_bytes = sum(f.stat().st_size for f in (src / ckpt.CKPT_DIR / "step_00000003").rglob("*") if f.is_file())
+    root = os.geteuid() == 0
+
+    # (a) disk full
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    if root and _mount("-t", "tmpfs", "-o", "size=64m", "tmpfs", str(fs)):
+        try:
+            rd = fs / "run"
+            import shutil
+
+            shutil.copytree(src, rd)
+            st = os.statvfs(fs)
+            used = (st.f_blocks - st.f_bfree) * st.f_frsize
+            assert _mount("-o", f"remount,size={(used + ck_bytes // 2) // 4096 * 4096 + 4096}", str(fs))
+            line = _save_error(run(_cmd(rd, fmnist_small, "train.max_steps=8"), check=False))
+            print(line)
+            assert "cannot save checkpoint step=6" in line and "the file system is full" in line, line
+            assert "previous checkpoint step_00000003 is intact" in line, line
+            _intact(rd, 3)
+        finally:
+            subprocess.run(["umount", str(fs)], check=False, capture_output=True)
+    else:
+        print("disk-full case skipped: needs root to mount a tmpfs")
+
+    # (b) read-only checkpoint directory (a read-only bind mount as root: root ignores permission bits)
+    import shutil
+
+    rd = tmp_path / "ro"
+    shutil.copytree(src, rd)
+    ck = rd / ckpt.CKPT_DIR
+    mounted = root and _mount("--bind", str(ck), str(ck)) and _mount("-o", "remount,ro,bind", str(ck))
+    if not mounted:
+        ck.chmod(0o555)
+    try:
+        line = _save_error(run(_cmd(rd, fmnist_small, "train.max_steps=8"), check=False))
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(ck)], check=False, capture_output=True)
+        ck.chmod(0o755)
+    assert "cannot save checkpoint step=6" in line and "previous checkpoint step_00000003 is intact" in line, line
+    print(line)
+    assert "(not writable;" in line, line
+    _intact(rd, 3)
+    p = run(_cmd(rd, fmnist_small, "train.max_steps=8"))      # writable again: resumes from 3, saves 6 and 8
+    assert "resumed from checkpoint step=3" in p.stdout + p.stderr
+    assert ckpt.find(rd, {"objective": "mae"}).meta["step"] == 8
