@@ -6,8 +6,9 @@ Layout of ``RUN_DIR/checkpoints/``::
     latest                  the tag of the newest complete checkpoint (switched last, atomically)
     step_00000100/          DeepSpeed's files (model states, per-rank ZeRO optimizer shards) plus
         meta.json           format, step, world size, ZeRO stage, objective, model shape, file sizes
-        trainer.pt          the loop's counters (time, kNN results, non-finite counts) and the
-                            objective's outside-DeepSpeed state (EMA teacher, adversarial params)
+        trainer.pt          the loop's counters (time, kNN results, non-finite counts), the
+                            objective's outside-DeepSpeed state (EMA teacher, adversarial params) and
+                            the module's buffers (restored by us after a universal load)
         rank_00000.pt       per rank: data-loader position and RNG states
     universal/step_...      a universal conversion, made on demand for a new world size
 
@@ -175,7 +176,8 @@ class Checkpointer:
                                         exclude_frozen_parameters=True)
             torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
             if self.rank == 0:
-                torch.save({"trainer": trainer, "objective": objective_state}, tmp / "trainer.pt")
+                torch.save({"trainer": trainer, "objective": objective_state, "buffers": _buffers(self.engine.module)},
+                           tmp / "trainer.pt")
             if extra is not None:
                 extra(tmp)
             _barrier()
@@ -245,6 +247,8 @@ class Checkpointer:
         if path is None:
             raise CheckpointError(f"{found.path}: DeepSpeed found nothing to load")
         own = torch.load(found.path / "trainer.pt", map_location="cpu", weights_only=True)
+        if universal and own.get("buffers"):
+            _load_buffers(self.engine.module, own["buffers"])
         same = found.meta["world_size"] == self.world_size
         mine = torch.load(found.path / f"rank_{self.rank if same else 0:05d}.pt", map_location="cpu", weights_only=True)
         if same:
@@ -262,6 +266,31 @@ def check_reshard(found: Found, world_size: int) -> None:
                               f"{world_size} (DeepSpeed's universal checkpoint has no ZeRO-0 support, deepspeed#7200): "
                               f"resume it on {saved} ranks, or start runs that will change size with "
                               "train.zero_stage >= 1")
+
+
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers (e.g. BatchNorm running statistics), replicated on every rank at any
+    ZeRO stage: saved by rank 0 beside DeepSpeed's files."""
+    out = {}
+    for prefix, m in module.named_modules():
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b.detach().cpu().clone()
+    return out
+
+
+def _load_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put ``saved`` buffers back: DeepSpeed's universal load restores parameters and optimizer state but, at
+    ZeRO-3, leaves buffers at their initial values (BatchNorm running statistics came back as zeros)."""
+    own = _buffers(module)
+    if own.keys() != saved.keys():
+        raise CheckpointError(f"the checkpoint's module buffers {sorted(saved)[:3]} do not match the model's "
+                              f"{sorted(own)[:3]}")
+    for prefix, m in module.named_modules():
+        for name, b in m._buffers.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if key in saved:
+                b.data.copy_(saved[key].to(b.device, b.dtype))
 
 
 def convert_to_universal(found: Found, rank: int) -> None:
