@@ -6,8 +6,9 @@ Layout of ``RUN_DIR/checkpoints/``::
     latest                  the tag of the newest complete checkpoint (switched last, atomically)
     step_00000100/          DeepSpeed's files (model states, per-rank ZeRO optimizer shards) plus
         meta.json           format, step, world size, ZeRO stage, objective, model shape, file sizes
-        trainer.pt          the loop's counters (time, kNN results, non-finite counts) and the
-                            objective's outside-DeepSpeed state (EMA teacher, adversarial params)
+        trainer.pt          the loop's counters (time, kNN results, non-finite counts), the
+                            objective's outside-DeepSpeed state (EMA teacher, adversarial params) and
+                            the module's buffers (restored by us after a universal load)
         rank_00000.pt       per rank: data-loader position and RNG states
     universal/step_...      a universal conversion, made on demand for a new world size
 
@@ -165,31 +166,63 @@ class Checkpointer:
         tmp_tag = f".tmp-{tag}"
         tmp, final = self.root / tmp_tag, self.root / tag
         t0 = time.time()
+        try:
+            if self.rank == 0:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)                  # debris of a save that crashed
+            _barrier()
+            self.engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False,
+                                        exclude_frozen_parameters=True)
+            torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
+            if self.rank == 0:
+                torch.save({"trainer": trainer, "objective": objective_state, "buffers": _buffers(self.engine.module)},
+                           tmp / "trainer.pt")
+            if extra is not None:
+                extra(tmp)
+            _barrier()
+            if self.rank == 0:
+                meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
+                        "zero_stage": self.engine.zero_optimization_stage(), "identity": self.identity,
+                        "saved_at": time.time(), "files": _files(tmp)}
+                _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
+                if final.exists():                      # an older, unusable copy of this step: set it aside
+                    final.rename(self.root / f"{tag}.replaced-{int(time.time())}")
+                tmp.rename(final)
+        except Exception as e:  # noqa: BLE001 - disk full, read-only or vanished run dir, in any writer
+            raise self._save_failed(step, tmp, e) from None
         if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)                      # debris of a save that crashed
-        _barrier()
-        self.engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
-        torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
-        if self.rank == 0:
-            torch.save({"trainer": trainer, "objective": objective_state}, tmp / "trainer.pt")
-        if extra is not None:
-            extra(tmp)
-        _barrier()
-        if self.rank == 0:
-            meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                    "zero_stage": self.engine.zero_optimization_stage(), "identity": self.identity,
-                    "saved_at": time.time(), "files": _files(tmp)}
-            _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
-            if final.exists():                          # an older, unusable copy of this step: set it aside
-                final.rename(self.root / f"{tag}.replaced-{int(time.time())}")
-            tmp.rename(final)
-            _fsync_write(self.root / LATEST, tag)
+            try:
+                _fsync_write(self.root / LATEST, tag)
+            except OSError as e:                        # the new checkpoint is complete; find() still sees it
+                log.warning("saved %s but could not update %s (%s)", final, self.root / LATEST, e.strerror)
             self._prune(keep=final)
             log.info("saved checkpoint step=%d to %s (%.1f s)", step, final, time.time() - t0)
         _barrier()
         return final
+
+    def _save_failed(self, step: int, tmp: Path, e: Exception) -> CheckpointError:
+        """Remove this save's partial files (frees the space a full disk needs) and say, in one line, why it
+        failed and which checkpoint is still there to resume from. No collective: under a launcher the other
+        ranks are ended when this one exits (torchrun, srun --kill-on-bad-exit)."""
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[-1]
+        last = next(iter(candidates(self.root.parent)), None)
+        previous = last.name if last is not None else None
+        try:
+            free = shutil.disk_usage(self.root).free / 2**20
+            need = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) / 2**20 if last else 0.0
+            where = f"{free:.1f} MiB free" + (f": the file system is full, a checkpoint takes {need:.1f} MiB"
+                                              if free < need else "")
+        except OSError:
+            where = "free space unknown"
+        if not os.access(self.root, os.W_OK):
+            where = "not writable"
+        kept = (f"the previous checkpoint {previous} is intact; the run resumes from it once the run dir is "
+                "writable and has room" if previous else "no earlier checkpoint exists")
+        return CheckpointError(f"cannot save checkpoint step={step} in {self.root} ({where}; {type(e).__name__}: "
+                               f"{why[:200]}); {kept}")
 
     def _prune(self, keep: Path) -> None:
         tags = sorted((p for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True)
@@ -214,6 +247,8 @@ class Checkpointer:
         if path is None:
             raise CheckpointError(f"{found.path}: DeepSpeed found nothing to load")
         own = torch.load(found.path / "trainer.pt", map_location="cpu", weights_only=True)
+        if universal and own.get("buffers"):
+            _load_buffers(self.engine.module, own["buffers"])
         same = found.meta["world_size"] == self.world_size
         mine = torch.load(found.path / f"rank_{self.rank if same else 0:05d}.pt", map_location="cpu", weights_only=True)
         if same:
@@ -222,8 +257,46 @@ class Checkpointer:
                 "epoch": int(mine["loader"].get("epoch", 0))}
 
 
+def check_reshard(found: Found, world_size: int) -> None:
+    """CheckpointError (one line) unless ``found`` can be loaded on ``world_size`` ranks: the same world size
+    always; another one through a universal conversion, which DeepSpeed supports for ZeRO stages 1-3 only."""
+    saved = found.meta["world_size"]
+    if saved != world_size and found.meta.get("zero_stage", 0) == 0:
+        raise CheckpointError(f"{found.path} is a ZeRO-0 checkpoint of {saved} ranks and cannot be loaded on "
+                              f"{world_size} (DeepSpeed's universal checkpoint has no ZeRO-0 support, deepspeed#7200): "
+                              f"resume it on {saved} ranks, or start runs that will change size with "
+                              "train.zero_stage >= 1")
+
+
+def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's persistent buffers (e.g. BatchNorm running statistics), replicated on every rank at any
+    ZeRO stage: saved by rank 0 beside DeepSpeed's files."""
+    out = {}
+    for prefix, m in module.named_modules():
+        for name, b in m._buffers.items():
+            if b is not None and name not in m._non_persistent_buffers_set:
+                out[f"{prefix}.{name}" if prefix else name] = b.detach().cpu().clone()
+    return out
+
+
+def _load_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put ``saved`` buffers back: DeepSpeed's universal load restores parameters and optimizer state but, at
+    ZeRO-3, leaves buffers at their initial values (BatchNorm running statistics came back as zeros)."""
+    own = _buffers(module)
+    if own.keys() != saved.keys():
+        raise CheckpointError(f"the checkpoint's module buffers {sorted(saved)[:3]} do not match the model's "
+                              f"{sorted(own)[:3]}")
+    for prefix, m in module.named_modules():
+        for name, b in m._buffers.items():
+            key = f"{prefix}.{name}" if prefix else name
+            if key in saved:
+                b.data.copy_(saved[key].to(b.device, b.dtype))
+
+
 def convert_to_universal(found: Found, rank: int) -> None:
-    """Rank 0 converts ``found`` into ``checkpoints/universal/<tag>`` (once); the others wait at a barrier."""
+    """Rank 0 converts ``found`` into ``checkpoints/universal/<tag>`` (once); the others wait at a barrier.
+    Refuses (:func:`check_reshard`) what DeepSpeed cannot convert, on every rank, before any collective."""
+    check_reshard(found, tdist.get_world_size() if tdist.is_initialized() else 1)
     out = found.path.parent / "universal" / found.tag
     if rank == 0 and not (out / "done").is_file():
         from deepspeed.checkpoint import ds_to_universal

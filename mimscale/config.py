@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError
+from .ranges import check_ranges, num
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEFAULT_RECIPE = "tiny_cpu"
@@ -27,11 +28,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @dataclass
 class ModelConfig:
     arch: str = "vit_base"
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    drop_path: float = 0.0
-    layer_scale_init: float | None = None
+    img_size: int = num(224, ">= 1")
+    patch_size: int = num(16, ">= 1")
+    in_chans: int = num(3, ">= 1")
+    drop_path: float = num(0.0, "[0, 1)")
+    layer_scale_init: float | None = num(None, "> 0")
     pos_embed: Literal["sincos", "learned", "relative"] = "sincos"  # relative: BEiT shared rel-pos bias
     grad_checkpointing: bool = False
     compile: bool = False                    # torch.compile every transformer block (encoder and decoder)
@@ -41,28 +42,28 @@ class ModelConfig:
 class DataConfig:
     train: str = "fashion-mnist:train"      # shard source, or a built-in name converted on first use
     root: str = "~/.cache/mimscale/data"     # where built-in data sets are converted to shards
-    samples_per_epoch: int | None = None     # default: the manifest's sample count
-    num_workers: int = 8
-    shuffle_buffer: int = 5000
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    samples_per_epoch: int | None = num(None, ">= 1")  # default: the manifest's sample count
+    num_workers: int = num(8, ">= 0")
+    shuffle_buffer: int = num(5000, ">= 0")
+    crop_scale: tuple[float, float] = num((0.2, 1.0), "(0, 1]")
     hflip: bool = True
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    mean: tuple[float, ...] = num(IMAGENET_MEAN, "any")
+    std: tuple[float, ...] = num(IMAGENET_STD, "> 0")
     decode: Literal["auto", "cpu", "device"] = "auto"  # device: batched nvJPEG decode + crop on the GPU; auto: on
     #                                        CUDA when the objective's transform allows it (else cpu, in the workers)
 
 
 @dataclass
 class OptimConfig:
-    blr: float = 1.5e-4                      # base lr; lr = blr * batch_size / 256
-    lr: float | None = None                  # absolute lr; overrides blr
-    min_lr: float = 0.0
-    warmup_epochs: float = 40.0
-    weight_decay: float = 0.05
-    weight_decay_end: float | None = None    # cosine wd schedule end value (None: constant)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    clip_grad: float = 0.0                   # 0: no clipping
+    blr: float = num(1.5e-4, "> 0")          # base lr; lr = blr * batch_size / 256
+    lr: float | None = num(None, "> 0")      # absolute lr; overrides blr
+    min_lr: float = num(0.0, ">= 0")
+    warmup_epochs: float = num(40.0, ">= 0")
+    weight_decay: float = num(0.05, ">= 0")
+    weight_decay_end: float | None = num(None, ">= 0")  # cosine wd schedule end value (None: constant)
+    betas: tuple[float, float] = num((0.9, 0.95), "[0, 1)")
+    eps: float = num(1e-8, "> 0")
+    clip_grad: float = num(0.0, ">= 0")      # 0: no clipping
     # auto: torch.optim.AdamW(fused=True) on CUDA, torch's foreach AdamW on CPU (nothing JIT-compiled);
     # fused / torch: those two anywhere; deepspeed: DeepSpeed's FusedAdam (JIT-built, needs nvcc + CUDA toolkit)
     impl: Literal["auto", "torch", "fused", "deepspeed"] = "auto"
@@ -70,43 +71,43 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: float = 800.0
-    batch_size: int = 4096                   # effective (global) batch per optimizer step
-    micro_batch_size: int = 64               # per device per forward
-    max_steps: int | None = None             # stop early; the schedule still spans `epochs`
-    max_minutes: float | None = None         # stop early after this much wall-clock
+    epochs: float = num(800.0, "> 0")
+    batch_size: int = num(4096, ">= 1")      # effective (global) batch per optimizer step
+    micro_batch_size: int = num(64, ">= 1")  # per device per forward
+    max_steps: int | None = num(None, ">= 1")  # stop early; the schedule still spans `epochs`
+    max_minutes: float | None = num(None, "> 0")  # stop early after this much wall-clock
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool = True                        # CUDA: TF32 tensor cores for fp32 matmuls/convolutions
-    zero_stage: int = 1
+    zero_stage: int = num(1, "[0, 3]")
     offload: bool = False                    # ZeRO-Offload of optimizer state (stage 1-3) and params (stage 3)
     ds_config: str | None = None             # a DeepSpeed knobs file instead of ds_configs/zero{stage}.json
-    seed: int = 0
+    seed: int = num(0, "[0, 4294967295]")  # numpy takes 32-bit seeds
     run_dir: str = "runs/{objective}_{arch}"
-    log_every: int = 10
-    save_every: int = 0                      # optimizer steps between checkpoints (0: only by time / at the end)
-    save_every_minutes: float | None = 30.0  # wall-clock minutes between checkpoints
-    keep_last: int = 3                       # complete checkpoints kept (older ones are removed after a save)
+    log_every: int = num(10, ">= 1")
+    save_every: int = num(0, ">= 0")         # optimizer steps between checkpoints (0: only by time / at the end)
+    save_every_minutes: float | None = num(30.0, "> 0")  # wall-clock minutes between checkpoints
+    keep_last: int = num(3, ">= 1")          # complete checkpoints kept (older ones are removed after a save)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from RUN_DIR/checkpoints/latest when present
-    nonfinite_patience: int = 20             # non-finite steps in a row before on_nonfinite acts
+    nonfinite_patience: int = num(20, ">= 1")  # non-finite steps in a row before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "stop"  # rollback: reload the last checkpoint, lr x rollback_lr_scale
-    rollback_lr_scale: float = 0.5
+    rollback_lr_scale: float = num(0.5, "(0, 1]")
 
 
 @dataclass
 class EvalConfig:
     knn_train: str | None = None             # labelled shard directory (or built-in name): the kNN bank
     knn_test: str | None = None              # labelled shard directory (or built-in name): queries
-    knn_train_samples: int | None = None     # cap on the memory bank (whole shards are taken)
-    knn_test_samples: int | None = None      # cap on the queries (whole shards are taken)
-    knn_every: int = 0                       # steps between kNN evaluations (0: only at start/end)
-    knn_every_minutes: float | None = None   # or: minutes of training time (evaluation time excluded)
+    knn_train_samples: int | None = num(None, ">= 1")  # cap on the memory bank (whole shards are taken)
+    knn_test_samples: int | None = num(None, ">= 1")   # cap on the queries (whole shards are taken)
+    knn_every: int = num(0, ">= 0")          # steps between kNN evaluations (0: only at start/end)
+    knn_every_minutes: float | None = num(None, "> 0")  # or: minutes of training time (evaluation excluded)
     knn_at_start: bool = True                # the random-init baseline
-    knn_k: int = 20
-    knn_temperature: float = 0.07
+    knn_k: int = num(20, ">= 1")
+    knn_temperature: float = num(0.07, "> 0")
     pool: Literal["cls", "mean"] = "cls"
-    img_size: int | None = None              # default: model.img_size
-    batch_size: int = 256
-    num_workers: int = 2
+    img_size: int | None = num(None, ">= 1")  # default: model.img_size
+    batch_size: int = num(256, ">= 1")
+    num_workers: int = num(2, ">= 0")
 
 
 @dataclass
@@ -226,7 +227,9 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
         kwargs[k] = _check_type(v, hints[k], key)
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    check_ranges(obj, prefix)
+    return obj
 
 
 def to_dict(obj: Any) -> Any:
@@ -336,20 +339,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.arch='{m.arch}' is not one of {', '.join(ARCHS)}{hint}")
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size={m.img_size} is not a multiple of model.patch_size={m.patch_size}")
-    if t.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     if t.offload and t.zero_stage == 0:
         raise ConfigError("train.offload=true needs train.zero_stage >= 1")
     if m.compile and t.zero_stage == 3:
         raise ConfigError("model.compile=true with train.zero_stage=3: ZeRO-3 gathers each block's parameters "
                           "in module hooks that a compiled block bypasses; use zero_stage 0-2, or compile=false")
-    if t.micro_batch_size < 1 or t.batch_size < t.micro_batch_size:
-        raise ConfigError(f"train.batch_size={t.batch_size} must be >= train.micro_batch_size={t.micro_batch_size} >= 1")
-    if t.epochs <= 0:
-        raise ConfigError(f"train.epochs={t.epochs} must be positive")
+    if t.batch_size < t.micro_batch_size:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be >= train.micro_batch_size={t.micro_batch_size}")
     if len(d.mean) != m.in_chans or len(d.std) != m.in_chans:
         raise ConfigError(f"data.mean/data.std need {m.in_chans} values (model.in_chans)")
-    if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+    if d.crop_scale[0] > d.crop_scale[1]:
         raise ConfigError(f"data.crop_scale={list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
     if (e.knn_train is None) != (e.knn_test is None):
         raise ConfigError("eval.knn_train and eval.knn_test must be set together")

@@ -61,8 +61,9 @@ on_usr1() {
     if [ -n "$STEP_PID" ]; then kill -USR1 "$STEP_PID" 2>/dev/null
     else say "(before any rank started: --time is shorter than the --signal warning time; nothing to save)"; fi
 }
+GOT_TERM=0
 on_term() {   # scancel / preemption: SLURM signals the ranks itself; wait for their save, do not requeue
-    INTERRUPTED=1
+    INTERRUPTED=1 GOT_TERM=1
     say "TERM: the job is being cancelled or preempted"
 }
 trap on_usr1 USR1
@@ -115,5 +116,23 @@ if [ "$rc" -eq 42 ] && [ "$GOT_USR1" = 1 ]; then
     say "FAILED: scontrol requeue did not work; submit the same command again to resume"
     exit 42
 fi
+# A rank killed by a signal (its node was lost, the OOM killer, SIGKILL): srun ends the others (a collective with a
+# dead peer fails; --wait above) and reports 128 + the signal. Requeue: the next start resumes from the last
+# checkpoint and redoes the steps after it. At most MIMSCALE_MAX_CRASH_REQUEUES (default 3) times per job, so a
+# rank that dies every time does not loop forever; never after scancel/preemption (TERM).
+crashes_file="${SLURM_SUBMIT_DIR:-.}/.mimscale-job-$SLURM_JOB_ID.crash-requeues"
+if [ "$rc" -ge 128 ] && [ "$GOT_TERM" = 0 ]; then
+    crashes=$(cat "$crashes_file" 2>/dev/null || echo 0)
+    if [ "$crashes" -lt "${MIMSCALE_MAX_CRASH_REQUEUES:-3}" ]; then
+        echo $((crashes + 1)) > "$crashes_file"
+        say "a rank was killed (exit $rc = signal $((rc - 128))): requeueing job $SLURM_JOB_ID (crash requeue" \
+            "$((crashes + 1)) of ${MIMSCALE_MAX_CRASH_REQUEUES:-3}); it resumes from the last checkpoint"
+        scontrol requeue "$SLURM_JOB_ID" && exit 0
+        say "FAILED: scontrol requeue did not work; submit the same command again to resume"
+    else
+        say "a rank was killed again (exit $rc); not requeueing after $crashes crash requeues"
+    fi
+fi
+rm -f "$crashes_file"
 say "the ranks exited with code $rc"
 exit "$rc"

@@ -20,6 +20,7 @@ from PIL import Image, ImageFilter
 from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError
+from ..ranges import num
 from .transforms import TrainTransform
 
 __all__ = ["PhotometricConfig", "Photometric", "SharedGeometryViews"]
@@ -31,16 +32,16 @@ _DRAWS = 13  # uniforms consumed per Photometric call (whatever is applied)
 class PhotometricConfig:
     """Probabilities and strengths (defaults: BEiT/ConMIM's teacher view, docs/objectives/conmim.md)."""
 
-    jitter_p: float = 0.8
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1
-    grayscale_p: float = 0.2
-    blur_p: float = 0.1
-    blur_radius: tuple[float, float] = (0.1, 2.0)
-    solarize_p: float = 0.2
-    solarize_threshold: int = 128
+    jitter_p: float = num(0.8, "[0, 1]")
+    brightness: float = num(0.4, ">= 0")
+    contrast: float = num(0.4, ">= 0")
+    saturation: float = num(0.2, ">= 0")
+    hue: float = num(0.1, "[0, 0.5]")
+    grayscale_p: float = num(0.2, "[0, 1]")
+    blur_p: float = num(0.1, "[0, 1]")
+    blur_radius: tuple[float, float] = num((0.1, 2.0), ">= 0")
+    solarize_p: float = num(0.2, "[0, 1]")
+    solarize_threshold: int = num(128, "[0, 256]")
 
     def validate(self, key: str = "teacher_aug") -> None:
         for name in ("jitter_p", "grayscale_p", "blur_p", "solarize_p"):

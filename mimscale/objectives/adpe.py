@@ -52,6 +52,7 @@ from ..errors import ConfigError
 from ..masking import random_masks
 from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
 from ..models.vit import Block, VisionTransformer
+from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, StepContext, init_encoder, register, token_no_decay
 from .mae import check_mae_knobs, init_decoder_weights, masked_mse, normalize_patches, patchify
@@ -200,23 +201,23 @@ class AdversarialDelta(nn.Module):
 @dataclass
 class AdPEConfig:
     pe_type: Literal["ape", "rpe"] = "ape"    # "rpe" (iRPE-style) is not implemented
-    adv_type: int = 1                         # 0 none (MAE+) | 1 embedding mode | 2 coordinate mode
-    adv_blr: float = 1.5e-4                   # adv_lr = adv_blr * eff_batch / 256 * lr_factor [code/README]
-    adv_wd: float = 0.0                       # decoupled decay of delta (shrinks it); 0 in the original [code]
+    adv_type: int = num(1, "[0, 2]")          # 0 none (MAE+) | 1 embedding mode | 2 coordinate mode
+    adv_blr: float = num(1.5e-4, ">= 0")      # adv_lr = adv_blr * eff_batch / 256 * lr_factor [code/README]
+    adv_wd: float = num(0.0, ">= 0")          # decoupled decay of delta (shrinks it); 0 in the original [code]
     adv_norm: Literal[0, 1, 2, "none", "l2", "linf"] = 0   # projection after each step [unverified]
-    adv_eps: float = 1.0                      # projection radius [unverified]
-    adv_betas: tuple[float, float] = (0.9, 0.95)   # the original shares the main AdamW's betas
-    adv_adam_eps: float = 1e-8
-    adv_batch_size: int | None = None         # eff_batch for adv_lr; None = micro-batch x grad_accum x world
-    num_crops: int = 4
-    crop_size: int = 112
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    mask_ratio: float = 0.75
+    adv_eps: float = num(1.0, ">= 0")         # projection radius [unverified]
+    adv_betas: tuple[float, float] = num((0.9, 0.95), "[0, 1)")  # the original shares the main AdamW's betas
+    adv_adam_eps: float = num(1e-8, "> 0")
+    adv_batch_size: int | None = num(None, ">= 1")  # eff_batch for adv_lr; None = micro-batch x grad_accum x world
+    num_crops: int = num(4, ">= 1")
+    crop_size: int = num(112, ">= 1")
+    crop_scale: tuple[float, float] = num((0.08, 1.0), "(0, 1]")
+    mask_ratio: float = num(0.75, "[0, 1)")
     norm_pix_loss: bool = True
-    norm_pix_eps: float = 1e-6
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
+    norm_pix_eps: float = num(1e-6, "> 0")
+    decoder_dim: int = num(512, ">= 4")
+    decoder_depth: int = num(8, ">= 0")
+    decoder_heads: int = num(16, ">= 1")
     init: Literal["mae", "beit", "timm"] = "mae"   # encoder init [code: MAE's xavier]; the decoder keeps MAE's
     wd_cls_token: bool = True                 # weight decay on the 3-D cls token [code: decayed]
     wd_mask_token: bool = True                # ... and on the mask token [code: decayed]
@@ -413,7 +414,7 @@ class MAEPlus(_MultiCropMIM):
 
     @dataclass
     class Config(AdPEConfig):
-        adv_type: int = 0
+        adv_type: int = num(0, "[0, 2]")          # only 0 is MAE+ (the constructor says to use name: adpe)
 
     def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
         if cfg.adv_type != 0:

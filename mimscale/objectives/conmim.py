@@ -34,6 +34,7 @@ from ..data.photometric import Photometric, PhotometricConfig, SharedGeometryVie
 from ..errors import ConfigError
 from ..masking import block_masks
 from ..models.vit import VisionTransformer, init_linear_, init_token_
+from ..ranges import num
 from ..teachers.ema import EMATeacher, hold_outside, momentum_at
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, init_encoder, register, token_no_decay
@@ -132,17 +133,17 @@ class ConMIM(Objective):
 
     @dataclass
     class Config:
-        temperature: float = 0.1
-        ema_m0: float = 0.996
+        temperature: float = num(0.1, "> 0")
+        ema_m0: float = num(0.996, "[0, 1]")
         ema_schedule: Literal["cosine_to_1", "constant"] = "cosine_to_1"
-        proj_hidden: int = 4096
-        proj_out: int = 256
-        proj_layers: int = 3
+        proj_hidden: int = num(4096, ">= 1")
+        proj_out: int = num(256, ">= 1")
+        proj_layers: int = num(3, ">= 1")
         mask_type: Literal["random_mps32", "block"] = "random_mps32"
-        mask_ratio: float = 0.75              # random_mps32: ceil(U * r) units of mask_unit x mask_unit patches
-        mask_unit: int = 2                    # 2 x 2 patches = 32 px at p = 16, 28 px at p = 14 [unverified for H]
-        block_num_masked: int = 75            # block: target masked patches per image [code]
-        block_min_patches: int = 16           # block: smallest rectangle [code]
+        mask_ratio: float = num(0.75, "(0, 1)")  # random_mps32: ceil(U * r) units of mask_unit x mask_unit patches
+        mask_unit: int = num(2, ">= 1")       # 2 x 2 patches = 32 px at p = 16, 28 px at p = 14 [unverified for H]
+        block_num_masked: int = num(75, ">= 1")  # block: target masked patches per image [code]
+        block_min_patches: int = num(16, ">= 1")  # block: smallest rectangle [code]
         block_exact_count: bool = False       # block: force the count; the code's generator does not [code]
         teacher_aug: PhotometricConfig = field(default_factory=PhotometricConfig)
         init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]

@@ -39,6 +39,7 @@ from torch import nn
 from ..errors import ConfigError, DataError
 from ..masking import block_masks
 from ..models.vit import VisionTransformer, init_linear_, init_token_
+from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, StepContext, init_encoder, register, token_no_decay
 
@@ -303,22 +304,22 @@ class DTM(Objective):
         teacher_dtype: Literal["fp32", "bf16"] = "fp32"
         teacher_norm: Literal["student", "clip"] = "student"   # official: the student's normalised tensor
         target_key: str = "clip.npy"          # batch key of cached targets (target_source: shards)
-        crop_pct: float = 1.0                 # shards: the centre crop the cache was computed on (add-targets)
-        num_levels: int = 2
-        max_merges: int | None = None         # per level; None: N (196 for ViT-B/16)
-        max_iters: int = 14
+        crop_pct: float = num(1.0, "(0, 1]")  # shards: the centre crop the cache was computed on (add-targets)
+        num_levels: int = num(2, ">= 1")
+        max_merges: int | None = num(None, ">= 0")  # per level; None: N (196 for ViT-B/16)
+        max_iters: int = num(14, ">= 1")
         loss: Literal["smooth_l1", "mse"] = "smooth_l1"
-        smooth_l1_beta: float = 2.0
-        w_dtm: float = 1.0
+        smooth_l1_beta: float = num(2.0, "> 0")
+        w_dtm: float = num(1.0, ">= 0")
         normalize_target: bool = False        # standardise the morphed targets per token [code: off by default]
         protect_first_token: bool = True      # compat with the reference (ToMe's class-token option)
         split: Literal["alternate", "random"] = "alternate"
-        mask_ratio: float = 0.383             # num_masked = round(mask_ratio * N) when num_masked is unset
-        num_masked: int | None = None         # None: round(0.383 N) = 75 of 196
-        min_block: int = 16
-        head_dim: int = 512
-        color_jitter: float = 0.4             # ColorJitter(0.4, 0.4, 0.4) before the crop
-        schedule_seed: int = 0                # the morphing schedule's generator: (seed, rank, step, micro-batch)
+        mask_ratio: float = num(0.383, "[0, 1]")  # num_masked = round(mask_ratio * N) when num_masked is unset
+        num_masked: int | None = num(None, ">= 0")  # None: round(0.383 N) = 75 of 196
+        min_block: int = num(16, ">= 1")
+        head_dim: int = num(512, ">= 1")
+        color_jitter: float = num(0.4, ">= 0")  # ColorJitter(0.4, 0.4, 0.4) before the crop
+        schedule_seed: int = num(0, "[0, 4294967295]")  # schedule generator: (seed, rank, step, micro-batch)
         init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]
         wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
         wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]

@@ -29,6 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from ..errors import ConfigError
 from ..masking import MaskSpec, num_visible, visible_indices
 from ..models.vit import VisionTransformer
+from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, init_encoder, register, require_absolute_pos, token_no_decay
 from .mae import MAEDecoder, masked_mse, normalize_patches, patchify
@@ -95,18 +96,18 @@ class EMAE(Objective):
 
     @dataclass
     class Config:
-        mask_ratio: float = 0.75
-        num_parts: int | None = None          # None: round(1 / (1 - mask_ratio)) (4 for 0.75) [unverified]
-        sc_weight: float = 1.0                # lambda_sc [unverified]
+        mask_ratio: float = num(0.75, "[0, 1)")
+        num_parts: int | None = num(None, ">= 2")  # None: round(1 / (1 - mask_ratio)) (4 for 0.75) [unverified]
+        sc_weight: float = num(1.0, ">= 0")   # lambda_sc [unverified]
         sc_loss: Literal["mse"] = "mse"       # [unverified]
         sc_stopgrad: Literal["symmetric", "none"] = "symmetric"   # "none": ablation only [unverified]
-        sc_start_epoch: float = 0.0           # lambda_sc ramps 0 -> sc_weight over [0, sc_start_epoch] [unverified]
-        parts_chunk: int | None = None        # parts per encoder+decoder call; < K recomputes chunks in backward
+        sc_start_epoch: float = num(0.0, ">= 0")  # lambda_sc ramps 0 -> sc_weight over [0, sc_start_epoch] [unverified]
+        parts_chunk: int | None = num(None, ">= 1")  # parts per encoder+decoder call; < K recomputes chunks in backward
         norm_pix_loss: bool = True
-        norm_pix_eps: float = 1e-6
-        decoder_dim: int = 512
-        decoder_depth: int = 8
-        decoder_heads: int = 16
+        norm_pix_eps: float = num(1e-6, "> 0")
+        decoder_dim: int = num(512, ">= 4")
+        decoder_depth: int = num(8, ">= 0")
+        decoder_heads: int = num(16, ">= 1")
         init: Literal["mae", "beit", "timm"] = "mae"   # no EMAE code: MAE's (xavier) [our choice]
         wd_cls_token: bool = True             # as MAE's code [our choice]
         wd_mask_token: bool = True            # as MAE's code [our choice]

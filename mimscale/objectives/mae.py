@@ -10,6 +10,7 @@ from torch import nn
 from ..masking import MaskSpec, visible_indices
 from ..models.pos_embed import sincos_2d
 from ..models.vit import Block, VisionTransformer
+from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, init_encoder, register, token_no_decay
 
@@ -116,12 +117,12 @@ class MAE(Objective):
 
     @dataclass
     class Config:
-        mask_ratio: float = 0.75
+        mask_ratio: float = num(0.75, "[0, 1)")
         norm_pix_loss: bool = True
-        norm_pix_eps: float = 1e-6
-        decoder_dim: int = 512
-        decoder_depth: int = 8
-        decoder_heads: int = 16
+        norm_pix_eps: float = num(1e-6, "> 0")
+        decoder_dim: int = num(512, ">= 4")
+        decoder_depth: int = num(8, ">= 0")
+        decoder_heads: int = num(16, ">= 1")
         loss: Literal["mse"] = "mse"
         init: Literal["mae", "beit", "timm"] = "mae"   # encoder init [code: xavier]; the decoder keeps MAE's
         wd_cls_token: bool = True             # weight decay on the 3-D cls token [code: decayed]

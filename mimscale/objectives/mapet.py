@@ -53,6 +53,7 @@ from torchvision.transforms import functional as TF
 from ..data.transforms import EvalTransform
 from ..errors import ConfigError, DataError
 from ..models.vit import Block, VisionTransformer, init_linear_, init_token_
+from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, init_encoder, register, require_absolute_pos, token_no_decay
 from .mae import patchify
@@ -180,16 +181,16 @@ class MaPeT(Objective):
 
     @dataclass
     class Config:
-        least_context: int | None = None      # |C| incl. cls; None: N + 1 - round(predict_ratio * N) (50 for N=196)
-        predict_ratio: float = 0.75           # used when least_context is None
-        vocab_size: int = 8192                # k-CLIP centroids
+        least_context: int | None = num(None, ">= 1")  # |C| incl. cls; None: N + 1 - round(predict_ratio * N)
+        predict_ratio: float = num(0.75, "(0, 1]")  # used when least_context is None
+        vocab_size: int = num(8192, ">= 2")   # k-CLIP centroids
         target_source: Literal["shards", "pixel_mean"] = "shards"   # pixel_mean: tests / smoke runs only
         target_key: str = "kclip.npy"         # shard field holding the codes (uint16 [N] per sample)
-        label_smoothing: float = 0.0
+        label_smoothing: float = num(0.0, "[0, 1)")
         aux_pos_tokens: bool = True           # False: XLNet-style (no aux tokens in the content stream)
-        crop_pct: float = 1.0                 # centre crop the cached codes were computed on (1.0: full square)
-        target_image_size: int | None = None  # size the codes were computed at (add-targets --image-size); None: model's
-        color_jitter: float = 0.4
+        crop_pct: float = num(1.0, "(0, 1]")  # centre crop the cached codes were computed on (1.0: full square)
+        target_image_size: int | None = num(None, ">= 1")  # the codes' size (add-targets --image-size); None: model's
+        color_jitter: float = num(0.4, "[0, 1)")
         init: Literal["mae", "beit", "timm"] = "timm"   # encoder and z [code: timm's ViT init]
         wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
         wd_mask_token: bool = True            # weight decay on z [code: its 3-D mask positional token is decayed]

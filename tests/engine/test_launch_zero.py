@@ -184,18 +184,43 @@ def test_frozen_teacher_under_zero3_is_whole_and_not_checkpointed(fmnist_small, 
     assert summary(rd)["steps"] == 3
 
 
-def test_mapet_two_stream_attention_is_identical_at_zero0_and_zero3(fmnist_small, tmp_path, knobs_no_persistence):
+def test_mapet_two_stream_attention_is_identical_at_zero0_zero2_and_zero3(fmnist_small, tmp_path,
+                                                                         knobs_no_persistence):
     """MaPeT reaches into the encoder's blocks (``Attention.forward_qkv``, learned ``pos_embed``) outside their
-    own forward calls: ZeRO-3 must still gather those weights, giving ZeRO-0's per-step losses."""
-    got = {}
-    for stage in (0, 3):
+    own forward calls and uses each block's qkv weights twice per step (content and query streams): ZeRO-3 must
+    still gather those weights, and ZeRO-2/3 gradient hooks must fire for both uses also under activation
+    checkpointing (DeepSpeed has had bugs there, deepspeed#988). ZeRO-2 and ZeRO-3 with checkpointing give
+    ZeRO-0's (no checkpointing) per-step losses and final encoder weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mimscale.models.vit import build_vit
+
+    got, enc = {}, {}
+    for stage in (0, 2, 3):
         rd = tmp_path / f"z{stage}"
         kv = [a for a in tiny_overrides(fmnist_small, rd, train__zero_stage=stage, train__max_steps=3,
-                                        model__pos_embed="learned") if not a.startswith("objective.")]
+                                        model__pos_embed="learned", model__grad_checkpointing=stage > 0)
+              if not a.startswith("objective.")]
         if stage == 3:
             kv.append(f"train.ds_config={knobs_no_persistence}")
         run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mimscale.train",
              "tiny_cpu", *kv, "objective={name: mapet, target_source: pixel_mean, vocab_size: 64}"])
         got[stage] = losses(rd)
+        enc[stage] = load_file(str(rd / "encoder.safetensors"))
     assert len(got[0]) == 3
-    assert got[3] == pytest.approx(got[0], rel=1e-5)
+    torch.manual_seed(0)                                       # train.seed: the weights every run started from
+    start = build_vit("vit_micro", 16, 4, pos_embed="learned").state_dict()
+    assert start.keys() == enc[0].keys()
+    qkv = [k for k in start if k.endswith("attn.qkv.weight")]
+    assert qkv and all(not torch.equal(enc[0][k], start[k]) for k in qkv)     # the shared weights trained
+    for stage in (2, 3):
+        assert got[stage] == pytest.approx(got[0], rel=1e-5), stage
+        assert enc[stage].keys() == enc[0].keys()
+        for k in enc[0]:        # every weight moved the same way, the shared qkv included
+            a, b = enc[stage][k], enc[0][k]
+            if k.endswith("attn.qkv.bias"):  # the key bias has a true gradient of 0 (softmax ignores a per-row
+                d = a.numel() // 3           # constant): Adam turns its rounding noise into ~lr steps; only
+                assert torch.allclose(a[d:2 * d], b[d:2 * d], atol=1e-5)   # the noise differs across stages
+                a, b = torch.cat([a[:d], a[2 * d:]]), torch.cat([b[:d], b[2 * d:]])
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (stage, k, (a - b).abs().max())

@@ -122,3 +122,80 @@ def test_bad_argument_fails_fast_with_a_clear_line(slurm, fmnist_small, tmp_path
     assert not re.search(r"^\d+: ", log, re.M)                               # no rank started
     assert took < 60
     print(f"bad argument -> FAILED in {took:.1f} s")
+
+
+def _rank_pids(job_id: int, rank: int) -> list[int]:
+    """PIDs of the processes of ``rank`` of job ``job_id`` (the rank and its data-loader workers), found by their
+    environment; slurmd and slurmstepd do not carry SLURM_PROCID."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = dict(kv.split("=", 1) for kv in (proc / "environ").read_bytes().decode(errors="replace").split("\0")
+                       if "=" in kv)
+            cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if env.get("SLURM_JOB_ID") == str(job_id) and env.get("SLURM_PROCID") == str(rank) and "mimscale.train" in cmd:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_rank_killed_on_one_node_requeues_and_resumes_the_same_curve(slurm, fmnist_small, zero3_knobs, tmp_path):
+    """Node loss: the rank on the second node of a 2-node ZeRO-3 job is SIGKILLed (no polite signal) between two
+    checkpoints. The job ends, requeues itself, resumes from the last checkpoint and redoes the steps after it;
+    every step's loss then equals an uninterrupted run's (torchrun, same 2 ranks, fp32)."""
+    import os
+    import signal
+    import sys
+
+    from launch_utils import free_port, run
+    from mimscale import checkpoint as ckpt
+    from mimscale.telemetry.logger import read_jsonl
+
+    total, every = 12, 4
+    kw = {"train__max_steps": total, "train__save_every": every, "train__save_every_minutes": "null",
+          "train__precision": "fp32", "model__drop_path": 0.1}
+    ref = tmp_path / "ref"
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", "-m",
+         "mimscale.train", *zero3_args(fmnist_small, ref, zero3_knobs, **kw)], timeout=400)
+    run_dir = tmp_path / "run"
+    t0 = time.time()
+    jid = submit(slurm, "pretrain.sh", zero3_args(fmnist_small, run_dir, zero3_knobs, **kw), tmp_path)
+    deadline = time.time() + 240
+    while max(steps_logged(run_dir), default=0) < every + 1:               # past the first save, before the next
+        assert time.time() < deadline and slurm.job(jid)["JobState"] in ("PENDING", "RUNNING"), job_log(slurm, jid)
+        time.sleep(0.05)
+    victims = _rank_pids(jid, 1)
+    assert victims, "rank 1's processes not found"
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed_at = max(steps_logged(run_dir))
+    last = ckpt.find(run_dir, {"objective": "mae"}).meta["step"]           # what a resume can start from
+    deadline = time.time() + 240
+    while True:
+        info = slurm.job(jid)
+        if info.get("Restarts") == "1" and info["JobState"] != "PENDING":
+            break
+        assert time.time() < deadline and info["JobState"] in ("RUNNING", "COMPLETING", "PENDING"), \
+            (info, job_log(slurm, jid)[-4000:])
+        time.sleep(0.5)
+    info = slurm.wait_state(jid, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"), timeout=240)
+    log = job_log(slurm, jid)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", log[-4000:]
+    assert re.search(r"a rank was killed \(exit 137 = signal 9\): requeueing job", log), log[-4000:]
+    resumed = [int(n) for n in re.findall(r"resumed from checkpoint step=(\d+)", log)]
+    assert resumed == [last] and last < killed_at, (resumed, last, killed_at)
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    redone = [r["step"] for r in rows if last < r["step"] <= killed_at]
+    assert sorted(set(redone)) == list(range(last + 1, killed_at + 1)) and len(redone) > len(set(redone))
+    got = {r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl", drop_rewound=True)
+           if "train/loss" in r}
+    want = {r["step"]: r["train/loss"] for r in read_jsonl(ref / "metrics.jsonl") if "train/loss" in r}
+    assert sorted(got) == list(range(1, total + 1)) and got == want
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == total
+    assert not list(tmp_path.glob(".mimscale-job-*"))                      # the crash counter is cleaned up
+    print(f"rank 1 SIGKILLed at step {killed_at}; requeued, resumed from {last}, same {total}-step curve; "
+          f"{time.time() - t0:.1f} s")
+
