@@ -163,13 +163,23 @@ class EMATeacher(nn.Module):
             self._shards[name] = _Shard(t, flat[rank * p:(rank + 1) * p].clone(), tuple(t.shape), persistent)
             if not persistent:
                 t.data = torch.empty(0, dtype=torch.float32, device=t.device)
-        by_param = {id(s.param): s for s in self._shards.values()}
-        for m in self.module.modules():
-            own = [by_param[id(q)] for q in m.parameters(recurse=False) if id(q) in by_param]
-            if m is self.module or not own:
-                continue
-            self._hooks.append(m.register_forward_pre_hook(lambda mod, args, own=own: self._materialise(own)))
-            self._hooks.append(m.register_forward_hook(lambda mod, args, out, own=own: self._release(own)))
+        by_param = {id(s.param): s for s in self._shards.values() if not s.persistent}
+        for m in self._units():
+            own = [by_param.pop(id(q)) for q in m.parameters() if id(q) in by_param]
+            if own:
+                self._hooks.append(m.register_forward_pre_hook(lambda mod, args, own=own: self._materialise(own)))
+                self._hooks.append(m.register_forward_hook(lambda mod, args, out, own=own: self._release(own)))
+        if by_param:                                              # pragma: no cover - a module tree we do not know
+            raise ValueError(f"EMA teacher: no forward unit holds {len(by_param)} partitioned parameters")
+
+    def _units(self) -> list[nn.Module]:
+        """The gather units: each child of the teacher, and each element of a child ModuleList (a block).
+        A unit gathers its whole subtree at once, so code inside it may use a submodule's weights without
+        calling that submodule (fused qkv through ``F.linear``); one block's weights are whole at a time."""
+        units: list[nn.Module] = []
+        for child in self.module.children():
+            units.extend(child if isinstance(child, (nn.ModuleList, nn.Sequential)) else [child])
+        return units
 
     def _update_shards(self, shards: list[tuple[str, torch.Tensor]], m: float) -> None:
         if not self._shards:

@@ -96,11 +96,17 @@ def test_shipped_knobs_files_hold_knobs_only():
         assert not set(ds.OWNED_BY_YAML) & set(knobs), f
 
 
-def test_param_groups_exclude_biases_norms_tokens_from_decay():
+def test_param_groups_exclude_biases_norms_and_spared_tokens_from_decay():
     from mimscale.models.vit import build_vit
     from mimscale.objectives.mae import MAE
 
-    m = MAE(build_vit("vit_micro", 16, 4), MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=2))
+    # MAE's code decays its 3-D tokens (the default); with the knobs off they join the no-decay group
+    official = MAE(build_vit("vit_micro", 16, 4), MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=2))
+    decay, _ = ds.param_groups(official, official.no_weight_decay(), 0.05)
+    names = {id(p): n for n, p in official.named_parameters()}
+    assert {"encoder.cls_token", "decoder.mask_token"} <= {names[id(p)] for p in decay["params"]}
+    m = MAE(build_vit("vit_micro", 16, 4), MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=2,
+                                                      wd_cls_token=False, wd_mask_token=False))
     decay, rest = ds.param_groups(m, m.no_weight_decay(), 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

@@ -129,13 +129,15 @@ def test_mismatched_student_is_an_error():
         t.update(CTX, student(0), 1.5)
 
 
-def test_partitioned_path_on_one_rank_matches_the_full_path():
+@pytest.mark.parametrize("pos", ["learned", "relative"])
+def test_partitioned_path_on_one_rank_matches_the_full_path(pos):
     """``ctx.master_shards`` (the ZeRO-3 path; on one rank every partition is the whole flattened parameter):
-    the same EMA values, the same forward (through the gather hooks), and the same checkpoint state."""
+    the same EMA values, the same forward (through the gather hooks, also where a block uses its fused qkv
+    weight without calling the Linear, and with BEiT's shared relative position bias), the same checkpoint."""
     from mimscale.models.vit import build_vit
 
     torch.manual_seed(0)
-    enc = build_vit("vit_micro", 16, 4, pos_embed="learned")
+    enc = build_vit("vit_micro", 16, 4, pos_embed=pos)
     a, b = EMATeacher(enc), EMATeacher(enc)
     perturb(enc, 0.1)
     full = StepContext()
@@ -145,13 +147,13 @@ def test_partitioned_path_on_one_rank_matches_the_full_path():
         b.update(shards, enc, m)
     assert b.local_numel() == sum(p.numel() for p in enc.parameters())
     held = {n for n, p in b.module.named_parameters() if p.numel()}
-    assert held == {"cls_token", "pos_embed"}                            # root parameters stay whole
+    assert held == ({"cls_token", "pos_embed"} if pos == "learned" else {"cls_token"})  # root parameters stay whole
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(b.module.forward_features(x), a.module.forward_features(x), rtol=0, atol=0)
     assert {n for n, p in b.module.named_parameters() if p.numel()} == held   # released after the forward
     sa, sb = a.checkpoint_state(), b.checkpoint_state()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    c = EMATeacher(build_vit("vit_micro", 16, 4, pos_embed="learned"))
+    c = EMATeacher(build_vit("vit_micro", 16, 4, pos_embed=pos))
     c.update(shards, enc, 1.0)                                           # partition, then load the saved state
     c.load_checkpoint_state(sb)
     assert all(torch.equal(v, sb[k]) for k, v in c.checkpoint_state().items())
