@@ -1,9 +1,5 @@
-"""Loss plugins. Importing this package registers the built-in objectives."""
-from .base import (LossOutput, Objective, ObjectiveConfig, available, build_objective,  # noqa: F401
-                   objective_class, register, StepContext)
-from . import mae  # noqa: F401,E402  (registers)
-from . import emae  # noqa: F401,E402  (registers)
-from . import mapet  # noqa: F401,E402  (registers)
-from . import conmim  # noqa: F401,E402  (registers)
-from . import adpe  # noqa: F401,E402  (registers)
-from . import dtm  # noqa: F401,E402  (registers)
+"""Loss plugins. Every objective, built-in or third-party, is registered by its ``mimscale.objectives`` entry
+point (see pyproject.toml) and found through :func:`available` / :func:`objective_class`."""
+from .base import LossOutput, Objective, StepContext, available, build_objective, objective_class, register
+
+__all__ = ["LossOutput", "Objective", "StepContext", "available", "build_objective", "objective_class", "register"]

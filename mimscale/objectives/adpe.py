@@ -54,7 +54,7 @@ from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
 from ..models.vit import Block, VisionTransformer
 from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, StepContext, init_encoder, register, token_no_decay
+from .base import LossOutput, Objective, StepContext, init_encoder, token_no_decay
 from .mae import check_mae_knobs, init_decoder_weights, masked_mse, normalize_patches, patchify
 
 _NORMS = {0: 0, "none": 0, 1: 1, "l2": 1, 2: 2, "linf": 2}
@@ -405,7 +405,6 @@ class _MultiCropMIM(Objective):
         return token_no_decay(self, {"mask_token"} if self.adv_type != 1 else set())
 
 
-@register
 class MAEPlus(_MultiCropMIM):
     """MAE+: multi-crop (4 x 112 px) BEiT-style MAE on all tokens with a mask token (AdPE's baseline)."""
 
@@ -422,7 +421,6 @@ class MAEPlus(_MultiCropMIM):
         super().__init__(encoder, cfg)
 
 
-@register
 class AdPE(_MultiCropMIM):
     """AdPE: MAE+ with adversarial position embeddings of masked tokens (embedding / coordinate mode)."""
 

@@ -6,6 +6,9 @@ Third-party packages register more through the entry-point group ``mimscale.obje
 """
 from __future__ import annotations
 
+import abc
+import dataclasses
+
 import difflib
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -62,20 +65,17 @@ class StepContext:
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
 
 
-@dataclass
-class ObjectiveConfig:
-    """Knobs shared by every objective; subclasses extend it."""
-
-
-class Objective(nn.Module):
-    """Base class. Subclasses set ``name`` and ``Config`` and implement ``mask_spec``/``forward``.
+class Objective(nn.Module, metaclass=abc.ABCMeta):
+    """Base class. Subclasses set ``name`` and ``Config`` (a dataclass of the method's knobs) and implement
+    ``forward`` and ``flops_per_sample`` (abstract: a missing one fails at construction, before any engine);
+    the other hooks have working defaults. docs/objectives/template.py is a complete, tested example.
 
     ``forward(batch)`` gets the collated batch: ``image float [B, C, H, W]`` (fp32, normalised),
     ``label long [B]`` and whatever ``mask_spec()`` asked the collate for (e.g. ``mask bool [B, N]``).
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type] = ObjectiveConfig
+    Config: ClassVar[type]
     #: where the method's defaults come from, shown by `mimscale objectives` (official code, or why not)
     reference: ClassVar[str] = ""
 
@@ -97,8 +97,28 @@ class Objective(nn.Module):
         its other entries become batch keys (stacked)."""
         return default
 
-    def forward(self, batch: dict) -> LossOutput:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def forward(self, batch: dict) -> LossOutput:
+        """The loss of one micro-batch (fp32 scalar) and named scalars to log (same keys on every rank)."""
+
+    @classmethod
+    def tiny_config(cls):
+        """Knobs for a tiny model (a ``vit_micro`` cut to 2 blocks, 16 px images, patch 4 -> 16 tokens) that
+        tests and the contract test (tests/objectives/test_contract.py) build in milliseconds. Default: the
+        default ``Config`` with every int knob whose name holds ``heads``/``depth``/``dim`` shrunk to at most
+        4/1/48 (48 is divisible by every head count up to 16 and by 4 for 2-D sin-cos tables). Override it when
+        a knob cannot be shrunk that way (a width that must match a teacher)."""
+        changes = {}
+        for f in dataclasses.fields(cls.Config):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            if type(default) is not int:
+                continue
+            for word, small in (("heads", 4), ("depth", 1), ("dim", 48)):
+                if word in f.name.lower():
+                    changes[f.name] = min(default, small)
+                    break
+        return dataclasses.replace(cls.Config(), **changes)
 
     def cached_targets(self) -> dict | None:
         """Per-sample targets this objective reads from the shards, for the loader to check against the
@@ -136,19 +156,16 @@ class Objective(nn.Module):
         if state:
             raise ValueError(f"{type(self).__name__} got checkpoint state {sorted(state)} it does not use")
 
-    def set_epoch(self, epoch: float) -> None:
-        """Called before every optimizer step with the fractional epoch (schedules inside objectives)."""
-
     def before_step(self, ctx: StepContext) -> None:
-        """Called once before every optimizer step (before its micro-batches). Default: ``set_epoch``."""
-        self.set_epoch(ctx.epoch)
+        """Called once before every optimizer step (before its micro-batches): schedules inside the objective
+        (``ctx.epoch``, ``ctx.lr_factor``)."""
 
     def after_optimizer_step(self, ctx: StepContext) -> None:
         """Called once after every optimizer step (EMA updates, adversarial ascent, projections)."""
 
+    @abc.abstractmethod
     def flops_per_sample(self) -> float:
         """Training FLOPs per image (3x forward of trained modules + 1x forward of frozen ones)."""
-        raise NotImplementedError
 
     def no_weight_decay(self) -> set[str]:
         """Parameter names (as in ``named_parameters()``) excluded from weight decay besides 1-D ones."""
@@ -188,9 +205,12 @@ def require_absolute_pos(encoder: VisionTransformer, name: str) -> None:
 
 
 def register(cls: type[Objective]) -> type[Objective]:
-    """Class decorator: make ``cls`` available under ``cls.name``."""
+    """Make ``cls`` available under ``cls.name``. Objectives are registered by their ``mimscale.objectives``
+    entry point (built-ins in mimscale's own pyproject.toml, plugins in theirs); this is what loads them."""
     if not getattr(cls, "name", None):
         raise TypeError(f"{cls.__name__} needs a class attribute 'name'")
+    if not dataclasses.is_dataclass(getattr(cls, "Config", None)):
+        raise TypeError(f"{cls.__name__} needs a dataclass 'Config' of its knobs")
     other = _REGISTRY.get(cls.name)
     if other is not None and other is not cls:
         raise TypeError(f"objective '{cls.name}' is registered twice ({other.__module__}, {cls.__module__})")

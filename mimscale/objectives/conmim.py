@@ -37,7 +37,7 @@ from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..ranges import num
 from ..teachers.ema import EMATeacher, hold_outside, momentum_at
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, init_encoder, register, token_no_decay
+from .base import LossOutput, Objective, init_encoder, token_no_decay
 
 
 def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
@@ -124,7 +124,6 @@ def patch_infonce(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
     return loss, acc
 
 
-@register
 class ConMIM(Objective):
     """ConMIM: intra-image patch contrast between a masked student and an EMA teacher on a perturbed view."""
 

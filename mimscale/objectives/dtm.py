@@ -41,7 +41,7 @@ from ..masking import block_masks
 from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, StepContext, init_encoder, register, token_no_decay
+from .base import LossOutput, Objective, StepContext, init_encoder, token_no_decay
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -287,7 +287,6 @@ def build_teacher(spec: str, arch: str | None = None, resize: str = "input", dty
 # ----------------------------------------------------------------------------- objective
 
 
-@register
 class DTM(Objective):
     """DTM: token-morphed feature distillation from a frozen CLIP teacher (block masks, all tokens)."""
 

@@ -31,7 +31,7 @@ from ..masking import MaskSpec, num_visible, visible_indices
 from ..models.vit import VisionTransformer
 from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, init_encoder, register, require_absolute_pos, token_no_decay
+from .base import LossOutput, Objective, StepContext, init_encoder, require_absolute_pos, token_no_decay
 from .mae import MAEDecoder, masked_mse, normalize_patches, patchify
 
 
@@ -86,7 +86,6 @@ def self_consistency(preds: torch.Tensor, masks: torch.Tensor, stopgrad: bool = 
     return total / count.clamp_min(1.0)
 
 
-@register
 class EMAE(Objective):
     """EMAE: MAE on K disjoint parts of every image per step + a self-consistency loss between parts."""
 
@@ -135,6 +134,9 @@ class EMAE(Objective):
         self._epoch: float | None = None
 
     # ------------------------------------------------------------------ schedule
+
+    def before_step(self, ctx: StepContext) -> None:
+        self.set_epoch(ctx.epoch)
 
     def set_epoch(self, epoch: float | None) -> None:
         """Fractional epoch (step / steps_per_epoch) for the self-consistency warm-in; ``batch["epoch"]`` wins."""

@@ -12,7 +12,7 @@ from ..models.pos_embed import sincos_2d
 from ..models.vit import Block, VisionTransformer
 from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, init_encoder, register, token_no_decay
+from .base import LossOutput, Objective, init_encoder, token_no_decay
 
 
 def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
@@ -108,7 +108,6 @@ class MAEDecoder(nn.Module):
                 + linear_flops(n, self.dim, self.pred.out_features))
 
 
-@register
 class MAE(Objective):
     """Hide ``mask_ratio`` of the patches, encode the rest, regress normalised pixels of the hidden ones."""
 

@@ -55,7 +55,7 @@ from ..errors import ConfigError, DataError
 from ..models.vit import Block, VisionTransformer, init_linear_, init_token_
 from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
-from .base import LossOutput, Objective, init_encoder, register, require_absolute_pos, token_no_decay
+from .base import LossOutput, Objective, init_encoder, require_absolute_pos, token_no_decay
 from .mae import patchify
 
 
@@ -172,7 +172,6 @@ class CenterCropJitter(EvalTransform):
         return f"CenterCropJitter({self._fields()}, crop_pct={self.crop_pct}, jitter={self.jitter})"
 
 
-@register
 class MaPeT(Objective):
     """MaPeT: permuted autoregressive prediction of k-CLIP codes with two-stream attention and aux position tokens."""
 

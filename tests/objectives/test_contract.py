@@ -3,18 +3,9 @@
 Objectives added later (built in or through the ``mimscale.objectives`` entry-point group) are picked up
 automatically by the parametrisation.
 
-Tiny configs: objectives are built from their default ``Config`` with the architecture knobs shrunk BY NAME
-(the objective files are not changed for the tests):
-
-* an ``int`` knob whose name contains ``dim``   -> ``min(default, 48)``
-* an ``int`` knob whose name contains ``depth`` -> ``min(default, 1)``
-* an ``int`` knob whose name contains ``heads`` -> ``min(default, 4)``
-
-48 is divisible by 1, 2, 3, 4, 6, 8, 12 and 16 heads and by 4 (2-D sin-cos tables), so any head count
-kept or shrunk above still divides it. A knob is only shrunk when it is an int (bools and floats are
-never touched) and never grown. An objective whose architecture cannot be shrunk this way (say a width
-that must match a frozen teacher) may define an optional ``tiny_config()`` classmethod, which is then
-used instead.
+Tiny configs: :meth:`Objective.tiny_config` (official, documented in docs/objectives/template.py): by
+default the default ``Config`` with its int ``dim``/``depth``/``heads`` knobs shrunk to 48/1/4; objectives
+whose architecture cannot be shrunk that way override it.
 
 The encoder is ``vit_micro`` (D = 64, 4 heads) cut to 2 blocks on 16x16 RGB images with p = 4 -> N = 16.
 """
@@ -44,19 +35,8 @@ NAMES = sorted(available())
 
 
 def tiny_config(cls: type[Objective]):
-    """The objective's default Config with its architecture knobs shrunk by name (see module docstring)."""
-    if hasattr(cls, "tiny_config"):
-        return cls.tiny_config()
-    changes = {}
-    for f in dataclasses.fields(cls.Config):
-        default = _default(f)
-        if type(default) is not int:
-            continue
-        for word, small in SHRINK:
-            if word in f.name.lower():
-                changes[f.name] = min(default, small)
-                break
-    return dataclasses.replace(cls.Config(), **changes)
+    """The objective's official tiny knobs (:meth:`Objective.tiny_config`)."""
+    return cls.tiny_config()
 
 
 def _default(f: dataclasses.Field):
