@@ -150,13 +150,32 @@ def find(run_dir: Path, expect: dict) -> Found | None:
     return None
 
 
+def param_shapes(module) -> dict[str, list[int]]:
+    """``name -> shape`` of every trainable parameter of ``module`` (the full shape under ZeRO-3)."""
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters() if p.requires_grad}
+
+
+def check_shapes(found: Found, shapes: dict[str, list[int]]) -> None:
+    """CheckpointError (one line) when ``found`` was saved for other parameter shapes than the model built now
+    (a changed objective or model knob, e.g. a decoder width): DeepSpeed would fail deep inside its loader."""
+    saved = found.meta.get("shapes")
+    if saved is None:                                   # written before shapes were recorded
+        return
+    for name in sorted(set(saved) | set(shapes)):
+        if saved.get(name) != shapes.get(name):
+            raise CheckpointError(f"{found.path} holds {name} {saved.get(name)} but this run builds {shapes.get(name)} "
+                                  "(a changed model or objective knob); restore the knob, use another "
+                                  "train.run_dir, or set train.resume=never")
+
+
 class Checkpointer:
     """Saves and restores one run's training state (collective: every rank calls every method)."""
 
-    def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, keep_last: int, identity: dict):
+    def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, keep_last: int, identity: dict,
+                 shapes: dict[str, list[int]] | None = None):
         self.root = Path(run_dir) / CKPT_DIR
         self.engine, self.rank, self.world_size = engine, rank, world_size
-        self.keep_last, self.identity = max(1, keep_last), identity
+        self.keep_last, self.identity, self.shapes = max(1, keep_last), identity, shapes
 
     # ------------------------------------------------------------------ save
     def save(self, step: int, trainer: dict, loader_state: dict, objective_state: dict, extra=None) -> Path:
@@ -184,6 +203,7 @@ class Checkpointer:
             if self.rank == 0:
                 meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
                         "zero_stage": self.engine.zero_optimization_stage(), "identity": self.identity,
+                        **({"shapes": self.shapes} if self.shapes is not None else {}),
                         "saved_at": time.time(), "files": _files(tmp)}
                 _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
                 if final.exists():                      # an older, unusable copy of this step: set it aside

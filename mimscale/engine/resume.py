@@ -9,6 +9,7 @@ import torch.distributed as tdist
 from .. import checkpoint as ckpt
 from .. import config as C
 from .. import dist
+from ..errors import DataError
 
 log = logging.getLogger("mimscale.train")
 
@@ -27,7 +28,13 @@ def restore(saver: ckpt.Checkpointer, found: ckpt.Found, universal: bool, loader
     got = saver.load(found, universal)
     objective.load_checkpoint_state(got["objective"])
     if loader is not None and got["loader"] is not None:
-        loader.load_state_dict(got["loader"])
+        try:
+            loader.load_state_dict(got["loader"])
+        except DataError as e:                         # data.num_workers, micro-batch size, ... changed
+            loader.set_epoch(got["epoch"])
+            if d.is_main:
+                log.warning("the data position cannot be restored exactly (%s); the loader restarts epoch %d",
+                            e, got["epoch"])
     elif loader is not None:
         loader.set_epoch(got["epoch"])
         if d.is_main:

@@ -73,10 +73,12 @@ class Trainer:
                                     groups=task.param_groups(self.module))
         self.device = torch.device(self.engine.device)
         self.loader = task.loader(self.module, self.derived, d, accelerator)
+        shapes = ckpt.param_shapes(self.module)
         self.saver = ckpt.Checkpointer(self.run_dir, self.engine, rank=d.rank, world_size=d.world_size,
-                                       keep_last=t.keep_last, identity=self.identity)
+                                       keep_last=t.keep_last, identity=self.identity, shapes=shapes)
         self.state = TrainState()
         if self.found is not None:
+            ckpt.check_shapes(self.found, shapes)
             self.state.load_state_dict(restore(self.saver, self.found, universal, self.loader, self.module, d))
         self.stop = min(self.derived.total_steps, t.max_steps or self.derived.total_steps)
 
