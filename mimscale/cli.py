@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="shrink images whose longer side exceeds N px and store them as JPEG (e.g. 320 for 224 px "
                          "crops: cheaper decoding in training; recorded in the manifest)")
     fo.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of shrunk images (default: 90)")
-    from .data.targets import add_parser as add_targets_parser
+    from .teachers.targets import add_parser as add_targets_parser
 
     add_targets_parser(dsub)  # mimscale data add-targets: cached teacher targets (run via args.run)
     for mod in _PLUGGED:  # subcommands that live beside their code: add_parser(sub) and run(args) -> int

@@ -1,6 +1,8 @@
-"""Teacher targets cached in shards: ``mimscale data add-targets SRC --teacher clip.pt --out DIR``.
+"""Teacher targets cached in shards: what they are, the view they are computed on, and the check that shards
+hold the targets an objective trains on. Writing them (``mimscale data add-targets SRC --teacher clip.pt --out
+DIR``) is :mod:`mimscale.teachers.targets`.
 
-Reads the shards of ``SRC`` and writes new shards to ``DIR`` holding every original field plus one
+``add-targets`` reads the shards of ``SRC`` and writes new shards to ``DIR`` holding every original field plus one
 per-sample array computed by a frozen CLIP teacher on a **deterministic centre crop** of the image:
 
 * ``--kind features`` -> ``clip.npy``: float16 ``[N, D]`` patch features (:class:`CLIPTeacher` output);
@@ -21,24 +23,15 @@ for the rule it uses: ``ShardLoader(..., targets={"names": [...], "image_size": 
 """
 from __future__ import annotations
 
-import io
-import json
-import multiprocessing
 import os
 import shlex
-import shutil
-import sys
-import time
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
-import numpy as np
 
 from ..errors import DataError
-from .shards import IMAGE_EXTENSIONS, read_manifest, shard_name, write_manifest, write_shard
-from .shards import check_existing as _check_existing, fmt_eta as _fmt_eta, publish_dir as _publish
+from .shards import read_manifest
 
-__all__ = ["FIELD_NAMES", "crop_rule", "target_view", "add_targets", "check_targets", "find_manifest"]
+__all__ = ["FIELD_NAMES", "crop_rule", "target_view", "check_targets", "find_manifest", "teacher_view_args"]
 
 FIELD_NAMES = {"features": "clip.npy", "codes": "kclip.npy"}
 
@@ -59,7 +52,7 @@ def target_view(image_size: int, mean: Sequence[float], std: Sequence[float], in
 # --------------------------------------------------------------------------------------------- checking
 
 
-def _local_file(url: str) -> str | None:
+def local_file(url: str) -> str | None:
     """The file a shard URL reads: the path itself, or a ``pipe:`` command's last argument if it is a file."""
     if not url.startswith("pipe:"):
         return url
@@ -73,7 +66,7 @@ def find_manifest(source) -> str:
 
     urls, manifest = expand_source(source)
     if manifest is None and urls:
-        local = _local_file(urls[0])
+        local = local_file(urls[0])
         beside = os.path.join(os.path.dirname(local), "manifest.json") if local else None
         if beside and os.path.isfile(beside):
             manifest = beside
@@ -104,112 +97,6 @@ def check_targets(source, names: Sequence[str], image_size: int | Sequence[int],
     return out
 
 
-# --------------------------------------------------------------------------------------------- writing
-
-_W: dict[str, Any] = {}  # per process: the teacher, the view, the k-means model, the device, a decode pool
-
-
-def _init_worker(spec: dict) -> None:
-    import torch
-
-    from ..teachers.clip import CLIPTeacher
-
-    torch.set_num_threads(max(1, int(spec["threads"])))
-    dev = torch.device(spec["device"])
-    teacher = CLIPTeacher(spec["teacher"], arch=spec["arch"], dtype=torch.float32).to(dev)
-    if teacher.info["sha256"] != spec["teacher_sha256"]:
-        raise DataError(f"teacher file {spec['teacher']} changed while add-targets was running")
-    km = None
-    if spec["kmeans"]:
-        from ..teachers.kmeans import KMeans
-
-        km = KMeans.load(spec["kmeans"])
-        km.centroids = km.centroids.to(dev)
-    _W.update(spec=spec, teacher=teacher, km=km, device=dev,
-              view=target_view(spec["image_size"], spec["mean"], spec["std"], 3, spec["crop_pct"]))
-
-
-def _targets_for(images: list) -> list[np.ndarray]:
-    """Teacher targets of a batch of PIL images, computed on the process's device."""
-    import torch
-
-    spec, teacher, km, dev = _W["spec"], _W["teacher"], _W["km"], _W["device"]
-    pool = _W.get("decode_pool")
-    views = list(pool.map(lambda img: _W["view"](img, None), images)) if pool else [_W["view"](i, None) for i in images]
-    x = torch.stack(views).to(dev, non_blocking=True)
-    with torch.no_grad():
-        feats = teacher(x, grid=spec["grid"])                               # [B, N, D] fp32
-        if km is None:
-            return list(feats.to(torch.float16).cpu().numpy())
-        return list(km.assign(feats).to(torch.int32).cpu().numpy().astype(np.uint16))  # [B, N]
-
-
-def _shard_task(args) -> dict:
-    """Write one output shard: into ``out_path``'s temp name, then renamed into place, then its ``.json``
-    record (what marks the shard finished for a resumed run). Returns ``{"name", "count", "sha1"}``."""
-    src_url, out_path, name, batch_size = args
-    from PIL import Image
-
-    from .tario import iter_tar_samples
-
-    def samples():
-        pending: list[dict] = []
-
-        def flush():
-            images = []
-            for raw in pending:
-                ext = next((e for e in IMAGE_EXTENSIONS if e in raw), None)
-                try:
-                    if ext is None:
-                        raise ValueError("no image field")
-                    img = Image.open(io.BytesIO(raw[ext]))
-                    img.load()
-                except Exception as e:  # noqa: BLE001
-                    raise DataError(f"{src_url}: sample {raw['__key__']} has no decodable image ({e}); "
-                                    f"rewrite the source shards") from None
-                images.append(img)
-            for raw, target in zip(pending, _targets_for(images)):
-                yield {"__key__": raw["__key__"], **{k: v for k, v in raw.items() if not k.startswith("__")},
-                       name: target}
-            pending.clear()
-
-        try:
-            with open(src_url, "rb", buffering=1 << 20) as f:
-                for raw in iter_tar_samples(f, os.path.basename(src_url)):
-                    pending.append(raw)
-                    if len(pending) == batch_size:
-                        yield from flush()
-        except DataError:
-            raise
-        except Exception as e:  # noqa: BLE001  (OSError, or the loader's error for a truncated / corrupt tar)
-            raise DataError(f"cannot read source shard {src_url} ({e}); rewrite it") from None
-        if pending:
-            yield from flush()
-
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    try:
-        info = write_shard(tmp, samples())
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    info["name"] = out_path.name
-    record = out_path.with_name(out_path.name + ".json")
-    record_tmp = record.with_name(f".{record.name}.tmp-{os.getpid()}")
-    record_tmp.write_text(json.dumps(info))
-    os.replace(record_tmp, record)
-    return info
-
-
-def _finished(out_path: Path) -> dict | None:
-    """The record of a shard a previous (interrupted) run finished, if its file is there too."""
-    try:
-        info = json.loads(out_path.with_name(out_path.name + ".json").read_text())
-    except (OSError, ValueError):
-        return None
-    return info if out_path.is_file() and info.get("name") == out_path.name else None
-
-
 def teacher_view_args(t, image_size, grid, mean, std) -> tuple[int, int, list[float], list[float]]:
     """Crop size, token-grid side and 3-channel normalisation for teacher ``t``: the given values, else
     the teacher's own (its image size, size // patch, its mean/std)."""
@@ -220,184 +107,3 @@ def teacher_view_args(t, image_size, grid, mean, std) -> tuple[int, int, list[fl
     if len(mean) == 1:
         mean, std = mean * 3, std * 3
     return size, side, mean, std
-
-
-def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: str = "features",
-                kmeans: str | os.PathLike | None = None, arch: str | None = None, image_size: int | None = None,
-                grid: int | None = None, crop_pct: float = 1.0, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, batch_size: int = 256, workers: int = 1,
-                progress: bool = True, device: str | None = "auto") -> Path:
-    """Write ``out``: the shards of ``src`` + one cached target field per sample (see module docstring).
-
-    ``image_size`` / ``mean`` / ``std`` default to the teacher's own; ``grid`` (side of the token grid)
-    to ``image_size // teacher patch``. Atomic: shards and manifest appear together under ``out``.
-
-    One process per device under any training launcher (``torchrun``, ``srun``, ...: see
-    :mod:`mimscale.teachers.launch`): rank r writes output shards ``r, r + world, ...``, batched on ``device``.
-    On the CPU ``workers`` processes share a rank's shards; on CUDA ``workers`` threads decode images.
-    Resumable per output shard: shards finished by an interrupted run (same job) are kept, not recomputed.
-    """
-    import torch
-
-    from ..teachers.clip import CLIPTeacher
-    from .sources import expand_source
-
-    if kind not in FIELD_NAMES:
-        raise DataError(f"--kind must be one of {', '.join(FIELD_NAMES)}, got {kind!r}")
-    if (kind == "codes") != (kmeans is not None):
-        raise DataError("--kind codes needs --kmeans KM.pt (and --kmeans only goes with --kind codes)")
-    if not 0 < crop_pct <= 1:
-        raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
-    out = Path(out)
-    urls, _ = expand_source(src)
-    local = [_local_file(u) for u in urls]
-    if not urls or any(p is None or not os.path.isfile(p) for p in local):
-        raise DataError(f"add-targets reads local shard files; {src!r} names none or a missing one")
-    manifest = read_manifest(find_manifest(src))
-    counts = {s["name"]: s["count"] for s in manifest["shards"]}
-    total = sum(counts.get(os.path.basename(p), 0) for p in local)
-    if _check_existing(out, total, f"samples of {src}"):
-        return out
-    from ..teachers.launch import barrier, launched
-
-    with launched(device) as (d, dev):
-        t = CLIPTeacher(teacher, arch=arch)
-        size, side, mean, std = teacher_view_args(t, image_size, grid, mean, std)
-        name = FIELD_NAMES[kind]
-        km_info = None
-        if kmeans is not None:
-            from ..teachers.kmeans import KMeans
-
-            km = KMeans.load(kmeans)
-            if km.teacher.get("sha256") != t.info["sha256"]:
-                raise DataError(f"{kmeans} was fit on features of teacher {km.teacher.get('sha256', '?')[:12]} but "
-                                f"--teacher is {t.info['sha256'][:12]}; fit k-means with this teacher")
-            if km.k > 65536:
-                raise DataError(f"k={km.k} codes do not fit uint16")
-            km_info = {"path": km.path, "sha256": km.sha256, "k": km.k, "dim": km.dim}
-        dim = t.out_dim
-        entry = {"kind": kind, "dtype": "float16" if kind == "features" else "uint16",
-                 "shape": [side * side, dim] if kind == "features" else [side * side], "grid": [side, side],
-                 "crop_rule": crop_rule(crop_pct), "image_size": [size, size], "crop_pct": float(crop_pct),
-                 "mean": mean, "std": std, "teacher": t.teacher_id(), "kmeans": km_info}
-        del t
-        workers = max(1, int(workers))
-        pool_workers = workers if dev.type == "cpu" else 1      # CUDA: one process per GPU, decode threads
-        spec = {"teacher": str(teacher), "arch": arch, "teacher_sha256": entry["teacher"]["sha256"],
-                "kmeans": str(kmeans) if kmeans else None, "image_size": size, "grid": (side, side),
-                "crop_pct": crop_pct, "mean": mean, "std": std, "device": str(dev),
-                "threads": max(1, torch.get_num_threads() // pool_workers)}
-        # the staging directory is named after OUT (not this process): every rank writes its shards into it and
-        # a rerun after an interruption finds the finished ones there (each shard is renamed into place, then
-        # its .json record written; a shard without a record is redone)
-        stage = out.parent / f".{out.name}.partial"
-        key = {"sources": [os.path.basename(p) for p in local], "field": name, "batch_size": int(batch_size),
-               "entry": {k: v for k, v in entry.items() if k != "teacher"},
-               "teacher_sha256": entry["teacher"]["sha256"]}
-        key = json.loads(json.dumps(key))
-        if d.is_main:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                old = json.loads((stage / "job.json").read_text())
-            except (OSError, ValueError):
-                old = None
-            if old != key:
-                shutil.rmtree(stage, ignore_errors=True)
-                stage.mkdir()
-                (stage / "job.json").write_text(json.dumps(key))
-        barrier()
-        tasks = [(p, stage / shard_name("targets", i), name, int(batch_size)) for i, p in enumerate(local)]
-        mine = [i for i in range(len(tasks)) if i % d.world_size == d.rank]
-        todo = [i for i in mine if _finished(tasks[i][1]) is None]
-        t0 = time.monotonic()
-        done = {"shards": len(mine) - len(todo), "samples": 0}
-        mine_total = sum(counts.get(os.path.basename(local[i]), 0) for i in todo)
-        show = progress and d.is_main
-
-        def report(info: dict) -> None:
-            done["shards"] += 1
-            done["samples"] += info["count"]
-            if show:
-                rate = done["samples"] / max(time.monotonic() - t0, 1e-9)
-                eta = (mine_total - done["samples"]) / rate if rate > 0 else 0.0
-                print(f"add-targets {out.name} (rank 0 of {d.world_size}, {dev.type}): {done['shards']}/{len(mine)} "
-                      f"shards, {done['samples']}/{mine_total} samples this run, {rate:.0f} samples/s, ETA "
-                      f"{_fmt_eta(eta)}", file=sys.stderr, flush=True)
-
-        if show and len(todo) < len(mine):
-            print(f"add-targets {out.name}: resuming, {len(mine) - len(todo)} shard(s) already done",
-                  file=sys.stderr, flush=True)
-        if pool_workers > 1 and len(todo) > 1:
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            with ctx.Pool(min(pool_workers, len(todo)), initializer=_init_worker, initargs=(spec,)) as pool:
-                for _, info in pool.imap_unordered(_indexed_task, [(i, tasks[i]) for i in todo]):
-                    report(info)
-        elif todo:
-            from concurrent.futures import ThreadPoolExecutor
-
-            _init_worker(spec)
-            if workers > 1:
-                _W["decode_pool"] = ThreadPoolExecutor(workers)
-            try:
-                for i in todo:
-                    report(_shard_task(tasks[i]))
-            finally:
-                if _W.get("decode_pool"):
-                    _W["decode_pool"].shutdown()
-                _W.clear()
-        barrier()
-        if d.is_main:
-            infos = [_finished(task[1]) for task in tasks]
-            if any(info is None for info in infos):
-                raise DataError(f"add-targets: {sum(i is None for i in infos)} shard(s) of {out} were not written")
-            for task in tasks:
-                task[1].with_name(task[1].name + ".json").unlink()
-            (stage / "job.json").unlink()
-            extra = {k: v for k, v in manifest.items()
-                     if k not in ("format", "num_samples", "shards", "classes", "source", "targets")}
-            targets = dict(manifest.get("targets") or {})
-            targets[name] = entry
-            write_manifest(stage, infos, classes=manifest.get("classes", []), source=f"add-targets:{src}",
-                           targets=targets, **extra)
-            _publish(stage, out)
-        barrier()
-    return out
-
-
-def _indexed_task(arg):
-    i, task = arg
-    return i, _shard_task(task)
-
-
-# --------------------------------------------------------------------------------------------- CLI
-
-
-def add_parser(dsub) -> None:
-    """``mimscale data add-targets`` (plugged into the ``data`` subcommands)."""
-    p = dsub.add_parser("add-targets", help="copy shards adding cached CLIP features or k-CLIP codes per sample")
-    p.add_argument("src", metavar="SRC_SHARDS", help="source shard directory (or pattern)")
-    p.add_argument("--teacher", required=True, metavar="CLIP.pt")
-    p.add_argument("--arch", default=None, help="open_clip architecture of a plain open_clip checkpoint")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--kind", choices=sorted(FIELD_NAMES), default="features",
-                   help="features -> clip.npy float16 [N, D]; codes -> kclip.npy uint16 [N] (needs --kmeans)")
-    p.add_argument("--kmeans", default=None, metavar="KM.pt", help="k-means file of mimscale teacher fit-kmeans")
-    p.add_argument("--image-size", type=int, default=None, help="centre-crop size (default: the teacher's)")
-    p.add_argument("--grid", type=int, default=None, help="token grid side (default: image size // teacher patch)")
-    p.add_argument("--crop-pct", type=float, default=1.0, help="shorter side -> floor(size / crop_pct), then crop")
-    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation (default: the teacher's)")
-    p.add_argument("--std", type=float, nargs="+", default=None)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=1,
-                   help="CPU: processes sharing this rank's shards; CUDA: image-decoding threads")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N; one per rank "
-                   "(torchrun --nproc_per_node 8 -m mimscale.cli data add-targets ...)")
-    p.set_defaults(run=run)
-
-
-def run(args) -> int:
-    out = add_targets(args.src, args.teacher, args.out, kind=args.kind, kmeans=args.kmeans, arch=args.arch,
-                      image_size=args.image_size, grid=args.grid, crop_pct=args.crop_pct, mean=args.mean,
-                      std=args.std, batch_size=args.batch_size, workers=args.workers, device=args.device)
-    print(out)
-    return 0

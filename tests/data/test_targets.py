@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from mimscale.data import ShardLoader, iter_tar_samples, read_manifest, write_fashion_mnist
-from mimscale.data.targets import add_targets, check_targets, crop_rule, target_view
+from mimscale.data.targets import check_targets, crop_rule, target_view
+from mimscale.teachers.targets import add_targets
 from mimscale.errors import DataError
 from mimscale.teachers.clip import TINY_CLIP_CFG, CLIPTeacher, build_clip, save_clip
 from mimscale.teachers.kmeans import KMeans

@@ -650,7 +650,7 @@ def test_add_targets_cache_through_the_loader_equals_online(fmnist_small, random
     cached-target transform (centre crop, jitter off): the student sees exactly the pixels the cache was
     computed on, and the shards-mode loss equals the online-teacher loss on the same batch (fp16 cache)."""
     from mimscale.data.loader import ShardLoader
-    from mimscale.data.targets import add_targets
+    from mimscale.teachers.targets import add_targets
     from mimscale.masking import MaskCollate
 
     shard = sorted(fmnist_small["train"].glob("*.tar"))[0]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mimscale.data import iter_tar_samples, read_manifest, write_fashion_mnist
-from mimscale.data.targets import add_targets
+from mimscale.teachers.targets import add_targets
 from mimscale.errors import DataError
 from mimscale.teachers.clip import TINY_CLIP_CFG, build_clip, save_clip
 
