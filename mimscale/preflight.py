@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 from pathlib import Path
 
 from . import config as C
@@ -75,15 +76,16 @@ def check(recipe: str | None, overrides: list[str], world_size: int = 1) -> str:
 
 
 def _build_meta(cfg: C.Config):
-    """``build_model`` under the meta device. An objective whose constructor needs real tensors (e.g. it
-    computes something from a random teacher) cannot be built there: it is built for real on the CPU instead,
-    so its checks still run."""
-    import torch
+    """``build_model`` under the meta device (a frozen teacher's checkpoint file is read and its shapes checked,
+    its values dropped). An objective whose constructor needs real tensors (e.g. DTM's random-init test teacher)
+    cannot be built there: it is built for real on the CPU instead, so its checks still run."""
 
     from .engine.build import build_model
 
     try:
-        return build_model(cfg, "meta")
+        with warnings.catch_warnings():                   # a teacher file loads into meta tensors: a no-op
+            warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model.*")
+            return build_model(cfg, "meta")
     except MimscaleError:
         raise
     except (NotImplementedError, RuntimeError) as e:

@@ -30,9 +30,8 @@ import torch
 
 
 def dump(engine, objective, step: int, extra: dict | None = None) -> dict:
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     import torch.distributed as tdist
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     opt = engine.optimizer
     if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):

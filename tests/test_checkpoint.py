@@ -1,6 +1,7 @@
 """Checkpoints: file-level safety (atomic publish, fallback past damaged checkpoints, identity checks,
 keep-last), RNG round trips, and real runs: kill -9 / SIGUSR1 and resume with bitwise-equal per-step losses,
-ZeRO-3 resharding 2 -> 1 and 2 -> 3 ranks, export into timm (the non-finite policy: tests/engine/test_trainer.py).
+resharding 2 -> 1 and 2 -> 3 ranks (bf16 ZeRO-1/2/3: weights, Adam moments, buffers, objective state), a full
+or read-only disk at save time, export into timm (the non-finite policy: tests/engine/test_trainer.py).
 """
 from __future__ import annotations
 
@@ -292,9 +293,9 @@ def test_disk_full_or_read_only_run_dir_at_save_time(fmnist_small, tmp_path):
     print(line)
     assert "(not writable;" in line, line
     _intact(rd, 3)
-    p = run(_cmd(rd, fmnist_small, "train.max_steps=8"))      # writable again: resumes from 3, saves 6 and 8
+    p = run(_cmd(rd, fmnist_small, "train.max_steps=6"))      # writable again: resumes from 3, saves 6
     assert "resumed from checkpoint step=3" in p.stdout + p.stderr
-    assert ckpt.find(rd, {"objective": "mae"}).meta["step"] == 8
+    assert ckpt.find(rd, {"objective": "mae"}).meta["step"] == 6
 
 
 def _same(a, b, where: str = "") -> None:

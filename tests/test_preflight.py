@@ -9,7 +9,7 @@ import pytest
 from launch_utils import run, tiny_overrides
 
 from mimscale.cli import main
-from mimscale.errors import ConfigError, DataError
+from mimscale.errors import ConfigError, DataError, MimscaleError
 from mimscale.preflight import check
 
 
@@ -178,3 +178,25 @@ def test_a_vit_huge_recipe_is_checked_in_seconds(fmnist_small, tmp_path):
     assert line.startswith("config OK: mae vit_huge, world size 64, batch 4096 = 32 x 64 x 2 (accumulation)")
     assert time.time() - t0 < 30
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300_000      # KiB: not 2.5 GB
+
+
+def test_a_dtm_teacher_file_is_read_on_the_meta_device(fmnist_small, tmp_path):
+    """DTM's CLIP teacher file is opened and its tower checked while the model is built on the meta device."""
+    import warnings
+
+    import torch
+
+    from mimscale.objectives.dtm import CLIP_MEAN, CLIP_STD
+    from mimscale.teachers import clip
+
+    with torch.random.fork_rng(devices=[]):
+        path = clip.save_clip(clip.build_clip(clip.TINY_CLIP_CFG), clip.TINY_CLIP_CFG, tmp_path / "clip.pt",
+                              mean=CLIP_MEAN, std=CLIP_STD, arch=clip.TINY_CLIP_ARCH)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        line = check("tiny_cpu", _base(fmnist_small, tmp_path / "run", "dtm", teacher=path))
+    assert line.startswith("config OK: dtm vit_micro")
+    assert not [w for w in seen if "meta parameter" in str(w.message)]      # no warning per tensor
+    (tmp_path / "clip.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(MimscaleError):
+        check("tiny_cpu", _base(fmnist_small, tmp_path / "run", "dtm", teacher=path))
