@@ -79,7 +79,6 @@ def _build_meta(cfg: C.Config):
     """``build_model`` under the meta device (a frozen teacher's checkpoint file is read and its shapes checked,
     its values dropped). An objective whose constructor needs real tensors (e.g. DTM's random-init test teacher)
     cannot be built there: it is built for real on the CPU instead, so its checks still run."""
-
     from .engine.build import build_model
 
     try:
