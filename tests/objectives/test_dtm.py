@@ -761,3 +761,21 @@ def test_relative_position_student_zero3_equals_zero0_and_exports_beit(fmnist_sm
         check_beit_export(rd / "encoder.safetensors", 16, 4)
     assert len(got[0]) == 3
     assert got[3] == pytest.approx(got[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["dtm_vit_b16", "dtm_vit_l16", "conmim_vit_b16", "conmim_vit_l16"])
+def test_recipe_warmup_starts_from_zero_like_the_code(recipe):
+    """ConMIM's and DTM's code warm up linearly from 0 (their warmup_lr argument is unused): so do the
+    recipes' schedules, and their comments no longer claim a 1e-6 start for the reference."""
+    from mimscale import config as C
+    from mimscale.engine.schedule import warmup_cosine
+
+    cfg = C.load(recipe, ["data.train=/x", "objective.teacher=/clip.bin"] if recipe.startswith("dtm") else
+                 ["data.train=/x"])
+    d = C.derive(cfg, world_size=32, samples_per_epoch=1_281_167)
+    assert d.warmup_steps > 0
+    assert warmup_cosine(0, d.total_steps, d.warmup_steps, d.lr, cfg.optim.min_lr) == 0.0
+    assert warmup_cosine(d.warmup_steps, d.total_steps, d.warmup_steps, d.lr, cfg.optim.min_lr) == \
+        pytest.approx(d.lr)
+    text = C.recipe_path(recipe).read_text()
+    assert "1e-6" not in text and "1.0e-6" not in text and "from 0" in text
