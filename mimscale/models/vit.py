@@ -454,6 +454,7 @@ class VisionTransformer(nn.Module):
         """
         if scheme not in INIT_SCHEMES:
             raise ValueError(f"init scheme must be one of {', '.join(INIT_SCHEMES)}, got {scheme!r}")
+        self.init_scheme = scheme
         conv = self.patch_embed.proj
         if scheme == "mae":
             bound = math.sqrt(6.0 / (conv.weight.shape[0] + conv.weight[0].numel()))  # xavier on [D, C*p*p]

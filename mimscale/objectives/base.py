@@ -174,13 +174,15 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
 
 def init_encoder(encoder: VisionTransformer, scheme: str) -> None:
     """Re-initialise ``encoder`` with ``scheme`` (the objective's ``init`` knob, see
-    :meth:`VisionTransformer.init_weights`). Objectives call this first in ``__init__``, before copying
-    the encoder (EMA teachers), so the copy starts from the same weights."""
+    :meth:`VisionTransformer.init_weights`) unless it was last initialised with that scheme (then it is
+    left as built: no second draw). Objectives call this first in ``__init__``, before copying the encoder
+    (EMA teachers), so the copy starts from the same weights."""
     from ..models.vit import INIT_SCHEMES
 
     if scheme not in INIT_SCHEMES:
         raise ConfigError(f"objective.init={scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
-    encoder.init_weights(scheme)
+    if getattr(encoder, "init_scheme", None) != scheme:
+        encoder.init_weights(scheme)
 
 
 def token_no_decay(objective: Objective, mask_tokens: set[str]) -> set[str]:

@@ -430,7 +430,7 @@ class DTM(Objective):
         e = self.encoder
         x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))                   # [B, N, D]
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        z = e.encode(e.add_cls(e.add_pos(x)))[:, 1:]                                            # final norm, cls dropped
+        z = e.encode(e.add_cls(e.add_pos(x)))[:, 1:]                               # final norm, cls dropped
         return self.head(z)
 
     @torch.no_grad()

@@ -1,7 +1,7 @@
 """Analytic FLOP counts (forward, 2 x multiply-accumulates of linear layers and the two attention matmuls).
 
-Norms, softmax, GELU and the loss are ignored, as in docs/objectives/README.md (Compute per image). A training step counts
-3x forward for modules that receive gradients and 1x for frozen/EMA teachers.
+Norms, softmax, GELU and the loss are ignored, as in docs/objectives/README.md (Compute per image). A training
+step counts 3x forward for modules that receive gradients and 1x for frozen/EMA teachers.
 """
 from __future__ import annotations
 

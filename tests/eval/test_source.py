@@ -75,3 +75,29 @@ def test_cli_exits_2_with_one_line(tmp_path, capsys, fmnist_small):
                "--test", str(fmnist_small["test"]), "k=abc"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "k must be an integer" in err
+
+
+def test_relative_position_export_is_read_back_with_its_geometry(tmp_path):
+    """A BEiT-layout export (pos_embed=relative: per-block relative tables, gamma_1/2, no pos_embed) is
+    recognised from its tensors and loads strictly into the encoder eval builds."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mimscale.eval.source import load_source
+    from mimscale.models.vit import build_vit
+
+    torch.manual_seed(0)
+    m = build_vit("vit_micro", 32, 4, pos_embed="relative", layer_scale_init=0.1).eval()
+    with torch.no_grad():
+        m.rel_pos_bias.relative_position_bias_table.normal_()
+    path = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in m.export_state_dict(m.state_dict()).items()}, str(path))
+    src = load_source(path)
+    assert (src.arch, src.img_size, src.patch_size, src.pos_embed) == ("vit_micro", 32, 4, "relative")
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(src.encoder.forward_features(x), m.forward_features(x))
+    from mimscale.eval.finetune import build_classifier
+
+    clf = build_classifier(src, classes=10, drop_path=0.0, head_init_std=2e-5)   # fine-tuning reads it too
+    assert torch.equal(clf.rel_pos_bias.relative_position_bias_table, m.rel_pos_bias.relative_position_bias_table)
+    assert torch.equal(clf.blocks[2].ls2.gamma, m.blocks[2].ls2.gamma)
