@@ -116,23 +116,86 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     return idx.view(b, -1)
 
 
+def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
+    """"random_mps" masking: hide ``ceil(U * r)`` of the ``U = (grid / unit)^2`` aligned ``unit x unit``-patch
+    squares, uniformly per sample -> ``bool [B, grid^2]`` (raster order, True = masked) with exactly
+    ``unit^2 * ceil(U * r)`` True per row (ViT-B/16, 32-px units: 4 * 37 = 148 of 196)."""
+    if grid % unit:
+        raise ValueError(f"patch grid {grid} is not a multiple of the mask unit {unit}")
+    gu = grid // unit
+    k = math.ceil(gu * gu * mask_ratio - 1e-9)
+    order = torch.rand(batch, gu * gu, generator=generator).argsort(dim=1)
+    units = torch.zeros(batch, gu * gu, dtype=torch.bool)
+    units.scatter_(1, order[:, :k], True)
+    units = units.view(batch, gu, 1, gu, 1).expand(batch, gu, unit, gu, unit)
+    return units.reshape(batch, grid * grid)
+
+
 @dataclass(frozen=True)
 class MaskSpec:
-    """What the collate must generate for an objective: ``kind`` and its parameters."""
+    """What the collate generates for an objective (the one mask mechanism): ``kind`` and its parameters.
+    ``generate(batch, generator)`` runs in the loader workers on CPU and draws only from ``generator``.
 
-    kind: str                     # "none" | "random" | "parts"
+    ============== =========================================== ==============================================
+    kind           parameters                                  batch entries
+    ============== =========================================== ==============================================
+    none           --                                          --
+    random         ``mask_ratio``                              ``mask bool [B, N]`` (MAE)
+    parts          ``mask_ratio``, ``num_parts``               ``parts long [B, K, N_vis]`` (EMAE)
+    block          ``num_masked``, ``min_block``, ``exact``    ``mask bool [B, N]`` (BEiT blocks: DTM exact,
+                                                               ConMIM not)
+    units          ``mask_ratio``, ``unit``                    ``mask bool [B, N]`` (ConMIM random_mps)
+    crops          ``mask_ratio``, ``num_crops``               ``crop_masks bool [B, num_crops, N]`` (MAE+,
+                                                               AdPE; ``num_patches`` per crop)
+    permutation    ``least``                                   ``rank int16 [B, N]`` (MaPeT orders)
+    ============== =========================================== ==============================================
+    """
+
+    kind: str
     num_patches: int
     mask_ratio: float = 0.0
-    num_parts: int = 0            # "parts": K disjoint visible sets per sample (EMAE)
+    num_parts: int = 0
+    num_masked: int = 0
+    min_block: int = 16
+    exact: bool = True
+    unit: int = 1
+    num_crops: int = 0
+    least: int = 0
 
     def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        n = self.num_patches
         if self.kind == "none":
             return {}
         if self.kind == "random":
-            return {"mask": random_masks(batch, self.num_patches, self.mask_ratio, generator)}
+            return {"mask": random_masks(batch, n, self.mask_ratio, generator)}
         if self.kind == "parts":
-            return {"parts": partition_masks(batch, self.num_patches, self.num_parts, self.mask_ratio, generator)}
+            return {"parts": partition_masks(batch, n, self.num_parts, self.mask_ratio, generator)}
+        if self.kind == "block":
+            g = _side(n)
+            return {"mask": block_masks(batch, (g, g), self.num_masked, generator, min_block=self.min_block,
+                                        exact=self.exact)}
+        if self.kind == "units":
+            return {"mask": unit_masks(batch, _side(n), self.unit, self.mask_ratio, generator)}
+        if self.kind == "crops":
+            m = random_masks(batch * self.num_crops, n, self.mask_ratio, generator)
+            return {"crop_masks": m.view(batch, self.num_crops, n)}
+        if self.kind == "permutation":
+            return {"rank": permutation_ranks(batch, n, generator)}
         raise ValueError(f"unknown mask kind '{self.kind}'")
+
+
+def _side(num_patches: int) -> int:
+    g = int(round(num_patches ** 0.5))
+    if g * g != num_patches:
+        raise ValueError(f"{num_patches} patches are not a square grid")
+    return g
+
+
+def permutation_ranks(batch: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random factorisation orders: ``int16 [B, N]``, ``rank[b, i]`` in 1..N is the position of
+    patch ``i`` (raster index) in sample ``b``'s order (the cls token implicitly has rank 0)."""
+    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)   # [B, N]: rank-1 -> patch
+    return (order.argsort(dim=1) + 1).to(torch.int16)                           # [B, N]: patch -> rank
 
 
 class MaskCollate:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..ranges import num
 from .transforms import TrainTransform
 
-__all__ = ["PhotometricConfig", "Photometric", "SharedGeometryViews"]
+__all__ = ["ColorJitter", "JitterThen", "PhotometricConfig", "Photometric", "SharedGeometryViews"]
 
 _DRAWS = 13  # uniforms consumed per Photometric call (whatever is applied)
 
@@ -126,3 +126,45 @@ class SharedGeometryViews:
 
     def __repr__(self) -> str:
         return f"SharedGeometryViews({self.base!r}, {self.photometric!r})"
+
+
+class ColorJitter:
+    """Brightness, contrast and saturation jitter (hue untouched) of a PIL image, in a random order.
+
+    Each factor is uniform in ``[max(0, 1 - s), 1 + s]`` (torchvision's ``ColorJitter(s, s, s)``); every call
+    draws 3 factors and one order from ``generator`` (a fixed number of draws). ``strength = 0`` is the
+    identity. DTM (before the crop) and MaPeT (after the centre crop) use it."""
+
+    def __init__(self, strength: float, key: str = "objective.color_jitter"):
+        if strength < 0:
+            raise ConfigError(f"{key}={strength} must be >= 0")
+        self.strength = float(strength)
+
+    def __call__(self, img: Image.Image, generator: torch.Generator) -> Image.Image:
+        u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
+        order = torch.randperm(3, generator=generator).tolist()
+        if self.strength == 0:
+            return img
+        lo, hi = max(0.0, 1.0 - self.strength), 1.0 + self.strength
+        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
+        for i in order:
+            img = ops[i](img, lo + (hi - lo) * u[i])
+        return img
+
+    def __repr__(self) -> str:
+        return f"ColorJitter({self.strength})"
+
+
+class JitterThen:
+    """``(PIL image, generator) -> [C, H, W]``: colour jitter, then ``geometric`` (crop/flip/normalise)."""
+
+    def __init__(self, jitter: ColorJitter, geometric):
+        self.jitter, self.geometric = jitter, geometric
+
+    def __call__(self, img, generator: torch.Generator) -> torch.Tensor:
+        if img.mode not in ("RGB", "L"):
+            img = (img.convert("RGBA") if img.mode == "P" else img).convert("RGB")
+        return self.geometric(self.jitter(img, generator), generator)
+
+    def __repr__(self) -> str:
+        return f"JitterThen({self.jitter!r}, {self.geometric!r})"

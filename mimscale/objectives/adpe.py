@@ -49,7 +49,7 @@ from torch import nn
 
 from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, TrainTransform
 from ..errors import ConfigError
-from ..masking import random_masks
+from ..masking import MaskSpec
 from ..models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
 from ..models.vit import Block, VisionTransformer
 from ..ranges import num
@@ -79,20 +79,6 @@ class MultiCrop:
 
     def __repr__(self) -> str:
         return f"MultiCrop({self.num_crops} x {self.crop!r})"
-
-
-@dataclass(frozen=True)
-class CropMaskSpec:
-    """Independent MAE random masks for every crop: ``generate(B, g) -> {"crop_masks": bool [B, num_crops, N_c]}``
-    with exactly ``N_c - floor(N_c (1 - r))`` True per crop."""
-
-    num_crops: int
-    num_patches: int            # N_c, patches per crop
-    mask_ratio: float
-
-    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        m = random_masks(batch * self.num_crops, self.num_patches, self.mask_ratio, generator)
-        return {"crop_masks": m.view(batch, self.num_crops, self.num_patches)}
 
 
 # ----------------------------------------------------------------------------- modules
@@ -288,8 +274,8 @@ class _MultiCropMIM(Objective):
                               in_chans=self.encoder.in_chans)
         return MultiCrop(self.cfg.num_crops, crop)
 
-    def mask_spec(self) -> CropMaskSpec:
-        return CropMaskSpec(self.cfg.num_crops, self.num_crop_patches, self.cfg.mask_ratio)
+    def mask_spec(self) -> MaskSpec:
+        return MaskSpec("crops", self.num_crop_patches, self.cfg.mask_ratio, num_crops=self.cfg.num_crops)
 
     # ------------------------------------------------------------------ model
 

@@ -10,7 +10,7 @@ import abc
 import dataclasses
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, ClassVar, Iterator, NamedTuple
 

@@ -22,7 +22,6 @@ when reproducing.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -32,49 +31,12 @@ from torch import nn
 
 from ..data.photometric import Photometric, PhotometricConfig, SharedGeometryViews
 from ..errors import ConfigError
-from ..masking import block_masks
+from ..masking import MaskSpec
 from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..ranges import num
 from ..teachers.ema import EMATeacher, hold_outside, momentum_at
 from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, init_encoder, token_no_decay
-
-
-def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """"random_mps" masking: hide ``ceil(U * r)`` of the ``U = (grid / unit)^2`` aligned ``unit x unit``-patch
-    squares, uniformly per sample -> ``bool [B, grid^2]`` (raster order, True = masked) with exactly
-    ``unit^2 * ceil(U * r)`` True per row (ViT-B/16, 32-px units: 4 * 37 = 148 of 196)."""
-    if grid % unit:
-        raise ValueError(f"patch grid {grid} is not a multiple of the mask unit {unit}")
-    gu = grid // unit
-    k = math.ceil(gu * gu * mask_ratio - 1e-9)
-    order = torch.rand(batch, gu * gu, generator=generator).argsort(dim=1)
-    units = torch.zeros(batch, gu * gu, dtype=torch.bool)
-    units.scatter_(1, order[:, :k], True)
-    units = units.view(batch, gu, 1, gu, 1).expand(batch, gu, unit, gu, unit)
-    return units.reshape(batch, grid * grid)
-
-
-@dataclass(frozen=True)
-class ConMIMMasks:
-    """Collate-side mask generator: ``generate(B, generator) -> {"mask": bool [B, N]}`` (picklable)."""
-
-    kind: str                 # "random_mps32" | "block"
-    num_patches: int
-    mask_ratio: float = 0.75
-    unit: int = 2             # random_mps: patches per side of a masking unit
-    num_masked: int = 75      # block: target masked count
-    min_block: int = 16       # block: smallest rectangle (patches)
-    exact: bool = False       # block: force exactly num_masked (ConMIM's code does not: mean ~74.5 of 75)
-
-    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        grid = int(round(self.num_patches ** 0.5))
-        if self.kind == "random_mps32":
-            return {"mask": unit_masks(batch, grid, self.unit, self.mask_ratio, generator)}
-        if self.kind == "block":
-            return {"mask": block_masks(batch, (grid, grid), self.num_masked, generator, min_block=self.min_block,
-                                        exact=self.exact)}
-        raise ValueError(f"unknown ConMIM mask kind '{self.kind}'")
 
 
 class Projector(nn.Module):
@@ -189,10 +151,12 @@ class ConMIM(Objective):
 
     # ------------------------------------------------------------------ data side
 
-    def mask_spec(self) -> ConMIMMasks:
-        c = self.cfg
-        return ConMIMMasks(c.mask_type, self.encoder.num_patches, c.mask_ratio, c.mask_unit, c.block_num_masked,
-                           c.block_min_patches, c.block_exact_count)
+    def mask_spec(self) -> MaskSpec:
+        c, n = self.cfg, self.encoder.num_patches
+        if c.mask_type == "random_mps32":
+            return MaskSpec("units", n, c.mask_ratio, unit=c.mask_unit)
+        return MaskSpec("block", n, num_masked=c.block_num_masked, min_block=c.block_min_patches,
+                        exact=c.block_exact_count)
 
     def train_transform(self, default):
         return SharedGeometryViews(default, Photometric(self.cfg.teacher_aug))

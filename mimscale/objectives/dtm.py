@@ -3,7 +3,7 @@
 Data flow (shapes for ViT-B/16 at 224 px: N = 196, D = 768, teacher dim Dt = 512):
 
 * masking (collate, CPU): BEiT block-wise masks with an exact count, ``mask bool [B, N]``
-  (``round(0.383 N)`` = 75 of 196 by default; :class:`BlockMasks`);
+  (``round(0.383 N)`` = 75 of 196 by default; ``MaskSpec("block")``);
 * student: the encoder on ALL N patch tokens with a learned mask token in place of the patch embedding
   at masked slots (before the position embedding), cls prepended, final norm, cls dropped, a linear head
   D -> Dt on every token: ``u [B, N, Dt]``;
@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, DataError
-from ..masking import block_masks
+from ..data.photometric import ColorJitter, JitterThen
+from ..masking import MaskSpec
 from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
@@ -48,69 +49,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 # ----------------------------------------------------------------------------- data side (CPU workers)
-
-
-@dataclass(frozen=True)
-class BlockMasks:
-    """Collate-side mask generator: BEiT block-wise masks with exactly ``num_masked`` True per row.
-
-    ``generate(batch, generator) -> {"mask": bool [B, N]}`` (raster order, True = masked).
-    """
-
-    grid: tuple[int, int]
-    num_masked: int
-    min_block: int = 16
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"mask": block_masks(batch, self.grid, self.num_masked, generator, min_block=self.min_block)}
-
-
-class ColorJitter:
-    """Brightness, contrast and saturation jitter (hue untouched) of a PIL image, in a random order.
-
-    Each factor is uniform in ``[max(0, 1 - s), 1 + s]``; every call draws 3 factors and one order from
-    ``generator`` (a fixed number of draws). ``strength = 0`` is the identity.
-    """
-
-    def __init__(self, strength: float):
-        if strength < 0:
-            raise ConfigError(f"objective.color_jitter={strength} must be >= 0")
-        self.strength = float(strength)
-
-    def __call__(self, img, generator: torch.Generator):
-        from torchvision.transforms import functional as TF
-
-        u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
-        order = torch.randperm(3, generator=generator).tolist()
-        if self.strength == 0:
-            return img
-        lo, hi = max(0.0, 1.0 - self.strength), 1.0 + self.strength
-        ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-        for i in order:
-            img = ops[i](img, lo + (hi - lo) * u[i])
-        return img
-
-    def __repr__(self) -> str:
-        return f"ColorJitter({self.strength})"
-
-
-class JitterThen:
-    """``(PIL image, generator) -> [C, H, W]``: colour jitter, then ``geometric`` (crop/flip/normalise)."""
-
-    def __init__(self, jitter: ColorJitter, geometric):
-        self.jitter, self.geometric = jitter, geometric
-
-    def __call__(self, img, generator: torch.Generator) -> torch.Tensor:
-        if img.mode not in ("RGB", "L"):
-            img = (img.convert("RGBA") if img.mode == "P" else img).convert("RGB")
-        return self.geometric(self.jitter(img, generator), generator)
-
-    def __repr__(self) -> str:
-        return f"JitterThen({self.jitter!r}, {self.geometric!r})"
 
 
 # ----------------------------------------------------------------------------- schedule and morphing
@@ -365,9 +303,8 @@ class DTM(Objective):
 
     # ------------------------------------------------------------------ data side
 
-    def mask_spec(self) -> BlockMasks:
-        g = self.encoder.grid_size
-        return BlockMasks((g, g), self.num_masked, self.cfg.min_block)
+    def mask_spec(self) -> MaskSpec:
+        return MaskSpec("block", self.encoder.num_patches, num_masked=self.num_masked, min_block=self.cfg.min_block)
 
     def train_transform(self, default):
         """Online targets: colour jitter, then the recipe's crop + flip + normalise. Cached targets: colour

@@ -1,6 +1,6 @@
 """MaPeT: masked and permuted pre-training with two-stream attention (docs/objectives/mapet.md).
 
-Per sample the collate draws a random factorisation order (:class:`PermutationMasks`, ``rank int16 [B, N]``,
+Per sample the collate draws a random factorisation order (``MaskSpec("permutation")``, ``rank int16 [B, N]``,
 patch ranks 1..N; the cls token has rank 0). Tokens with rank < ``least`` form the context ``C`` (cls +
 ``least - 1`` patches); the other ``M = N + 1 - least`` patches form the predicted set ``P`` and are
 predicted autoregressively in that order.
@@ -50,8 +50,10 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from ..data.photometric import ColorJitter
 from ..data.transforms import EvalTransform
 from ..errors import ConfigError, DataError
+from ..masking import MaskSpec
 from ..models.vit import Block, VisionTransformer, init_linear_, init_token_
 from ..ranges import num
 from ..telemetry.flops import linear_flops, transformer_forward_flops
@@ -74,24 +76,6 @@ def resolve_least(num_patches: int, least_context: int | None, predict_ratio: fl
         raise ConfigError(f"objective.least_context={least} must be in [1, {num_patches}] (cls counts as 1; at "
                           f"least one of the N={num_patches} patches must be predicted)")
     return least
-
-
-@dataclass(frozen=True)
-class PermutationMasks:
-    """Collate-side generator of per-sample factorisation orders (picklable, CPU, randomness from ``generator``).
-
-    ``generate(B, g)`` -> ``{"rank": int16 [B, N]}``: ``rank[b, i]`` in 1..N is the position of patch ``i``
-    (raster index) in sample ``b``'s random order; the cls token implicitly has rank 0. Patches with rank
-    < ``least`` are context, the others are predicted.
-    """
-
-    num_patches: int
-    least: int
-
-    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        order = torch.rand(batch, self.num_patches, generator=generator).argsort(dim=1)   # [B, N]: rank-1 -> patch
-        rank = order.argsort(dim=1) + 1                                                    # [B, N]: patch -> rank
-        return {"rank": rank.to(torch.int16)}
 
 
 def two_stream_masks(rank: torch.Tensor, least: int, aux_tokens: bool = True
@@ -152,6 +136,7 @@ class CenterCropJitter(EvalTransform):
         if not 0.0 <= jitter < 1.0:
             raise ConfigError(f"objective.color_jitter={jitter} must be in [0, 1)")
         self.jitter = float(jitter)
+        self._jitter = ColorJitter(self.jitter)
 
     def __call__(self, img: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         img = self._prepare(img)
@@ -161,11 +146,7 @@ class CenterCropJitter(EvalTransform):
         if self.jitter > 0:
             if generator is None:
                 raise ValueError("CenterCropJitter needs a generator for its colour jitter")
-            u = torch.rand(3, generator=generator, dtype=torch.float64).tolist()
-            order = torch.randperm(3, generator=generator).tolist()
-            ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
-            for k in order:
-                img = ops[k](img, 1.0 - self.jitter + 2.0 * self.jitter * u[k])
+            img = self._jitter(img, generator)
         return self._finish(img)
 
     def __repr__(self) -> str:
@@ -225,8 +206,8 @@ class MaPeT(Objective):
 
     # ------------------------------------------------------------------ data side
 
-    def mask_spec(self) -> PermutationMasks:
-        return PermutationMasks(self.encoder.num_patches, self.least)
+    def mask_spec(self) -> MaskSpec:
+        return MaskSpec("permutation", self.encoder.num_patches, least=self.least)
 
     def train_transform(self, default):
         """Cached codes: centre crop + colour jitter (:class:`CenterCropJitter`) with the recipe's size and

@@ -20,7 +20,8 @@ from mimscale.errors import ConfigError
 from mimscale.masking import MaskCollate
 from mimscale.models.vit import build_vit
 from mimscale.objectives import StepContext
-from mimscale.objectives.conmim import ConMIM, ConMIMMasks, patch_infonce, unit_masks
+from mimscale.masking import MaskSpec, unit_masks
+from mimscale.objectives.conmim import ConMIM, patch_infonce
 from mimscale.objectives.mae import MAE
 
 IMG, PATCH, N = 16, 4, 16
@@ -277,7 +278,7 @@ def test_mps_mask_count_and_alignment(grid, unit, r):
 
 
 def test_mps_vit_b_masks_148_of_196():
-    spec = ConMIMMasks("random_mps32", 196, 0.75, 2)
+    spec = MaskSpec("units", 196, 0.75, unit=2)
     m = spec.generate(8, gen(6))["mask"]
     assert (m.sum(1) == 148).all()
 
@@ -288,7 +289,7 @@ def test_block_masks_count_follows_the_code_and_collate():
     obj = make(mask_type="block", block_num_masked=6, block_exact_count=True)
     m = obj.mask_spec().generate(32, gen(7))["mask"]
     assert (m.sum(1) == 6).all()
-    spec = ConMIMMasks("block", 196, num_masked=75)
+    spec = MaskSpec("block", 196, num_masked=75, exact=False)
     counts = spec.generate(64, gen(8))["mask"].sum(1)
     assert (counts <= 75).all() and (counts < 75).any() and counts.float().mean() > 73
     assert not ConMIM.Config().block_exact_count

@@ -20,7 +20,9 @@ from mimscale.data.transforms import EvalTransform, TrainTransform
 from mimscale.errors import ConfigError, DataError
 from mimscale.models.vit import build_vit
 from mimscale.objectives import LossOutput, StepContext, available
-from mimscale.objectives.dtm import (DTM, BlockMasks, ColorJitter, draw_schedule, group_mean, membership,
+from mimscale.data.photometric import ColorJitter
+from mimscale.masking import MaskSpec
+from mimscale.objectives.dtm import (DTM, draw_schedule, group_mean, membership,
                                      merges_per_iteration, morph_groups, morphed_loss, smooth_l1,
                                      standardize_tokens, step_generator)
 from mimscale.telemetry.flops import linear_flops, transformer_forward_flops
@@ -284,7 +286,8 @@ def test_inv8_exact_mask_count(grid, want):
     enc = build_vit("vit_micro", img_size=grid[0] * 4, patch_size=4, depth=1)
     model = DTM(enc, DTM.Config(head_dim=DT, teacher="unused"), teacher=PatchTeacher(grid[0] * 4))
     spec = model.mask_spec()
-    assert isinstance(spec, BlockMasks) and spec.num_patches == n and spec.num_masked == want
+    assert isinstance(spec, MaskSpec) and spec.kind == "block" and spec.exact and spec.num_patches == n \
+        and spec.num_masked == want
     m = spec.generate(16, g)["mask"]
     assert m.shape == (16, n) and m.dtype == torch.bool
     assert (m.sum(1) == want).all()

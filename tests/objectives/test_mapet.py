@@ -17,7 +17,8 @@ from mimscale.masking import MaskCollate
 from mimscale.models.vit import build_vit
 from mimscale.objectives import available
 from mimscale.objectives.mae import MAE
-from mimscale.objectives.mapet import (CenterCropJitter, MaPeT, PermutationMasks, resolve_least, two_stream_block,
+from mimscale.masking import MaskSpec
+from mimscale.objectives.mapet import (CenterCropJitter, MaPeT, resolve_least, two_stream_block,
                                        two_stream_masks)
 
 B, IMG, PATCH, N = 6, 16, 4, 16
@@ -86,7 +87,7 @@ def test_registered_and_least():
 
 
 def test_permutations_per_sample():
-    spec = PermutationMasks(N, LEAST)
+    spec = MaskSpec("permutation", N, least=LEAST)
     rank = spec.generate(64, gen(1))["rank"]
     assert rank.dtype == torch.int16 and rank.shape == (64, N)
     assert torch.equal(rank.long().sort(dim=1).values, torch.arange(1, N + 1).expand(64, N))   # permutations
@@ -101,7 +102,7 @@ def test_permutations_per_sample():
 
 
 def test_vit_b_shapes():
-    rank = PermutationMasks(196, 50).generate(2, gen(0))["rank"]
+    rank = MaskSpec("permutation", 196, least=50).generate(2, gen(0))["rank"]
     content, query, pred_idx = two_stream_masks(rank, 50)
     assert content.shape == (2, 1, 344, 344) and query.shape == (2, 1, 147, 344) and pred_idx.shape == (2, 147)
     assert content.dtype == query.dtype == torch.bool
@@ -112,7 +113,7 @@ def test_vit_b_shapes():
 
 @pytest.mark.parametrize("aux", [True, False])
 def test_masks_equal_the_rules_written_out(aux):
-    rank = PermutationMasks(N, LEAST).generate(B, gen(4))["rank"]
+    rank = MaskSpec("permutation", N, least=LEAST).generate(B, gen(4))["rank"]
     content, query, pred_idx = two_stream_masks(rank, LEAST, aux)
     ref_c, ref_q = reference_masks(rank, LEAST, aux)
     assert content.dtype == torch.bool and query.dtype == torch.bool
@@ -122,7 +123,7 @@ def test_masks_equal_the_rules_written_out(aux):
 
 
 def test_mask_row_invariants():
-    rank = PermutationMasks(N, LEAST).generate(32, gen(5))["rank"]
+    rank = MaskSpec("permutation", N, least=LEAST).generate(32, gen(5))["rank"]
     content, query, pred_idx = (t for t in two_stream_masks(rank, LEAST))
     content, query = content[:, 0], query[:, 0]
     lc = 1 + N + M
