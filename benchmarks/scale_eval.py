@@ -233,9 +233,11 @@ def bench_ema(args, rank: int, world: int) -> dict:
     part = {n: (lambda f, p: f[rank * p:(rank + 1) * p].clone())(
         torch.nn.functional.pad(q.detach().reshape(-1), (0, -(-q.numel() // world) * world - q.numel())),
         -(-q.numel() // world)) for n, q in params.items()}                      # this rank's fp32 master slices
-    old_t, new_t = EMATeacher(student), EMATeacher(student)
-    del student, params
     shards_ctx = StepContext(master_shards=lambda m: list(part.items()))
+    new_t = EMATeacher(student)
+    new_t.update(shards_ctx, None, 1.0)              # the first call partitions the teacher (m = 1: no change)
+    old_t = EMATeacher(student)
+    del student, params
 
     def full_masters(module):                        # what safe_get_full_fp32_param does: 1 all-gather / param
         for n, q in old_t.module.named_parameters():
@@ -245,7 +247,6 @@ def bench_ema(args, rank: int, world: int) -> dict:
             yield n, buf[: q.numel()].view(q.shape)
 
     full_ctx = StepContext(master_params=full_masters)
-    new_t.update(shards_ctx, None, 0.999)            # first call partitions the teacher
     x = torch.randn(1, 3, 64, 64)
 
     def old():
@@ -330,9 +331,10 @@ def extrapolate(r: dict, args) -> list[dict]:
                      old_s=med(e["old"]["seconds"]) - med(e["forward"]["seconds"]),
                      new_s=med(e["new"]["seconds"]) - med(e["forward"]["seconds"]),
                      full_old_mem=4 * vitl, full_new_mem=4 * vitl / GPUS,
-                     full_old_s=None, full_new_s=None,
-                     note="per step, update (+ new: the forward's gathers), forward compute excluded; "
-                          "both gather ~ one teacher per step"))
+                     full_old_s=(med(e["old"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
+                     full_new_s=(med(e["new"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
+                     note="per step on this CPU, update (+ new: the forward's gathers), forward compute excluded, "
+                          "ViT-L time = measured x params ratio; both gather ~ one teacher per step"))
     rows.append(dict(step="add-targets (CLIP B/16 features)", reduced="analytic", old_mem=None, new_mem=None,
                      old_s=None, new_s=None, full_old_mem=None, full_new_mem=None,
                      full_old_s=IN1K_TRAIN * teacher_flops / cpu_rate_teacher,
@@ -364,7 +366,8 @@ def main() -> int:
     ap.add_argument("--km-iters", type=int, default=3)
     ap.add_argument("--km-sample", type=int, default=8192)
     ap.add_argument("--teacher-batch", type=int, default=2, help="images timed through the ViT-B/16 stand-in")
-    ap.add_argument("--ema-arch", default="vit_large")
+    ap.add_argument("--ema-arch", default="vit_base", help="default: %(default)s (ViT-L figures scale by params: "
+                    "the shared 2-core box has too little free memory for 2 ranks x 3 ViT-L copies)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gpu-tflops", type=float, default=50.0,
                     help="ASSUMED sustained fp32 matmul TFLOP/s of one GPU for the extrapolation (default: 50)")
@@ -391,12 +394,12 @@ def main() -> int:
     r = {"world": d.world_size}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        if "knn" in only:
-            r["knn"] = bench_knn(args, d.rank, d.world_size)
-        if "kmeans" in only:
-            r["kmeans"] = bench_kmeans(args, d.rank, d.world_size, Path(tmp))
-        if "ema" in only:
-            r["ema"] = bench_ema(args, d.rank, d.world_size)
+        for name, fn in (("knn", bench_knn), ("kmeans", bench_kmeans), ("ema", bench_ema)):
+            if name in only:
+                t1 = time.time()
+                r[name] = fn(args, d.rank, d.world_size, *([Path(tmp)] if name == "kmeans" else []))
+                if d.rank == 0:
+                    print(f"[{name}: {time.time() - t1:.0f} s]", file=sys.stderr, flush=True)
     tdist.destroy_process_group()
     if d.rank != 0:
         return 0
