@@ -105,6 +105,7 @@ def interleaved(contenders: dict, repeats: int) -> dict:
 def bench_knn(args, rank: int, world: int) -> dict:
     import torch
     import torch.distributed as tdist
+    import torch.nn.functional as F
 
     from mimscale.eval.knn import knn_predict, knn_predict_sharded
 
@@ -134,8 +135,10 @@ def bench_knn(args, rank: int, world: int) -> dict:
         pred = knn_predict(bank, labels, q, args.classes, args.k)
         return pred[qlo:qhi]
 
+    xtr_n, xte_n = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)    # KNNEvaluator keeps unit rows
+
     def new():
-        return knn_predict_sharded(xtr, ytr, xte, args.classes, args.k, chunk=args.chunk)
+        return knn_predict_sharded(xtr_n, ytr, xte_n, args.classes, args.k, chunk=args.chunk, normalized=True)
 
     def old_features():                               # linear probe before: gather the features everywhere
         return gather(xtr).shape[0]
@@ -285,11 +288,10 @@ def extrapolate(r: dict, args) -> list[dict]:
     n, m, d = k["bank"], k["queries"], k["dim"]
     chunk_old, chunk_new = min(1024, m), min(args.chunk, m)
     # bytes a rank allocates in the call: old = bank and queries gathered (list + cat) and normalised + one
-    # [1024, N] block; new = its normalised bank shard and queries + one [c, N/W] block + the gathered query
-    # chunk (the shard itself is resident before and after the call: added for the full size)
+    # [1024, N] block; new = one [c, N/W] block + the gathered query chunk (the unit-length shard, as
+    # KNNEvaluator extracts it, is resident before and after the call: added for the full size)
     form_old = lambda n_, m_: 4 * (3 * n_ * d + 3 * m_ * d + chunk_old * n_)                # noqa: E731
-    form_new = lambda n_, w: 4 * (n_ / w * d + IN1K_VAL / IN1K_TRAIN * n_ / w * d + chunk_new * n_ / w
-                                  + 2 * chunk_new * d)                                      # noqa: E731
+    form_new = lambda n_, w: 4 * (chunk_new * n_ / w + 2 * chunk_new * d)                   # noqa: E731
     full_flops = 2.0 * IN1K_VAL * IN1K_TRAIN * d
     rows.append(dict(step="kNN (ViT-L, D=1024)", reduced=f"1/{args.scale} IN-1k, {world} ranks",
                      old_mem=med(k["old"]["bytes"]), new_mem=med(k["new"]["bytes"]),
@@ -338,7 +340,8 @@ def extrapolate(r: dict, args) -> list[dict]:
     rows.append(dict(step="add-targets (CLIP B/16 features)", reduced="analytic", old_mem=None, new_mem=None,
                      old_s=None, new_s=None, full_old_mem=None, full_new_mem=None,
                      full_old_s=IN1K_TRAIN * teacher_flops / cpu_rate_teacher,
-                     full_new_s=IN1K_TRAIN * teacher_flops / GPUS / gpu, full_old_gpu_s=IN1K_TRAIN * teacher_flops / gpu,
+                     full_new_s=IN1K_TRAIN * teacher_flops / GPUS / gpu,
+                     full_old_gpu_s=IN1K_TRAIN * teacher_flops / gpu,
                      note="old: 1 CPU process; new: 8 GPU processes, rank r writes shards r, r+8, ..."))
     return rows
 
@@ -411,13 +414,14 @@ def main() -> int:
     for row in rows:
         for p in ("old", "new"):
             print(f"{row['step'] if p == 'old' else '':<34} {p:<4} {fmt_b(row[p + '_mem']):>10} "
-                  f"{fmt_s(row[p + '_s']):>9} | {fmt_b(row['full_' + p + '_mem']):>14} {fmt_s(row['full_' + p + '_s']):>10}")
+                  f"{fmt_s(row[p + '_s']):>9} | {fmt_b(row['full_' + p + '_mem']):>14} "
+                  f"{fmt_s(row['full_' + p + '_s']):>10}")
         ratio = [f"{name} old/new {a / b:.1f}x" for name, a, b in (
             ("mem", row["full_old_mem"], row["full_new_mem"]), ("time", row["full_old_s"], row["full_new_s"]))
             if a and b]
         if row.get("full_old_gpu_s"):
-            ratio.append(f"old moved to one GPU {fmt_s(row['full_old_gpu_s'])} = {row['full_old_gpu_s'] / row['full_new_s']:.0f}x"
-                         " new")
+            gpu_x = row["full_old_gpu_s"] / row["full_new_s"]
+            ratio.append(f"old moved to one GPU {fmt_s(row['full_old_gpu_s'])} = {gpu_x:.0f}x new")
         if row.get("check"):
             ratio.append("measured/formula bytes at reduced size old {:.2f}, new {:.2f}".format(*row["check"]))
         print(f"{'':<34} {'':<4} {row['reduced']}; {row['note']}" + (f"; IN-1k {', '.join(ratio)}" if ratio else ""))

@@ -85,18 +85,22 @@ def _max(value: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                        k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+                        k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                        normalized: bool = False) -> torch.Tensor:
     """Predictions ``long [m]`` for this rank's ``queries [m, D]`` against the bank sharded over all ranks.
 
     ``bank [n_r, D]`` / ``bank_labels long [n_r]``: this rank's shard (any size, possibly 0). A collective: every
     rank of the default process group calls it (with its own shard and queries). ``chunk``: queries scored per
     step over all ranks together (each rank contributes ``ceil(chunk / world)``). Equal to :func:`knn_predict`
-    on the concatenated bank (up to float rounding of the similarities).
+    on the concatenated bank (up to float rounding of the similarities). ``normalized=True``: ``bank`` and
+    ``queries`` are float32 rows of unit length already (no normalised copy of the shard is made).
     """
     rank, world = _world()
     dev = bank.device
-    bank = F.normalize(bank.float(), dim=1)
-    queries = F.normalize(queries.float(), dim=1).to(dev)
+    if not normalized:
+        bank = F.normalize(bank.float(), dim=1)
+        queries = F.normalize(queries.float(), dim=1)
+    queries = queries.to(dev)
     labels = bank_labels.to(dev)
     n_total, = _sum([bank.shape[0]], dev)
     if n_total == 0:
@@ -126,11 +130,12 @@ def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: 
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, device: torch.device, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(encoder, loader, device: torch.device, pool: str = "cls",
+                     normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (eval mode, no masking) over an eval-mode loader: THIS rank's share, kept on ``device``.
 
-    Returns ``feats float [m, D]`` and ``labels long [m]`` of this rank's samples with padding entries dropped
-    (the eval loader gives every sample to exactly one rank).
+    Returns ``feats float [m, D]`` (L2-normalised per batch with ``normalize=True``) and ``labels long [m]`` of
+    this rank's samples with padding entries dropped (the eval loader gives every sample to exactly one rank).
     """
     was_training = encoder.training
     encoder.eval()
@@ -138,6 +143,8 @@ def extract_features(encoder, loader, device: torch.device, pool: str = "cls") -
     for batch in loader:
         img = batch["image"].to(device, non_blocking=True)
         f = encoder.pool(encoder.forward_features(img), pool).float()
+        if normalize:
+            f = F.normalize(f, dim=1)
         valid = batch.get("valid")
         keep = (valid if valid is not None else torch.ones(f.shape[0], dtype=torch.bool)).to(device)
         feats.append(f[keep])
@@ -163,12 +170,12 @@ class KNNEvaluator:
 
     def __call__(self, encoder, device: torch.device) -> dict[str, float]:
         """``{"eval/knn_top1": percent, ...}``; classes default to ``max label + 1`` of bank and queries."""
-        xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool)
-        xte, yte = extract_features(encoder, self.test_loader, device, self.pool)
+        xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool, normalize=True)
+        xte, yte = extract_features(encoder, self.test_loader, device, self.pool, normalize=True)
         self.last_bank_rows = int(xtr.shape[0])
         local_max = int(torch.cat([ytr, yte]).max()) if len(ytr) + len(yte) else -1
         classes = self.num_classes or _max(local_max, device) + 1
-        pred = knn_predict_sharded(xtr, ytr, xte, classes, self.k, self.temperature, self.chunk)
+        pred = knn_predict_sharded(xtr, ytr, xte, classes, self.k, self.temperature, self.chunk, normalized=True)
         correct, bank, queries = _sum([int((pred == yte).sum()), xtr.shape[0], xte.shape[0]], device)
         acc = 100.0 * correct / queries if queries else float("nan")
         return {"eval/knn_top1": acc, "eval/knn_bank": float(bank), "eval/knn_queries": float(queries)}
