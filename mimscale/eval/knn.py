@@ -9,7 +9,8 @@ rank merges them (the global top-k of the ``world * k`` candidates is the top-k 
 usual weighted vote. Peak memory per rank: bank/world + one ``[c_global, N/world]`` similarity block.
 
 Under ZeRO-3 every rank runs the same number of forward passes (the eval loader pads), so parameter
-gathering never deadlocks; padding rows are dropped (``valid``), so every sample is counted exactly once.
+gathering never deadlocks, and the encoder is called as a module (its hooks gather even the root's own
+parameters); padding rows are dropped (``valid``), so every sample is counted exactly once.
 """
 from __future__ import annotations
 
@@ -129,6 +130,17 @@ def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: 
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=dev)
 
 
+def _features(encoder, img: torch.Tensor) -> torch.Tensor:
+    """``encoder.forward_features(img)`` called THROUGH ``encoder(...)``: the module's forward hooks run, so under
+    ZeRO-3 DeepSpeed gathers the root's own parameters (``cls_token``, ``pos_embed``), which a direct call of the
+    method would find empty (partitioned). ``img [B, C, H, W]`` -> ``[B, 1 + N, D]``."""
+    encoder.forward = encoder.forward_features       # an instance attribute shadows the class's forward
+    try:
+        return encoder(img)
+    finally:
+        del encoder.forward
+
+
 @torch.no_grad()
 def extract_features(encoder, loader, device: torch.device, pool: str = "cls",
                      normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +154,7 @@ def extract_features(encoder, loader, device: torch.device, pool: str = "cls",
     feats, labels = [], []
     for batch in loader:
         img = batch["image"].to(device, non_blocking=True)
-        f = encoder.pool(encoder.forward_features(img), pool).float()
+        f = encoder.pool(_features(encoder, img), pool).float()
         if normalize:
             f = F.normalize(f, dim=1)
         valid = batch.get("valid")
