@@ -374,8 +374,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gpu-tflops", type=float, default=50.0,
                     help="ASSUMED sustained fp32 matmul TFLOP/s of one GPU for the extrapolation (default: 50)")
-    ap.add_argument("--nproc", type=int, default=2, help="ranks when self-launching")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks when self-launching (default: 2)")
     ap.add_argument("--only", default="knn,kmeans,ema", help="sections to run")
+    ap.add_argument("--tag", default="", help="appended to the results file name (e.g. w3 for a 3-rank run)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
 
@@ -383,7 +384,7 @@ def main() -> int:
 
     d = dist.detect()
     if d.launcher == "none":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                str(Path(__file__).resolve()), *sys.argv[1:]]
         print("+", " ".join(cmd), flush=True)
         return subprocess.run(cmd, cwd=REPO).returncode
@@ -430,7 +431,8 @@ def main() -> int:
               f"k-means centroid max |diff| {r.get('kmeans', {}).get('centroid_max_abs_diff', float('nan')):.2e}; "
               f"EMA teacher output max |diff| {r.get('ema', {}).get('output_max_abs_diff', float('nan')):.2e}")
     if not args.no_save:
-        out = write_results("scale_eval", {"config": vars(args), "raw": r, "rows": rows})
+        out = write_results("scale_eval" + (f"_{args.tag}" if args.tag else ""),
+                            {"config": vars(args), "raw": r, "rows": rows})
         print(f"-> {out.relative_to(REPO)}")
     return 0
 
