@@ -105,6 +105,7 @@ def interleaved(contenders: dict, repeats: int) -> dict:
 def bench_knn(args, rank: int, world: int) -> dict:
     import torch
     import torch.distributed as tdist
+    import torch.nn.functional as F
 
     from mimscale.eval.knn import knn_predict, knn_predict_sharded
 
@@ -134,8 +135,10 @@ def bench_knn(args, rank: int, world: int) -> dict:
         pred = knn_predict(bank, labels, q, args.classes, args.k)
         return pred[qlo:qhi]
 
+    xtr_n, xte_n = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)    # KNNEvaluator keeps unit rows
+
     def new():
-        return knn_predict_sharded(xtr, ytr, xte, args.classes, args.k, chunk=args.chunk)
+        return knn_predict_sharded(xtr_n, ytr, xte_n, args.classes, args.k, chunk=args.chunk, normalized=True)
 
     def old_features():                               # linear probe before: gather the features everywhere
         return gather(xtr).shape[0]
@@ -233,9 +236,11 @@ def bench_ema(args, rank: int, world: int) -> dict:
     part = {n: (lambda f, p: f[rank * p:(rank + 1) * p].clone())(
         torch.nn.functional.pad(q.detach().reshape(-1), (0, -(-q.numel() // world) * world - q.numel())),
         -(-q.numel() // world)) for n, q in params.items()}                      # this rank's fp32 master slices
-    old_t, new_t = EMATeacher(student), EMATeacher(student)
-    del student, params
     shards_ctx = StepContext(master_shards=lambda m: list(part.items()))
+    new_t = EMATeacher(student)
+    new_t.update(shards_ctx, None, 1.0)              # the first call partitions the teacher (m = 1: no change)
+    old_t = EMATeacher(student)
+    del student, params
 
     def full_masters(module):                        # what safe_get_full_fp32_param does: 1 all-gather / param
         for n, q in old_t.module.named_parameters():
@@ -245,7 +250,6 @@ def bench_ema(args, rank: int, world: int) -> dict:
             yield n, buf[: q.numel()].view(q.shape)
 
     full_ctx = StepContext(master_params=full_masters)
-    new_t.update(shards_ctx, None, 0.999)            # first call partitions the teacher
     x = torch.randn(1, 3, 64, 64)
 
     def old():
@@ -284,11 +288,10 @@ def extrapolate(r: dict, args) -> list[dict]:
     n, m, d = k["bank"], k["queries"], k["dim"]
     chunk_old, chunk_new = min(1024, m), min(args.chunk, m)
     # bytes a rank allocates in the call: old = bank and queries gathered (list + cat) and normalised + one
-    # [1024, N] block; new = its normalised bank shard and queries + one [c, N/W] block + the gathered query
-    # chunk (the shard itself is resident before and after the call: added for the full size)
+    # [1024, N] block; new = one [c, N/W] block + the gathered query chunk (the unit-length shard, as
+    # KNNEvaluator extracts it, is resident before and after the call: added for the full size)
     form_old = lambda n_, m_: 4 * (3 * n_ * d + 3 * m_ * d + chunk_old * n_)                # noqa: E731
-    form_new = lambda n_, w: 4 * (n_ / w * d + IN1K_VAL / IN1K_TRAIN * n_ / w * d + chunk_new * n_ / w
-                                  + 2 * chunk_new * d)                                      # noqa: E731
+    form_new = lambda n_, w: 4 * (chunk_new * n_ / w + 2 * chunk_new * d)                   # noqa: E731
     full_flops = 2.0 * IN1K_VAL * IN1K_TRAIN * d
     rows.append(dict(step="kNN (ViT-L, D=1024)", reduced=f"1/{args.scale} IN-1k, {world} ranks",
                      old_mem=med(k["old"]["bytes"]), new_mem=med(k["new"]["bytes"]),
@@ -330,13 +333,15 @@ def extrapolate(r: dict, args) -> list[dict]:
                      old_s=med(e["old"]["seconds"]) - med(e["forward"]["seconds"]),
                      new_s=med(e["new"]["seconds"]) - med(e["forward"]["seconds"]),
                      full_old_mem=4 * vitl, full_new_mem=4 * vitl / GPUS,
-                     full_old_s=None, full_new_s=None,
-                     note="per step, update (+ new: the forward's gathers), forward compute excluded; "
-                          "both gather ~ one teacher per step"))
+                     full_old_s=(med(e["old"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
+                     full_new_s=(med(e["new"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
+                     note="per step on this CPU, update (+ new: the forward's gathers), forward compute excluded, "
+                          "ViT-L time = measured x params ratio; both gather ~ one teacher per step"))
     rows.append(dict(step="add-targets (CLIP B/16 features)", reduced="analytic", old_mem=None, new_mem=None,
                      old_s=None, new_s=None, full_old_mem=None, full_new_mem=None,
                      full_old_s=IN1K_TRAIN * teacher_flops / cpu_rate_teacher,
-                     full_new_s=IN1K_TRAIN * teacher_flops / GPUS / gpu, full_old_gpu_s=IN1K_TRAIN * teacher_flops / gpu,
+                     full_new_s=IN1K_TRAIN * teacher_flops / GPUS / gpu,
+                     full_old_gpu_s=IN1K_TRAIN * teacher_flops / gpu,
                      note="old: 1 CPU process; new: 8 GPU processes, rank r writes shards r, r+8, ..."))
     return rows
 
@@ -364,12 +369,14 @@ def main() -> int:
     ap.add_argument("--km-iters", type=int, default=3)
     ap.add_argument("--km-sample", type=int, default=8192)
     ap.add_argument("--teacher-batch", type=int, default=2, help="images timed through the ViT-B/16 stand-in")
-    ap.add_argument("--ema-arch", default="vit_large")
+    ap.add_argument("--ema-arch", default="vit_base", help="default: %(default)s (ViT-L figures scale by params: "
+                    "the shared 2-core box has too little free memory for 2 ranks x 3 ViT-L copies)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--gpu-tflops", type=float, default=50.0,
                     help="ASSUMED sustained fp32 matmul TFLOP/s of one GPU for the extrapolation (default: 50)")
-    ap.add_argument("--nproc", type=int, default=2, help="ranks when self-launching")
+    ap.add_argument("--ranks", type=int, default=2, help="ranks when self-launching (default: 2)")
     ap.add_argument("--only", default="knn,kmeans,ema", help="sections to run")
+    ap.add_argument("--tag", default="", help="appended to the results file name (e.g. w3 for a 3-rank run)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
 
@@ -377,7 +384,7 @@ def main() -> int:
 
     d = dist.detect()
     if d.launcher == "none":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
                str(Path(__file__).resolve()), *sys.argv[1:]]
         print("+", " ".join(cmd), flush=True)
         return subprocess.run(cmd, cwd=REPO).returncode
@@ -391,12 +398,12 @@ def main() -> int:
     r = {"world": d.world_size}
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        if "knn" in only:
-            r["knn"] = bench_knn(args, d.rank, d.world_size)
-        if "kmeans" in only:
-            r["kmeans"] = bench_kmeans(args, d.rank, d.world_size, Path(tmp))
-        if "ema" in only:
-            r["ema"] = bench_ema(args, d.rank, d.world_size)
+        for name, fn in (("knn", bench_knn), ("kmeans", bench_kmeans), ("ema", bench_ema)):
+            if name in only:
+                t1 = time.time()
+                r[name] = fn(args, d.rank, d.world_size, *([Path(tmp)] if name == "kmeans" else []))
+                if d.rank == 0:
+                    print(f"[{name}: {time.time() - t1:.0f} s]", file=sys.stderr, flush=True)
     tdist.destroy_process_group()
     if d.rank != 0:
         return 0
@@ -408,13 +415,14 @@ def main() -> int:
     for row in rows:
         for p in ("old", "new"):
             print(f"{row['step'] if p == 'old' else '':<34} {p:<4} {fmt_b(row[p + '_mem']):>10} "
-                  f"{fmt_s(row[p + '_s']):>9} | {fmt_b(row['full_' + p + '_mem']):>14} {fmt_s(row['full_' + p + '_s']):>10}")
+                  f"{fmt_s(row[p + '_s']):>9} | {fmt_b(row['full_' + p + '_mem']):>14} "
+                  f"{fmt_s(row['full_' + p + '_s']):>10}")
         ratio = [f"{name} old/new {a / b:.1f}x" for name, a, b in (
             ("mem", row["full_old_mem"], row["full_new_mem"]), ("time", row["full_old_s"], row["full_new_s"]))
             if a and b]
         if row.get("full_old_gpu_s"):
-            ratio.append(f"old moved to one GPU {fmt_s(row['full_old_gpu_s'])} = {row['full_old_gpu_s'] / row['full_new_s']:.0f}x"
-                         " new")
+            gpu_x = row["full_old_gpu_s"] / row["full_new_s"]
+            ratio.append(f"old moved to one GPU {fmt_s(row['full_old_gpu_s'])} = {gpu_x:.0f}x new")
         if row.get("check"):
             ratio.append("measured/formula bytes at reduced size old {:.2f}, new {:.2f}".format(*row["check"]))
         print(f"{'':<34} {'':<4} {row['reduced']}; {row['note']}" + (f"; IN-1k {', '.join(ratio)}" if ratio else ""))
@@ -423,7 +431,8 @@ def main() -> int:
               f"k-means centroid max |diff| {r.get('kmeans', {}).get('centroid_max_abs_diff', float('nan')):.2e}; "
               f"EMA teacher output max |diff| {r.get('ema', {}).get('output_max_abs_diff', float('nan')):.2e}")
     if not args.no_save:
-        out = write_results("scale_eval", {"config": vars(args), "raw": r, "rows": rows})
+        out = write_results("scale_eval" + (f"_{args.tag}" if args.tag else ""),
+                            {"config": vars(args), "raw": r, "rows": rows})
         print(f"-> {out.relative_to(REPO)}")
     return 0
 

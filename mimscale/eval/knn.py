@@ -9,7 +9,8 @@ rank merges them (the global top-k of the ``world * k`` candidates is the top-k 
 usual weighted vote. Peak memory per rank: bank/world + one ``[c_global, N/world]`` similarity block.
 
 Under ZeRO-3 every rank runs the same number of forward passes (the eval loader pads), so parameter
-gathering never deadlocks; padding rows are dropped (``valid``), so every sample is counted exactly once.
+gathering never deadlocks, and the encoder is called as a module (its hooks gather even the root's own
+parameters); padding rows are dropped (``valid``), so every sample is counted exactly once.
 """
 from __future__ import annotations
 
@@ -85,18 +86,22 @@ def _max(value: int, device: torch.device) -> int:
 
 @torch.no_grad()
 def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                        k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+                        k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+                        normalized: bool = False) -> torch.Tensor:
     """Predictions ``long [m]`` for this rank's ``queries [m, D]`` against the bank sharded over all ranks.
 
     ``bank [n_r, D]`` / ``bank_labels long [n_r]``: this rank's shard (any size, possibly 0). A collective: every
     rank of the default process group calls it (with its own shard and queries). ``chunk``: queries scored per
     step over all ranks together (each rank contributes ``ceil(chunk / world)``). Equal to :func:`knn_predict`
-    on the concatenated bank (up to float rounding of the similarities).
+    on the concatenated bank (up to float rounding of the similarities). ``normalized=True``: ``bank`` and
+    ``queries`` are float32 rows of unit length already (no normalised copy of the shard is made).
     """
     rank, world = _world()
     dev = bank.device
-    bank = F.normalize(bank.float(), dim=1)
-    queries = F.normalize(queries.float(), dim=1).to(dev)
+    if not normalized:
+        bank = F.normalize(bank.float(), dim=1)
+        queries = F.normalize(queries.float(), dim=1)
+    queries = queries.to(dev)
     labels = bank_labels.to(dev)
     n_total, = _sum([bank.shape[0]], dev)
     if n_total == 0:
@@ -125,19 +130,33 @@ def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: 
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=dev)
 
 
+def _features(encoder, img: torch.Tensor) -> torch.Tensor:
+    """``encoder.forward_features(img)`` called THROUGH ``encoder(...)``: the module's forward hooks run, so under
+    ZeRO-3 DeepSpeed gathers the root's own parameters (``cls_token``, ``pos_embed``), which a direct call of the
+    method would find empty (partitioned). ``img [B, C, H, W]`` -> ``[B, 1 + N, D]``."""
+    encoder.forward = encoder.forward_features       # an instance attribute shadows the class's forward
+    try:
+        return encoder(img)
+    finally:
+        del encoder.forward
+
+
 @torch.no_grad()
-def extract_features(encoder, loader, device: torch.device, pool: str = "cls") -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(encoder, loader, device: torch.device, pool: str = "cls",
+                     normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (eval mode, no masking) over an eval-mode loader: THIS rank's share, kept on ``device``.
 
-    Returns ``feats float [m, D]`` and ``labels long [m]`` of this rank's samples with padding entries dropped
-    (the eval loader gives every sample to exactly one rank).
+    Returns ``feats float [m, D]`` (L2-normalised per batch with ``normalize=True``) and ``labels long [m]`` of
+    this rank's samples with padding entries dropped (the eval loader gives every sample to exactly one rank).
     """
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for batch in loader:
         img = batch["image"].to(device, non_blocking=True)
-        f = encoder.pool(encoder.forward_features(img), pool).float()
+        f = encoder.pool(_features(encoder, img), pool).float()
+        if normalize:
+            f = F.normalize(f, dim=1)
         valid = batch.get("valid")
         keep = (valid if valid is not None else torch.ones(f.shape[0], dtype=torch.bool)).to(device)
         feats.append(f[keep])
@@ -163,12 +182,12 @@ class KNNEvaluator:
 
     def __call__(self, encoder, device: torch.device) -> dict[str, float]:
         """``{"eval/knn_top1": percent, ...}``; classes default to ``max label + 1`` of bank and queries."""
-        xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool)
-        xte, yte = extract_features(encoder, self.test_loader, device, self.pool)
+        xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool, normalize=True)
+        xte, yte = extract_features(encoder, self.test_loader, device, self.pool, normalize=True)
         self.last_bank_rows = int(xtr.shape[0])
         local_max = int(torch.cat([ytr, yte]).max()) if len(ytr) + len(yte) else -1
         classes = self.num_classes or _max(local_max, device) + 1
-        pred = knn_predict_sharded(xtr, ytr, xte, classes, self.k, self.temperature, self.chunk)
+        pred = knn_predict_sharded(xtr, ytr, xte, classes, self.k, self.temperature, self.chunk, normalized=True)
         correct, bank, queries = _sum([int((pred == yte).sum()), xtr.shape[0], xte.shape[0]], device)
         acc = 100.0 * correct / queries if queries else float("nan")
         return {"eval/knn_top1": acc, "eval/knn_bank": float(bank), "eval/knn_queries": float(queries)}

@@ -98,7 +98,7 @@ def _keys(seed: int, start: int, count: int) -> np.ndarray:
 def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: int = 10,
                   init_sample: int | None = None, seed: int = 0, l2_normalize: bool = False,
                   tol: float = 1e-4, progress: Callable[[str], None] | None = None, offset: int = 0,
-                  collective: bool = False) -> tuple[torch.Tensor, dict]:
+                  collective: bool = False, device: torch.device | str | None = None) -> tuple[torch.Tensor, dict]:
     """k-means over a re-iterable stream: ``batches()`` yields ``[m, D]`` feature chunks (on any device: the
     work runs where they are), the same points in the same order each time it is called. Returns
     ``(centroids float32 [k, D], stats)``; ``stats`` has ``points`` (per pass), ``stored`` (sample size),
@@ -110,6 +110,7 @@ def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: 
     The sample is the global bottom-k (only keys, then the chosen rows, are all-gathered: the sample is on
     every rank); per-pass sums, counts and errors are all-reduced; every rank returns the same centroids,
     equal to the one-process result on the concatenated stream up to float rounding of the sums.
+    ``device``: where a rank whose slice is empty keeps its (empty) part of the collectives (NCCL: its GPU).
     """
     from .launch import all_gather_rows, all_sum
 
@@ -121,7 +122,7 @@ def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: 
 
     # 1. bottom-k uniform sample of the stream (keys of global indices: independent of chunking and ranks)
     sample, keys = None, None
-    seen, max_held, t0, dev = 0, 0, time.time(), None
+    seen, max_held, t0, dev = 0, 0, time.time(), None if device is None else torch.device(device)
     for chunk in batches():
         x = prep(chunk)
         dev = x.device
@@ -394,7 +395,7 @@ def fit_kmeans_shards(src, teacher: str | os.PathLike, k: int, out: str | os.Pat
                 f"fitting on {dev}")
         centroids, stats = fit_streaming(lambda: fc.chunks(chunk_rows, dev), k, iters=iters, init_sample=init_sample,
                                          seed=seed, l2_normalize=l2_normalize, progress=say, offset=offset,
-                                         collective=True)
+                                         collective=True, device=dev)
         stats.update(seconds=round(time.time() - t0, 1), encode_seconds=round(encode_s, 1),
                      ranks=d.world_size, device=dev.type)
         km = KMeans(centroids.cpu(), l2_normalize, t.teacher_id(), view, stats)

@@ -18,6 +18,11 @@ all-gathered per training step (``EMATeacher.gathered_elements``: the teacher fo
 
 Then the same steps (same seeds, same batches) run again in the same processes through a ZeRO-0 engine, and
 its per-step losses are recorded next to ZeRO-3's (``losses_zero0``), so the test can compare them.
+
+After each run the trained student encoder is scored by the sharded kNN evaluator (as the train loop does:
+``KNNEvaluator(engine.module.encoder)``, collective, on each rank's own synthetic labelled images):
+``knn`` / ``knn_zero0``. Under ZeRO-3 the encoder's own root parameters are partitioned: the evaluator must
+call it as a module so that DeepSpeed gathers them.
 """
 from __future__ import annotations
 
@@ -32,8 +37,27 @@ import torch
 
 def main(out_dir: str, knobs: str, steps: int) -> None:
     record = run_zero3(out_dir, knobs, steps)
-    record["losses_zero0"] = run_zero0(out_dir, steps)
+    record["losses_zero0"], record["knn_zero0"] = run_zero0(out_dir, steps)
     Path(out_dir, f"rank{record['rank']}.json").write_text(json.dumps(record))
+
+
+def knn(engine, rank: int) -> dict:
+    """Sharded kNN top-1 of the engine's student encoder on this rank's synthetic labelled images."""
+    from mimscale.eval.knn import KNNEvaluator
+
+    base = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+
+    def loader(seed: int, batches: int) -> list[dict]:
+        g = torch.Generator().manual_seed(seed + rank)
+        out = []
+        for _ in range(batches):
+            y = torch.randint(4, (8,), generator=g)
+            out.append({"image": base[y] + 0.8 * torch.randn(8, 3, 16, 16, generator=g), "label": y,
+                        "valid": torch.ones(8, dtype=torch.bool)})
+        return out
+
+    ev = KNNEvaluator(loader(100, 3), loader(200, 2), num_classes=4, k=5)
+    return ev(engine.module.encoder, torch.device("cpu"))
 
 
 def build(out_dir: str, stage: int, knobs: str | None, steps: int):
@@ -95,7 +119,7 @@ def run_zero0(out_dir: str, steps: int) -> list[float]:
             engine.step()
         engine.module.after_optimizer_step(replace(ctx, step=step + 1))
         losses.append(float(out.loss))
-    return losses
+    return losses, knn(engine, d.rank)
 
 
 def run_zero3(out_dir: str, knobs: str, steps: int) -> dict:
@@ -169,6 +193,7 @@ def run_zero3(out_dir: str, knobs: str, steps: int) -> dict:
         prev = now
     record["teacher_keys"] = sorted(ref)
     record["losses"] = [r["loss"] for r in record["steps"]]
+    record["knn"] = knn(engine, d.rank)
     return record
 
 

@@ -249,3 +249,7 @@ def test_zero3_two_ranks_teacher_follows_the_consolidated_student(tmp_path):
         torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(rec["losses_zero0"]), rtol=1e-4,
                                    atol=1e-5)
         assert len(set(rec["losses"])) == steps                         # the loss really moves step to step
+        # the sharded kNN of the trained student runs at ZeRO-3 (root parameters partitioned) and equals ZeRO-0's
+        assert rec["knn"] == rec["knn_zero0"] == recs[0]["knn"]
+        assert rec["knn"]["eval/knn_bank"] == 2 * 24 and rec["knn"]["eval/knn_queries"] == 2 * 16
+        assert rec["knn"]["eval/knn_top1"] > 25.0                       # 4 classes: chance is 25 %

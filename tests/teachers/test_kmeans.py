@@ -197,3 +197,13 @@ def test_feature_cache_roundtrip_reuse_and_device_errors(tmp_path):
         with pytest.raises(ConfigError, match="no CUDA device"):
             resolve_device("cuda")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_cli_bad_device_is_one_error_line(tmp_path, capsys):
+    from mimscale.cli import main
+
+    rc = main(["teacher", "fit-kmeans", str(tmp_path), "--teacher", str(tmp_path / "clip.pt"), "--k", "4",
+               "--out", str(tmp_path / "km.pt"), "--device", "tpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["mimscale: error: --device 'tpu' is not a device (auto, cpu, cuda, cuda:N)"]
+    assert not (tmp_path / "km.pt").exists()
