@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -104,14 +104,15 @@ class _Base:
             arr = arr[:, :, None] if arr.ndim == 2 else arr
         return arr
 
-    def _finish(self, img: Image.Image | np.ndarray, flip: bool = False) -> torch.Tensor:
+    def _finish(self, img: Image.Image | np.ndarray, flip: bool = False, out: np.ndarray | None = None) -> torch.Tensor:
         """uint8 PIL image or ``[H, W, C]`` array -> normalized float32 [C, H, W]: one fused scale-and-shift per
         pixel (gray -> RGB by broadcast); ``flip`` mirrors left-right inside that same pass (a reversed view)."""
         arr = img if isinstance(img, np.ndarray) else self._pixels(img)
         if flip:
             arr = arr[:, ::-1]
         # channels-first on the uint8 view, then one scale-and-shift straight into the [C, H, W] output
-        out = np.empty((self.in_chans, arr.shape[0], arr.shape[1]), dtype=np.float32)
+        if out is None:
+            out = np.empty((self.in_chans, arr.shape[0], arr.shape[1]), dtype=np.float32)
         np.multiply(arr.transpose(2, 0, 1), self._scale.reshape(-1, 1, 1), out=out)
         out -= self._shift.reshape(-1, 1, 1)
         return torch.from_numpy(out)
@@ -243,6 +244,25 @@ class TrainTransform(_Base):
         if not self.fast and flip:
             return self._finish(TF.hflip(view))
         return self._finish(view, flip=flip)
+
+    @property
+    def batched(self) -> bool:
+        """The loader may call :meth:`crop_pixels` per sample and :meth:`finish_batch` per batch instead."""
+        return self.fast
+
+    def crop_pixels(self, img: Image.Image, generator: torch.Generator) -> tuple[Any, bool]:
+        """Everything of ``__call__`` but the normalisation: ``(uint8 crop, flip)`` (same draws)."""
+        return self.crop(img, generator)
+
+    def finish_batch(self, items: Sequence[tuple[Any, bool]]) -> torch.Tensor:
+        """``[(crop, flip)]`` from :meth:`crop_pixels` -> float32 ``[B, C, H, W]``, each crop flipped and normalised
+        straight into its row (equal to stacking ``__call__``'s outputs)."""
+        out = np.empty((len(items), self.in_chans, *self.size), dtype=np.float32)
+        for row, (view, flip) in zip(out, items):
+            if not self.fast and flip:
+                view = TF.hflip(view)
+            self._finish(view, flip=flip and self.fast, out=row)
+        return torch.from_numpy(out)
 
     def device_views(self) -> tuple[list["TrainTransform"], bool]:
         """For the device-decode path (:mod:`mimscale.data.device_decode`): one view, not stacked."""
