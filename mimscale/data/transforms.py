@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -183,6 +184,18 @@ def crop_resize_u8(chw: torch.Tensor, top: float, left: float, h: float, w: floa
     return y[0].permute(1, 2, 0).numpy()
 
 
+def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
+    """An uninitialised float32 tensor; in a DataLoader worker it lives in shared memory from the start, so
+    handing the batch to the main process does not copy it there (tens of MB per batch at 224 px)."""
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(4 * math.prod(shape))
+            return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+        except (AttributeError, RuntimeError):  # pragma: no cover - a torch without it: the usual copy
+            pass
+    return torch.empty(shape, dtype=torch.float32)
+
+
 class TrainTransform(_Base):
     """RandomResizedCrop (bicubic) + horizontal flip + normalize: PIL image -> float32 ``[C, H, W]``.
 
@@ -257,12 +270,13 @@ class TrainTransform(_Base):
     def finish_batch(self, items: Sequence[tuple[Any, bool]]) -> torch.Tensor:
         """``[(crop, flip)]`` from :meth:`crop_pixels` -> float32 ``[B, C, H, W]``, each crop flipped and normalised
         straight into its row (equal to stacking ``__call__``'s outputs)."""
-        out = np.empty((len(items), self.in_chans, *self.size), dtype=np.float32)
+        batch = _batch_buffer((len(items), self.in_chans, *self.size))
+        out = batch.numpy()
         for row, (view, flip) in zip(out, items):
             if not self.fast and flip:
                 view = TF.hflip(view)
             self._finish(view, flip=flip and self.fast, out=row)
-        return torch.from_numpy(out)
+        return batch
 
     def device_views(self) -> tuple[list["TrainTransform"], bool]:
         """For the device-decode path (:mod:`mimscale.data.device_decode`): one view, not stacked."""
