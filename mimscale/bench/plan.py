@@ -122,8 +122,10 @@ class ModelShape:
 #: Host (CPU) work of the loader in samples per CPU-second, i.e. samples/s per core, for 224 px
 #: RandomResizedCrop + flip + normalise + a 75 % mask from ~500x375 JPEGs (quality 90), 2 worker processes:
 #: measured by benchmarks/loader_speed.py on machine `vm` (AMD EPYC, 2 shared cores, no AVX-512),
-#: results/loader_speed-vm-2026-12-04.json. "device": what the workers do when the accelerator decodes.
-LOADER_RATES = {"cpu": 300.0, "preresized": 380.0, "device": 4000.0}
+#: results/loader_speed-vm-2026-12-04.json ("preresized": shards written with --max-side 320). "device": what
+#: the workers do when the accelerator decodes (steady state, worker start-up taken out); on the GPU side the
+#: main process also launches a few kernels per crop (not measured: no GPU on `vm`).
+LOADER_RATES = {"cpu": 420.0, "preresized": 560.0, "device": 3360.0}
 LOADER_PATHS = ("auto", "cpu", "device", "preresized")
 
 

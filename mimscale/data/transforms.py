@@ -184,16 +184,16 @@ def crop_resize_u8(chw: torch.Tensor, top: float, left: float, h: float, w: floa
     return y[0].permute(1, 2, 0).numpy()
 
 
-def _batch_buffer(shape: tuple[int, ...]) -> torch.Tensor:
-    """An uninitialised float32 tensor; in a DataLoader worker it lives in shared memory from the start, so
-    handing the batch to the main process does not copy it there (tens of MB per batch at 224 px)."""
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker it lives in shared memory from the start, so handing
+    the batch to the main process does not copy it there (tens of MB per batch at 224 px)."""
     if torch.utils.data.get_worker_info() is not None:
         try:
-            storage = torch.UntypedStorage._new_shared(4 * math.prod(shape))
-            return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+            storage = torch.UntypedStorage._new_shared(torch.empty(0, dtype=dtype).element_size() * math.prod(shape))
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
         except (AttributeError, RuntimeError):  # pragma: no cover - a torch without it: the usual copy
             pass
-    return torch.empty(shape, dtype=torch.float32)
+    return torch.empty(shape, dtype=dtype)
 
 
 class TrainTransform(_Base):
@@ -270,7 +270,7 @@ class TrainTransform(_Base):
     def finish_batch(self, items: Sequence[tuple[Any, bool]]) -> torch.Tensor:
         """``[(crop, flip)]`` from :meth:`crop_pixels` -> float32 ``[B, C, H, W]``, each crop flipped and normalised
         straight into its row (equal to stacking ``__call__``'s outputs)."""
-        batch = _batch_buffer((len(items), self.in_chans, *self.size))
+        batch = batch_buffer((len(items), self.in_chans, *self.size))
         out = batch.numpy()
         for row, (view, flip) in zip(out, items):
             if not self.fast and flip:
