@@ -130,6 +130,12 @@ def _add_plan(bsub) -> None:
     pl.add_argument("--epochs", type=float, default=None, help="also print the whole run's time and GPU-hours")
     pl.add_argument("--overhead-gb", type=float, default=None,
                     help="CUDA context, workspaces, fragmentation per GPU (default: 2)")
+    pl.add_argument("--loader", default=None, choices=("auto", "cpu", "device", "preresized"),
+                    help="data path for 'CPU cores per GPU the loader needs': device decode (auto: where the "
+                         "objective allows it), CPU decode, or CPU decode of pre-resized shards; default: the "
+                         "recipe's data.decode, else auto")
+    pl.add_argument("--loader-rate", type=float, default=None, metavar="SAMPLES_PER_S",
+                    help="your measured host samples/s per CPU core on that path (benchmarks/loader_speed.py)")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON (with \"fits\") instead of text")
 
 
@@ -194,7 +200,7 @@ def _run_plan(args) -> int:
              "gpu": args.gpu, "zero": args.zero, "offload": args.offload, "micro_batch": args.micro_batch,
              "global_batch": args.global_batch, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
              "mfu": args.mfu, "grad_ckpt": args.grad_ckpt, "precision": args.precision, "epochs": args.epochs,
-             "overhead_gb": args.overhead_gb}
+             "overhead_gb": args.overhead_gb, "loader": args.loader, "loader_rate": args.loader_rate}
     if args.objective is not None and args.recipe and args.objective != fields.get("objective"):
         fields["objective_knobs"] = {}            # the recipe's knobs belong to its own objective
     fields.update({k: v for k, v in flags.items() if v is not None})

@@ -93,6 +93,8 @@ class PlanInput:
     epochs: float | None = None
     overhead_gb: float = DEFAULT_OVERHEAD_GB
     in_chans: int = 3
+    loader: str = "auto"                 # data path: auto (device where the objective allows) | cpu | device | preresized
+    loader_rate: float | None = None     # host samples/s per CPU core on that path (default: LOADER_RATES)
 
 
 @dataclass
@@ -114,6 +116,17 @@ class ModelShape:
     flops_per_sample: float
     blocks: list[BlockCall]
     other_saved_bytes: float     # per image, outside blocks
+    device_decode: bool = True   # the objective's train transform runs on the device-decode path
+
+
+#: Host (CPU) work of the loader in samples per CPU-second, i.e. samples/s per core, for 224 px
+#: RandomResizedCrop + flip + normalise + a 75 % mask from ~500x375 JPEGs (quality 90), 2 worker processes:
+#: measured by benchmarks/loader_speed.py on machine `vm` (AMD EPYC, 2 shared cores, no AVX-512),
+#: results/loader_speed-vm-2026-12-04.json ("preresized": shards written with --max-side 320). "device": what
+#: the workers do when the accelerator decodes (steady state, worker start-up taken out); on the GPU side the
+#: main process also launches a few kernels per crop (not measured: no GPU on `vm`).
+LOADER_RATES = {"cpu": 420.0, "preresized": 560.0, "device": 3360.0}
+LOADER_PATHS = ("auto", "cpu", "device", "preresized")
 
 
 # ----------------------------------------------------------------------------- formulas
@@ -227,6 +240,7 @@ def model_shape(obj) -> ModelShape:
     phi = sum(p.numel() for p in obj.parameters() if id(p) in frozen or not p.requires_grad)
     enc = sum(p.numel() for p in obj.encoder.parameters() if p.requires_grad)
 
+    device_decode = _has_device_path(obj)
     ckpt_blocks = {id(b) for m in obj.modules() if isinstance(m, VisionTransformer) and m.grad_checkpointing
                    for b in m.blocks}
     calls: list[BlockCall] = []
@@ -273,7 +287,21 @@ def model_shape(obj) -> ModelShape:
             h.remove()
     return ModelShape(params_trainable=psi, params_frozen=phi, params_encoder=enc,
                       flops_per_sample=float(obj.flops_per_sample()), blocks=calls,
-                      other_saved_bytes=float(sum(v for k, v in seen.items() if k not in ckpt_inputs)))
+                      other_saved_bytes=float(sum(v for k, v in seen.items() if k not in ckpt_inputs)),
+                      device_decode=device_decode)
+
+
+def _has_device_path(obj) -> bool:
+    """Whether ``obj``'s train transform (around the recipe's default) can run on the device-decode path."""
+    from ..data.device_decode import device_views_of
+    from ..data.transforms import TrainTransform
+
+    pe = obj.encoder.patch_embed
+    try:
+        tf = obj.train_transform(TrainTransform(pe.img_size, in_chans=pe.proj.in_channels))
+    except Exception:  # noqa: BLE001 - an objective that cannot build its transform here: assume the CPU path
+        return False
+    return device_views_of(tf) is not None
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -292,6 +320,10 @@ class Plan:
     recompute_flops_per_sample: float
     memory_gb: dict[str, float]
     memory_notes: dict[str, str]
+    loader_path: str
+    loader_rate: float
+    loader_cores_per_gpu: float
+    loader_cores_per_gpu_by_path: dict[str, float]
     cpu_memory_per_node_gb: float
     act_per_sample_gb: float
     fits: bool
@@ -326,6 +358,10 @@ def _check(inp: PlanInput) -> None:
         raise ConfigError(f"--overhead-gb {inp.overhead_gb}: must be >= 0")
     if inp.epochs is not None and inp.epochs <= 0:
         raise ConfigError(f"--epochs {inp.epochs}: must be > 0")
+    if inp.loader not in LOADER_PATHS:
+        raise ConfigError(f"--loader {inp.loader}: must be one of {', '.join(LOADER_PATHS)}")
+    if inp.loader_rate is not None and not inp.loader_rate > 0:
+        raise ConfigError(f"--loader-rate {inp.loader_rate}: must be > 0 samples/s per core")
 
 
 def make_plan(inp: PlanInput, shape: ModelShape | None = None) -> Plan:
@@ -370,6 +406,13 @@ def make_plan(inp: PlanInput, shape: ModelShape | None = None) -> Plan:
              "overhead": "CUDA context, workspaces, fragmentation"}
 
     per_gpu = inp.mfu * peak / shape.flops_per_sample
+    path = inp.loader
+    if path == "auto":
+        path = "device" if shape.device_decode else "cpu"
+    elif path == "device" and not shape.device_decode:
+        raise ConfigError(f"--loader device: objective {inp.objective}'s train transform has no device-decode path; "
+                          "use --loader cpu or preresized")
+    rate = inp.loader_rate or LOADER_RATES[path]
     cluster = per_gpu * n
     per_step = inp.micro_batch * n
     gb = inp.global_batch if inp.global_batch is not None else per_step
@@ -384,7 +427,11 @@ def make_plan(inp: PlanInput, shape: ModelShape | None = None) -> Plan:
         params_trainable=shape.params_trainable, params_frozen=shape.params_frozen,
         params_encoder=shape.params_encoder, flops_per_sample=shape.flops_per_sample,
         recompute_flops_per_sample=recompute_flops_per_sample(shape.blocks),
-        memory_gb=memory, memory_notes=notes, cpu_memory_per_node_gb=states["cpu"] * inp.gpus_per_node / GB,
+        memory_gb=memory, memory_notes=notes, loader_path=path, loader_rate=rate,
+        loader_cores_per_gpu=per_gpu / rate,
+        loader_cores_per_gpu_by_path={k: per_gpu / v for k, v in LOADER_RATES.items()
+                                      if k != "device" or shape.device_decode},
+        cpu_memory_per_node_gb=states["cpu"] * inp.gpus_per_node / GB,
         act_per_sample_gb=act1["total"] / GB, fits=total <= cap, max_micro_batch=max_mb,
         images_per_s_per_gpu=per_gpu, images_per_s_cluster=cluster, global_batch=gb, grad_accum=gb // per_step,
         step_time_s=step, steps_per_epoch=IMAGENET_1K_TRAIN // gb, epoch_time_s=epoch,
@@ -466,6 +513,12 @@ def format_plan(p: Plan) -> str:
     ]
     if p.total_time_s:
         rows.append(f"run         {i['epochs']:g} epochs: {_dur(p.total_time_s)}, {p.total_gpu_hours:,.0f} GPU-hours")
+    names = {"cpu": "CPU decode", "device": "device decode", "preresized": "CPU decode of pre-resized shards"}
+    others = ", ".join(f"{names[k]} {v:.1f}" for k, v in p.loader_cores_per_gpu_by_path.items() if k != p.loader_path)
+    measured = "" if i["loader_rate"] else " (224 px crops of ~500x375 JPEGs, measured on `vm`; --loader-rate for yours)"
+    rows.append(f"loader      CPU cores per GPU the loader needs: {p.loader_cores_per_gpu:.1f} on the "
+                f"{names[p.loader_path]} path = {p.images_per_s_per_gpu:,.0f} img/s / {p.loader_rate:,.0f} samples/s "
+                f"per core{measured}" + (f"; {others}" if others else ""))
     return "\n".join(rows)
 
 
@@ -480,4 +533,4 @@ def from_recipe(recipe: str) -> dict[str, Any]:
                 zero=cfg.train.zero_stage, micro_batch=cfg.train.micro_batch_size,
                 grad_ckpt=cfg.model.grad_checkpointing,
                 offload=cfg.train.offload, precision=cfg.train.precision, global_batch=cfg.train.batch_size,
-                epochs=cfg.train.epochs)
+                epochs=cfg.train.epochs, loader=cfg.data.decode)

@@ -12,7 +12,7 @@ _WHERE = {
     "read_manifest": "shards", "shard_name": "shards", "write_fashion_mnist": "shards", "write_folder": "shards",
     "write_manifest": "shards", "write_shard": "shards",
     "IMAGENET_MEAN": "transforms", "IMAGENET_STD": "transforms", "EvalTransform": "transforms",
-    "TrainTransform": "transforms", "rrc_params": "transforms",
+    "TrainTransform": "transforms", "rrc_params": "transforms", "MultiCrop": "transforms",
 }
 __all__ = sorted(_WHERE)
 

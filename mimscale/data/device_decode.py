@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from mimscale.errors import ConfigError
 
-from .transforms import TrainTransform, complete_jpeg_bytes
+from .transforms import TrainTransform, batch_buffer, complete_jpeg_bytes
 
 __all__ = ["DeviceViews", "PackedCollate", "DeviceDecoder", "device_views_of", "resolve_decode", "DECODE_MODES"]
 
@@ -121,11 +121,12 @@ class PackedCollate:
         chunks = [s["encoded"] for s in samples]
         offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum([len(c) for c in chunks], out=offsets[1:])
-        packed = np.empty(int(offsets[-1]), dtype=np.uint8)
+        encoded = batch_buffer((int(offsets[-1]),), torch.uint8)      # shared memory in a worker: no copy later
+        packed = encoded.numpy()
         for c, a, b in zip(chunks, offsets[:-1], offsets[1:]):
             packed[a:b] = c
         batch = self.inner([{k: v for k, v in s.items() if k != "encoded"} for s in samples], generator)
-        batch["encoded"] = torch.from_numpy(packed)
+        batch["encoded"] = encoded
         batch["encoded_offsets"] = torch.from_numpy(offsets)
         return batch
 

@@ -6,6 +6,12 @@ Data flow inside one *stream* (= one DataLoader worker of one rank)::
       --(shuffle buffer)--> raw sample #c --(decode + transform with generator(seed, epoch, rank, worker, c))-->
       --(B at a time)--> collate(samples, generator(seed, epoch, rank, worker, batch_index)) --> batch
 
+On the device-decode path (``decode="device"``) the per-sample transform only reads the JPEG header and draws
+the crops from that same generator (:mod:`mimscale.data.device_decode`); :meth:`ShardLoader.to_device` decodes,
+crops and normalises the batch on the accelerator.  The module layout: :mod:`~mimscale.data.sources` (shard
+URLs), :mod:`~mimscale.data.tario` (streamed tar reading), :mod:`~mimscale.data.streams` (one worker's stream),
+this module (the loader and its state).
+
 Everything up to the shuffle-buffer output handles bytes only, so a resumed stream fast-forwards to
 its saved cursor ``c`` without decoding a single image and without touching any augmentation RNG.
 Worker ``w`` produces the batches ``j`` with ``j % num_workers == w``; ``torch.utils.data.DataLoader``

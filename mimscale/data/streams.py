@@ -18,7 +18,7 @@ from mimscale.errors import DataError
 from .shards import IMAGE_EXTENSIONS
 from .tario import ShardReadError, read_shard
 
-__all__ = ["Plan", "EpochDataset", "default_collate", "mix_seed", "seeded_generator"]
+__all__ = ["Plan", "EpochDataset", "default_collate", "stack_rows", "mix_seed", "seeded_generator"]
 
 _CYCLE_END = object()  # marks the end of one pass of a train stream over its shards
 _TAG_SHARDS, _TAG_CYCLE, _TAG_BUFFER, _TAG_AUG, _TAG_COLLATE = 1, 2, 3, 4, 5
@@ -45,6 +45,16 @@ def _decode_npy(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
+def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(tensors)``, or without a copy the tensor they are the rows of (``base[0], base[1], ...``)."""
+    base = tensors[0]._base
+    if (base is not None and base.is_contiguous() and base.shape[0] == len(tensors)
+            and all(t._base is base and t.storage_offset() == base.storage_offset() + i * t.numel()
+                    and t.shape == base.shape[1:] for i, t in enumerate(tensors))):
+        return base
+    return torch.stack(tensors)
+
+
 def default_collate(samples: list[dict], generator: torch.Generator | None = None) -> dict:
     """Stack ``image`` -> ``[B, C, H, W]`` (when the samples have one), ``label`` -> LongTensor ``[B]``, ``valid`` -> BoolTensor ``[B]``;
     ``key`` -> ``list[str]``.  Extra fields: tensors of equal shape are stacked, anything else is a list."""
@@ -53,7 +63,7 @@ def default_collate(samples: list[dict], generator: torch.Generator | None = Non
         "key": [s["key"] for s in samples],
     }
     if "image" in samples[0]:  # (absent on the device-decode path: ShardLoader.to_device makes it)
-        batch = {"image": torch.stack([s["image"] for s in samples]), **batch}
+        batch = {"image": stack_rows([s["image"] for s in samples]), **batch}
     names: list[str] = []
     for s in samples:
         names.extend(k for k in s if k not in batch and k not in names)
@@ -102,6 +112,9 @@ class _Stream:
         self.cycle_raw: int | None = None  # raw samples per full pass over this stream's shards (train)
         self.last_sample: dict | None = None
         self.last_failure = ""
+        # a transform that normalises whole batches (TrainTransform(fast=True)): samples carry uint8 crops and
+        # collate() writes them straight into the batch tensor (no per-sample float copy, no stack copy)
+        self.batched = bool(getattr(plan.transform, "batched", False))
 
     # ---- decoding
     def decode(self, raw: dict, index: int) -> dict | None:
@@ -121,7 +134,7 @@ class _Stream:
                     continue
                 extras[ext] = _decode_npy(value) if ext == "npy" or ext.endswith(".npy") else value
             gen = seeded_generator(p.seed, _TAG_AUG, p.epoch, p.rank, self.w, index)
-            out = p.transform(img, gen)
+            out = p.transform.crop_pixels(img, gen) if self.batched else p.transform(img, gen)
             views = out if isinstance(out, dict) else {"image": out}
             if "image" not in views and "encoded" not in views:  # (encoded: the device-decode path)
                 raise ValueError(f"the transform returned {sorted(views)} without an 'image' entry")
@@ -143,6 +156,9 @@ class _Stream:
             self.events.append(("shard", self.p.names[index], str(e)))
 
     def collate(self, samples: list[dict], j: int) -> Any:
+        if self.batched:
+            images = self.p.transform.finish_batch([s["image"] for s in samples])   # [B, C, H, W]
+            samples = [dict(s, image=images[i]) for i, s in enumerate(samples)]     # views: stacked for free
         return self.p.collate(samples, seeded_generator(self.p.seed, _TAG_COLLATE, self.p.epoch, self.p.rank, self.w, j))
 
     def emit(self, batch: Any, j: int, cursor: int) -> tuple:

@@ -10,11 +10,12 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -104,14 +105,15 @@ class _Base:
             arr = arr[:, :, None] if arr.ndim == 2 else arr
         return arr
 
-    def _finish(self, img: Image.Image | np.ndarray, flip: bool = False) -> torch.Tensor:
+    def _finish(self, img: Image.Image | np.ndarray, flip: bool = False, out: np.ndarray | None = None) -> torch.Tensor:
         """uint8 PIL image or ``[H, W, C]`` array -> normalized float32 [C, H, W]: one fused scale-and-shift per
         pixel (gray -> RGB by broadcast); ``flip`` mirrors left-right inside that same pass (a reversed view)."""
         arr = img if isinstance(img, np.ndarray) else self._pixels(img)
         if flip:
             arr = arr[:, ::-1]
         # channels-first on the uint8 view, then one scale-and-shift straight into the [C, H, W] output
-        out = np.empty((self.in_chans, arr.shape[0], arr.shape[1]), dtype=np.float32)
+        if out is None:
+            out = np.empty((self.in_chans, arr.shape[0], arr.shape[1]), dtype=np.float32)
         np.multiply(arr.transpose(2, 0, 1), self._scale.reshape(-1, 1, 1), out=out)
         out -= self._shift.reshape(-1, 1, 1)
         return torch.from_numpy(out)
@@ -182,6 +184,18 @@ def crop_resize_u8(chw: torch.Tensor, top: float, left: float, h: float, w: floa
     return y[0].permute(1, 2, 0).numpy()
 
 
+def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor; in a DataLoader worker it lives in shared memory from the start, so handing
+    the batch to the main process does not copy it there (tens of MB per batch at 224 px)."""
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            storage = torch.UntypedStorage._new_shared(torch.empty(0, dtype=dtype).element_size() * math.prod(shape))
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+        except (AttributeError, RuntimeError):  # pragma: no cover - a torch without it: the usual copy
+            pass
+    return torch.empty(shape, dtype=dtype)
+
+
 class TrainTransform(_Base):
     """RandomResizedCrop (bicubic) + horizontal flip + normalize: PIL image -> float32 ``[C, H, W]``.
 
@@ -243,6 +257,26 @@ class TrainTransform(_Base):
         if not self.fast and flip:
             return self._finish(TF.hflip(view))
         return self._finish(view, flip=flip)
+
+    @property
+    def batched(self) -> bool:
+        """The loader may call :meth:`crop_pixels` per sample and :meth:`finish_batch` per batch instead."""
+        return self.fast
+
+    def crop_pixels(self, img: Image.Image, generator: torch.Generator) -> tuple[Any, bool]:
+        """Everything of ``__call__`` but the normalisation: ``(uint8 crop, flip)`` (same draws)."""
+        return self.crop(img, generator)
+
+    def finish_batch(self, items: Sequence[tuple[Any, bool]]) -> torch.Tensor:
+        """``[(crop, flip)]`` from :meth:`crop_pixels` -> float32 ``[B, C, H, W]``, each crop flipped and normalised
+        straight into its row (equal to stacking ``__call__``'s outputs)."""
+        batch = batch_buffer((len(items), self.in_chans, *self.size))
+        out = batch.numpy()
+        for row, (view, flip) in zip(out, items):
+            if not self.fast and flip:
+                view = TF.hflip(view)
+            self._finish(view, flip=flip and self.fast, out=row)
+        return batch
 
     def device_views(self) -> tuple[list["TrainTransform"], bool]:
         """For the device-decode path (:mod:`mimscale.data.device_decode`): one view, not stacked."""

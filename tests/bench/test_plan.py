@@ -239,3 +239,31 @@ def test_cli_unknown_values_are_one_line_errors(capsys, argv, words):
     assert len(lines) == 1 and lines[0].startswith("mimscale: error: ")
     for w in words:
         assert w in lines[0]
+
+
+def test_loader_cores_per_gpu_by_path(capsys, shapes):
+    """'CPU cores per GPU the loader needs' = img/s per GPU / host samples/s per core of the data path; auto is
+    the device path for MAE, the CPU path for an objective whose transform has none (ConMIM, DTM, MaPeT)."""
+    p = plan(shapes, model="vit_large", gpu="h100-80gb", mfu=0.5)
+    assert p.loader_path == "device" and p.loader_rate == P.LOADER_RATES["device"]
+    assert p.loader_cores_per_gpu == pytest.approx(p.images_per_s_per_gpu / P.LOADER_RATES["device"])
+    assert set(p.loader_cores_per_gpu_by_path) == {"cpu", "device", "preresized"}
+    assert p.loader_cores_per_gpu_by_path["cpu"] > p.loader_cores_per_gpu_by_path["preresized"] > p.loader_cores_per_gpu
+    own = plan(shapes, model="vit_large", gpu="h100-80gb", mfu=0.5, loader="cpu", loader_rate=500.0)
+    assert own.loader_cores_per_gpu == pytest.approx(own.images_per_s_per_gpu / 500.0)
+    code, out, err = _run(capsys, "--recipe", "mae_vit_l16", "--gpu", "h100-80gb", "--mfu", "0.5")
+    line = next(x for x in out.splitlines() if x.startswith("loader"))
+    assert code == 0 and "CPU cores per GPU the loader needs: " in line and "device decode path" in line
+    code, out, err = _run(capsys, "--recipe", "mae_vit_l16", "--loader", "preresized", "--loader-rate", "1000")
+    assert code == 0 and "on the CPU decode of pre-resized shards path" in out and "/ 1,000 samples/s per core" in out
+    import dataclasses
+
+    cpu_only = dataclasses.replace(shapes("vit_large", 16), device_decode=False)
+    inp = P.PlanInput(model="vit_large", gpu="h100-80gb")
+    assert P.make_plan(inp, cpu_only).loader_path == "cpu"
+    assert "device" not in P.make_plan(inp, cpu_only).loader_cores_per_gpu_by_path
+    with pytest.raises(ConfigError, match="no device-decode path"):
+        P.make_plan(dataclasses.replace(inp, loader="device"), cpu_only)
+    assert P.model_shape(P.build_on_meta("vit_micro", 16, 4, "mae", TINY_KNOBS)).device_decode
+    code, out, err = _run(capsys, "--model", "vit_base", "--loader-rate", "0")
+    assert code == 2 and len(err.splitlines()) == 1 and "--loader-rate 0" in err

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import threading
 
-import numpy as np
 import pytest
-import torch
 import webdataset as wds
 from PIL import Image
 

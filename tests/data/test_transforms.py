@@ -124,3 +124,57 @@ def test_layout_and_values_match_torchvision_per_pixel():
     x = EvalTransform(16)(img)                       # same size: the resize/crop leaves pixels untouched
     assert x.is_contiguous() and x.dtype == torch.float32
     torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
+
+
+def _jpeg(w, h, seed=0, mode="RGB"):
+    import io
+
+    yy, xx = np.mgrid[:h, :w]
+    rng = np.random.default_rng(seed)
+    arr = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (w + h)], -1).astype(np.uint8)
+    arr = np.clip(arr + rng.integers(0, 12, arr.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).convert(mode).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L"])
+def test_fast_path_equals_the_pil_path_within_resize_tolerance(mode):
+    """Same draws on both paths (box + flip); pixels within the resize kernels' rounding. Small outputs from a big
+    image take the reduced-size DCT decode (1/2 .. 1/8), which must stay close too."""
+    import io
+
+    from mimscale.data.transforms import reduced_decode_scale
+
+    data = _jpeg(320, 240, mode=mode)
+    for out, tol in ((128, 0.6), (24, 3.0)):
+        fast, slow = TrainTransform(out), TrainTransform(out, fast=False)
+        errs, scales = [], []
+        for seed in range(12):
+            a = fast(Image.open(io.BytesIO(data)), _gen(seed))
+            b = slow(Image.open(io.BytesIO(data)), _gen(seed))
+            errs.append(((a - b).abs() * 0.226 * 255).mean().item())
+            top, left, h, w, _ = fast.draw(320, 240, _gen(seed))
+            scales.append(reduced_decode_scale(320, 240, h, w, out, out))
+        assert max(errs) < tol, (out, errs)
+        assert (set(scales) == {1}) == (out == 128)          # 24 px crops decode at reduced size
+    g1, g2 = _gen(5), _gen(5)
+    fast(Image.open(io.BytesIO(data)), g1)
+    slow(Image.open(io.BytesIO(data)), g2)
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))   # same number of draws
+
+
+def test_finish_batch_writes_rows_and_collate_takes_them_without_a_copy():
+    import io
+
+    from mimscale.data.streams import stack_rows
+
+    data = [_jpeg(64, 48, seed=s) for s in range(4)]
+    t = TrainTransform(16)
+    rows = t.finish_batch([t.crop_pixels(Image.open(io.BytesIO(d)), _gen(i)) for i, d in enumerate(data)])
+    ref = torch.stack([t(Image.open(io.BytesIO(d)), _gen(i)) for i, d in enumerate(data)])
+    assert torch.equal(rows, ref)
+    views = [rows[i] for i in range(4)]
+    assert stack_rows(views) is rows                                        # zero-copy
+    assert stack_rows(views[::-1]) is not rows and torch.equal(stack_rows(views[::-1]), rows.flip(0))
+    assert torch.equal(stack_rows([ref[0].clone(), ref[1]]), ref[:2])
