@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -116,6 +116,12 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
     return idx.view(b, -1)
 
 
+class MaskGenerator(Protocol):
+    """What an objective's ``mask_spec()`` returns: a picklable per-batch generator (runs in loader workers)."""
+
+    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     """What the collate must generate for an objective: ``kind`` and its parameters."""
@@ -138,7 +144,7 @@ class MaskSpec:
 class MaskCollate:
     """Loader collate: stack the samples, then add the objective's masks (picklable for workers)."""
 
-    def __init__(self, spec: MaskSpec, base: Callable | None = None):
+    def __init__(self, spec: MaskGenerator, base: Callable | None = None):
         self.spec = spec
         self.base = base
 
