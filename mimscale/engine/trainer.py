@@ -307,7 +307,7 @@ class Trainer:
 class _Window:
     """Per-metric sums of the micro-batches since the last log, kept on the device (no sync)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.n = 0
 
