@@ -30,7 +30,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ def _fsync_write(path: Path, text: str) -> None:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU, numpy, python) as weights_only-loadable values."""
-    np_state = np.random.get_state()
+    np_state = cast(tuple, np.random.get_state())   # legacy=True (the default): the MT19937 tuple
     return {"torch": torch.get_rng_state(),
             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                       "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},

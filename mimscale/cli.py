@@ -127,6 +127,7 @@ def _cmd_data(args) -> int:
 
     if args.data_cmd == "add-targets":
         return args.run(args)
+    out: object                         # a Path, or {split: Path} for fashion-mnist
     if args.data_cmd == "fashion-mnist":
         out = shards.write_fashion_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
     else:

@@ -10,9 +10,10 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -200,7 +201,7 @@ def _check_type(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} must be a string, got {value!r}")
         return value
     if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, key)
+        return from_dict(cast(type, tp), value, key)
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - programming error
 
 
@@ -288,7 +289,7 @@ def _looks_float(s: str) -> bool:
         return False
 
 
-def load_raw(recipe: str | None, overrides: list[str] = ()) -> dict:
+def load_raw(recipe: str | None, overrides: Sequence[str] = ()) -> dict:
     path = recipe_path(recipe)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -309,7 +310,7 @@ def load_raw(recipe: str | None, overrides: list[str] = ()) -> dict:
     return raw
 
 
-def load(recipe: str | None = None, overrides: list[str] = ()) -> Config:
+def load(recipe: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a recipe, apply overrides, validate every key, including the objective's own knobs."""
     cfg = from_dict(Config, load_raw(recipe, overrides))
     validate(cfg)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -167,7 +168,7 @@ def accelerator_name(cuda_available: bool | None = None) -> str:
     return "cuda" if cuda_available else "cpu"
 
 
-def configure_threads(d: DistEnv, cpus: int | None = None, env: dict | None = None) -> int:
+def configure_threads(d: DistEnv, cpus: int | None = None, env: MutableMapping[str, str] | None = None) -> int:
     """Keep ranks x OpenMP threads <= cores on a node unless the user set OMP_NUM_THREADS."""
     env = os.environ if env is None else env
     if "OMP_NUM_THREADS" in env:
@@ -188,7 +189,8 @@ NCCL_ENV_DEFAULTS: dict[str, str] = {
 }
 
 
-def nccl_env_defaults(env: dict | None = None, cuda_available: bool | None = None) -> dict[str, str]:
+def nccl_env_defaults(env: MutableMapping[str, str] | None = None,
+                      cuda_available: bool | None = None) -> dict[str, str]:
     """Set :data:`NCCL_ENV_DEFAULTS` in ``env`` (default ``os.environ``) where unset, on CUDA only.
 
     Returns what was set (``{}`` on CPU nodes, where the backend is gloo and NCCL is never loaded).

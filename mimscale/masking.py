@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 
@@ -131,6 +131,12 @@ def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: t
     return units.reshape(batch, grid * grid)
 
 
+class MaskGenerator(Protocol):
+    """What an objective's ``mask_spec()`` returns: a picklable per-batch generator (runs in loader workers)."""
+
+    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]: ...
+
+
 @dataclass(frozen=True)
 class MaskSpec:
     """What the collate generates for an objective (the one mask mechanism): ``kind`` and its parameters.
@@ -201,7 +207,7 @@ def permutation_ranks(batch: int, num_patches: int, generator: torch.Generator) 
 class MaskCollate:
     """Loader collate: stack the samples, then add the objective's masks (picklable for workers)."""
 
-    def __init__(self, spec: MaskSpec, base: Callable | None = None):
+    def __init__(self, spec: MaskGenerator, base: Callable | None = None):
         self.spec = spec
         self.base = base
 

@@ -6,7 +6,7 @@ the kNN evaluation on labelled shards, the encoder exported as ``encoder.safeten
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from .engine.task import Evaluation
 from .engine.trainer import Trainer
 from .eval.knn import KNNEvaluator
 from .masking import MaskCollate
+from .objectives import Objective
 
 
 class PretrainTask:
@@ -50,14 +51,15 @@ class PretrainTask:
 
     def loader(self, module: nn.Module, derived: C.Derived, d: dist.DistEnv, accelerator: str) -> ShardLoader:
         cfg, m, t = self.cfg, self.cfg.model, self.cfg.train
+        objective = cast(Objective, module)              # what build() made
         return ShardLoader(
             self.train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
-            transform=module.train_transform(
+            transform=objective.train_transform(
                 TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
                                mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
-            collate=MaskCollate(module.mask_spec()), num_workers=cfg.data.num_workers, seed=t.seed,
+            collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers, seed=t.seed,
             shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=derived.samples_per_epoch,
-            pin_memory=accelerator == "cuda", targets=module.cached_targets(), decode=cfg.data.decode)
+            pin_memory=accelerator == "cuda", targets=objective.cached_targets(), decode=cfg.data.decode)
 
     def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation | None:
         knn = build_knn(self.cfg, d)
@@ -87,11 +89,12 @@ def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
                        in_chans=cfg.model.in_chans)
     loaders = []
     for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, e.knn_test_samples)):
+        assert src is not None                           # config: knn_train and knn_test are set together
         src = builtin.resolve(src, cfg.data.root)
         loaders.append(ShardLoader(first_shards(src, cap), manifest=src, batch_size=e.batch_size, transform=tf,
                                    rank=d.rank, world_size=d.world_size, num_workers=e.num_workers,
                                    mode="eval", shuffle=False))
-    return KNNEvaluator(*loaders, k=e.knn_k, temperature=e.knn_temperature, pool=e.pool)
+    return KNNEvaluator(loaders[0], loaders[1], k=e.knn_k, temperature=e.knn_temperature, pool=e.pool)
 
 
 def trainer(cfg: C.Config, **kw) -> Trainer:

@@ -182,11 +182,12 @@ def plan_projection(cfg, world_size: int, gpu: str, mfu: float | None = None) ->
 
     knobs = dict(cfg.objective)
     t, m = cfg.train, cfg.model
+    measured: dict[str, Any] = {"mfu": mfu} if mfu else {}
     inp = P.PlanInput(model=m.arch, patch=m.patch_size, img=m.img_size, in_chans=m.in_chans,
                       objective=knobs.pop("name"), objective_knobs=knobs, gpu=gpu, zero=t.zero_stage,
                       micro_batch=t.micro_batch_size, nodes=1, gpus_per_node=world_size,
                       grad_ckpt=m.grad_checkpointing, precision=t.precision if t.precision != "fp32" else "bf16",
-                      **({"mfu": mfu} if mfu else {}))
+                      **measured)
     p = P.make_plan(inp)
     return {"gpu": gpu, "precision": inp.precision, "mfu": inp.mfu, "mem_gb": p.memory_gb["total"],
             "fits": p.fits, "max_micro_batch": p.max_micro_batch, "img_per_s_per_gpu": p.images_per_s_per_gpu}
@@ -251,7 +252,7 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
     sync = info["sync"]
     engine.train()
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         out = engine(move(next(batches), device))
         engine.backward(out.loss)
         engine.step()
@@ -261,7 +262,9 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
         step()
     sync()
     reset_peak(device)
-    times, cpu_times, loss = [], [], None
+    times: list[float] = []
+    cpu_times: list[float] = []
+    loss: torch.Tensor | None = None
     for _ in range(tc.steps):
         t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
@@ -269,6 +272,7 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     mem = memory_stats(device)["perf/mem_peak_gb"]
+    assert loss is not None                      # the timed loop ran at least once
     loss_v = float(loss.detach().float())
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         t = torch.tensor([mem, max(times)], dtype=torch.float64, device=device)
@@ -437,7 +441,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         cpu = b is not None and r.get("img_per_cpu_s") and b.get("img_per_cpu_s")
         out.append({"arch": r.get("arch"), "zero": r["zero"], "ckpt": r["ckpt"], "micro_batch": r["micro_batch"],
                     "img_per_s_vs_zero0": r["img_per_s"] / b["img_per_s"] if b else None,
-                    "img_per_cpu_s_vs_zero0": r["img_per_cpu_s"] / b["img_per_cpu_s"] if cpu else None})
+                    "img_per_cpu_s_vs_zero0": r["img_per_cpu_s"] / b["img_per_cpu_s"] if cpu and b else None})
     return out
 
 

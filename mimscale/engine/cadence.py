@@ -20,7 +20,7 @@ class SaveCadence:
         self.last = now()
 
     def due_local(self) -> bool:
-        return bool(self.every_minutes) and self.now() - self.last >= 60 * self.every_minutes
+        return bool(self.every_minutes and self.now() - self.last >= 60 * self.every_minutes)
 
     def due(self, step: int, agreed_time: bool) -> bool:
         return bool(self.every_steps and step % self.every_steps == 0) or agreed_time
@@ -57,7 +57,7 @@ class TimeLimit:
         self.max_minutes = max_minutes
 
     def due_local(self, train_s: float) -> bool:
-        return bool(self.max_minutes) and train_s > 60 * self.max_minutes
+        return bool(self.max_minutes and train_s > 60 * self.max_minutes)
 
 
 class Clock:

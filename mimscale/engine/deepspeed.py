@@ -11,12 +11,16 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
 
 from ..config import Config, Derived
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..objectives import Objective
 
 log = logging.getLogger("mimscale.train")
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
@@ -103,7 +107,8 @@ def param_groups(model: nn.Module, no_decay: set[str], weight_decay: float) -> l
 
     Each group carries ``wd_scale`` (1 or 0) so the weight-decay schedule can rescale it later.
     """
-    decay, rest = [], []
+    decay: list[nn.Parameter] = []
+    rest: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -120,7 +125,8 @@ def skip_shm_comm_build() -> None:
     on its file lock). CPU runs are tests and demos: gloo is plenty. CUDA runs never build it."""
     import deepspeed.comm.torch  # noqa: F401  (registers the module patched below)
 
-    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    comm_torch: Any = sys.modules["deepspeed.comm.torch"]
+    comm_torch.build_shm_op = lambda: None
 
 
 def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator: str, load_universal: bool = False,
@@ -143,7 +149,8 @@ def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator:
     outside = frozen + list(getattr(objective, "private_modules", list)())
     with _detached(objective, outside, permanent=True):
         if groups is None:
-            groups = param_groups(objective, objective.no_weight_decay(), cfg.optim.weight_decay)
+            no_decay = cast("Objective", objective).no_weight_decay()
+            groups = param_groups(objective, no_decay, cfg.optim.weight_decay)
         config = ds_config(cfg, derived, accelerator)
         if load_universal:
             config["checkpoint"] = {"load_universal": True}
@@ -211,7 +218,8 @@ class _detached:
     manage, and ``state_dict()``/``.train()``/dtype casts of the engine must not reach teachers either."""
 
     def __init__(self, root: nn.Module, modules: list[nn.Module], permanent: bool = False):
-        self.root, self.ids, self.removed, self.permanent = root, {id(m) for m in modules}, [], permanent
+        self.root, self.ids, self.permanent = root, {id(m) for m in modules}, permanent
+        self.removed: list[tuple[nn.Module, str, nn.Module]] = []
 
     def __enter__(self):
         for parent in list(self.root.modules()):

@@ -46,6 +46,7 @@ class StepFlags:
         parts = [torch.as_tensor(nonfinite, device=self.device).float().reshape(1),
                  host_part.to(self.device, non_blocking=True)]
         if keys:
+            assert metrics is not None               # keys come from it
             parts.append(torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(self.device))
         packed = torch.cat(parts)
         if tdist.is_initialized() and tdist.get_world_size() > 1:

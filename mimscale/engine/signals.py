@@ -11,7 +11,7 @@ log = logging.getLogger("mimscale.train")
 class Signals:
     """Installs the handlers on construction; :meth:`restore` puts the previous ones back."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.received: int | None = None
         self.pid = os.getpid()          # loader workers inherit the handler: only this process logs
         self._old = {}

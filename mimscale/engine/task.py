@@ -53,6 +53,20 @@ class Evaluation:
     at_start: bool = False
 
 
+class StepHooks(Protocol):
+    """The hooks the Trainer calls on the trained module besides ``forward`` (an Objective or a TaskModule)."""
+
+    def before_step(self, ctx) -> None: ...
+
+    def after_optimizer_step(self, ctx) -> None: ...
+
+    def checkpoint_state(self) -> dict[str, Any]: ...
+
+    def load_checkpoint_state(self, state: dict[str, Any]) -> None: ...
+
+    def flops_per_sample(self) -> float: ...
+
+
 class Task(Protocol):
     name: str
 

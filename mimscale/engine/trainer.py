@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 
@@ -34,7 +34,7 @@ from .resume import all_ranks, restore
 from .schedule import cosine, warmup_cosine
 from .signals import Signals
 from .state import TrainState
-from .task import Task
+from .task import StepHooks, Task
 
 log = logging.getLogger("mimscale.train")
 
@@ -63,6 +63,7 @@ class Trainer:
         universal = self.found is not None and self.found.meta["world_size"] != d.world_size
         if universal:
             ds.init_distributed()
+            assert self.found is not None            # universal implies a checkpoint was found
             ckpt.convert_to_universal(self.found, d.rank)
         if d.is_main:
             task.write_config(self.derived, self.run_dir)
@@ -87,7 +88,7 @@ class Trainer:
                                    tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.project,
                                    run_name=cfg.log.run_name, config=C.to_dict(cfg), resume_id=self.state.wandb_id,
                                    purge_step=self.state.step + 1 if self.found is not None else None)
-        self.flops = self.module.flops_per_sample()
+        self.flops = cast(StepHooks, self.module).flops_per_sample()
         self.peak = peak_flops_for(self.device, t.precision)   # per device: datasheet on GPUs, measured on CPUs
         self.summary = {**task.summary(), "world_size": d.world_size, "total_steps": self.derived.total_steps,
                         "flops_per_sample": self.flops, "params_total": ds.total_param_numel(self.engine),
@@ -266,8 +267,9 @@ class Trainer:
         st.wandb_id = self.logger.wandb_id
         prefix = self.evaluation.summary_prefix if self.evaluation else "final_loss"
         st.summary = {k: v for k, v in self.summary.items() if k.startswith((prefix + "_", "final_loss"))}
+        hooks = cast(StepHooks, self.module)
         with self.clock.pause():                          # saving is not training time
-            self.saver.save(st.step, st.state_dict(), self.loader.state_dict(), self.module.checkpoint_state(),
+            self.saver.save(st.step, st.state_dict(), self.loader.state_dict(), hooks.checkpoint_state(),
                             extra=lambda tmp: self.task.export(self.engine, tmp, self.d.is_main))
         self.saves.saved()
 
@@ -305,7 +307,7 @@ class Trainer:
 class _Window:
     """Per-metric sums of the micro-batches since the last log, kept on the device (no sync)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
         self.n = 0
 

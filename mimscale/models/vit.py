@@ -32,7 +32,7 @@ Shapes: ``B`` batch, ``C`` channels, ``H, W`` image size, ``N`` patches,
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +234,7 @@ class Attention(nn.Module):
         """The ``[3D]`` bias of the fused projection (``[q_bias; 0; v_bias]`` in the BEiT layout) or None."""
         if self.q_bias is None:
             return self.qkv.bias
+        assert self.v_bias is not None                  # q_bias and v_bias exist together
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
     def _heads(self, t: Tensor) -> Tensor:
@@ -331,6 +332,8 @@ class RelativePositionBias(nn.Module):
     for a per-sample subset of tokens.
     """
 
+    relative_position_index: Tensor                 # a buffer: long [1 + N, 1 + N]
+
     def __init__(self, grid: int, num_heads: int) -> None:
         super().__init__()
         self.grid = grid
@@ -368,6 +371,8 @@ class VisionTransformer(nn.Module):
             (mean of patch tokens; as in timm, ``norm`` is Identity and ``fc_norm``
             normalises the pooled vector).
     """
+
+    pos_embed: Tensor | None                        # a buffer (sincos), a Parameter (learned) or None (relative)
 
     def __init__(
         self,
@@ -466,6 +471,7 @@ class VisionTransformer(nn.Module):
         else:
             conv.reset_parameters()
             nn.init.normal_(self.cls_token, std=1e-6)
+        assert conv.bias is not None                    # the patch conv is built with a bias
         nn.init.zeros_(conv.bias)
         if isinstance(self.pos_embed, nn.Parameter):
             if scheme == "beit":
@@ -481,12 +487,13 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, Attention) and m.q_bias is not None:
+                assert m.v_bias is not None             # q_bias and v_bias exist together
                 nn.init.zeros_(m.q_bias)
                 nn.init.zeros_(m.v_bias)
             elif isinstance(m, LayerScale):
                 nn.init.constant_(m.gamma, m.init_values)
         if scheme == "beit":
-            for i, blk in enumerate(self.blocks):
+            for i, blk in enumerate(cast("list[Block]", self.blocks)):
                 blk.attn.proj.weight.div_(math.sqrt(2.0 * (i + 1)))
                 blk.mlp.fc2.weight.div_(math.sqrt(2.0 * (i + 1)))
 

@@ -88,6 +88,8 @@ class CropDecoder(nn.Module):
     """MAE+ decoder on all ``1 + N_c`` tokens: ``Linear D->d``, + sin-cos(d) for the crop grid, blocks, norm,
     ``Linear d->P``; ``forward(latent [M, 1+N_c, D]) -> pred [M, N_c, P]`` (cls dropped)."""
 
+    pos_embed: torch.Tensor                          # a buffer: [1, 1 + N_c, d]
+
     def __init__(self, enc_dim: int, grid: int, patch_pixels: int, dim: int, depth: int, heads: int):
         super().__init__()
         self.embed = nn.Linear(enc_dim, dim)
@@ -122,6 +124,9 @@ class AdversarialDelta(nn.Module):
     :meth:`_MultiCropMIM.checkpoint_state`.
     """
 
+    delta: torch.Tensor                              # buffers: [size]
+    grad_acc: torch.Tensor
+
     def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float,
                  init_std: float = 0.0):
         super().__init__()
@@ -130,7 +135,7 @@ class AdversarialDelta(nn.Module):
             nn.init.normal_(self.delta, std=init_std)
         self.register_buffer("grad_acc", torch.zeros(size), persistent=False)
         self.backward_calls = 0
-        self._opt_args = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        self._opt_args: dict[str, Any] = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self._opt: torch.optim.Optimizer | None = None
 
     @property
@@ -211,6 +216,8 @@ class AdPEConfig:
 
 class _MultiCropMIM(Objective):
     """Shared implementation of MAE+ (adv_type 0) and AdPE (adv_type 1/2); see the module docstring."""
+
+    crop_pos: torch.Tensor                           # a buffer: [1, N_c, D]
 
     def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
         super().__init__(encoder, cfg)
@@ -313,11 +320,13 @@ class _MultiCropMIM(Objective):
         m = masks.unsqueeze(-1)
         pos = self.crop_pos.to(x.dtype)                                         # [1, N_c, D]
         if self.adv_type == 1:
+            assert self.adv is not None                 # adv_type 1 and 2 build it
             fill = self.adv.live().to(x.dtype)
         else:
             fill = self.mask_token.to(x.dtype)
         x = torch.where(m, fill, x)
         if self.adv_type == 2:
+            assert self.adv is not None
             shifted = self.masked_pos(self.adv.live()).to(x.dtype)             # [N_c, D]
             pos = torch.where(m, shifted, pos)
         return x + pos

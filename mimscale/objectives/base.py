@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..masking import MaskSpec
+from ..masking import MaskGenerator, MaskSpec
 from ..models.vit import VisionTransformer
 
 ENTRY_POINT_GROUP = "mimscale.objectives"
@@ -84,7 +84,7 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
         self.encoder = encoder
         self.cfg = cfg
 
-    def mask_spec(self) -> MaskSpec:
+    def mask_spec(self) -> MaskGenerator:
         """What the collate generates per batch: a ``MaskSpec`` or any picklable object with
         ``generate(batch: int, generator) -> dict[str, Tensor]`` (runs in loader workers, on CPU)."""
         return MaskSpec("none", self.encoder.num_patches)

@@ -23,7 +23,7 @@ when reproducing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +91,8 @@ class ConMIM(Objective):
 
     name = "conmim"
     reference = "official code: TencentARC/ConMIM (docs/objectives/conmim.md)"
+    teacher_encoder: EMATeacher                  # set by hold_outside in __init__ (outside the module tree)
+    teacher_projector: EMATeacher
 
     @dataclass
     class Config:
@@ -180,7 +182,8 @@ class ConMIM(Objective):
         """EMA teacher on the full perturbed view: ``img [B, C, H, W]`` -> ``[B, N, proj_out]`` (fp32 weights;
         computed in ``dtype`` under autocast when the student trains in low precision)."""
         with torch.autocast(img.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            z = self.teacher_encoder.module.forward_features(img.float())         # [B, 1 + N, D]
+            teacher = cast(VisionTransformer, self.teacher_encoder.module)         # the EMA copy of the encoder
+            z = teacher.forward_features(img.float())                            # [B, 1 + N, D]
             return self.teacher_projector(z)[:, 1:].float()
 
     def forward(self, batch: dict) -> LossOutput:

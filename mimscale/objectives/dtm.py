@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -358,6 +358,7 @@ class DTM(Objective):
         """The schedule the next forward uses."""
         if self._schedule is None:                 # forward without before_step: step 0's first draw
             self.before_step(StepContext())
+        assert self._schedule is not None          # before_step draws it
         return self._schedule
 
     # ------------------------------------------------------------------ model
@@ -385,6 +386,7 @@ class DTM(Objective):
                 raise DataError(f"cached targets '{key}' must be [B, {n}, {dt}] (N patches, objective.head_dim), "
                                 f"got {shape}")
             return v.float()
+        assert self.teacher is not None            # target_source=online: built in __init__
         img = batch["image"].float()
         if self.cfg.teacher_norm == "clip":
             if self._student_norm is None:
@@ -408,7 +410,7 @@ class DTM(Objective):
     def _renormalize(self, img: torch.Tensor, mean, std) -> torch.Tensor:
         """Student-normalised ``img`` -> the teacher's own statistics (CLIP's unless the teacher says)."""
         if hasattr(self.teacher, "renormalize"):
-            return self.teacher.renormalize(img, mean, std)
+            return cast(Any, self.teacher).renormalize(img, mean, std)        # a teacher's own hook
         m, s = (torch.tensor(t, device=img.device).view(1, -1, 1, 1) for t in (mean, std))
         cm, cs = (torch.tensor(t, device=img.device).view(1, -1, 1, 1) for t in (CLIP_MEAN, CLIP_STD))
         return (img * s + m - cm) / cs
@@ -452,7 +454,7 @@ class DTM(Objective):
         if self._teacher_flops is None:
             g = self.encoder.grid_size
             if hasattr(self.teacher, "flops_per_image"):
-                self._teacher_flops = float(self.teacher.flops_per_image((g, g)))
+                self._teacher_flops = float(cast(Any, self.teacher).flops_per_image((g, g)))   # a teacher's own hook
             else:
                 self._teacher_flops = _counted_flops(self.teacher, self.encoder)
         return self._teacher_flops

@@ -76,6 +76,8 @@ def init_decoder_weights(module: nn.Module) -> None:
 class MAEDecoder(nn.Module):
     """Lightweight decoder: encoded visible tokens + mask tokens at hidden slots -> pixels per patch."""
 
+    pos_embed: torch.Tensor                          # a buffer: [1, 1 + N, d]
+
     def __init__(self, enc_dim: int, num_patches: int, patch_pixels: int, dim: int, depth: int, heads: int):
         super().__init__()
         self.embed = nn.Linear(enc_dim, dim)

@@ -40,7 +40,7 @@ do). With the sin-cos buffer the objective works unchanged (``pos_j`` is then fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -260,7 +260,7 @@ class MaPeT(Objective):
         (boolean, or an additive float mask) -> the final-normed query stream ``[B, M, D]``."""
         enc = self.encoder
         use_ckpt = enc.grad_checkpointing and self.training and torch.is_grad_enabled()
-        for blk in enc.blocks:
+        for blk in cast("list[Block]", enc.blocks):
             if use_ckpt:
                 x = checkpoint(two_stream_block, blk, x, mask, lc, use_reentrant=False)
             else:
@@ -276,6 +276,7 @@ class MaPeT(Objective):
         mask = torch.cat([content_mask, query_mask], dim=2)
         torch._assert_async(mask.any(dim=-1).all(), "MaPeT: an attention row may attend to nothing")
         h = enc.add_cls(enc.embed(img))                                          # [B, 1+N, D]
+        assert enc.pos_embed is not None                 # require_absolute_pos in __init__
         pos = enc.pos_embed[:, 1:].to(h.dtype).expand(h.shape[0], -1, -1)       # [B, N, D]
         aux = enc.gather_tokens(pos, pred_idx) + self.z.to(h.dtype)              # [B, M, D]
         content = torch.cat([h, aux], dim=1) if self.cfg.aux_pos_tokens else h  # [B, Lc, D]

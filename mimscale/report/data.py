@@ -28,8 +28,10 @@ import bisect
 import functools
 import json
 import math
+import os
 import statistics
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,7 @@ class Run:
     data: str | None = None                     # what the training data was (source, size cap, decode path)
     final_loss: float | None = None
     loss_nonfinite: int = 0                     # logged NaN/inf losses
-    knn_curve: list[list[float]] = field(default_factory=list)     # [step, device_hours, top1]
+    knn_curve: list[list[Any]] = field(default_factory=list)     # [step, device_hours | None, top1]
     loss_curve: list[list[float]] = field(default_factory=list)    # [step, loss] (not in report.json)
 
     def to_json(self) -> dict[str, Any]:
@@ -234,7 +236,7 @@ def describe_data(cfg: dict) -> str | None:
     return ", ".join(parts)
 
 
-def load_run(path: str | Path, target: float | None = None) -> Run:
+def load_run(path: str | os.PathLike, target: float | None = None) -> Run:
     """Read one run directory. Raises :class:`MimscaleError` if it is missing or has no metrics."""
     from ..telemetry import read_jsonl
 
@@ -270,8 +272,7 @@ def load_run(path: str | Path, target: float | None = None) -> Run:
     run.total_steps = summary.get("total_steps") or derived.get("total_steps")
 
     spe = derived.get("steps_per_epoch")
-    epochs = [_finite(r.get("train/epoch")) for r in train]
-    epochs = [e for e in epochs if e is not None]
+    epochs = [e for e in (_finite(r.get("train/epoch")) for r in train) if e is not None]
     if spe and run.steps is not None:
         run.epochs = run.steps / spe
     elif epochs:
@@ -343,7 +344,7 @@ def load_run(path: str | Path, target: float | None = None) -> Run:
     return run
 
 
-def load_runs(paths: list[str | Path], target: float | None = None) -> list[Run]:
+def load_runs(paths: Sequence[str | os.PathLike], target: float | None = None) -> list[Run]:
     """Load several runs; labels that collide get their parent folder (then a number) added."""
     if target is not None and not 0.0 < target <= 100.0:
         raise MimscaleError(f"--target {target} must be a kNN top-1 in percent, in (0, 100]")

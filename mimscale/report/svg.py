@@ -100,7 +100,9 @@ def _downsample(points: list[tuple[float, float]], max_points: int) -> list[tupl
         return points
     lo, hi = points[0][0], points[-1][0]
     width = (hi - lo) / max_points or 1.0
-    out, bucket, edge = [], [], lo + width
+    out: list[tuple[float, float]] = []
+    bucket: list[tuple[float, float]] = []
+    edge = lo + width
     for x, y in points:
         if x > edge and bucket:
             out.append((sum(p[0] for p in bucket) / len(bucket), sum(p[1] for p in bucket) / len(bucket)))

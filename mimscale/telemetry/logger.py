@@ -241,9 +241,9 @@ class MetricLogger:
         # fragment does not swallow the first new record.
         needs_newline = False
         if path.exists() and path.stat().st_size > 0:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                needs_newline = f.read(1) != b"\n"
+            with open(path, "rb") as tail:
+                tail.seek(-1, os.SEEK_END)
+                needs_newline = tail.read(1) != b"\n"
         f = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered
         if needs_newline:
             f.write("\n")

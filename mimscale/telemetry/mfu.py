@@ -259,7 +259,7 @@ def meta_bridge(module: nn.Module):
 @contextmanager
 def _no_checkpointing(module: nn.Module):
     """Switch off ``grad_checkpointing`` on every submodule that has it (ViT encoders); restore after."""
-    flagged = [m for m in module.modules() if getattr(m, "grad_checkpointing", False)]
+    flagged: list[Any] = [m for m in module.modules() if getattr(m, "grad_checkpointing", False)]  # any module with the flag
     for m in flagged:
         m.grad_checkpointing = False
     try:
