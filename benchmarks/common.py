@@ -1,4 +1,5 @@
 """Shared by the benchmark scripts (importable because a script's own folder is on sys.path)."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -17,7 +18,14 @@ def write_results(name: str, doc: dict, out_dir: str | os.PathLike | None = None
     machine = platform.node() or "machine"
     out = Path(out_dir or REPO / "benchmarks" / "results") / f"{name}-{machine}-{date}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": name, "machine": machine, "date": date, "cpu": platform.processor() or platform.machine(),
-           "cores": len(os.sched_getaffinity(0)), "python": platform.python_version(), **doc}
+    doc = {
+        "benchmark": name,
+        "machine": machine,
+        "date": date,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        **doc,
+    }
     out.write_text(json.dumps(doc, indent=2) + "\n")
     return out

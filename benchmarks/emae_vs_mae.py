@@ -13,6 +13,7 @@ Run:  python benchmarks/emae_vs_mae.py [--minutes 4] [--evals 4] [--out runs/ema
 without the self-consistency term) and ``emae_k2`` (``objective.num_parts=2``: half the parts).
 The runs are sequential: keep the machine otherwise idle, since wall-clock is what is compared.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,17 @@ FMNIST_TRAIN = 60000
 
 
 def pretrain(run_dir: Path, objective: str, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "mimscale.cli", "pretrain", "tiny_cpu", f"objective.name={objective}",
-           f"train.run_dir={run_dir}", "log.wandb=disabled", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mimscale.cli",
+        "pretrain",
+        "tiny_cpu",
+        f"objective.name={objective}",
+        f"train.run_dir={run_dir}",
+        "log.wandb=disabled",
+        *extra,
+    ]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
     return json.loads((run_dir / "summary.json").read_text())
@@ -54,22 +64,43 @@ def main() -> int:
     if args.ablations:
         arms += [("emae_sc0", "emae", ["objective.sc_weight=0"]), ("emae_k2", "emae", ["objective.num_parts=2"])]
     for label, objective, knobs in arms:
-        cal = pretrain(out / f"{label}_calibrate", objective,
-                       ["train.max_steps=60", "eval.knn_at_start=false", "eval.knn_train=null", "eval.knn_test=null",
-                        *knobs])
+        cal = pretrain(
+            out / f"{label}_calibrate",
+            objective,
+            ["train.max_steps=60", "eval.knn_at_start=false", "eval.knn_train=null", "eval.knn_test=null", *knobs],
+        )
         img_s = cal["img_per_s"]
         epochs = args.minutes * 60 * img_s / FMNIST_TRAIN
         run_dir = out / label
-        s = pretrain(run_dir, objective, [f"train.epochs={epochs:.4f}", f"train.max_minutes={args.minutes}",
-                                          f"eval.knn_every_minutes={args.minutes / (args.evals + 1):.4f}", *knn,
-                                          *knobs])
-        curve = [(r["time/train_s"] / 60, r["eval/knn_top1"]) for r in read_jsonl(run_dir / "metrics.jsonl")
-                 if "eval/knn_top1" in r]
-        results[label] = {"knobs": knobs, "calibrated_img_per_s": img_s, "epochs_planned": epochs,
-                          "steps": s["steps"], "images_seen": s["steps"] * 128, "img_per_s": s["img_per_s"],
-                          "flops_per_sample": s["flops_per_sample"], "train_minutes": s["train_seconds"] / 60,
-                          "knn_top1_init": s.get("knn_top1_init"), "knn_top1_final": s.get("knn_top1_final"),
-                          "curve_minutes_top1": curve}
+        s = pretrain(
+            run_dir,
+            objective,
+            [
+                f"train.epochs={epochs:.4f}",
+                f"train.max_minutes={args.minutes}",
+                f"eval.knn_every_minutes={args.minutes / (args.evals + 1):.4f}",
+                *knn,
+                *knobs,
+            ],
+        )
+        curve = [
+            (r["time/train_s"] / 60, r["eval/knn_top1"])
+            for r in read_jsonl(run_dir / "metrics.jsonl")
+            if "eval/knn_top1" in r
+        ]
+        results[label] = {
+            "knobs": knobs,
+            "calibrated_img_per_s": img_s,
+            "epochs_planned": epochs,
+            "steps": s["steps"],
+            "images_seen": s["steps"] * 128,
+            "img_per_s": s["img_per_s"],
+            "flops_per_sample": s["flops_per_sample"],
+            "train_minutes": s["train_seconds"] / 60,
+            "knn_top1_init": s.get("knn_top1_init"),
+            "knn_top1_final": s.get("knn_top1_final"),
+            "curve_minutes_top1": curve,
+        }
         print(label, json.dumps({k: v for k, v in results[label].items() if k != "curve_minutes_top1"}))
 
     # who reached what, when: the first training minute at which each objective reached the other's final
@@ -82,16 +113,37 @@ def main() -> int:
     res_dir = REPO / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     name = f"emae_vs_mae{'_ablations' if args.ablations else ''}-{platform.node() or 'machine'}-{stamp}"
-    doc = {"benchmark": "emae_vs_mae", "date": stamp, "machine": platform.processor() or platform.machine(),
-           "budget_minutes": args.minutes, "recipe": "tiny_cpu (vit_micro, Fashion-MNIST, 1 CPU process)",
-           "results": results}
+    doc = {
+        "benchmark": "emae_vs_mae",
+        "date": stamp,
+        "machine": platform.processor() or platform.machine(),
+        "budget_minutes": args.minutes,
+        "recipe": "tiny_cpu (vit_micro, Fashion-MNIST, 1 CPU process)",
+        "results": results,
+    }
     (res_dir / f"{name}.json").write_text(json.dumps(doc, indent=2))
-    svg = line_chart([Series(o, i, results[o]["curve_minutes_top1"]) for i, o in enumerate(results)],
-                     chart_id="emae_vs_mae", title="kNN top-1 vs training minutes (same budget)",
-                     x_label="training minutes (evaluation excluded)", y_label="kNN top-1 (%)", markers=True)
+    svg = line_chart(
+        [Series(o, i, results[o]["curve_minutes_top1"]) for i, o in enumerate(results)],
+        chart_id="emae_vs_mae",
+        title="kNN top-1 vs training minutes (same budget)",
+        x_label="training minutes (evaluation excluded)",
+        y_label="kNN top-1 (%)",
+        markers=True,
+    )
     (res_dir / f"{name}.svg").write_text(svg)
-    subprocess.run([sys.executable, "-m", "mimscale.cli", "report", *(str(out / label) for label, _, _ in arms),
-                    "--out", str(out)], check=True, cwd=REPO)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mimscale.cli",
+            "report",
+            *(str(out / label) for label, _, _ in arms),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        cwd=REPO,
+    )
     print(f"wrote {res_dir / name}.json and .svg; report: {out / 'report.html'}")
     return 0
 

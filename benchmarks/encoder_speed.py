@@ -15,6 +15,7 @@ Run:   python benchmarks/encoder_speed.py                     (vit_micro 32/4 B1
        python benchmarks/encoder_speed.py --shapes vit_base:224:16:8 --repeats 5
        python benchmarks/encoder_speed.py --threads 2             (only on an otherwise idle machine)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,34 +69,51 @@ def bench_shape(arch: str, img: int, patch: int, batch: int, dtype, args) -> dic
             step(m)
     times: dict[str, list[float]] = {k: [] for k in models}
     for r in range(args.repeats):
-        for name in (list(models) if r % 2 == 0 else list(reversed(models))):
+        for name in list(models) if r % 2 == 0 else list(reversed(models)):
             t = time.perf_counter()
             for _ in range(args.steps):
                 step(models[name])
             times[name].append((time.perf_counter() - t) / args.steps)
     with torch.no_grad():
         tp = dict(theirs.named_parameters())
-        grad_diff = max((p.grad.float() - tp[k].grad.float()).abs().max().item()
-                        for k, p in ours.named_parameters() if p.grad is not None)
+        grad_diff = max(
+            (p.grad.float() - tp[k].grad.float()).abs().max().item()
+            for k, p in ours.named_parameters()
+            if p.grad is not None
+        )
     ratios = [a / b for a, b in zip(times["ours"], times["timm"])]
-    return {"arch": arch, "img": img, "patch": patch, "batch": batch, "tokens": (img // patch) ** 2 + 1,
-            "params": params, "step_time_s": times, "ratios_ours_over_timm": ratios,
-            "ratio_ours_over_timm": statistics.median(ratios),
-            "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
-            "max_abs_output_diff": out_diff, "max_abs_grad_diff": grad_diff}
+    return {
+        "arch": arch,
+        "img": img,
+        "patch": patch,
+        "batch": batch,
+        "tokens": (img // patch) ** 2 + 1,
+        "params": params,
+        "step_time_s": times,
+        "ratios_ours_over_timm": ratios,
+        "ratio_ours_over_timm": statistics.median(ratios),
+        "median_ms": {k: 1000 * statistics.median(v) for k, v in times.items()},
+        "max_abs_output_diff": out_diff,
+        "max_abs_grad_diff": grad_diff,
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default=DEFAULT_SHAPES,
-                    help="comma-separated ARCH:IMG:PATCH:BATCH (default: %(default)s)")
+    ap.add_argument(
+        "--shapes", default=DEFAULT_SHAPES, help="comma-separated ARCH:IMG:PATCH:BATCH (default: %(default)s)"
+    )
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="default: %(default)s")
     ap.add_argument("--steps", type=int, default=3, help="steps per timed block (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=10, help="interleaved blocks per model (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per model first (default: %(default)s)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch/OpenMP threads (default: %(default)s; on a shared, loaded 2-core box 2 threads "
-                         "spin against other jobs and run ~10x slower and far noisier)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch/OpenMP threads (default: %(default)s; on a shared, loaded 2-core box 2 threads "
+        "spin against other jobs and run ~10x slower and far noisier)",
+    )
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json")
     args = ap.parse_args()
     shapes = parse_shapes(args.shapes)
@@ -108,14 +126,18 @@ def main() -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     rows = [bench_shape(*s, dtype, args) for s in shapes]
 
-    print(f"\nforward+backward, all tokens, {args.dtype}, {args.threads} thread(s); "
-          f"{args.repeats} interleaved repeats x {args.steps} steps; timm {timm.__version__}, torch {torch.__version__}")
+    print(
+        f"\nforward+backward, all tokens, {args.dtype}, {args.threads} thread(s); "
+        f"{args.repeats} interleaved repeats x {args.steps} steps; timm {timm.__version__}, torch {torch.__version__}"
+    )
     print(f"{'shape':<22} {'params':>8} {'ours ms':>9} {'timm ms':>9} {'ours/timm':>10} {'IQR':>13} {'max|dy|':>9}")
     for r in rows:
         q = statistics.quantiles(r["ratios_ours_over_timm"], n=4)
-        print(f"{r['arch']}/{r['patch']} {r['img']}px B{r['batch']:<5}".ljust(22)
-              + f" {r['params'] / 1e6:>7.2f}M {r['median_ms']['ours']:>9.1f} {r['median_ms']['timm']:>9.1f}"
-              f" {r['ratio_ours_over_timm']:>10.3f} {q[0]:>6.3f}-{q[2]:<6.3f} {r['max_abs_output_diff']:>9.1e}")
+        print(
+            f"{r['arch']}/{r['patch']} {r['img']}px B{r['batch']:<5}".ljust(22)
+            + f" {r['params'] / 1e6:>7.2f}M {r['median_ms']['ours']:>9.1f} {r['median_ms']['timm']:>9.1f}"
+            f" {r['ratio_ours_over_timm']:>10.3f} {q[0]:>6.3f}-{q[2]:<6.3f} {r['max_abs_output_diff']:>9.1e}"
+        )
     worst_row = max(rows, key=lambda r: r["ratio_ours_over_timm"])
     worst = worst_row["ratio_ours_over_timm"]
     q1 = statistics.quantiles(worst_row["ratios_ours_over_timm"], n=4)[0]
@@ -123,12 +145,18 @@ def main() -> int:
     print(f"ratio ours/timm step time (median per shape; target <= 1.0): worst {worst:.3f} -> {verdict}")
 
     if not args.no_save:
-        out = write_results("encoder_speed", {
-            "config": {**vars(args), "timm": timm.__version__, "torch": torch.__version__},
-            "results": rows, "worst_ratio_ours_over_timm": worst, "target": "<= 1.0", "met": worst <= 1.0,
-            "verdict": verdict,
-            "caveat": "shared, noisy 2-core machine: only the interleaved ratio is meaningful",
-        })
+        out = write_results(
+            "encoder_speed",
+            {
+                "config": {**vars(args), "timm": timm.__version__, "torch": torch.__version__},
+                "results": rows,
+                "worst_ratio_ours_over_timm": worst,
+                "target": "<= 1.0",
+                "met": worst <= 1.0,
+                "verdict": verdict,
+                "caveat": "shared, noisy 2-core machine: only the interleaved ratio is meaningful",
+            },
+        )
         print(f"wrote {out.relative_to(REPO)}")
     return 0
 

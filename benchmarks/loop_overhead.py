@@ -21,6 +21,7 @@ Run:   python benchmarks/loop_overhead.py              (~6 min on 2 cores)
 under ``--work`` first (a GPU node has no data set at hand). The loop's MFU and peak memory come from its
 last logged record (``perf/mfu``, ``perf/mem_peak_gb``), the bench's from its JSON row.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,10 +39,14 @@ BIN = Path(sys.executable).parent
 
 
 def _env() -> dict[str, str]:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_",
-                                                                   "SLURM_", "TORCHELASTIC"))}
-    e.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true", DS_ACCELERATOR="cpu",
-             PYTHONUNBUFFERED="1")
+    e = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))
+    }
+    e.update(
+        OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1"
+    )
     return e
 
 
@@ -58,31 +63,67 @@ def _common(a) -> list[str]:
 
 def run_loop(a, shards: str, work: Path, i: int) -> dict:
     rd = work / f"loop{i}"
-    ov = [*_common(a), f"data.train={shards}", f"train.max_steps={a.steps + a.skip * a.log_every}",
-          f"train.log_every={a.log_every}", f"train.run_dir={rd}", "train.resume=never", "train.save_every=0",
-          "train.save_every_minutes=null", "eval.knn_train=null", "eval.knn_test=null", "log.wandb=disabled",
-          f"train.batch_size={a.micro_batch * a.ranks}", f"train.micro_batch_size={a.micro_batch}",
-          f"data.num_workers={a.workers}", f"train.zero_stage={a.zero}"]
+    ov = [
+        *_common(a),
+        f"data.train={shards}",
+        f"train.max_steps={a.steps + a.skip * a.log_every}",
+        f"train.log_every={a.log_every}",
+        f"train.run_dir={rd}",
+        "train.resume=never",
+        "train.save_every=0",
+        "train.save_every_minutes=null",
+        "eval.knn_train=null",
+        "eval.knn_test=null",
+        "log.wandb=disabled",
+        f"train.batch_size={a.micro_batch * a.ranks}",
+        f"train.micro_batch_size={a.micro_batch}",
+        f"data.num_workers={a.workers}",
+        f"train.zero_stage={a.zero}",
+    ]
     launch = _torchrun(a.ranks) + ["-m"] if a.ranks > 1 else [sys.executable, "-m"]
-    p = subprocess.run([*launch, "mimscale.train", a.recipe, *ov], env=_env(), cwd=REPO, capture_output=True,
-                       text=True)
+    p = subprocess.run([*launch, "mimscale.train", a.recipe, *ov], env=_env(), cwd=REPO, capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"loop run failed:\n{p.stderr[-3000:]}")
     recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
-    pts = [(r["step"], r["time"]) for r in recs if "train/loss" in r][a.skip:]
+    pts = [(r["step"], r["time"]) for r in recs if "train/loss" in r][a.skip :]
     per_step = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(pts, pts[1:])]
     step_s = statistics.median(per_step)
     last = [r for r in recs if "train/loss" in r][-1]
-    return {"img_per_s": a.micro_batch * a.ranks / step_s, "step_time_s": step_s, "windows": len(per_step),
-            "mfu": last.get("perf/mfu"), "mem_peak_gb": last.get("perf/mem_peak_gb"),
-            "data_wait": {k: v for k, v in last.items() if k.startswith("data/")}}
+    return {
+        "img_per_s": a.micro_batch * a.ranks / step_s,
+        "step_time_s": step_s,
+        "windows": len(per_step),
+        "mfu": last.get("perf/mfu"),
+        "mem_peak_gb": last.get("perf/mem_peak_gb"),
+        "data_wait": {k: v for k, v in last.items() if k.startswith("data/")},
+    }
 
 
 def run_bench(a, data: str) -> dict:
-    cmd = [sys.executable, "-m", "mimscale.cli", "bench", "throughput", "--recipe", a.recipe, "--zero", str(a.zero),
-           "--micro-batch", str(a.micro_batch), "--steps", str(a.steps), "--warmup", str(a.skip * a.log_every),
-           "--world-size", str(a.ranks), "--data", data, "--set", f"data.num_workers={a.workers}",
-           *[x for o in _common(a) for x in ("--set", o)]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mimscale.cli",
+        "bench",
+        "throughput",
+        "--recipe",
+        a.recipe,
+        "--zero",
+        str(a.zero),
+        "--micro-batch",
+        str(a.micro_batch),
+        "--steps",
+        str(a.steps),
+        "--warmup",
+        str(a.skip * a.log_every),
+        "--world-size",
+        str(a.ranks),
+        "--data",
+        data,
+        "--set",
+        f"data.num_workers={a.workers}",
+        *[x for o in _common(a) for x in ("--set", o)],
+    ]
     p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
     rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode or not rows:
@@ -144,8 +185,11 @@ def main() -> int:
                 order.remove("synthetic")
             got = {}
             for who in order:
-                got[who] = run_loop(a, shards, Path(tmp), i) if who == "loop" else \
-                    run_bench(a, shards if who == "bench" else "synthetic")
+                got[who] = (
+                    run_loop(a, shards, Path(tmp), i)
+                    if who == "loop"
+                    else run_bench(a, shards if who == "bench" else "synthetic")
+                )
                 print(f"repeat {i} {who:9s} {got[who]['img_per_s']:8.1f} img/s", flush=True)
             got["ratio_loop_over_bench"] = got["loop"]["img_per_s"] / got["bench"]["img_per_s"]
             if "synthetic" in got:
@@ -159,13 +203,23 @@ def main() -> int:
         print(f"loop / bench (synthetic batches, loader excluded): {synth:.3f}  (context)")
     loop = rounds[len(rounds) // 2]["loop"]
     if loop.get("mfu") is not None:
-        print(f"loop: {loop['img_per_s']:.1f} img/s, MFU {100 * loop['mfu']:.1f}%, peak memory "
-              f"{loop['mem_peak_gb']:.2f} GB")
+        print(
+            f"loop: {loop['img_per_s']:.1f} img/s, MFU {100 * loop['mfu']:.1f}%, peak memory "
+            f"{loop['mem_peak_gb']:.2f} GB"
+        )
     if not a.no_write:
-        out = write_results(a.name, {
-            "config": {k: v for k, v in vars(a).items() if k != "no_write"}, "rounds": rounds,
-            "ratio_loop_over_bench": ratio, "ratio_loop_over_synthetic": synth, "target": 0.97, "verdict": verdict},
-            out_dir=a.out_dir)
+        out = write_results(
+            a.name,
+            {
+                "config": {k: v for k, v in vars(a).items() if k != "no_write"},
+                "rounds": rounds,
+                "ratio_loop_over_bench": ratio,
+                "ratio_loop_over_synthetic": synth,
+                "target": 0.97,
+                "verdict": verdict,
+            },
+            out_dir=a.out_dir,
+        )
         print(f"wrote {out}")
     return 0
 

@@ -30,10 +30,10 @@ ASSUMPTION, printed: sustained fp32 matmul throughput of one GPU).
 Run:   python benchmarks/scale_eval.py               (re-launches itself: torchrun --standalone --nproc_per_node 2)
        python benchmarks/scale_eval.py --scale 100 --ema-arch vit_base      (smaller, faster)
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 import statistics
@@ -45,11 +45,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from common import REPO, write_results  # noqa: E402
+from common import REPO, write_results
 
 IN1K_TRAIN, IN1K_VAL, GPUS = 1_281_167, 50_000, 8
-PATCHES_B16 = 196                                    # 224 px / 16
-MIB = 2 ** 20
+PATCHES_B16 = 196  # 224 px / 16
+MIB = 2**20
 
 
 def _status() -> tuple[int, int]:
@@ -62,7 +62,7 @@ def measured(fn):
     import gc
 
     gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")    # reset the peak resident set to the current one
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set to the current one
     base = _status()[1]
     t0 = time.perf_counter()
     out = fn()
@@ -90,7 +90,7 @@ def interleaved(contenders: dict, repeats: int) -> dict:
     names = list(contenders)
     out = {n: {"seconds": [], "bytes": [], "result": None} for n in names}
     for r in range(repeats):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in names if r % 2 == 0 else names[::-1]:
             barrier()
             res, dt, mem = measured(contenders[n])
             out[n]["seconds"].append(all_max(dt))
@@ -116,7 +116,7 @@ def bench_knn(args, rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(rank)
     centres = torch.randn(args.classes, args.dim, generator=torch.Generator().manual_seed(99))
     ytr = torch.randint(args.classes, (hi - lo,), generator=g)
-    xtr = centres[ytr] + 4 * torch.randn(hi - lo, args.dim, generator=g)            # this rank's bank rows
+    xtr = centres[ytr] + 4 * torch.randn(hi - lo, args.dim, generator=g)  # this rank's bank rows
     yte = torch.randint(args.classes, (qhi - qlo,), generator=g)
     xte = centres[yte] + 4 * torch.randn(qhi - qlo, args.dim, generator=g)
 
@@ -130,17 +130,17 @@ def bench_knn(args, rank: int, world: int) -> dict:
         tdist.all_gather(out, pad)
         return torch.cat([o[: int(s)] for o, s in zip(out, sizes)])
 
-    def old():                                        # the code before: gather everything, score everything
+    def old():  # the code before: gather everything, score everything
         bank, labels, q = gather(xtr), gather(ytr), gather(xte)
         pred = knn_predict(bank, labels, q, args.classes, args.k)
         return pred[qlo:qhi]
 
-    xtr_n, xte_n = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)    # KNNEvaluator keeps unit rows
+    xtr_n, xte_n = F.normalize(xtr, dim=1), F.normalize(xte, dim=1)  # KNNEvaluator keeps unit rows
 
     def new():
         return knn_predict_sharded(xtr_n, ytr, xte_n, args.classes, args.k, chunk=args.chunk, normalized=True)
 
-    def old_features():                               # linear probe before: gather the features everywhere
+    def old_features():  # linear probe before: gather the features everywhere
         return gather(xtr).shape[0]
 
     def new_features():
@@ -149,13 +149,22 @@ def bench_knn(args, rank: int, world: int) -> dict:
     res = interleaved({"old": old, "new": new}, args.repeats)
     feats = interleaved({"old": old_features, "new": new_features}, 1)
     agree = float((res["old"]["result"] == res["new"]["result"]).float().mean())
-    flops_old = 2.0 * m * n * args.dim                # per rank: every rank scores all queries vs the bank
+    flops_old = 2.0 * m * n * args.dim  # per rank: every rank scores all queries vs the bank
     rate = flops_old / statistics.median(res["old"]["seconds"])
-    return {"bank": n, "queries": m, "dim": args.dim, "rows_per_rank": hi - lo, "agreement": all_max(1 - agree),
-            "flops_per_rank_old": flops_old, "flops_per_rank_new": flops_old / world, "cpu_flops_per_s": rate,
-            "old": {k: v for k, v in res["old"].items() if k != "result"},
-            "new": {k: v for k, v in res["new"].items() if k != "result"},
-            "features_old_bytes": feats["old"]["bytes"][0], "features_new_bytes": feats["new"]["bytes"][0]}
+    return {
+        "bank": n,
+        "queries": m,
+        "dim": args.dim,
+        "rows_per_rank": hi - lo,
+        "agreement": all_max(1 - agree),
+        "flops_per_rank_old": flops_old,
+        "flops_per_rank_new": flops_old / world,
+        "cpu_flops_per_s": rate,
+        "old": {k: v for k, v in res["old"].items() if k != "result"},
+        "new": {k: v for k, v in res["new"].items() if k != "result"},
+        "features_old_bytes": feats["old"]["bytes"][0],
+        "features_new_bytes": feats["new"]["bytes"][0],
+    }
 
 
 # ----------------------------------------------------------------------------- k-means (k-CLIP)
@@ -184,7 +193,7 @@ def bench_kmeans(args, rank: int, world: int, tmp: Path) -> dict:
     n, d, chunk = args.km_points, args.km_dim, 16384
     centres = torch.randn(256, d, generator=torch.Generator().manual_seed(7)) * 3
 
-    def rows(lo: int, hi: int):                       # the same synthetic "teacher features" for both paths
+    def rows(lo: int, hi: int):  # the same synthetic "teacher features" for both paths
         for s in range(lo, hi, chunk):
             e = min(hi, s + chunk)
             g = torch.Generator().manual_seed(1000 + s // chunk)
@@ -194,7 +203,7 @@ def bench_kmeans(args, rank: int, world: int, tmp: Path) -> dict:
     lo, hi = (rank * n // world) // chunk * chunk, ((rank + 1) * n // world) // chunk * chunk if rank < world - 1 else n
     kw = dict(k=args.km_k, iters=args.km_iters, init_sample=args.km_sample, seed=0, tol=0.0)
 
-    def old():                                        # one process; the stream is re-made (re-encoded) every pass
+    def old():  # one process; the stream is re-made (re-encoded) every pass
         if rank != 0:
             return None
         return fit_streaming(lambda: rows(0, n), **kw)
@@ -212,10 +221,17 @@ def bench_kmeans(args, rank: int, world: int, tmp: Path) -> dict:
         diff = float((res["old"]["result"][0] - res["new"]["result"][0]).abs().max())
     t_img = teacher_seconds_per_image(args) if rank == 0 else 0.0
     passes = res["new"]["result"][1]["passes"]
-    return {"points": n, "dim": d, "k": args.km_k, "iters": passes, "centroid_max_abs_diff": all_max(diff),
-            "teacher_s_per_image_cpu": all_max(t_img), "flops_assign_per_pass": 2.0 * n * args.km_k * d,
-            "old": {k: v for k, v in res["old"].items() if k != "result"},
-            "new": {k: v for k, v in res["new"].items() if k != "result"}}
+    return {
+        "points": n,
+        "dim": d,
+        "k": args.km_k,
+        "iters": passes,
+        "centroid_max_abs_diff": all_max(diff),
+        "teacher_s_per_image_cpu": all_max(t_img),
+        "flops_assign_per_pass": 2.0 * n * args.km_k * d,
+        "old": {k: v for k, v in res["old"].items() if k != "result"},
+        "new": {k: v for k, v in res["new"].items() if k != "result"},
+    }
 
 
 # ----------------------------------------------------------------------------- EMA teacher at ZeRO-3
@@ -233,16 +249,20 @@ def bench_ema(args, rank: int, world: int) -> dict:
     student = build_vit(args.ema_arch, 64, 16).requires_grad_(True)
     params = dict(student.named_parameters())
     numel = sum(p.numel() for p in params.values())
-    part = {n: (lambda f, p: f[rank * p:(rank + 1) * p].clone())(
-        torch.nn.functional.pad(q.detach().reshape(-1), (0, -(-q.numel() // world) * world - q.numel())),
-        -(-q.numel() // world)) for n, q in params.items()}                      # this rank's fp32 master slices
+    part = {
+        n: (lambda f, p: f[rank * p : (rank + 1) * p].clone())(
+            torch.nn.functional.pad(q.detach().reshape(-1), (0, -(-q.numel() // world) * world - q.numel())),
+            -(-q.numel() // world),
+        )
+        for n, q in params.items()
+    }  # this rank's fp32 master slices
     shards_ctx = StepContext(master_shards=lambda m: list(part.items()))
     new_t = EMATeacher(student)
-    new_t.update(shards_ctx, None, 1.0)              # the first call partitions the teacher (m = 1: no change)
+    new_t.update(shards_ctx, None, 1.0)  # the first call partitions the teacher (m = 1: no change)
     old_t = EMATeacher(student)
     del student, params
 
-    def full_masters(module):                        # what safe_get_full_fp32_param does: 1 all-gather / param
+    def full_masters(module):  # what safe_get_full_fp32_param does: 1 all-gather / param
         for n, q in old_t.module.named_parameters():
             p = part[n]
             buf = torch.empty(world * p.numel())
@@ -268,9 +288,14 @@ def bench_ema(args, rank: int, world: int) -> dict:
 
     res = interleaved({"old": old, "new": new, "forward": fwd_only_old}, args.repeats)
     diff = all_max(float((res["old"]["result"] - res["new"]["result"]).abs().max()))
-    return {"arch": args.ema_arch, "params": numel, "teacher_bytes_old": 4 * numel,
-            "teacher_bytes_new": 4 * new_t.local_numel(), "output_max_abs_diff": diff,
-            **{k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in res.items()}}
+    return {
+        "arch": args.ema_arch,
+        "params": numel,
+        "teacher_bytes_old": 4 * numel,
+        "teacher_bytes_new": 4 * new_t.local_numel(),
+        "output_max_abs_diff": diff,
+        **{k: {kk: vv for kk, vv in v.items() if kk != "result"} for k, v in res.items()},
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -290,59 +315,101 @@ def extrapolate(r: dict, args) -> list[dict]:
     # bytes a rank allocates in the call: old = bank and queries gathered (list + cat) and normalised + one
     # [1024, N] block; new = one [c, N/W] block + the gathered query chunk (the unit-length shard, as
     # KNNEvaluator extracts it, is resident before and after the call: added for the full size)
-    form_old = lambda n_, m_: 4 * (3 * n_ * d + 3 * m_ * d + chunk_old * n_)                # noqa: E731
-    form_new = lambda n_, w: 4 * (chunk_new * n_ / w + 2 * chunk_new * d)                   # noqa: E731
+    form_old = lambda n_, m_: 4 * (3 * n_ * d + 3 * m_ * d + chunk_old * n_)  # noqa: E731
+    form_new = lambda n_, w: 4 * (chunk_new * n_ / w + 2 * chunk_new * d)  # noqa: E731
     full_flops = 2.0 * IN1K_VAL * IN1K_TRAIN * d
-    rows.append(dict(step="kNN (ViT-L, D=1024)", reduced=f"1/{args.scale} IN-1k, {world} ranks",
-                     old_mem=med(k["old"]["bytes"]), new_mem=med(k["new"]["bytes"]),
-                     old_s=med(k["old"]["seconds"]), new_s=med(k["new"]["seconds"]),
-                     check=[med(k["old"]["bytes"]) / form_old(n, m), med(k["new"]["bytes"]) / form_new(n, world)],
-                     full_old_mem=form_old(IN1K_TRAIN, IN1K_VAL),
-                     full_new_mem=form_new(IN1K_TRAIN, GPUS) + 4 * IN1K_TRAIN * d / GPUS,
-                     full_old_s=full_flops / k["cpu_flops_per_s"], full_new_s=full_flops / GPUS / gpu,
-                     full_old_gpu_s=full_flops / gpu,
-                     note="old: host CPU, every rank the whole bank + matmul; new: bank/8 + one block on each GPU"))
-    rows.append(dict(step="linear-probe features (D=1024)", reduced=f"1/{args.scale} IN-1k, {world} ranks",
-                     old_mem=k["features_old_bytes"], new_mem=k["features_new_bytes"], old_s=None, new_s=None,
-                     full_old_mem=4 * IN1K_TRAIN * d, full_new_mem=4 * IN1K_TRAIN * d / GPUS, full_old_s=None,
-                     full_new_s=None, note="old: gathered on every process; new: each process its shard"))
+    rows.append(
+        dict(
+            step="kNN (ViT-L, D=1024)",
+            reduced=f"1/{args.scale} IN-1k, {world} ranks",
+            old_mem=med(k["old"]["bytes"]),
+            new_mem=med(k["new"]["bytes"]),
+            old_s=med(k["old"]["seconds"]),
+            new_s=med(k["new"]["seconds"]),
+            check=[med(k["old"]["bytes"]) / form_old(n, m), med(k["new"]["bytes"]) / form_new(n, world)],
+            full_old_mem=form_old(IN1K_TRAIN, IN1K_VAL),
+            full_new_mem=form_new(IN1K_TRAIN, GPUS) + 4 * IN1K_TRAIN * d / GPUS,
+            full_old_s=full_flops / k["cpu_flops_per_s"],
+            full_new_s=full_flops / GPUS / gpu,
+            full_old_gpu_s=full_flops / gpu,
+            note="old: host CPU, every rank the whole bank + matmul; new: bank/8 + one block on each GPU",
+        )
+    )
+    rows.append(
+        dict(
+            step="linear-probe features (D=1024)",
+            reduced=f"1/{args.scale} IN-1k, {world} ranks",
+            old_mem=k["features_old_bytes"],
+            new_mem=k["features_new_bytes"],
+            old_s=None,
+            new_s=None,
+            full_old_mem=4 * IN1K_TRAIN * d,
+            full_new_mem=4 * IN1K_TRAIN * d / GPUS,
+            full_old_s=None,
+            full_new_s=None,
+            note="old: gathered on every process; new: each process its shard",
+        )
+    )
     km = r["kmeans"]
     pts_full = IN1K_TRAIN * PATCHES_B16
     t_img = km["teacher_s_per_image_cpu"]
-    teacher_flops = 2 * 86e6 * PATCHES_B16 * 1.0 + 4 * 12 * PATCHES_B16 ** 2 * 768     # ~ ViT-B/16 fwd per image
+    teacher_flops = 2 * 86e6 * PATCHES_B16 * 1.0 + 4 * 12 * PATCHES_B16**2 * 768  # ~ ViT-B/16 fwd per image
     cpu_rate_teacher = teacher_flops / t_img
     iters = km["iters"]
     km_flops_full = 2.0 * pts_full * 8192 * 512 * iters
     km_rate_cpu = km["flops_assign_per_pass"] * km["iters"] / med(km["old"]["seconds"])
     old_full_s = (1 + iters) * IN1K_TRAIN * teacher_flops / cpu_rate_teacher + km_flops_full / km_rate_cpu
     new_full_s = IN1K_TRAIN * teacher_flops / GPUS / gpu + km_flops_full / GPUS / gpu
-    rows.append(dict(step="k-CLIP k-means (k=8192, D=512)",
-                     reduced=f"{km['points']} pts, k={km['k']}, {world} ranks (+teacher {1 + iters} vs 1 pass)",
-                     old_mem=med(km["old"]["bytes"]), new_mem=med(km["new"]["bytes"]),
-                     old_s=med(km["old"]["seconds"]) + (1 + iters) * km["points"] / PATCHES_B16 * t_img,
-                     new_s=med(km["new"]["seconds"]) + km["points"] / PATCHES_B16 * t_img / world,
-                     full_old_mem=4 * 512 * (163_840 + 256 * PATCHES_B16) + 4 * 16384 * 8192,
-                     full_new_mem=4 * 512 * (163_840 + 65_536) + 4 * 16384 * 8192,
-                     full_old_s=old_full_s, full_new_s=new_full_s,
-                     full_old_gpu_s=(1 + iters) * IN1K_TRAIN * teacher_flops / gpu + km_flops_full / gpu,
-                     note=f"new also writes {pts_full * 512 * 2 / GPUS / 2**30:.0f} GiB fp16 cache per GPU (disk)"))
+    rows.append(
+        dict(
+            step="k-CLIP k-means (k=8192, D=512)",
+            reduced=f"{km['points']} pts, k={km['k']}, {world} ranks (+teacher {1 + iters} vs 1 pass)",
+            old_mem=med(km["old"]["bytes"]),
+            new_mem=med(km["new"]["bytes"]),
+            old_s=med(km["old"]["seconds"]) + (1 + iters) * km["points"] / PATCHES_B16 * t_img,
+            new_s=med(km["new"]["seconds"]) + km["points"] / PATCHES_B16 * t_img / world,
+            full_old_mem=4 * 512 * (163_840 + 256 * PATCHES_B16) + 4 * 16384 * 8192,
+            full_new_mem=4 * 512 * (163_840 + 65_536) + 4 * 16384 * 8192,
+            full_old_s=old_full_s,
+            full_new_s=new_full_s,
+            full_old_gpu_s=(1 + iters) * IN1K_TRAIN * teacher_flops / gpu + km_flops_full / gpu,
+            note=f"new also writes {pts_full * 512 * 2 / GPUS / 2**30:.0f} GiB fp16 cache per GPU (disk)",
+        )
+    )
     e = r["ema"]
     vitl = 304_326_632
-    rows.append(dict(step=f"EMA teacher, ZeRO-3 ({e['arch']})", reduced=f"{world} ranks, fp32 teacher",
-                     old_mem=e["teacher_bytes_old"], new_mem=e["teacher_bytes_new"],
-                     old_s=med(e["old"]["seconds"]) - med(e["forward"]["seconds"]),
-                     new_s=med(e["new"]["seconds"]) - med(e["forward"]["seconds"]),
-                     full_old_mem=4 * vitl, full_new_mem=4 * vitl / GPUS,
-                     full_old_s=(med(e["old"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
-                     full_new_s=(med(e["new"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
-                     note="per step on this CPU, update (+ new: the forward's gathers), forward compute excluded, "
-                          "ViT-L time = measured x params ratio; both gather ~ one teacher per step"))
-    rows.append(dict(step="add-targets (CLIP B/16 features)", reduced="analytic", old_mem=None, new_mem=None,
-                     old_s=None, new_s=None, full_old_mem=None, full_new_mem=None,
-                     full_old_s=IN1K_TRAIN * teacher_flops / cpu_rate_teacher,
-                     full_new_s=IN1K_TRAIN * teacher_flops / GPUS / gpu,
-                     full_old_gpu_s=IN1K_TRAIN * teacher_flops / gpu,
-                     note="old: 1 CPU process; new: 8 GPU processes, rank r writes shards r, r+8, ..."))
+    rows.append(
+        dict(
+            step=f"EMA teacher, ZeRO-3 ({e['arch']})",
+            reduced=f"{world} ranks, fp32 teacher",
+            old_mem=e["teacher_bytes_old"],
+            new_mem=e["teacher_bytes_new"],
+            old_s=med(e["old"]["seconds"]) - med(e["forward"]["seconds"]),
+            new_s=med(e["new"]["seconds"]) - med(e["forward"]["seconds"]),
+            full_old_mem=4 * vitl,
+            full_new_mem=4 * vitl / GPUS,
+            full_old_s=(med(e["old"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
+            full_new_s=(med(e["new"]["seconds"]) - med(e["forward"]["seconds"])) * vitl / e["params"],
+            note="per step on this CPU, update (+ new: the forward's gathers), forward compute excluded, "
+            "ViT-L time = measured x params ratio; both gather ~ one teacher per step",
+        )
+    )
+    rows.append(
+        dict(
+            step="add-targets (CLIP B/16 features)",
+            reduced="analytic",
+            old_mem=None,
+            new_mem=None,
+            old_s=None,
+            new_s=None,
+            full_old_mem=None,
+            full_new_mem=None,
+            full_old_s=IN1K_TRAIN * teacher_flops / cpu_rate_teacher,
+            full_new_s=IN1K_TRAIN * teacher_flops / GPUS / gpu,
+            full_old_gpu_s=IN1K_TRAIN * teacher_flops / gpu,
+            note="old: 1 CPU process; new: 8 GPU processes, rank r writes shards r, r+8, ...",
+        )
+    )
     return rows
 
 
@@ -369,11 +436,19 @@ def main() -> int:
     ap.add_argument("--km-iters", type=int, default=3)
     ap.add_argument("--km-sample", type=int, default=8192)
     ap.add_argument("--teacher-batch", type=int, default=2, help="images timed through the ViT-B/16 stand-in")
-    ap.add_argument("--ema-arch", default="vit_base", help="default: %(default)s (ViT-L figures scale by params: "
-                    "the shared 2-core box has too little free memory for 2 ranks x 3 ViT-L copies)")
+    ap.add_argument(
+        "--ema-arch",
+        default="vit_base",
+        help="default: %(default)s (ViT-L figures scale by params: "
+        "the shared 2-core box has too little free memory for 2 ranks x 3 ViT-L copies)",
+    )
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--gpu-tflops", type=float, default=50.0,
-                    help="ASSUMED sustained fp32 matmul TFLOP/s of one GPU for the extrapolation (default: 50)")
+    ap.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=50.0,
+        help="ASSUMED sustained fp32 matmul TFLOP/s of one GPU for the extrapolation (default: 50)",
+    )
     ap.add_argument("--ranks", type=int, default=2, help="ranks when self-launching (default: 2)")
     ap.add_argument("--only", default="knn,kmeans,ema", help="sections to run")
     ap.add_argument("--tag", default="", help="appended to the results file name (e.g. w3 for a 3-rank run)")
@@ -384,8 +459,15 @@ def main() -> int:
 
     d = dist.detect()
     if d.launcher == "none":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-               str(Path(__file__).resolve()), *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.ranks}",
+            str(Path(__file__).resolve()),
+            *sys.argv[1:],
+        ]
         print("+", " ".join(cmd), flush=True)
         return subprocess.run(cmd, cwd=REPO).returncode
     dist.export(d)
@@ -408,18 +490,27 @@ def main() -> int:
     if d.rank != 0:
         return 0
     rows = extrapolate(r, args) if {"knn", "kmeans", "ema"} <= only else []
-    print(f"\n{d.world_size} gloo ranks, 1 thread each, {time.time() - t0:.0f} s; extrapolation: ImageNet-1k "
-          f"({IN1K_TRAIN:,} / {IN1K_VAL:,}) on {GPUS} GPUs at an ASSUMED {args.gpu_tflops:g} TFLOP/s each")
+    print(
+        f"\n{d.world_size} gloo ranks, 1 thread each, {time.time() - t0:.0f} s; extrapolation: ImageNet-1k "
+        f"({IN1K_TRAIN:,} / {IN1K_VAL:,}) on {GPUS} GPUs at an ASSUMED {args.gpu_tflops:g} TFLOP/s each"
+    )
     head = f"{'step':<34} {'path':<4} {'mem/rank':>10} {'time':>9} | {'IN-1k mem/rank':>14} {'IN-1k time':>10}"
     print(head + "\n" + "-" * len(head))
     for row in rows:
         for p in ("old", "new"):
-            print(f"{row['step'] if p == 'old' else '':<34} {p:<4} {fmt_b(row[p + '_mem']):>10} "
-                  f"{fmt_s(row[p + '_s']):>9} | {fmt_b(row['full_' + p + '_mem']):>14} "
-                  f"{fmt_s(row['full_' + p + '_s']):>10}")
-        ratio = [f"{name} old/new {a / b:.1f}x" for name, a, b in (
-            ("mem", row["full_old_mem"], row["full_new_mem"]), ("time", row["full_old_s"], row["full_new_s"]))
-            if a and b]
+            print(
+                f"{row['step'] if p == 'old' else '':<34} {p:<4} {fmt_b(row[p + '_mem']):>10} "
+                f"{fmt_s(row[p + '_s']):>9} | {fmt_b(row['full_' + p + '_mem']):>14} "
+                f"{fmt_s(row['full_' + p + '_s']):>10}"
+            )
+        ratio = [
+            f"{name} old/new {a / b:.1f}x"
+            for name, a, b in (
+                ("mem", row["full_old_mem"], row["full_new_mem"]),
+                ("time", row["full_old_s"], row["full_new_s"]),
+            )
+            if a and b
+        ]
         if row.get("full_old_gpu_s"):
             gpu_x = row["full_old_gpu_s"] / row["full_new_s"]
             ratio.append(f"old moved to one GPU {fmt_s(row['full_old_gpu_s'])} = {gpu_x:.0f}x new")
@@ -427,12 +518,15 @@ def main() -> int:
             ratio.append("measured/formula bytes at reduced size old {:.2f}, new {:.2f}".format(*row["check"]))
         print(f"{'':<34} {'':<4} {row['reduced']}; {row['note']}" + (f"; IN-1k {', '.join(ratio)}" if ratio else ""))
     if "knn" in r:
-        print(f"kNN old vs new predictions disagree on {100 * r['knn']['agreement']:.3f}% of queries; "
-              f"k-means centroid max |diff| {r.get('kmeans', {}).get('centroid_max_abs_diff', float('nan')):.2e}; "
-              f"EMA teacher output max |diff| {r.get('ema', {}).get('output_max_abs_diff', float('nan')):.2e}")
+        print(
+            f"kNN old vs new predictions disagree on {100 * r['knn']['agreement']:.3f}% of queries; "
+            f"k-means centroid max |diff| {r.get('kmeans', {}).get('centroid_max_abs_diff', float('nan')):.2e}; "
+            f"EMA teacher output max |diff| {r.get('ema', {}).get('output_max_abs_diff', float('nan')):.2e}"
+        )
     if not args.no_save:
-        out = write_results("scale_eval" + (f"_{args.tag}" if args.tag else ""),
-                            {"config": vars(args), "raw": r, "rows": rows})
+        out = write_results(
+            "scale_eval" + (f"_{args.tag}" if args.tag else ""), {"config": vars(args), "raw": r, "rows": rows}
+        )
         print(f"-> {out.relative_to(REPO)}")
     return 0
 

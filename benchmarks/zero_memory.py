@@ -36,6 +36,7 @@ Run:   python benchmarks/zero_memory.py                 (re-launches itself: tor
        torchrun --nproc_per_node 2 benchmarks/zero_memory.py --arch vit_small --img 64 --patch 8
 Target: measured/expected within +-15% per stage.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,11 @@ from common import write_results  # noqa: E402
 
 def expected_bytes(psi: int, stage: int, n: int) -> dict[str, float]:
     p16, g16, opt = 2.0 * psi, 2.0 * psi, 12.0 * psi
-    return {"params": p16 / n if stage >= 3 else p16, "grads": g16 / n if stage >= 2 else g16,
-            "optim": opt / n if stage >= 1 else opt}
+    return {
+        "params": p16 / n if stage >= 3 else p16,
+        "grads": g16 / n if stage >= 2 else g16,
+        "optim": opt / n if stage >= 1 else opt,
+    }
 
 
 # ------------------------------------------------------------------------------------- the tensor census
@@ -105,7 +109,10 @@ def walk(obj, path: str, visit, seen: set, depth: int = 0) -> None:
     elif isinstance(obj, (list, tuple, set, frozenset)):
         for i, v in enumerate(obj):
             walk(v, f"{path}[{i}]", visit, seen, depth + 1)
-    elif isinstance(obj, (nn.Module, torch.optim.Optimizer)) or type(obj).__name__ in ("DeepSpeedEngine", "ProcessGroup"):
+    elif isinstance(obj, (nn.Module, torch.optim.Optimizer)) or type(obj).__name__ in (
+        "DeepSpeedEngine",
+        "ProcessGroup",
+    ):
         return
     elif type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__"):
         for k, v in vars(obj).items():
@@ -118,14 +125,14 @@ def census(engine) -> Census:
     c = Census()
     wrapper = engine.optimizer
     basic = engine.basic_optimizer if isinstance(engine.basic_optimizer, torch.optim.Optimizer) else wrapper
-    for name, p in engine.module.named_parameters():
+    for _name, p in engine.module.named_parameters():
         if hasattr(p, "ds_tensor"):
             c.add("params", "ds_tensor", p.ds_tensor)
         c.add("params", "module params", p.data)
     for g in basic.param_groups:
         for p in g["params"]:
             c.add("master", "optimizer.param_groups (fp32 master)", p)
-    for p, st in basic.state.items():
+    for _p, st in basic.state.items():
         for k, v in st.items():
             c.add("adam", f"optimizer.state[{k}]", v)
 
@@ -143,9 +150,9 @@ def census(engine) -> Census:
             cat = "other"
         c.add(cat, path.lstrip("."), t)
 
-    if wrapper is not basic:                # before param.grad: grads that are views into a bucket stay "buffers"
+    if wrapper is not basic:  # before param.grad: grads that are views into a bucket stay "buffers"
         walk(wrapper, "", visit, set())
-    for name, p in engine.module.named_parameters():
+    for _name, p in engine.module.named_parameters():
         c.add("grads", "module param.grad", p.grad)
     for g in basic.param_groups:
         for p in g["params"]:
@@ -177,11 +184,24 @@ def run_stage(stage: int, args, world: int, rank: int) -> dict:
     knobs_path.write_text(json.dumps(knobs, indent=2))
 
     mb = args.micro_batch
-    cfg = C.load("tiny_cpu", [f"model.arch={args.arch}", f"model.img_size={args.img}", f"model.patch_size={args.patch}",
-                              f"train.zero_stage={stage}", "train.precision=bf16", f"train.ds_config={knobs_path}",
-                              f"train.batch_size={mb * world}", f"train.micro_batch_size={mb}", "optim.clip_grad=0.0",
-                              f"objective.decoder_dim={args.decoder_dim}", f"objective.decoder_depth={args.decoder_depth}",
-                              f"objective.decoder_heads={args.decoder_heads}", "log.wandb=disabled"])
+    cfg = C.load(
+        "tiny_cpu",
+        [
+            f"model.arch={args.arch}",
+            f"model.img_size={args.img}",
+            f"model.patch_size={args.patch}",
+            f"train.zero_stage={stage}",
+            "train.precision=bf16",
+            f"train.ds_config={knobs_path}",
+            f"train.batch_size={mb * world}",
+            f"train.micro_batch_size={mb}",
+            "optim.clip_grad=0.0",
+            f"objective.decoder_dim={args.decoder_dim}",
+            f"objective.decoder_depth={args.decoder_depth}",
+            f"objective.decoder_heads={args.decoder_heads}",
+            "log.wandb=disabled",
+        ],
+    )
     derived = C.derive(cfg, world, samples_per_epoch=mb * world * 100)
     torch.manual_seed(0)
     objective = MAE(build_vit(args.arch, args.img, args.patch), C.objective_knobs(cfg))
@@ -191,8 +211,10 @@ def run_stage(stage: int, args, world: int, rank: int) -> dict:
 
     g = torch.Generator().manual_seed(rank)
     n = objective.encoder.num_patches
-    batch = {"image": torch.randn(mb, 3, args.img, args.img, generator=g),
-             "mask": random_masks(mb, n, C.objective_knobs(cfg).mask_ratio, g)}
+    batch = {
+        "image": torch.randn(mb, 3, args.img, args.img, generator=g),
+        "mask": random_masks(mb, n, C.objective_knobs(cfg).mask_ratio, g),
+    }
     basic = engine.basic_optimizer
     in_step: dict = {}
 
@@ -209,7 +231,7 @@ def run_stage(stage: int, args, world: int, rank: int) -> dict:
     armed = False
     bwd_handle = objective.encoder.blocks[0].register_full_backward_pre_hook(backward_hook)
     losses = []
-    for i in range(2):                      # step 1 creates Adam's state; step 2 is measured
+    for i in range(2):  # step 1 creates Adam's state; step 2 is measured
         armed = i == 1
         out = engine(batch)
         engine.backward(out.loss)
@@ -222,11 +244,22 @@ def run_stage(stage: int, args, world: int, rank: int) -> dict:
     bwd_handle.remove()
     after_step = census(engine)
 
-    row = {"stage": stage, "rank": rank, "psi": psi, "losses": losses,
-           "wrapper_optimizer": type(engine.optimizer).__name__, "basic_optimizer": type(basic).__name__,
-           "local_param_numel": ds.local_param_numel(engine), "knobs": knobs["zero_optimization"]}
-    for tag, cen in (("in_backward", in_backward.get("census")), ("after_backward", after_backward),
-                     ("in_step", in_step.get("census")), ("after_step", after_step)):
+    row = {
+        "stage": stage,
+        "rank": rank,
+        "psi": psi,
+        "losses": losses,
+        "wrapper_optimizer": type(engine.optimizer).__name__,
+        "basic_optimizer": type(basic).__name__,
+        "local_param_numel": ds.local_param_numel(engine),
+        "knobs": knobs["zero_optimization"],
+    }
+    for tag, cen in (
+        ("in_backward", in_backward.get("census")),
+        ("after_backward", after_backward),
+        ("in_step", in_step.get("census")),
+        ("after_step", after_step),
+    ):
         if cen is not None:
             row[tag] = {"bytes": cen.bytes, "where": cen.where}
     tdist.barrier()
@@ -251,27 +284,50 @@ def summarize(rows: list[dict], world: int) -> list[dict]:
             states = b["params"] + b["grads"] + b["master"] + b["adam"]
             snaps = {t: r[t]["bytes"] for t in ("in_backward", "after_backward", "in_step", "after_step") if t in r}
             ms = {t: v["params"] + v["grads"] + v["master"] + v["adam"] for t, v in snaps.items()}
-            per_rank.append({"rank": r["rank"], "model_states": states, "params": b["params"], "grads": b["grads"],
-                             "optim": b["master"] + b["adam"], "master": b["master"], "adam": b["adam"],
-                             "buffers": b["buffers"], "other": b["other"],
-                             "buffers_max": max(v["buffers"] for v in snaps.values()),
-                             "in_backward_model_states": ms.get("in_backward", states),
-                             "in_step_model_states": ms.get("in_step", states)})
+            per_rank.append(
+                {
+                    "rank": r["rank"],
+                    "model_states": states,
+                    "params": b["params"],
+                    "grads": b["grads"],
+                    "optim": b["master"] + b["adam"],
+                    "master": b["master"],
+                    "adam": b["adam"],
+                    "buffers": b["buffers"],
+                    "other": b["other"],
+                    "buffers_max": max(v["buffers"] for v in snaps.values()),
+                    "in_backward_model_states": ms.get("in_backward", states),
+                    "in_step_model_states": ms.get("in_step", states),
+                }
+            )
         mean = {k: sum(p[k] for p in per_rank) / len(per_rank) for k in per_rank[0] if k != "rank"}
         expected = sum(exp.values())
-        out.append({"stage": stage, "formula": FORMULA[stage], "psi": psi, "world_size": world,
-                    "expected_bytes": expected, "expected_parts": exp, "measured_mean": mean, "per_rank": per_rank,
-                    "ratio": mean["model_states"] / expected,
-                    "ratio_parts": {"params": mean["params"] / exp["params"], "grads": mean["grads"] / exp["grads"],
-                                    "optim": mean["optim"] / exp["optim"]},
-                    "in_step_ratio": mean["in_step_model_states"] / expected,
-                    "wrapper_optimizer": rs[0]["wrapper_optimizer"]})
+        out.append(
+            {
+                "stage": stage,
+                "formula": FORMULA[stage],
+                "psi": psi,
+                "world_size": world,
+                "expected_bytes": expected,
+                "expected_parts": exp,
+                "measured_mean": mean,
+                "per_rank": per_rank,
+                "ratio": mean["model_states"] / expected,
+                "ratio_parts": {
+                    "params": mean["params"] / exp["params"],
+                    "grads": mean["grads"] / exp["grads"],
+                    "optim": mean["optim"] / exp["optim"],
+                },
+                "in_step_ratio": mean["in_step_model_states"] / expected,
+                "wrapper_optimizer": rs[0]["wrapper_optimizer"],
+            }
+        )
     return out
 
 
 def explain(s: dict) -> str:
     """One line per stage saying where the measured bytes differ from the formula (from the census)."""
-    psi, n, m, e = s["psi"], s["world_size"], s["measured_mean"], s["expected_parts"]
+    psi, m, e = s["psi"], s["measured_mean"], s["expected_parts"]
     notes = []
     if abs(m["grads"] - e["grads"]) > 0.05 * e["grads"]:
         notes.append(f"grads {m['grads'] / psi:.2f}Ψ vs {e['grads'] / psi:.2f}Ψ")
@@ -280,7 +336,9 @@ def explain(s: dict) -> str:
     if abs(m["params"] - e["params"]) > 0.05 * e["params"]:
         notes.append(f"params {m['params'] / psi:.2f}Ψ vs {e['params'] / psi:.2f}Ψ")
     if m["buffers_max"]:
-        notes.append(f"+ comm buckets up to {m['buffers_max'] / 2**20:.0f} MiB (sized by reduce_bucket_size, not counted)")
+        notes.append(
+            f"+ comm buckets up to {m['buffers_max'] / 2**20:.0f} MiB (sized by reduce_bucket_size, not counted)"
+        )
     if m["other"] >= 2**16:
         notes.append(f"+ other {m['other'] / 2**20:.1f} MiB (not counted)")
     return "; ".join(notes) or "matches"
@@ -296,11 +354,19 @@ def main() -> int:
     ap.add_argument("--decoder-heads", type=int, default=4, help="default: %(default)s")
     ap.add_argument("--micro-batch", type=int, default=4, help="per rank (default: %(default)s)")
     ap.add_argument("--stages", default="0,1,2,3", help="default: %(default)s")
-    ap.add_argument("--reduce-bucket", type=int, default=None,
-                    help="override reduce_bucket_size (elements) of the knobs files (default: the project's)")
-    ap.add_argument("--persistence-threshold", type=int, default=0,
-                    help="stage3_param_persistence_threshold (default: %(default)s; the project's zero3.json has "
-                         "100000: smaller tensors then stay whole on every rank)")
+    ap.add_argument(
+        "--reduce-bucket",
+        type=int,
+        default=None,
+        help="override reduce_bucket_size (elements) of the knobs files (default: the project's)",
+    )
+    ap.add_argument(
+        "--persistence-threshold",
+        type=int,
+        default=0,
+        help="stage3_param_persistence_threshold (default: %(default)s; the project's zero3.json has "
+        "100000: smaller tensors then stay whole on every rank)",
+    )
     ap.add_argument("--nproc", type=int, default=2, help="ranks when self-launching (default: %(default)s)")
     ap.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/*.json")
     args = ap.parse_args()
@@ -309,8 +375,15 @@ def main() -> int:
 
     d = dist.detect()
     if d.launcher == "none":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               str(Path(__file__).resolve()), *sys.argv[1:]]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={args.nproc}",
+            str(Path(__file__).resolve()),
+            *sys.argv[1:],
+        ]
         print("+", " ".join(cmd), flush=True)
         return subprocess.run(cmd, cwd=REPO).returncode
     dist.export(d)
@@ -329,16 +402,22 @@ def main() -> int:
     summary = summarize(rows, d.world_size)
     psi = summary[0]["psi"]
     mib = 2**20
-    print(f"\nMAE {args.arch} {args.img}px/{args.patch}, Ψ = {psi:,} trainable params, bf16, N = {d.world_size} ranks; "
-          f"model states per rank after backward (mean over ranks), MiB")
-    print(f"{'stage':<6} {'formula':<12} {'expected':>9} {'measured':>9} {'ratio':>6} {'params':>7} {'grads':>7} "
-          f"{'optim':>7} {'in-bwd':>7} {'in-step':>8} {'buckets':>8}  wrapper optimizer")
+    print(
+        f"\nMAE {args.arch} {args.img}px/{args.patch}, Ψ = {psi:,} trainable params, bf16, N = {d.world_size} ranks; "
+        f"model states per rank after backward (mean over ranks), MiB"
+    )
+    print(
+        f"{'stage':<6} {'formula':<12} {'expected':>9} {'measured':>9} {'ratio':>6} {'params':>7} {'grads':>7} "
+        f"{'optim':>7} {'in-bwd':>7} {'in-step':>8} {'buckets':>8}  wrapper optimizer"
+    )
     for s in summary:
         m = s["measured_mean"]
-        print(f"{s['stage']:<6} {s['formula']:<12} {s['expected_bytes'] / mib:>9.1f} {m['model_states'] / mib:>9.1f} "
-              f"{s['ratio']:>6.3f} {m['params'] / mib:>7.1f} {m['grads'] / mib:>7.1f} {m['optim'] / mib:>7.1f} "
-              f"{m['in_backward_model_states'] / mib:>7.1f} {m['in_step_model_states'] / mib:>8.1f} "
-              f"{m['buffers_max'] / mib:>8.1f}  {s['wrapper_optimizer']}")
+        print(
+            f"{s['stage']:<6} {s['formula']:<12} {s['expected_bytes'] / mib:>9.1f} {m['model_states'] / mib:>9.1f} "
+            f"{s['ratio']:>6.3f} {m['params'] / mib:>7.1f} {m['grads'] / mib:>7.1f} {m['optim'] / mib:>7.1f} "
+            f"{m['in_backward_model_states'] / mib:>7.1f} {m['in_step_model_states'] / mib:>8.1f} "
+            f"{m['buffers_max'] / mib:>8.1f}  {s['wrapper_optimizer']}"
+        )
     print("measured/expected (target 0.85-1.15):")
     for s in summary:
         ok = 0.85 <= s["ratio"] <= 1.15
@@ -346,12 +425,21 @@ def main() -> int:
         s["explanation"] = explain(s)
         print(f"  stage {s['stage']}: {s['ratio']:.3f} {'OK' if ok else 'MISSED'} -- {s['explanation']}")
     if not args.no_save:
-        out = write_results("zero_memory", {
-            "config": {**vars(args), "world_size": d.world_size, "precision": "bf16",
-                       "stage3_param_persistence_threshold": args.persistence_threshold},
-            "summary": summary, "ranks": rows, "target": "measured/expected within +-15%",
-            "note": "bytes of unique tensor storages held by the engine (census), not process RSS",
-        })
+        out = write_results(
+            "zero_memory",
+            {
+                "config": {
+                    **vars(args),
+                    "world_size": d.world_size,
+                    "precision": "bf16",
+                    "stage3_param_persistence_threshold": args.persistence_threshold,
+                },
+                "summary": summary,
+                "ranks": rows,
+                "target": "measured/expected within +-15%",
+                "note": "bytes of unique tensor storages held by the engine (census), not process RSS",
+            },
+        )
         print(f"wrote {out.relative_to(REPO)}")
     return 0
 

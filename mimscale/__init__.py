@@ -1,4 +1,5 @@
 """mimscale: masked-image-modeling pre-training of Vision Transformers at scale."""
+
 from importlib.metadata import PackageNotFoundError, version
 
 try:

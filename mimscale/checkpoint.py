@@ -19,6 +19,7 @@ the newest ``keep_last`` complete ones, and only after a newer save has been pub
 This module and ``engine/deepspeed.py`` are the only ones that import deepspeed. Our own files load with
 ``weights_only=True``; DeepSpeed's loader reads its own files (written by this run) with pickle.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ log = logging.getLogger("mimscale.checkpoint")
 FORMAT = "mimscale-checkpoint/1"
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
-EXIT_REQUEUE = 42          # process exit code after a save on SIGUSR1/SIGTERM: "requeue me"
+EXIT_REQUEUE = 42  # process exit code after a save on SIGUSR1/SIGTERM: "requeue me"
 _TAG = re.compile(r"^step_(\d{8})$")
 
 
@@ -68,11 +69,17 @@ def _fsync_write(path: Path, text: str) -> None:
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG states (torch CPU, numpy, python) as weights_only-loadable values."""
-    np_state = cast(tuple, np.random.get_state())   # legacy=True (the default): the MT19937 tuple
-    return {"torch": torch.get_rng_state(),
-            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                      "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
-            "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()]}
+    np_state = cast(tuple, np.random.get_state())  # legacy=True (the default): the MT19937 tuple
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "gauss": float(np_state[4]),
+        },
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
@@ -93,7 +100,9 @@ class Found:
 
 
 def _files(d: Path) -> dict[str, int]:
-    return {str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file() and p.name != "meta.json"}
+    return {
+        str(p.relative_to(d)): p.stat().st_size for p in sorted(d.rglob("*")) if p.is_file() and p.name != "meta.json"
+    }
 
 
 def check_complete(path: Path) -> dict:
@@ -141,12 +150,16 @@ def find(run_dir: Path, expect: dict) -> Found | None:
             continue
         for key, want in expect.items():
             if meta.get("identity", {}).get(key) != want:
-                raise CheckpointError(f"{path} was written for {key}={meta.get('identity', {}).get(key)!r} but this "
-                                      f"run has {key}={want!r}; use another train.run_dir or resume=never")
+                raise CheckpointError(
+                    f"{path} was written for {key}={meta.get('identity', {}).get(key)!r} but this "
+                    f"run has {key}={want!r}; use another train.run_dir or resume=never"
+                )
         return Found(path.name, path, meta)
     if problems:
-        raise CheckpointError(f"no usable checkpoint in {Path(run_dir) / CKPT_DIR} ({problems[0]}); "
-                              "nothing was deleted: move the directory away or set train.resume=never")
+        raise CheckpointError(
+            f"no usable checkpoint in {Path(run_dir) / CKPT_DIR} ({problems[0]}); "
+            "nothing was deleted: move the directory away or set train.resume=never"
+        )
     return None
 
 
@@ -159,20 +172,31 @@ def check_shapes(found: Found, shapes: dict[str, list[int]]) -> None:
     """CheckpointError (one line) when ``found`` was saved for other parameter shapes than the model built now
     (a changed objective or model knob, e.g. a decoder width): DeepSpeed would fail deep inside its loader."""
     saved = found.meta.get("shapes")
-    if saved is None:                                   # written before shapes were recorded
+    if saved is None:  # written before shapes were recorded
         return
     for name in sorted(set(saved) | set(shapes)):
         if saved.get(name) != shapes.get(name):
-            raise CheckpointError(f"{found.path} holds {name} {saved.get(name)} but this run builds {shapes.get(name)} "
-                                  "(a changed model or objective knob); restore the knob, use another "
-                                  "train.run_dir, or set train.resume=never")
+            raise CheckpointError(
+                f"{found.path} holds {name} {saved.get(name)} but this run builds {shapes.get(name)} "
+                "(a changed model or objective knob); restore the knob, use another "
+                "train.run_dir, or set train.resume=never"
+            )
 
 
 class Checkpointer:
     """Saves and restores one run's training state (collective: every rank calls every method)."""
 
-    def __init__(self, run_dir: Path, engine, *, rank: int, world_size: int, keep_last: int, identity: dict,
-                 shapes: dict[str, list[int]] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        engine,
+        *,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        identity: dict,
+        shapes: dict[str, list[int]] | None = None,
+    ):
         self.root = Path(run_dir) / CKPT_DIR
         self.engine, self.rank, self.world_size = engine, rank, world_size
         self.keep_last, self.identity, self.shapes = max(1, keep_last), identity, shapes
@@ -189,32 +213,39 @@ class Checkpointer:
             if self.rank == 0:
                 self.root.mkdir(parents=True, exist_ok=True)
                 if tmp.exists():
-                    shutil.rmtree(tmp)                  # debris of a save that crashed
+                    shutil.rmtree(tmp)  # debris of a save that crashed
             _barrier()
-            self.engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False,
-                                        exclude_frozen_parameters=True)
+            self.engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False, exclude_frozen_parameters=True)
             torch.save({"loader": loader_state, "rng": rng_state()}, tmp / f"rank_{self.rank:05d}.pt")
             if self.rank == 0:
-                torch.save({"trainer": trainer, "objective": objective_state, "buffers": _buffers(self.engine.module)},
-                           tmp / "trainer.pt")
+                torch.save(
+                    {"trainer": trainer, "objective": objective_state, "buffers": _buffers(self.engine.module)},
+                    tmp / "trainer.pt",
+                )
             if extra is not None:
                 extra(tmp)
             _barrier()
             if self.rank == 0:
-                meta = {"format": FORMAT, "step": step, "world_size": self.world_size,
-                        "zero_stage": self.engine.zero_optimization_stage(), "identity": self.identity,
-                        **({"shapes": self.shapes} if self.shapes is not None else {}),
-                        "saved_at": time.time(), "files": _files(tmp)}
+                meta = {
+                    "format": FORMAT,
+                    "step": step,
+                    "world_size": self.world_size,
+                    "zero_stage": self.engine.zero_optimization_stage(),
+                    "identity": self.identity,
+                    **({"shapes": self.shapes} if self.shapes is not None else {}),
+                    "saved_at": time.time(),
+                    "files": _files(tmp),
+                }
                 _fsync_write(tmp / "meta.json", json.dumps(meta, indent=1))
-                if final.exists():                      # an older, unusable copy of this step: set it aside
+                if final.exists():  # an older, unusable copy of this step: set it aside
                     final.rename(self.root / f"{tag}.replaced-{int(time.time())}")
                 tmp.rename(final)
-        except Exception as e:  # noqa: BLE001 - disk full, read-only or vanished run dir, in any writer
+        except Exception as e:
             raise self._save_failed(step, tmp, e) from None
         if self.rank == 0:
             try:
                 _fsync_write(self.root / LATEST, tag)
-            except OSError as e:                        # the new checkpoint is complete; find() still sees it
+            except OSError as e:  # the new checkpoint is complete; find() still sees it
                 log.warning("saved %s but could not update %s (%s)", final, self.root / LATEST, e.strerror)
             self._prune(keep=final)
             log.info("saved checkpoint step=%d to %s (%.1f s)", step, final, time.time() - t0)
@@ -233,20 +264,26 @@ class Checkpointer:
         try:
             free = shutil.disk_usage(self.root).free / 2**20
             need = sum(f.stat().st_size for f in last.rglob("*") if f.is_file()) / 2**20 if last else 0.0
-            where = f"{free:.1f} MiB free" + (f": the file system is full, a checkpoint takes {need:.1f} MiB"
-                                              if free < need else "")
+            where = f"{free:.1f} MiB free" + (
+                f": the file system is full, a checkpoint takes {need:.1f} MiB" if free < need else ""
+            )
         except OSError:
             where = "free space unknown"
         if not os.access(self.root, os.W_OK):
             where = "not writable"
-        kept = (f"the previous checkpoint {previous} is intact; the run resumes from it once the run dir is "
-                "writable and has room" if previous else "no earlier checkpoint exists")
-        return CheckpointError(f"cannot save checkpoint step={step} in {self.root} ({where}; {type(e).__name__}: "
-                               f"{why[:200]}); {kept}")
+        kept = (
+            f"the previous checkpoint {previous} is intact; the run resumes from it once the run dir is "
+            "writable and has room"
+            if previous
+            else "no earlier checkpoint exists"
+        )
+        return CheckpointError(
+            f"cannot save checkpoint step={step} in {self.root} ({where}; {type(e).__name__}: {why[:200]}); {kept}"
+        )
 
     def _prune(self, keep: Path) -> None:
         tags = sorted((p for p in self.root.iterdir() if p.is_dir() and _TAG.match(p.name)), reverse=True)
-        for old in tags[self.keep_last:]:
+        for old in tags[self.keep_last :]:
             if old != keep:
                 shutil.rmtree(old, ignore_errors=True)
                 universal = self.root / "universal" / old.name
@@ -259,9 +296,14 @@ class Checkpointer:
         when the world size differs: it cannot be mapped exactly) and ``epoch`` (the data epoch in progress)."""
         load_dir = self.root / "universal" if universal else self.root
         try:
-            path, _ = self.engine.load_checkpoint(str(load_dir), tag=found.tag, load_module_strict=False,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
-        except Exception as e:  # noqa: BLE001 - DeepSpeed raises many kinds on a damaged file
+            path, _ = self.engine.load_checkpoint(
+                str(load_dir),
+                tag=found.tag,
+                load_module_strict=False,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        except Exception as e:
             first = (str(e).splitlines() or [""])[0][:200]
             raise CheckpointError(f"{found.path}: DeepSpeed could not load it ({type(e).__name__}: {first})") from None
         if path is None:
@@ -273,8 +315,12 @@ class Checkpointer:
         mine = torch.load(found.path / f"rank_{self.rank if same else 0:05d}.pt", map_location="cpu", weights_only=True)
         if same:
             set_rng_state(mine["rng"])
-        return {"trainer": own["trainer"], "objective": own["objective"], "loader": mine["loader"] if same else None,
-                "epoch": int(mine["loader"].get("epoch", 0))}
+        return {
+            "trainer": own["trainer"],
+            "objective": own["objective"],
+            "loader": mine["loader"] if same else None,
+            "epoch": int(mine["loader"].get("epoch", 0)),
+        }
 
 
 def check_reshard(found: Found, world_size: int) -> None:
@@ -282,10 +328,12 @@ def check_reshard(found: Found, world_size: int) -> None:
     always; another one through a universal conversion, which DeepSpeed supports for ZeRO stages 1-3 only."""
     saved = found.meta["world_size"]
     if saved != world_size and found.meta.get("zero_stage", 0) == 0:
-        raise CheckpointError(f"{found.path} is a ZeRO-0 checkpoint of {saved} ranks and cannot be loaded on "
-                              f"{world_size} (DeepSpeed's universal checkpoint has no ZeRO-0 support, deepspeed#7200): "
-                              f"resume it on {saved} ranks, or start runs that will change size with "
-                              "train.zero_stage >= 1")
+        raise CheckpointError(
+            f"{found.path} is a ZeRO-0 checkpoint of {saved} ranks and cannot be loaded on "
+            f"{world_size} (DeepSpeed's universal checkpoint has no ZeRO-0 support, deepspeed#7200): "
+            f"resume it on {saved} ranks, or start runs that will change size with "
+            "train.zero_stage >= 1"
+        )
 
 
 def _buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -304,8 +352,9 @@ def _load_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> No
     ZeRO-3, leaves buffers at their initial values (BatchNorm running statistics came back as zeros)."""
     own = _buffers(module)
     if own.keys() != saved.keys():
-        raise CheckpointError(f"the checkpoint's module buffers {sorted(saved)[:3]} do not match the model's "
-                              f"{sorted(own)[:3]}")
+        raise CheckpointError(
+            f"the checkpoint's module buffers {sorted(saved)[:3]} do not match the model's {sorted(own)[:3]}"
+        )
     for prefix, m in module.named_modules():
         for name, b in m._buffers.items():
             key = f"{prefix}.{name}" if prefix else name
@@ -328,17 +377,28 @@ def convert_to_universal(found: Found, rank: int) -> None:
         (tmp / "done").write_text(found.tag)
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
-        log.info("converted %s (world size %d) to a universal checkpoint in %.1f s", found.path,
-                 found.meta["world_size"], time.time() - t0)
+        log.info(
+            "converted %s (world size %d) to a universal checkpoint in %.1f s",
+            found.path,
+            found.meta["world_size"],
+            time.time() - t0,
+        )
     _barrier()
 
 
 def _universal_args(src: Path, dst: Path):
     import argparse
 
-    return argparse.Namespace(input_folder=str(src), output_folder=str(dst), num_extract_workers=1,
-                              num_merge_workers=1, keep_temp_folder=False, strict=True, no_strict=False,
-                              inject_missing_state=True)
+    return argparse.Namespace(
+        input_folder=str(src),
+        output_folder=str(dst),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        no_strict=False,
+        inject_missing_state=True,
+    )
 
 
 def export(run_dir: Path, out: Path, step: int | None = None) -> dict:
@@ -367,12 +427,21 @@ def export(run_dir: Path, out: Path, step: int | None = None) -> dict:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.tmp")
         ident = meta["identity"]
-        save_file(tensors, str(tmp), metadata={"format": "pt", "arch": str(ident["arch"]),
-                                               "img_size": str(ident["img_size"]),
-                                               "patch_size": str(ident["patch_size"]), "step": str(meta["step"])})
+        save_file(
+            tensors,
+            str(tmp),
+            metadata={
+                "format": "pt",
+                "arch": str(ident["arch"]),
+                "img_size": str(ident["img_size"]),
+                "patch_size": str(ident["patch_size"]),
+                "step": str(meta["step"]),
+            },
+        )
         os.replace(tmp, out)
         return {"checkpoint": str(path), "step": meta["step"], "tensors": len(tensors), **ident}
     if step is not None and not paths[0].exists():
         raise CheckpointError(f"{paths[0]} does not exist")
-    raise CheckpointError(f"no usable checkpoint to export in {run_dir / CKPT_DIR}"
-                          + (f" ({problems[0]})" if problems else ""))
+    raise CheckpointError(
+        f"no usable checkpoint to export in {run_dir / CKPT_DIR}" + (f" ({problems[0]})" if problems else "")
+    )

@@ -2,6 +2,7 @@
 
 User errors (:class:`mimscale.errors.MimscaleError`) print one line and exit 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimscale", description="Masked-image-modeling pre-training of ViTs at scale.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    pt = sub.add_parser("pretrain", help="pre-train a ViT", description=PRETRAIN_HELP,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pt = sub.add_parser(
+        "pretrain",
+        help="pre-train a ViT",
+        description=PRETRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     pt.add_argument("config", nargs="?", default=None, help="recipe name (see mimscale/configs) or YAML path")
     pt.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     pt.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -47,9 +52,14 @@ def _parser() -> argparse.ArgumentParser:
     fo.add_argument("--shard-size", type=int, default=1000)
     fo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     fo.add_argument("--prefix", default="train")
-    fo.add_argument("--max-side", type=int, default=None, metavar="N",
-                    help="shrink images whose longer side exceeds N px and store them as JPEG (e.g. 320 for 224 px "
-                         "crops: cheaper decoding in training; recorded in the manifest)")
+    fo.add_argument(
+        "--max-side",
+        type=int,
+        default=None,
+        metavar="N",
+        help="shrink images whose longer side exceeds N px and store them as JPEG (e.g. 320 for 224 px "
+        "crops: cheaper decoding in training; recorded in the manifest)",
+    )
     fo.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of shrunk images (default: 90)")
     from .teachers.targets import add_parser as add_targets_parser
 
@@ -61,8 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-_PLUGGED = ("mimscale.report.cli", "mimscale.bench.cli", "mimscale.preflight", "mimscale.eval.cli",
-            "mimscale.teachers.cli")
+_PLUGGED = (
+    "mimscale.report.cli",
+    "mimscale.bench.cli",
+    "mimscale.preflight",
+    "mimscale.eval.cli",
+    "mimscale.teachers.cli",
+)
 
 
 def _cmd_pretrain(args) -> int:
@@ -76,12 +91,11 @@ def _cmd_pretrain(args) -> int:
 
         print(yaml.safe_dump(C.to_dict(cfg), sort_keys=False), end="")
         return 0
+    from .dist import detect
     from .pretrain import pretrain
 
-    from .dist import detect
-
     summary = pretrain(cfg)
-    if "exit_code" in summary:      # saved on SIGUSR1/SIGTERM: the launcher (slurm/pretrain.sh) requeues
+    if "exit_code" in summary:  # saved on SIGUSR1/SIGTERM: the launcher (slurm/pretrain.sh) requeues
         return summary["exit_code"]
     init, final = summary.get("knn_top1_init"), summary.get("knn_top1_final")
     if final is not None and detect().is_main:
@@ -108,17 +122,23 @@ def _cmd_export(args) -> int:
     from .models.vit import ARCHS, timm_model_name
 
     got = export(args.run_dir, args.out, args.step)
-    print(f"wrote {args.out}: {got['tensors']} tensors of {got['arch']} (img {got['img_size']}, patch "
-          f"{got['patch_size']}) from {got['checkpoint']}")
+    print(
+        f"wrote {args.out}: {got['tensors']} tensors of {got['arch']} (img {got['img_size']}, patch "
+        f"{got['patch_size']}) from {got['checkpoint']}"
+    )
     relative = got.get("pos_embed") == "relative"
-    if relative and got["arch"] in ("vit_base", "vit_large"):      # BEiT layout (per-block relative bias tables)
+    if relative and got["arch"] in ("vit_base", "vit_large"):  # BEiT layout (per-block relative bias tables)
         name = timm_model_name(got["arch"], got["patch_size"], got["img_size"], pos_embed="relative")
-        print(f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
-              f"num_classes=0, global_pool='token', pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))")
+        print(
+            f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
+            f"num_classes=0, global_pool='token', pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))"
+        )
     elif not relative and got["arch"] in ARCHS and got["arch"] != "vit_micro":
         name = timm_model_name(got["arch"], got["patch_size"], got["img_size"])
-        print(f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
-              f"num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))")
+        print(
+            f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
+            f"num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))"
+        )
     return 0
 
 
@@ -127,12 +147,19 @@ def _cmd_data(args) -> int:
 
     if args.data_cmd == "add-targets":
         return args.run(args)
-    out: object                         # a Path, or {split: Path} for fashion-mnist
+    out: object  # a Path, or {split: Path} for fashion-mnist
     if args.data_cmd == "fashion-mnist":
         out = shards.write_fashion_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
     else:
-        out = shards.write_folder(args.src, args.out, shard_size=args.shard_size, workers=args.workers,
-                                  prefix=args.prefix, max_side=args.max_side, quality=args.quality)
+        out = shards.write_folder(
+            args.src,
+            args.out,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            prefix=args.prefix,
+            max_side=args.max_side,
+            quality=args.quality,
+        )
     print(out)
     return 0
 
@@ -144,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        builtin = {"pretrain": _cmd_pretrain, "objectives": _cmd_objectives, "data": _cmd_data,
-                   "export": _cmd_export}
+        builtin = {"pretrain": _cmd_pretrain, "objectives": _cmd_objectives, "data": _cmd_data, "export": _cmd_export}
         return builtin[args.cmd](args) if args.cmd in builtin else args.run(args)
     except MimscaleError as e:
         print(f"mimscale: error: {e}", file=sys.stderr, flush=True)

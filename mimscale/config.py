@@ -4,6 +4,7 @@ Unknown keys, wrong types and impossible combinations raise :class:`ConfigError`
 that names the key (and the closest valid one). Values that follow from others (lr from blr, steps,
 warmup, gradient accumulation) are derived once in :func:`derive` and saved into the run directory.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,13 +37,13 @@ class ModelConfig:
     layer_scale_init: float | None = num(None, "> 0")
     pos_embed: Literal["sincos", "learned", "relative"] = "sincos"  # relative: BEiT shared rel-pos bias
     grad_checkpointing: bool = False
-    compile: bool = False                    # torch.compile every transformer block (encoder and decoder)
+    compile: bool = False  # torch.compile every transformer block (encoder and decoder)
 
 
 @dataclass
 class DataConfig:
-    train: str = "fashion-mnist:train"      # shard source, or a built-in name converted on first use
-    root: str = "~/.cache/mimscale/data"     # where built-in data sets are converted to shards
+    train: str = "fashion-mnist:train"  # shard source, or a built-in name converted on first use
+    root: str = "~/.cache/mimscale/data"  # where built-in data sets are converted to shards
     samples_per_epoch: int | None = num(None, ">= 1")  # default: the manifest's sample count
     num_workers: int = num(8, ">= 0")
     shuffle_buffer: int = num(5000, ">= 0")
@@ -56,15 +57,15 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    blr: float = num(1.5e-4, "> 0")          # base lr; lr = blr * batch_size / 256
-    lr: float | None = num(None, "> 0")      # absolute lr; overrides blr
+    blr: float = num(1.5e-4, "> 0")  # base lr; lr = blr * batch_size / 256
+    lr: float | None = num(None, "> 0")  # absolute lr; overrides blr
     min_lr: float = num(0.0, ">= 0")
     warmup_epochs: float = num(40.0, ">= 0")
     weight_decay: float = num(0.05, ">= 0")
     weight_decay_end: float | None = num(None, ">= 0")  # cosine wd schedule end value (None: constant)
     betas: tuple[float, float] = num((0.9, 0.95), "[0, 1)")
     eps: float = num(1e-8, "> 0")
-    clip_grad: float = num(0.0, ">= 0")      # 0: no clipping
+    clip_grad: float = num(0.0, ">= 0")  # 0: no clipping
     # auto: torch.optim.AdamW(fused=True) on CUDA, torch's foreach AdamW on CPU (nothing JIT-compiled);
     # fused / torch: those two anywhere; deepspeed: DeepSpeed's FusedAdam (JIT-built, needs nvcc + CUDA toolkit)
     impl: Literal["auto", "torch", "fused", "deepspeed"] = "auto"
@@ -73,21 +74,21 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: float = num(800.0, "> 0")
-    batch_size: int = num(4096, ">= 1")      # effective (global) batch per optimizer step
+    batch_size: int = num(4096, ">= 1")  # effective (global) batch per optimizer step
     micro_batch_size: int = num(64, ">= 1")  # per device per forward
     max_steps: int | None = num(None, ">= 1")  # stop early; the schedule still spans `epochs`
     max_minutes: float | None = num(None, "> 0")  # stop early after this much wall-clock
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
-    tf32: bool = True                        # CUDA: TF32 tensor cores for fp32 matmuls/convolutions
+    tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls/convolutions
     zero_stage: int = num(1, "[0, 3]")
-    offload: bool = False                    # ZeRO-Offload of optimizer state (stage 1-3) and params (stage 3)
-    ds_config: str | None = None             # a DeepSpeed knobs file instead of ds_configs/zero{stage}.json
+    offload: bool = False  # ZeRO-Offload of optimizer state (stage 1-3) and params (stage 3)
+    ds_config: str | None = None  # a DeepSpeed knobs file instead of ds_configs/zero{stage}.json
     seed: int = num(0, "[0, 4294967295]")  # numpy takes 32-bit seeds
     run_dir: str = "runs/{objective}_{arch}"
     log_every: int = num(10, ">= 1")
-    save_every: int = num(0, ">= 0")         # optimizer steps between checkpoints (0: only by time / at the end)
+    save_every: int = num(0, ">= 0")  # optimizer steps between checkpoints (0: only by time / at the end)
     save_every_minutes: float | None = num(30.0, "> 0")  # wall-clock minutes between checkpoints
-    keep_last: int = num(3, ">= 1")          # complete checkpoints kept (older ones are removed after a save)
+    keep_last: int = num(3, ">= 1")  # complete checkpoints kept (older ones are removed after a save)
     resume: Literal["auto", "never"] = "auto"  # auto: continue from RUN_DIR/checkpoints/latest when present
     nonfinite_patience: int = num(20, ">= 1")  # non-finite steps in a row before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "stop"  # rollback: reload the last checkpoint, lr x rollback_lr_scale
@@ -96,13 +97,13 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    knn_train: str | None = None             # labelled shard directory (or built-in name): the kNN bank
-    knn_test: str | None = None              # labelled shard directory (or built-in name): queries
+    knn_train: str | None = None  # labelled shard directory (or built-in name): the kNN bank
+    knn_test: str | None = None  # labelled shard directory (or built-in name): queries
     knn_train_samples: int | None = num(None, ">= 1")  # cap on the memory bank (whole shards are taken)
-    knn_test_samples: int | None = num(None, ">= 1")   # cap on the queries (whole shards are taken)
-    knn_every: int = num(0, ">= 0")          # steps between kNN evaluations (0: only at start/end)
+    knn_test_samples: int | None = num(None, ">= 1")  # cap on the queries (whole shards are taken)
+    knn_every: int = num(0, ">= 0")  # steps between kNN evaluations (0: only at start/end)
     knn_every_minutes: float | None = num(None, "> 0")  # or: minutes of training time (evaluation excluded)
-    knn_at_start: bool = True                # the random-init baseline
+    knn_at_start: bool = True  # the random-init baseline
     knn_k: int = num(20, ">= 1")
     knn_temperature: float = num(0.07, "> 0")
     pool: Literal["cls", "mean"] = "cls"
@@ -223,8 +224,11 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
                     if dataclasses.is_dataclass(hints[f.name]):
                         candidates.update({f"{f.name}.{n.name}": n.name for n in dataclasses.fields(hints[f.name])})
             exact = [full for full, short in candidates.items() if short == k]
-            close = exact or [full for full in candidates
-                              if candidates[full] in difflib.get_close_matches(str(k), list(candidates.values()), n=1)]
+            close = exact or [
+                full
+                for full in candidates
+                if candidates[full] in difflib.get_close_matches(str(k), list(candidates.values()), n=1)
+            ]
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config key '{key}'{hint}")
         kwargs[k] = _check_type(v, hints[k], key)
@@ -343,8 +347,10 @@ def validate(cfg: Config) -> None:
     if t.offload and t.zero_stage == 0:
         raise ConfigError("train.offload=true needs train.zero_stage >= 1")
     if m.compile and t.zero_stage == 3:
-        raise ConfigError("model.compile=true with train.zero_stage=3: ZeRO-3 gathers each block's parameters "
-                          "in module hooks that a compiled block bypasses; use zero_stage 0-2, or compile=false")
+        raise ConfigError(
+            "model.compile=true with train.zero_stage=3: ZeRO-3 gathers each block's parameters "
+            "in module hooks that a compiled block bypasses; use zero_stage 0-2, or compile=false"
+        )
     if t.batch_size < t.micro_batch_size:
         raise ConfigError(f"train.batch_size={t.batch_size} must be >= train.micro_batch_size={t.micro_batch_size}")
     if len(d.mean) != m.in_chans or len(d.std) != m.in_chans:

@@ -5,14 +5,14 @@ variables), plain ``RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT``, ``mpir
 process with no launcher. :func:`detect` turns any of them into a :class:`DistEnv`; :func:`export` writes
 the canonical variables back so that ``torch.distributed`` / DeepSpeed initialise through ``env://``.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from .errors import LaunchError
 
@@ -54,8 +54,9 @@ def _slurm_master(env: Mapping[str, str]) -> str:
     if not nodelist:
         return "127.0.0.1"
     try:  # the list form is a compressed range ("n[1-4]"); scontrol expands it
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             timeout=30, check=True).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -101,14 +102,24 @@ def detect(env: Mapping[str, str] | None = None) -> DistEnv:
     if kind in ("accelerate", "torchrun", "deepspeed", "env"):
         rank, world = _int(env, "RANK"), _int(env, "WORLD_SIZE") if "WORLD_SIZE" in env else 1
         local = _int(env, "LOCAL_RANK") if "LOCAL_RANK" in env else rank
-        local_world = (_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env
-                       else _int(env, "LOCAL_SIZE") if "LOCAL_SIZE" in env else world)
+        local_world = (
+            _int(env, "LOCAL_WORLD_SIZE")
+            if "LOCAL_WORLD_SIZE" in env
+            else _int(env, "LOCAL_SIZE")
+            if "LOCAL_SIZE" in env
+            else world
+        )
         addr = env.get("MASTER_ADDR", "127.0.0.1")
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 29500
     elif kind == "slurm":
         rank, world, local = _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), _int(env, "SLURM_LOCALID")
-        local_world = (_int(env, "SLURM_NTASKS_PER_NODE") if env.get("SLURM_NTASKS_PER_NODE", "").isdigit()
-                       else world // max(1, _int(env, "SLURM_NNODES")) if "SLURM_NNODES" in env else world)
+        local_world = (
+            _int(env, "SLURM_NTASKS_PER_NODE")
+            if env.get("SLURM_NTASKS_PER_NODE", "").isdigit()
+            else world // max(1, _int(env, "SLURM_NNODES"))
+            if "SLURM_NNODES" in env
+            else world
+        )
         addr = env.get("MASTER_ADDR") or _slurm_master(env)
         port = _int(env, "MASTER_PORT") if "MASTER_PORT" in env else 20000 + _int(env, "SLURM_JOB_ID") % 10000
     elif kind == "mpi":
@@ -138,9 +149,14 @@ def export(d: DistEnv) -> None:
     """
     if "DS_ACCELERATOR" not in os.environ and accelerator_name() == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
-    os.environ.update(RANK=str(d.rank), WORLD_SIZE=str(d.world_size), LOCAL_RANK=str(d.local_rank),
-                      LOCAL_WORLD_SIZE=str(d.local_world_size), MASTER_ADDR=d.master_addr,
-                      MASTER_PORT=str(d.master_port))
+    os.environ.update(
+        RANK=str(d.rank),
+        WORLD_SIZE=str(d.world_size),
+        LOCAL_RANK=str(d.local_rank),
+        LOCAL_WORLD_SIZE=str(d.local_world_size),
+        MASTER_ADDR=d.master_addr,
+        MASTER_PORT=str(d.master_port),
+    )
 
 
 def strip_launcher_args(argv: list[str]) -> list[str]:
@@ -189,8 +205,9 @@ NCCL_ENV_DEFAULTS: dict[str, str] = {
 }
 
 
-def nccl_env_defaults(env: MutableMapping[str, str] | None = None,
-                      cuda_available: bool | None = None) -> dict[str, str]:
+def nccl_env_defaults(
+    env: MutableMapping[str, str] | None = None, cuda_available: bool | None = None
+) -> dict[str, str]:
     """Set :data:`NCCL_ENV_DEFAULTS` in ``env`` (default ``os.environ``) where unset, on CUDA only.
 
     Returns what was set (``{}`` on CPU nodes, where the backend is gloo and NCCL is never loaded).

@@ -4,11 +4,13 @@ Project-wide convention: ``mask`` is ``bool [B, N]`` in raster order, True = mas
 encoder / to be predicted). All randomness comes from the ``torch.Generator`` the loader passes in,
 seeded from (seed, epoch, rank, worker, batch index), so a resumed run regenerates the same masks.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -27,14 +29,15 @@ def random_masks(batch: int, num_patches: int, mask_ratio: float, generator: tor
     """
     keep = num_visible(num_patches, mask_ratio)
     noise = torch.rand(batch, num_patches, generator=generator)
-    order = noise.argsort(dim=1)                  # [B, N]: first `keep` are visible
+    order = noise.argsort(dim=1)  # [B, N]: first `keep` are visible
     mask = torch.ones(batch, num_patches, dtype=torch.bool)
     mask.scatter_(1, order[:, :keep], False)
     return mask
 
 
-def partition_masks(batch: int, num_patches: int, num_parts: int, mask_ratio: float,
-                    generator: torch.Generator) -> torch.Tensor:
+def partition_masks(
+    batch: int, num_patches: int, num_parts: int, mask_ratio: float, generator: torch.Generator
+) -> torch.Tensor:
     """EMAE's K-way partition: per sample, ONE random permutation of the patches cut into ``num_parts`` (K)
     consecutive chunks of ``N_keep = floor(N(1-r))``; chunk k is the visible set of part k.
 
@@ -43,19 +46,28 @@ def partition_masks(batch: int, num_patches: int, num_parts: int, mask_ratio: fl
     """
     keep = num_visible(num_patches, mask_ratio)
     if num_parts < 1 or num_parts * keep > num_patches:
-        raise ValueError(f"cannot cut {num_patches} patches into num_parts={num_parts} disjoint visible sets of "
-                         f"{keep} (mask_ratio={mask_ratio})")
+        raise ValueError(
+            f"cannot cut {num_patches} patches into num_parts={num_parts} disjoint visible sets of "
+            f"{keep} (mask_ratio={mask_ratio})"
+        )
     noise = torch.rand(batch, num_patches, generator=generator)
-    order = noise.argsort(dim=1)                  # [B, N]: one permutation per sample
-    visible = order[:, :num_parts * keep].reshape(batch, num_parts, keep)   # [B, K, N_keep]
+    order = noise.argsort(dim=1)  # [B, N]: one permutation per sample
+    visible = order[:, : num_parts * keep].reshape(batch, num_parts, keep)  # [B, K, N_keep]
     mask = torch.ones(batch, num_parts, num_patches, dtype=torch.bool)
     mask.scatter_(2, visible, False)
     return mask
 
 
-def block_masks(batch: int, grid: tuple[int, int], num_masked: int, generator: torch.Generator,
-                min_block: int = 16, min_aspect: float = 0.3, max_attempts: int = 10,
-                exact: bool = True) -> torch.Tensor:
+def block_masks(
+    batch: int,
+    grid: tuple[int, int],
+    num_masked: int,
+    generator: torch.Generator,
+    min_block: int = 16,
+    min_aspect: float = 0.3,
+    max_attempts: int = 10,
+    exact: bool = True,
+) -> torch.Tensor:
     """BEiT blockwise masking (DTM's, with ``exact``; ConMIM's "block" mask, without): ``bool [B, H*W]``.
 
     Per sample, while fewer than ``num_masked`` patches are masked, place a rectangle: up to
@@ -87,9 +99,9 @@ def block_masks(batch: int, grid: tuple[int, int], num_masked: int, generator: t
                 if not (0 < h < gh and 0 < w < gw):
                     continue
                 top, left = int(u[2] * (gh - h + 1)), int(u[3] * (gw - w + 1))
-                new = h * w - int(m[top:top + h, left:left + w].sum())
+                new = h * w - int(m[top : top + h, left : left + w].sum())
                 if 0 < new <= remaining:
-                    m[top:top + h, left:left + w] = True
+                    m[top : top + h, left : left + w] = True
                     added = new
                     break
             if added == 0:
@@ -98,7 +110,7 @@ def block_masks(batch: int, grid: tuple[int, int], num_masked: int, generator: t
         flat = m.flatten()
         pool = (~flat if count < num_masked else flat).nonzero().flatten()
         if exact and count != num_masked:
-            pick = pool[torch.randperm(pool.numel(), generator=generator)[:abs(num_masked - count)]]
+            pick = pool[torch.randperm(pool.numel(), generator=generator)[: abs(num_masked - count)]]
             flat[pick] = count < num_masked
         out[b] = flat
     return out
@@ -117,7 +129,7 @@ def visible_indices(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:
-    """"random_mps" masking: hide ``ceil(U * r)`` of the ``U = (grid / unit)^2`` aligned ``unit x unit``-patch
+    """ "random_mps" masking: hide ``ceil(U * r)`` of the ``U = (grid / unit)^2`` aligned ``unit x unit``-patch
     squares, uniformly per sample -> ``bool [B, grid^2]`` (raster order, True = masked) with exactly
     ``unit^2 * ceil(U * r)`` True per row (ViT-B/16, 32-px units: 4 * 37 = 148 of 196)."""
     if grid % unit:
@@ -178,8 +190,11 @@ class MaskSpec:
             return {"parts": partition_masks(batch, n, self.num_parts, self.mask_ratio, generator)}
         if self.kind == "block":
             g = _side(n)
-            return {"mask": block_masks(batch, (g, g), self.num_masked, generator, min_block=self.min_block,
-                                        exact=self.exact)}
+            return {
+                "mask": block_masks(
+                    batch, (g, g), self.num_masked, generator, min_block=self.min_block, exact=self.exact
+                )
+            }
         if self.kind == "units":
             return {"mask": unit_masks(batch, _side(n), self.unit, self.mask_ratio, generator)}
         if self.kind == "crops":
@@ -191,7 +206,7 @@ class MaskSpec:
 
 
 def _side(num_patches: int) -> int:
-    g = int(round(num_patches ** 0.5))
+    g = int(round(num_patches**0.5))
     if g * g != num_patches:
         raise ValueError(f"{num_patches} patches are not a square grid")
     return g
@@ -200,8 +215,8 @@ def _side(num_patches: int) -> int:
 def permutation_ranks(batch: int, num_patches: int, generator: torch.Generator) -> torch.Tensor:
     """Per-sample random factorisation orders: ``int16 [B, N]``, ``rank[b, i]`` in 1..N is the position of
     patch ``i`` (raster index) in sample ``b``'s order (the cls token implicitly has rank 0)."""
-    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)   # [B, N]: rank-1 -> patch
-    return (order.argsort(dim=1) + 1).to(torch.int16)                           # [B, N]: patch -> rank
+    order = torch.rand(batch, num_patches, generator=generator).argsort(dim=1)  # [B, N]: rank-1 -> patch
+    return (order.argsort(dim=1) + 1).to(torch.int16)  # [B, N]: patch -> rank
 
 
 class MaskCollate:

@@ -17,6 +17,7 @@ check the launch runs before its first step, in the launch's order and in the la
    objective's cached targets/codes are in the shards' manifest with the crop rule and image size it trains on;
 7. the kNN evaluator's shard manifests (``pretrain.build_knn``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,16 +38,18 @@ def check(recipe: str | None, overrides: list[str], world_size: int = 1) -> str:
     keys = [o.split("=", 1)[0] for o in overrides]
     twice = sorted({k for k in keys if keys.count(k) > 1})
     if twice:
-        raise ConfigError(f"{twice[0]} is given {keys.count(twice[0])} times (a brace pattern your shell expanded? "
-                          f"quote it: '{twice[0]}=/data/train-{{000000..000099}}.tar')")
+        raise ConfigError(
+            f"{twice[0]} is given {keys.count(twice[0])} times (a brace pattern your shell expanded? "
+            f"quote it: '{twice[0]}=/data/train-{{000000..000099}}.tar')"
+        )
     cfg = C.load(recipe, overrides)
 
     from . import checkpoint as ckpt
     from .data import builtin
+    from .data.epoch import count_samples
     from .data.loader import expand_source
     from .dist import DistEnv, accelerator_name
     from .engine import deepspeed as ds
-    from .data.epoch import count_samples
     from .engine.resume import identity
     from .pretrain import PretrainTask, build_knn
 
@@ -55,8 +58,10 @@ def check(recipe: str | None, overrides: list[str], world_size: int = 1) -> str:
     local = [u for u in urls if not u.startswith("pipe:")]
     missing = [u for u in local if not Path(u).is_file()]
     if not urls or missing:
-        raise DataError(f"data.train='{cfg.data.train}': {len(missing)} of {len(urls)} shards are missing"
-                        + (f", e.g. {missing[0]}" if missing else ""))
+        raise DataError(
+            f"data.train='{cfg.data.train}': {len(missing)} of {len(urls)} shards are missing"
+            + (f", e.g. {missing[0]}" if missing else "")
+        )
     derived = C.derive(cfg, world_size, count_samples(train, cfg.data.samples_per_epoch))
     found = ckpt.find(Path(derived.run_dir), identity(cfg)) if cfg.train.resume == "auto" else None
     if found is not None:
@@ -64,15 +69,24 @@ def check(recipe: str | None, overrides: list[str], world_size: int = 1) -> str:
     objective = _build_meta(cfg)
     accelerator = accelerator_name()
     ds.ds_config(cfg, derived, accelerator)
-    rank0 = DistEnv(rank=0, world_size=world_size, local_rank=0, local_world_size=1, master_addr="127.0.0.1",
-                    master_port=0, launcher="none")
+    rank0 = DistEnv(
+        rank=0,
+        world_size=world_size,
+        local_rank=0,
+        local_world_size=1,
+        master_addr="127.0.0.1",
+        master_port=0,
+        launcher="none",
+    )
     PretrainTask(cfg).loader(objective, derived, rank0, accelerator)
     build_knn(cfg, rank0)
     resume = f", resumes from {found.tag}" if found is not None else ""
-    return (f"config OK: {cfg.objective['name']} {cfg.model.arch}, world size {world_size}, "
-            f"batch {cfg.train.batch_size} = {cfg.train.micro_batch_size} x {world_size} x {derived.grad_accum} "
-            f"(accumulation), {derived.total_steps} steps, ZeRO-{cfg.train.zero_stage}, run_dir {derived.run_dir}"
-            f"{resume}")
+    return (
+        f"config OK: {cfg.objective['name']} {cfg.model.arch}, world size {world_size}, "
+        f"batch {cfg.train.batch_size} = {cfg.train.micro_batch_size} x {world_size} x {derived.grad_accum} "
+        f"(accumulation), {derived.total_steps} steps, ZeRO-{cfg.train.zero_stage}, run_dir {derived.run_dir}"
+        f"{resume}"
+    )
 
 
 def _build_meta(cfg: C.Config):
@@ -82,20 +96,26 @@ def _build_meta(cfg: C.Config):
     from .engine.build import build_model
 
     try:
-        with warnings.catch_warnings():                   # a teacher file loads into meta tensors: a no-op
+        with warnings.catch_warnings():  # a teacher file loads into meta tensors: a no-op
             warnings.filterwarnings("ignore", message=".*to a meta parameter in the current model.*")
             return build_model(cfg, "meta")
     except MimscaleError:
         raise
     except (NotImplementedError, RuntimeError) as e:
-        log.info("objective %s does not build on the meta device (%s); building it on the CPU",
-                 cfg.objective["name"], str(e).splitlines()[0][:120])
+        log.info(
+            "objective %s does not build on the meta device (%s); building it on the CPU",
+            cfg.objective["name"],
+            str(e).splitlines()[0][:120],
+        )
     return build_model(cfg, "cpu")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("check-config", help="validate a recipe + overrides (and data) before launching a run",
-                       description=__doc__.split("\n\n")[0])
+    p = sub.add_parser(
+        "check-config",
+        help="validate a recipe + overrides (and data) before launching a run",
+        description=__doc__.split("\n\n")[0],
+    )
     p.add_argument("config", nargs="?", default=None, help="recipe name (see mimscale/configs) or YAML path")
     p.add_argument("overrides", nargs="*", help="key=value overrides (dotted keys)")
     p.add_argument("--world-size", type=int, default=1, help="number of ranks the run will have (default 1)")

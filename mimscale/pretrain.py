@@ -3,6 +3,7 @@ the kNN evaluation on labelled shards, the encoder exported as ``encoder.safeten
 
 ``pretrain(cfg)`` is what ``mimscale pretrain`` and every launcher (``python -m mimscale.train``) run.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -47,19 +48,35 @@ class PretrainTask:
         return build_model(self.cfg)
 
     def param_groups(self, module: nn.Module) -> list[dict] | None:
-        return None                                    # the objective's decay / no-decay groups
+        return None  # the objective's decay / no-decay groups
 
     def loader(self, module: nn.Module, derived: C.Derived, d: dist.DistEnv, accelerator: str) -> ShardLoader:
         cfg, m, t = self.cfg, self.cfg.model, self.cfg.train
-        objective = cast(Objective, module)              # what build() made
+        objective = cast(Objective, module)  # what build() made
         return ShardLoader(
-            self.train_src, batch_size=t.micro_batch_size, rank=d.rank, world_size=d.world_size,
+            self.train_src,
+            batch_size=t.micro_batch_size,
+            rank=d.rank,
+            world_size=d.world_size,
             transform=objective.train_transform(
-                TrainTransform(m.img_size, scale=cfg.data.crop_scale, hflip=cfg.data.hflip,
-                               mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)),
-            collate=MaskCollate(objective.mask_spec()), num_workers=cfg.data.num_workers, seed=t.seed,
-            shuffle_buffer=cfg.data.shuffle_buffer, samples_per_epoch=derived.samples_per_epoch,
-            pin_memory=accelerator == "cuda", targets=objective.cached_targets(), decode=cfg.data.decode)
+                TrainTransform(
+                    m.img_size,
+                    scale=cfg.data.crop_scale,
+                    hflip=cfg.data.hflip,
+                    mean=cfg.data.mean,
+                    std=cfg.data.std,
+                    in_chans=m.in_chans,
+                )
+            ),
+            collate=MaskCollate(objective.mask_spec()),
+            num_workers=cfg.data.num_workers,
+            seed=t.seed,
+            shuffle_buffer=cfg.data.shuffle_buffer,
+            samples_per_epoch=derived.samples_per_epoch,
+            pin_memory=accelerator == "cuda",
+            targets=objective.cached_targets(),
+            decode=cfg.data.decode,
+        )
 
     def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation | None:
         knn = build_knn(self.cfg, d)
@@ -70,8 +87,14 @@ class PretrainTask:
         def run(module: nn.Module, device: torch.device) -> dict[str, float]:
             return knn(module.encoder, device)
 
-        return Evaluation(run, key="eval/knn_top1", summary_prefix="knn_top1", every_steps=e.knn_every,
-                          every_minutes=e.knn_every_minutes, at_start=e.knn_at_start)
+        return Evaluation(
+            run,
+            key="eval/knn_top1",
+            summary_prefix="knn_top1",
+            every_steps=e.knn_every,
+            every_minutes=e.knn_every_minutes,
+            at_start=e.knn_at_start,
+        )
 
     def summary(self) -> dict[str, Any]:
         return {"objective": self.cfg.objective["name"], "arch": self.cfg.model.arch}
@@ -85,15 +108,26 @@ def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
     e = cfg.eval
     if not e.knn_train:
         return None
-    tf = EvalTransform(e.img_size or cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std,
-                       in_chans=cfg.model.in_chans)
+    tf = EvalTransform(
+        e.img_size or cfg.model.img_size, mean=cfg.data.mean, std=cfg.data.std, in_chans=cfg.model.in_chans
+    )
     loaders = []
     for src, cap in ((e.knn_train, e.knn_train_samples), (e.knn_test, e.knn_test_samples)):
-        assert src is not None                           # config: knn_train and knn_test are set together
+        assert src is not None  # config: knn_train and knn_test are set together
         src = builtin.resolve(src, cfg.data.root)
-        loaders.append(ShardLoader(first_shards(src, cap), manifest=src, batch_size=e.batch_size, transform=tf,
-                                   rank=d.rank, world_size=d.world_size, num_workers=e.num_workers,
-                                   mode="eval", shuffle=False))
+        loaders.append(
+            ShardLoader(
+                first_shards(src, cap),
+                manifest=src,
+                batch_size=e.batch_size,
+                transform=tf,
+                rank=d.rank,
+                world_size=d.world_size,
+                num_workers=e.num_workers,
+                mode="eval",
+                shuffle=False,
+            )
+        )
     return KNNEvaluator(loaders[0], loaders[1], k=e.knn_k, temperature=e.knn_temperature, pool=e.pool)
 
 

@@ -4,6 +4,7 @@
 objective's knobs) with :func:`check_ranges`; a value outside gives one line naming the key, the value and
 the range. A leaf module (imports nothing of mimscale but errors), so objectives can use it without a cycle.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,8 +45,9 @@ class Range:
         m = _INTERVAL.match(text)
         if not m:
             raise ValueError(f"not a range: {text!r} (use '>= 0', '> 0', '[0, 1)', 'any', ...)")
-        return cls(text, lo=float(m.group(2)), hi=float(m.group(3)), lo_open=m.group(1) == "(",
-                   hi_open=m.group(4) == ")")
+        return cls(
+            text, lo=float(m.group(2)), hi=float(m.group(3)), lo_open=m.group(1) == "(", hi_open=m.group(4) == ")"
+        )
 
     def __contains__(self, v: float) -> bool:
         if not math.isfinite(v):

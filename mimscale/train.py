@@ -3,6 +3,7 @@
 This is the module launchers start: ``deepspeed --module mimscale.train``, ``torchrun -m mimscale.train``,
 ``accelerate launch -m mimscale.train``, ``srun python -m mimscale.train``.
 """
+
 import sys
 
 from .cli import main

@@ -1,4 +1,5 @@
 """Shared fixtures: small real Fashion-MNIST shards."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,8 +31,6 @@ def tiny_clip(fmnist_small, tmp_path_factory) -> Path:
     return out
 
 
-
-
 # ----------------------------------------------------------------------------- tiers
 # unit: in-process, seconds.  multirank: launches several real ranks (torchrun / deepspeed / accelerate).
 # system: real outside parts (the SLURM daemons, headless Chromium, the README demo).  `slow` stays as
@@ -53,8 +52,9 @@ def pytest_collection_modifyitems(config, items):
         system = "/tests/slurm/" in path or path.endswith("test_demo.py") or "chromium" in src.lower()
         if system:
             item.add_marker(pytest.mark.system)
-        if any(m in src for m in _MULTIRANK) or (path.endswith("test_launch_zero.py")
-                                                  and "runs" in getattr(item, "fixturenames", ())):
+        if any(m in src for m in _MULTIRANK) or (
+            path.endswith("test_launch_zero.py") and "runs" in getattr(item, "fixturenames", ())
+        ):
             item.add_marker(pytest.mark.multirank)
         if not system and not item.get_closest_marker("slow") and not item.get_closest_marker("multirank"):
             item.add_marker(pytest.mark.unit)

@@ -13,6 +13,7 @@ message) of
 Cases are run in the given order; those that reach DeepSpeed's engine (world size 1 only: a collective with
 absent ranks would wait) should come last, since the process group stays initialised afterwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,22 +33,35 @@ def _error(fn) -> dict | None:
     return None
 
 
-def main(cases_path: str, out_path: str) -> None:
+def _launch(recipe, overrides) -> None:
     from mimscale import config as C
     from mimscale.pretrain import pretrain
+
+    pretrain(C.load(recipe, overrides))
+
+
+def main(cases_path: str, out_path: str) -> None:
     from mimscale.preflight import check
 
     results = {}
     for case in json.loads(Path(cases_path).read_text()):
         env = dict(os.environ)
         world = case["world_size"]
-        if world > 1:      # rank 0 of a `torchrun`-style launch: the schedule is derived for this world size
-            os.environ.update(RANK="0", WORLD_SIZE=str(world), LOCAL_RANK="0", LOCAL_WORLD_SIZE=str(world),
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT="29999")
+        if world > 1:  # rank 0 of a `torchrun`-style launch: the schedule is derived for this world size
+            os.environ.update(
+                RANK="0",
+                WORLD_SIZE=str(world),
+                LOCAL_RANK="0",
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT="29999",
+            )
         try:
             recipe, over = case["recipe"], case["overrides"]
-            results[case["id"]] = {"check": _error(partial(check, recipe, over, world)),
-                                   "launch": _error(lambda: pretrain(C.load(recipe, over)))}  # noqa: B023 (called now)
+            results[case["id"]] = {
+                "check": _error(partial(check, recipe, over, world)),
+                "launch": _error(partial(_launch, recipe, over)),
+            }
         finally:
             os.environ.clear()
             os.environ.update(env)

@@ -16,6 +16,7 @@ FULL fp32 master value and Adam ``exp_avg``/``exp_avg_sq`` (DeepSpeed's ``safe_g
 ZeRO-3, so every rank walks the same parameters), the module's buffers, the objective's outside-DeepSpeed state
 (``checkpoint_state``: EMA teacher, adversarial delta and its optimizer) and the optimizer step count.
 """
+
 from __future__ import annotations
 
 import copy
@@ -42,9 +43,9 @@ def dump(engine, objective, step: int, extra: dict | None = None) -> dict:
         opt._lazy_init_hp_params_optimizer_state()
 
     def full(name, p, key: str | None) -> torch.Tensor | None:
-        mapping = getattr(p, "_hp_mapping", None)        # ZeRO-1/2: this rank's fragment of the parameter
+        mapping = getattr(p, "_hp_mapping", None)  # ZeRO-1/2: this rank's fragment of the parameter
         ok = torch.tensor([1.0 if key is None or mapping is None or key in (mapping.optim_fragment or {}) else 0.0])
-        tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)      # every rank takes the same branch (collectives below)
+        tdist.all_reduce(ok, op=tdist.ReduceOp.MIN)  # every rank takes the same branch (collectives below)
         if not ok.item():
             print(f"rank {tdist.get_rank()}: {name} has no {key}", flush=True)
             return None
@@ -56,8 +57,13 @@ def dump(engine, objective, step: int, extra: dict | None = None) -> dict:
         if p.requires_grad:
             params[name] = {k: full(name, p, None if k == "fp32" else k) for k in ("fp32", "exp_avg", "exp_avg_sq")}
     buffers = {k: v.detach().float().cpu().clone() for k, v in engine.module.named_buffers()}
-    return {"params": params, "buffers": buffers, "objective": copy.deepcopy(objective.checkpoint_state()),
-            "step": step, **(extra or {})}
+    return {
+        "params": params,
+        "buffers": buffers,
+        "objective": copy.deepcopy(objective.checkpoint_state()),
+        "step": step,
+        **(extra or {}),
+    }
 
 
 def train_steps(engine, objective, loader, cfg, derived, d, start: int, stop: int) -> list[float]:
@@ -71,10 +77,18 @@ def train_steps(engine, objective, loader, cfg, derived, d, start: int, stop: in
     for step in range(start, stop):
         lr = warmup_cosine(step, derived.total_steps, derived.warmup_steps, derived.lr, cfg.optim.min_lr)
         ds.set_hparams(engine, lr, cfg.optim.weight_decay)
-        ctx = StepContext(step=step, total_steps=derived.total_steps, epoch=step / derived.steps_per_epoch, lr=lr,
-                          lr_factor=lr / derived.lr, rank=d.rank, world_size=d.world_size,
-                          grad_accum=derived.grad_accum, master_params=partial(ds.master_params, engine),
-                          all_reduce_mean=ds.all_reduce_mean)
+        ctx = StepContext(
+            step=step,
+            total_steps=derived.total_steps,
+            epoch=step / derived.steps_per_epoch,
+            lr=lr,
+            lr_factor=lr / derived.lr,
+            rank=d.rank,
+            world_size=d.world_size,
+            grad_accum=derived.grad_accum,
+            master_params=partial(ds.master_params, engine),
+            all_reduce_mean=ds.all_reduce_mean,
+        )
         engine.module.before_step(ctx)
         total = 0.0
         for _ in range(derived.grad_accum):
@@ -93,8 +107,8 @@ def main(mode: str, cases_path: str, out_dir: str) -> None:
     from mimscale import config as C
     from mimscale import dist
     from mimscale.data import builtin
-    from mimscale.engine import deepspeed as ds
     from mimscale.data.epoch import count_samples
+    from mimscale.engine import deepspeed as ds
     from mimscale.engine import resume as rs
     from mimscale.engine.build import build_model
     from mimscale.pretrain import PretrainTask
@@ -114,12 +128,13 @@ def main(mode: str, cases_path: str, out_dir: str) -> None:
             universal = found.meta["world_size"] != d.world_size
             if universal:
                 ckpt.convert_to_universal(found, d.rank)
-        torch.manual_seed(cfg.train.seed)              # identical init on every rank, as the Trainer does
+        torch.manual_seed(cfg.train.seed)  # identical init on every rank, as the Trainer does
         objective = build_model(cfg)
         engine = ds.initialize(objective, cfg, derived, accelerator, load_universal=universal)
         loader = PretrainTask(cfg).loader(objective, derived, d, accelerator)
-        saver = ckpt.Checkpointer(run_dir, engine, rank=d.rank, world_size=d.world_size, keep_last=3,
-                                  identity=rs.identity(cfg))
+        saver = ckpt.Checkpointer(
+            run_dir, engine, rank=d.rank, world_size=d.world_size, keep_last=3, identity=rs.identity(cfg)
+        )
         if mode == "save":
             losses = train_steps(engine, objective, loader, cfg, derived, d, 0, k)
             saver.save(k, {"step": k}, loader.state_dict(), objective.checkpoint_state())

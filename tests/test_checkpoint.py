@@ -3,6 +3,7 @@ keep-last), RNG round trips, and real runs: kill -9 / SIGUSR1 and resume with bi
 resharding 2 -> 1 and 2 -> 3 ranks (bf16 ZeRO-1/2/3: weights, Adam moments, buffers, objective state), a full
 or read-only disk at save time, export into timm (the non-finite policy: tests/engine/test_trainer.py).
 """
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from launch_utils import BIN, clean_env, free_port, run, tiny_overrides
+
 from mimscale import checkpoint as ckpt
 from mimscale.errors import CheckpointError
 from mimscale.telemetry.logger import read_jsonl
@@ -32,8 +33,14 @@ def fake_checkpoint(run_dir: Path, step: int, identity=IDENT, files=None, latest
     d.mkdir(parents=True)
     for name, data in (files or {"mp_rank_00_model_states.pt": b"x" * 100, "trainer.pt": b"y" * 10}).items():
         (d / name).write_bytes(data)
-    meta = {"format": ckpt.FORMAT, "step": step, "world_size": 1, "zero_stage": 1, "identity": identity,
-            "files": ckpt._files(d)}
+    meta = {
+        "format": ckpt.FORMAT,
+        "step": step,
+        "world_size": 1,
+        "zero_stage": 1,
+        "identity": identity,
+        "files": ckpt._files(d),
+    }
     (d / "meta.json").write_text(json.dumps(meta))
     if latest:
         (run_dir / ckpt.CKPT_DIR / ckpt.LATEST).write_text(d.name)
@@ -45,7 +52,7 @@ def test_find_newest_and_latest_pointer(tmp_path):
     fake_checkpoint(tmp_path, 2)
     fake_checkpoint(tmp_path, 4)
     assert ckpt.find(tmp_path, IDENT).tag == "step_00000004"
-    (tmp_path / ckpt.CKPT_DIR / ckpt.LATEST).write_text("step_00000002")   # the pointer wins
+    (tmp_path / ckpt.CKPT_DIR / ckpt.LATEST).write_text("step_00000002")  # the pointer wins
     assert ckpt.find(tmp_path, IDENT).tag == "step_00000002"
 
 
@@ -109,17 +116,35 @@ def test_export_of_a_missing_or_empty_run_is_one_line(tmp_path):
 
 # ----------------------------------------------------------------------------- real runs
 
+
 def _cmd(rd: Path, data, *extra: str, ranks: int = 1) -> list[str]:
-    ov = tiny_overrides(data, rd, train__precision="fp32", model__drop_path=0.1, train__epochs=1,
-                        train__max_steps=10, train__save_every=3, train__save_every_minutes="null")
+    ov = tiny_overrides(
+        data,
+        rd,
+        train__precision="fp32",
+        model__drop_path=0.1,
+        train__epochs=1,
+        train__max_steps=10,
+        train__save_every=3,
+        train__save_every_minutes="null",
+    )
     if ranks == 1:
         return [sys.executable, "-m", "mimscale.train", *ov, *extra]
-    return [str(BIN / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={free_port()}", "-m",
-            "mimscale.train", *ov, *extra]
+    return [
+        str(BIN / "torchrun"),
+        f"--nproc_per_node={ranks}",
+        f"--master_port={free_port()}",
+        "-m",
+        "mimscale.train",
+        *ov,
+        *extra,
+    ]
 
 
 def _losses(rd: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_jsonl(rd / "metrics.jsonl", drop_rewound=True) if "train/loss" in r}
+    return {
+        r["step"]: r["train/loss"] for r in read_jsonl(rd / "metrics.jsonl", drop_rewound=True) if "train/loss" in r
+    }
 
 
 def _records(rd: Path) -> list[dict]:
@@ -145,8 +170,14 @@ def test_kill9_and_sigusr1_resume_bitwise(fmnist_small, tmp_path):
     """Uninterrupted vs killed with -9 at step >= 5 (resumes from the save at 3), then SIGUSR1 at step >= 7
     (saves, exits 42, resumes): the per-step losses are bitwise equal (fp32, drop-path on, 1 loader worker,
     a kNN evaluation at step 4 and 8 that must not disturb the training RNG streams)."""
-    knn = [f"eval.knn_train={fmnist_small['train']}", f"eval.knn_test={fmnist_small['test']}", "eval.knn_every=4",
-           "eval.knn_train_samples=512", "eval.knn_at_start=false", "eval.num_workers=0"]   # evaluation mid-run
+    knn = [
+        f"eval.knn_train={fmnist_small['train']}",
+        f"eval.knn_test={fmnist_small['test']}",
+        "eval.knn_every=4",
+        "eval.knn_train_samples=512",
+        "eval.knn_at_start=false",
+        "eval.num_workers=0",
+    ]  # evaluation mid-run
     ref = tmp_path / "ref"
     run(_cmd(ref, fmnist_small, *knn))
     rd = tmp_path / "interrupted"
@@ -167,7 +198,7 @@ def test_kill9_and_sigusr1_resume_bitwise(fmnist_small, tmp_path):
     assert s["knn_top1_step4"] == s_ref["knn_top1_step4"] and s["knn_top1_final"] == s_ref["knn_top1_final"]
     assert s["train_seconds"] > 0 and s["device_hours"] > 0
     names = sorted(p.name for p in (rd / ckpt.CKPT_DIR).iterdir() if p.name.startswith("step_"))
-    assert len(names) == 3 and names[-1] == "step_00000010"   # keep_last=3
+    assert len(names) == 3 and names[-1] == "step_00000010"  # keep_last=3
 
 
 @pytest.mark.slow
@@ -205,7 +236,7 @@ def test_export_loads_strictly_into_timm(fmnist_small, tmp_path):
     newest = rd / ckpt.CKPT_DIR / "step_00000003" / "encoder.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])
     p = run([sys.executable, "-m", "mimscale.cli", "export", str(rd), "--out", str(out)], check=False)
-    assert p.returncode == 2 and "no usable checkpoint" in p.stderr   # only one checkpoint (step 3) exists
+    assert p.returncode == 2 and "no usable checkpoint" in p.stderr  # only one checkpoint (step 3) exists
     assert newest.exists()
 
 
@@ -238,8 +269,8 @@ def _save_error(p: subprocess.CompletedProcess) -> str:
 def _intact(rd: Path, step: int) -> None:
     found = ckpt.find(rd, {"objective": "mae"})
     assert found.meta["step"] == step
-    ckpt.check_complete(found.path)                      # every file it lists, at its recorded size
-    assert not [p for p in (rd / ckpt.CKPT_DIR).iterdir() if p.name.startswith(".tmp-")]   # no debris left
+    ckpt.check_complete(found.path)  # every file it lists, at its recorded size
+    assert not [p for p in (rd / ckpt.CKPT_DIR).iterdir() if p.name.startswith(".tmp-")]  # no debris left
 
 
 @pytest.mark.slow
@@ -293,7 +324,7 @@ def test_disk_full_or_read_only_run_dir_at_save_time(fmnist_small, tmp_path):
     print(line)
     assert "(not writable;" in line, line
     _intact(rd, 3)
-    p = run(_cmd(rd, fmnist_small, "train.max_steps=6"))      # writable again: resumes from 3, saves 6
+    p = run(_cmd(rd, fmnist_small, "train.max_steps=6"))  # writable again: resumes from 3, saves 6
     assert "resumed from checkpoint step=3" in p.stdout + p.stderr
     assert ckpt.find(rd, {"objective": "mae"}).meta["step"] == 6
 
@@ -311,7 +342,7 @@ def _same(a, b, where: str = "") -> None:
     elif torch.is_tensor(a):
         assert a.shape == b.shape and torch.equal(a, b), (where, (a.float() - b.float()).abs().max())
     else:
-        assert a == b, (where, a, b)      # numbers, or None on both sides
+        assert a == b, (where, a, b)  # numbers, or None on both sides
 
 
 ADPE = "{name: adpe, crop_size: 16, decoder_dim: 48, decoder_depth: 1, decoder_heads: 4}"
@@ -325,29 +356,52 @@ RESHARD = [  # (name, ZeRO stage, precision, objective and its tiny knobs): 2 ra
 
 
 @pytest.mark.slow
-def test_bf16_zero123_checkpoints_reshard_2_to_1_and_3_with_adam_moments_and_objective_state(fmnist_small,
-                                                                                              tmp_path):
+def test_bf16_zero123_checkpoints_reshard_2_to_1_and_3_with_adam_moments_and_objective_state(fmnist_small, tmp_path):
     """Checkpoints of 2 bf16 ranks at ZeRO-1, 2 and 3 (AdPE: adversarial delta and its Adam; ConMIM at ZeRO-3 in
     fp32: its EMA teacher) load on 1 and on 3 ranks through DeepSpeed's universal conversion: every parameter's fp32 master weight and
     Adam moments, the module's buffers and the objective's own state equal, bit for bit, what the 2-rank run
     held when it saved; training then continues on the new world size. Three launches in all (2, 1, 3 ranks)."""
     knobs = tmp_path / "z3.json"
-    knobs.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                 "steps_per_print": 10 ** 9}))
+    knobs.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
+        )
+    )
     cases = []
     for name, stage, precision, objective in RESHARD:
-        over = [o for o in tiny_overrides(fmnist_small, tmp_path / name, train__precision=precision,
-                                          train__batch_size=24, train__micro_batch_size=4, train__max_steps=2,
-                                          train__zero_stage=stage, optim__warmup_epochs=0.0, data__num_workers=0)
-                if not o.startswith("objective.")]
+        over = [
+            o
+            for o in tiny_overrides(
+                fmnist_small,
+                tmp_path / name,
+                train__precision=precision,
+                train__batch_size=24,
+                train__micro_batch_size=4,
+                train__max_steps=2,
+                train__zero_stage=stage,
+                optim__warmup_epochs=0.0,
+                data__num_workers=0,
+            )
+            if not o.startswith("objective.")
+        ]
         over += [f"objective={objective}"] + ([f"train.ds_config={knobs}"] if stage == 3 else [])
         cases.append({"name": name, "overrides": over})
     (tmp_path / "cases.json").write_text(json.dumps(cases))
     worker = Path(__file__).with_name("reshard_worker.py")
     for mode, ranks in (("save", 2), ("load", 1), ("load", 3)):
         t0 = time.time()
-        run([str(BIN / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={free_port()}", str(worker), mode,
-             str(tmp_path / "cases.json"), str(tmp_path)], timeout=500)
+        run(
+            [
+                str(BIN / "torchrun"),
+                f"--nproc_per_node={ranks}",
+                f"--master_port={free_port()}",
+                str(worker),
+                mode,
+                str(tmp_path / "cases.json"),
+                str(tmp_path),
+            ],
+            timeout=500,
+        )
         print(f"{mode} on {ranks} ranks: {time.time() - t0:.0f} s")
     for name, stage, _, _ in RESHARD:
         saved = torch.load(tmp_path / f"{name}_save_w2.pt", weights_only=True)

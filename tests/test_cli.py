@@ -1,4 +1,5 @@
 """``mimscale`` command line: user errors are one stderr line and exit code 2; --print-config; --help."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,18 +23,21 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["pretrain", "tiny_cpu", "optim.bl=1e-3"], ["unknown config key 'optim.bl'", "did you mean 'optim.blr'"]),
-    (["pretrain", "tiny_cpu", "trian.epochs=1"], ["unknown config key 'trian'", "did you mean 'train'"]),
-    (["pretrain", "tiny_cpu", "objective.mask_ratoi=0.5"], ["objective.mask_ratoi", "objective.mask_ratio"]),
-    (["pretrain", "tiny_cpu", "objective.name=maee"], ["unknown objective.name 'maee'", "did you mean 'mae'"]),
-    (["pretrain", "mae_vit_b61"], ["no recipe named 'mae_vit_b61'", "did you mean 'mae_vit_b16'"]),
-    (["pretrain", "/nonexistent/recipe.yaml"], ["config file not found"]),
-    (["pretrain", "mae_vit_b16"], ["data.train must be set"]),
-    (["pretrain", "tiny_cpu", "train.batch_size=lots"], ["train.batch_size", "integer"]),
-    (["pretrain", "tiny_cpu", "train.epochs"], ["key=value"]),
-    (["pretrain", "tiny_cpu", "model.img_size=30"], ["model.img_size=30", "model.patch_size=4"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["pretrain", "tiny_cpu", "optim.bl=1e-3"], ["unknown config key 'optim.bl'", "did you mean 'optim.blr'"]),
+        (["pretrain", "tiny_cpu", "trian.epochs=1"], ["unknown config key 'trian'", "did you mean 'train'"]),
+        (["pretrain", "tiny_cpu", "objective.mask_ratoi=0.5"], ["objective.mask_ratoi", "objective.mask_ratio"]),
+        (["pretrain", "tiny_cpu", "objective.name=maee"], ["unknown objective.name 'maee'", "did you mean 'mae'"]),
+        (["pretrain", "mae_vit_b61"], ["no recipe named 'mae_vit_b61'", "did you mean 'mae_vit_b16'"]),
+        (["pretrain", "/nonexistent/recipe.yaml"], ["config file not found"]),
+        (["pretrain", "mae_vit_b16"], ["data.train must be set"]),
+        (["pretrain", "tiny_cpu", "train.batch_size=lots"], ["train.batch_size", "integer"]),
+        (["pretrain", "tiny_cpu", "train.epochs"], ["key=value"]),
+        (["pretrain", "tiny_cpu", "model.img_size=30"], ["model.img_size=30", "model.patch_size=4"]),
+    ],
+)
 def test_user_errors_exit_2_with_one_line(capsys, argv, words):
     code, out, err = _run(capsys, *argv)
     assert code == 2
@@ -44,8 +48,7 @@ def test_user_errors_exit_2_with_one_line(capsys, argv, words):
 
 
 def test_print_config_prints_yaml(capsys):
-    code, out, err = _run(capsys, "pretrain", "tiny_cpu", "train.epochs=2", "optim.betas=[0.9,0.999]",
-                          "--print-config")
+    code, out, err = _run(capsys, "pretrain", "tiny_cpu", "train.epochs=2", "optim.betas=[0.9,0.999]", "--print-config")
     assert code == 0 and err == ""
     doc = yaml.safe_load(out)
     assert doc == C.to_dict(C.load("tiny_cpu", ["train.epochs=2", "optim.betas=[0.9,0.999]"]))
@@ -80,14 +83,17 @@ def test_objectives_lists_mae(capsys):
     assert "mimscale.objectives.mae.MAE" in out
 
 
-@pytest.mark.parametrize("argv", [
-    ["--help"],
-    ["pretrain", "--help"],
-    ["objectives", "--help"],
-    ["data", "--help"],
-    ["data", "fashion-mnist", "--help"],
-    ["data", "folder", "--help"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["pretrain", "--help"],
+        ["objectives", "--help"],
+        ["data", "--help"],
+        ["data", "fashion-mnist", "--help"],
+        ["data", "folder", "--help"],
+    ],
+)
 def test_help_exits_0(capsys, argv):
     with pytest.raises(SystemExit) as ei:
         cli.main(argv)

@@ -1,4 +1,5 @@
 """mimscale.config: recipes, dotlist overrides, unknown keys, types, combinations, derived values."""
+
 from __future__ import annotations
 
 import math
@@ -107,8 +108,9 @@ def test_mae_recipes_carry_the_official_hparams(name):
     assert der.grad_accum == 4
 
 
-@pytest.mark.parametrize("name,shape", [("mae_vit_b16", (768, 12, 12)), ("mae_vit_l16", (1024, 24, 16)),
-                                        ("mae_vit_h14", (1280, 32, 16))])
+@pytest.mark.parametrize(
+    "name,shape", [("mae_vit_b16", (768, 12, 12)), ("mae_vit_l16", (1024, 24, 16)), ("mae_vit_h14", (1280, 32, 16))]
+)
 def test_mae_recipe_arch_shapes(name, shape):
     from mimscale.models.vit import ARCHS
 
@@ -123,9 +125,9 @@ def test_mae_recipe_arch_shapes(name, shape):
 
 def test_override_types():
     cfg = _load(
-        "train.epochs=3",                 # int given for a float field -> float
+        "train.epochs=3",  # int given for a float field -> float
         "train.batch_size=512",
-        "optim.blr=1e-4",                 # YAML 1.1 would read this as a string
+        "optim.blr=1e-4",  # YAML 1.1 would read this as a string
         "optim.lr=2.5E-3",
         "optim.min_lr=0",
         "optim.betas=[0.9,0.95]",
@@ -154,9 +156,21 @@ def test_override_types():
     assert cfg.train.precision == "fp32"
 
 
-@pytest.mark.parametrize("raw,value", [("1e-4", 1e-4), ("1.5e-4", 1.5e-4), ("3", 3), ("-2e3", -2000.0),
-                                       ("[0.9,0.95]", [0.9, 0.95]), ("true", True), ("False", False),
-                                       ("null", None), ("abc", "abc"), ("", "")])
+@pytest.mark.parametrize(
+    "raw,value",
+    [
+        ("1e-4", 1e-4),
+        ("1.5e-4", 1.5e-4),
+        ("3", 3),
+        ("-2e3", -2000.0),
+        ("[0.9,0.95]", [0.9, 0.95]),
+        ("true", True),
+        ("False", False),
+        ("null", None),
+        ("abc", "abc"),
+        ("", ""),
+    ],
+)
 def test_parse_override_values(raw, value):
     keys, v = C.parse_override(f"a.b={raw}")
     assert keys == ["a", "b"]
@@ -210,13 +224,16 @@ def test_unknown_top_level_key():
 
 def test_unknown_nested_key():
     _raises(["unknown config key 'optim.bl'", "did you mean 'optim.blr'"], "optim.bl=1e-3")
-    _raises(["unknown config key 'train.micro_batchsize'", "did you mean 'train.micro_batch_size'"],
-            "train.micro_batchsize=8")
+    _raises(
+        ["unknown config key 'train.micro_batchsize'", "did you mean 'train.micro_batch_size'"],
+        "train.micro_batchsize=8",
+    )
 
 
 def test_unknown_objective_key():
-    _raises(["unknown config key 'objective.mask_ratoi'", "did you mean 'objective.mask_ratio'"],
-            "objective.mask_ratoi=0.5")
+    _raises(
+        ["unknown config key 'objective.mask_ratoi'", "did you mean 'objective.mask_ratio'"], "objective.mask_ratoi=0.5"
+    )
 
 
 def test_unknown_key_without_close_match_still_names_it():
@@ -238,47 +255,56 @@ def test_objective_name_required(tmp_path):
 # ----------------------------------------------------------------------------- wrong types
 
 
-@pytest.mark.parametrize("override,words", [
-    ("train.batch_size=abc", ["train.batch_size", "integer"]),
-    ("train.batch_size=true", ["train.batch_size", "integer"]),      # bool is not an int
-    ("train.batch_size=64.0", ["train.batch_size", "integer"]),      # float is not an int
-    ("train.batch_size=64.5", ["train.batch_size", "integer"]),
-    ("train.max_steps=ten", ["train.max_steps", "integer"]),         # int | None
-    ("optim.blr=fast", ["optim.blr", "number"]),
-    ("optim.blr=true", ["optim.blr", "number"]),
-    ("data.hflip=1", ["data.hflip", "true or false"]),
-    ("data.hflip=yes please", ["data.hflip", "true or false"]),
-    ("data.train=3", ["data.train", "string"]),
-    ("optim.betas=0.9", ["optim.betas", "list"]),
-    ("optim.betas=[0.9,0.95,0.99]", ["optim.betas", "2 elements"]),
-    ("optim.betas=[0.9,x]", ["optim.betas[1]", "number"]),
-    ("data.mean=[a,b,c]", ["data.mean[0]", "number"]),
-    ("objective.decoder_dim=64.0", ["objective.decoder_dim", "integer"]),
-    ("objective.norm_pix_loss=0", ["objective.norm_pix_loss", "true or false"]),
-    ("objective.mask_ratio=high", ["objective.mask_ratio", "number"]),
-    ("model=vit_base", ["model", "mapping"]),
-])
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("train.batch_size=abc", ["train.batch_size", "integer"]),
+        ("train.batch_size=true", ["train.batch_size", "integer"]),  # bool is not an int
+        ("train.batch_size=64.0", ["train.batch_size", "integer"]),  # float is not an int
+        ("train.batch_size=64.5", ["train.batch_size", "integer"]),
+        ("train.max_steps=ten", ["train.max_steps", "integer"]),  # int | None
+        ("optim.blr=fast", ["optim.blr", "number"]),
+        ("optim.blr=true", ["optim.blr", "number"]),
+        ("data.hflip=1", ["data.hflip", "true or false"]),
+        ("data.hflip=yes please", ["data.hflip", "true or false"]),
+        ("data.train=3", ["data.train", "string"]),
+        ("optim.betas=0.9", ["optim.betas", "list"]),
+        ("optim.betas=[0.9,0.95,0.99]", ["optim.betas", "2 elements"]),
+        ("optim.betas=[0.9,x]", ["optim.betas[1]", "number"]),
+        ("data.mean=[a,b,c]", ["data.mean[0]", "number"]),
+        ("objective.decoder_dim=64.0", ["objective.decoder_dim", "integer"]),
+        ("objective.norm_pix_loss=0", ["objective.norm_pix_loss", "true or false"]),
+        ("objective.mask_ratio=high", ["objective.mask_ratio", "number"]),
+        ("model=vit_base", ["model", "mapping"]),
+    ],
+)
 def test_wrong_types_raise(override, words):
     _raises(words, override)
 
 
-@pytest.mark.parametrize("override,words", [
-    ("train.precision=bf-16", ["train.precision='bf-16'", "bf16, fp16, fp32", "did you mean 'bf16'"]),
-    ("log.wandb=ofline", ["log.wandb", "did you mean 'offline'"]),
-    ("eval.pool=token", ["eval.pool", "cls, mean"]),
-    ("optim.impl=fusd", ["optim.impl", "did you mean 'fused'"]),
-    ("objective.loss=l1", ["objective.loss", "mse"]),
-])
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("train.precision=bf-16", ["train.precision='bf-16'", "bf16, fp16, fp32", "did you mean 'bf16'"]),
+        ("log.wandb=ofline", ["log.wandb", "did you mean 'offline'"]),
+        ("eval.pool=token", ["eval.pool", "cls, mean"]),
+        ("optim.impl=fusd", ["optim.impl", "did you mean 'fused'"]),
+        ("objective.loss=l1", ["objective.loss", "mse"]),
+    ],
+)
 def test_literal_choices(override, words):
     _raises(words, override)
 
 
-@pytest.mark.parametrize("override,attr,value", [
-    ("train.precision=fp16", ("train", "precision"), "fp16"),
-    ("log.wandb=disabled", ("log", "wandb"), "disabled"),
-    ("eval.pool=cls", ("eval", "pool"), "cls"),
-    ("optim.impl=torch", ("optim", "impl"), "torch"),
-])
+@pytest.mark.parametrize(
+    "override,attr,value",
+    [
+        ("train.precision=fp16", ("train", "precision"), "fp16"),
+        ("log.wandb=disabled", ("log", "wandb"), "disabled"),
+        ("eval.pool=cls", ("eval", "pool"), "cls"),
+        ("optim.impl=torch", ("optim", "impl"), "torch"),
+    ],
+)
 def test_literal_valid_choices(override, attr, value):
     cfg = _load(override)
     assert getattr(getattr(cfg, attr[0]), attr[1]) == value
@@ -287,21 +313,24 @@ def test_literal_valid_choices(override, attr, value):
 # ----------------------------------------------------------------------------- impossible combinations
 
 
-@pytest.mark.parametrize("overrides,words", [
-    (["model.img_size=30", "model.patch_size=4"], ["model.img_size=30", "model.patch_size=4", "multiple"]),
-    (["train.offload=true", "train.zero_stage=0"], ["train.offload", "zero_stage"]),
-    (["train.zero_stage=4"], ["train.zero_stage=4"]),
-    (["eval.knn_test=null"], ["eval.knn_train", "eval.knn_test"]),
-    (["eval.knn_train=null"], ["eval.knn_train", "eval.knn_test"]),
-    (["model.in_chans=1"], ["data.mean/data.std", "1 values", "model.in_chans"]),
-    (["data.std=[0.2,0.2]"], ["data.mean/data.std", "3 values"]),
-    (["train.batch_size=64", "train.micro_batch_size=128"], ["train.batch_size=64", "micro_batch_size=128"]),
-    (["train.micro_batch_size=0"], ["train.micro_batch_size=0"]),
-    (["train.epochs=0"], ["train.epochs=0"]),
-    (["data.crop_scale=[0.5,0.2]"], ["data.crop_scale"]),
-    (["data.crop_scale=[0,1]"], ["data.crop_scale"]),
-    (["model.arch=vit_bse"], ["model.arch='vit_bse'", "did you mean 'vit_base'"]),   # regression: was accepted
-])
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["model.img_size=30", "model.patch_size=4"], ["model.img_size=30", "model.patch_size=4", "multiple"]),
+        (["train.offload=true", "train.zero_stage=0"], ["train.offload", "zero_stage"]),
+        (["train.zero_stage=4"], ["train.zero_stage=4"]),
+        (["eval.knn_test=null"], ["eval.knn_train", "eval.knn_test"]),
+        (["eval.knn_train=null"], ["eval.knn_train", "eval.knn_test"]),
+        (["model.in_chans=1"], ["data.mean/data.std", "1 values", "model.in_chans"]),
+        (["data.std=[0.2,0.2]"], ["data.mean/data.std", "3 values"]),
+        (["train.batch_size=64", "train.micro_batch_size=128"], ["train.batch_size=64", "micro_batch_size=128"]),
+        (["train.micro_batch_size=0"], ["train.micro_batch_size=0"]),
+        (["train.epochs=0"], ["train.epochs=0"]),
+        (["data.crop_scale=[0.5,0.2]"], ["data.crop_scale"]),
+        (["data.crop_scale=[0,1]"], ["data.crop_scale"]),
+        (["model.arch=vit_bse"], ["model.arch='vit_bse'", "did you mean 'vit_base'"]),  # regression: was accepted
+    ],
+)
 def test_impossible_combinations(overrides, words):
     _raises(words, *overrides)
 
@@ -327,8 +356,9 @@ def test_derive_lr_from_blr():
 
 
 def test_derive_absolute_lr_overrides_blr():
-    d = C.derive(_tiny("optim.blr=1e-3", "optim.lr=7e-4", "train.batch_size=1024"), world_size=1,
-                 samples_per_epoch=10_000)
+    d = C.derive(
+        _tiny("optim.blr=1e-3", "optim.lr=7e-4", "train.batch_size=1024"), world_size=1, samples_per_epoch=10_000
+    )
     assert d.lr == 7e-4
 
 
@@ -358,7 +388,7 @@ def test_derive_steps_and_warmup():
     cfg = _tiny("train.epochs=2", "optim.warmup_epochs=0.5")
     d = C.derive(cfg, world_size=1, samples_per_epoch=10_000)
     assert d.samples_per_epoch == 10_000
-    assert d.steps_per_epoch == 10_000 // 256 == 39            # last partial batch dropped
+    assert d.steps_per_epoch == 10_000 // 256 == 39  # last partial batch dropped
     assert d.total_steps == 78
     assert d.warmup_steps == round(0.5 * 39) == 20
 
@@ -378,8 +408,9 @@ def test_derive_warmup_capped_at_total():
 
 
 def test_derive_run_dir_template():
-    d = C.derive(_tiny("train.run_dir=out/{objective}-{arch}", "model.arch=vit_small"), world_size=1,
-                 samples_per_epoch=10_000)
+    d = C.derive(
+        _tiny("train.run_dir=out/{objective}-{arch}", "model.arch=vit_small"), world_size=1, samples_per_epoch=10_000
+    )
     assert d.run_dir == "out/mae-vit_small"
 
 
@@ -393,12 +424,20 @@ def test_save_resolved(tmp_path):
     C.save_resolved(cfg, d, path)
     assert path.exists() and not path.with_suffix(".tmp").exists()
     doc = yaml.safe_load(path.read_text())
-    assert doc["derived"] == {"world_size": 2, "grad_accum": 4, "lr": pytest.approx(d.lr), "samples_per_epoch": 10_000,
-                              "steps_per_epoch": 39, "total_steps": d.total_steps, "warmup_steps": d.warmup_steps,
-                              "run_dir": d.run_dir}
+    assert doc["derived"] == {
+        "world_size": 2,
+        "grad_accum": 4,
+        "lr": pytest.approx(d.lr),
+        "samples_per_epoch": 10_000,
+        "steps_per_epoch": 39,
+        "total_steps": d.total_steps,
+        "warmup_steps": d.warmup_steps,
+        "run_dir": d.run_dir,
+    }
     # the objective's FULL knob set, including knobs the recipe did not mention
-    from mimscale.objectives.mae import MAE
     import dataclasses
+
+    from mimscale.objectives.mae import MAE
 
     knob_names = {f.name for f in dataclasses.fields(MAE.Config)}
     assert set(doc["objective"]) == knob_names | {"name"}

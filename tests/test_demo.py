@@ -3,13 +3,13 @@
 Runs `mimscale pretrain` with the embedded default recipe (shortened schedule, smaller kNN sets) and
 checks that pre-training clearly improves the kNN top-1 over the same encoder at random init.
 """
+
 from __future__ import annotations
 
 import json
 import sys
 
 import pytest
-
 from launch_utils import run
 
 pytestmark = pytest.mark.slow
@@ -17,10 +17,21 @@ pytestmark = pytest.mark.slow
 
 def test_default_recipe_learns(tmp_path):
     rd = tmp_path / "demo"
-    p = run([sys.executable, "-m", "mimscale.cli", "pretrain",
-             f"train.run_dir={rd}", "train.epochs=1", "eval.knn_train_samples=5000",
-             "eval.knn_test_samples=5000", "log.wandb=offline"],
-            env={"OMP_NUM_THREADS": "2"}, timeout=900)
+    p = run(
+        [
+            sys.executable,
+            "-m",
+            "mimscale.cli",
+            "pretrain",
+            f"train.run_dir={rd}",
+            "train.epochs=1",
+            "eval.knn_train_samples=5000",
+            "eval.knn_test_samples=5000",
+            "log.wandb=offline",
+        ],
+        env={"OMP_NUM_THREADS": "2"},
+        timeout=900,
+    )
     s = json.loads((rd / "summary.json").read_text())
     assert s["world_size"] == 1 and s["steps"] == s["total_steps"] == 468
     assert "kNN top-1 on the test split: trained" in p.stdout

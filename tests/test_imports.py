@@ -1,6 +1,7 @@
 """The package's layers have no import cycles. The graph holds EVERY import in ``mimscale/`` -- module level
 and inside functions (a function-level import that closes a cycle only hides it) -- and must be acyclic;
 and the floors hold: each module imports only from its own floor or below (docs/architecture.md)."""
+
 from __future__ import annotations
 
 import ast
@@ -85,10 +86,25 @@ def test_no_import_cycles():
 
 
 FLOORS = {  # a module of this floor may import only its own floor and those below (docs/architecture.md)
-    "mimscale.errors": 0, "mimscale.ranges": 0, "mimscale.dist": 1, "mimscale.data": 2, "mimscale.models": 2, "mimscale.masking": 2,
-    "mimscale.telemetry": 2, "mimscale.objectives": 3, "mimscale.teachers": 3, "mimscale.config": 4,
-    "mimscale.engine": 5, "mimscale.checkpoint": 5, "mimscale.eval": 6, "mimscale.pretrain": 7,
-    "mimscale.bench": 7, "mimscale.report": 7, "mimscale.preflight": 7, "mimscale.cli": 8, "mimscale.train": 8,
+    "mimscale.errors": 0,
+    "mimscale.ranges": 0,
+    "mimscale.dist": 1,
+    "mimscale.data": 2,
+    "mimscale.models": 2,
+    "mimscale.masking": 2,
+    "mimscale.telemetry": 2,
+    "mimscale.objectives": 3,
+    "mimscale.teachers": 3,
+    "mimscale.config": 4,
+    "mimscale.engine": 5,
+    "mimscale.checkpoint": 5,
+    "mimscale.eval": 6,
+    "mimscale.pretrain": 7,
+    "mimscale.bench": 7,
+    "mimscale.report": 7,
+    "mimscale.preflight": 7,
+    "mimscale.cli": 8,
+    "mimscale.train": 8,
 }
 
 
@@ -101,9 +117,11 @@ def _floor(module: str) -> int | None:
 
 
 def test_floors_are_respected():
-    assert set(FLOORS) >= {_module_name(p).split(".")[0] + "." + _module_name(p).split(".")[1]
-                           for p in PKG.rglob("*.py") if p.parent != PKG or p.name != "__init__.py"}, \
-        "a new top-level module or package needs its floor in FLOORS (and docs/architecture.md)"
+    assert set(FLOORS) >= {
+        _module_name(p).split(".")[0] + "." + _module_name(p).split(".")[1]
+        for p in PKG.rglob("*.py")
+        if p.parent != PKG or p.name != "__init__.py"
+    }, "a new top-level module or package needs its floor in FLOORS (and docs/architecture.md)"
     bad = []
     for src, dsts in import_graph().items():
         fs = _floor(src)

@@ -1,4 +1,5 @@
 """mimscale.masking: per-sample random masks (OBJECTIVES.md 1.5.1-1.5.2), visible indices, MaskCollate."""
+
 from __future__ import annotations
 
 import math
@@ -21,22 +22,25 @@ def _gen(seed: int = 0) -> torch.Generator:
 @pytest.mark.parametrize("r", [0.25, 0.5, 0.75])
 def test_row_sums_exact(n, r):
     b = 8
-    mask = random_masks(b, n, r, _gen(1))                     # bool [B, N]
+    mask = random_masks(b, n, r, _gen(1))  # bool [B, N]
     assert mask.shape == (b, n) and mask.dtype == torch.bool
     expected = n - math.floor(n * (1 - r))
     assert mask.sum(dim=1).tolist() == [expected] * b
     assert num_visible(n, r) == math.floor(n * (1 - r))
 
 
-@pytest.mark.parametrize("n,r,keep", [
-    (196, 0.75, 49),   # the canonical ViT-B/16 case: 49, not 50
-    (49, 0.25, 36),    # 36.75: floor 36, round 37
-    (49, 0.5, 24),     # 24.5: floor 24, int(x + 0.5) 25
-    (256, 0.75, 64),   # ViT-H/14
-    (16, 0.0, 16),
-    (10, 0.9, 1),      # 10 * 0.1 is 0.99999... in floating point; the exact value is 1
-    (10, 0.7, 3),
-])
+@pytest.mark.parametrize(
+    "n,r,keep",
+    [
+        (196, 0.75, 49),  # the canonical ViT-B/16 case: 49, not 50
+        (49, 0.25, 36),  # 36.75: floor 36, round 37
+        (49, 0.5, 24),  # 24.5: floor 24, int(x + 0.5) 25
+        (256, 0.75, 64),  # ViT-H/14
+        (16, 0.0, 16),
+        (10, 0.9, 1),  # 10 * 0.1 is 0.99999... in floating point; the exact value is 1
+        (10, 0.7, 3),
+    ],
+)
 def test_num_visible_uses_floor(n, r, keep):
     assert num_visible(n, r) == keep
     assert random_masks(2, n, r, _gen()).logical_not().sum(1).tolist() == [keep, keep]
@@ -58,7 +62,7 @@ def test_ratio_zero_masks_nothing():
 
 
 def test_rows_differ():
-    mask = random_masks(8, 16, 0.75, _gen(0))                 # [8, 16]
+    mask = random_masks(8, 16, 0.75, _gen(0))  # [8, 16]
     assert len({tuple(row.tolist()) for row in mask}) > 1
     # 1820 possible masks per row: a shared mask would make all eight equal
     assert len({tuple(row.tolist()) for row in random_masks(8, 196, 0.75, _gen(0))}) == 8
@@ -82,8 +86,8 @@ def test_global_rng_not_used():
 
 def test_masks_are_uniform_over_positions():
     """Every patch position is masked with probability r (uniform without replacement)."""
-    mask = random_masks(4000, 16, 0.75, _gen(3))               # [4000, 16]
-    freq = mask.float().mean(0)                                # [16]
+    mask = random_masks(4000, 16, 0.75, _gen(3))  # [4000, 16]
+    freq = mask.float().mean(0)  # [16]
     assert torch.allclose(freq, torch.full((16,), 0.75), atol=0.03)
 
 
@@ -92,11 +96,11 @@ def test_masks_are_uniform_over_positions():
 
 def test_visible_indices_sorted_and_inverse_consistent():
     b, n = 8, 49
-    mask = random_masks(b, n, 0.75, _gen(5))                   # [8, 49]
-    idx = visible_indices(mask)                                # [8, 12]
+    mask = random_masks(b, n, 0.75, _gen(5))  # [8, 49]
+    idx = visible_indices(mask)  # [8, 12]
     assert idx.shape == (b, 12) and idx.dtype == torch.long
-    assert torch.equal(idx, idx.sort(dim=1).values)            # raster order
-    assert (idx[:, 1:] > idx[:, :-1]).all()                    # strictly: no duplicates
+    assert torch.equal(idx, idx.sort(dim=1).values)  # raster order
+    assert (idx[:, 1:] > idx[:, :-1]).all()  # strictly: no duplicates
     # inverse: the indices name exactly the unmasked slots
     rebuilt = torch.ones(b, n, dtype=torch.bool).scatter_(1, idx, False)
     assert torch.equal(rebuilt, mask)
@@ -104,14 +108,12 @@ def test_visible_indices_sorted_and_inverse_consistent():
 
 
 def test_visible_indices_by_value():
-    mask = torch.tensor([[True, False, True, False],
-                         [False, False, True, True]])          # [2, 4]
+    mask = torch.tensor([[True, False, True, False], [False, False, True, True]])  # [2, 4]
     assert visible_indices(mask).tolist() == [[1, 3], [0, 1]]
 
 
 def test_visible_indices_rejects_ragged_rows():
-    mask = torch.tensor([[True, False, True, False],
-                         [False, False, False, True]])
+    mask = torch.tensor([[True, False, True, False], [False, False, False, True]])
     with pytest.raises(ValueError, match="different numbers"):
         visible_indices(mask)
 

@@ -1,4 +1,5 @@
 """`mimscale check-config`: the check the SLURM templates run before starting any rank."""
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ def test_a_good_run_checks_out_for_its_world_size(fmnist_small, tmp_path):
     line = check("tiny_cpu", tiny_overrides(fmnist_small, tmp_path / "run"), world_size=2)
     assert line.startswith("config OK: mae vit_micro, world size 2, batch 16 = 8 x 2 x 1")
     assert str(tmp_path / "run") in line
-    assert not (tmp_path / "run").exists()                       # a check writes nothing
+    assert not (tmp_path / "run").exists()  # a check writes nothing
 
 
 def test_the_world_size_must_divide_the_batch(fmnist_small, tmp_path):
@@ -26,8 +27,9 @@ def test_the_world_size_must_divide_the_batch(fmnist_small, tmp_path):
 
 
 def test_missing_shards_are_found_before_the_launch(fmnist_small, tmp_path):
-    over = tiny_overrides(fmnist_small, tmp_path, data__train=str(tmp_path / "nope-{000000..000003}.tar"),
-                          data__samples_per_epoch=1000)
+    over = tiny_overrides(
+        fmnist_small, tmp_path, data__train=str(tmp_path / "nope-{000000..000003}.tar"), data__samples_per_epoch=1000
+    )
     with pytest.raises(DataError, match=r"4 of 4 shards are missing, e\.g\. .*nope-000000\.tar"):
         check("tiny_cpu", over)
 
@@ -48,15 +50,18 @@ def test_cli_prints_one_line_and_exits_2(capsys):
 
 # ----------------------------------------------------------------------------- check-config == the launch
 
+
 def _base(data, run_dir, objective: str = "mae", **knobs) -> list[str]:
     """tiny_cpu turned into a seconds-long run of ``objective`` with its small knobs (16 px, patch 4: 16 patches)."""
     over = [o for o in tiny_overrides(data, run_dir) if not o.startswith("objective.")]
-    small = {"mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
-             "emae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
-             "conmim": {"proj_hidden": 48, "proj_out": 32, "block_num_masked": 6},
-             "adpe": {"crop_size": 16, "decoder_dim": 48, "decoder_depth": 1, "decoder_heads": 4},
-             "mapet": {"vocab_size": 64, "target_source": "pixel_mean"},
-             "dtm": {"teacher": "random:mimscale-tiny-clip", "head_dim": 64}}[objective]
+    small = {
+        "mae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+        "emae": {"decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
+        "conmim": {"proj_hidden": 48, "proj_out": 32, "block_num_masked": 6},
+        "adpe": {"crop_size": 16, "decoder_dim": 48, "decoder_depth": 1, "decoder_heads": 4},
+        "mapet": {"vocab_size": 64, "target_source": "pixel_mean"},
+        "dtm": {"teacher": "random:mimscale-tiny-clip", "head_dim": 64},
+    }[objective]
     small.update(knobs)
     return [*over, f"objective={{name: {objective}}}", *(f"objective.{k}={v}" for k, v in small.items())]
 
@@ -112,19 +117,26 @@ def test_check_config_raises_what_the_launch_raises(fmnist_small, tmp_path):
 
     if torch.cuda.is_available():
         pytest.skip("the fp16 row expects a CPU-only machine")
-    subst = {"{stage2}": _write_knobs(tmp_path / "z2.json", {"zero_optimization": {"stage": 2}}),
-             "{clash}": _write_knobs(tmp_path / "clash.json", {"zero_optimization": {"stage": 1},
-                                                                "train_batch_size": 64}),
-             "{nowhere}": str(tmp_path / "no-knn-shards")}
+    subst = {
+        "{stage2}": _write_knobs(tmp_path / "z2.json", {"zero_optimization": {"stage": 2}}),
+        "{clash}": _write_knobs(tmp_path / "clash.json", {"zero_optimization": {"stage": 1}, "train_batch_size": 64}),
+        "{nowhere}": str(tmp_path / "no-knn-shards"),
+    }
     cases = []
-    for cid, objective, knobs, extra, world, words in TABLE:
+    for cid, objective, knobs, extra, world, _words in TABLE:
         rd = tmp_path / cid
         over = []
         for e in extra:
             if e.startswith("{ckpt:"):
                 kind = e[6:-1]
-                ident = {"objective": kind if kind != "zero0x2" else objective, "arch": "vit_micro",
-                         "img_size": 16, "patch_size": 4, "in_chans": 3, "pos_embed": "sincos"}
+                ident = {
+                    "objective": kind if kind != "zero0x2" else objective,
+                    "arch": "vit_micro",
+                    "img_size": 16,
+                    "patch_size": 4,
+                    "in_chans": 3,
+                    "pos_embed": "sincos",
+                }
                 d = fake_checkpoint(rd, 3, identity=ident)
                 meta = json.loads((d / "meta.json").read_text())
                 meta.update(world_size=2, zero_stage=0 if kind == "zero0x2" else 1)
@@ -159,8 +171,14 @@ def test_every_objective_checks_out_without_building_its_weights(fmnist_small, t
 def test_a_resumable_checkpoint_is_named(fmnist_small, tmp_path):
     from test_checkpoint import fake_checkpoint
 
-    ident = {"objective": "mae", "arch": "vit_micro", "img_size": 16, "patch_size": 4, "in_chans": 3,
-             "pos_embed": "sincos"}
+    ident = {
+        "objective": "mae",
+        "arch": "vit_micro",
+        "img_size": 16,
+        "patch_size": 4,
+        "in_chans": 3,
+        "pos_embed": "sincos",
+    }
     fake_checkpoint(tmp_path / "run", 6, identity=ident)
     assert check("tiny_cpu", _base(fmnist_small, tmp_path / "run")).endswith("resumes from step_00000006")
 
@@ -170,14 +188,22 @@ def test_a_vit_huge_recipe_is_checked_in_seconds(fmnist_small, tmp_path):
     import resource
     import time
 
-    check("tiny_cpu", _base(fmnist_small, tmp_path / "warm"))              # imports (torch, DeepSpeed) done
+    check("tiny_cpu", _base(fmnist_small, tmp_path / "warm"))  # imports (torch, DeepSpeed) done
     t0, rss0 = time.time(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    line = check("mae_vit_h14", [f"data.train={fmnist_small['train']}", "data.samples_per_epoch=1281167",
-                                 f"train.run_dir={tmp_path / 'run'}", "eval.knn_train=null", "eval.knn_test=null"],
-                 world_size=64)
+    line = check(
+        "mae_vit_h14",
+        [
+            f"data.train={fmnist_small['train']}",
+            "data.samples_per_epoch=1281167",
+            f"train.run_dir={tmp_path / 'run'}",
+            "eval.knn_train=null",
+            "eval.knn_test=null",
+        ],
+        world_size=64,
+    )
     assert line.startswith("config OK: mae vit_huge, world size 64, batch 4096 = 32 x 64 x 2 (accumulation)")
     assert time.time() - t0 < 30
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300_000      # KiB: not 2.5 GB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 300_000  # KiB: not 2.5 GB
 
 
 def test_a_dtm_teacher_file_is_read_on_the_meta_device(fmnist_small, tmp_path):
@@ -190,13 +216,19 @@ def test_a_dtm_teacher_file_is_read_on_the_meta_device(fmnist_small, tmp_path):
     from mimscale.teachers import clip
 
     with torch.random.fork_rng(devices=[]):
-        path = clip.save_clip(clip.build_clip(clip.TINY_CLIP_CFG), clip.TINY_CLIP_CFG, tmp_path / "clip.pt",
-                              mean=CLIP_MEAN, std=CLIP_STD, arch=clip.TINY_CLIP_ARCH)
+        path = clip.save_clip(
+            clip.build_clip(clip.TINY_CLIP_CFG),
+            clip.TINY_CLIP_CFG,
+            tmp_path / "clip.pt",
+            mean=CLIP_MEAN,
+            std=CLIP_STD,
+            arch=clip.TINY_CLIP_ARCH,
+        )
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         line = check("tiny_cpu", _base(fmnist_small, tmp_path / "run", "dtm", teacher=path))
     assert line.startswith("config OK: dtm vit_micro")
-    assert not [w for w in seen if "meta parameter" in str(w.message)]      # no warning per tensor
+    assert not [w for w in seen if "meta parameter" in str(w.message)]  # no warning per tensor
     (tmp_path / "clip.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(MimscaleError):
         check("tiny_cpu", _base(fmnist_small, tmp_path / "run", "dtm", teacher=path))

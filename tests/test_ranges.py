@@ -3,6 +3,7 @@ definition, with ``num(default, "range")``), and a value outside it is one line 
 
 The table is not written by hand: it is walked from the dataclasses, so a new numeric field without a range
 fails ``test_every_numeric_field_declares_a_range``, and every declared range is exercised on both sides."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,7 +18,9 @@ from mimscale.errors import ConfigError
 from mimscale.objectives import available
 from mimscale.ranges import Range, numeric_type
 
-SECTIONS = [f.name for f in dataclasses.fields(C.Config) if dataclasses.is_dataclass(typing.get_type_hints(C.Config)[f.name])]
+SECTIONS = [
+    f.name for f in dataclasses.fields(C.Config) if dataclasses.is_dataclass(typing.get_type_hints(C.Config)[f.name])
+]
 
 
 def _walk(cls: type, prefix: str):
@@ -69,8 +72,9 @@ def _outside(rng: Range, integer: bool) -> list[float]:
 
 def _as_override(f: dataclasses.Field, tp, bad):
     """The override value putting ``bad`` into field ``f`` (element 0 of a tuple), and the key suffix it hits."""
-    if typing.get_origin(tp) is tuple or (typing.get_origin(tp) in (typing.Union,) and tuple in
-                                          [typing.get_origin(a) for a in typing.get_args(tp)]):
+    if typing.get_origin(tp) is tuple or (
+        typing.get_origin(tp) in (typing.Union,) and tuple in [typing.get_origin(a) for a in typing.get_args(tp)]
+    ):
         d = list(_default(f)) or [bad]
         d[0] = bad
         return d, "[0]"
@@ -95,8 +99,16 @@ def test_the_walk_sees_every_section_and_objective():
     owners = {o for o, *_ in NUMERIC}
     assert owners == {"config", *available()}
     keys = {k for _, k, *_ in NUMERIC}
-    assert {"optim.lr", "train.keep_last", "eval.knn_k", "data.num_workers", "objective.mask_ratio",
-            "objective.teacher_aug.hue", "objective.decoder_depth", "train.rollback_lr_scale"} <= keys
+    assert {
+        "optim.lr",
+        "train.keep_last",
+        "eval.knn_k",
+        "data.num_workers",
+        "objective.mask_ratio",
+        "objective.teacher_aug.hue",
+        "objective.decoder_depth",
+        "train.rollback_lr_scale",
+    } <= keys
     assert len(NUMERIC) > 100
 
 
@@ -105,12 +117,16 @@ def test_every_numeric_field_declares_a_range(owner, key, f, tp):
     rng = f.metadata.get("range")
     assert isinstance(rng, Range), f"{owner}: {key} is numeric but declares no range: use num(default, '...')"
     d = _default(f)
-    for v in (d if isinstance(d, tuple) else [d]):
+    for v in d if isinstance(d, tuple) else [d]:
         assert v is None or v in rng, f"{owner}: the default {key}={d!r} is outside its own range {rng}"
 
 
-CASES = [(o, k, f, tp, bad) for o, k, f, tp in NUMERIC if "range" in f.metadata
-         for bad in _outside(f.metadata["range"], _is_int(tp))]
+CASES = [
+    (o, k, f, tp, bad)
+    for o, k, f, tp in NUMERIC
+    if "range" in f.metadata
+    for bad in _outside(f.metadata["range"], _is_int(tp))
+]
 
 
 @pytest.mark.parametrize("owner,key,f,tp,bad", CASES, ids=[f"{o}:{k}={b}" for o, k, _, _, b in CASES])
@@ -126,14 +142,17 @@ def test_a_value_outside_the_range_is_one_line(owner, key, f, tp, bad):
     assert msg.endswith(str(rng)) and "\n" not in msg, msg
 
 
-@pytest.mark.parametrize("text,inside,outside,words", [
-    (">= 0", [0, 3.5], [-1e-9, float("inf")], ">= 0"),
-    ("> 0", [1e-12], [0, -1], "> 0"),
-    ("[0, 1)", [0, 0.999], [1, -0.1, float("nan")], "in [0, 1)"),
-    ("(0, 1]", [1, 1e-6], [0, 1.01], "in (0, 1]"),
-    ("[0, 3]", [0, 3], [-1, 4], "in [0, 3]"),
-    ("any", [-1e30, 0], [float("nan"), float("-inf")], "any finite number"),
-])
+@pytest.mark.parametrize(
+    "text,inside,outside,words",
+    [
+        (">= 0", [0, 3.5], [-1e-9, float("inf")], ">= 0"),
+        ("> 0", [1e-12], [0, -1], "> 0"),
+        ("[0, 1)", [0, 0.999], [1, -0.1, float("nan")], "in [0, 1)"),
+        ("(0, 1]", [1, 1e-6], [0, 1.01], "in (0, 1]"),
+        ("[0, 3]", [0, 3], [-1, 4], "in [0, 3]"),
+        ("any", [-1e30, 0], [float("nan"), float("-inf")], "any finite number"),
+    ],
+)
 def test_range_parse_and_membership(text, inside, outside, words):
     r = Range.parse(text)
     assert all(v in r for v in inside) and not any(v in r for v in outside)
@@ -147,12 +166,14 @@ def test_a_malformed_range_is_a_programming_error():
 
 def test_none_is_valid_where_the_type_allows_it_and_the_issue_examples_are_refused():
     C.load("tiny_cpu", ["optim.lr=null", "train.max_steps=null"])
-    for override, line in [("optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
-                           ("objective.mask_ratio=1.0", "objective.mask_ratio=1.0 must be in [0, 1)"),
-                           ("eval.knn_k=0", "eval.knn_k=0 must be >= 1"),
-                           ("objective.decoder_depth=-1", "objective.decoder_depth=-1 must be >= 0"),
-                           ("train.keep_last=-2", "train.keep_last=-2 must be >= 1"),
-                           ("train.epochs=.inf", "train.epochs=inf must be a finite number > 0")]:
+    for override, line in [
+        ("optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
+        ("objective.mask_ratio=1.0", "objective.mask_ratio=1.0 must be in [0, 1)"),
+        ("eval.knn_k=0", "eval.knn_k=0 must be >= 1"),
+        ("objective.decoder_depth=-1", "objective.decoder_depth=-1 must be >= 0"),
+        ("train.keep_last=-2", "train.keep_last=-2 must be >= 1"),
+        ("train.epochs=.inf", "train.epochs=inf must be a finite number > 0"),
+    ]:
         with pytest.raises(ConfigError) as e:
             C.load("tiny_cpu", [override])
         assert str(e.value) == line

@@ -19,6 +19,7 @@ Tensor flow (``B`` images, ``N`` patches of ``P = p*p*C`` pixels, width ``D``):
     hidden slots <- mask_token [1, 1, D]  --> encoder blocks over [B, 1 + N, D] --> head [B, N, P]
     loss = mean over hidden patches of |pred - pixels| (fp32)
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -48,18 +49,21 @@ class MaskedPixels(Objective):
         and at launch with one clear line."""
 
         mask_ratio: float = num(0.6, "(0, 1)")
-        head_dim: int = num(0, ">= 0")         # 0: a linear head; > 0: Linear-GELU-Linear with this width
+        head_dim: int = num(0, ">= 0")  # 0: a linear head; > 0: Linear-GELU-Linear with this width
 
     def __init__(self, encoder: VisionTransformer, cfg: MaskedPixels.Config):
-        super().__init__(encoder, cfg)              # sets self.encoder, self.cfg
+        super().__init__(encoder, cfg)  # sets self.encoder, self.cfg
         d, p = encoder.embed_dim, encoder.patch_size
         self.patch_pixels = p * p * encoder.in_chans
         # Trained parameters live in submodules / parameters of the objective: DeepSpeed wraps the whole
         # objective, so they are optimised, partitioned (ZeRO-3) and checkpointed like the encoder.
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         nn.init.normal_(self.mask_token, std=0.02)
-        self.head = (nn.Linear(d, self.patch_pixels) if cfg.head_dim == 0 else
-                     nn.Sequential(nn.Linear(d, cfg.head_dim), nn.GELU(), nn.Linear(cfg.head_dim, self.patch_pixels)))
+        self.head = (
+            nn.Linear(d, self.patch_pixels)
+            if cfg.head_dim == 0
+            else nn.Sequential(nn.Linear(d, cfg.head_dim), nn.GELU(), nn.Linear(cfg.head_dim, self.patch_pixels))
+        )
 
     def mask_spec(self) -> MaskSpec:
         """What the loader's collate makes per batch, on CPU workers, from per-sample generators (so a
@@ -72,13 +76,13 @@ class MaskedPixels(Objective):
         collective with the step's flags)."""
         img, mask = batch["image"], batch["mask"]
         e = self.encoder
-        tokens = e.embed(img)                                                   # [B, N, D]
+        tokens = e.embed(img)  # [B, N, D]
         hidden = mask.unsqueeze(-1).to(tokens.dtype)
         tokens = tokens * (1 - hidden) + self.mask_token.to(tokens.dtype) * hidden
-        z = e.encode(e.add_cls(tokens))[:, 1:]                                  # [B, N, D]
-        pred = self.head(z).float()                                             # [B, N, P]
-        target = patchify(img, e.patch_size).float()                            # [B, N, P]
-        err = (pred - target).abs().mean(dim=-1)                                # [B, N]
+        z = e.encode(e.add_cls(tokens))[:, 1:]  # [B, N, D]
+        pred = self.head(z).float()  # [B, N, P]
+        target = patchify(img, e.patch_size).float()  # [B, N, P]
+        err = (pred - target).abs().mean(dim=-1)  # [B, N]
         m = mask.float()
         loss = (err * m).sum() / m.sum().clamp(min=1.0)
         return LossOutput(loss, {"loss": loss.detach(), "masked_frac": m.mean().detach()})
@@ -88,8 +92,13 @@ class MaskedPixels(Objective):
         equal-compute comparison count."""
         e = self.encoder
         n = e.num_patches
-        head = linear_flops(n, e.embed_dim, self.patch_pixels) if self.cfg.head_dim == 0 else (
-            linear_flops(n, e.embed_dim, self.cfg.head_dim) + linear_flops(n, self.cfg.head_dim, self.patch_pixels))
+        head = (
+            linear_flops(n, e.embed_dim, self.patch_pixels)
+            if self.cfg.head_dim == 0
+            else (
+                linear_flops(n, e.embed_dim, self.cfg.head_dim) + linear_flops(n, self.cfg.head_dim, self.patch_pixels)
+            )
+        )
         fwd = linear_flops(n, self.patch_pixels, e.embed_dim) + transformer_forward_flops(1 + n, e.embed_dim, e.depth)
         return 3.0 * (fwd + head)
 

@@ -39,6 +39,7 @@ GB here is 2**30 bytes (what ``torch.cuda`` and ``nvidia-smi`` report); the GPU 
 :data:`GPUS` are the marketing sizes read as such. A projection is an estimate: measure with
 ``mimscale pretrain`` (``perf/mem_peak_gb``) before trusting a tight fit.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,14 +64,19 @@ GPUS: dict[str, tuple[float, str]] = {
 
 #: 16-bit elements saved per token per channel of width by one pre-norm ViT block (see module doc).
 ACT_ELEMS = 16
-ACT_BYTES = 2                     # bf16 / fp16 activations
-STATE_BYTES = {"param16": 2, "grad16": 2, "optim": 12}   # mixed-precision Adam, per parameter
+ACT_BYTES = 2  # bf16 / fp16 activations
+STATE_BYTES = {"param16": 2, "grad16": 2, "optim": 12}  # mixed-precision Adam, per parameter
 DEFAULT_OVERHEAD_GB = 2.0
 DEFAULT_MFU = 0.45
 
 # DeepSpeed defaults for keys a ds_configs file leaves out.
-_DS_DEFAULTS = {"allreduce_bucket_size": 5e8, "reduce_bucket_size": 5e8, "overlap_comm": None,
-                "contiguous_gradients": True, "stage3_max_live_parameters": 1e9}
+_DS_DEFAULTS = {
+    "allreduce_bucket_size": 5e8,
+    "reduce_bucket_size": 5e8,
+    "overlap_comm": None,
+    "contiguous_gradients": True,
+    "stage3_max_live_parameters": 1e9,
+}
 
 
 @dataclass
@@ -89,23 +95,23 @@ class PlanInput:
     grad_ckpt: bool = False
     offload: bool = False
     precision: str = "bf16"
-    global_batch: int | None = None      # default: micro_batch x GPUs (no accumulation)
+    global_batch: int | None = None  # default: micro_batch x GPUs (no accumulation)
     epochs: float | None = None
     overhead_gb: float = DEFAULT_OVERHEAD_GB
     in_chans: int = 3
-    loader: str = "auto"                 # data path: auto (device where the objective allows) | cpu | device | preresized
-    loader_rate: float | None = None     # host samples/s per CPU core on that path (default: LOADER_RATES)
+    loader: str = "auto"  # data path: auto (device where the objective allows) | cpu | device | preresized
+    loader_rate: float | None = None  # host samples/s per CPU core on that path (default: LOADER_RATES)
 
 
 @dataclass
 class BlockCall:
     """One call of a transformer block in the forward pass of one image."""
 
-    tokens: int          # tokens per image through this call: L, or K x L when K parts are batched
-    width: int           # D
-    hidden: int          # MLP hidden width (for the recompute FLOPs)
+    tokens: int  # tokens per image through this call: L, or K x L when K parts are batched
+    width: int  # D
+    hidden: int  # MLP hidden width (for the recompute FLOPs)
     checkpointed: bool
-    seq: int = 0         # sequence length L of one attention (default: tokens)
+    seq: int = 0  # sequence length L of one attention (default: tokens)
 
 
 @dataclass
@@ -115,8 +121,8 @@ class ModelShape:
     params_encoder: int
     flops_per_sample: float
     blocks: list[BlockCall]
-    other_saved_bytes: float     # per image, outside blocks
-    device_decode: bool = True   # the objective's train transform runs on the device-decode path
+    other_saved_bytes: float  # per image, outside blocks
+    device_decode: bool = True  # the objective's train transform runs on the device-decode path
 
 
 #: Host (CPU) work of the loader in samples per CPU-second, i.e. samples/s per core, for 224 px
@@ -148,8 +154,13 @@ def zero_model_state_bytes(psi: float, stage: int, n_gpus: int, offload: bool = 
     params = p16 / n if stage >= 3 else p16
     grads = g16 / n if stage >= 2 else g16
     optim = opt / n if stage >= 1 else opt
-    return {"params": params, "grads": grads, "optim": 0.0 if offload else optim,
-            "gpu": params + grads + (0.0 if offload else optim), "cpu": optim if offload else 0.0}
+    return {
+        "params": params,
+        "grads": grads,
+        "optim": 0.0 if offload else optim,
+        "gpu": params + grads + (0.0 if offload else optim),
+        "cpu": optim if offload else 0.0,
+    }
 
 
 ZERO_FORMULAS = {0: "16Ψ", 1: "4Ψ + 12Ψ/N", 2: "2Ψ + 14Ψ/N", 3: "16Ψ/N"}
@@ -177,12 +188,19 @@ def zero_buffer_bytes(psi: float, stage: int, ds_zero: dict | None = None) -> tu
         return 2.0 * n, f"reduce bucket min(Ψ, {z['reduce_bucket_size']:.0e}) x 2 B"
     live = min(psi, float(z["stage3_max_live_parameters"]))
     n = live + nbuf * float(z["reduce_bucket_size"])
-    return 2.0 * n, (f"gathered params min(Ψ, {z['stage3_max_live_parameters']:.0e}) + "
-                     f"{nbuf} x {z['reduce_bucket_size']:.0e} reduce, x 2 B")
+    return 2.0 * n, (
+        f"gathered params min(Ψ, {z['stage3_max_live_parameters']:.0e}) + "
+        f"{nbuf} x {z['reduce_bucket_size']:.0e} reduce, x 2 B"
+    )
 
 
-def activation_bytes(blocks: list[BlockCall], micro_batch: int, other_per_sample: float = 0.0,
-                     elems: float = ACT_ELEMS, nbytes: float = ACT_BYTES) -> dict[str, float]:
+def activation_bytes(
+    blocks: list[BlockCall],
+    micro_batch: int,
+    other_per_sample: float = 0.0,
+    elems: float = ACT_ELEMS,
+    nbytes: float = ACT_BYTES,
+) -> dict[str, float]:
     """Saved activations of one micro-batch (see the module doc): ``blocks``, ``other`` and ``total``."""
     full = [elems * b.tokens * b.width * nbytes for b in blocks if not b.checkpointed]
     ckpt = [b for b in blocks if b.checkpointed]
@@ -197,16 +215,27 @@ def recompute_flops_per_sample(blocks: list[BlockCall]) -> float:
     """Forward FLOPs of the checkpointed blocks, done again in the backward (hardware, not model, FLOPs)."""
     from ..telemetry.flops import transformer_forward_flops
 
-    return sum(b.tokens / (b.seq or b.tokens) * transformer_forward_flops(b.seq or b.tokens, b.width, 1,
-                                                                         mlp_ratio=b.hidden / b.width)
-               for b in blocks if b.checkpointed)
+    return sum(
+        b.tokens
+        / (b.seq or b.tokens)
+        * transformer_forward_flops(b.seq or b.tokens, b.width, 1, mlp_ratio=b.hidden / b.width)
+        for b in blocks
+        if b.checkpointed
+    )
 
 
 # ----------------------------------------------------------------------------- model on meta
 
 
-def build_on_meta(arch: str, img: int, patch: int, objective: str, knobs: dict[str, Any] | None = None,
-                  in_chans: int = 3, grad_ckpt: bool = False):
+def build_on_meta(
+    arch: str,
+    img: int,
+    patch: int,
+    objective: str,
+    knobs: dict[str, Any] | None = None,
+    in_chans: int = 3,
+    grad_ckpt: bool = False,
+):
     """The objective (encoder inside) built on the meta device: shapes and parameter counts, no memory."""
     import torch
 
@@ -241,8 +270,9 @@ def model_shape(obj) -> ModelShape:
     enc = sum(p.numel() for p in obj.encoder.parameters() if p.requires_grad)
 
     device_decode = _has_device_path(obj)
-    ckpt_blocks = {id(b) for m in obj.modules() if isinstance(m, VisionTransformer) and m.grad_checkpointing
-                   for b in m.blocks}
+    ckpt_blocks = {
+        id(b) for m in obj.modules() if isinstance(m, VisionTransformer) and m.grad_checkpointing for b in m.blocks
+    }
     calls: list[BlockCall] = []
     ckpt_inputs: set[int] = set()
     depth = [0]
@@ -252,11 +282,17 @@ def model_shape(obj) -> ModelShape:
         x = args[0]
         grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in mod.parameters()))
         if grad and id(mod) in ckpt_blocks:
-            ckpt_inputs.add(x.untyped_storage()._cdata)   # saved by checkpoint() itself: not "other"
+            ckpt_inputs.add(x.untyped_storage()._cdata)  # saved by checkpoint() itself: not "other"
         if grad:
-            calls.append(BlockCall(tokens=int(x.shape[0] * x.shape[1]), width=int(x.shape[-1]),
-                                   hidden=int(mod.mlp.fc1.out_features), checkpointed=id(mod) in ckpt_blocks,
-                                   seq=int(x.shape[1])))
+            calls.append(
+                BlockCall(
+                    tokens=int(x.shape[0] * x.shape[1]),
+                    width=int(x.shape[-1]),
+                    hidden=int(mod.mlp.fc1.out_features),
+                    checkpointed=id(mod) in ckpt_blocks,
+                    seq=int(x.shape[1]),
+                )
+            )
 
     def post(mod, args, out):
         depth[0] -= 1
@@ -277,18 +313,26 @@ def model_shape(obj) -> ModelShape:
             handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
     enc_mod = obj.encoder
     g = torch.Generator().manual_seed(0)
-    batch = {"image": torch.empty(1, enc_mod.in_chans, enc_mod.img_size, enc_mod.img_size, device="meta"),
-             "label": torch.zeros(1, dtype=torch.long), **obj.mask_spec().generate(1, g)}
+    batch = {
+        "image": torch.empty(1, enc_mod.in_chans, enc_mod.img_size, enc_mod.img_size, device="meta"),
+        "label": torch.zeros(1, dtype=torch.long),
+        **obj.mask_spec().generate(1, g),
+    }
     try:
         with meta_bridge(obj), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             obj(batch)
     finally:
         for h in handles:
             h.remove()
-    return ModelShape(params_trainable=psi, params_frozen=phi, params_encoder=enc,
-                      flops_per_sample=float(obj.flops_per_sample()), blocks=calls,
-                      other_saved_bytes=float(sum(v for k, v in seen.items() if k not in ckpt_inputs)),
-                      device_decode=device_decode)
+    return ModelShape(
+        params_trainable=psi,
+        params_frozen=phi,
+        params_encoder=enc,
+        flops_per_sample=float(obj.flops_per_sample()),
+        blocks=calls,
+        other_saved_bytes=float(sum(v for k, v in seen.items() if k not in ckpt_inputs)),
+        device_decode=device_decode,
+    )
 
 
 def _has_device_path(obj) -> bool:
@@ -299,7 +343,7 @@ def _has_device_path(obj) -> bool:
     pe = obj.encoder.patch_embed
     try:
         tf = obj.train_transform(TrainTransform(pe.img_size, in_chans=pe.proj.in_channels))
-    except Exception:  # noqa: BLE001 - an objective that cannot build its transform here: assume the CPU path
+    except Exception:
         return False
     return device_views_of(tf) is not None
 
@@ -347,8 +391,9 @@ def _check(inp: PlanInput) -> None:
     if inp.gpu not in GPUS:
         raise ConfigError(f"--gpu {inp.gpu}: unknown GPU; valid: {', '.join(GPUS)}")
     if inp.precision not in ("bf16", "fp16"):
-        raise ConfigError(f"precision '{inp.precision}': the plan models mixed-precision training; "
-                          "pass --precision bf16 or fp16")
+        raise ConfigError(
+            f"precision '{inp.precision}': the plan models mixed-precision training; pass --precision bf16 or fp16"
+        )
     for name, v in (("--micro-batch", inp.micro_batch), ("--nodes", inp.nodes), ("--gpus-per-node", inp.gpus_per_node)):
         if not isinstance(v, int) or v < 1:
             raise ConfigError(f"{name} {v}: must be a positive integer")
@@ -370,10 +415,13 @@ def make_plan(inp: PlanInput, shape: ModelShape | None = None) -> Plan:
 
     _check(inp)
     n = inp.nodes * inp.gpus_per_node
-    zero_model_state_bytes(0, inp.zero, n, inp.offload)          # validates stage / offload early
+    zero_model_state_bytes(0, inp.zero, n, inp.offload)  # validates stage / offload early
     if shape is None:
-        shape = model_shape(build_on_meta(inp.model, inp.img, inp.patch, inp.objective, inp.objective_knobs,
-                                          inp.in_chans, inp.grad_ckpt))
+        shape = model_shape(
+            build_on_meta(
+                inp.model, inp.img, inp.patch, inp.objective, inp.objective_knobs, inp.in_chans, inp.grad_ckpt
+            )
+        )
     cap_gb, peak_key = GPUS[inp.gpu]
     peak = PEAK_TFLOPS[peak_key][inp.precision] * 1e12
     psi = float(shape.params_trainable)
@@ -393,49 +441,80 @@ def make_plan(inp: PlanInput, shape: ModelShape | None = None) -> Plan:
 
     formula = (ZERO_OFFLOAD_FORMULAS if inp.offload else ZERO_FORMULAS)[inp.zero]
     n_ckpt = sum(b.checkpointed for b in shape.blocks)
-    memory = {"model_states": states["gpu"] / GB, "frozen_params": frozen / GB, "zero_buffers": buffers / GB,
-              "activations_blocks": act["blocks"] / GB, "activations_other": act["other"] / GB,
-              "overhead": overhead / GB, "total": total / GB}
-    notes = {"model_states": f"ZeRO-{inp.zero}: {formula}, Ψ = {psi / 1e6:.1f} M, N = {n}",
-             "frozen_params": f"{shape.params_frozen / 1e6:.1f} M frozen x 2 B",
-             "zero_buffers": f"{buf_note} ({ds_path.name})",
-             "activations_blocks": (f"{inp.micro_batch} x {act1['blocks'] / 2**20:.1f} MB: {len(shape.blocks)} block "
-                                    f"calls x {ACT_ELEMS} x L x D x {ACT_BYTES} B"
-                                    + (f", {n_ckpt} checkpointed (input only + 1 re-materialised)" if n_ckpt else "")),
-             "activations_other": f"{inp.micro_batch} x {act1['other'] / 2**20:.1f} MB (saved outside blocks)",
-             "overhead": "CUDA context, workspaces, fragmentation"}
+    memory = {
+        "model_states": states["gpu"] / GB,
+        "frozen_params": frozen / GB,
+        "zero_buffers": buffers / GB,
+        "activations_blocks": act["blocks"] / GB,
+        "activations_other": act["other"] / GB,
+        "overhead": overhead / GB,
+        "total": total / GB,
+    }
+    notes = {
+        "model_states": f"ZeRO-{inp.zero}: {formula}, Ψ = {psi / 1e6:.1f} M, N = {n}",
+        "frozen_params": f"{shape.params_frozen / 1e6:.1f} M frozen x 2 B",
+        "zero_buffers": f"{buf_note} ({ds_path.name})",
+        "activations_blocks": (
+            f"{inp.micro_batch} x {act1['blocks'] / 2**20:.1f} MB: {len(shape.blocks)} block "
+            f"calls x {ACT_ELEMS} x L x D x {ACT_BYTES} B"
+            + (f", {n_ckpt} checkpointed (input only + 1 re-materialised)" if n_ckpt else "")
+        ),
+        "activations_other": f"{inp.micro_batch} x {act1['other'] / 2**20:.1f} MB (saved outside blocks)",
+        "overhead": "CUDA context, workspaces, fragmentation",
+    }
 
     per_gpu = inp.mfu * peak / shape.flops_per_sample
     path = inp.loader
     if path == "auto":
         path = "device" if shape.device_decode else "cpu"
     elif path == "device" and not shape.device_decode:
-        raise ConfigError(f"--loader device: objective {inp.objective}'s train transform has no device-decode path; "
-                          "use --loader cpu or preresized")
+        raise ConfigError(
+            f"--loader device: objective {inp.objective}'s train transform has no device-decode path; "
+            "use --loader cpu or preresized"
+        )
     rate = inp.loader_rate or LOADER_RATES[path]
     cluster = per_gpu * n
     per_step = inp.micro_batch * n
     gb = inp.global_batch if inp.global_batch is not None else per_step
     if gb < 1 or gb % per_step:
-        raise ConfigError(f"global batch {gb} is not a multiple of micro-batch x GPUs = {inp.micro_batch} x {n}; "
-                          "change --global-batch, --micro-batch or the GPU count")
+        raise ConfigError(
+            f"global batch {gb} is not a multiple of micro-batch x GPUs = {inp.micro_batch} x {n}; "
+            "change --global-batch, --micro-batch or the GPU count"
+        )
     step = gb / cluster
     epoch = IMAGENET_1K_TRAIN / cluster
     total_time = epoch * inp.epochs if inp.epochs else None
     return Plan(
-        inputs=asdict(inp), n_gpus=n, gpu_memory_gb=cap_gb, peak_tflops=peak / 1e12,
-        params_trainable=shape.params_trainable, params_frozen=shape.params_frozen,
-        params_encoder=shape.params_encoder, flops_per_sample=shape.flops_per_sample,
+        inputs=asdict(inp),
+        n_gpus=n,
+        gpu_memory_gb=cap_gb,
+        peak_tflops=peak / 1e12,
+        params_trainable=shape.params_trainable,
+        params_frozen=shape.params_frozen,
+        params_encoder=shape.params_encoder,
+        flops_per_sample=shape.flops_per_sample,
         recompute_flops_per_sample=recompute_flops_per_sample(shape.blocks),
-        memory_gb=memory, memory_notes=notes, loader_path=path, loader_rate=rate,
+        memory_gb=memory,
+        memory_notes=notes,
+        loader_path=path,
+        loader_rate=rate,
         loader_cores_per_gpu=per_gpu / rate,
-        loader_cores_per_gpu_by_path={k: per_gpu / v for k, v in LOADER_RATES.items()
-                                      if k != "device" or shape.device_decode},
+        loader_cores_per_gpu_by_path={
+            k: per_gpu / v for k, v in LOADER_RATES.items() if k != "device" or shape.device_decode
+        },
         cpu_memory_per_node_gb=states["cpu"] * inp.gpus_per_node / GB,
-        act_per_sample_gb=act1["total"] / GB, fits=total <= cap, max_micro_batch=max_mb,
-        images_per_s_per_gpu=per_gpu, images_per_s_cluster=cluster, global_batch=gb, grad_accum=gb // per_step,
-        step_time_s=step, steps_per_epoch=IMAGENET_1K_TRAIN // gb, epoch_time_s=epoch,
-        total_time_s=total_time, total_gpu_hours=(total_time * n / 3600.0) if total_time else None,
+        act_per_sample_gb=act1["total"] / GB,
+        fits=total <= cap,
+        max_micro_batch=max_mb,
+        images_per_s_per_gpu=per_gpu,
+        images_per_s_cluster=cluster,
+        global_batch=gb,
+        grad_accum=gb // per_step,
+        step_time_s=step,
+        steps_per_epoch=IMAGENET_1K_TRAIN // gb,
+        epoch_time_s=epoch,
+        total_time_s=total_time,
+        total_gpu_hours=(total_time * n / 3600.0) if total_time else None,
         blocks=_group_blocks(shape.blocks),
     )
 
@@ -468,18 +547,30 @@ def _dur(s: float) -> str:
 def fit_line(p: Plan) -> str:
     used, cap = p.memory_gb["total"], p.gpu_memory_gb
     if p.fits:
-        return (f"FIT: {used:.1f} GB of {cap:.0f} GB per GPU ({100 * used / cap:.0f}%); "
-                f"largest micro-batch that fits: {p.max_micro_batch}")
-    hint = ("no micro-batch fits: raise --zero, add --grad-ckpt or --offload, or use bigger GPUs"
-            if p.max_micro_batch < 1 else
-            f"largest micro-batch that fits: {p.max_micro_batch}; or raise --zero / add --grad-ckpt")
+        return (
+            f"FIT: {used:.1f} GB of {cap:.0f} GB per GPU ({100 * used / cap:.0f}%); "
+            f"largest micro-batch that fits: {p.max_micro_batch}"
+        )
+    hint = (
+        "no micro-batch fits: raise --zero, add --grad-ckpt or --offload, or use bigger GPUs"
+        if p.max_micro_batch < 1
+        else f"largest micro-batch that fits: {p.max_micro_batch}; or raise --zero / add --grad-ckpt"
+    )
     return f"DOES NOT FIT: {used:.1f} GB > {cap:.0f} GB per GPU; {hint}"
 
 
 def format_plan(p: Plan) -> str:
     i = p.inputs
-    arch = i["model"].replace("vit_", "ViT-").replace("micro", "Micro").replace("tiny", "Ti").replace(
-        "small", "S").replace("base", "B").replace("large", "L").replace("huge", "H")
+    arch = (
+        i["model"]
+        .replace("vit_", "ViT-")
+        .replace("micro", "Micro")
+        .replace("tiny", "Ti")
+        .replace("small", "S")
+        .replace("base", "B")
+        .replace("large", "L")
+        .replace("huge", "H")
+    )
     ck = "on (encoder)" if i["grad_ckpt"] else "off"
     rows = [
         f"plan: {i['objective']} {arch}/{i['patch']} @{i['img']}px on {i['nodes']} x {i['gpus_per_node']} "
@@ -488,13 +579,21 @@ def format_plan(p: Plan) -> str:
         f"params      {p.params_trainable / 1e6:.1f} M trainable (encoder {p.params_encoder / 1e6:.1f} M)"
         + (f", {p.params_frozen / 1e6:.1f} M frozen" if p.params_frozen else ""),
         f"compute     {p.flops_per_sample / 1e9:.1f} GFLOP per image (analytic, training = 3x forward)"
-        + (f"; +{p.recompute_flops_per_sample / 1e9:.1f} GFLOP recompute (hardware only)"
-           if p.recompute_flops_per_sample else ""),
+        + (
+            f"; +{p.recompute_flops_per_sample / 1e9:.1f} GFLOP recompute (hardware only)"
+            if p.recompute_flops_per_sample
+            else ""
+        ),
         "memory per GPU (GB = 2^30 B)",
     ]
-    labels = {"model_states": "model states", "frozen_params": "frozen params", "zero_buffers": "ZeRO buffers",
-              "activations_blocks": "activations", "activations_other": "  + outside blocks",
-              "overhead": "runtime overhead"}
+    labels = {
+        "model_states": "model states",
+        "frozen_params": "frozen params",
+        "zero_buffers": "ZeRO buffers",
+        "activations_blocks": "activations",
+        "activations_other": "  + outside blocks",
+        "overhead": "runtime overhead",
+    }
     for k, label in labels.items():
         if k == "frozen_params" and not p.params_frozen:
             continue
@@ -515,10 +614,14 @@ def format_plan(p: Plan) -> str:
         rows.append(f"run         {i['epochs']:g} epochs: {_dur(p.total_time_s)}, {p.total_gpu_hours:,.0f} GPU-hours")
     names = {"cpu": "CPU decode", "device": "device decode", "preresized": "CPU decode of pre-resized shards"}
     others = ", ".join(f"{names[k]} {v:.1f}" for k, v in p.loader_cores_per_gpu_by_path.items() if k != p.loader_path)
-    measured = "" if i["loader_rate"] else " (224 px crops of ~500x375 JPEGs, measured on `vm`; --loader-rate for yours)"
-    rows.append(f"loader      CPU cores per GPU the loader needs: {p.loader_cores_per_gpu:.1f} on the "
-                f"{names[p.loader_path]} path = {p.images_per_s_per_gpu:,.0f} img/s / {p.loader_rate:,.0f} samples/s "
-                f"per core{measured}" + (f"; {others}" if others else ""))
+    measured = (
+        "" if i["loader_rate"] else " (224 px crops of ~500x375 JPEGs, measured on `vm`; --loader-rate for yours)"
+    )
+    rows.append(
+        f"loader      CPU cores per GPU the loader needs: {p.loader_cores_per_gpu:.1f} on the "
+        f"{names[p.loader_path]} path = {p.images_per_s_per_gpu:,.0f} img/s / {p.loader_rate:,.0f} samples/s "
+        f"per core{measured}" + (f"; {others}" if others else "")
+    )
     return "\n".join(rows)
 
 
@@ -528,9 +631,19 @@ def from_recipe(recipe: str) -> dict[str, Any]:
 
     cfg = C.load(recipe, ["data.train=plan"])
     knobs = dict(cfg.objective)
-    return dict(model=cfg.model.arch, patch=cfg.model.patch_size, img=cfg.model.img_size,
-                in_chans=cfg.model.in_chans, objective=knobs.pop("name"), objective_knobs=knobs,
-                zero=cfg.train.zero_stage, micro_batch=cfg.train.micro_batch_size,
-                grad_ckpt=cfg.model.grad_checkpointing,
-                offload=cfg.train.offload, precision=cfg.train.precision, global_batch=cfg.train.batch_size,
-                epochs=cfg.train.epochs, loader=cfg.data.decode)
+    return dict(
+        model=cfg.model.arch,
+        patch=cfg.model.patch_size,
+        img=cfg.model.img_size,
+        in_chans=cfg.model.in_chans,
+        objective=knobs.pop("name"),
+        objective_knobs=knobs,
+        zero=cfg.train.zero_stage,
+        micro_batch=cfg.train.micro_batch_size,
+        grad_ckpt=cfg.model.grad_checkpointing,
+        offload=cfg.train.offload,
+        precision=cfg.train.precision,
+        global_batch=cfg.train.batch_size,
+        epochs=cfg.train.epochs,
+        loader=cfg.data.decode,
+    )

@@ -29,6 +29,7 @@ World size 1 runs in this process; ``--world-size N`` re-launches through ``torc
 ``--zero``/``--ckpt``/``--micro-batch``) run one subprocess each; ``--sweep`` also writes
 ``throughput-<machine>-<date>.json`` and an SVG plot of img/s per ZeRO stage.
 """
+
 from __future__ import annotations
 
 import datetime as dt
@@ -67,14 +68,18 @@ class ThroughputConfig:
     world_size: int = 1
     data: str = "synthetic"
     seed: int = 0
-    plan_gpu: str | None = None          # a `bench plan --gpu` key, or "auto" (this GPU)
+    plan_gpu: str | None = None  # a `bench plan --gpu` key, or "auto" (this GPU)
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
     def check(self) -> None:
         if self.zero not in (0, 1, 2, 3):
             raise ConfigError(f"--zero {self.zero}: must be 0, 1, 2 or 3")
-        for name, v, lo in (("--micro-batch", self.micro_batch, 1), ("--steps", self.steps, 1),
-                            ("--warmup", self.warmup, 0), ("--world-size", self.world_size, 1)):
+        for name, v, lo in (
+            ("--micro-batch", self.micro_batch, 1),
+            ("--steps", self.steps, 1),
+            ("--warmup", self.warmup, 0),
+            ("--world-size", self.world_size, 1),
+        ):
             if not isinstance(v, int) or v < lo:
                 raise ConfigError(f"{name} {v}: must be an integer >= {lo}")
         if self.precision is not None and self.precision not in PRECISIONS:
@@ -87,11 +92,34 @@ class ThroughputConfig:
 
     def cli_args(self) -> list[str]:
         """The ``mimscale bench throughput`` arguments that reproduce exactly this configuration."""
-        a = ["--recipe", self.recipe, "--zero", str(self.zero), "--ckpt", str(int(self.ckpt)),
-             "--micro-batch", str(self.micro_batch), "--steps", str(self.steps), "--warmup", str(self.warmup),
-             "--world-size", str(self.world_size), "--data", self.data, "--seed", str(self.seed)]
-        for flag, v in (("--objective", self.objective), ("--arch", self.arch), ("--img", self.img),
-                        ("--patch", self.patch), ("--precision", self.precision), ("--plan-gpu", self.plan_gpu)):
+        a = [
+            "--recipe",
+            self.recipe,
+            "--zero",
+            str(self.zero),
+            "--ckpt",
+            str(int(self.ckpt)),
+            "--micro-batch",
+            str(self.micro_batch),
+            "--steps",
+            str(self.steps),
+            "--warmup",
+            str(self.warmup),
+            "--world-size",
+            str(self.world_size),
+            "--data",
+            self.data,
+            "--seed",
+            str(self.seed),
+        ]
+        for flag, v in (
+            ("--objective", self.objective),
+            ("--arch", self.arch),
+            ("--img", self.img),
+            ("--patch", self.patch),
+            ("--precision", self.precision),
+            ("--plan-gpu", self.plan_gpu),
+        ):
             if v is not None:
                 a += [flag, str(v)]
         for o in self.overrides:
@@ -108,15 +136,27 @@ def build_config(tc: ThroughputConfig, world_size: int):
 
     ov: list[str] = []
     if tc.objective is not None and tc.objective != C.load_raw(tc.recipe).get("objective", {}).get("name"):
-        ov.append(f"objective={{name: {tc.objective}}}")     # the recipe's knobs belong to its own objective
-    for key, v in (("model.arch", tc.arch), ("model.img_size", tc.img), ("model.patch_size", tc.patch),
-                   ("train.precision", tc.precision)):
+        ov.append(f"objective={{name: {tc.objective}}}")  # the recipe's knobs belong to its own objective
+    for key, v in (
+        ("model.arch", tc.arch),
+        ("model.img_size", tc.img),
+        ("model.patch_size", tc.patch),
+        ("train.precision", tc.precision),
+    ):
         if v is not None:
             ov.append(f"{key}={v}")
-    ov += [f"model.grad_checkpointing={str(tc.ckpt).lower()}", f"train.zero_stage={tc.zero}",
-           f"train.micro_batch_size={tc.micro_batch}", f"train.batch_size={tc.micro_batch * world_size}",
-           f"data.train={tc.data}", "eval.knn_train=null", "eval.knn_test=null", "log.wandb=disabled",
-           "log.tensorboard=false", "log.jsonl=false"]
+    ov += [
+        f"model.grad_checkpointing={str(tc.ckpt).lower()}",
+        f"train.zero_stage={tc.zero}",
+        f"train.micro_batch_size={tc.micro_batch}",
+        f"train.batch_size={tc.micro_batch * world_size}",
+        f"data.train={tc.data}",
+        "eval.knn_train=null",
+        "eval.knn_test=null",
+        "log.wandb=disabled",
+        "log.tensorboard=false",
+        "log.jsonl=false",
+    ]
     return C.load(tc.recipe, [*ov, *tc.overrides])
 
 
@@ -138,8 +178,9 @@ def synthetic_batches(objective, cfg, n: int, seed: int = 0) -> list[dict]:
     from ..masking import MaskCollate
 
     m, d = cfg.model, cfg.data
-    tf = objective.train_transform(TrainTransform(m.img_size, scale=d.crop_scale, hflip=d.hflip, mean=d.mean,
-                                                  std=d.std, in_chans=m.in_chans))
+    tf = objective.train_transform(
+        TrainTransform(m.img_size, scale=d.crop_scale, hflip=d.hflip, mean=d.mean, std=d.std, in_chans=m.in_chans)
+    )
     collate = MaskCollate(objective.mask_spec())
     g = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -183,14 +224,32 @@ def plan_projection(cfg, world_size: int, gpu: str, mfu: float | None = None) ->
     knobs = dict(cfg.objective)
     t, m = cfg.train, cfg.model
     measured: dict[str, Any] = {"mfu": mfu} if mfu else {}
-    inp = P.PlanInput(model=m.arch, patch=m.patch_size, img=m.img_size, in_chans=m.in_chans,
-                      objective=knobs.pop("name"), objective_knobs=knobs, gpu=gpu, zero=t.zero_stage,
-                      micro_batch=t.micro_batch_size, nodes=1, gpus_per_node=world_size,
-                      grad_ckpt=m.grad_checkpointing, precision=t.precision if t.precision != "fp32" else "bf16",
-                      **measured)
+    inp = P.PlanInput(
+        model=m.arch,
+        patch=m.patch_size,
+        img=m.img_size,
+        in_chans=m.in_chans,
+        objective=knobs.pop("name"),
+        objective_knobs=knobs,
+        gpu=gpu,
+        zero=t.zero_stage,
+        micro_batch=t.micro_batch_size,
+        nodes=1,
+        gpus_per_node=world_size,
+        grad_ckpt=m.grad_checkpointing,
+        precision=t.precision if t.precision != "fp32" else "bf16",
+        **measured,
+    )
     p = P.make_plan(inp)
-    return {"gpu": gpu, "precision": inp.precision, "mfu": inp.mfu, "mem_gb": p.memory_gb["total"],
-            "fits": p.fits, "max_micro_batch": p.max_micro_batch, "img_per_s_per_gpu": p.images_per_s_per_gpu}
+    return {
+        "gpu": gpu,
+        "precision": inp.precision,
+        "mfu": inp.mfu,
+        "mem_gb": p.memory_gb["total"],
+        "fits": p.fits,
+        "max_micro_batch": p.max_micro_batch,
+        "img_per_s_per_gpu": p.images_per_s_per_gpu,
+    }
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -219,17 +278,19 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
     from ..telemetry.mfu import mfu, peak_flops_for
 
     tc.check()
-    cfg = build_config(tc, tc.world_size)           # bad arguments fail here, before the environment is touched
+    cfg = build_config(tc, tc.world_size)  # bad arguments fail here, before the environment is touched
     d = dist.detect()
     if d.world_size != tc.world_size:
-        raise ConfigError(f"--world-size {tc.world_size} but this process was launched with world size "
-                          f"{d.world_size}; pass --world-size {d.world_size} or launch without a launcher")
+        raise ConfigError(
+            f"--world-size {tc.world_size} but this process was launched with world size "
+            f"{d.world_size}; pass --world-size {d.world_size} or launch without a launcher"
+        )
     dist.export(d)
     dist.nccl_env_defaults()
     torch.set_num_threads(dist.configure_threads(d))
     accelerator = dist.accelerator_name()
     if accelerator == "cpu" and d.world_size == 1:
-        ds.skip_shm_comm_build()      # a shared-memory allreduce JIT build (~30 s, file-locked): nothing to reduce
+        ds.skip_shm_comm_build()  # a shared-memory allreduce JIT build (~30 s, file-locked): nothing to reduce
     derived = C.derive(cfg, d.world_size, samples_per_epoch=cfg.train.batch_size * 10**6)
 
     torch.manual_seed(cfg.train.seed)
@@ -272,7 +333,7 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     mem = memory_stats(device)["perf/mem_peak_gb"]
-    assert loss is not None                      # the timed loop ran at least once
+    assert loss is not None  # the timed loop ran at least once
     loss_v = float(loss.detach().float())
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         t = torch.tensor([mem, max(times)], dtype=torch.float64, device=device)
@@ -287,20 +348,35 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
     img_s = cfg.train.micro_batch_size * d.world_size / med
     name = info["name"]
     row = {
-        "objective": cfg.objective["name"], "arch": cfg.model.arch, "img": cfg.model.img_size,
-        "patch": cfg.model.patch_size, "zero": tc.zero, "ckpt": int(tc.ckpt), "micro_batch": tc.micro_batch,
-        "world_size": d.world_size, "precision": cfg.train.precision, "data": tc.data,
-        "device": device.type, "device_name": name, "threads": torch.get_num_threads(),
-        "steps": tc.steps, "warmup": tc.warmup, "params": params,
-        "img_per_s": img_s, "step_time_s": med, "step_time_iqr_s": [q[0], q[2]],
+        "objective": cfg.objective["name"],
+        "arch": cfg.model.arch,
+        "img": cfg.model.img_size,
+        "patch": cfg.model.patch_size,
+        "zero": tc.zero,
+        "ckpt": int(tc.ckpt),
+        "micro_batch": tc.micro_batch,
+        "world_size": d.world_size,
+        "precision": cfg.train.precision,
+        "data": tc.data,
+        "device": device.type,
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "steps": tc.steps,
+        "warmup": tc.warmup,
+        "params": params,
+        "img_per_s": img_s,
+        "step_time_s": med,
+        "step_time_iqr_s": [q[0], q[2]],
         "cpu_time_s": statistics.median(cpu_times),
         "img_per_cpu_s": cfg.train.micro_batch_size / statistics.median(cpu_times),
-        "flops_per_sample": flops, "flops_per_sample_analytic": analytic,
+        "flops_per_sample": flops,
+        "flops_per_sample_analytic": analytic,
         "tflops_per_device": flops * img_s / d.world_size / 1e12,
         "peak_tflops": peak / 1e12 if peak else None,
         "peak_source": ("datasheet" if device.type == "cuda" else "measured GEMM") if peak else None,
         "mfu": mfu(flops, img_s / d.world_size, peak) if peak else None,
-        "mem_peak_gb": mem, "final_loss": loss_v,
+        "mem_peak_gb": mem,
+        "final_loss": loss_v,
     }
     if tc.plan_gpu:
         gpu = tc.plan_gpu
@@ -323,8 +399,11 @@ def device_info(device, cuda: Any = None) -> dict[str, Any]:
     if torch.device(device).type != "cuda":
         return {"name": cpu_name(), "memory_gb": None, "sync": lambda: None}
     cuda = torch.cuda if cuda is None else cuda
-    return {"name": cuda.get_device_name(device), "memory_gb": cuda.get_device_properties(device).total_memory / 2**30,
-            "sync": lambda: cuda.synchronize(device)}
+    return {
+        "name": cuda.get_device_name(device),
+        "memory_gb": cuda.get_device_properties(device).total_memory / 2**30,
+        "sync": lambda: cuda.synchronize(device),
+    }
 
 
 def cpu_name() -> str:
@@ -352,8 +431,15 @@ def _shard_loader(cfg, objective, d, accelerator: str, derived):
 def _child_cmd(tc: ThroughputConfig) -> list[str]:
     base = ["-m", "mimscale.cli", "bench", "throughput", *tc.cli_args()]
     if tc.world_size > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                str(tc.world_size), *base]
+        return [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(tc.world_size),
+            *base,
+        ]
     return [sys.executable, *base]
 
 
@@ -366,8 +452,10 @@ def run_subprocess(tc: ThroughputConfig, timeout: float | None = None) -> dict[s
     if p.returncode != 0 or not rows:
         last = [ln for ln in (p.stderr + p.stdout).splitlines() if ln.strip()]
         err = next((ln for ln in reversed(last) if "error" in ln.lower()), last[-1] if last else "no output")
-        raise ConfigError(f"configuration zero={tc.zero} ckpt={int(tc.ckpt)} micro_batch={tc.micro_batch} "
-                          f"failed (exit {p.returncode}): {err.strip()[:300]}")
+        raise ConfigError(
+            f"configuration zero={tc.zero} ckpt={int(tc.ckpt)} micro_batch={tc.micro_batch} "
+            f"failed (exit {p.returncode}): {err.strip()[:300]}"
+        )
     return rows[-1]
 
 
@@ -381,9 +469,12 @@ def run_one(tc: ThroughputConfig) -> dict[str, Any] | None:
     return measure(tc)
 
 
-def grid(base: ThroughputConfig, zeros: list[int], ckpts: list[bool], micro_batches: list[int]) -> list[ThroughputConfig]:
-    return [replace(base, zero=z, ckpt=c, micro_batch=mb)
-            for mb, c, z in itertools.product(micro_batches, ckpts, zeros)]
+def grid(
+    base: ThroughputConfig, zeros: list[int], ckpts: list[bool], micro_batches: list[int]
+) -> list[ThroughputConfig]:
+    return [
+        replace(base, zero=z, ckpt=c, micro_batch=mb) for mb, c, z in itertools.product(micro_batches, ckpts, zeros)
+    ]
 
 
 def run_grid(configs: list[ThroughputConfig], repeats: int = 1, emit=print) -> list[dict[str, Any]]:
@@ -420,10 +511,19 @@ def compile_ratio(tc: ThroughputConfig, repeats: int = 1, emit=print) -> dict[st
     eager = replace(tc, overrides=(*tc.overrides, "model.compile=false"))
     rows = run_grid([tc, eager], repeats, emit=emit)
     compiled_r, eager_r = rows
-    ratio = [c / e for c, e in zip(compiled_r["img_per_s_rounds"], eager_r["img_per_s_rounds"])] \
-        if "img_per_s_rounds" in compiled_r else [compiled_r["img_per_s"] / eager_r["img_per_s"]]
-    out = {"compile": {"compiled_img_per_s": compiled_r["img_per_s"], "eager_img_per_s": eager_r["img_per_s"],
-                       "compiled_over_eager": statistics.median(ratio), "repeats": repeats}}
+    ratio = (
+        [c / e for c, e in zip(compiled_r["img_per_s_rounds"], eager_r["img_per_s_rounds"])]
+        if "img_per_s_rounds" in compiled_r
+        else [compiled_r["img_per_s"] / eager_r["img_per_s"]]
+    )
+    out = {
+        "compile": {
+            "compiled_img_per_s": compiled_r["img_per_s"],
+            "eager_img_per_s": eager_r["img_per_s"],
+            "compiled_over_eager": statistics.median(ratio),
+            "repeats": repeats,
+        }
+    }
     emit(json.dumps(out))
     return out
 
@@ -431,6 +531,7 @@ def compile_ratio(tc: ThroughputConfig, repeats: int = 1, emit=print) -> dict[st
 def ratios(rows: list[dict]) -> list[dict]:
     """img/s (and img per CPU-second, when measured) of each row relative to ZeRO-0 without checkpointing
     at the same micro-batch and model (``None`` without that baseline)."""
+
     def key(r):
         return r.get("arch"), r["micro_batch"], r.get("world_size", 1)
 
@@ -439,9 +540,16 @@ def ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         b = base.get(key(r))
         cpu = b is not None and r.get("img_per_cpu_s") and b.get("img_per_cpu_s")
-        out.append({"arch": r.get("arch"), "zero": r["zero"], "ckpt": r["ckpt"], "micro_batch": r["micro_batch"],
-                    "img_per_s_vs_zero0": r["img_per_s"] / b["img_per_s"] if b else None,
-                    "img_per_cpu_s_vs_zero0": r["img_per_cpu_s"] / b["img_per_cpu_s"] if cpu and b else None})
+        out.append(
+            {
+                "arch": r.get("arch"),
+                "zero": r["zero"],
+                "ckpt": r["ckpt"],
+                "micro_batch": r["micro_batch"],
+                "img_per_s_vs_zero0": r["img_per_s"] / b["img_per_s"] if b else None,
+                "img_per_cpu_s_vs_zero0": r["img_per_cpu_s"] / b["img_per_cpu_s"] if cpu and b else None,
+            }
+        )
     return out
 
 
@@ -450,11 +558,21 @@ def sweep_doc(rows: list[dict], grid_spec: dict, repeats: int) -> dict[str, Any]
 
     import torch
 
-    return {"benchmark": "throughput", "machine": platform.node() or "machine", "date": dt.date.today().isoformat(),
-            "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)),
-            "python": platform.python_version(), "torch": torch.__version__, "deepspeed": version("deepspeed"),
-            "grid": grid_spec, "repeats": repeats, "results": rows, "ratios": ratios(rows),
-            "caveat": "img/s on a shared machine moves with the load; compare configurations by the ratios"}
+    return {
+        "benchmark": "throughput",
+        "machine": platform.node() or "machine",
+        "date": dt.date.today().isoformat(),
+        "cpu": cpu_name(),
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": version("deepspeed"),
+        "grid": grid_spec,
+        "repeats": repeats,
+        "results": rows,
+        "ratios": ratios(rows),
+        "caveat": "img/s on a shared machine moves with the load; compare configurations by the ratios",
+    }
 
 
 SVG_STYLE = """<style>
@@ -485,19 +603,29 @@ def sweep_svg(rows: list[dict], *, chart_id: str = "bench-throughput", standalon
     per_cpu = bool(rows) and all(r.get("device") == "cpu" and r.get("img_per_cpu_s") for r in rows)
     metric, unit = ("img_per_cpu_s", "img per CPU-second") if per_cpu else ("img_per_s", "img/s")
     keys = sorted({(r["arch"], r["micro_batch"], r["ckpt"]) for r in rows})
-    series = [Series(f"{a} mb {mb}" + (" + ckpt" if c else ""), i,
-                     sorted((float(r["zero"]), r[metric]) for r in rows
-                            if (r["arch"], r["micro_batch"], r["ckpt"]) == (a, mb, c)),
-                     tooltip="{label}: ZeRO-{x}, {y} " + unit)
-              for i, (a, mb, c) in enumerate(keys)]
+    series = [
+        Series(
+            f"{a} mb {mb}" + (" + ckpt" if c else ""),
+            i,
+            sorted(
+                (float(r["zero"]), r[metric]) for r in rows if (r["arch"], r["micro_batch"], r["ckpt"]) == (a, mb, c)
+            ),
+            tooltip="{label}: ZeRO-{x}, {y} " + unit,
+        )
+        for i, (a, mb, c) in enumerate(keys)
+    ]
     first = rows[0] if rows else {}
-    title = (f"{first.get('objective', '')} throughput by ZeRO stage ({first.get('world_size', 1)} x "
-             f"{first.get('device', '')}, {first.get('precision', '')})")
-    svg = line_chart(series, chart_id=chart_id, title=title, x_label="ZeRO stage", y_label=unit, markers=True,
-                     x_from_zero=True)
+    title = (
+        f"{first.get('objective', '')} throughput by ZeRO stage ({first.get('world_size', 1)} x "
+        f"{first.get('device', '')}, {first.get('precision', '')})"
+    )
+    svg = line_chart(
+        series, chart_id=chart_id, title=title, x_label="ZeRO stage", y_label=unit, markers=True, x_from_zero=True
+    )
     if standalone:
         svg = svg.replace("<svg ", '<svg xmlns="http://www.w3.org/2000/svg" ', 1).replace(
-            "</title>", "</title>\n" + SVG_STYLE, 1)
+            "</title>", "</title>\n" + SVG_STYLE, 1
+        )
     return svg
 
 
@@ -516,21 +644,27 @@ def write_sweep(rows: list[dict], out: str | os.PathLike, grid_spec: dict, repea
 def format_table(rows: list[dict]) -> str:
     """A plain-text table of a sweep (img/s, ratio to ZeRO-0, step time, MFU, peak memory)."""
     rel = ratios(rows)
-    head = (f"{'arch':<10} {'ZeRO':>4} {'ckpt':>4} {'mb':>4} {'img/s':>9} {'vs Z0':>6} {'img/CPU-s':>9} "
-            f"{'vs Z0':>6} {'step ms':>8} {'MFU':>6} {'mem GB':>7}")
+    head = (
+        f"{'arch':<10} {'ZeRO':>4} {'ckpt':>4} {'mb':>4} {'img/s':>9} {'vs Z0':>6} {'img/CPU-s':>9} "
+        f"{'vs Z0':>6} {'step ms':>8} {'MFU':>6} {'mem GB':>7}"
+    )
     lines = [head]
     for r, q in zip(rows, rel):
         v, vc = q["img_per_s_vs_zero0"], q["img_per_cpu_s_vs_zero0"]
         mfu_s = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "   n/a"
-        line = (f"{r['arch']:<10} {r['zero']:>4} {r['ckpt']:>4} {r['micro_batch']:>4} {r['img_per_s']:>9.1f} "
-                f"{(f'{v:.3f}' if v is not None else '-'):>6} "
-                f"{(format(r['img_per_cpu_s'], '.1f') if r.get('img_per_cpu_s') else '-'):>9} "
-                f"{(f'{vc:.3f}' if vc is not None else '-'):>6} {1000 * r['step_time_s']:>8.1f} {mfu_s} "
-                f"{r['mem_peak_gb']:>7.2f}")
+        line = (
+            f"{r['arch']:<10} {r['zero']:>4} {r['ckpt']:>4} {r['micro_batch']:>4} {r['img_per_s']:>9.1f} "
+            f"{(f'{v:.3f}' if v is not None else '-'):>6} "
+            f"{(format(r['img_per_cpu_s'], '.1f') if r.get('img_per_cpu_s') else '-'):>9} "
+            f"{(f'{vc:.3f}' if vc is not None else '-'):>6} {1000 * r['step_time_s']:>8.1f} {mfu_s} "
+            f"{r['mem_peak_gb']:>7.2f}"
+        )
         if "plan" in r:
             p = r["plan"]
-            line += (f"   plan {p['gpu']}: {p['mem_gb']:.1f} GB {'fits' if p['fits'] else 'DOES NOT FIT'}, "
-                     f"{p['img_per_s_per_gpu']:.0f} img/s/GPU at MFU {p['mfu']:.2f}")
+            line += (
+                f"   plan {p['gpu']}: {p['mem_gb']:.1f} GB {'fits' if p['fits'] else 'DOES NOT FIT'}, "
+                f"{p['img_per_s_per_gpu']:.0f} img/s/GPU at MFU {p['mfu']:.2f}"
+            )
         lines.append(line)
     return "\n".join(lines)
 
@@ -542,39 +676,57 @@ def config_dict(tc: ThroughputConfig) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- GPU run summary
 
 
-def summarize(rows: list[dict], target_mfu: float = 0.45, target_arch: str = "vit_large",
-              target_objective: str = "mae") -> tuple[str, bool | None]:
+def summarize(
+    rows: list[dict], target_mfu: float = 0.45, target_arch: str = "vit_large", target_objective: str = "mae"
+) -> tuple[str, bool | None]:
     """Measured vs ``bench plan`` per configuration, and the MFU target verdict.
 
     The verdict (``True``/``False``) needs a ``target_objective`` ``target_arch`` row measured on one
     CUDA device; otherwise it is ``None`` ("not evaluated"), e.g. in the CPU smoke run.
     """
-    head = (f"{'objective':<9} {'arch':<10} {'ZeRO':>4} {'ckpt':>4} {'mb':>4} {'ranks':>5} {'img/s':>9} {'MFU':>6} "
-            f"{'mem GB':>7} | {'plan GB':>7} {'fits':>4} {'meas/plan mem':>13} {'img/s @plan MFU':>15}")
+    head = (
+        f"{'objective':<9} {'arch':<10} {'ZeRO':>4} {'ckpt':>4} {'mb':>4} {'ranks':>5} {'img/s':>9} {'MFU':>6} "
+        f"{'mem GB':>7} | {'plan GB':>7} {'fits':>4} {'meas/plan mem':>13} {'img/s @plan MFU':>15}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         p = r.get("plan")
         mfu_s = f"{100 * r['mfu']:5.1f}%" if r.get("mfu") is not None else "   n/a"
-        line = (f"{r['objective']:<9} {r['arch']:<10} {r['zero']:>4} {r['ckpt']:>4} {r['micro_batch']:>4} "
-                f"{r['world_size']:>5} {r['img_per_s']:>9.1f} {mfu_s} {r['mem_peak_gb']:>7.2f} | ")
+        line = (
+            f"{r['objective']:<9} {r['arch']:<10} {r['zero']:>4} {r['ckpt']:>4} {r['micro_batch']:>4} "
+            f"{r['world_size']:>5} {r['img_per_s']:>9.1f} {mfu_s} {r['mem_peak_gb']:>7.2f} | "
+        )
         if p:
-            line += (f"{p['mem_gb']:>7.2f} {'yes' if p['fits'] else 'NO':>4} {r['mem_peak_gb'] / p['mem_gb']:>13.2f} "
-                     f"{p['img_per_s_per_gpu'] * r['world_size']:>15.0f}")
+            line += (
+                f"{p['mem_gb']:>7.2f} {'yes' if p['fits'] else 'NO':>4} {r['mem_peak_gb'] / p['mem_gb']:>13.2f} "
+                f"{p['img_per_s_per_gpu'] * r['world_size']:>15.0f}"
+            )
         else:
             line += "(no plan)"
         lines.append(line)
-    eligible = [r for r in rows if r["arch"] == target_arch and r["objective"] == target_objective
-                and r["device"] == "cuda" and r["world_size"] == 1 and r.get("mfu") is not None]
+    eligible = [
+        r
+        for r in rows
+        if r["arch"] == target_arch
+        and r["objective"] == target_objective
+        and r["device"] == "cuda"
+        and r["world_size"] == 1
+        and r.get("mfu") is not None
+    ]
     name = f"{target_objective.upper()} {target_arch}"
     if not eligible:
-        lines.append(f"target: >= {100 * target_mfu:.0f}% MFU for {name} on one A100/H100-class GPU: not evaluated "
-                     "(no such configuration measured on CUDA here)")
+        lines.append(
+            f"target: >= {100 * target_mfu:.0f}% MFU for {name} on one A100/H100-class GPU: not evaluated "
+            "(no such configuration measured on CUDA here)"
+        )
         return "\n".join(lines), None
     best = max(eligible, key=lambda r: r["mfu"])
     met = best["mfu"] >= target_mfu
-    lines.append(f"target: >= {100 * target_mfu:.0f}% MFU for {name} on one {best['device_name']}: best "
-                  f"{100 * best['mfu']:.1f}% (ZeRO-{best['zero']}, ckpt {best['ckpt']}, micro-batch "
-                  f"{best['micro_batch']}, {best['precision']}) -> {'MET' if met else 'MISSED'}")
+    lines.append(
+        f"target: >= {100 * target_mfu:.0f}% MFU for {name} on one {best['device_name']}: best "
+        f"{100 * best['mfu']:.1f}% (ZeRO-{best['zero']}, ckpt {best['ckpt']}, micro-batch "
+        f"{best['micro_batch']}, {best['precision']}) -> {'MET' if met else 'MISSED'}"
+    )
     return "\n".join(lines), met
 
 

@@ -1,6 +1,7 @@
 """Building the trained module from the config: encoder + objective, activation checkpointing, compile,
 and the backend switches (TF32). The Trainer and ``bench throughput`` build through here, so both measure
 the same thing."""
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,15 @@ def build_model(cfg: C.Config, device: str | torch.device | None = None) -> nn.M
     With ``model.compile`` every transformer block is compiled in place (see :func:`compile_blocks`)."""
     m = cfg.model
     with torch.device(device) if device is not None else _NoDevice():
-        encoder = build_vit(m.arch, m.img_size, m.patch_size, m.in_chans, drop_path_rate=m.drop_path,
-                            layer_scale_init=m.layer_scale_init, pos_embed=m.pos_embed)
+        encoder = build_vit(
+            m.arch,
+            m.img_size,
+            m.patch_size,
+            m.in_chans,
+            drop_path_rate=m.drop_path,
+            layer_scale_init=m.layer_scale_init,
+            pos_embed=m.pos_embed,
+        )
         encoder.set_grad_checkpointing(m.grad_checkpointing)
         objective = build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
     if m.compile and device != "meta":

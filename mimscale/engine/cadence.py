@@ -4,10 +4,11 @@ Every time source is injectable (``now``), so tests drive the minute triggers wi
 A part answers a *local* question (``due_local``: has my clock passed the mark?); the loop ORs the
 answers of all ranks in one collective (:mod:`.flags`) and then tells the part what was agreed.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 Now = Callable[[], float]
 
@@ -76,7 +77,7 @@ class Clock:
     def device_hours(self) -> float:
         return self.prior_dh + self.segment_s() * self.world_size / 3600.0
 
-    def pause(self) -> "_Paused":
+    def pause(self) -> _Paused:
         """``with clock.pause():`` -- time inside does not count as training (evaluation, saving)."""
         return _Paused(self)
 

@@ -4,6 +4,7 @@ The knobs file holds ZeRO/communication settings only; batch sizes, optimizer, p
 come from the YAML and are filled in here, so a knobs file that sets them is a conflict (ConfigError).
 This module and ``checkpoint.py`` are the only ones that import deepspeed.
 """
+
 from __future__ import annotations
 
 import copy
@@ -24,8 +25,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mimscale.train")
 DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
-OWNED_BY_YAML = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                 "optimizer", "scheduler", "bf16", "fp16", "gradient_clipping", "amp")
+OWNED_BY_YAML = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "optimizer",
+    "scheduler",
+    "bf16",
+    "fp16",
+    "gradient_clipping",
+    "amp",
+)
 
 
 def knobs_file(cfg: Config) -> Path:
@@ -62,22 +72,37 @@ def ds_config(cfg: Config, derived: Derived, accelerator: str) -> dict:
     knobs = copy.deepcopy(load_knobs(cfg))
     t, o = cfg.train, cfg.optim
     if t.precision == "fp16" and accelerator != "cuda":
-        raise ConfigError("train.precision=fp16 needs CUDA devices (DeepSpeed's CPU accelerator has no fp16 "
-                          "training); use bf16 or fp32")
-    params = {"lr": derived.lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay,
-              **optimizer_params(o.impl, accelerator, offloaded(knobs))}
-    knobs.update({
-        "train_batch_size": t.batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": derived.grad_accum,
-        "optimizer": {"type": "AdamW", "params": params},
-        "gradient_clipping": o.clip_grad,
-    })
+        raise ConfigError(
+            "train.precision=fp16 needs CUDA devices (DeepSpeed's CPU accelerator has no fp16 "
+            "training); use bf16 or fp32"
+        )
+    params = {
+        "lr": derived.lr,
+        "betas": list(o.betas),
+        "eps": o.eps,
+        "weight_decay": o.weight_decay,
+        **optimizer_params(o.impl, accelerator, offloaded(knobs)),
+    }
+    knobs.update(
+        {
+            "train_batch_size": t.batch_size,
+            "train_micro_batch_size_per_gpu": t.micro_batch_size,
+            "gradient_accumulation_steps": derived.grad_accum,
+            "optimizer": {"type": "AdamW", "params": params},
+            "gradient_clipping": o.clip_grad,
+        }
+    )
     if t.precision == "bf16":
         knobs["bf16"] = {"enabled": True}
     elif t.precision == "fp16":
-        knobs["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+        knobs["fp16"] = {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
     return knobs
 
 
@@ -93,8 +118,10 @@ def optimizer_params(impl: str, accelerator: str, offload: bool) -> dict:
     CUDA extension at first use (needs nvcc + a CUDA toolkit). ZeRO-Offload always uses DeepSpeed's
     CPUAdam (built once with g++; the log says so when it builds)."""
     if offload:
-        log.info("train.offload: the optimizer is DeepSpeed's CPUAdam, JIT-built once with g++ into "
-                 "~/.cache/torch_extensions on first use (about a minute)")
+        log.info(
+            "train.offload: the optimizer is DeepSpeed's CPUAdam, JIT-built once with g++ into "
+            "~/.cache/torch_extensions on first use (about a minute)"
+        )
         return {}
     impl = ("fused" if accelerator == "cuda" else "torch") if impl == "auto" else impl
     if impl == "deepspeed":
@@ -113,8 +140,10 @@ def param_groups(model: nn.Module, no_decay: set[str], weight_decay: float) -> l
         if not p.requires_grad:
             continue
         (rest if p.ndim <= 1 or name in no_decay else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0},
-            {"params": rest, "weight_decay": 0.0, "wd_scale": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay, "wd_scale": 1.0},
+        {"params": rest, "weight_decay": 0.0, "wd_scale": 0.0},
+    ]
 
 
 def skip_shm_comm_build() -> None:
@@ -129,8 +158,14 @@ def skip_shm_comm_build() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator: str, load_universal: bool = False,
-               groups: list[dict] | None = None):
+def initialize(
+    objective: nn.Module,
+    cfg: Config,
+    derived: Derived,
+    accelerator: str,
+    load_universal: bool = False,
+    groups: list[dict] | None = None,
+):
     """``deepspeed.initialize`` on the objective (encoder + heads). Returns the engine.
 
     Frozen teachers (``objective.frozen_modules()``) never reach DeepSpeed: they are detached from the
@@ -154,8 +189,9 @@ def initialize(objective: nn.Module, cfg: Config, derived: Derived, accelerator:
         config = ds_config(cfg, derived, accelerator)
         if load_universal:
             config["checkpoint"] = {"load_universal": True}
-        engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=groups, config=config,
-                                               dist_init_required=True)
+        engine, _, _, _ = deepspeed.initialize(
+            model=objective, model_parameters=groups, config=config, dist_init_required=True
+        )
     dev = torch.device(engine.device)
     for m in outside:
         m.to(dev)
@@ -196,8 +232,9 @@ def master_shards(engine, module: nn.Module):
         return None
     from deepspeed.utils import safe_get_local_fp32_param
 
-    return [(name, safe_get_local_fp32_param(p).reshape(-1)) for name, p in module.named_parameters()
-            if p.requires_grad]
+    return [
+        (name, safe_get_local_fp32_param(p).reshape(-1)) for name, p in module.named_parameters() if p.requires_grad
+    ]
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ on logging steps the metric window's sums ride along in the same tensor and are 
 ``all_reduce(SUM)`` then covers both (a flag is set on some rank iff its sum is > 0), and one ``tolist()``
 brings the result to the host. Device-side flags (``isfinite`` of the loss) never sync on their own.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -32,10 +33,16 @@ class StepFlags:
 
     def __init__(self, device: torch.device):
         self.device = device
-        self.collectives = 0                 # how many reductions this object has issued (tests count them)
+        self.collectives = 0  # how many reductions this object has issued (tests count them)
 
-    def agree(self, nonfinite: torch.Tensor | bool, *, metrics: dict[str, torch.Tensor] | None = None,
-              count: int = 0, **host: bool) -> Agreed:
+    def agree(
+        self,
+        nonfinite: torch.Tensor | bool,
+        *,
+        metrics: dict[str, torch.Tensor] | None = None,
+        count: int = 0,
+        **host: bool,
+    ) -> Agreed:
         """``nonfinite``: a device bool (no sync); ``host``: the other flags as Python bools;
         ``metrics``: per-key sums over ``count`` micro-batches, averaged over all ranks' micro-batches."""
         unknown = set(host) - set(FLAGS[1:])
@@ -43,16 +50,18 @@ class StepFlags:
             raise TypeError(f"unknown step flags: {sorted(unknown)}")
         keys = sorted(metrics or {})
         host_part = torch.tensor([float(host.get(k, False)) for k in FLAGS[1:]] + [float(count)])
-        parts = [torch.as_tensor(nonfinite, device=self.device).float().reshape(1),
-                 host_part.to(self.device, non_blocking=True)]
+        parts = [
+            torch.as_tensor(nonfinite, device=self.device).float().reshape(1),
+            host_part.to(self.device, non_blocking=True),
+        ]
         if keys:
-            assert metrics is not None               # keys come from it
+            assert metrics is not None  # keys come from it
             parts.append(torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(self.device))
         packed = torch.cat(parts)
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.all_reduce(packed)
             self.collectives += 1
-        values = packed.tolist()             # the one host synchronisation of the step
+        values = packed.tolist()  # the one host synchronisation of the step
         flags = {k: values[i] > 0 for i, k in enumerate(FLAGS)}
         n = max(values[len(FLAGS)], 1.0)
         means = {k: values[len(FLAGS) + 1 + i] / n for i, k in enumerate(keys)}

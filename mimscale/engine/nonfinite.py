@@ -1,6 +1,7 @@
 """The non-finite policy: a step whose loss is NaN/Inf on any rank, or whose update DeepSpeed skipped for
 inf/NaN gradients, is dropped on every rank and counted; after ``patience`` such steps in a row the
 policy stops the run or rolls back to the last checkpoint with a smaller lr."""
+
 from __future__ import annotations
 
 from typing import Literal

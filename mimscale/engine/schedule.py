@@ -1,4 +1,5 @@
 """Per-iteration schedules: linear warmup then half-cycle cosine (MAE's recipe, fractional epochs)."""
+
 from __future__ import annotations
 
 import math

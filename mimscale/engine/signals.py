@@ -1,4 +1,5 @@
 """SIGUSR1/SIGTERM (SLURM's warning signal, preemption) -> finish the step, save, exit EXIT_REQUEUE."""
+
 from __future__ import annotations
 
 import logging
@@ -13,12 +14,12 @@ class Signals:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.pid = os.getpid()          # loader workers inherit the handler: only this process logs
+        self.pid = os.getpid()  # loader workers inherit the handler: only this process logs
         self._old = {}
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:              # not the main thread (e.g. an embedding app): no handler
+            except ValueError:  # not the main thread (e.g. an embedding app): no handler
                 pass
 
     def _handle(self, signum, frame) -> None:

@@ -1,4 +1,5 @@
 """``TrainState``: what the loop carries across steps and across resumes (saved as ``trainer.pt``)."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
@@ -32,4 +33,4 @@ class TrainState:
         for f in fields(self):
             if f.name in d:
                 setattr(self, f.name, d[f.name])
-        self.nonfinite_in_row = 0              # a resumed run starts a fresh streak
+        self.nonfinite_in_row = 0  # a resumed run starts a fresh streak

@@ -8,11 +8,13 @@ The trained module is what DeepSpeed wraps. ``forward(batch) -> LossOutput`` (``
 ``load_checkpoint_state``, ``flops_per_sample``; ``frozen_modules``/``private_modules`` optional).
 :class:`TaskModule` gives a module the no-op hooks.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn

@@ -5,6 +5,7 @@ It only sees the task's module and its ``LossOutput`` (no objective names). The 
 agreeing on all of it in ONE collective per optimizer step, :class:`TrainState` for what a checkpoint
 carries); :meth:`Trainer.fit` only sequences them.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ from .task import StepHooks, Task
 
 log = logging.getLogger("mimscale.train")
 
-LossHook = Callable[[int, torch.Tensor], torch.Tensor]   # (step, loss) -> loss; tests inject faults with it
+LossHook = Callable[[int, torch.Tensor], torch.Tensor]  # (step, loss) -> loss; tests inject faults with it
 
 
 class Trainer:
@@ -47,8 +48,14 @@ class Trainer:
     minute triggers with a fake clock); ``loss_hooks`` see every micro-batch loss before the step uses it.
     """
 
-    def __init__(self, cfg: C.Config, task: Task, *, now: Callable[[], float] = time.time,
-                 wall: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        cfg: C.Config,
+        task: Task,
+        *,
+        now: Callable[[], float] = time.time,
+        wall: Callable[[], float] = time.monotonic,
+    ):
         self.cfg, self.task, t = cfg, task, cfg.train
         self.d = d = dist.detect()
         dist.export(d)
@@ -63,20 +70,28 @@ class Trainer:
         universal = self.found is not None and self.found.meta["world_size"] != d.world_size
         if universal:
             ds.init_distributed()
-            assert self.found is not None            # universal implies a checkpoint was found
+            assert self.found is not None  # universal implies a checkpoint was found
             ckpt.convert_to_universal(self.found, d.rank)
         if d.is_main:
             task.write_config(self.derived, self.run_dir)
 
         torch.manual_seed(t.seed)  # identical init on every rank
         self.module = task.build()
-        self.engine = ds.initialize(self.module, cfg, self.derived, accelerator, load_universal=universal,
-                                    groups=task.param_groups(self.module))
+        self.engine = ds.initialize(
+            self.module, cfg, self.derived, accelerator, load_universal=universal, groups=task.param_groups(self.module)
+        )
         self.device = torch.device(self.engine.device)
         self.loader = task.loader(self.module, self.derived, d, accelerator)
         shapes = ckpt.param_shapes(self.module)
-        self.saver = ckpt.Checkpointer(self.run_dir, self.engine, rank=d.rank, world_size=d.world_size,
-                                       keep_last=t.keep_last, identity=self.identity, shapes=shapes)
+        self.saver = ckpt.Checkpointer(
+            self.run_dir,
+            self.engine,
+            rank=d.rank,
+            world_size=d.world_size,
+            keep_last=t.keep_last,
+            identity=self.identity,
+            shapes=shapes,
+        )
         self.state = TrainState()
         if self.found is not None:
             ckpt.check_shapes(self.found, shapes)
@@ -84,16 +99,29 @@ class Trainer:
         self.stop = min(self.derived.total_steps, t.max_steps or self.derived.total_steps)
 
         self.evaluation = task.evaluation(d, self.derived)
-        self.logger = MetricLogger(self.run_dir, enabled=d.is_main, jsonl=cfg.log.jsonl,
-                                   tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb, project=cfg.log.project,
-                                   run_name=cfg.log.run_name, config=C.to_dict(cfg), resume_id=self.state.wandb_id,
-                                   purge_step=self.state.step + 1 if self.found is not None else None)
+        self.logger = MetricLogger(
+            self.run_dir,
+            enabled=d.is_main,
+            jsonl=cfg.log.jsonl,
+            tensorboard=cfg.log.tensorboard,
+            wandb=cfg.log.wandb,
+            project=cfg.log.project,
+            run_name=cfg.log.run_name,
+            config=C.to_dict(cfg),
+            resume_id=self.state.wandb_id,
+            purge_step=self.state.step + 1 if self.found is not None else None,
+        )
         self.flops = cast(StepHooks, self.module).flops_per_sample()
-        self.peak = peak_flops_for(self.device, t.precision)   # per device: datasheet on GPUs, measured on CPUs
-        self.summary = {**task.summary(), "world_size": d.world_size, "total_steps": self.derived.total_steps,
-                        "flops_per_sample": self.flops, "params_total": ds.total_param_numel(self.engine),
-                        "params_per_rank": all_ranks(ds.local_param_numel(self.engine), self.device),
-                        **self.state.summary}
+        self.peak = peak_flops_for(self.device, t.precision)  # per device: datasheet on GPUs, measured on CPUs
+        self.summary = {
+            **task.summary(),
+            "world_size": d.world_size,
+            "total_steps": self.derived.total_steps,
+            "flops_per_sample": self.flops,
+            "params_total": ds.total_param_numel(self.engine),
+            "params_per_rank": all_ranks(ds.local_param_numel(self.engine), self.device),
+            **self.state.summary,
+        }
         self.now, self.wall = now, wall
         self.clock = Clock(d.world_size, self.state.train_s, self.state.device_hours, now=now)
         self.saves = SaveCadence(t.save_every, t.save_every_minutes, now=wall)
@@ -115,11 +143,10 @@ class Trainer:
         if self.found is None:
             if self.evaluation is not None and self.evaluation.at_start:
                 self.evaluate("init")
-                self.clock = Clock(self.d.world_size, now=self.now)   # the baseline is not training time
+                self.clock = Clock(self.d.world_size, now=self.now)  # the baseline is not training time
             st.next_eval_s = self.evals.first_due_s()
         signals = Signals()
-        progress = Progress(self.stop, start_step=st.step, images_per_step=cfg.train.batch_size,
-                            enabled=self.d.is_main)
+        progress = Progress(self.stop, start_step=st.step, images_per_step=cfg.train.batch_size, enabled=self.d.is_main)
         batches, window, stopped_by = self._batches(), _Window(), None
         self.engine.train()
         while st.step < self.stop:
@@ -127,7 +154,7 @@ class Trainer:
             self.engine.module.before_step(ctx)
             r = self._run_step(batches, window, signals, log_now=self._log_due(st.step + 1))
             agreed = r.agreed
-            if r.dropped:                                  # on every rank; already counted by the policy
+            if r.dropped:  # on every rank; already counted by the policy
                 if r.action != "continue":
                     self._stop_or_roll_back()
                     continue
@@ -144,7 +171,7 @@ class Trainer:
                 break
             if agreed.time_up:
                 log.info("train.max_minutes=%s reached at step %d", cfg.train.max_minutes, st.step)
-                break                                       # the final evaluation follows
+                break  # the final evaluation follows
             if r.dropped:
                 continue
             if st.step == self.stop:
@@ -172,20 +199,24 @@ class Trainer:
             loss = out.loss
             for hook in self.loss_hooks:
                 loss = hook(self.state.step, loss)
-            bad = ~torch.isfinite(loss.detach())           # stays on the device until the flags are agreed
+            bad = ~torch.isfinite(loss.detach())  # stays on the device until the flags are agreed
             if done < gas - 1:
                 if self.flags.agree(bad).nonfinite:
                     action = self.nonfinite.bad(self._can_roll_back())
                     if action != "continue":
                         return _StepResult(Agreed(nonfinite=True), True, action)
-                    continue                              # the step goes on with another micro-batch
+                    continue  # the step goes on with another micro-batch
             else:
                 st, train_s = self.state, self.clock.train_s()
                 agreed = self.flags.agree(
-                    bad, signal=signals.received is not None, time_up=self.limit.due_local(train_s),
+                    bad,
+                    signal=signals.received is not None,
+                    time_up=self.limit.due_local(train_s),
                     eval_due=st.step + 1 != self.stop and self.evals.due_local(train_s, st.next_eval_s),
                     save_due=self.saves.due_local(),
-                    metrics=window.with_(out.metrics) if log_now else None, count=window.n + 1)
+                    metrics=window.with_(out.metrics) if log_now else None,
+                    count=window.n + 1,
+                )
                 if agreed.nonfinite:
                     return _StepResult(agreed, True, self.nonfinite.bad(self._can_roll_back()))
             self.engine.backward(loss)
@@ -193,7 +224,7 @@ class Trainer:
             window.add(out.metrics)
             done += 1
             if done == gas:
-                if self.engine.skipped_steps > skipped_before:   # DeepSpeed saw inf/NaN gradients
+                if self.engine.skipped_steps > skipped_before:  # DeepSpeed saw inf/NaN gradients
                     return _StepResult(agreed, True, self.nonfinite.bad(self._can_roll_back()))
                 return _StepResult(agreed, False, "continue")
 
@@ -205,15 +236,27 @@ class Trainer:
     def _step_context(self) -> StepContext:
         st, dv, o = self.state, self.derived, self.cfg.optim
         lr = st.lr_scale * warmup_cosine(st.step, dv.total_steps, dv.warmup_steps, dv.lr, o.min_lr)
-        wd = cosine(st.step, dv.total_steps, o.weight_decay,
-                    o.weight_decay if o.weight_decay_end is None else o.weight_decay_end)
+        wd = cosine(
+            st.step,
+            dv.total_steps,
+            o.weight_decay,
+            o.weight_decay if o.weight_decay_end is None else o.weight_decay_end,
+        )
         ds.set_hparams(self.engine, lr, wd)
         self._wd = wd
-        return StepContext(step=st.step, total_steps=dv.total_steps, epoch=st.step / dv.steps_per_epoch, lr=lr,
-                           lr_factor=lr / dv.lr if dv.lr else 0.0, rank=self.d.rank, world_size=self.d.world_size,
-                           grad_accum=dv.grad_accum, master_params=partial(ds.master_params, self.engine),
-                           master_shards=partial(ds.master_shards, self.engine),
-                           all_reduce_mean=ds.all_reduce_mean)
+        return StepContext(
+            step=st.step,
+            total_steps=dv.total_steps,
+            epoch=st.step / dv.steps_per_epoch,
+            lr=lr,
+            lr_factor=lr / dv.lr if dv.lr else 0.0,
+            rank=self.d.rank,
+            world_size=self.d.world_size,
+            grad_accum=dv.grad_accum,
+            master_params=partial(ds.master_params, self.engine),
+            master_shards=partial(ds.master_shards, self.engine),
+            all_reduce_mean=ds.all_reduce_mean,
+        )
 
     def _log_due(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.stop
@@ -222,12 +265,21 @@ class Trainer:
         st, t, dv = self.state, self.cfg.train, self.derived
         rate = progress.rate()
         metrics = {f"train/{k}": v for k, v in means.items()}
-        metrics.update({"train/lr": lr, "train/wd": self._wd, "train/epoch": st.step / dv.steps_per_epoch,
-                        "train/nonfinite_skipped": st.nonfinite_total, "perf/img_per_s": rate,
-                        "time/elapsed_s": self.clock.train_s(), "perf/step_time_s": t.batch_size / max(rate, 1e-9),
-                        **memory_stats(self.device), "time/device_hours": self.clock.device_hours(),
-                        "perf/train_pflops": self.flops * st.step * t.batch_size / 1e15,
-                        **{f"data/{k}": float(v) for k, v in self.loader.stats.items()}})
+        metrics.update(
+            {
+                "train/lr": lr,
+                "train/wd": self._wd,
+                "train/epoch": st.step / dv.steps_per_epoch,
+                "train/nonfinite_skipped": st.nonfinite_total,
+                "perf/img_per_s": rate,
+                "time/elapsed_s": self.clock.train_s(),
+                "perf/step_time_s": t.batch_size / max(rate, 1e-9),
+                **memory_stats(self.device),
+                "time/device_hours": self.clock.device_hours(),
+                "perf/train_pflops": self.flops * st.step * t.batch_size / 1e15,
+                **{f"data/{k}": float(v) for k, v in self.loader.stats.items()},
+            }
+        )
         if self.peak and rate > 0:
             metrics["perf/mfu"] = mfu(self.flops, rate / self.d.world_size, self.peak)
         self.logger.log(metrics, step=st.step)
@@ -238,14 +290,20 @@ class Trainer:
         st, t = self.state, self.cfg.train
         found = ckpt.find(self.run_dir, self.identity)
         if t.on_nonfinite == "stop" or found is None:
-            raise NonFiniteError(f"{st.nonfinite_in_row} non-finite losses/gradients in a row at step {st.step}; "
-                                 f"stopping (train.on_nonfinite={t.on_nonfinite}); checkpoints in "
-                                 f"{self.run_dir / ckpt.CKPT_DIR} are intact")
+            raise NonFiniteError(
+                f"{st.nonfinite_in_row} non-finite losses/gradients in a row at step {st.step}; "
+                f"stopping (train.on_nonfinite={t.on_nonfinite}); checkpoints in "
+                f"{self.run_dir / ckpt.CKPT_DIR} are intact"
+            )
         keep = {"nonfinite_total": st.nonfinite_total, "lr_scale": st.lr_scale, "wandb_id": st.wandb_id}
         st.load_state_dict({**restore(self.saver, found, False, None, self.module, self.d), **keep})
         self.nonfinite.rolled_back()
-        log.warning("rolled back to checkpoint step=%d after %d non-finite steps; lr scale now %.3g (the data "
-                    "stream moves on)", st.step, t.nonfinite_patience, st.lr_scale)
+        log.warning(
+            "rolled back to checkpoint step=%d after %d non-finite steps; lr scale now %.3g (the data stream moves on)",
+            st.step,
+            t.nonfinite_patience,
+            st.lr_scale,
+        )
 
     # ------------------------------------------------------------------ evaluation, saving, the end
     def evaluate(self, tag: str) -> None:
@@ -268,16 +326,26 @@ class Trainer:
         prefix = self.evaluation.summary_prefix if self.evaluation else "final_loss"
         st.summary = {k: v for k, v in self.summary.items() if k.startswith((prefix + "_", "final_loss"))}
         hooks = cast(StepHooks, self.module)
-        with self.clock.pause():                          # saving is not training time
-            self.saver.save(st.step, st.state_dict(), self.loader.state_dict(), hooks.checkpoint_state(),
-                            extra=lambda tmp: self.task.export(self.engine, tmp, self.d.is_main))
+        with self.clock.pause():  # saving is not training time
+            self.saver.save(
+                st.step,
+                st.state_dict(),
+                self.loader.state_dict(),
+                hooks.checkpoint_state(),
+                extra=lambda tmp: self.task.export(self.engine, tmp, self.d.is_main),
+            )
         self.saves.saved()
 
     def _finish(self, stopped_by: str | None, rate: float) -> dict:
         st = self.state
-        self.summary.update(steps=st.step, train_seconds=self.clock.train_s(), device_hours=self.clock.device_hours(),
-                            img_per_s=rate, nonfinite_skipped=st.nonfinite_total,
-                            collectives_per_step=self.flags.collectives / max(self._steps_run(), 1))
+        self.summary.update(
+            steps=st.step,
+            train_seconds=self.clock.train_s(),
+            device_hours=self.clock.device_hours(),
+            img_per_s=rate,
+            nonfinite_skipped=st.nonfinite_total,
+            collectives_per_step=self.flags.collectives / max(self._steps_run(), 1),
+        )
         if stopped_by == "signal":
             self.save()
             self.summary["exit_code"] = ckpt.EXIT_REQUEUE
@@ -327,5 +395,5 @@ class _Window:
 
 class _StepResult(NamedTuple):
     agreed: Agreed
-    dropped: bool                   # the step was not taken, on every rank
-    action: str                     # the non-finite policy's answer: continue / stop / rollback
+    dropped: bool  # the step was not taken, on every rank
+    action: str  # the non-finite policy's answer: continue / stop / rollback

@@ -11,12 +11,13 @@ position) therefore gets the same augmentation on every run and after an exact r
 in the process sees a changed global RNG. (Loader workers are separate processes; in-process loading
 (``num_workers=0``) runs the transform on the training thread, where nothing else draws concurrently.)
 """
+
 from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -43,8 +44,13 @@ def seeded_global_rng(generator: torch.Generator):
         np.random.set_state(np_state)
 
 
-def random_erase(x: torch.Tensor, prob: float, generator: torch.Generator, area: tuple[float, float] = (0.02, 1 / 3),
-                 log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3))) -> torch.Tensor:
+def random_erase(
+    x: torch.Tensor,
+    prob: float,
+    generator: torch.Generator,
+    area: tuple[float, float] = (0.02, 1 / 3),
+    log_ratio: tuple[float, float] = (math.log(0.3), math.log(1 / 0.3)),
+) -> torch.Tensor:
     """With probability ``prob`` replace one random box of ``x [C, H, W]`` by N(0, 1) noise per pixel
     (the box: area fraction uniform in ``area``, log aspect uniform in ``log_ratio``; up to 10 tries)."""
     u = torch.rand(41, generator=generator, dtype=torch.float64).tolist()
@@ -58,7 +64,7 @@ def random_erase(x: torch.Tensor, prob: float, generator: torch.Generator, area:
         if 0 < h < H and 0 < w < W:
             top, left = int(u[t + 2] * (H - h + 1)), int(u[t + 3] * (W - w + 1))
             x = x.clone()
-            x[:, top:top + h, left:left + w] = torch.randn((C, h, w), generator=generator, dtype=x.dtype)
+            x[:, top : top + h, left : left + w] = torch.randn((C, h, w), generator=generator, dtype=x.dtype)
             return x
     return x
 
@@ -69,9 +75,17 @@ class FinetuneTransform(TrainTransform):
     erasing with probability ``reprob`` (per-pixel N(0, 1) noise, one box). All randomness from ``generator``.
     """
 
-    def __init__(self, img_size: int, scale: Sequence[float] = (0.08, 1.0), hflip: bool = True,
-                 rand_aug: str = "rand-m9-mstd0.5-inc1", reprob: float = 0.25,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, in_chans: int = 3):
+    def __init__(
+        self,
+        img_size: int,
+        scale: Sequence[float] = (0.08, 1.0),
+        hflip: bool = True,
+        rand_aug: str = "rand-m9-mstd0.5-inc1",
+        reprob: float = 0.25,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        in_chans: int = 3,
+    ):
         super().__init__(img_size, scale=scale, hflip=hflip, mean=mean, std=std, in_chans=in_chans)
         if not 0.0 <= reprob <= 1.0:
             raise ConfigError(f"reprob={reprob} must be a probability in [0, 1]")
@@ -81,21 +95,26 @@ class FinetuneTransform(TrainTransform):
             from timm.data.auto_augment import rand_augment_transform
 
             fill = tuple(min(255, round(255 * m)) for m in self.mean)
-            hparams = dict(translate_const=int(min(self.size) * 0.45), img_mean=fill if in_chans == 3 else fill[0],
-                           interpolation=Image.BICUBIC)
+            hparams = dict(
+                translate_const=int(min(self.size) * 0.45),
+                img_mean=fill if in_chans == 3 else fill[0],
+                interpolation=Image.BICUBIC,
+            )
             try:
                 self._ra = rand_augment_transform(rand_aug, hparams)
             except (AssertionError, ValueError, KeyError) as e:
-                raise ConfigError(f"rand_aug='{rand_aug}' is not a timm RandAugment string such as "
-                                  f"'rand-m9-mstd0.5-inc1' ({e})") from None
+                raise ConfigError(
+                    f"rand_aug='{rand_aug}' is not a timm RandAugment string such as 'rand-m9-mstd0.5-inc1' ({e})"
+                ) from None
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
         img = self._prepare(img)
         if self.in_chans == 3 and img.mode != "RGB":
             img = img.convert("RGB")  # RandAugment fills with an RGB mean colour
         top, left, h, w = rrc_params(img.width, img.height, self.scale, self.ratio, generator)
-        img = TF.resized_crop(img, top, left, h, w, list(self.size), interpolation=InterpolationMode.BICUBIC,
-                              antialias=True)
+        img = TF.resized_crop(
+            img, top, left, h, w, list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True
+        )
         if self.hflip and torch.rand((), generator=generator).item() < 0.5:
             img = TF.hflip(img)
         if self._ra is not None:
@@ -103,13 +122,15 @@ class FinetuneTransform(TrainTransform):
                 try:
                     img = self._ra(img)
                 except ValueError:  # timm's Posterize at the top magnitude asks Pillow for 0 bits, which
-                    pass            # Pillow >= 10 refuses: that draw leaves the image un-augmented
+                    pass  # Pillow >= 10 refuses: that draw leaves the image un-augmented
         x = self._finish(img)
         return random_erase(x, self.reprob, generator) if self.reprob > 0 else x
 
     def __repr__(self) -> str:
-        return (f"FinetuneTransform({self._fields()}, scale={self.scale}, hflip={self.hflip}, "
-                f"rand_aug={self.rand_aug!r}, reprob={self.reprob})")
+        return (
+            f"FinetuneTransform({self._fields()}, scale={self.scale}, hflip={self.hflip}, "
+            f"rand_aug={self.rand_aug!r}, reprob={self.reprob})"
+        )
 
 
 class MixupCollate:
@@ -120,15 +141,29 @@ class MixupCollate:
     way the loss is soft-target cross-entropy. The batch size must be even when mixing.
     """
 
-    def __init__(self, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0, prob: float = 1.0,
-                 switch_prob: float = 0.5, smoothing: float = 0.1):
+    def __init__(
+        self,
+        num_classes: int,
+        mixup: float = 0.8,
+        cutmix: float = 1.0,
+        prob: float = 1.0,
+        switch_prob: float = 0.5,
+        smoothing: float = 0.1,
+    ):
         self.num_classes, self.smoothing = int(num_classes), float(smoothing)
         self.mix = None
         if mixup > 0 or cutmix > 0:
             from timm.data import Mixup
 
-            self.mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, prob=prob, switch_prob=switch_prob,
-                             mode="batch", label_smoothing=smoothing, num_classes=num_classes)
+            self.mix = Mixup(
+                mixup_alpha=mixup,
+                cutmix_alpha=cutmix,
+                prob=prob,
+                switch_prob=switch_prob,
+                mode="batch",
+                label_smoothing=smoothing,
+                num_classes=num_classes,
+            )
 
     def __call__(self, samples: list[dict], generator: torch.Generator) -> dict:
         batch = default_collate(samples, generator)

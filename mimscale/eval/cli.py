@@ -1,4 +1,5 @@
 """`mimscale eval knn|linear|finetune SOURCE --data TRAIN --test TEST [key=value ...]` (plugged into mimscale.cli)."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ class KNNConfig:
 
 def _options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     d = {"default": argparse.SUPPRESS} if suppress else {}
-    p.add_argument("--data", metavar="TRAIN_SHARDS", help="labelled training shard directory (or built-in "
-                   "name, e.g. fashion-mnist:train)", **d)
+    p.add_argument(
+        "--data",
+        metavar="TRAIN_SHARDS",
+        help="labelled training shard directory (or built-in name, e.g. fashion-mnist:train)",
+        **d,
+    )
     p.add_argument("--test", metavar="TEST_SHARDS", help="labelled test shard directory", **d)
     p.add_argument("--arch", help="with a .safetensors SOURCE: expected arch (checked)", **d)
     p.add_argument("--img-size", type=int, help="expected image size (checked)", **d)
@@ -48,15 +53,21 @@ def _options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("--in-chans", type=int, help="expected input channels (checked)", **d)
     p.add_argument("--recipe", help="finetune: recipe name or YAML (default: by arch)", **d)
     p.add_argument("--out", help="result JSON path (default: RUN_DIR/eval/<kind>.json)", **d)
-    p.add_argument("--out-dir", help="finetune: where the model and its logs go (default: RUN_DIR/eval/finetune)",
-                   **d)
-    p.add_argument("--data-root", default=argparse.SUPPRESS if suppress else "~/.cache/mimscale/data",
-                   help="where built-in data sets are converted to shards")
+    p.add_argument("--out-dir", help="finetune: where the model and its logs go (default: RUN_DIR/eval/finetune)", **d)
+    p.add_argument(
+        "--data-root",
+        default=argparse.SUPPRESS if suppress else "~/.cache/mimscale/data",
+        help="where built-in data sets are converted to shards",
+    )
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="kNN / linear probe / fine-tune a pre-trained encoder", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "eval",
+        help="kNN / linear probe / fine-tune a pre-trained encoder",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("kind", choices=("knn", "linear", "finetune"))
     p.add_argument("source", metavar="SOURCE", help="run directory or exported encoder .safetensors")
     _options(p)
@@ -98,18 +109,18 @@ def run(args) -> int:
     if args.kind == "finetune":
         return _finetune(args, source, train_dir, test_dir)
 
+    import torch
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
-
-    import torch
 
     from .. import dist
 
     d = dist.detect()
     dist.export(d)
     torch.set_num_threads(dist.configure_threads(d))
-    acc = Accelerator(cpu=dist.accelerator_name() == "cpu",
-                      dataloader_config=DataLoaderConfiguration(split_batches=True))
+    acc = Accelerator(
+        cpu=dist.accelerator_name() == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True)
+    )
     if args.kind == "knn":
         cfg = _knobs(KNNConfig, args.overrides)
         result = _knn(source, train_dir, test_dir, cfg, acc.device, acc.process_index, acc.num_processes)
@@ -117,38 +128,71 @@ def run(args) -> int:
         from .linear import LinearConfig, linear_probe
 
         cfg = _knobs(LinearConfig, args.overrides)
-        result = linear_probe(source.encoder, train_dir, test_dir, cfg, acc, img_size=source.img_size,
-                              in_chans=source.in_chans, mean=cfg.mean or source.mean, std=cfg.std or source.std)
+        result = linear_probe(
+            source.encoder,
+            train_dir,
+            test_dir,
+            cfg,
+            acc,
+            img_size=source.img_size,
+            in_chans=source.in_chans,
+            mean=cfg.mean or source.mean,
+            std=cfg.std or source.std,
+        )
     from ..config import to_dict
 
     result["config"] = to_dict(cfg)
     if acc.is_main_process:
         metrics = {f"eval/{args.kind}_top1": result["top1"]}
         path = record(source, args.kind, result, metrics if args.kind == "linear" else {}, args.out)
-        print(f"{args.kind} top-1: {result['top1']:.2f}% (best {result.get('best_top1', result['top1']):.2f}%) "
-              f"on {result['test_samples']} test images -> {path}", flush=True)
+        print(
+            f"{args.kind} top-1: {result['top1']:.2f}% (best {result.get('best_top1', result['top1']):.2f}%) "
+            f"on {result['test_samples']} test images -> {path}",
+            flush=True,
+        )
     acc.wait_for_everyone()
     acc.end_training()
     return 0
 
 
 def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: int) -> dict:
+    from ..data.epoch import first_shards
     from ..data.loader import ShardLoader
     from ..data.transforms import EvalTransform
     from .knn import KNNEvaluator
-    from ..data.epoch import first_shards
     from .source import num_classes
 
-    tf = EvalTransform(source.img_size, mean=cfg.mean or source.mean, std=cfg.std or source.std,
-                       in_chans=source.in_chans)
-    loaders = [ShardLoader(first_shards(src, cap), manifest=src, batch_size=cfg.batch_size, transform=tf, rank=rank,
-                           world_size=world, num_workers=cfg.num_workers, mode="eval", shuffle=False)
-               for src, cap in ((train_dir, cfg.train_samples), (test_dir, cfg.test_samples))]
-    ev = KNNEvaluator(*loaders, num_classes=num_classes(train_dir, cfg.num_classes), k=cfg.k,
-                      temperature=cfg.temperature, pool=cfg.pool)
+    tf = EvalTransform(
+        source.img_size, mean=cfg.mean or source.mean, std=cfg.std or source.std, in_chans=source.in_chans
+    )
+    loaders = [
+        ShardLoader(
+            first_shards(src, cap),
+            manifest=src,
+            batch_size=cfg.batch_size,
+            transform=tf,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.num_workers,
+            mode="eval",
+            shuffle=False,
+        )
+        for src, cap in ((train_dir, cfg.train_samples), (test_dir, cfg.test_samples))
+    ]
+    ev = KNNEvaluator(
+        *loaders,
+        num_classes=num_classes(train_dir, cfg.num_classes),
+        k=cfg.k,
+        temperature=cfg.temperature,
+        pool=cfg.pool,
+    )
     res = ev(source.encoder.to(device), device)
-    return {"top1": res["eval/knn_top1"], "train_samples": int(res["eval/knn_bank"]),
-            "test_samples": int(res["eval/knn_queries"]), "processes": world}
+    return {
+        "top1": res["eval/knn_top1"],
+        "train_samples": int(res["eval/knn_bank"]),
+        "test_samples": int(res["eval/knn_queries"]),
+        "processes": world,
+    }
 
 
 def _finetune(args, source, train_dir: str, test_dir: str) -> int:
@@ -163,13 +207,16 @@ def _finetune(args, source, train_dir: str, test_dir: str) -> int:
     else:
         out_dir = source.weights.with_name(f"{source.weights.stem}_finetune")
     result = finetune(source, train_dir, test_dir, recipe, out_dir)
-    if "exit_code" in result:     # saved on SIGUSR1/SIGTERM: requeue and run the same command again to resume
+    if "exit_code" in result:  # saved on SIGUSR1/SIGTERM: requeue and run the same command again to resume
         return result["exit_code"]
     if result["rank"] == 0:
         metrics = {"eval/finetune_top1": result["top1"]}
         path = record(source, "finetune", result, metrics, args.out)
-        print(f"finetune top-1: {result['top1']:.2f}% (best {result['best_top1']:.2f}%) on "
-              f"{result['test_samples']} test images after {result['steps']} steps -> {path}", flush=True)
+        print(
+            f"finetune top-1: {result['top1']:.2f}% (best {result['best_top1']:.2f}%) on "
+            f"{result['test_samples']} test images after {result['steps']} steps -> {path}",
+            flush=True,
+        )
     logging.getLogger("mimscale.eval").info("fine-tuned model: %s", result["model"])
     return 0
 

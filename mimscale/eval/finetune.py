@@ -19,6 +19,7 @@ The loop is pre-training's :class:`~mimscale.engine.trainer.Trainer` (this modul
 checkpoints in ``OUT_DIR/checkpoints`` with exact resume (``train.resume=auto``), save-on-signal (exit 42,
 requeue), the non-finite policy and the time limit. The layer-decay parameter groups go to the engine.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,27 +51,27 @@ from .source import Source, num_classes
 
 log = logging.getLogger("mimscale.eval")
 
-RECIPE_DIR = C.CONFIG_DIR / "finetune"   # beside, not among, the pre-training recipes
+RECIPE_DIR = C.CONFIG_DIR / "finetune"  # beside, not among, the pre-training recipes
 RECIPE_BY_ARCH = {"vit_base": "finetune_vit_b16", "vit_large": "finetune_vit_l16", "vit_huge": "finetune_vit_h14"}
 
 
 @dataclass
 class FinetuneKnobs:
     layer_decay: float = 0.75
-    mixup: float = 0.8                       # Beta(alpha, alpha) mixing; 0 turns mixup off
-    cutmix: float = 1.0                      # 0 turns cutmix off
+    mixup: float = 0.8  # Beta(alpha, alpha) mixing; 0 turns mixup off
+    cutmix: float = 1.0  # 0 turns cutmix off
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
     smoothing: float = 0.1
-    rand_aug: str = "rand-m9-mstd0.5-inc1"   # timm RandAugment string; "" turns it off
-    reprob: float = 0.25                     # random-erasing probability
+    rand_aug: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; "" turns it off
+    reprob: float = 0.25  # random-erasing probability
     crop_scale: tuple[float, float] = (0.08, 1.0)
     head_init_std: float = 2e-5
-    num_classes: int | None = None           # default: the classes in the train manifest
-    train_samples: int | None = None         # cap (whole shards) on the training set
-    test_samples: int | None = None          # cap (whole shards) on the test set
+    num_classes: int | None = None  # default: the classes in the train manifest
+    train_samples: int | None = None  # cap (whole shards) on the training set
+    test_samples: int | None = None  # cap (whole shards) on the test set
     eval_batch_size: int = 256
-    mean: tuple[float, ...] | None = None    # default: the pre-training run's normalisation
+    mean: tuple[float, ...] | None = None  # default: the pre-training run's normalisation
     std: tuple[float, ...] | None = None
 
 
@@ -96,8 +97,13 @@ def load_recipe(recipe: str | None, overrides: list[str], source: Source) -> Fin
         raise ConfigError(f"no fine-tune recipe named '{name}' (recipes: {known}); or pass a YAML path")
     r = C.from_dict(FinetuneRecipe, C.load_raw(name, overrides))
     m, f = r.model, r.finetune
-    m.arch, m.img_size, m.patch_size, m.in_chans, m.pos_embed = (source.arch, source.img_size, source.patch_size,
-                                                                 source.in_chans, source.pos_embed)
+    m.arch, m.img_size, m.patch_size, m.in_chans, m.pos_embed = (
+        source.arch,
+        source.img_size,
+        source.patch_size,
+        source.in_chans,
+        source.pos_embed,
+    )
     if not 0 < f.layer_decay <= 1:
         raise ConfigError(f"finetune.layer_decay={f.layer_decay} must be in (0, 1]")
     if not 0 <= m.drop_path < 1:
@@ -111,14 +117,24 @@ def load_recipe(recipe: str | None, overrides: list[str], source: Source) -> Fin
 
 def build_classifier(source: Source, classes: int, drop_path: float, head_init_std: float) -> VisionTransformer:
     """A ``global_pool="avg"`` ViT with ``classes`` outputs holding the source encoder's weights."""
-    model = build_vit(source.arch, source.img_size, source.patch_size, source.in_chans, pos_embed=source.pos_embed,
-                      drop_path_rate=drop_path, num_classes=classes, global_pool="avg",
-                      layer_scale_init=source.encoder.layer_scale_init)
+    model = build_vit(
+        source.arch,
+        source.img_size,
+        source.patch_size,
+        source.in_chans,
+        pos_embed=source.pos_embed,
+        drop_path_rate=drop_path,
+        num_classes=classes,
+        global_pool="avg",
+        layer_scale_init=source.encoder.layer_scale_init,
+    )
     state = {k: v for k, v in source.state.items() if not k.startswith("norm.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) != {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}:
-        raise CheckpointError(f"{source.weights}: encoder weights do not fit the classifier "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{source.weights}: encoder weights do not fit the classifier "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     nn.init.trunc_normal_(model.head.weight, std=head_init_std)
     nn.init.zeros_(model.head.bias)
     return model
@@ -182,13 +198,24 @@ class FinetuneTask:
 
     def identity(self) -> dict:
         s = self.source
-        return {"task": "finetune", "arch": s.arch, "img_size": s.img_size, "patch_size": s.patch_size,
-                "in_chans": s.in_chans, "classes": self.classes, "source": str(s.weights)}
+        return {
+            "task": "finetune",
+            "arch": s.arch,
+            "img_size": s.img_size,
+            "patch_size": s.patch_size,
+            "in_chans": s.in_chans,
+            "classes": self.classes,
+            "source": str(s.weights),
+        }
 
     def write_config(self, derived: C.Derived, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        doc = {**C.to_dict(self.recipe), "source": str(self.source.weights), "classes": self.classes,
-               "derived": C.to_dict(derived)}
+        doc = {
+            **C.to_dict(self.recipe),
+            "source": str(self.source.weights),
+            "classes": self.classes,
+            "derived": C.to_dict(derived),
+        }
         (run_dir / "config.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
 
     def build(self) -> nn.Module:
@@ -199,33 +226,57 @@ class FinetuneTask:
 
     def param_groups(self, module: nn.Module) -> list[dict] | None:
         m = module.model
-        return layer_decay_groups(m, self.recipe.optim.weight_decay, self.recipe.finetune.layer_decay, m.depth,
-                                  m.no_weight_decay())
+        return layer_decay_groups(
+            m, self.recipe.optim.weight_decay, self.recipe.finetune.layer_decay, m.depth, m.no_weight_decay()
+        )
 
     def loader(self, module: nn.Module, derived: C.Derived, d: dist.DistEnv, accelerator: str) -> ShardLoader:
         r, f, t, s = self.recipe, self.recipe.finetune, self.recipe.train, self.source
-        return ShardLoader(self.train_shards, manifest=r.data.train, batch_size=t.micro_batch_size, rank=d.rank,
-                           world_size=d.world_size, seed=t.seed, num_workers=r.data.num_workers,
-                           shuffle_buffer=r.data.shuffle_buffer, samples_per_epoch=derived.samples_per_epoch,
-                           transform=FinetuneTransform(s.img_size, scale=f.crop_scale, hflip=r.data.hflip,
-                                                       rand_aug=f.rand_aug, reprob=f.reprob, mean=self.mean,
-                                                       std=self.std, in_chans=s.in_chans),
-                           collate=MixupCollate(self.classes, f.mixup, f.cutmix, f.mixup_prob, f.mixup_switch_prob,
-                                                f.smoothing), pin_memory=accelerator == "cuda")
+        return ShardLoader(
+            self.train_shards,
+            manifest=r.data.train,
+            batch_size=t.micro_batch_size,
+            rank=d.rank,
+            world_size=d.world_size,
+            seed=t.seed,
+            num_workers=r.data.num_workers,
+            shuffle_buffer=r.data.shuffle_buffer,
+            samples_per_epoch=derived.samples_per_epoch,
+            transform=FinetuneTransform(
+                s.img_size,
+                scale=f.crop_scale,
+                hflip=r.data.hflip,
+                rand_aug=f.rand_aug,
+                reprob=f.reprob,
+                mean=self.mean,
+                std=self.std,
+                in_chans=s.in_chans,
+            ),
+            collate=MixupCollate(self.classes, f.mixup, f.cutmix, f.mixup_prob, f.mixup_switch_prob, f.smoothing),
+            pin_memory=accelerator == "cuda",
+        )
 
     def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation:
         r, s = self.recipe, self.source
-        test = ShardLoader(first_shards(self.test_dir, r.finetune.test_samples), manifest=self.test_dir,
-                           batch_size=r.finetune.eval_batch_size, rank=d.rank, world_size=d.world_size,
-                           num_workers=r.data.num_workers, mode="eval", shuffle=False,
-                           transform=EvalTransform(s.img_size, mean=self.mean, std=self.std, in_chans=s.in_chans))
+        test = ShardLoader(
+            first_shards(self.test_dir, r.finetune.test_samples),
+            manifest=self.test_dir,
+            batch_size=r.finetune.eval_batch_size,
+            rank=d.rank,
+            world_size=d.world_size,
+            num_workers=r.data.num_workers,
+            mode="eval",
+            shuffle=False,
+            transform=EvalTransform(s.img_size, mean=self.mean, std=self.std, in_chans=s.in_chans),
+        )
 
         def run(module: nn.Module, device: torch.device) -> dict[str, float]:
             acc, n = evaluate(module.model, test, device)
             return {"eval/finetune_top1": acc, "eval/finetune_test_samples": float(n)}
 
-        return Evaluation(run, key="eval/finetune_top1", summary_prefix="finetune_top1",
-                          every_steps=derived.steps_per_epoch)
+        return Evaluation(
+            run, key="eval/finetune_top1", summary_prefix="finetune_top1", every_steps=derived.steps_per_epoch
+        )
 
     def summary(self) -> dict[str, Any]:
         return {"task": "finetune", "arch": self.source.arch, "classes": self.classes}
@@ -239,8 +290,9 @@ class FinetuneTask:
             save_file({k: v.contiguous() for k, v in sd.items()}, str(run_dir / "model.safetensors"))
 
 
-def finetune(source: Source, train_dir: str, test_dir: str, recipe: FinetuneRecipe, out_dir: Path,
-             **trainer_kw) -> dict:
+def finetune(
+    source: Source, train_dir: str, test_dir: str, recipe: FinetuneRecipe, out_dir: Path, **trainer_kw
+) -> dict:
     """Fine-tune under whatever launcher started this process; returns the result (rank 0 writes files).
     A run saved on SIGUSR1/SIGTERM returns ``exit_code`` (42: requeue me)."""
     task = FinetuneTask(source, train_dir, test_dir, recipe, out_dir)
@@ -249,18 +301,28 @@ def finetune(source: Source, train_dir: str, test_dir: str, recipe: FinetuneReci
     spe = trainer.derived.steps_per_epoch
     if "exit_code" in s:
         return {"exit_code": s["exit_code"], "steps": s["steps"], "rank": trainer.d.rank}
-    curve = sorted([int(k[len("finetune_top1_step"):]) / spe, v] for k, v in s.items()
-                   if k.startswith("finetune_top1_step"))
+    curve = sorted(
+        [int(k[len("finetune_top1_step") :]) / spe, v] for k, v in s.items() if k.startswith("finetune_top1_step")
+    )
     if "finetune_top1_final" in s:
         curve.append([s["steps"] / spe, s["finetune_top1_final"]])
     curve = [[round(e, 4), a] for e, a in curve]
-    result = {"lr_scales": sorted({round(g.get("lr_scale", 1.0), 10) for g in trainer.engine.optimizer.param_groups}),
-              "top1": curve[-1][1], "best_top1": max(a for _, a in curve), "curve": curve, "classes": task.classes,
-              "steps": s["steps"], "total_steps": trainer.derived.total_steps, "world_size": trainer.d.world_size,
-              "train_seconds": s["train_seconds"], "lr": trainer.derived.lr,
-              "layer_decay": recipe.finetune.layer_decay, "test_samples": int(trainer.last_eval.get(
-                  "eval/finetune_test_samples", 0)), "model": str(out_dir / "model.safetensors"),
-              "rank": trainer.d.rank}
+    result = {
+        "lr_scales": sorted({round(g.get("lr_scale", 1.0), 10) for g in trainer.engine.optimizer.param_groups}),
+        "top1": curve[-1][1],
+        "best_top1": max(a for _, a in curve),
+        "curve": curve,
+        "classes": task.classes,
+        "steps": s["steps"],
+        "total_steps": trainer.derived.total_steps,
+        "world_size": trainer.d.world_size,
+        "train_seconds": s["train_seconds"],
+        "lr": trainer.derived.lr,
+        "layer_decay": recipe.finetune.layer_decay,
+        "test_samples": int(trainer.last_eval.get("eval/finetune_test_samples", 0)),
+        "model": str(out_dir / "model.safetensors"),
+        "rank": trainer.d.rank,
+    }
     if trainer.d.is_main:
         (out_dir / "result.json").write_text(json.dumps(result, indent=2))
     return result

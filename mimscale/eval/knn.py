@@ -12,6 +12,7 @@ Under ZeRO-3 every rank runs the same number of forward passes (the eval loader 
 gathering never deadlocks, and the encoder is called as a module (its hooks gather even the root's own
 parameters); padding rows are dropped (``valid``), so every sample is counted exactly once.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,8 +28,15 @@ def _vote(top_sim: torch.Tensor, top_lab: torch.Tensor, num_classes: int, temper
 
 
 @torch.no_grad()
-def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> torch.Tensor:
+def knn_predict(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    test_feats: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Predicted labels ``long [M]`` for ``test_feats [M, D]`` from ``train_feats [N, D]``, ``train_labels [N]``.
 
     One process, the whole bank (the reference the sharded path must reproduce). Features are L2-normalised
@@ -40,14 +48,15 @@ def knn_predict(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feat
     k = min(k, train.shape[0])
     preds = []
     for start in range(0, test.shape[0], chunk):
-        sim = test[start:start + chunk] @ train.T                        # [m, N]
-        top_sim, top_idx = sim.topk(k, dim=1)                            # [m, k]
+        sim = test[start : start + chunk] @ train.T  # [m, N]
+        top_sim, top_idx = sim.topk(k, dim=1)  # [m, k]
         preds.append(_vote(top_sim, labels[top_idx], num_classes, temperature))
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=train.device)
 
 
-def knn_top1(train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20,
-             temperature: float = 0.07) -> float:
+def knn_top1(
+    train_feats, train_labels, test_feats, test_labels, num_classes: int, k: int = 20, temperature: float = 0.07
+) -> float:
     """Top-1 accuracy in percent (one process, whole bank)."""
     pred = knn_predict(train_feats, train_labels, test_feats, num_classes, k, temperature)
     return 100.0 * (pred.cpu() == test_labels.cpu()).float().mean().item()
@@ -85,9 +94,16 @@ def _max(value: int, device: torch.device) -> int:
 
 
 @torch.no_grad()
-def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, num_classes: int,
-                        k: int = 20, temperature: float = 0.07, chunk: int = 1024,
-                        normalized: bool = False) -> torch.Tensor:
+def knn_predict_sharded(
+    bank: torch.Tensor,
+    bank_labels: torch.Tensor,
+    queries: torch.Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+    normalized: bool = False,
+) -> torch.Tensor:
     """Predictions ``long [m]`` for this rank's ``queries [m, D]`` against the bank sharded over all ranks.
 
     ``bank [n_r, D]`` / ``bank_labels long [n_r]``: this rank's shard (any size, possibly 0). A collective: every
@@ -103,7 +119,7 @@ def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: 
         queries = F.normalize(queries.float(), dim=1)
     queries = queries.to(dev)
     labels = bank_labels.to(dev)
-    n_total, = _sum([bank.shape[0]], dev)
+    (n_total,) = _sum([bank.shape[0]], dev)
     if n_total == 0:
         raise ValueError("the kNN memory bank is empty on every rank")
     k_eff = min(k, int(n_total))
@@ -113,19 +129,19 @@ def knn_predict_sharded(bank: torch.Tensor, bank_labels: torch.Tensor, queries: 
     dim = queries.shape[1] if queries.dim() == 2 else bank.shape[1]
     preds = []
     for s in range(steps):
-        q = queries[s * per_rank:(s + 1) * per_rank]                      # [m_s, D], m_s <= per_rank
+        q = queries[s * per_rank : (s + 1) * per_rank]  # [m_s, D], m_s <= per_rank
         padded = torch.zeros(per_rank, dim, device=dev)
         padded[: q.shape[0]] = q
-        allq = _all_gather(padded).view(world * per_rank, dim)           # [W c, D]  every rank's chunk
+        allq = _all_gather(padded).view(world * per_rank, dim)  # [W c, D]  every rank's chunk
         cand_sim = torch.full((world * per_rank, k_eff), float("-inf"), device=dev)
         cand_lab = torch.zeros((world * per_rank, k_eff), dtype=torch.long, device=dev)
         if k_local:
-            top_sim, top_idx = (allq @ bank.T).topk(k_local, dim=1)      # [W c, k_local] over this shard
+            top_sim, top_idx = (allq @ bank.T).topk(k_local, dim=1)  # [W c, k_local] over this shard
             cand_sim[:, :k_local], cand_lab[:, :k_local] = top_sim, labels[top_idx]
-        sims = _all_gather(cand_sim).permute(1, 0, 2).reshape(world * per_rank, world * k_eff)   # [W c, W k]
+        sims = _all_gather(cand_sim).permute(1, 0, 2).reshape(world * per_rank, world * k_eff)  # [W c, W k]
         labs = _all_gather(cand_lab).permute(1, 0, 2).reshape(world * per_rank, world * k_eff)
-        mine = slice(rank * per_rank, rank * per_rank + q.shape[0])      # merge only this rank's own queries
-        top_sim, pos = sims[mine].topk(k_eff, dim=1)                     # [m_s, k] global top-k
+        mine = slice(rank * per_rank, rank * per_rank + q.shape[0])  # merge only this rank's own queries
+        top_sim, pos = sims[mine].topk(k_eff, dim=1)  # [m_s, k] global top-k
         preds.append(_vote(top_sim, labs[mine].gather(1, pos), num_classes, temperature))
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=dev)
 
@@ -134,7 +150,7 @@ def _features(encoder, img: torch.Tensor) -> torch.Tensor:
     """``encoder.forward_features(img)`` called THROUGH ``encoder(...)``: the module's forward hooks run, so under
     ZeRO-3 DeepSpeed gathers the root's own parameters (``cls_token``, ``pos_embed``), which a direct call of the
     method would find empty (partitioned). ``img [B, C, H, W]`` -> ``[B, 1 + N, D]``."""
-    encoder.forward = encoder.forward_features       # an instance attribute shadows the class's forward
+    encoder.forward = encoder.forward_features  # an instance attribute shadows the class's forward
     try:
         return encoder(img)
     finally:
@@ -142,8 +158,9 @@ def _features(encoder, img: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def extract_features(encoder, loader, device: torch.device, pool: str = "cls",
-                     normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_features(
+    encoder, loader, device: torch.device, pool: str = "cls", normalize: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (eval mode, no masking) over an eval-mode loader: THIS rank's share, kept on ``device``.
 
     Returns ``feats float [m, D]`` (L2-normalised per batch with ``normalize=True``) and ``labels long [m]`` of
@@ -173,12 +190,20 @@ class KNNEvaluator:
     Both loaders are this rank's eval-mode share; the bank stays sharded on the device (see module docstring).
     """
 
-    def __init__(self, train_loader, test_loader, num_classes: int | None = None, k: int = 20,
-                 temperature: float = 0.07, pool: str = "cls", chunk: int = 1024):
+    def __init__(
+        self,
+        train_loader,
+        test_loader,
+        num_classes: int | None = None,
+        k: int = 20,
+        temperature: float = 0.07,
+        pool: str = "cls",
+        chunk: int = 1024,
+    ):
         self.train_loader, self.test_loader = train_loader, test_loader
         self.num_classes, self.k, self.temperature, self.pool = num_classes, k, temperature, pool
         self.chunk = chunk
-        self.last_bank_rows = 0        # bank rows this rank held in the last evaluation (its shard)
+        self.last_bank_rows = 0  # bank rows this rank held in the last evaluation (its shard)
 
     def __call__(self, encoder, device: torch.device) -> dict[str, float]:
         """``{"eval/knn_top1": percent, ...}``; classes default to ``max label + 1`` of bank and queries."""

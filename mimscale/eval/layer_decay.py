@@ -8,6 +8,7 @@ block ``i`` is layer ``i + 1``, everything after the blocks (``norm``/``fc_norm`
 The groups carry ``lr_scale`` and ``wd_scale``; :func:`mimscale.engine.deepspeed.set_hparams` multiplies
 them into every step's lr and weight decay, so the groups work with the engine's schedule unchanged.
 """
+
 from __future__ import annotations
 
 from torch import nn
@@ -22,8 +23,9 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float, depth: int,
-                       no_decay: set[str] = frozenset()) -> list[dict]:
+def layer_decay_groups(
+    model: nn.Module, weight_decay: float, layer_decay: float, depth: int, no_decay: set[str] = frozenset()
+) -> list[dict]:
     """AdamW parameter groups of ``model`` (a ViT, or a wrapper whose names start with ``prefix.``)
     keyed by (layer, decay?): ``{"params", "weight_decay", "wd_scale", "lr_scale", "layer"}``.
 
@@ -35,8 +37,15 @@ def layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float
             continue
         decay = p.ndim > 1 and name not in no_decay
         lid = layer_id(name, depth)
-        g = groups.setdefault((lid, decay), {
-            "params": [], "weight_decay": weight_decay if decay else 0.0, "wd_scale": 1.0 if decay else 0.0,
-            "lr_scale": layer_decay ** (depth + 1 - lid), "layer": lid})
+        g = groups.setdefault(
+            (lid, decay),
+            {
+                "params": [],
+                "weight_decay": weight_decay if decay else 0.0,
+                "wd_scale": 1.0 if decay else 0.0,
+                "lr_scale": layer_decay ** (depth + 1 - lid),
+                "layer": lid,
+            },
+        )
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]

@@ -30,6 +30,7 @@ up to the BatchNorm statistics, which each process computes on its slice (not sy
 MAE) and the sampling (per shard, see above). The test accuracy: each process scores its own share of
 the test features on its device; the correct counts are summed over processes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,20 +52,20 @@ log = logging.getLogger("mimscale.eval")
 class LinearConfig:
     pool: Literal["cls", "mean"] = "cls"
     epochs: float = 90.0
-    batch_size: int = 16384                  # global batch (split over processes)
-    blr: float = 0.1                         # lr = blr * batch_size / 256
+    batch_size: int = 16384  # global batch (split over processes)
+    blr: float = 0.1  # lr = blr * batch_size / 256
     warmup_epochs: float = 10.0
     weight_decay: float = 0.0
     momentum: float = 0.9
     optimizer: Literal["lars", "sgd"] = "lars"
-    augment: bool = False                    # false: cached features (fast path); true: RRC + flip every step
-    num_classes: int | None = None           # default: the classes in the train manifest
-    train_samples: int | None = None         # cap (whole shards) on the training set
-    test_samples: int | None = None          # cap (whole shards) on the test set
-    feature_batch_size: int = 256            # encoder batch per process while extracting features
+    augment: bool = False  # false: cached features (fast path); true: RRC + flip every step
+    num_classes: int | None = None  # default: the classes in the train manifest
+    train_samples: int | None = None  # cap (whole shards) on the training set
+    test_samples: int | None = None  # cap (whole shards) on the test set
+    feature_batch_size: int = 256  # encoder batch per process while extracting features
     num_workers: int = 2
     seed: int = 0
-    mean: tuple[float, ...] | None = None    # default: the run's data.mean / data.std (ImageNet for a file)
+    mean: tuple[float, ...] | None = None  # default: the run's data.mean / data.std (ImageNet for a file)
     std: tuple[float, ...] | None = None
 
 
@@ -89,10 +90,17 @@ class LARS(torch.optim.Optimizer):
     positive); ``mu = m mu + d``; ``w -= lr mu``.
     """
 
-    def __init__(self, params, lr: float = 0.0, weight_decay: float = 0.0, momentum: float = 0.9,
-                 trust_coefficient: float = 0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
+    def __init__(
+        self,
+        params,
+        lr: float = 0.0,
+        weight_decay: float = 0.0,
+        momentum: float = 0.9,
+        trust_coefficient: float = 0.001,
+    ):
+        super().__init__(
+            params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, trust_coefficient=trust_coefficient)
+        )
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -115,23 +123,29 @@ class LARS(torch.optim.Optimizer):
 def make_optimizer(head: LinearHead, cfg: LinearConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "lars":
         return LARS(head.parameters(), weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-    return torch.optim.SGD([{"params": [head.fc.weight], "weight_decay": cfg.weight_decay},
-                            {"params": [head.fc.bias], "weight_decay": 0.0}], lr=0.0, momentum=cfg.momentum)
+    return torch.optim.SGD(
+        [
+            {"params": [head.fc.weight], "weight_decay": cfg.weight_decay},
+            {"params": [head.fc.bias], "weight_decay": 0.0},
+        ],
+        lr=0.0,
+        momentum=cfg.momentum,
+    )
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
 
 
-def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, accelerator, *, img_size: int,
-                 in_chans: int, mean, std) -> dict:
+def linear_probe(
+    encoder, train_dir: str, test_dir: str, cfg: LinearConfig, accelerator, *, img_size: int, in_chans: int, mean, std
+) -> dict:
     """Train the probe and return ``{"top1": final %, "best_top1": %, "curve": [[epoch, %], ...], ...}``."""
-    from torch.utils.data import DataLoader, TensorDataset
 
+    from ..data.epoch import first_shards
     from ..data.loader import ShardLoader
     from ..data.transforms import EvalTransform, TrainTransform
     from ..errors import ConfigError
-    from ..data.epoch import first_shards
     from .source import num_classes
 
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -142,8 +156,17 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
     tf = EvalTransform(img_size, mean=mean, std=std, in_chans=in_chans)
 
     def eval_loader(src: str, cap: int | None) -> ShardLoader:
-        return ShardLoader(first_shards(src, cap), manifest=src, batch_size=cfg.feature_batch_size, transform=tf,
-                           rank=rank, world_size=world, num_workers=cfg.num_workers, mode="eval", shuffle=False)
+        return ShardLoader(
+            first_shards(src, cap),
+            manifest=src,
+            batch_size=cfg.feature_batch_size,
+            transform=tf,
+            rank=rank,
+            world_size=world,
+            num_workers=cfg.num_workers,
+            mode="eval",
+            shuffle=False,
+        )
 
     xte, yte = extract_features(encoder, eval_loader(test_dir, cfg.test_samples), device, cfg.pool)  # own share
     torch.manual_seed(cfg.seed)
@@ -151,10 +174,16 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
     opt = make_optimizer(head, cfg)
     head, opt = accelerator.prepare(head, opt)
     if cfg.augment:
-        loader = ShardLoader(first_shards(train_dir, cfg.train_samples), manifest=train_dir,
-                             batch_size=cfg.batch_size // world, rank=rank, world_size=world, seed=cfg.seed,
-                             num_workers=cfg.num_workers, transform=TrainTransform(
-                                 img_size, scale=(0.08, 1.0), mean=mean, std=std, in_chans=in_chans))
+        loader = ShardLoader(
+            first_shards(train_dir, cfg.train_samples),
+            manifest=train_dir,
+            batch_size=cfg.batch_size // world,
+            rank=rank,
+            world_size=world,
+            seed=cfg.seed,
+            num_workers=cfg.num_workers,
+            transform=TrainTransform(img_size, scale=(0.08, 1.0), mean=mean, std=std, in_chans=in_chans),
+        )
         n_train, rows = loader.samples_per_epoch, None
     else:
         xtr, ytr = extract_features(encoder, eval_loader(train_dir, cfg.train_samples), device, cfg.pool)
@@ -192,11 +221,22 @@ def linear_probe(encoder, train_dir: str, test_dir: str, cfg: LinearConfig, acce
         acc = evaluate(accelerator.unwrap_model(head), xte, yte, reduce=True)
         curve.append([round(step / steps_per_epoch, 4), acc])
         if accelerator.is_main_process:
-            log.info("linear probe epoch %d (step %d/%d): loss %.4f, test top-1 %.2f%%", epoch, step, total,
-                     loss.item(), acc)
-    return {"top1": curve[-1][1], "best_top1": max(a for _, a in curve), "curve": curve, "classes": classes,
-            "train_samples": n_train, "test_samples": int(_sum([len(yte)], device)[0]), "steps": total,
-            "processes": world, "feature_rows_per_process": rows, "lr": peak, "feature_dim": int(encoder.embed_dim)}
+            log.info(
+                "linear probe epoch %d (step %d/%d): loss %.4f, test top-1 %.2f%%", epoch, step, total, loss.item(), acc
+            )
+    return {
+        "top1": curve[-1][1],
+        "best_top1": max(a for _, a in curve),
+        "curve": curve,
+        "classes": classes,
+        "train_samples": n_train,
+        "test_samples": int(_sum([len(yte)], device)[0]),
+        "steps": total,
+        "processes": world,
+        "feature_rows_per_process": rows,
+        "lr": peak,
+        "feature_dim": int(encoder.embed_dim),
+    }
 
 
 class ShardedFeatures:
@@ -224,7 +264,7 @@ class ShardedFeatures:
         order = torch.cat([torch.randperm(n, generator=g) for _ in range(-(-need // max(n, 1)))])[:need]
         order = order.to(self.feats.device)
         for i in range(self.steps):
-            idx = order[i * self.batch:(i + 1) * self.batch]
+            idx = order[i * self.batch : (i + 1) * self.batch]
             yield self.feats[idx], self.labels[idx]
 
 
@@ -239,16 +279,19 @@ def _sum(values: list[float], device) -> list[float]:
 
 
 @torch.no_grad()
-def evaluate(head: LinearHead, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 4096,
-             reduce: bool = False) -> float:
+def evaluate(
+    head: LinearHead, feats: torch.Tensor, labels: torch.Tensor, chunk: int = 4096, reduce: bool = False
+) -> float:
     """Top-1 (%) of ``head`` on ``feats [M, D]`` (eval-mode BatchNorm: the running statistics).
 
     ``reduce=True``: ``feats`` are this process's share; the correct counts are summed over processes."""
     was = head.training
     head.eval()
     dev = next(head.parameters()).device
-    correct = sum(int((head(feats[i:i + chunk].to(dev)).argmax(1) == labels[i:i + chunk].to(dev)).sum())
-                  for i in range(0, len(feats), chunk))
+    correct = sum(
+        int((head(feats[i : i + chunk].to(dev)).argmax(1) == labels[i : i + chunk].to(dev)).sum())
+        for i in range(0, len(feats), chunk)
+    )
     head.train(was)
     hit, n = _sum([correct, len(labels)], dev) if reduce else (correct, len(labels))
     return 100.0 * hit / n if n else float("nan")

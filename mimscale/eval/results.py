@@ -6,6 +6,7 @@ run's last training step, so ``mimscale report`` shows them. A kNN result is not
 ``eval/knn_top1`` curve (logged during pre-training with the run's eval settings) stays as it was. For an exported ``.safetensors`` file the
 JSON goes beside it (``<file stem>.<kind>.json``) unless ``--out`` says otherwise.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,7 @@ def record(source: Source, kind: str, result: dict, metrics: dict[str, float], o
 
     path = result_path(source, kind, out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"kind": kind, "source": str(source.weights), "arch": source.arch, "time": time.time(),
-           **metrics, **result}
+    doc = {"kind": kind, "source": str(source.weights), "arch": source.arch, "time": time.time(), **metrics, **result}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     tmp.replace(path)

@@ -6,6 +6,7 @@ an exported ``.safetensors`` file carries its geometry in its tensors (``patch_e
 are inferred and ``--arch`` etc. only have to agree. Weights are read with safetensors only (no pickle).
 Any missing, corrupt or mismatching file raises :class:`~mimscale.errors.CheckpointError` (one line).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,18 +28,18 @@ ENCODER_FILE = "encoder.safetensors"
 class Source:
     """A loaded encoder and what it was trained with."""
 
-    encoder: VisionTransformer            # global_pool="token", num_classes=0: the exported encoder
-    state: dict[str, torch.Tensor]        # its weights as read (timm key names)
+    encoder: VisionTransformer  # global_pool="token", num_classes=0: the exported encoder
+    state: dict[str, torch.Tensor]  # its weights as read (timm key names)
     arch: str
     img_size: int
     patch_size: int
     in_chans: int
-    pos_embed: str                        # "sincos" (fixed buffer), "learned" or "relative" (BEiT layout)
+    pos_embed: str  # "sincos" (fixed buffer), "learned" or "relative" (BEiT layout)
     mean: tuple[float, ...]
     std: tuple[float, ...]
     weights: Path
-    run_dir: Path | None = None           # set when SOURCE is a run directory
-    step: int | None = None               # the run's last training step (where eval metrics are logged)
+    run_dir: Path | None = None  # set when SOURCE is a run directory
+    step: int | None = None  # the run's last training step (where eval metrics are logged)
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -50,8 +51,10 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error type for truncated / non-safetensors files
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'corrupt'})"
+        ) from None
 
 
 def infer_geometry(state: dict[str, torch.Tensor], path: Path) -> dict:
@@ -79,15 +82,22 @@ def infer_geometry(state: dict[str, torch.Tensor], path: Path) -> dict:
     return dict(arch=arch, img_size=grid * patch, patch_size=patch, in_chans=in_chans, pos_embed=kind)
 
 
-def load_source(source: str | Path, arch: str | None = None, img_size: int | None = None,
-                patch_size: int | None = None, in_chans: int | None = None) -> Source:
+def load_source(
+    source: str | Path,
+    arch: str | None = None,
+    img_size: int | None = None,
+    patch_size: int | None = None,
+    in_chans: int | None = None,
+) -> Source:
     """Load SOURCE (a run directory or an exported ``.safetensors`` file) into a strict-checked encoder."""
     p = Path(source).expanduser()
     run_dir, cfg = None, {}
     if p.is_dir():
         if not (p / "config.yaml").is_file():
-            raise CheckpointError(f"{p} has no config.yaml: pass a `mimscale pretrain` run directory or an "
-                                  f"exported encoder .safetensors file")
+            raise CheckpointError(
+                f"{p} has no config.yaml: pass a `mimscale pretrain` run directory or an "
+                f"exported encoder .safetensors file"
+            )
         try:
             cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
         except yaml.YAMLError as e:
@@ -96,20 +106,30 @@ def load_source(source: str | Path, arch: str | None = None, img_size: int | Non
     elif p.suffix == ".safetensors":
         weights = p
     else:
-        raise CheckpointError(f"{source}: not a run directory or a .safetensors file (no such path)"
-                              if not p.exists() else f"{source}: expected a run directory or a .safetensors file")
+        raise CheckpointError(
+            f"{source}: not a run directory or a .safetensors file (no such path)"
+            if not p.exists()
+            else f"{source}: expected a run directory or a .safetensors file"
+        )
     state = read_weights(weights)
     geo = infer_geometry(state, weights)
     model_cfg = cfg.get("model") or {}
     for key, given in (("arch", arch), ("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans)):
         want = given if given is not None else model_cfg.get(key)
         if want is not None and want != geo[key]:
-            raise CheckpointError(f"{weights} holds a {geo['arch']} with img_size={geo['img_size']}, "
-                                  f"patch_size={geo['patch_size']}, in_chans={geo['in_chans']}, but {key}={want} "
-                                  f"was asked for")
-    encoder = build_vit(geo["arch"], geo["img_size"], geo["patch_size"], geo["in_chans"], pos_embed=geo["pos_embed"],
-                        layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state
-                        else None)  # values come from state
+            raise CheckpointError(
+                f"{weights} holds a {geo['arch']} with img_size={geo['img_size']}, "
+                f"patch_size={geo['patch_size']}, in_chans={geo['in_chans']}, but {key}={want} "
+                f"was asked for"
+            )
+    encoder = build_vit(
+        geo["arch"],
+        geo["img_size"],
+        geo["patch_size"],
+        geo["in_chans"],
+        pos_embed=geo["pos_embed"],
+        layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state else None,
+    )  # values come from state
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -124,8 +144,16 @@ def load_source(source: str | Path, arch: str | None = None, img_size: int | Non
             summary_step = json.loads((run_dir / "summary.json").read_text()).get("steps")
         except ValueError:
             summary_step = None
-    return Source(encoder=encoder, state=state, weights=weights, run_dir=run_dir, step=summary_step,
-                  mean=tuple(data.get("mean") or IMAGENET_MEAN), std=tuple(data.get("std") or IMAGENET_STD), **geo)
+    return Source(
+        encoder=encoder,
+        state=state,
+        weights=weights,
+        run_dir=run_dir,
+        step=summary_step,
+        mean=tuple(data.get("mean") or IMAGENET_MEAN),
+        std=tuple(data.get("std") or IMAGENET_STD),
+        **geo,
+    )
 
 
 def num_classes(shard_dir: str, given: int | None = None) -> int:

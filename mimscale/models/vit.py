@@ -234,7 +234,7 @@ class Attention(nn.Module):
         """The ``[3D]`` bias of the fused projection (``[q_bias; 0; v_bias]`` in the BEiT layout) or None."""
         if self.q_bias is None:
             return self.qkv.bias
-        assert self.v_bias is not None                  # q_bias and v_bias exist together
+        assert self.v_bias is not None  # q_bias and v_bias exist together
         return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
 
     def _heads(self, t: Tensor) -> Tensor:
@@ -315,7 +315,7 @@ def relative_position_index(grid: int) -> Tensor:
     """
     n_rel = (2 * grid - 1) ** 2
     rc = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")).flatten(1)  # [2, N]
-    d = (rc[:, :, None] - rc[:, None, :]).permute(1, 2, 0) + (grid - 1)                             # [N, N, 2]
+    d = (rc[:, :, None] - rc[:, None, :]).permute(1, 2, 0) + (grid - 1)  # [N, N, 2]
     idx = torch.empty(grid * grid + 1, grid * grid + 1, dtype=torch.long)
     idx[1:, 1:] = d[..., 0] * (2 * grid - 1) + d[..., 1]
     idx[0, :] = n_rel
@@ -332,7 +332,7 @@ class RelativePositionBias(nn.Module):
     for a per-sample subset of tokens.
     """
 
-    relative_position_index: Tensor                 # a buffer: long [1 + N, 1 + N]
+    relative_position_index: Tensor  # a buffer: long [1 + N, 1 + N]
 
     def __init__(self, grid: int, num_heads: int) -> None:
         super().__init__()
@@ -343,10 +343,10 @@ class RelativePositionBias(nn.Module):
     def forward(self, positions: Tensor | None = None) -> Tensor:
         table, idx = self.relative_position_bias_table, self.relative_position_index
         if positions is None:
-            return table[idx].permute(2, 0, 1).unsqueeze(0)                                 # [1, h, L, L]
+            return table[idx].permute(2, 0, 1).unsqueeze(0)  # [1, h, L, L]
         pos = positions.to(device=idx.device, dtype=torch.long)
-        sub = idx[pos[:, :, None], pos[:, None, :]]                                          # [B, L, L]
-        return table[sub].permute(0, 3, 1, 2)                                                # [B, h, L, L]
+        sub = idx[pos[:, :, None], pos[:, None, :]]  # [B, L, L]
+        return table[sub].permute(0, 3, 1, 2)  # [B, h, L, L]
 
 
 # --------------------------------------------------------------------------- model
@@ -372,7 +372,7 @@ class VisionTransformer(nn.Module):
             normalises the pooled vector).
     """
 
-    pos_embed: Tensor | None                        # a buffer (sincos), a Parameter (learned) or None (relative)
+    pos_embed: Tensor | None  # a buffer (sincos), a Parameter (learned) or None (relative)
 
     def __init__(
         self,
@@ -429,8 +429,15 @@ class VisionTransformer(nn.Module):
 
         dpr = [drop_path_rate * i / (depth - 1) if depth > 1 else 0.0 for i in range(depth)]
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_path=dpr[i], layer_scale_init=layer_scale_init,
-                  qv_bias=pos_embed == "relative")
+            Block(
+                embed_dim,
+                num_heads,
+                mlp_ratio,
+                qkv_bias,
+                drop_path=dpr[i],
+                layer_scale_init=layer_scale_init,
+                qv_bias=pos_embed == "relative",
+            )
             for i in range(depth)
         )
         use_fc_norm = global_pool == "avg"  # timm's rule when fc_norm=None
@@ -471,7 +478,7 @@ class VisionTransformer(nn.Module):
         else:
             conv.reset_parameters()
             nn.init.normal_(self.cls_token, std=1e-6)
-        assert conv.bias is not None                    # the patch conv is built with a bias
+        assert conv.bias is not None  # the patch conv is built with a bias
         nn.init.zeros_(conv.bias)
         if isinstance(self.pos_embed, nn.Parameter):
             if scheme == "beit":
@@ -487,7 +494,7 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
             elif isinstance(m, Attention) and m.q_bias is not None:
-                assert m.v_bias is not None             # q_bias and v_bias exist together
+                assert m.v_bias is not None  # q_bias and v_bias exist together
                 nn.init.zeros_(m.q_bias)
                 nn.init.zeros_(m.v_bias)
             elif isinstance(m, LayerScale):
@@ -534,21 +541,25 @@ class VisionTransformer(nn.Module):
             out[_rename_layer_scale(k, to_timm=True)] = v
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
         """Accept the export layout of :meth:`export_state_dict` (per-block tables, ``gamma_1/2``) as well."""
         if self.rel_pos_bias is not None and prefix + self._SHARED_TABLE not in state_dict:
             keys = [f"{prefix}blocks.{i}.attn.relative_position_bias_table" for i in range(self.depth)]
             if all(k in state_dict for k in keys):
                 tables = [state_dict.pop(k) for k in keys]
                 if any(not torch.equal(tables[0], t) for t in tables[1:]):
-                    error_msgs.append("the per-block relative position bias tables differ (a fine-tuned BEiT?); "
-                                      "this encoder shares one table across blocks")
+                    error_msgs.append(
+                        "the per-block relative position bias tables differ (a fine-tuned BEiT?); "
+                        "this encoder shares one table across blocks"
+                    )
                 state_dict[prefix + self._SHARED_TABLE] = tables[0]
             for k in [k for k in state_dict if k.startswith(prefix + "blocks.") and ".gamma_" in k]:
-                state_dict[prefix + _rename_layer_scale(k[len(prefix):], to_timm=False)] = state_dict.pop(k)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+                state_dict[prefix + _rename_layer_scale(k[len(prefix) :], to_timm=False)] = state_dict.pop(k)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------ pieces
 
@@ -577,9 +588,7 @@ class VisionTransformer(nn.Module):
     def gather_tokens(tokens: Tensor, keep_idx: Tensor) -> Tensor:
         """Per-sample gather: ``tokens: [B, N, D]``, ``keep_idx: [B, K]`` (long) -> ``[B, K, D]``."""
         if keep_idx.ndim != 2 or keep_idx.shape[0] != tokens.shape[0]:
-            raise ValueError(
-                f"keep_idx must be [B, K] with B={tokens.shape[0]}, got shape {tuple(keep_idx.shape)}"
-            )
+            raise ValueError(f"keep_idx must be [B, K] with B={tokens.shape[0]}, got shape {tuple(keep_idx.shape)}")
         idx = keep_idx.to(device=tokens.device, dtype=torch.long)
         return torch.gather(tokens, 1, idx.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
@@ -600,8 +609,10 @@ class VisionTransformer(nn.Module):
         """
         if self.rel_pos_bias is not None and rel_bias is None:
             if tokens.shape[1] != 1 + self.num_patches:
-                raise ValueError(f"pos_embed='relative' on {tokens.shape[1]} tokens: pass rel_bias for a subset "
-                                 f"(rel_pos_bias(positions)), or the full 1 + {self.num_patches} sequence")
+                raise ValueError(
+                    f"pos_embed='relative' on {tokens.shape[1]} tokens: pass rel_bias for a subset "
+                    f"(rel_pos_bias(positions)), or the full 1 + {self.num_patches} sequence"
+                )
             rel_bias = self.rel_pos_bias()
         mask = _combine_masks(attn_mask, rel_bias, tokens.dtype)
         x = tokens

@@ -38,11 +38,13 @@ scale; Adam is scale-invariant up to its eps, so this only matters for tiny grad
 
 RPE variants (``pe_type = "rpe"``) are not implemented (optional in the spec): ConfigError.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -88,7 +90,7 @@ class CropDecoder(nn.Module):
     """MAE+ decoder on all ``1 + N_c`` tokens: ``Linear D->d``, + sin-cos(d) for the crop grid, blocks, norm,
     ``Linear d->P``; ``forward(latent [M, 1+N_c, D]) -> pred [M, N_c, P]`` (cls dropped)."""
 
-    pos_embed: torch.Tensor                          # a buffer: [1, 1 + N_c, d]
+    pos_embed: torch.Tensor  # a buffer: [1, 1 + N_c, d]
 
     def __init__(self, enc_dim: int, grid: int, patch_pixels: int, dim: int, depth: int, heads: int):
         super().__init__()
@@ -108,9 +110,11 @@ class CropDecoder(nn.Module):
 
     def flops(self, enc_dim: int) -> float:
         n = self.pos_embed.shape[1]
-        return (linear_flops(n, enc_dim, self.embed.out_features)
-                + transformer_forward_flops(n, self.embed.out_features, len(self.blocks))
-                + linear_flops(n, self.embed.out_features, self.pred.out_features))
+        return (
+            linear_flops(n, enc_dim, self.embed.out_features)
+            + transformer_forward_flops(n, self.embed.out_features, len(self.blocks))
+            + linear_flops(n, self.embed.out_features, self.pred.out_features)
+        )
 
 
 class AdversarialDelta(nn.Module):
@@ -124,11 +128,10 @@ class AdversarialDelta(nn.Module):
     :meth:`_MultiCropMIM.checkpoint_state`.
     """
 
-    delta: torch.Tensor                              # buffers: [size]
+    delta: torch.Tensor  # buffers: [size]
     grad_acc: torch.Tensor
 
-    def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float,
-                 init_std: float = 0.0):
+    def __init__(self, size: int, betas: tuple[float, float], eps: float, weight_decay: float, init_std: float = 0.0):
         super().__init__()
         self.register_buffer("delta", torch.zeros(size), persistent=False)
         if init_std > 0:
@@ -191,12 +194,12 @@ class AdversarialDelta(nn.Module):
 
 @dataclass
 class AdPEConfig:
-    pe_type: Literal["ape", "rpe"] = "ape"    # "rpe" (iRPE-style) is not implemented
-    adv_type: int = num(1, "[0, 2]")          # 0 none (MAE+) | 1 embedding mode | 2 coordinate mode
-    adv_blr: float = num(1.5e-4, ">= 0")      # adv_lr = adv_blr * eff_batch / 256 * lr_factor [code/README]
-    adv_wd: float = num(0.0, ">= 0")          # decoupled decay of delta (shrinks it); 0 in the original [code]
-    adv_norm: Literal[0, 1, 2, "none", "l2", "linf"] = 0   # projection after each step [unverified]
-    adv_eps: float = num(1.0, ">= 0")         # projection radius [unverified]
+    pe_type: Literal["ape", "rpe"] = "ape"  # "rpe" (iRPE-style) is not implemented
+    adv_type: int = num(1, "[0, 2]")  # 0 none (MAE+) | 1 embedding mode | 2 coordinate mode
+    adv_blr: float = num(1.5e-4, ">= 0")  # adv_lr = adv_blr * eff_batch / 256 * lr_factor [code/README]
+    adv_wd: float = num(0.0, ">= 0")  # decoupled decay of delta (shrinks it); 0 in the original [code]
+    adv_norm: Literal[0, 1, 2, "none", "l2", "linf"] = 0  # projection after each step [unverified]
+    adv_eps: float = num(1.0, ">= 0")  # projection radius [unverified]
     adv_betas: tuple[float, float] = num((0.9, 0.95), "[0, 1)")  # the original shares the main AdamW's betas
     adv_adam_eps: float = num(1e-8, "> 0")
     adv_batch_size: int | None = num(None, ">= 1")  # eff_batch for adv_lr; None = micro-batch x grad_accum x world
@@ -209,15 +212,15 @@ class AdPEConfig:
     decoder_dim: int = num(512, ">= 4")
     decoder_depth: int = num(8, ">= 0")
     decoder_heads: int = num(16, ">= 1")
-    init: Literal["mae", "beit", "timm"] = "mae"   # encoder init [code: MAE's xavier]; the decoder keeps MAE's
-    wd_cls_token: bool = True                 # weight decay on the 3-D cls token [code: decayed]
-    wd_mask_token: bool = True                # ... and on the mask token [code: decayed]
+    init: Literal["mae", "beit", "timm"] = "mae"  # encoder init [code: MAE's xavier]; the decoder keeps MAE's
+    wd_cls_token: bool = True  # weight decay on the 3-D cls token [code: decayed]
+    wd_mask_token: bool = True  # ... and on the mask token [code: decayed]
 
 
 class _MultiCropMIM(Objective):
     """Shared implementation of MAE+ (adv_type 0) and AdPE (adv_type 1/2); see the module docstring."""
 
-    crop_pos: torch.Tensor                           # a buffer: [1, N_c, D]
+    crop_pos: torch.Tensor  # a buffer: [1, N_c, D]
 
     def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
         super().__init__(encoder, cfg)
@@ -225,22 +228,28 @@ class _MultiCropMIM(Objective):
         init_encoder(encoder, cfg.init)
         p = encoder.patch_size
         self.grid = cfg.crop_size // p
-        self.num_crop_patches = self.grid ** 2
+        self.num_crop_patches = self.grid**2
         self.patch_pixels = p * p * encoder.in_chans
         self.adv_type = cfg.adv_type
         self.adv_norm = _NORMS[cfg.adv_norm]
         d = encoder.embed_dim
         self.register_buffer("crop_pos", sincos_2d(d, self.grid, cls_token=False), persistent=False)
-        if self.adv_type != 1:                    # embedding mode: delta replaces the mask token
+        if self.adv_type != 1:  # embedding mode: delta replaces the mask token
             self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
             nn.init.normal_(self.mask_token, std=0.02)
-        self.decoder = CropDecoder(d, self.grid, self.patch_pixels, cfg.decoder_dim, cfg.decoder_depth,
-                                   cfg.decoder_heads)
+        self.decoder = CropDecoder(
+            d, self.grid, self.patch_pixels, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads
+        )
         self.adv: AdversarialDelta | None = None
         if self.adv_type:
             # embedding mode: N(0, 0.02) like the mask token it replaces [code]; coordinate mode: zeros(2) [code]
-            self.adv = AdversarialDelta(d if self.adv_type == 1 else 2, cfg.adv_betas, cfg.adv_adam_eps, cfg.adv_wd,
-                                        init_std=0.02 if self.adv_type == 1 else 0.0)
+            self.adv = AdversarialDelta(
+                d if self.adv_type == 1 else 2,
+                cfg.adv_betas,
+                cfg.adv_adam_eps,
+                cfg.adv_wd,
+                init_std=0.02 if self.adv_type == 1 else 0.0,
+            )
         self._micro_batch: int | None = None
 
     @staticmethod
@@ -252,16 +261,20 @@ class _MultiCropMIM(Objective):
         if encoder.pos_embed_type != "sincos":
             raise ConfigError("mae_plus/adpe add a fixed sin-cos table for the crop grid: set model.pos_embed=sincos")
         if cfg.crop_size < encoder.patch_size or cfg.crop_size % encoder.patch_size:
-            raise ConfigError(f"objective.crop_size={cfg.crop_size} must be a positive multiple of "
-                              f"model.patch_size={encoder.patch_size}")
+            raise ConfigError(
+                f"objective.crop_size={cfg.crop_size} must be a positive multiple of "
+                f"model.patch_size={encoder.patch_size}"
+            )
         if cfg.num_crops < 1:
             raise ConfigError(f"objective.num_crops={cfg.num_crops} must be >= 1")
         if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
             raise ConfigError(f"objective.crop_scale={list(cfg.crop_scale)} must satisfy 0 < min <= max <= 1")
         check_mae_knobs(cfg)
         if cfg.adv_blr < 0 or cfg.adv_wd < 0 or cfg.adv_eps < 0:
-            raise ConfigError(f"objective.adv_blr={cfg.adv_blr}, adv_wd={cfg.adv_wd} and adv_eps={cfg.adv_eps} "
-                              "must be >= 0 (ascent comes from the negated gradient, not a negative lr)")
+            raise ConfigError(
+                f"objective.adv_blr={cfg.adv_blr}, adv_wd={cfg.adv_wd} and adv_eps={cfg.adv_eps} "
+                "must be >= 0 (ascent comes from the negated gradient, not a negative lr)"
+            )
         if cfg.adv_batch_size is not None and cfg.adv_batch_size < 1:
             raise ConfigError(f"objective.adv_batch_size={cfg.adv_batch_size} must be >= 1 (or null)")
 
@@ -275,10 +288,15 @@ class _MultiCropMIM(Objective):
     def train_transform(self, default: Callable) -> MultiCrop:
         """``num_crops`` crops at ``crop_size`` with ``crop_scale`` (the recipe's ``data.crop_scale`` and image
         size are not used for training crops); flip, mean/std and channels follow ``default``."""
-        crop = TrainTransform(self.cfg.crop_size, scale=self.cfg.crop_scale,
-                              ratio=getattr(default, "ratio", (3 / 4, 4 / 3)), hflip=getattr(default, "hflip", True),
-                              mean=getattr(default, "mean", IMAGENET_MEAN), std=getattr(default, "std", IMAGENET_STD),
-                              in_chans=self.encoder.in_chans)
+        crop = TrainTransform(
+            self.cfg.crop_size,
+            scale=self.cfg.crop_scale,
+            ratio=getattr(default, "ratio", (3 / 4, 4 / 3)),
+            hflip=getattr(default, "hflip", True),
+            mean=getattr(default, "mean", IMAGENET_MEAN),
+            std=getattr(default, "std", IMAGENET_STD),
+            in_chans=self.encoder.in_chans,
+        )
         return MultiCrop(self.cfg.num_crops, crop)
 
     def mask_spec(self) -> MaskSpec:
@@ -295,11 +313,14 @@ class _MultiCropMIM(Objective):
         img, masks = batch["image"], batch["crop_masks"]
         nc, c = self.cfg.num_crops, self.cfg.crop_size
         if img.ndim != 5 or img.shape[1] != nc or img.shape[-1] != c or img.shape[-2] != c:
-            raise ValueError(f"batch['image'] must be [B, {nc}, C, {c}, {c}] (this objective's train_transform), "
-                             f"got {tuple(img.shape)}")
+            raise ValueError(
+                f"batch['image'] must be [B, {nc}, C, {c}, {c}] (this objective's train_transform), "
+                f"got {tuple(img.shape)}"
+            )
         if masks.shape != (img.shape[0], nc, self.num_crop_patches):
-            raise ValueError(f"batch['crop_masks'] must be [B, {nc}, {self.num_crop_patches}], "
-                             f"got {tuple(masks.shape)}")
+            raise ValueError(
+                f"batch['crop_masks'] must be [B, {nc}, {self.num_crop_patches}], got {tuple(masks.shape)}"
+            )
         return img.flatten(0, 1), masks.flatten(0, 1)
 
     def masked_pos(self, delta: torch.Tensor | None) -> torch.Tensor:
@@ -315,25 +336,25 @@ class _MultiCropMIM(Objective):
         """Patch tokens with mask token / delta and position embeddings: ``[M, C, c, c]``, ``[M, N_c]`` ->
         ``[M, N_c, D]`` (no cls). Masked slot i gets ``mask_token + pos_i`` (adv_type 0), ``delta + pos_i`` (1)
         or ``mask_token + sincos(coords_i + delta)`` (2); visible slots ``patch_i + pos_i``."""
-        proj = self.encoder.patch_embed.proj          # the conv runs on any multiple of p (crops != img_size)
-        x = proj(crops.to(proj.weight.dtype)).flatten(2).transpose(1, 2)       # [M, N_c, D]
+        proj = self.encoder.patch_embed.proj  # the conv runs on any multiple of p (crops != img_size)
+        x = proj(crops.to(proj.weight.dtype)).flatten(2).transpose(1, 2)  # [M, N_c, D]
         m = masks.unsqueeze(-1)
-        pos = self.crop_pos.to(x.dtype)                                         # [1, N_c, D]
+        pos = self.crop_pos.to(x.dtype)  # [1, N_c, D]
         if self.adv_type == 1:
-            assert self.adv is not None                 # adv_type 1 and 2 build it
+            assert self.adv is not None  # adv_type 1 and 2 build it
             fill = self.adv.live().to(x.dtype)
         else:
             fill = self.mask_token.to(x.dtype)
         x = torch.where(m, fill, x)
         if self.adv_type == 2:
             assert self.adv is not None
-            shifted = self.masked_pos(self.adv.live()).to(x.dtype)             # [N_c, D]
+            shifted = self.masked_pos(self.adv.live()).to(x.dtype)  # [N_c, D]
             pos = torch.where(m, shifted, pos)
         return x + pos
 
     def predict_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [M, N_c, D]`` -> ``pred [M, N_c, P]`` (encoder on all 1 + N_c tokens, then decoder)."""
-        latent = self.encoder.encode(self.encoder.add_cls(tokens))            # [M, 1+N_c, D]
+        latent = self.encoder.encode(self.encoder.add_cls(tokens))  # [M, 1+N_c, D]
         return self.decoder(latent)
 
     def target(self, crops: torch.Tensor) -> torch.Tensor:
@@ -379,8 +400,10 @@ class _MultiCropMIM(Objective):
             raise ValueError(f"{self.name} checkpoint state must hold delta and optimizer, got {sorted(state)}")
         delta = torch.as_tensor(state["delta"])
         if delta.shape != self.adv.delta.shape:
-            raise ValueError(f"{self.name}: checkpoint delta has shape {tuple(delta.shape)}, "
-                             f"expected {tuple(self.adv.delta.shape)} (adv_type={self.adv_type})")
+            raise ValueError(
+                f"{self.name}: checkpoint delta has shape {tuple(delta.shape)}, "
+                f"expected {tuple(self.adv.delta.shape)} (adv_type={self.adv_type})"
+            )
         with torch.no_grad():
             self.adv.delta.copy_(delta)
         self.adv.optimizer.load_state_dict(state["optimizer"])
@@ -391,9 +414,11 @@ class _MultiCropMIM(Objective):
     def flops_per_sample(self) -> float:
         """3 x forward of num_crops x (patch embedding + encoder on 1 + N_c tokens + decoder on 1 + N_c)."""
         e, n = self.encoder, self.num_crop_patches
-        per_crop = (linear_flops(n, self.patch_pixels, e.embed_dim)
-                    + transformer_forward_flops(1 + n, e.embed_dim, e.depth, e.mlp_ratio)
-                    + self.decoder.flops(e.embed_dim))
+        per_crop = (
+            linear_flops(n, self.patch_pixels, e.embed_dim)
+            + transformer_forward_flops(1 + n, e.embed_dim, e.depth, e.mlp_ratio)
+            + self.decoder.flops(e.embed_dim)
+        )
         return 3.0 * self.cfg.num_crops * per_crop
 
     def no_weight_decay(self) -> set[str]:
@@ -408,7 +433,7 @@ class MAEPlus(_MultiCropMIM):
 
     @dataclass
     class Config(AdPEConfig):
-        adv_type: int = num(0, "[0, 2]")          # only 0 is MAE+ (the constructor says to use name: adpe)
+        adv_type: int = num(0, "[0, 2]")  # only 0 is MAE+ (the constructor says to use name: adpe)
 
     def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
         if cfg.adv_type != 0:

@@ -4,15 +4,16 @@ An objective is one ``nn.Module`` in one file that owns everything specific to i
 teachers, mask policy, targets, loss). The engine wraps that one module and never branches on its name.
 Third-party packages register more through the entry-point group ``mimscale.objectives``.
 """
+
 from __future__ import annotations
 
 import abc
 import dataclasses
-
 import difflib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, Callable, ClassVar, Iterator, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -22,12 +23,12 @@ from ..masking import MaskGenerator, MaskSpec
 from ..models.vit import VisionTransformer
 
 ENTRY_POINT_GROUP = "mimscale.objectives"
-_REGISTRY: dict[str, type["Objective"]] = {}
+_REGISTRY: dict[str, type[Objective]] = {}
 
 
 class LossOutput(NamedTuple):
-    loss: torch.Tensor                       # scalar, fp32, what backward() is called on
-    metrics: dict[str, torch.Tensor]         # named scalars logged under train/
+    loss: torch.Tensor  # scalar, fp32, what backward() is called on
+    metrics: dict[str, torch.Tensor]  # named scalars logged under train/
 
 
 def _identity(t: torch.Tensor) -> torch.Tensor:
@@ -55,8 +56,8 @@ class StepContext:
     step: int = 0
     total_steps: int = 1
     epoch: float = 0.0
-    lr: float = 0.0                      # this step's main lr
-    lr_factor: float = 1.0               # lr / peak lr: the warmup+cosine shape, for objectives' own optimizers
+    lr: float = 0.0  # this step's main lr
+    lr_factor: float = 1.0  # lr / peak lr: the warmup+cosine shape, for objectives' own optimizers
     rank: int = 0
     world_size: int = 1
     grad_accum: int = 1
@@ -110,8 +111,11 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
         a knob cannot be shrunk that way (a width that must match a teacher)."""
         changes = {}
         for f in dataclasses.fields(cls.Config):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            default = (
+                f.default
+                if f.default is not dataclasses.MISSING
+                else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            )
             if type(default) is not int:
                 continue
             for word, small in (("heads", 4), ("depth", 1), ("dim", 48)):
@@ -202,8 +206,10 @@ def token_no_decay(objective: Objective, mask_tokens: set[str]) -> set[str]:
 def require_absolute_pos(encoder: VisionTransformer, name: str) -> None:
     """ConfigError for ``model.pos_embed=relative`` in objectives that add absolute positions themselves."""
     if encoder.pos_embed is None:
-        raise ConfigError(f"objective {name} needs an absolute position embedding: set model.pos_embed=sincos "
-                          "(or learned); model.pos_embed=relative is for mae, conmim and dtm")
+        raise ConfigError(
+            f"objective {name} needs an absolute position embedding: set model.pos_embed=sincos "
+            "(or learned); model.pos_embed=relative is for mae, conmim and dtm"
+        )
 
 
 def register(cls: type[Objective]) -> type[Objective]:

@@ -20,6 +20,7 @@ Deviations from the official code, on purpose: the unused ``lm_head`` of the ori
 Projector BatchNorm statistics are per micro-batch (no SyncBN): keep the reference per-device batch (64)
 when reproducing.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,7 +56,7 @@ class Projector(nn.Module):
         self.net = nn.Sequential(*mods)
         for m in self.net:
             if isinstance(m, nn.Linear):
-                init_linear_(m, "beit")                 # the code's: truncated normal 0.02 cut at +-1 std
+                init_linear_(m, "beit")  # the code's: truncated normal 0.02 cut at +-1 std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -65,8 +66,9 @@ class Projector(nn.Module):
         return sum(linear_flops(tokens, m.in_features, m.out_features) for m in self.net if isinstance(m, nn.Linear))
 
 
-def patch_infonce(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
-                  temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+def patch_infonce(
+    s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Intra-image patch InfoNCE in fp32: ``s, t [B, N, C]``, ``mask bool [B, N]`` -> ``(loss, accuracy)``.
 
     ``logits_b = norm(s_b) norm(t_b)^T / temperature [B, N, N]``; the rows of masked positions (``M`` in the
@@ -76,9 +78,9 @@ def patch_infonce(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor,
     """
     s = F.normalize(s.float(), dim=-1)
     t = F.normalize(t.float(), dim=-1)
-    logits = torch.bmm(s, t.transpose(1, 2)) / temperature             # [B, N, N]
-    rows = logits[mask]                                                  # [M, N]
-    target = mask.nonzero(as_tuple=True)[1]                              # [M]: the row's own patch index
+    logits = torch.bmm(s, t.transpose(1, 2)) / temperature  # [B, N, N]
+    rows = logits[mask]  # [M, N]
+    target = mask.nonzero(as_tuple=True)[1]  # [M]: the row's own patch index
     if rows.shape[0] == 0:
         return logits.sum() * 0.0, logits.new_zeros(())
     loss = F.cross_entropy(rows, target)
@@ -91,7 +93,7 @@ class ConMIM(Objective):
 
     name = "conmim"
     reference = "official code: TencentARC/ConMIM (docs/objectives/conmim.md)"
-    teacher_encoder: EMATeacher                  # set by hold_outside in __init__ (outside the module tree)
+    teacher_encoder: EMATeacher  # set by hold_outside in __init__ (outside the module tree)
     teacher_projector: EMATeacher
 
     @dataclass
@@ -104,21 +106,21 @@ class ConMIM(Objective):
         proj_layers: int = num(3, ">= 1")
         mask_type: Literal["random_mps32", "block"] = "random_mps32"
         mask_ratio: float = num(0.75, "(0, 1)")  # random_mps32: ceil(U * r) units of mask_unit x mask_unit patches
-        mask_unit: int = num(2, ">= 1")       # 2 x 2 patches = 32 px at p = 16, 28 px at p = 14 [unverified for H]
+        mask_unit: int = num(2, ">= 1")  # 2 x 2 patches = 32 px at p = 16, 28 px at p = 14 [unverified for H]
         block_num_masked: int = num(75, ">= 1")  # block: target masked patches per image [code]
         block_min_patches: int = num(16, ">= 1")  # block: smallest rectangle [code]
-        block_exact_count: bool = False       # block: force the count; the code's generator does not [code]
+        block_exact_count: bool = False  # block: force the count; the code's generator does not [code]
         teacher_aug: PhotometricConfig = field(default_factory=PhotometricConfig)
-        init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]
-        wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
-        wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]
+        init: Literal["mae", "beit", "timm"] = "beit"  # encoder and mask token [code: BEiT's]
+        wd_cls_token: bool = False  # [code: no_weight_decay = {pos_embed, cls_token}]
+        wd_mask_token: bool = True  # [code: the 3-D mask token is decayed]
 
     @classmethod
-    def tiny_config(cls) -> "ConMIM.Config":
+    def tiny_config(cls) -> ConMIM.Config:
         """Small projector for contract tests on a 16-patch model."""
         return cls.Config(proj_hidden=48, proj_out=32, block_num_masked=6)
 
-    def __init__(self, encoder: VisionTransformer, cfg: "ConMIM.Config"):
+    def __init__(self, encoder: VisionTransformer, cfg: ConMIM.Config):
         super().__init__(encoder, cfg)
         n, grid = encoder.num_patches, encoder.grid_size
         if cfg.temperature <= 0:
@@ -126,17 +128,22 @@ class ConMIM(Objective):
         if not 0.0 <= cfg.ema_m0 <= 1.0:
             raise ConfigError(f"objective.ema_m0={cfg.ema_m0} must be in [0, 1]")
         if cfg.proj_layers < 1 or cfg.proj_hidden < 1 or cfg.proj_out < 1:
-            raise ConfigError(f"objective.proj_layers={cfg.proj_layers}, proj_hidden={cfg.proj_hidden} and "
-                              f"proj_out={cfg.proj_out} must be >= 1")
+            raise ConfigError(
+                f"objective.proj_layers={cfg.proj_layers}, proj_hidden={cfg.proj_hidden} and "
+                f"proj_out={cfg.proj_out} must be >= 1"
+            )
         if cfg.mask_type == "random_mps32":
             if not 0.0 < cfg.mask_ratio < 1.0:
                 raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in (0, 1)")
             if cfg.mask_unit < 1 or grid % cfg.mask_unit:
-                raise ConfigError(f"objective.mask_unit={cfg.mask_unit} must divide the {grid}x{grid} patch grid "
-                                  f"(model.img_size / model.patch_size)")
+                raise ConfigError(
+                    f"objective.mask_unit={cfg.mask_unit} must divide the {grid}x{grid} patch grid "
+                    f"(model.img_size / model.patch_size)"
+                )
         elif not 0 < cfg.block_num_masked < n:
-            raise ConfigError(f"objective.block_num_masked={cfg.block_num_masked} must be in [1, {n - 1}] "
-                              f"for {n} patches")
+            raise ConfigError(
+                f"objective.block_num_masked={cfg.block_num_masked} must be in [1, {n - 1}] for {n} patches"
+            )
         cfg.teacher_aug.validate("objective.teacher_aug")
         init_encoder(encoder, cfg.init)
         d = encoder.embed_dim
@@ -157,8 +164,9 @@ class ConMIM(Objective):
         c, n = self.cfg, self.encoder.num_patches
         if c.mask_type == "random_mps32":
             return MaskSpec("units", n, c.mask_ratio, unit=c.mask_unit)
-        return MaskSpec("block", n, num_masked=c.block_num_masked, min_block=c.block_min_patches,
-                        exact=c.block_exact_count)
+        return MaskSpec(
+            "block", n, num_masked=c.block_num_masked, min_block=c.block_min_patches, exact=c.block_exact_count
+        )
 
     def train_transform(self, default):
         return SharedGeometryViews(default, Photometric(self.cfg.teacher_aug))
@@ -172,8 +180,8 @@ class ConMIM(Objective):
         """BEiT-style encoder: ``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``[B, 1 + N, D]``; the mask token
         replaces the patch embedding of masked patches before the position embedding is added."""
         e = self.encoder
-        x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))                # [B, N, D]
-        w = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)                  # [B, N, 1]
+        x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))  # [B, N, D]
+        w = mask.to(device=x.device, dtype=x.dtype).unsqueeze(-1)  # [B, N, 1]
         x = x * (1.0 - w) + self.mask_token.to(x.dtype) * w
         return e.encode(e.add_cls(e.add_pos(x)))
 
@@ -182,8 +190,8 @@ class ConMIM(Objective):
         """EMA teacher on the full perturbed view: ``img [B, C, H, W]`` -> ``[B, N, proj_out]`` (fp32 weights;
         computed in ``dtype`` under autocast when the student trains in low precision)."""
         with torch.autocast(img.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            teacher = cast(VisionTransformer, self.teacher_encoder.module)         # the EMA copy of the encoder
-            z = teacher.forward_features(img.float())                            # [B, 1 + N, D]
+            teacher = cast(VisionTransformer, self.teacher_encoder.module)  # the EMA copy of the encoder
+            z = teacher.forward_features(img.float())  # [B, 1 + N, D]
             return self.teacher_projector(z)[:, 1:].float()
 
     def forward(self, batch: dict) -> LossOutput:
@@ -192,11 +200,12 @@ class ConMIM(Objective):
             raise ValueError("ConMIM needs batch['image_teacher'] (the perturbed view from its train_transform)")
         img, mask = batch["image"], batch["mask"]
         dtype = self.encoder.patch_embed.proj.weight.dtype
-        t = self.teacher_targets(batch["image_teacher"], dtype)                   # [B, N, C]
-        s = self.projector(self.student_features(img, mask))[:, 1:]              # [B, N, C]
+        t = self.teacher_targets(batch["image_teacher"], dtype)  # [B, N, C]
+        s = self.projector(self.student_features(img, mask))[:, 1:]  # [B, N, C]
         loss, acc = patch_infonce(s, t, mask.to(s.device), self.cfg.temperature)
-        return LossOutput(loss, {"loss": loss.detach(), "pos_acc": acc.detach(),
-                                 "ema_momentum": torch.tensor(self.momentum)})
+        return LossOutput(
+            loss, {"loss": loss.detach(), "pos_acc": acc.detach(), "ema_momentum": torch.tensor(self.momentum)}
+        )
 
     # ------------------------------------------------------------------ step hooks / state
 
@@ -208,9 +217,11 @@ class ConMIM(Objective):
         self.teacher_projector.update(ctx, self.projector, self.momentum)
 
     def checkpoint_state(self) -> dict:
-        return {"teacher_encoder": self.teacher_encoder.checkpoint_state(),
-                "teacher_projector": self.teacher_projector.checkpoint_state(),
-                "ema_momentum": self.momentum}
+        return {
+            "teacher_encoder": self.teacher_encoder.checkpoint_state(),
+            "teacher_projector": self.teacher_projector.checkpoint_state(),
+            "ema_momentum": self.momentum,
+        }
 
     def load_checkpoint_state(self, state: dict) -> None:
         from ..errors import CheckpointError
@@ -228,9 +239,11 @@ class ConMIM(Objective):
         """3 x (student: encoder on 1 + N tokens + projector) + 1 x (the same for the EMA teacher)."""
         e = self.encoder
         n = e.num_patches
-        fwd = (linear_flops(n, e.patch_size ** 2 * e.in_chans, e.embed_dim)
-               + transformer_forward_flops(1 + n, e.embed_dim, e.depth, e.mlp_ratio)
-               + self.projector.flops(1 + n))
+        fwd = (
+            linear_flops(n, e.patch_size**2 * e.in_chans, e.embed_dim)
+            + transformer_forward_flops(1 + n, e.embed_dim, e.depth, e.mlp_ratio)
+            + self.projector.flops(1 + n)
+        )
         return 4.0 * fwd
 
     def no_weight_decay(self) -> set[str]:

@@ -26,6 +26,7 @@ Data flow (shapes for ViT-B/16 at 224 px: N = 196, D = 768, teacher dim Dt = 512
 Position embedding: the official student is a BEiT encoder with a shared relative position bias and no
 absolute position embedding; the recipes set ``model.pos_embed=relative`` for that (``sincos`` is a knob).
 """
+
 from __future__ import annotations
 
 import math
@@ -36,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, DataError
 from ..data.photometric import ColorJitter, JitterThen
+from ..errors import ConfigError, DataError
 from ..masking import MaskSpec
 from ..models.vit import VisionTransformer, init_linear_, init_token_
 from ..ranges import num
@@ -60,8 +61,9 @@ def merges_per_iteration(total: int, iters: int, num_tokens: int) -> int:
     return total // iters if r * iters > num_tokens else r
 
 
-def draw_schedule(generator: torch.Generator, num_levels: int, max_merges: int, max_iters: int,
-                  num_tokens: int) -> list[tuple[int, int]]:
+def draw_schedule(
+    generator: torch.Generator, num_levels: int, max_merges: int, max_iters: int, num_tokens: int
+) -> list[tuple[int, int]]:
     """One step's schedule: per level ``(r, k)`` = (merges per iteration, iterations), from
     ``n ~ U{0..max_merges}`` and ``k ~ U{1..max_iters}``."""
     out = []
@@ -74,8 +76,7 @@ def draw_schedule(generator: torch.Generator, num_levels: int, max_merges: int, 
 
 def step_generator(seed: int, rank: int, step: int, micro: int = 0) -> torch.Generator:
     """A CPU generator for one (seed, rank, step, micro-batch): reproducible, different per rank, no global RNG."""
-    mixed = (seed * 0x9E3779B1 + rank * 0x85EBCA77 + step * 0xC2B2AE3D + micro * 0x165667B1
-             + 0x27D4EB2F) % (2**63 - 1)
+    mixed = (seed * 0x9E3779B1 + rank * 0x85EBCA77 + step * 0xC2B2AE3D + micro * 0x165667B1 + 0x27D4EB2F) % (2**63 - 1)
     return torch.Generator().manual_seed(mixed)
 
 
@@ -98,8 +99,8 @@ def group_mean(x: torch.Tensor, assign: torch.Tensor, num_groups: int, eps: floa
     ``x [B, N, D]`` (any float dtype; differentiable), ``assign long [B, N]`` -> ``[B, N, D]`` fp32.
     """
     x = x.float()
-    sizes = group_sums(torch.ones_like(x[..., :1]), assign, num_groups)          # [B, T, 1]
-    means = group_sums(x, assign, num_groups) / (sizes + eps)                    # [B, T, D]
+    sizes = group_sums(torch.ones_like(x[..., :1]), assign, num_groups)  # [B, T, 1]
+    means = group_sums(x, assign, num_groups) / (sizes + eps)  # [B, T, D]
     return means.gather(1, assign.unsqueeze(-1).expand_as(x))
 
 
@@ -109,8 +110,9 @@ def membership(assign: torch.Tensor, num_groups: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def morph_groups(feats: torch.Tensor, merges: int, iters: int, protect_first: bool = True,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+def morph_groups(
+    feats: torch.Tensor, merges: int, iters: int, protect_first: bool = True, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int]:
     """Bipartite token merging on teacher features: ``feats [B, N, Dt]`` -> ``(assign long [B, N], T)``.
 
     Starts from N singleton groups. Each of ``iters`` iterations: the current group features (size-weighted
@@ -131,24 +133,24 @@ def morph_groups(feats: torch.Tensor, merges: int, iters: int, protect_first: bo
         r = min(merges, (t - protect) // 2)
         if r <= 0:
             break
-        x = F.normalize(group_sums(v, assign, t), dim=-1)                        # [B, T, Dt] (sums ~ means)
+        x = F.normalize(group_sums(v, assign, t), dim=-1)  # [B, T, Dt] (sums ~ means)
         perm = None
         if generator is not None:
             rest = torch.randperm(t - protect, generator=generator) + protect
             perm = torch.cat([torch.arange(protect), rest]).to(dev)
             x = x[:, perm]
-        a, bb = x[:, 0::2], x[:, 1::2]                                           # [B, Ta, Dt], [B, Tb, Dt]
-        scores = a @ bb.transpose(1, 2)                                          # [B, Ta, Tb]
+        a, bb = x[:, 0::2], x[:, 1::2]  # [B, Ta, Dt], [B, Tb, Dt]
+        scores = a @ bb.transpose(1, 2)  # [B, Ta, Tb]
         if protect:
             scores[:, 0] = -math.inf
-        best, partner = scores.max(dim=-1)                                       # [B, Ta]
+        best, partner = scores.max(dim=-1)  # [B, Ta]
         order = best.argsort(dim=-1, descending=True, stable=True)
         src, unm = order[:, :r], order[:, r:].sort(dim=-1).values
         n_unm, ta, tb = unm.shape[1], a.shape[1], bb.shape[1]
         new_a = torch.empty(b, ta, dtype=torch.long, device=dev)
         new_a.scatter_(1, unm, torch.arange(n_unm, device=dev).expand(b, n_unm))
         new_a.scatter_(1, src, n_unm + partner.gather(1, src))
-        new_pos = torch.empty(b, t, dtype=torch.long, device=dev)                # new group of each position
+        new_pos = torch.empty(b, t, dtype=torch.long, device=dev)  # new group of each position
         new_pos[:, 0::2] = new_a
         new_pos[:, 1::2] = n_unm + torch.arange(tb, device=dev)
         remap = new_pos if perm is None else torch.empty_like(new_pos).index_copy_(1, perm, new_pos)
@@ -162,9 +164,15 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Te
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
 
 
-def morphed_loss(u: torch.Tensor, v: torch.Tensor, schedule: list[tuple[int, int]], criterion=None,
-                 protect_first: bool = True, generator: torch.Generator | None = None,
-                 normalize_target: bool = False) -> tuple[torch.Tensor, list[int]]:
+def morphed_loss(
+    u: torch.Tensor,
+    v: torch.Tensor,
+    schedule: list[tuple[int, int]],
+    criterion=None,
+    protect_first: bool = True,
+    generator: torch.Generator | None = None,
+    normalize_target: bool = False,
+) -> tuple[torch.Tensor, list[int]]:
     """The DTM loss of student ``u [B, N, Dt]`` against teacher ``v [B, N, Dt]``: for each level ``(r, k)``
     of ``schedule`` the groups come from ``v`` alone (:func:`morph_groups`), both sides are replaced by
     their group means (fp32) and compared with ``criterion`` (default: smooth-L1, beta = 2) over all
@@ -174,7 +182,7 @@ def morphed_loss(u: torch.Tensor, v: torch.Tensor, schedule: list[tuple[int, int
     losses, groups = [], []
     for r, k in schedule:
         assign, t = morph_groups(v, r, k, protect_first, generator)
-        if t == v.shape[1]:                              # no merge happened: S = I
+        if t == v.shape[1]:  # no merge happened: S = I
             pred, target = u.float(), v.float()
         else:
             pred, target = group_mean(u, assign, t), group_mean(v, assign, t)
@@ -196,8 +204,10 @@ def build_teacher(spec: str, arch: str | None = None, resize: str = "input", dty
     ``random:<arch>``: a random-init tower of that open_clip architecture (or ``mimscale-tiny-clip``),
     seeded, without touching the global RNG."""
     if not spec or spec == "???":
-        raise ConfigError("objective.teacher must be set: a local CLIP checkpoint file (e.g. OpenAI CLIP "
-                          "ViT-B/16 with objective.teacher_arch=ViT-B-16), or use objective.target_source=shards")
+        raise ConfigError(
+            "objective.teacher must be set: a local CLIP checkpoint file (e.g. OpenAI CLIP "
+            "ViT-B/16 with objective.teacher_arch=ViT-B-16), or use objective.target_source=shards"
+        )
     from ..teachers import clip
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -234,13 +244,13 @@ class DTM(Objective):
     @dataclass
     class Config:
         target_source: Literal["online", "shards"] = "online"
-        teacher: str = "???"                  # CLIP checkpoint file (online); "random:<arch>": tests only
-        teacher_arch: str | None = None       # open_clip arch of a plain open_clip checkpoint, e.g. ViT-B-16
-        teacher_proj: bool = True             # CLIP's visual projection (768 -> 512 for B/16); always on
-        teacher_resize: Literal["input", "features"] = "input"   # when the teacher grid differs (H/14)
+        teacher: str = "???"  # CLIP checkpoint file (online); "random:<arch>": tests only
+        teacher_arch: str | None = None  # open_clip arch of a plain open_clip checkpoint, e.g. ViT-B-16
+        teacher_proj: bool = True  # CLIP's visual projection (768 -> 512 for B/16); always on
+        teacher_resize: Literal["input", "features"] = "input"  # when the teacher grid differs (H/14)
         teacher_dtype: Literal["fp32", "bf16"] = "fp32"
-        teacher_norm: Literal["student", "clip"] = "student"   # official: the student's normalised tensor
-        target_key: str = "clip.npy"          # batch key of cached targets (target_source: shards)
+        teacher_norm: Literal["student", "clip"] = "student"  # official: the student's normalised tensor
+        target_key: str = "clip.npy"  # batch key of cached targets (target_source: shards)
         crop_pct: float = num(1.0, "(0, 1]")  # shards: the centre crop the cache was computed on (add-targets)
         num_levels: int = num(2, ">= 1")
         max_merges: int | None = num(None, ">= 0")  # per level; None: N (196 for ViT-B/16)
@@ -248,8 +258,8 @@ class DTM(Objective):
         loss: Literal["smooth_l1", "mse"] = "smooth_l1"
         smooth_l1_beta: float = num(2.0, "> 0")
         w_dtm: float = num(1.0, ">= 0")
-        normalize_target: bool = False        # standardise the morphed targets per token [code: off by default]
-        protect_first_token: bool = True      # compat with the reference (ToMe's class-token option)
+        normalize_target: bool = False  # standardise the morphed targets per token [code: off by default]
+        protect_first_token: bool = True  # compat with the reference (ToMe's class-token option)
         split: Literal["alternate", "random"] = "alternate"
         mask_ratio: float = num(0.383, "[0, 1]")  # num_masked = round(mask_ratio * N) when num_masked is unset
         num_masked: int | None = num(None, ">= 0")  # None: round(0.383 N) = 75 of 196
@@ -257,16 +267,16 @@ class DTM(Objective):
         head_dim: int = num(512, ">= 1")
         color_jitter: float = num(0.4, ">= 0")  # ColorJitter(0.4, 0.4, 0.4) before the crop
         schedule_seed: int = num(0, "[0, 4294967295]")  # schedule generator: (seed, rank, step, micro-batch)
-        init: Literal["mae", "beit", "timm"] = "beit"   # encoder and mask token [code: BEiT's]
-        wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
-        wd_mask_token: bool = True            # [code: the 3-D mask token is decayed]
+        init: Literal["mae", "beit", "timm"] = "beit"  # encoder and mask token [code: BEiT's]
+        wd_cls_token: bool = False  # [code: no_weight_decay = {pos_embed, cls_token}]
+        wd_mask_token: bool = True  # [code: the 3-D mask token is decayed]
 
     @classmethod
-    def tiny_config(cls) -> "DTM.Config":
+    def tiny_config(cls) -> DTM.Config:
         """For tests only: a random-init tiny CLIP teacher (64-d, patch 4), no checkpoint file needed."""
         return cls.Config(teacher="random:mimscale-tiny-clip", head_dim=64)
 
-    def __init__(self, encoder: VisionTransformer, cfg: "DTM.Config", teacher: nn.Module | None = None):
+    def __init__(self, encoder: VisionTransformer, cfg: DTM.Config, teacher: nn.Module | None = None):
         super().__init__(encoder, cfg)
         n = encoder.num_patches
         self.num_masked = round(cfg.mask_ratio * n) if cfg.num_masked is None else cfg.num_masked
@@ -274,30 +284,38 @@ class DTM(Objective):
             raise ConfigError(f"objective.num_masked={self.num_masked} must be in [0, {n}]")
         self.max_merges = n if cfg.max_merges is None else cfg.max_merges
         if not 0 <= self.max_merges <= n or cfg.max_iters < 1 or cfg.num_levels < 1:
-            raise ConfigError(f"objective.max_merges={cfg.max_merges} must be in [0, {n}], objective.max_iters="
-                              f"{cfg.max_iters} and objective.num_levels={cfg.num_levels} >= 1")
+            raise ConfigError(
+                f"objective.max_merges={cfg.max_merges} must be in [0, {n}], objective.max_iters="
+                f"{cfg.max_iters} and objective.num_levels={cfg.num_levels} >= 1"
+            )
         if not 0.0 < cfg.crop_pct <= 1.0:
             raise ConfigError(f"objective.crop_pct={cfg.crop_pct} must be in (0, 1]")
         if cfg.smooth_l1_beta <= 0 or cfg.head_dim < 1:
-            raise ConfigError(f"objective.smooth_l1_beta={cfg.smooth_l1_beta} and objective.head_dim="
-                              f"{cfg.head_dim} must be positive")
+            raise ConfigError(
+                f"objective.smooth_l1_beta={cfg.smooth_l1_beta} and objective.head_dim={cfg.head_dim} must be positive"
+            )
         init_encoder(encoder, cfg.init)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, encoder.embed_dim))
         init_token_(self.mask_token, cfg.init)
         self.head = nn.Linear(encoder.embed_dim, cfg.head_dim)
-        init_linear_(self.head, "beit")                       # the code's lm_head init
+        init_linear_(self.head, "beit")  # the code's lm_head init
         self.teacher: nn.Module | None = None
         if cfg.target_source == "online":
             if not cfg.teacher_proj:
-                raise ConfigError("objective.teacher_proj=false is not supported: the CLIP teacher always "
-                                  "applies its visual projection")
-            self.teacher = teacher if teacher is not None else build_teacher(
-                cfg.teacher, cfg.teacher_arch, cfg.teacher_resize, cfg.teacher_dtype)
+                raise ConfigError(
+                    "objective.teacher_proj=false is not supported: the CLIP teacher always "
+                    "applies its visual projection"
+                )
+            self.teacher = (
+                teacher
+                if teacher is not None
+                else build_teacher(cfg.teacher, cfg.teacher_arch, cfg.teacher_resize, cfg.teacher_dtype)
+            )
             self.teacher.eval().requires_grad_(False)
         self._student_norm: tuple[tuple[float, ...], tuple[float, ...]] | None = None
         self._schedule: list[tuple[int, int]] | None = None
         self._split_gen: torch.Generator | None = None
-        self._draw = (0, 0, 0)                       # (rank, step, micro-batch) of the next schedule draw
+        self._draw = (0, 0, 0)  # (rank, step, micro-batch) of the next schedule draw
         self._fixed = False
         self._teacher_flops: float | None = None
 
@@ -316,8 +334,9 @@ class DTM(Objective):
         jitter = ColorJitter(self.cfg.color_jitter)
         if self.cfg.target_source == "online":
             return JitterThen(jitter, default)
-        return JitterThen(jitter, target_view(default.size[0], default.mean, default.std, default.in_chans,
-                                              self.cfg.crop_pct))
+        return JitterThen(
+            jitter, target_view(default.size[0], default.mean, default.std, default.in_chans, self.cfg.crop_pct)
+        )
 
     def cached_targets(self) -> dict | None:
         """What the train loader must check in the shards' manifest (``ShardLoader(targets=...)``): the
@@ -336,8 +355,9 @@ class DTM(Objective):
 
     def _draw_schedule(self, rank: int, step: int, micro: int) -> None:
         gen = step_generator(self.cfg.schedule_seed, rank, step, micro)
-        self._schedule = draw_schedule(gen, self.cfg.num_levels, self.max_merges, self.cfg.max_iters,
-                                       self.encoder.num_patches)
+        self._schedule = draw_schedule(
+            gen, self.cfg.num_levels, self.max_merges, self.cfg.max_iters, self.encoder.num_patches
+        )
         self._split_gen = gen if self.cfg.split == "random" else None
         self._draw = (rank, step, micro)
 
@@ -356,9 +376,9 @@ class DTM(Objective):
     @property
     def schedule(self) -> list[tuple[int, int]]:
         """The schedule the next forward uses."""
-        if self._schedule is None:                 # forward without before_step: step 0's first draw
+        if self._schedule is None:  # forward without before_step: step 0's first draw
             self.before_step(StepContext())
-        assert self._schedule is not None          # before_step draws it
+        assert self._schedule is not None  # before_step draws it
         return self._schedule
 
     # ------------------------------------------------------------------ model
@@ -366,9 +386,9 @@ class DTM(Objective):
     def student(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``u [B, N, head_dim]`` (encoder dtype)."""
         e = self.encoder
-        x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))                   # [B, N, D]
+        x = e.patch_embed(img.to(e.patch_embed.proj.weight.dtype))  # [B, N, D]
         x = torch.where(mask.unsqueeze(-1), self.mask_token.to(x.dtype), x)
-        z = e.encode(e.add_cls(e.add_pos(x)))[:, 1:]                               # final norm, cls dropped
+        z = e.encode(e.add_cls(e.add_pos(x)))[:, 1:]  # final norm, cls dropped
         return self.head(z)
 
     @torch.no_grad()
@@ -378,20 +398,24 @@ class DTM(Objective):
         if self.cfg.target_source == "shards":
             key = self.cfg.target_key
             if key not in batch:
-                raise DataError(f"objective.target_source=shards but the batch has no '{key}': add the targets "
-                                "to the shards with `mimscale data add-targets`")
+                raise DataError(
+                    f"objective.target_source=shards but the batch has no '{key}': add the targets "
+                    "to the shards with `mimscale data add-targets`"
+                )
             v = batch[key]
             if not torch.is_tensor(v) or v.ndim != 3 or v.shape[1:] != (n, dt):
                 shape = tuple(v.shape) if torch.is_tensor(v) else type(v).__name__
-                raise DataError(f"cached targets '{key}' must be [B, {n}, {dt}] (N patches, objective.head_dim), "
-                                f"got {shape}")
+                raise DataError(
+                    f"cached targets '{key}' must be [B, {n}, {dt}] (N patches, objective.head_dim), got {shape}"
+                )
             return v.float()
-        assert self.teacher is not None            # target_source=online: built in __init__
+        assert self.teacher is not None  # target_source=online: built in __init__
         img = batch["image"].float()
         if self.cfg.teacher_norm == "clip":
             if self._student_norm is None:
-                raise ConfigError("objective.teacher_norm=clip needs the student's mean/std: "
-                                  "call train_transform() before training")
+                raise ConfigError(
+                    "objective.teacher_norm=clip needs the student's mean/std: call train_transform() before training"
+                )
             img = self._renormalize(img, *self._student_norm)
         if _takes_grid(self.teacher):
             g = self.encoder.grid_size
@@ -402,29 +426,41 @@ class DTM(Objective):
                 img = F.interpolate(img, size=_pair(size), mode="bicubic", align_corners=False)
             v = self.teacher(img).float()
         if v.ndim != 3 or v.shape[1:] != (n, dt):
-            raise ConfigError(f"the teacher gives {tuple(v.shape[1:])} features per image but the student has "
-                              f"{n} patches and objective.head_dim={dt}; use a teacher with the same token grid "
-                              "and set head_dim to its width")
+            raise ConfigError(
+                f"the teacher gives {tuple(v.shape[1:])} features per image but the student has "
+                f"{n} patches and objective.head_dim={dt}; use a teacher with the same token grid "
+                "and set head_dim to its width"
+            )
         return v
 
     def _renormalize(self, img: torch.Tensor, mean, std) -> torch.Tensor:
         """Student-normalised ``img`` -> the teacher's own statistics (CLIP's unless the teacher says)."""
         if hasattr(self.teacher, "renormalize"):
-            return cast(Any, self.teacher).renormalize(img, mean, std)        # a teacher's own hook
+            return cast(Any, self.teacher).renormalize(img, mean, std)  # a teacher's own hook
         m, s = (torch.tensor(t, device=img.device).view(1, -1, 1, 1) for t in (mean, std))
         cm, cs = (torch.tensor(t, device=img.device).view(1, -1, 1, 1) for t in (CLIP_MEAN, CLIP_STD))
         return (img * s + m - cm) / cs
 
     def forward(self, batch: dict) -> LossOutput:
         """``batch["image"] [B, C, H, W]``, ``batch["mask"] bool [B, N]`` (+ ``batch["clip.npy"]`` if cached)."""
-        u = self.student(batch["image"], batch["mask"])                               # [B, N, Dt]
-        v = self.targets(batch)                                                       # [B, N, Dt] fp32
-        loss_dtm, groups = morphed_loss(u, v, self.schedule, self._criterion, self.cfg.protect_first_token,
-                                        self._split_gen, self.cfg.normalize_target)
+        u = self.student(batch["image"], batch["mask"])  # [B, N, Dt]
+        v = self.targets(batch)  # [B, N, Dt] fp32
+        loss_dtm, groups = morphed_loss(
+            u,
+            v,
+            self.schedule,
+            self._criterion,
+            self.cfg.protect_first_token,
+            self._split_gen,
+            self.cfg.normalize_target,
+        )
         self._advance_schedule()
         loss = self.cfg.w_dtm * loss_dtm
-        metrics = {"loss": loss.detach(), "loss_dtm": loss_dtm.detach(),
-                   "groups": torch.tensor(sum(groups) / len(groups), dtype=torch.float32)}   # mean over levels
+        metrics = {
+            "loss": loss.detach(),
+            "loss_dtm": loss_dtm.detach(),
+            "groups": torch.tensor(sum(groups) / len(groups), dtype=torch.float32),
+        }  # mean over levels
         return LossOutput(loss, metrics)
 
     def _criterion(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -443,9 +479,11 @@ class DTM(Objective):
         (its cost was paid once by ``mimscale data add-targets``)."""
         e = self.encoder
         p = e.patch_size
-        student = (linear_flops(e.num_patches, p * p * e.in_chans, e.embed_dim)
-                   + transformer_forward_flops(1 + e.num_patches, e.embed_dim, e.depth, e.mlp_ratio)
-                   + linear_flops(e.num_patches, e.embed_dim, self.cfg.head_dim))
+        student = (
+            linear_flops(e.num_patches, p * p * e.in_chans, e.embed_dim)
+            + transformer_forward_flops(1 + e.num_patches, e.embed_dim, e.depth, e.mlp_ratio)
+            + linear_flops(e.num_patches, e.embed_dim, self.cfg.head_dim)
+        )
         return 3.0 * student + self._measure_teacher_flops()
 
     def _measure_teacher_flops(self) -> float:
@@ -454,7 +492,7 @@ class DTM(Objective):
         if self._teacher_flops is None:
             g = self.encoder.grid_size
             if hasattr(self.teacher, "flops_per_image"):
-                self._teacher_flops = float(cast(Any, self.teacher).flops_per_image((g, g)))   # a teacher's own hook
+                self._teacher_flops = float(cast(Any, self.teacher).flops_per_image((g, g)))  # a teacher's own hook
             else:
                 self._teacher_flops = _counted_flops(self.teacher, self.encoder)
         return self._teacher_flops

@@ -18,6 +18,7 @@ was given the full ``sc_weight`` is used.
 Every choice beyond "K disjoint parts + a self-consistency loss" is [unverified] (no public code) and is a
 knob of :class:`EMAE.Config`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,14 +51,18 @@ def resolve_num_parts(num_patches: int, mask_ratio: float, num_parts: int | None
     if num_parts is None:
         k = min(int(round(1.0 / (1.0 - mask_ratio))), num_patches // keep)
         if k < 2:
-            raise ConfigError(f"objective.mask_ratio={mask_ratio} gives num_parts={k}: EMAE needs >= 2 "
-                              f"disjoint visible parts of floor(N(1-r))={keep} of N={num_patches} patches; "
-                              "use mask_ratio >= 0.5")
+            raise ConfigError(
+                f"objective.mask_ratio={mask_ratio} gives num_parts={k}: EMAE needs >= 2 "
+                f"disjoint visible parts of floor(N(1-r))={keep} of N={num_patches} patches; "
+                "use mask_ratio >= 0.5"
+            )
         return k
     if num_parts < 2 or num_parts * keep > num_patches:
-        raise ConfigError(f"objective.num_parts={num_parts} cannot partition {num_patches} patches into disjoint "
-                          f"visible parts of {keep} (mask_ratio={mask_ratio}); use 2 <= num_parts <= "
-                          f"{num_patches // keep} or leave num_parts unset")
+        raise ConfigError(
+            f"objective.num_parts={num_parts} cannot partition {num_patches} patches into disjoint "
+            f"visible parts of {keep} (mask_ratio={mask_ratio}); use 2 <= num_parts <= "
+            f"{num_patches // keep} or leave num_parts unset"
+        )
     return num_parts
 
 
@@ -77,10 +82,10 @@ def self_consistency(preds: torch.Tensor, masks: torch.Tensor, stopgrad: bool = 
     other_side = x.detach() if stopgrad else x
     total = x.new_zeros(())
     count = x.new_zeros(())
-    for shift in range(1, x.shape[0]):     # pairs (a, (a+shift) % K) for all a at once: each ordered pair once
+    for shift in range(1, x.shape[0]):  # pairs (a, (a+shift) % K) for all a at once: each ordered pair once
         other = other_side.roll(-shift, dims=0)
-        both = (masks & masks.roll(-shift, dims=0)).to(x.dtype)          # [K, B, N]
-        err = (x - other).pow(2).mean(dim=-1)                            # [K, B, N]
+        both = (masks & masks.roll(-shift, dims=0)).to(x.dtype)  # [K, B, N]
+        err = (x - other).pow(2).mean(dim=-1)  # [K, B, N]
         total = total + (err * both).sum()
         count = count + both.sum()
     return total / count.clamp_min(1.0)
@@ -90,16 +95,18 @@ class EMAE(Objective):
     """EMAE: MAE on K disjoint parts of every image per step + a self-consistency loss between parts."""
 
     name = "emae"
-    reference = ("NO public code: everything beyond the paper's description is our reading [unverified] "
-                 "(docs/objectives/emae.md)")
+    reference = (
+        "NO public code: everything beyond the paper's description is our reading [unverified] "
+        "(docs/objectives/emae.md)"
+    )
 
     @dataclass
     class Config:
         mask_ratio: float = num(0.75, "[0, 1)")
         num_parts: int | None = num(None, ">= 2")  # None: round(1 / (1 - mask_ratio)) (4 for 0.75) [unverified]
-        sc_weight: float = num(1.0, ">= 0")   # lambda_sc [unverified]
-        sc_loss: Literal["mse"] = "mse"       # [unverified]
-        sc_stopgrad: Literal["symmetric", "none"] = "symmetric"   # "none": ablation only [unverified]
+        sc_weight: float = num(1.0, ">= 0")  # lambda_sc [unverified]
+        sc_loss: Literal["mse"] = "mse"  # [unverified]
+        sc_stopgrad: Literal["symmetric", "none"] = "symmetric"  # "none": ablation only [unverified]
         sc_start_epoch: float = num(0.0, ">= 0")  # lambda_sc ramps 0 -> sc_weight over [0, sc_start_epoch] [unverified]
         parts_chunk: int | None = num(None, ">= 1")  # parts per encoder+decoder call; < K recomputes chunks in backward
         norm_pix_loss: bool = True
@@ -107,30 +114,39 @@ class EMAE(Objective):
         decoder_dim: int = num(512, ">= 4")
         decoder_depth: int = num(8, ">= 0")
         decoder_heads: int = num(16, ">= 1")
-        init: Literal["mae", "beit", "timm"] = "mae"   # no EMAE code: MAE's (xavier) [our choice]
-        wd_cls_token: bool = True             # as MAE's code [our choice]
-        wd_mask_token: bool = True            # as MAE's code [our choice]
+        init: Literal["mae", "beit", "timm"] = "mae"  # no EMAE code: MAE's (xavier) [our choice]
+        wd_cls_token: bool = True  # as MAE's code [our choice]
+        wd_mask_token: bool = True  # as MAE's code [our choice]
 
-    def __init__(self, encoder: VisionTransformer, cfg: "EMAE.Config"):
+    def __init__(self, encoder: VisionTransformer, cfg: EMAE.Config):
         super().__init__(encoder, cfg)
         require_absolute_pos(encoder, self.name)
         init_encoder(encoder, cfg.init)
         self.num_parts = resolve_num_parts(encoder.num_patches, cfg.mask_ratio, cfg.num_parts)
         self.num_keep = num_visible(encoder.num_patches, cfg.mask_ratio)
         if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
-            raise ConfigError(f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
-                              f"of objective.decoder_heads={cfg.decoder_heads}")
+            raise ConfigError(
+                f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
+                f"of objective.decoder_heads={cfg.decoder_heads}"
+            )
         if cfg.decoder_depth < 0:
             raise ConfigError(f"objective.decoder_depth={cfg.decoder_depth} must be >= 0")
         if cfg.sc_weight < 0 or cfg.sc_start_epoch < 0:
-            raise ConfigError(f"objective.sc_weight={cfg.sc_weight} and objective.sc_start_epoch="
-                              f"{cfg.sc_start_epoch} must be >= 0")
+            raise ConfigError(
+                f"objective.sc_weight={cfg.sc_weight} and objective.sc_start_epoch={cfg.sc_start_epoch} must be >= 0"
+            )
         if cfg.parts_chunk is not None and cfg.parts_chunk < 1:
             raise ConfigError(f"objective.parts_chunk={cfg.parts_chunk} must be >= 1 (or unset for all parts at once)")
         p = encoder.patch_size
         self.patch_pixels = p * p * encoder.in_chans
-        self.decoder = MAEDecoder(encoder.embed_dim, encoder.num_patches, self.patch_pixels,
-                                  cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+        self.decoder = MAEDecoder(
+            encoder.embed_dim,
+            encoder.num_patches,
+            self.patch_pixels,
+            cfg.decoder_dim,
+            cfg.decoder_depth,
+            cfg.decoder_heads,
+        )
         self._epoch: float | None = None
 
     # ------------------------------------------------------------------ schedule
@@ -177,11 +193,11 @@ class EMAE(Objective):
         One encoder call and one decoder call on ``k*B`` sequences (row ``j*B + b`` = part j of image b).
         """
         k, b, n = masks.shape
-        keep_idx = visible_indices(masks.reshape(k * b, n))                             # [k*B, N_keep]
-        rows = torch.arange(b, device=tokens.device).repeat(k).unsqueeze(1)             # [k*B, 1]
-        visible = tokens[rows, keep_idx.to(tokens.device)]                              # [k*B, N_keep, D]
-        latent = self.encoder.encode(self.encoder.add_cls(visible))                     # [k*B, 1+N_keep, D]
-        return self.decoder(latent, keep_idx)                                           # [k*B, N, P]
+        keep_idx = visible_indices(masks.reshape(k * b, n))  # [k*B, N_keep]
+        rows = torch.arange(b, device=tokens.device).repeat(k).unsqueeze(1)  # [k*B, 1]
+        visible = tokens[rows, keep_idx.to(tokens.device)]  # [k*B, N_keep, D]
+        latent = self.encoder.encode(self.encoder.add_cls(visible))  # [k*B, 1+N_keep, D]
+        return self.decoder(latent, keep_idx)  # [k*B, N, P]
 
     def predict(self, img: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]``, ``parts bool [B, K, N]`` -> ``preds [K, B, N, P]`` for every patch slot.
@@ -191,15 +207,15 @@ class EMAE(Objective):
         all K parts stay alive and each chunk's encoder/decoder activations are recomputed in backward.
         """
         b, k, n = parts.shape
-        masks = parts.transpose(0, 1)                                                   # [K, B, N]
-        tokens = self.encoder.embed(img)                                                # [B, N, D]
+        masks = parts.transpose(0, 1)  # [K, B, N]
+        tokens = self.encoder.embed(img)  # [B, N, D]
         chunk = self.cfg.parts_chunk or k
         if chunk >= k:
             pred = self._predict_flat(tokens, masks)
         else:
             outs = []
             for s in range(0, k, chunk):
-                m = masks[s:s + chunk]
+                m = masks[s : s + chunk]
                 if torch.is_grad_enabled():
                     outs.append(checkpoint(self._predict_flat, tokens, m, use_reentrant=False))
                 else:
@@ -212,8 +228,8 @@ class EMAE(Objective):
         img, parts = batch["image"], batch["parts"]
         if parts.ndim != 3 or parts.shape[1] != self.num_parts:
             raise ValueError(f"batch['parts'] must be [B, {self.num_parts}, N], got {tuple(parts.shape)}")
-        preds = self.predict(img, parts)                                  # [K, B, N, P]
-        masks = parts.transpose(0, 1)                                     # [K, B, N]
+        preds = self.predict(img, parts)  # [K, B, N, P]
+        masks = parts.transpose(0, 1)  # [K, B, N]
         # every part hides the same number of patches, so the masked mean over all K*B rows is the
         # mean over parts of MAE's per-part loss
         loss_rec = masked_mse(preds, self.target(img), masks)
@@ -232,9 +248,10 @@ class EMAE(Objective):
     def flops_per_sample(self) -> float:
         """3 x forward: patch embedding once, then encoder (1 + N_keep tokens) and decoder on each of K parts."""
         e = self.encoder
-        fwd = (linear_flops(e.num_patches, self.patch_pixels, e.embed_dim)
-               + self.num_parts * (transformer_forward_flops(1 + self.num_keep, e.embed_dim, e.depth)
-                                   + self.decoder.flops(e.embed_dim, self.num_keep)))
+        fwd = linear_flops(e.num_patches, self.patch_pixels, e.embed_dim) + self.num_parts * (
+            transformer_forward_flops(1 + self.num_keep, e.embed_dim, e.depth)
+            + self.decoder.flops(e.embed_dim, self.num_keep)
+        )
         return 3.0 * fwd
 
     def no_weight_decay(self) -> set[str]:

@@ -1,4 +1,5 @@
 """MAE: masked autoencoder with normalised-pixel regression (docs/objectives/mae.md)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ def patchify(img: torch.Tensor, p: int) -> torch.Tensor:
 def unpatchify(x: torch.Tensor, p: int, channels: int) -> torch.Tensor:
     """Inverse of :func:`patchify`: ``[B, N, p*p*C]`` -> ``[B, C, H, W]`` (square grid)."""
     b, n, _ = x.shape
-    g = int(round(n ** 0.5))
+    g = int(round(n**0.5))
     x = x.reshape(b, g, g, p, p, channels).permute(0, 5, 1, 3, 2, 4)
     return x.reshape(b, channels, g * p, g * p)
 
@@ -44,7 +45,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
     Returns 0 (not NaN) when nothing is masked.
     """
-    err = (pred.float() - target.float()).pow(2).mean(dim=-1)    # [B, N]
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # [B, N]
     m = mask.to(err.dtype)
     return (err * m).sum() / m.sum().clamp_min(1.0)
 
@@ -56,8 +57,10 @@ def check_mae_knobs(cfg) -> None:
     if not 0.0 <= cfg.mask_ratio < 1.0:
         raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in [0, 1)")
     if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
-        raise ConfigError(f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
-                          f"of objective.decoder_heads={cfg.decoder_heads}")
+        raise ConfigError(
+            f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
+            f"of objective.decoder_heads={cfg.decoder_heads}"
+        )
     if cfg.decoder_depth < 0:
         raise ConfigError(f"objective.decoder_depth={cfg.decoder_depth} must be >= 0")
 
@@ -76,13 +79,13 @@ def init_decoder_weights(module: nn.Module) -> None:
 class MAEDecoder(nn.Module):
     """Lightweight decoder: encoded visible tokens + mask tokens at hidden slots -> pixels per patch."""
 
-    pos_embed: torch.Tensor                          # a buffer: [1, 1 + N, d]
+    pos_embed: torch.Tensor  # a buffer: [1, 1 + N, d]
 
     def __init__(self, enc_dim: int, num_patches: int, patch_pixels: int, dim: int, depth: int, heads: int):
         super().__init__()
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        grid = int(round(num_patches ** 0.5))
+        grid = int(round(num_patches**0.5))
         self.register_buffer("pos_embed", sincos_2d(dim, grid, cls_token=True), persistent=False)
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
@@ -93,11 +96,11 @@ class MAEDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
         """``latent [B, 1+K, D_enc]`` (cls first), ``keep_idx long [B, K]`` -> ``pred [B, N, P]``."""
-        x = self.embed(latent)                                           # [B, 1+K, d]
+        x = self.embed(latent)  # [B, 1+K, d]
         b = x.shape[0]
         slots = self.mask_token.to(x.dtype).expand(b, self.num_patches, self.dim)
         idx = keep_idx.unsqueeze(-1).expand(-1, -1, self.dim)
-        slots = slots.scatter(1, idx, x[:, 1:])                          # [B, N, d], raster order
+        slots = slots.scatter(1, idx, x[:, 1:])  # [B, N, d], raster order
         x = torch.cat([x[:, :1], slots], dim=1) + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
@@ -105,9 +108,11 @@ class MAEDecoder(nn.Module):
 
     def flops(self, enc_dim: int, visible: int) -> float:
         n = self.num_patches + 1
-        return (linear_flops(1 + visible, enc_dim, self.dim)
-                + transformer_forward_flops(n, self.dim, len(self.blocks))
-                + linear_flops(n, self.dim, self.pred.out_features))
+        return (
+            linear_flops(1 + visible, enc_dim, self.dim)
+            + transformer_forward_flops(n, self.dim, len(self.blocks))
+            + linear_flops(n, self.dim, self.pred.out_features)
+        )
 
 
 class MAE(Objective):
@@ -125,18 +130,24 @@ class MAE(Objective):
         decoder_depth: int = num(8, ">= 0")
         decoder_heads: int = num(16, ">= 1")
         loss: Literal["mse"] = "mse"
-        init: Literal["mae", "beit", "timm"] = "mae"   # encoder init [code: xavier]; the decoder keeps MAE's
-        wd_cls_token: bool = True             # weight decay on the 3-D cls token [code: decayed]
-        wd_mask_token: bool = True            # ... and on the decoder's mask token [code: decayed]
+        init: Literal["mae", "beit", "timm"] = "mae"  # encoder init [code: xavier]; the decoder keeps MAE's
+        wd_cls_token: bool = True  # weight decay on the 3-D cls token [code: decayed]
+        wd_mask_token: bool = True  # ... and on the decoder's mask token [code: decayed]
 
-    def __init__(self, encoder: VisionTransformer, cfg: "MAE.Config"):
+    def __init__(self, encoder: VisionTransformer, cfg: MAE.Config):
         super().__init__(encoder, cfg)
         check_mae_knobs(cfg)
         init_encoder(encoder, cfg.init)
         p = encoder.patch_size
         self.patch_pixels = p * p * encoder.in_chans
-        self.decoder = MAEDecoder(encoder.embed_dim, encoder.num_patches, self.patch_pixels,
-                                  cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads)
+        self.decoder = MAEDecoder(
+            encoder.embed_dim,
+            encoder.num_patches,
+            self.patch_pixels,
+            cfg.decoder_dim,
+            cfg.decoder_depth,
+            cfg.decoder_heads,
+        )
 
     def mask_spec(self) -> MaskSpec:
         return MaskSpec("random", self.encoder.num_patches, self.cfg.mask_ratio)
@@ -149,7 +160,7 @@ class MAE(Objective):
     def predict(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``pred [B, N, P]`` for every patch slot."""
         keep_idx = visible_indices(mask)
-        latent = self.encoder.forward_features(img, keep_idx)           # [B, 1+K, D]
+        latent = self.encoder.forward_features(img, keep_idx)  # [B, 1+K, D]
         return self.decoder(latent, keep_idx)
 
     def forward(self, batch: dict) -> LossOutput:
@@ -163,9 +174,11 @@ class MAE(Objective):
         from ..masking import num_visible
 
         k = num_visible(e.num_patches, self.cfg.mask_ratio)
-        fwd = (linear_flops(e.num_patches, self.patch_pixels, e.embed_dim)
-               + transformer_forward_flops(1 + k, e.embed_dim, e.depth)
-               + self.decoder.flops(e.embed_dim, k))
+        fwd = (
+            linear_flops(e.num_patches, self.patch_pixels, e.embed_dim)
+            + transformer_forward_flops(1 + k, e.embed_dim, e.depth)
+            + self.decoder.flops(e.embed_dim, k)
+        )
         return 3.0 * fwd
 
     def no_weight_decay(self) -> set[str]:

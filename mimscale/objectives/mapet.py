@@ -37,6 +37,7 @@ Targets (``target_source``):
 Position embedding: the paper uses a learned absolute one; set ``model.pos_embed: learned`` (the recipes
 do). With the sin-cos buffer the objective works unchanged (``pos_j`` is then fixed).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -73,13 +74,16 @@ def resolve_least(num_patches: int, least_context: int | None, predict_ratio: fl
     else:
         least = least_context
     if not 1 <= least <= num_patches:
-        raise ConfigError(f"objective.least_context={least} must be in [1, {num_patches}] (cls counts as 1; at "
-                          f"least one of the N={num_patches} patches must be predicted)")
+        raise ConfigError(
+            f"objective.least_context={least} must be in [1, {num_patches}] (cls counts as 1; at "
+            f"least one of the N={num_patches} patches must be predicted)"
+        )
     return least
 
 
-def two_stream_masks(rank: torch.Tensor, least: int, aux_tokens: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def two_stream_masks(
+    rank: torch.Tensor, least: int, aux_tokens: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Boolean attention masks (True = may attend) of both streams, built on ``rank``'s device.
 
     ``rank int [B, N]`` (patch ranks 1..N, a permutation per row). Returns, with ``M = N + 1 - least`` and
@@ -93,20 +97,20 @@ def two_stream_masks(rank: torch.Tensor, least: int, aux_tokens: bool = True
         raise DataError(f"batch['rank'] must be [B, N], got shape {tuple(rank.shape)}")
     b, n = rank.shape
     m = n + 1 - least
-    r = torch.cat([rank.new_zeros(b, 1), rank], dim=1).long()              # [B, 1+N], cls rank 0
-    in_c = r < least                                                       # [B, 1+N]
+    r = torch.cat([rank.new_zeros(b, 1), rank], dim=1).long()  # [B, 1+N], cls rank 0
+    in_c = r < least  # [B, 1+N]
     # predicted patches first, each group in raster order (stable sort: no data-dependent shapes, no sync)
-    pred_idx = in_c[:, 1:].to(torch.uint8).argsort(dim=1, stable=True)[:, :m]   # [B, M]
-    rp = r[:, 1:].gather(1, pred_idx)                                      # [B, M] ranks of P
+    pred_idx = in_c[:, 1:].to(torch.uint8).argsort(dim=1, stable=True)[:, :m]  # [B, M]
+    rp = r[:, 1:].gather(1, pred_idx)  # [B, M] ranks of P
     own = torch.eye(n + 1, dtype=torch.bool, device=rank.device)
-    cc = in_c[:, None, :] | (r[:, None, :] < r[:, :, None]) | own          # [B, 1+N, 1+N]
-    qc = in_c[:, None, :] | (r[:, None, :] < rp[:, :, None])               # [B, M, 1+N]
+    cc = in_c[:, None, :] | (r[:, None, :] < r[:, :, None]) | own  # [B, 1+N, 1+N]
+    qc = in_c[:, None, :] | (r[:, None, :] < rp[:, :, None])  # [B, M, 1+N]
     if not aux_tokens:
         return cc[:, None], qc[:, None], pred_idx
-    ca = rp[:, None, :] > r[:, :, None]                                    # [B, 1+N, M]
-    ac = in_c[:, None, :].expand(b, m, n + 1)                              # [B, M, 1+N]
-    aa = torch.ones(b, m, m, dtype=torch.bool, device=rank.device)         # [B, M, M]
-    qa = rp[:, None, :] >= rp[:, :, None]                                  # [B, M, M]
+    ca = rp[:, None, :] > r[:, :, None]  # [B, 1+N, M]
+    ac = in_c[:, None, :].expand(b, m, n + 1)  # [B, M, 1+N]
+    aa = torch.ones(b, m, m, dtype=torch.bool, device=rank.device)  # [B, M, M]
+    qa = rp[:, None, :] >= rp[:, :, None]  # [B, M, M]
     content = torch.cat([torch.cat([cc, ca], dim=2), torch.cat([ac, aa], dim=2)], dim=1)
     query = torch.cat([qc, qa], dim=2)
     return content[:, None], query[:, None], pred_idx
@@ -163,19 +167,19 @@ class MaPeT(Objective):
     class Config:
         least_context: int | None = num(None, ">= 1")  # |C| incl. cls; None: N + 1 - round(predict_ratio * N)
         predict_ratio: float = num(0.75, "(0, 1]")  # used when least_context is None
-        vocab_size: int = num(8192, ">= 2")   # k-CLIP centroids
-        target_source: Literal["shards", "pixel_mean"] = "shards"   # pixel_mean: tests / smoke runs only
-        target_key: str = "kclip.npy"         # shard field holding the codes (uint16 [N] per sample)
+        vocab_size: int = num(8192, ">= 2")  # k-CLIP centroids
+        target_source: Literal["shards", "pixel_mean"] = "shards"  # pixel_mean: tests / smoke runs only
+        target_key: str = "kclip.npy"  # shard field holding the codes (uint16 [N] per sample)
         label_smoothing: float = num(0.0, "[0, 1)")
-        aux_pos_tokens: bool = True           # False: XLNet-style (no aux tokens in the content stream)
+        aux_pos_tokens: bool = True  # False: XLNet-style (no aux tokens in the content stream)
         crop_pct: float = num(1.0, "(0, 1]")  # centre crop the cached codes were computed on (1.0: full square)
         target_image_size: int | None = num(None, ">= 1")  # the codes' size (add-targets --image-size); None: model's
         color_jitter: float = num(0.4, "[0, 1)")
-        init: Literal["mae", "beit", "timm"] = "timm"   # encoder and z [code: timm's ViT init]
-        wd_cls_token: bool = False            # [code: no_weight_decay = {pos_embed, cls_token}]
-        wd_mask_token: bool = True            # weight decay on z [code: its 3-D mask positional token is decayed]
+        init: Literal["mae", "beit", "timm"] = "timm"  # encoder and z [code: timm's ViT init]
+        wd_cls_token: bool = False  # [code: no_weight_decay = {pos_embed, cls_token}]
+        wd_mask_token: bool = True  # weight decay on z [code: its 3-D mask positional token is decayed]
 
-    def __init__(self, encoder: VisionTransformer, cfg: "MaPeT.Config"):
+    def __init__(self, encoder: VisionTransformer, cfg: MaPeT.Config):
         super().__init__(encoder, cfg)
         require_absolute_pos(encoder, self.name)
         init_encoder(encoder, cfg.init)
@@ -194,13 +198,13 @@ class MaPeT(Objective):
             raise ConfigError(f"objective.target_image_size={cfg.target_image_size} must be >= 1 (or null)")
         if isinstance(encoder.norm, nn.Identity):
             raise ConfigError("MaPeT needs the encoder's final LayerNorm (build it with global_pool='token')")
-        self.z = nn.Parameter(torch.zeros(1, 1, d))           # the shared content of every aux / query token
+        self.z = nn.Parameter(torch.zeros(1, 1, d))  # the shared content of every aux / query token
         self.head = nn.Linear(d, cfg.vocab_size)
         init_token_(self.z, cfg.init)
-        init_linear_(self.head, "timm")                       # the code's decoder head init
+        init_linear_(self.head, "timm")  # the code's decoder head init
 
     @classmethod
-    def tiny_config(cls) -> "MaPeT.Config":
+    def tiny_config(cls) -> MaPeT.Config:
         """For the contract test: batches there carry no cached codes, so use the pixel-mean stand-in."""
         return cls.Config(vocab_size=64, target_source="pixel_mean")
 
@@ -214,8 +218,14 @@ class MaPeT(Objective):
         normalisation; targets computed from the image itself (``pixel_mean``): ``default``."""
         if self.cfg.target_source != "shards":
             return default
-        return CenterCropJitter(default.size, default.mean, default.std, default.in_chans,
-                                crop_pct=self.cfg.crop_pct, jitter=self.cfg.color_jitter)
+        return CenterCropJitter(
+            default.size,
+            default.mean,
+            default.std,
+            default.in_chans,
+            crop_pct=self.cfg.crop_pct,
+            jitter=self.cfg.color_jitter,
+        )
 
     def cached_targets(self) -> dict | None:
         """What the train loader must check in the shards' manifest (``ShardLoader(targets=...)``,
@@ -233,22 +243,27 @@ class MaPeT(Objective):
         """Per-patch target codes ``long [B, N]`` in raster order."""
         n, v = self.encoder.num_patches, self.cfg.vocab_size
         if self.cfg.target_source == "pixel_mean":
-            mean = patchify(batch["image"].float(), self.encoder.patch_size).mean(dim=-1)    # [B, N]
+            mean = patchify(batch["image"].float(), self.encoder.patch_size).mean(dim=-1)  # [B, N]
             return ((mean + 2.0) / 4.0 * v).long().clamp_(0, v - 1)
         key = self.cfg.target_key
         if key not in batch:
-            raise DataError(f"the batch has no '{key}' codes: cache them into the shards with `mimscale data "
-                            "add-targets --kind codes`, or set objective.target_source=pixel_mean for a smoke run")
+            raise DataError(
+                f"the batch has no '{key}' codes: cache them into the shards with `mimscale data "
+                "add-targets --kind codes`, or set objective.target_source=pixel_mean for a smoke run"
+            )
         codes = batch[key]
         if not torch.is_tensor(codes) or codes.ndim != 2 or codes.shape[1] != n:
             shape = tuple(codes.shape) if torch.is_tensor(codes) else type(codes).__name__
-            raise DataError(f"batch['{key}'] must be [B, {n}] codes (one per patch of the {self.encoder.grid_size}"
-                            f"x{self.encoder.grid_size} grid), got {shape}")
+            raise DataError(
+                f"batch['{key}'] must be [B, {n}] codes (one per patch of the {self.encoder.grid_size}"
+                f"x{self.encoder.grid_size} grid), got {shape}"
+            )
         codes = codes.long()
         if codes.device.type == "cpu":
             if codes.numel() and not 0 <= int(codes.min()) <= int(codes.max()) < v:
-                raise DataError(f"batch['{key}'] has codes outside [0, {v}): objective.vocab_size={v} does not match "
-                                "the tokenizer")
+                raise DataError(
+                    f"batch['{key}'] has codes outside [0, {v}): objective.vocab_size={v} does not match the tokenizer"
+                )
         else:  # no host sync on accelerators
             torch._assert_async(((codes >= 0) & (codes < v)).all(), f"{key} codes outside [0, vocab_size={v})")
         return codes
@@ -271,14 +286,13 @@ class MaPeT(Objective):
         """Inputs of :meth:`run_streams`: ``img [B, C, H, W]``, ``rank int [B, N]`` -> ``x [B, Lc + M, D]``,
         ``mask bool [B, 1, Lc + M, Lc]``, ``Lc`` and ``pred_idx long [B, M]``."""
         enc = self.encoder
-        content_mask, query_mask, pred_idx = two_stream_masks(rank.to(img.device), self.least,
-                                                              self.cfg.aux_pos_tokens)
+        content_mask, query_mask, pred_idx = two_stream_masks(rank.to(img.device), self.least, self.cfg.aux_pos_tokens)
         mask = torch.cat([content_mask, query_mask], dim=2)
         torch._assert_async(mask.any(dim=-1).all(), "MaPeT: an attention row may attend to nothing")
-        h = enc.add_cls(enc.embed(img))                                          # [B, 1+N, D]
-        assert enc.pos_embed is not None                 # require_absolute_pos in __init__
-        pos = enc.pos_embed[:, 1:].to(h.dtype).expand(h.shape[0], -1, -1)       # [B, N, D]
-        aux = enc.gather_tokens(pos, pred_idx) + self.z.to(h.dtype)              # [B, M, D]
+        h = enc.add_cls(enc.embed(img))  # [B, 1+N, D]
+        assert enc.pos_embed is not None  # require_absolute_pos in __init__
+        pos = enc.pos_embed[:, 1:].to(h.dtype).expand(h.shape[0], -1, -1)  # [B, N, D]
+        aux = enc.gather_tokens(pos, pred_idx) + self.z.to(h.dtype)  # [B, M, D]
         content = torch.cat([h, aux], dim=1) if self.cfg.aux_pos_tokens else h  # [B, Lc, D]
         return torch.cat([content, aux], dim=1), mask, content.shape[1], pred_idx
 
@@ -290,7 +304,7 @@ class MaPeT(Objective):
     def forward(self, batch: dict) -> LossOutput:
         codes = self.codes(batch)
         logits, pred_idx = self.logits(batch["image"], batch["rank"])
-        target = codes.to(pred_idx.device).gather(1, pred_idx)                  # [B, M], same order as logits
+        target = codes.to(pred_idx.device).gather(1, pred_idx)  # [B, M], same order as logits
         logits = logits.float().flatten(0, 1)
         loss = F.cross_entropy(logits, target.flatten(), label_smoothing=self.cfg.label_smoothing)
         acc = (logits.detach().argmax(dim=-1) == target.flatten()).float().mean()
@@ -304,10 +318,14 @@ class MaPeT(Objective):
         e = self.encoder
         m = self.num_pred
         lc = 1 + e.num_patches + (m if self.cfg.aux_pos_tokens else 0)
-        blocks = (transformer_forward_flops(lc + m, e.embed_dim, e.depth, e.mlp_ratio, attn_keys=lc)
-                  - e.depth * linear_flops(m, e.embed_dim, 2 * e.embed_dim))
-        fwd = (linear_flops(e.num_patches, e.patch_size ** 2 * e.in_chans, e.embed_dim) + blocks
-               + linear_flops(m, e.embed_dim, self.cfg.vocab_size))
+        blocks = transformer_forward_flops(
+            lc + m, e.embed_dim, e.depth, e.mlp_ratio, attn_keys=lc
+        ) - e.depth * linear_flops(m, e.embed_dim, 2 * e.embed_dim)
+        fwd = (
+            linear_flops(e.num_patches, e.patch_size**2 * e.in_chans, e.embed_dim)
+            + blocks
+            + linear_flops(m, e.embed_dim, self.cfg.vocab_size)
+        )
         return 3.0 * fwd
 
     def no_weight_decay(self) -> set[str]:

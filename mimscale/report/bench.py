@@ -3,6 +3,7 @@
 ``mimscale report ... --bench FILE`` shows that file; without ``--bench`` the newest
 ``benchmarks/results/throughput-*.json`` under the current directory is shown, if there is one.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,33 +64,55 @@ def bench_section(doc: dict[str, Any]) -> str:
 
     rows = doc["results"]
     rel = ratios(rows) if rows else []
-    head = ("<tr><th>Model</th><th>ZeRO</th><th>Ckpt</th><th>Micro-batch</th><th>Ranks</th><th>Precision</th>"
-            "<th>Throughput<span class='unit'>img/s</span></th><th>vs ZeRO-0<span class='unit'>same micro-batch"
-            "</span></th><th>vs ZeRO-0<span class='unit'>img per CPU-second</span></th>"
-            "<th>Step<span class='unit'>ms, median</span></th><th>MFU<span class='unit'>%</span></th>"
-            "<th>Peak memory<span class='unit'>GB</span></th><th>Plan<span class='unit'>GB, img/s/GPU</span></th></tr>")
+    head = (
+        "<tr><th>Model</th><th>ZeRO</th><th>Ckpt</th><th>Micro-batch</th><th>Ranks</th><th>Precision</th>"
+        "<th>Throughput<span class='unit'>img/s</span></th><th>vs ZeRO-0<span class='unit'>same micro-batch"
+        "</span></th><th>vs ZeRO-0<span class='unit'>img per CPU-second</span></th>"
+        "<th>Step<span class='unit'>ms, median</span></th><th>MFU<span class='unit'>%</span></th>"
+        "<th>Peak memory<span class='unit'>GB</span></th><th>Plan<span class='unit'>GB, img/s/GPU</span></th></tr>"
+    )
     body = []
     for r, q in zip(rows, rel):
         plan = r.get("plan")
-        plan_txt = (f"{plan['mem_gb']:.1f} {'fits' if plan['fits'] else 'does not fit'}, "
-                    f"{plan['img_per_s_per_gpu']:,.0f} ({escape(str(plan['gpu']))})") if plan else "–"
+        plan_txt = (
+            (
+                f"{plan['mem_gb']:.1f} {'fits' if plan['fits'] else 'does not fit'}, "
+                f"{plan['img_per_s_per_gpu']:,.0f} ({escape(str(plan['gpu']))})"
+            )
+            if plan
+            else "–"
+        )
         mfu = 100 * r["mfu"] if isinstance(r.get("mfu"), (int, float)) else None
-        cells = [escape(f"{r['objective']} {r['arch']}/{r.get('patch', '?')} @{r.get('img', '?')}px"),
-                 str(r["zero"]), "on" if r["ckpt"] else "off", str(r["micro_batch"]), str(r.get("world_size", 1)),
-                 escape(str(r.get("precision", ""))), _num(r["img_per_s"], ",.1f"), _num(q["img_per_s_vs_zero0"], ".3f"),
-                 _num(q["img_per_cpu_s_vs_zero0"], ".3f"),
-                 _num(1000 * r["step_time_s"], ",.1f"), _num(mfu, ".1f"), _num(r.get("mem_peak_gb"), ".2f"), plan_txt]
+        cells = [
+            escape(f"{r['objective']} {r['arch']}/{r.get('patch', '?')} @{r.get('img', '?')}px"),
+            str(r["zero"]),
+            "on" if r["ckpt"] else "off",
+            str(r["micro_batch"]),
+            str(r.get("world_size", 1)),
+            escape(str(r.get("precision", ""))),
+            _num(r["img_per_s"], ",.1f"),
+            _num(q["img_per_s_vs_zero0"], ".3f"),
+            _num(q["img_per_cpu_s_vs_zero0"], ".3f"),
+            _num(1000 * r["step_time_s"], ",.1f"),
+            _num(mfu, ".1f"),
+            _num(r.get("mem_peak_gb"), ".2f"),
+            plan_txt,
+        ]
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     # data-run would tie the curves to the run table's hover highlighting: these series are not runs
     svg = sweep_svg(rows, chart_id="plot-bench", standalone=False).replace("data-run=", "data-series=")
     device = rows[0].get("device_name", rows[0].get("device", "")) if rows else ""
-    meta = (f"<code>{escape(doc.get('path', ''))}</code> &middot; machine {escape(str(doc.get('machine', '?')))}, "
-            f"{escape(str(doc.get('date', '?')))} &middot; {escape(str(device))} &middot; torch "
-            f"{escape(str(doc.get('torch', '?')))}, DeepSpeed {escape(str(doc.get('deepspeed', '?')))} &middot; "
-            f"{len(rows)} configurations, {doc.get('repeats', 1)} round(s) each. On a shared machine compare "
-            "configurations by the ratios, not the absolute img/s.")
+    meta = (
+        f"<code>{escape(doc.get('path', ''))}</code> &middot; machine {escape(str(doc.get('machine', '?')))}, "
+        f"{escape(str(doc.get('date', '?')))} &middot; {escape(str(device))} &middot; torch "
+        f"{escape(str(doc.get('torch', '?')))}, DeepSpeed {escape(str(doc.get('deepspeed', '?')))} &middot; "
+        f"{len(rows)} configurations, {doc.get('repeats', 1)} round(s) each. On a shared machine compare "
+        "configurations by the ratios, not the absolute img/s."
+    )
     # rows in <tfoot>, not <tbody> (which a browser would insert around bare rows): every tbody row of the
     # page is a run of the #runs table to the report's scripts and checks
-    return (f'<h2>Benchmarks</h2>\n<p class="meta">{meta}</p>\n<div class="table-wrap"><table id="bench">'
-            f"<thead>{head}</thead><tfoot>{''.join(body)}</tfoot></table></div>\n<div class=\"plots\"><figure>{svg}<figcaption>img/s by ZeRO "
-            "stage; one curve per micro-batch and activation-checkpointing setting.</figcaption></figure></div>\n")
+    return (
+        f'<h2>Benchmarks</h2>\n<p class="meta">{meta}</p>\n<div class="table-wrap"><table id="bench">'
+        f'<thead>{head}</thead><tfoot>{"".join(body)}</tfoot></table></div>\n<div class="plots"><figure>{svg}<figcaption>img/s by ZeRO '
+        "stage; one curve per micro-batch and activation-checkpointing setting.</figcaption></figure></div>\n"
+    )

@@ -1,4 +1,5 @@
 """`mimscale report` subcommand (wired into mimscale.cli through add_parser/run)."""
+
 from __future__ import annotations
 
 import argparse
@@ -12,16 +13,30 @@ peak memory, and plots of kNN top-1 vs device-hours and training loss vs step (o
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("report", help="HTML + JSON report of one or more runs", description=DESCRIPTION,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "report",
+        help="HTML + JSON report of one or more runs",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories (train.run_dir of each run)")
-    p.add_argument("--out", default=None, metavar="DIR",
-                   help="where report.html and report.json go (default: the first RUN_DIR)")
-    p.add_argument("--target", type=float, default=None, metavar="PCT",
-                   help="kNN top-1 target in percent for the time-to-target column (default: none)")
-    p.add_argument("--bench", default=None, metavar="FILE",
-                   help="a `mimscale bench throughput --sweep` results file to show as a table + plot "
-                        "(default: the newest benchmarks/results/throughput-*.json, if any)")
+    p.add_argument(
+        "--out", default=None, metavar="DIR", help="where report.html and report.json go (default: the first RUN_DIR)"
+    )
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        metavar="PCT",
+        help="kNN top-1 target in percent for the time-to-target column (default: none)",
+    )
+    p.add_argument(
+        "--bench",
+        default=None,
+        metavar="FILE",
+        help="a `mimscale bench throughput --sweep` results file to show as a table + plot "
+        "(default: the newest benchmarks/results/throughput-*.json, if any)",
+    )
     p.set_defaults(run=run)
 
 

@@ -22,6 +22,7 @@ Definitions (also printed in the report's notes):
 - **data**: ``data.train`` and, from its manifest, the image count and any write-time size cap
   (``mimscale data folder --max-side``), plus ``data.decode`` (:func:`describe_data`).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -62,33 +63,33 @@ class Run:
     batch_size: int | None = None
     steps: int | None = None
     total_steps: int | None = None
-    finished: bool = False                      # summary.json exists
-    epochs: float | None = None                 # epochs actually trained
+    finished: bool = False  # summary.json exists
+    epochs: float | None = None  # epochs actually trained
     epochs_planned: float | None = None
     device_hours: float | None = None
     flops_per_sample: float | None = None
     mae_flops_per_sample: float | None = None
     mae_equiv_ratio: float | None = None
     mae_equiv_epochs: float | None = None
-    knn_init: float | None = None               # at step 0 (random init), if evaluated
+    knn_init: float | None = None  # at step 0 (random init), if evaluated
     knn_best: float | None = None
     knn_best_step: int | None = None
     knn_final: float | None = None
     linear_best: float | None = None
-    finetune_best: float | None = None          # `mimscale eval finetune` appends eval/finetune_top1
+    finetune_best: float | None = None  # `mimscale eval finetune` appends eval/finetune_top1
     target: float | None = None
-    time_to_target_h: float | None = None       # None: no target, or not reached (see target_reached)
+    time_to_target_h: float | None = None  # None: no target, or not reached (see target_reached)
     time_to_target_step: int | None = None
     target_reached: bool | None = None
     img_per_s: float | None = None
     tflops_per_device: float | None = None
     mfu: float | None = None
     mem_peak_gb: float | None = None
-    data: str | None = None                     # what the training data was (source, size cap, decode path)
+    data: str | None = None  # what the training data was (source, size cap, decode path)
     final_loss: float | None = None
-    loss_nonfinite: int = 0                     # logged NaN/inf losses
-    knn_curve: list[list[Any]] = field(default_factory=list)     # [step, device_hours | None, top1]
-    loss_curve: list[list[float]] = field(default_factory=list)    # [step, loss] (not in report.json)
+    loss_nonfinite: int = 0  # logged NaN/inf losses
+    knn_curve: list[list[Any]] = field(default_factory=list)  # [step, device_hours | None, top1]
+    loss_curve: list[list[float]] = field(default_factory=list)  # [step, loss] (not in report.json)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,7 +118,9 @@ def _read_yaml(path: Path) -> dict:
     try:
         doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        warnings.warn(f"{path}: unreadable YAML ({e}); the report leaves its fields empty", RuntimeWarning)
+        warnings.warn(
+            f"{path}: unreadable YAML ({e}); the report leaves its fields empty", RuntimeWarning, stacklevel=2
+        )
         return {}
     return doc if isinstance(doc, dict) else {}
 
@@ -128,12 +131,14 @@ def _read_json(path: Path) -> dict:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        warnings.warn(f"{path}: unreadable JSON ({e}); the report leaves its fields empty", RuntimeWarning)
+        warnings.warn(
+            f"{path}: unreadable JSON ({e}); the report leaves its fields empty", RuntimeWarning, stacklevel=2
+        )
         return {}
     return doc if isinstance(doc, dict) else {}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def mae_reference_flops(arch: str, img_size: int, patch_size: int, in_chans: int = 3) -> float | None:
     """Training FLOPs per image of MAE with its default knobs on this encoder (built on the meta device)."""
     import torch
@@ -164,7 +169,9 @@ def _objective_flops(cfg: dict) -> float | None:
             enc = build_vit(model["arch"], model["img_size"], model["patch_size"], model.get("in_chans", 3))
             return float(build_objective(cls.name, enc, knobs).flops_per_sample())
     except Exception as e:  # best effort: a plugin objective may not be installed, or may not build on meta
-        warnings.warn(f"cannot count the FLOPs of the run's objective from its config.yaml: {e}", RuntimeWarning)
+        warnings.warn(
+            f"cannot count the FLOPs of the run's objective from its config.yaml: {e}", RuntimeWarning, stacklevel=2
+        )
         return None
 
 
@@ -227,8 +234,10 @@ def describe_data(cfg: dict) -> str | None:
         if isinstance(m.get("num_samples"), int):
             parts.append(f"{m['num_samples']:,} images")
         if m.get("max_side"):
-            parts.append(f"pre-resized to max side {m['max_side']} px (JPEG q{m.get('quality')}, "
-                         f"{int(m.get('resized') or 0):,} shrunk)")
+            parts.append(
+                f"pre-resized to max side {m['max_side']} px (JPEG q{m.get('quality')}, "
+                f"{int(m.get('resized') or 0):,} shrunk)"
+            )
         elif m:
             parts.append("original image files")
     if data.get("decode"):
@@ -299,8 +308,9 @@ def load_run(path: str | os.PathLike, target: float | None = None) -> Run:
     if run.flops_per_sample is None and cfg:
         run.flops_per_sample = _objective_flops(cfg)
     if run.arch and run.img_size and run.patch_size:
-        run.mae_flops_per_sample = mae_reference_flops(run.arch, int(run.img_size), int(run.patch_size),
-                                                       int(run.in_chans or 3))
+        run.mae_flops_per_sample = mae_reference_flops(
+            run.arch, int(run.img_size), int(run.patch_size), int(run.in_chans or 3)
+        )
     if run.flops_per_sample and run.mae_flops_per_sample:
         run.mae_equiv_ratio = run.flops_per_sample / run.mae_flops_per_sample
         if run.epochs is not None:

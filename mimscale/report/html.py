@@ -1,13 +1,14 @@
 """The self-contained HTML report: inline CSS, inline SVG plots, a few lines of inline JS
 (sortable table, hover highlighting). No external URL of any kind, so it opens offline."""
+
 from __future__ import annotations
 
 import datetime as _dt
 import math
 from html import escape
 
-from .data import Run
 from .bench import bench_section
+from .data import Run
 from .svg import Series, line_chart, run_style
 
 DASH = "—"
@@ -174,8 +175,9 @@ def _time_to_target(r: Run) -> tuple[str, float | None]:
 
 def _row(i: int, r: Run) -> str:
     colour, _ = run_style(i)
-    label = (f'<span class="swatch" style="background:{colour}"></span>{escape(r.label)}'
-             + ("" if r.finished else _sub("unfinished")))
+    label = f'<span class="swatch" style="background:{colour}"></span>{escape(r.label)}' + (
+        "" if r.finished else _sub("unfinished")
+    )
     steps = ""
     if r.steps is not None:
         of = f" / {r.total_steps:,}" if r.total_steps and r.total_steps != r.steps else ""
@@ -208,12 +210,22 @@ def _row(i: int, r: Run) -> str:
 
 def _header(target: float | None) -> str:
     ttt = f"Time to {target:g}%" if target is not None else "Time to target"
-    cols = [("Run", "", "text"), ("Objective", "", "text"), ("Model", "", "text"),
-            ("Epochs", "trained", ""), ("MAE-eq. epochs", "at MAE cost", ""), ("Compute", "device-hours", ""),
-            ("kNN top-1", "best, %", ""), ("Linear top-1", "best, %", ""),
-            ("Fine-tune top-1", "best, %", ""), (ttt, "kNN, device-h", ""),
-            ("Throughput", "img/s", ""), ("MFU", "%", ""), ("Peak memory", "GB, rank 0", ""),
-            ("Final loss", "train", "")]
+    cols = [
+        ("Run", "", "text"),
+        ("Objective", "", "text"),
+        ("Model", "", "text"),
+        ("Epochs", "trained", ""),
+        ("MAE-eq. epochs", "at MAE cost", ""),
+        ("Compute", "device-hours", ""),
+        ("kNN top-1", "best, %", ""),
+        ("Linear top-1", "best, %", ""),
+        ("Fine-tune top-1", "best, %", ""),
+        (ttt, "kNN, device-h", ""),
+        ("Throughput", "img/s", ""),
+        ("MFU", "%", ""),
+        ("Peak memory", "GB, rank 0", ""),
+        ("Final loss", "train", ""),
+    ]
     cells = []
     for name, unit, cls in cols:
         u = f'<span class="unit">{escape(unit)}</span>' if unit else ""
@@ -223,38 +235,74 @@ def _header(target: float | None) -> str:
 
 
 def _plots(runs: list[Run], target: float | None) -> str:
-    acc = [Series(r.label, i, [(h, v) for _, h, v in r.knn_curve if h is not None], empty_note="no eval points",
-                  tooltip="{label}: {y}% at {x} device-hours") for i, r in enumerate(runs)]
-    loss = [Series(r.label, i, [(s, v) for s, v in r.loss_curve], empty_note="no loss logged")
-            for i, r in enumerate(runs)]
+    acc = [
+        Series(
+            r.label,
+            i,
+            [(h, v) for _, h, v in r.knn_curve if h is not None],
+            empty_note="no eval points",
+            tooltip="{label}: {y}% at {x} device-hours",
+        )
+        for i, r in enumerate(runs)
+    ]
+    loss = [
+        Series(r.label, i, [(s, v) for s, v in r.loss_curve], empty_note="no loss logged") for i, r in enumerate(runs)
+    ]
     hline = (target, f"target {target:g}%") if target is not None else None
-    acc_svg = line_chart(acc, chart_id="plot-acc", title="kNN top-1 vs compute", x_label="device-hours",
-                         y_label="kNN top-1 (%)", markers=True, hline=hline)
-    loss_svg = line_chart(loss, chart_id="plot-loss", title="Training loss vs step", x_label="optimizer step",
-                          y_label="train loss", x_from_zero=True)
-    return (f'<div class="plots"><figure>{acc_svg}<figcaption>One curve per run; points are kNN evaluations '
-            "(step 0 = random init), placed at the device-hours the run had trained for at that step."
-            f"</figcaption></figure><figure>{loss_svg}<figcaption>Training loss as logged every "
-            "<code>train.log_every</code> steps (long runs are averaged into at most 1500 points)."
-            "</figcaption></figure></div>")
+    acc_svg = line_chart(
+        acc,
+        chart_id="plot-acc",
+        title="kNN top-1 vs compute",
+        x_label="device-hours",
+        y_label="kNN top-1 (%)",
+        markers=True,
+        hline=hline,
+    )
+    loss_svg = line_chart(
+        loss,
+        chart_id="plot-loss",
+        title="Training loss vs step",
+        x_label="optimizer step",
+        y_label="train loss",
+        x_from_zero=True,
+    )
+    return (
+        f'<div class="plots"><figure>{acc_svg}<figcaption>One curve per run; points are kNN evaluations '
+        "(step 0 = random init), placed at the device-hours the run had trained for at that step."
+        f"</figcaption></figure><figure>{loss_svg}<figcaption>Training loss as logged every "
+        "<code>train.log_every</code> steps (long runs are averaged into at most 1500 points)."
+        "</figcaption></figure></div>"
+    )
 
 
 NOTES = [
-    ("Device-hours", "training wall time &times; number of devices (ranks), from <code>time/device_hours</code>; "
-                     "evaluation pauses inside the loop count, start-up does not."),
-    ("MAE-eq. epochs", "epochs &times; FLOPs per image of the run's objective / FLOPs per image of MAE with its "
-                       "default knobs (mask 0.75, 512-d &times; 8-block decoder) on the same encoder: the "
-                       "compute yardstick of the EMAE paper."),
-    ("Time to target", "device-hours at the first kNN evaluation whose top-1 reaches the target "
-                       "(<code>--target</code>)."),
-    ("Throughput", "median of the logged global images/s; achieved TFLOP/s = FLOPs per image &times; img/s "
-                   "/ devices; MFU only when the run logs <code>perf/mfu</code>."),
+    (
+        "Device-hours",
+        "training wall time &times; number of devices (ranks), from <code>time/device_hours</code>; "
+        "evaluation pauses inside the loop count, start-up does not.",
+    ),
+    (
+        "MAE-eq. epochs",
+        "epochs &times; FLOPs per image of the run's objective / FLOPs per image of MAE with its "
+        "default knobs (mask 0.75, 512-d &times; 8-block decoder) on the same encoder: the "
+        "compute yardstick of the EMAE paper.",
+    ),
+    (
+        "Time to target",
+        "device-hours at the first kNN evaluation whose top-1 reaches the target (<code>--target</code>).",
+    ),
+    (
+        "Throughput",
+        "median of the logged global images/s; achieved TFLOP/s = FLOPs per image &times; img/s "
+        "/ devices; MFU only when the run logs <code>perf/mfu</code>.",
+    ),
     ("Peak memory", "largest <code>perf/mem_peak_gb</code> logged on rank 0 (GPU: max allocated; CPU: peak RSS)."),
 ]
 
 
-def render(runs: list[Run], target: float | None = None, generated: str | None = None,
-           bench: dict | None = None) -> str:
+def render(
+    runs: list[Run], target: float | None = None, generated: str | None = None, bench: dict | None = None
+) -> str:
     """The whole report as one HTML document."""
     generated = generated or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = f"mimscale report — {len(runs)} run{'s' if len(runs) != 1 else ''}"

@@ -5,6 +5,7 @@
 "nice" ticks, grid lines, axis titles, an optional dashed horizontal reference line and a legend
 below the plot area. Series without points still get a legend entry, marked "no data".
 """
+
 from __future__ import annotations
 
 import math
@@ -12,8 +13,7 @@ from dataclasses import dataclass, field
 from html import escape
 
 # Okabe-Ito (colour-blind safe, yellow left out: too pale on white), then Tableau tones.
-PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000",
-           "#8C564B", "#7F7F7F", "#9467BD")
+PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#8C564B", "#7F7F7F", "#9467BD")
 DASHES = ("", "7 4", "2 3")
 
 WIDTH = 640
@@ -31,10 +31,10 @@ def run_style(i: int) -> tuple[str, str]:
 @dataclass
 class Series:
     label: str
-    index: int                                     # run index: colour and data-run attribute
+    index: int  # run index: colour and data-run attribute
     points: list[tuple[float, float]] = field(default_factory=list)
     empty_note: str = "no data"
-    tooltip: str = "{label}: x={x}, y={y}"         # for markers
+    tooltip: str = "{label}: x={x}, y={y}"  # for markers
 
 
 def nice_step(span: float, target: int = 5) -> float:
@@ -131,9 +131,18 @@ def _legend_layout(series: list[Series], x0: float, y0: float, width: float):
     return entries, rows
 
 
-def line_chart(series: list[Series], *, chart_id: str, title: str, x_label: str, y_label: str,
-               markers: bool = False, hline: tuple[float, str] | None = None, x_from_zero: bool = True,
-               max_points: int = 1500) -> str:
+def line_chart(
+    series: list[Series],
+    *,
+    chart_id: str,
+    title: str,
+    x_label: str,
+    y_label: str,
+    markers: bool = False,
+    hline: tuple[float, str] | None = None,
+    x_from_zero: bool = True,
+    max_points: int = 1500,
+) -> str:
     """An ``<svg>`` element (as a string) with one curve per series that has finite points."""
     m = MARGIN
     pw, ph = WIDTH - m["left"] - m["right"], PLOT_H
@@ -156,11 +165,13 @@ def line_chart(series: list[Series], *, chart_id: str, title: str, x_label: str,
     def sy(y: float) -> float:
         return m["top"] + ph - (y - y0) / (y1 - y0) * ph
 
-    out = [f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {WIDTH} {height:.0f}" '
-           f'width="{WIDTH}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
-           f"<title>{escape(title)}</title>",
-           f'<text class="chart-title" x="{m["left"]}" y="22">{escape(title)}</text>',
-           f'<rect class="plot-bg" x="{m["left"]}" y="{m["top"]}" width="{pw}" height="{ph}"/>']
+    out = [
+        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {WIDTH} {height:.0f}" '
+        f'width="{WIDTH}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
+        f"<title>{escape(title)}</title>",
+        f'<text class="chart-title" x="{m["left"]}" y="22">{escape(title)}</text>',
+        f'<rect class="plot-bg" x="{m["left"]}" y="{m["top"]}" width="{pw}" height="{ph}"/>',
+    ]
     # grid + ticks
     grid, ticks = [], []
     n = int(round((x1 - x0) / xs))
@@ -168,27 +179,36 @@ def line_chart(series: list[Series], *, chart_id: str, title: str, x_label: str,
         v = x0 + i * xs
         x = sx(v)
         grid.append(f'<line x1="{x:.1f}" y1="{m["top"]}" x2="{x:.1f}" y2="{m["top"] + ph}"/>')
-        ticks.append(f'<line x1="{x:.1f}" y1="{m["top"] + ph}" x2="{x:.1f}" y2="{m["top"] + ph + 5}"/>'
-                     f'<text class="tick x" x="{x:.1f}" y="{m["top"] + ph + 18}">{format_tick(v, xs)}</text>')
+        ticks.append(
+            f'<line x1="{x:.1f}" y1="{m["top"] + ph}" x2="{x:.1f}" y2="{m["top"] + ph + 5}"/>'
+            f'<text class="tick x" x="{x:.1f}" y="{m["top"] + ph + 18}">{format_tick(v, xs)}</text>'
+        )
     n = int(round((y1 - y0) / ystep))
     for i in range(n + 1):
         v = y0 + i * ystep
         y = sy(v)
         grid.append(f'<line x1="{m["left"]}" y1="{y:.1f}" x2="{m["left"] + pw}" y2="{y:.1f}"/>')
-        ticks.append(f'<line x1="{m["left"] - 5}" y1="{y:.1f}" x2="{m["left"]}" y2="{y:.1f}"/>'
-                     f'<text class="tick y" x="{m["left"] - 8}" y="{y + 4:.1f}">{format_tick(v, ystep)}</text>')
+        ticks.append(
+            f'<line x1="{m["left"] - 5}" y1="{y:.1f}" x2="{m["left"]}" y2="{y:.1f}"/>'
+            f'<text class="tick y" x="{m["left"] - 8}" y="{y + 4:.1f}">{format_tick(v, ystep)}</text>'
+        )
     out.append('<g class="grid">' + "".join(grid) + "</g>")
-    out.append(f'<g class="axes"><line x1="{m["left"]}" y1="{m["top"] + ph}" x2="{m["left"] + pw}" '
-               f'y2="{m["top"] + ph}"/><line x1="{m["left"]}" y1="{m["top"]}" x2="{m["left"]}" '
-               f'y2="{m["top"] + ph}"/>' + "".join(ticks) + "</g>")
-    out.append(f'<text class="axis-label" x="{m["left"] + pw / 2:.1f}" y="{m["top"] + ph + 38}">'
-               f"{escape(x_label)}</text>")
+    out.append(
+        f'<g class="axes"><line x1="{m["left"]}" y1="{m["top"] + ph}" x2="{m["left"] + pw}" '
+        f'y2="{m["top"] + ph}"/><line x1="{m["left"]}" y1="{m["top"]}" x2="{m["left"]}" '
+        f'y2="{m["top"] + ph}"/>' + "".join(ticks) + "</g>"
+    )
+    out.append(
+        f'<text class="axis-label" x="{m["left"] + pw / 2:.1f}" y="{m["top"] + ph + 38}">{escape(x_label)}</text>'
+    )
     cy = m["top"] + ph / 2
     out.append(f'<text class="axis-label" transform="translate(16 {cy:.1f}) rotate(-90)">{escape(y_label)}</text>')
     if hline is not None:
         y = sy(hline[0])
-        out.append(f'<g class="hline"><line x1="{m["left"]}" y1="{y:.1f}" x2="{m["left"] + pw}" y2="{y:.1f}"/>'
-                   f'<text x="{m["left"] + pw - 4}" y="{y - 5:.1f}">{escape(hline[1])}</text></g>')
+        out.append(
+            f'<g class="hline"><line x1="{m["left"]}" y1="{y:.1f}" x2="{m["left"] + pw}" y2="{y:.1f}"/>'
+            f'<text x="{m["left"] + pw - 4}" y="{y - 5:.1f}">{escape(hline[1])}</text></g>'
+        )
     if not pts:
         out.append(f'<text class="no-data" x="{m["left"] + pw / 2:.1f}" y="{cy:.1f}">no data in any run</text>')
 
@@ -206,15 +226,19 @@ def line_chart(series: list[Series], *, chart_id: str, title: str, x_label: str,
         if not d:
             continue
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
-        out.append(f'<g class="run" data-run="{s.index}">'
-                   f'<path class="curve" data-run="{s.index}" d="{" ".join(d)}" stroke="{colour}"{dash_attr}>'
-                   f"<title>{escape(s.label)}</title></path>")
+        out.append(
+            f'<g class="run" data-run="{s.index}">'
+            f'<path class="curve" data-run="{s.index}" d="{" ".join(d)}" stroke="{colour}"{dash_attr}>'
+            f"<title>{escape(s.label)}</title></path>"
+        )
         if markers:
             for x, y in s.points:
                 if math.isfinite(x) and math.isfinite(y):
                     tip = s.tooltip.format(label=s.label, x=format_number(x), y=format_number(y))
-                    out.append(f'<circle class="marker" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" '
-                               f'fill="{colour}"><title>{escape(tip)}</title></circle>')
+                    out.append(
+                        f'<circle class="marker" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" '
+                        f'fill="{colour}"><title>{escape(tip)}</title></circle>'
+                    )
         out.append("</g>")
     out.append("</g>")
 
@@ -224,8 +248,10 @@ def line_chart(series: list[Series], *, chart_id: str, title: str, x_label: str,
         colour, dash = run_style(s.index)
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
         cls = "legend-item" + ("" if s.points else " empty")
-        out.append(f'<g class="{cls}" data-run="{s.index}">'
-                   f'<line x1="{x:.1f}" y1="{y - 4:.1f}" x2="{x + 22:.1f}" y2="{y - 4:.1f}" stroke="{colour}"'
-                   f'{dash_attr}/><text x="{x + 28:.1f}" y="{y:.1f}">{escape(text)}</text></g>')
+        out.append(
+            f'<g class="{cls}" data-run="{s.index}">'
+            f'<line x1="{x:.1f}" y1="{y - 4:.1f}" x2="{x + 22:.1f}" y2="{y - 4:.1f}" stroke="{colour}"'
+            f'{dash_attr}/><text x="{x + 28:.1f}" y="{y:.1f}">{escape(text)}</text></g>'
+        )
     out.append("</g></svg>")
     return "\n".join(out)

@@ -1,4 +1,5 @@
 """``mimscale teacher train-clip | fit-kmeans`` (plugged into mimscale.cli through add_parser/run)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,12 @@ Frozen teachers for DTM / MaPeT:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("teacher", help="train a small CLIP teacher / fit the k-CLIP tokenizer",
-                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "teacher",
+        help="train a small CLIP teacher / fit the k-CLIP tokenizer",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     tsub = p.add_subparsers(dest="teacher_cmd", required=True, metavar="ACTION")
 
     tc = tsub.add_parser("train-clip", help="train a tiny open_clip CLIP on Fashion-MNIST + class captions")
@@ -37,8 +42,12 @@ def add_parser(sub) -> None:
     km.add_argument("--k", type=int, default=8192, help="number of centroids (<= 65536)")
     km.add_argument("--out", required=True, metavar="KM.pt")
     km.add_argument("--iters", type=int, default=10, help="streaming Lloyd passes over the data after the init")
-    km.add_argument("--init-sample", type=int, default=None,
-                    help="feature vectors kept for the k-means++ init (default: min(max(20k, 20000), 200000))")
+    km.add_argument(
+        "--init-sample",
+        type=int,
+        default=None,
+        help="feature vectors kept for the k-means++ init (default: min(max(20k, 20000), 200000))",
+    )
     km.add_argument("--max-images", type=int, default=None, help="use only the first N images of SHARDS")
     km.add_argument("--image-size", type=int, default=None, help="center-crop size (default: the teacher's)")
     km.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation (default: the teacher's)")
@@ -48,11 +57,19 @@ def add_parser(sub) -> None:
     km.add_argument("--workers", type=int, default=1, help="loader worker processes")
     km.add_argument("--seed", type=int, default=0)
     km.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N; one per rank")
-    km.add_argument("--cache", default=None, metavar="DIR",
-                    help="keep the teacher features here (memory-mapped, one file per rank) and reuse them on a "
-                         "rerun (default: OUT.cache, removed when done)")
-    km.add_argument("--cache-dtype", choices=("float16", "float32"), default="float16",
-                    help="dtype of the cached features (float16 halves the disk; float32 = exact)")
+    km.add_argument(
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="keep the teacher features here (memory-mapped, one file per rank) and reuse them on a "
+        "rerun (default: OUT.cache, removed when done)",
+    )
+    km.add_argument(
+        "--cache-dtype",
+        choices=("float16", "float32"),
+        default="float16",
+        help="dtype of the cached features (float16 halves the disk; float32 = exact)",
+    )
     km.add_argument("--chunk-rows", type=int, default=65536, help="feature rows per k-means step on the device")
     km.set_defaults(run=_run_fit_kmeans)
 
@@ -68,8 +85,10 @@ def _run_train_clip(args) -> int:
     train = builtin.resolve(args.train, args.data_root)
     test = builtin.resolve(args.test, args.data_root)
     res = train_clip(args.out, train, test, cfg)
-    print(f"zero-shot top-1 on {res['test_samples']} test images: {res['zero_shot_top1']:.2f}% "
-          f"(chance {res['chance']:.0f}%), trained {res['train_samples']} images in {res['train_seconds']:.0f} s")
+    print(
+        f"zero-shot top-1 on {res['test_samples']} test images: {res['zero_shot_top1']:.2f}% "
+        f"(chance {res['chance']:.0f}%), trained {res['train_samples']} images in {res['train_seconds']:.0f} s"
+    )
     print(f"checkpoint: {res['checkpoint']}")
     print(f"result:     {Path(res['checkpoint']).with_suffix('.json')}")
     return 0
@@ -78,14 +97,45 @@ def _run_train_clip(args) -> int:
 def _run_fit_kmeans(args) -> int:
     from .kmeans import fit_kmeans_shards
 
-    info = fit_kmeans_shards(args.shards, args.teacher, k=args.k, out=args.out, arch=args.arch, iters=args.iters,
-                             init_sample=args.init_sample, max_images=args.max_images, image_size=args.image_size,
-                             mean=args.mean, std=args.std, l2_normalize=args.l2_normalize,
-                             batch_size=args.batch_size, num_workers=args.workers, seed=args.seed,
-                             device=args.device, cache=args.cache, cache_dtype=args.cache_dtype,
-                             chunk_rows=args.chunk_rows)
+    info = fit_kmeans_shards(
+        args.shards,
+        args.teacher,
+        k=args.k,
+        out=args.out,
+        arch=args.arch,
+        iters=args.iters,
+        init_sample=args.init_sample,
+        max_images=args.max_images,
+        image_size=args.image_size,
+        mean=args.mean,
+        std=args.std,
+        l2_normalize=args.l2_normalize,
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        seed=args.seed,
+        device=args.device,
+        cache=args.cache,
+        cache_dtype=args.cache_dtype,
+        chunk_rows=args.chunk_rows,
+    )
     if "sha256" in info:  # rank 0 (the one that wrote the file)
-        print(json.dumps({k: info[k] for k in ("k", "dim", "points", "inertia", "empty_clusters", "seconds",
-                                               "encode_seconds", "ranks", "device")}))
+        print(
+            json.dumps(
+                {
+                    k: info[k]
+                    for k in (
+                        "k",
+                        "dim",
+                        "points",
+                        "inertia",
+                        "empty_clusters",
+                        "seconds",
+                        "encode_seconds",
+                        "ranks",
+                        "device",
+                    )
+                }
+            )
+        )
         print(f"k-means: {args.out}")
     return 0

@@ -22,14 +22,16 @@ objective that holds the teacher as a submodule therefore never hands them to De
 optimizer or a checkpoint, yet ``teacher.to(device)`` still moves them. Checkpoints record
 :meth:`CLIPTeacher.teacher_id` (path + sha256) instead of the weights.
 """
+
 from __future__ import annotations
 
 import hashlib
 import io
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,16 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 
-__all__ = ["CLIP_FORMAT", "TINY_CLIP_ARCH", "TINY_CLIP_CFG", "CLIPTeacher", "build_clip", "save_clip", "load_clip",
-           "file_sha256"]
+__all__ = [
+    "CLIP_FORMAT",
+    "TINY_CLIP_ARCH",
+    "TINY_CLIP_CFG",
+    "CLIPTeacher",
+    "build_clip",
+    "save_clip",
+    "load_clip",
+    "file_sha256",
+]
 
 CLIP_FORMAT = "mimscale-clip/1"
 TINY_CLIP_ARCH = "mimscale-tiny-clip"
@@ -75,17 +85,30 @@ def _copy(cfg: dict) -> dict:
     return {k: (_copy(v) if isinstance(v, dict) else v) for k, v in cfg.items()}
 
 
-def save_clip(model: nn.Module, model_cfg: dict, path: str | os.PathLike, *, mean: Sequence[float],
-              std: Sequence[float], arch: str = TINY_CLIP_ARCH, meta: dict | None = None) -> Path:
+def save_clip(
+    model: nn.Module,
+    model_cfg: dict,
+    path: str | os.PathLike,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    arch: str = TINY_CLIP_ARCH,
+    meta: dict | None = None,
+) -> Path:
     """Write a mimscale CLIP file atomically (temp file + rename). ``mean``/``std``: the 3-channel
     normalisation the model was trained with; ``meta``: plain JSON-like values (classes, accuracy, ...)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     blob = {
-        "format": CLIP_FORMAT, "arch": arch, "model_cfg": _copy(model_cfg),
+        "format": CLIP_FORMAT,
+        "arch": arch,
+        "model_cfg": _copy(model_cfg),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-        "preprocess": {"image_size": int(model_cfg["vision_cfg"]["image_size"]),
-                       "mean": [float(m) for m in mean], "std": [float(s) for s in std]},
+        "preprocess": {
+            "image_size": int(model_cfg["vision_cfg"]["image_size"]),
+            "mean": [float(m) for m in mean],
+            "std": [float(s) for s in std],
+        },
         "meta": dict(meta or {}),
     }
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
@@ -99,41 +122,57 @@ def load_clip(path: str | os.PathLike, arch: str | None = None) -> tuple[nn.Modu
     "image_size", "meta"}``. Raises :class:`CheckpointError` (one line) on a missing or corrupt file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise CheckpointError(f"CLIP teacher file {path} not found; train one with "
-                              f"`mimscale teacher train-clip {path}` or give the path of an open_clip checkpoint")
+        raise CheckpointError(
+            f"CLIP teacher file {path} not found; train one with "
+            f"`mimscale teacher train-clip {path}` or give the path of an open_clip checkpoint"
+        )
     data = path.read_bytes()
     sha = hashlib.sha256(data).hexdigest()
     try:
         blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises many kinds on a damaged file
-        raise CheckpointError(f"CLIP teacher file {path} is corrupt or not a torch checkpoint "
-                              f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"CLIP teacher file {path} is corrupt or not a torch checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+        ) from None
     del data
     if isinstance(blob, dict) and blob.get("format") == CLIP_FORMAT:
         try:
             model = build_clip(blob["model_cfg"])
             model.load_state_dict(blob["state_dict"], strict=True)
             pre = blob["preprocess"]
-            info = {"arch": str(blob["arch"]), "mean": list(pre["mean"]), "std": list(pre["std"]),
-                    "image_size": int(pre["image_size"]), "meta": blob.get("meta", {})}
+            info = {
+                "arch": str(blob["arch"]),
+                "mean": list(pre["mean"]),
+                "std": list(pre["std"]),
+                "image_size": int(pre["image_size"]),
+                "meta": blob.get("meta", {}),
+            }
         except (KeyError, RuntimeError, TypeError, ConfigError) as e:
-            raise CheckpointError(f"CLIP teacher file {path} is damaged ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:160]})") from None
+            raise CheckpointError(
+                f"CLIP teacher file {path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:160]})"
+            ) from None
     elif isinstance(blob, dict) and blob.get("format") is not None:
-        raise CheckpointError(f"{path} has format {blob.get('format')!r}, not a CLIP teacher ({CLIP_FORMAT!r} "
-                              f"or a plain open_clip state dict)")
+        raise CheckpointError(
+            f"{path} has format {blob.get('format')!r}, not a CLIP teacher ({CLIP_FORMAT!r} "
+            f"or a plain open_clip state dict)"
+        )
     else:
         if not arch:
-            raise CheckpointError(f"{path} is a plain state dict, not a {CLIP_FORMAT} file; name its open_clip "
-                                  f"architecture (e.g. arch='ViT-B-16')")
+            raise CheckpointError(
+                f"{path} is a plain state dict, not a {CLIP_FORMAT} file; name its open_clip "
+                f"architecture (e.g. arch='ViT-B-16')"
+            )
         del blob
         import open_clip
 
         try:
             model = open_clip.create_model(arch, pretrained=str(path), weights_only=True, load_weights=True)
-        except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/KeyError/... on mismatches
-            raise CheckpointError(f"cannot load {path} as open_clip '{arch}' ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
+        except Exception as e:
+            raise CheckpointError(
+                f"cannot load {path} as open_clip '{arch}' ({type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''})"
+            ) from None
         pre = getattr(model.visual, "preprocess_cfg", {}) or {}
         mean = list(pre.get("mean", open_clip.OPENAI_DATASET_MEAN))
         std = list(pre.get("std", open_clip.OPENAI_DATASET_STD))
@@ -148,8 +187,10 @@ def _check_tower(visual: nn.Module, path: Path) -> None:
     if not isinstance(visual, VisionTransformer):
         raise ConfigError(f"{path}: the teacher needs an open_clip ViT image tower, got {type(visual).__name__}")
     if visual.attn_pool is not None or visual.final_ln_after_pool or visual.proj is None:
-        raise ConfigError(f"{path}: image towers with attentional pooling, LayerNorm after pooling or no "
-                          f"projection are not supported as patch-feature teachers")
+        raise ConfigError(
+            f"{path}: image towers with attentional pooling, LayerNorm after pooling or no "
+            f"projection are not supported as patch-feature teachers"
+        )
 
 
 class CLIPTeacher(nn.Module):
@@ -171,8 +212,13 @@ class CLIPTeacher(nn.Module):
     ``dtype``: ``torch.float32`` or ``torch.bfloat16`` weights/compute (output always float32).
     """
 
-    def __init__(self, path: str | os.PathLike, arch: str | None = None, resize: str = "input",
-                 dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        arch: str | None = None,
+        resize: str = "input",
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         if resize not in ("input", "features"):
             raise ConfigError(f"teacher resize must be 'input' or 'features', got {resize!r}")
@@ -207,7 +253,7 @@ class CLIPTeacher(nn.Module):
         self._pos_cache.clear()
         return super()._apply(fn, recurse)
 
-    def train(self, mode: bool = True) -> "CLIPTeacher":
+    def train(self, mode: bool = True) -> CLIPTeacher:
         return super().train(False)
 
     @property
@@ -260,14 +306,13 @@ class CLIPTeacher(nn.Module):
             run_grid, pixels = self.grid, (self.image_size, self.image_size)
         x = images.to(v.conv1.weight.dtype)
         if tuple(x.shape[-2:]) != pixels:
-            x = F.interpolate(x.float(), size=pixels, mode="bicubic", align_corners=False,
-                              antialias=True).to(x.dtype)
-        x = v.conv1(x).flatten(2).transpose(1, 2)                            # [B, N, W]
+            x = F.interpolate(x.float(), size=pixels, mode="bicubic", align_corners=False, antialias=True).to(x.dtype)
+        x = v.conv1(x).flatten(2).transpose(1, 2)  # [B, N, W]
         cls = v.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self._pos_embed(run_grid).to(x.dtype)
         x = v.ln_pre(x)
         x = v.transformer(x)
-        x = v.ln_post(x)[:, 1:] @ v.proj                                       # [B, N, D_out]
+        x = v.ln_post(x)[:, 1:] @ v.proj  # [B, N, D_out]
         x = x.float()
         if run_grid != grid:
             fmap = x.transpose(1, 2).reshape(x.shape[0], -1, *run_grid)
@@ -289,8 +334,10 @@ class CLIPTeacher(nn.Module):
         return 2.0 * macs
 
     def extra_repr(self) -> str:
-        return (f"arch={self.info['arch']}, grid={self.grid}, patch={self.patch_size}, out_dim={self.out_dim}, "
-                f"resize={self.resize}, sha256={self.info['sha256'][:12]}")
+        return (
+            f"arch={self.info['arch']}, grid={self.grid}, patch={self.patch_size}, out_dim={self.out_dim}, "
+            f"resize={self.resize}, sha256={self.info['sha256'][:12]}"
+        )
 
 
 def grid_of(num_patches: int) -> tuple[int, int]:

@@ -27,6 +27,7 @@ buffers (e.g. BatchNorm running statistics) are not averaged.
 
 A bf16 forward casts at forward time (e.g. under ``torch.autocast``).
 """
+
 from __future__ import annotations
 
 import copy
@@ -84,9 +85,9 @@ class EMATeacher(nn.Module):
             for m in self.module.modules():
                 if isinstance(m, nn.Dropout) or type(m).__name__ == "DropPath":
                     m.p = 0.0
-        self._shards: dict[str, _Shard] = {}      # ZeRO-3 only (after the first update): name -> partition
+        self._shards: dict[str, _Shard] = {}  # ZeRO-3 only (after the first update): name -> partition
         self._hooks: list = []
-        self.gathered_elements = 0                  # elements all-gathered so far (ZeRO-3 forwards, persistent params)
+        self.gathered_elements = 0  # elements all-gathered so far (ZeRO-3 forwards, persistent params)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -130,7 +131,7 @@ class EMATeacher(nn.Module):
             return
         if m == 0.0:
             torch._foreach_copy_(ts, vs)
-        else:                                   # one fused kernel per op over all tensors (same maths as mul/add)
+        else:  # one fused kernel per op over all tensors (same maths as mul/add)
             torch._foreach_mul_(ts, m)
             torch._foreach_add_(ts, vs, alpha=1.0 - m)
 
@@ -160,7 +161,7 @@ class EMATeacher(nn.Module):
             flat = torch.zeros(world * p, dtype=torch.float32, device=t.device)
             flat[:n] = t.detach().reshape(-1)
             persistent = id(t) in root
-            self._shards[name] = _Shard(t, flat[rank * p:(rank + 1) * p].clone(), tuple(t.shape), persistent)
+            self._shards[name] = _Shard(t, flat[rank * p : (rank + 1) * p].clone(), tuple(t.shape), persistent)
             if not persistent:
                 t.data = torch.empty(0, dtype=torch.float32, device=t.device)
         by_param = {id(s.param): s for s in self._shards.values() if not s.persistent}
@@ -169,7 +170,7 @@ class EMATeacher(nn.Module):
             if own:
                 self._hooks.append(m.register_forward_pre_hook(lambda mod, args, own=own: self._materialise(own)))
                 self._hooks.append(m.register_forward_hook(lambda mod, args, out, own=own: self._release(own)))
-        if by_param:                                              # pragma: no cover - a module tree we do not know
+        if by_param:  # pragma: no cover - a module tree we do not know
             raise ValueError(f"EMA teacher: no forward unit holds {len(by_param)} partitioned parameters")
 
     def _units(self) -> list[nn.Module]:
@@ -194,17 +195,17 @@ class EMATeacher(nn.Module):
         self._lerp(ts, vs, m)
         self._materialise([s for s in self._shards.values() if s.persistent])
 
-    def _materialise(self, shards: list["_Shard"]) -> None:
+    def _materialise(self, shards: list[_Shard]) -> None:
         """All-gather the full value of ``shards`` (one collective for all of them) into their parameters."""
         if not shards:
             return
         _, world = self._world()
-        flat = torch.cat([s.local for s in shards])                           # [sum p]
+        flat = torch.cat([s.local for s in shards])  # [sum p]
         if world > 1:
             import torch.distributed as tdist
 
             out = torch.empty(world, flat.numel(), dtype=flat.dtype, device=flat.device)
-            tdist.all_gather(list(out.unbind(0)), flat)                       # [world, sum p]
+            tdist.all_gather(list(out.unbind(0)), flat)  # [world, sum p]
             self.gathered_elements += out.numel()
         else:
             out = flat.unsqueeze(0)
@@ -213,11 +214,11 @@ class EMATeacher(nn.Module):
             p = s.local.numel()
             n = math.prod(s.shape)
             # a fresh tensor: the column slice is copied by reshape (world > 1), ``flat`` is a new cat (world 1)
-            s.param.data = out[:, offset:offset + p].reshape(-1)[:n].view(s.shape)
+            s.param.data = out[:, offset : offset + p].reshape(-1)[:n].view(s.shape)
             offset += p
 
     @staticmethod
-    def _release(shards: list["_Shard"]) -> None:
+    def _release(shards: list[_Shard]) -> None:
         for s in shards:
             s.param.data = torch.empty(0, dtype=torch.float32, device=s.local.device)
 
@@ -249,8 +250,9 @@ class EMATeacher(nn.Module):
         shapes.update({k: s.shape for k, s in self._shards.items()})
         missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or extra:
-            raise CheckpointError(f"EMA teacher state does not match the model: missing {missing[:3]}, "
-                                  f"unexpected {extra[:3]}")
+            raise CheckpointError(
+                f"EMA teacher state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}"
+            )
         bad = [k for k, v in state.items() if tuple(v.shape) != shapes[k]]
         if bad:
             raise CheckpointError(f"EMA teacher state has wrong shapes for {bad[:3]}")
@@ -263,8 +265,8 @@ class EMATeacher(nn.Module):
                     continue
                 p = s.local.numel()
                 flat = torch.zeros(world * p, dtype=torch.float32)
-                flat[:math.prod(s.shape)] = state[k].reshape(-1).float()
-                s.local.copy_(flat[rank * p:(rank + 1) * p].to(s.local.device))
+                flat[: math.prod(s.shape)] = state[k].reshape(-1).float()
+                s.local.copy_(flat[rank * p : (rank + 1) * p].to(s.local.device))
                 if s.persistent:
                     s.param.data = state[k].to(device=s.local.device, dtype=torch.float32).clone()
 

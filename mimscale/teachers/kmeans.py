@@ -25,6 +25,7 @@ Output file (``torch.save``, read back with ``weights_only=True``)::
 
 :meth:`KMeans.assign` maps features ``[..., dim]`` to codes ``int64 [...]`` (nearest centroid, L2).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,8 +36,8 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -56,8 +57,8 @@ def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> tupl
     c2 = (c * c).sum(1)
     codes, dists = [], []
     for i in range(0, x.shape[0], chunk):
-        xi = x[i:i + chunk]
-        score = xi @ c.T - 0.5 * c2                       # argmax of x.c - |c|^2/2 = argmin |x - c|^2
+        xi = x[i : i + chunk]
+        score = xi @ c.T - 0.5 * c2  # argmax of x.c - |c|^2/2 = argmin |x - c|^2
         best, idx = score.max(1)
         codes.append(idx)
         dists.append(((xi * xi).sum(1) - 2 * best).clamp_min(0))
@@ -78,7 +79,7 @@ def kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tens
         if total <= 0:  # all remaining points coincide with a seed: take any not yet chosen
             j = int(torch.randint(n, (1,), generator=generator))
         else:
-            j = int(torch.multinomial((d2 / total).cpu(), 1, generator=generator))   # seeded CPU draw, any device
+            j = int(torch.multinomial((d2 / total).cpu(), 1, generator=generator))  # seeded CPU draw, any device
         idx.append(j)
         d2 = torch.minimum(d2, ((x - x[j]) ** 2).sum(1))
     return x[idx].clone()
@@ -95,10 +96,19 @@ def _keys(seed: int, start: int, count: int) -> np.ndarray:
     return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
-def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: int = 10,
-                  init_sample: int | None = None, seed: int = 0, l2_normalize: bool = False,
-                  tol: float = 1e-4, progress: Callable[[str], None] | None = None, offset: int = 0,
-                  collective: bool = False, device: torch.device | str | None = None) -> tuple[torch.Tensor, dict]:
+def fit_streaming(
+    batches: Callable[[], Iterable[torch.Tensor]],
+    k: int,
+    iters: int = 10,
+    init_sample: int | None = None,
+    seed: int = 0,
+    l2_normalize: bool = False,
+    tol: float = 1e-4,
+    progress: Callable[[str], None] | None = None,
+    offset: int = 0,
+    collective: bool = False,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, dict]:
     """k-means over a re-iterable stream: ``batches()`` yields ``[m, D]`` feature chunks (on any device: the
     work runs where they are), the same points in the same order each time it is called. Returns
     ``(centroids float32 [k, D], stats)``; ``stats`` has ``points`` (per pass), ``stored`` (sample size),
@@ -143,7 +153,7 @@ def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: 
             sample, keys = torch.zeros(0, dim, device=dev), torch.zeros(0, dtype=torch.float64, device=dev)
         seen = int(all_sum(torch.tensor([seen], dtype=torch.long, device=dev)).item())
         every = torch.cat(all_gather_rows(keys))
-        if every.numel() > cap:                                   # the global cap-th smallest key
+        if every.numel() > cap:  # the global cap-th smallest key
             threshold = torch.topk(every, cap, largest=False).values.max()
             mine = keys <= threshold
             sample, keys = sample[mine], keys[mine]
@@ -160,14 +170,13 @@ def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: 
     centroids = kmeans_pp(sample, k, gen)
 
     # 3. streaming Lloyd passes
-    stats = {"points": seen, "stored": int(sample.shape[0]), "inertia": float("nan"), "empty_clusters": 0,
-             "passes": 0}
+    stats = {"points": seen, "stored": int(sample.shape[0]), "inertia": float("nan"), "empty_clusters": 0, "passes": 0}
     prev = None
     for it in range(iters):
         t1 = time.time()
         sums = torch.zeros(k, centroids.shape[1], dtype=torch.float64, device=sample.device)
         counts = torch.zeros(k, dtype=torch.float64, device=sample.device)
-        sse_n = torch.zeros(2, dtype=torch.float64, device=sample.device)           # [sum of d^2, points]
+        sse_n = torch.zeros(2, dtype=torch.float64, device=sample.device)  # [sum of d^2, points]
         for chunk in batches():
             x = prep(chunk)
             max_held = max(max_held, sample.shape[0] + x.shape[0])
@@ -192,8 +201,10 @@ def fit_streaming(batches: Callable[[], Iterable[torch.Tensor]], k: int, iters: 
         centroids = new
         inertia = sse / n
         stats.update(inertia=inertia, empty_clusters=int(empty.sum()), passes=it + 1)
-        say(f"k-means pass {it + 1}/{iters}: {n} vectors, inertia {inertia:.5g}, {int(empty.sum())} empty, "
-            f"{n / max(time.time() - t1, 1e-9):.0f} vectors/s")
+        say(
+            f"k-means pass {it + 1}/{iters}: {n} vectors, inertia {inertia:.5g}, {int(empty.sum())} empty, "
+            f"{n / max(time.time() - t1, 1e-9):.0f} vectors/s"
+        )
         if prev is not None and not empty.any() and abs(prev - inertia) <= tol * max(prev, 1e-12):
             break
         prev = inertia
@@ -214,9 +225,16 @@ def _agree_dim(sample: torch.Tensor | None, dev) -> int:
 class KMeans:
     """A fitted k-CLIP codebook. ``assign(features [..., D]) -> codes int64 [...]``."""
 
-    def __init__(self, centroids: torch.Tensor, l2_normalize: bool = False, teacher: dict | None = None,
-                 view: dict | None = None, stats: dict | None = None, path: str | None = None,
-                 sha256: str | None = None):
+    def __init__(
+        self,
+        centroids: torch.Tensor,
+        l2_normalize: bool = False,
+        teacher: dict | None = None,
+        view: dict | None = None,
+        stats: dict | None = None,
+        path: str | None = None,
+        sha256: str | None = None,
+    ):
         if centroids.dim() != 2:
             raise ConfigError(f"centroids must be [k, D], got {tuple(centroids.shape)}")
         self.centroids = centroids.float().contiguous()
@@ -245,8 +263,16 @@ class KMeans:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"format": KMEANS_FORMAT, "k": self.k, "dim": self.dim, "centroids": self.centroids.cpu(),
-                "l2_normalize": self.l2_normalize, "teacher": self.teacher, "view": self.view, "stats": self.stats}
+        blob = {
+            "format": KMEANS_FORMAT,
+            "k": self.k,
+            "dim": self.dim,
+            "centroids": self.centroids.cpu(),
+            "l2_normalize": self.l2_normalize,
+            "teacher": self.teacher,
+            "view": self.view,
+            "stats": self.stats,
+        }
         tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
         torch.save(blob, tmp)
         os.replace(tmp, path)
@@ -254,14 +280,14 @@ class KMeans:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "KMeans":
+    def load(cls, path: str | os.PathLike) -> KMeans:
         path = Path(path).expanduser()
         if not path.is_file():
             raise CheckpointError(f"k-means file {path} not found; fit one with mimscale teacher fit-kmeans")
         data = path.read_bytes()
         try:
             blob = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise CheckpointError(f"k-means file {path} is corrupt ({type(e).__name__})") from None
         if not isinstance(blob, dict) or blob.get("format") != KMEANS_FORMAT:
             fmt = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
@@ -269,8 +295,15 @@ class KMeans:
         c = blob.get("centroids")
         if not isinstance(c, torch.Tensor) or tuple(c.shape) != (blob.get("k"), blob.get("dim")):
             raise CheckpointError(f"k-means file {path} is damaged (centroids do not match k/dim)")
-        return cls(c, bool(blob.get("l2_normalize")), blob.get("teacher"), blob.get("view"), blob.get("stats"),
-                   path=str(path.resolve()), sha256=hashlib.sha256(data).hexdigest())
+        return cls(
+            c,
+            bool(blob.get("l2_normalize")),
+            blob.get("teacher"),
+            blob.get("view"),
+            blob.get("stats"),
+            path=str(path.resolve()),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
 
 
 class FeatureCache:
@@ -297,8 +330,12 @@ class FeatureCache:
         except (OSError, ValueError):
             return False
         itemsize = np.dtype(self.dtype).itemsize
-        ok = (meta.get("complete") and meta.get("key") == self.key and self.path.is_file()
-              and self.path.stat().st_size == int(meta.get("rows", -1)) * self.dim * itemsize)
+        ok = (
+            meta.get("complete")
+            and meta.get("key") == self.key
+            and self.path.is_file()
+            and self.path.stat().st_size == int(meta.get("rows", -1)) * self.dim * itemsize
+        )
         if ok:
             self.rows = int(meta["rows"])
         return bool(ok)
@@ -326,7 +363,7 @@ class FeatureCache:
         """Stream the rows to ``device`` as float32 ``[<= rows, dim]`` chunks (pinned host pages on CUDA)."""
         mm = self.array()
         for i in range(0, mm.shape[0], rows):
-            part = torch.from_numpy(np.array(mm[i:i + rows]))              # a writable copy of the pages
+            part = torch.from_numpy(np.array(mm[i : i + rows]))  # a writable copy of the pages
             if device.type == "cuda":
                 part = part.pin_memory()
             yield part.to(device, non_blocking=True).float()
@@ -336,13 +373,30 @@ class FeatureCache:
         self.meta.unlink(missing_ok=True)
 
 
-def fit_kmeans_shards(src, teacher: str | os.PathLike, k: int, out: str | os.PathLike, arch: str | None = None,
-                      iters: int = 10, init_sample: int | None = None, max_images: int | None = None,
-                      image_size: int | None = None, grid: int | None = None, crop_pct: float = 1.0,
-                      mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                      l2_normalize: bool = False, batch_size: int = 256, num_workers: int = 1, seed: int = 0,
-                      progress: bool = True, device: str | None = "auto", cache: str | os.PathLike | None = None,
-                      cache_dtype: str = "float16", chunk_rows: int = 65536) -> dict:
+def fit_kmeans_shards(
+    src,
+    teacher: str | os.PathLike,
+    k: int,
+    out: str | os.PathLike,
+    arch: str | None = None,
+    iters: int = 10,
+    init_sample: int | None = None,
+    max_images: int | None = None,
+    image_size: int | None = None,
+    grid: int | None = None,
+    crop_pct: float = 1.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    l2_normalize: bool = False,
+    batch_size: int = 256,
+    num_workers: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+    device: str | None = "auto",
+    cache: str | os.PathLike | None = None,
+    cache_dtype: str = "float16",
+    chunk_rows: int = 65536,
+) -> dict:
     """Fit k-means on the teacher's patch features of the images of ``src`` (the deterministic centre crop
     of :func:`mimscale.data.targets.target_view`, the same view ``add-targets`` uses) and save ``out``.
 
@@ -364,24 +418,44 @@ def fit_kmeans_shards(src, teacher: str | os.PathLike, k: int, out: str | os.Pat
     with launched(device) as (d, dev):
         t = CLIPTeacher(teacher, arch=arch).to(dev)
         size, side, mean, std = teacher_view_args(t, image_size, grid, mean, std)
-        view = {"crop_rule": crop_rule(crop_pct), "image_size": [size, size], "crop_pct": float(crop_pct),
-                "grid": [side, side], "mean": mean, "std": std, "source": str(src), "max_images": max_images}
-        loader = ShardLoader(src, batch_size=batch_size, mode="eval", num_workers=num_workers, rank=d.rank,
-                             world_size=d.world_size, transform=target_view(size, mean, std, 3, crop_pct),
-                             samples_per_epoch=max_images)
+        view = {
+            "crop_rule": crop_rule(crop_pct),
+            "image_size": [size, size],
+            "crop_pct": float(crop_pct),
+            "grid": [side, side],
+            "mean": mean,
+            "std": std,
+            "source": str(src),
+            "max_images": max_images,
+        }
+        loader = ShardLoader(
+            src,
+            batch_size=batch_size,
+            mode="eval",
+            num_workers=num_workers,
+            rank=d.rank,
+            world_size=d.world_size,
+            transform=target_view(size, mean, std, 3, crop_pct),
+            samples_per_epoch=max_images,
+        )
         cache_dir = Path(cache) if cache else Path(f"{out}.cache")
-        fc = FeatureCache(cache_dir, d.rank, d.world_size, t.out_dim, cache_dtype,
-                          {"teacher": t.info["sha256"], "view": view})
+        fc = FeatureCache(
+            cache_dir, d.rank, d.world_size, t.out_dim, cache_dtype, {"teacher": t.info["sha256"], "view": view}
+        )
         say = (lambda s: print(s, file=sys.stderr, flush=True)) if progress and d.is_main else None
         t0 = time.time()
         if not fc.complete():
-            bar = Progress(max(len(loader), 1), images_per_step=batch_size * d.world_size, desc="fit-kmeans encode",
-                           enabled=progress and d.is_main)
+            bar = Progress(
+                max(len(loader), 1),
+                images_per_step=batch_size * d.world_size,
+                desc="fit-kmeans encode",
+                enabled=progress and d.is_main,
+            )
 
             def encoded():
                 with torch.no_grad():
                     for i, batch in enumerate(loader):
-                        feats = t(batch["image"].to(dev, non_blocking=True), grid=(side, side))   # [B, N, D]
+                        feats = t(batch["image"].to(dev, non_blocking=True), grid=(side, side))  # [B, N, D]
                         yield feats[batch["valid"].to(dev)].reshape(-1, t.out_dim)
                         bar.update(i + 1)
                 bar.close()
@@ -391,13 +465,25 @@ def fit_kmeans_shards(src, teacher: str | os.PathLike, k: int, out: str | os.Pat
         rows = [int(r) for r in torch.cat(all_gather_rows(torch.tensor([fc.rows], device=dev))).tolist()]
         offset = sum(rows[: d.rank])
         if say:
-            say(f"k-means: {sum(rows)} cached feature vectors on {d.world_size} rank(s) ({encode_s:.0f} s to encode), "
-                f"fitting on {dev}")
-        centroids, stats = fit_streaming(lambda: fc.chunks(chunk_rows, dev), k, iters=iters, init_sample=init_sample,
-                                         seed=seed, l2_normalize=l2_normalize, progress=say, offset=offset,
-                                         collective=True, device=dev)
-        stats.update(seconds=round(time.time() - t0, 1), encode_seconds=round(encode_s, 1),
-                     ranks=d.world_size, device=dev.type)
+            say(
+                f"k-means: {sum(rows)} cached feature vectors on {d.world_size} rank(s) ({encode_s:.0f} s to encode), "
+                f"fitting on {dev}"
+            )
+        centroids, stats = fit_streaming(
+            lambda: fc.chunks(chunk_rows, dev),
+            k,
+            iters=iters,
+            init_sample=init_sample,
+            seed=seed,
+            l2_normalize=l2_normalize,
+            progress=say,
+            offset=offset,
+            collective=True,
+            device=dev,
+        )
+        stats.update(
+            seconds=round(time.time() - t0, 1), encode_seconds=round(encode_s, 1), ranks=d.world_size, device=dev.type
+        )
         km = KMeans(centroids.cpu(), l2_normalize, t.teacher_id(), view, stats)
         if d.is_main:
             km.save(out)
@@ -422,16 +508,24 @@ class KCLIPTokenizer(torch.nn.Module):
     moves the weights and centroids); return it from ``frozen_modules()``.
     """
 
-    def __init__(self, teacher: str | os.PathLike, kmeans: str | os.PathLike, arch: str | None = None,
-                 resize: str = "input", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        teacher: str | os.PathLike,
+        kmeans: str | os.PathLike,
+        arch: str | None = None,
+        resize: str = "input",
+        dtype: torch.dtype = torch.float32,
+    ):
         super().__init__()
         from .clip import CLIPTeacher
 
         self.teacher = CLIPTeacher(teacher, arch=arch, resize=resize, dtype=dtype)
         km = KMeans.load(kmeans)
         if km.teacher.get("sha256") != self.teacher.info["sha256"]:
-            raise CheckpointError(f"{kmeans} was fit on features of another teacher than {teacher}; "
-                                  f"fit it with mimscale teacher fit-kmeans --teacher {teacher}")
+            raise CheckpointError(
+                f"{kmeans} was fit on features of another teacher than {teacher}; "
+                f"fit it with mimscale teacher fit-kmeans --teacher {teacher}"
+            )
         if km.dim != self.teacher.out_dim:
             raise CheckpointError(f"{kmeans} has dim {km.dim} but the teacher gives {self.teacher.out_dim}")
         self.__dict__["km"] = km
@@ -444,13 +538,15 @@ class KCLIPTokenizer(torch.nn.Module):
         self.km.centroids = fn(self.km.centroids)
         return super()._apply(fn, recurse)
 
-    def train(self, mode: bool = True) -> "KCLIPTokenizer":
+    def train(self, mode: bool = True) -> KCLIPTokenizer:
         return super().train(False)
 
     def teacher_id(self) -> dict:
         """``{"teacher": {path, sha256, arch}, "kmeans": {path, sha256, k}}`` (what checkpoints record)."""
-        return {"teacher": self.teacher.teacher_id(),
-                "kmeans": {"path": self.km.path, "sha256": self.km.sha256, "k": self.km.k}}
+        return {
+            "teacher": self.teacher.teacher_id(),
+            "kmeans": {"path": self.km.path, "sha256": self.km.sha256, "k": self.km.k},
+        }
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: Sequence[int] | None = None) -> torch.Tensor:

@@ -4,10 +4,11 @@ They run under the same launchers as training (``torchrun``, ``srun``, ``deepspe
 :func:`start` reads the launch through :mod:`mimscale.dist`, picks this rank's device and, with more than one
 rank, creates the default process group (NCCL on CUDA, gloo on CPU) unless one exists.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.distributed as tdist

@@ -3,6 +3,7 @@ of the shards, one process per device (rank r writes output shards r, r + world,
 shard. What the targets are, how they are checked and the view they are computed on live in
 :mod:`mimscale.data.targets` (the data floor); this module runs the teacher (the teachers floor).
 """
+
 from __future__ import annotations
 
 import io
@@ -12,13 +13,16 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..data.shards import IMAGE_EXTENSIONS, read_manifest, shard_name, write_manifest, write_shard
-from ..data.shards import check_existing as _check_existing, fmt_eta as _fmt_eta, publish_dir as _publish
+from ..data.shards import check_existing as _check_existing
+from ..data.shards import fmt_eta as _fmt_eta
+from ..data.shards import publish_dir as _publish
 from ..data.targets import FIELD_NAMES, crop_rule, find_manifest, local_file, target_view, teacher_view_args
 from ..errors import DataError
 
@@ -43,8 +47,13 @@ def _init_worker(spec: dict) -> None:
 
         km = KMeans.load(spec["kmeans"])
         km.centroids = km.centroids.to(dev)
-    _W.update(spec=spec, teacher=teacher, km=km, device=dev,
-              view=target_view(spec["image_size"], spec["mean"], spec["std"], 3, spec["crop_pct"]))
+    _W.update(
+        spec=spec,
+        teacher=teacher,
+        km=km,
+        device=dev,
+        view=target_view(spec["image_size"], spec["mean"], spec["std"], 3, spec["crop_pct"]),
+    )
 
 
 def _targets_for(images: list) -> list[np.ndarray]:
@@ -56,7 +65,7 @@ def _targets_for(images: list) -> list[np.ndarray]:
     views = list(pool.map(lambda img: _W["view"](img, None), images)) if pool else [_W["view"](i, None) for i in images]
     x = torch.stack(views).to(dev, non_blocking=True)
     with torch.no_grad():
-        feats = teacher(x, grid=spec["grid"])                               # [B, N, D] fp32
+        feats = teacher(x, grid=spec["grid"])  # [B, N, D] fp32
         if km is None:
             return list(feats.to(torch.float16).cpu().numpy())
         return list(km.assign(feats).to(torch.int32).cpu().numpy().astype(np.uint16))  # [B, N]
@@ -82,13 +91,17 @@ def _shard_task(args) -> dict:
                         raise ValueError("no image field")
                     img = Image.open(io.BytesIO(raw[ext]))
                     img.load()
-                except Exception as e:  # noqa: BLE001
-                    raise DataError(f"{src_url}: sample {raw['__key__']} has no decodable image ({e}); "
-                                    f"rewrite the source shards") from None
+                except Exception as e:
+                    raise DataError(
+                        f"{src_url}: sample {raw['__key__']} has no decodable image ({e}); rewrite the source shards"
+                    ) from None
                 images.append(img)
             for raw, target in zip(pending, _targets_for(images)):
-                yield {"__key__": raw["__key__"], **{k: v for k, v in raw.items() if not k.startswith("__")},
-                       name: target}
+                yield {
+                    "__key__": raw["__key__"],
+                    **{k: v for k, v in raw.items() if not k.startswith("__")},
+                    name: target,
+                }
             pending.clear()
 
         try:
@@ -99,7 +112,7 @@ def _shard_task(args) -> dict:
                         yield from flush()
         except DataError:
             raise
-        except Exception as e:  # noqa: BLE001  (OSError, or the loader's error for a truncated / corrupt tar)
+        except Exception as e:
             raise DataError(f"cannot read source shard {src_url} ({e}); rewrite it") from None
         if pending:
             yield from flush()
@@ -128,11 +141,23 @@ def _finished(out_path: Path) -> dict | None:
     return info if out_path.is_file() and info.get("name") == out_path.name else None
 
 
-def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: str = "features",
-                kmeans: str | os.PathLike | None = None, arch: str | None = None, image_size: int | None = None,
-                grid: int | None = None, crop_pct: float = 1.0, mean: Sequence[float] | None = None,
-                std: Sequence[float] | None = None, batch_size: int = 256, workers: int = 1,
-                progress: bool = True, device: str | None = "auto") -> Path:
+def add_targets(
+    src,
+    teacher: str | os.PathLike,
+    out: str | os.PathLike,
+    kind: str = "features",
+    kmeans: str | os.PathLike | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
+    grid: int | None = None,
+    crop_pct: float = 1.0,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    batch_size: int = 256,
+    workers: int = 1,
+    progress: bool = True,
+    device: str | None = "auto",
+) -> Path:
     """Write ``out``: the shards of ``src`` + one cached target field per sample (see module docstring).
 
     ``image_size`` / ``mean`` / ``std`` default to the teacher's own; ``grid`` (side of the token grid)
@@ -145,8 +170,8 @@ def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: s
     """
     import torch
 
-    from .clip import CLIPTeacher
     from ..data.sources import expand_source
+    from .clip import CLIPTeacher
 
     if kind not in FIELD_NAMES:
         raise DataError(f"--kind must be one of {', '.join(FIELD_NAMES)}, got {kind!r}")
@@ -176,30 +201,54 @@ def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: s
 
             km = KMeans.load(kmeans)
             if km.teacher.get("sha256") != t.info["sha256"]:
-                raise DataError(f"{kmeans} was fit on features of teacher {km.teacher.get('sha256', '?')[:12]} but "
-                                f"--teacher is {t.info['sha256'][:12]}; fit k-means with this teacher")
+                raise DataError(
+                    f"{kmeans} was fit on features of teacher {km.teacher.get('sha256', '?')[:12]} but "
+                    f"--teacher is {t.info['sha256'][:12]}; fit k-means with this teacher"
+                )
             if km.k > 65536:
                 raise DataError(f"k={km.k} codes do not fit uint16")
             km_info = {"path": km.path, "sha256": km.sha256, "k": km.k, "dim": km.dim}
         dim = t.out_dim
-        entry = {"kind": kind, "dtype": "float16" if kind == "features" else "uint16",
-                 "shape": [side * side, dim] if kind == "features" else [side * side], "grid": [side, side],
-                 "crop_rule": crop_rule(crop_pct), "image_size": [size, size], "crop_pct": float(crop_pct),
-                 "mean": mean, "std": std, "teacher": t.teacher_id(), "kmeans": km_info}
+        entry = {
+            "kind": kind,
+            "dtype": "float16" if kind == "features" else "uint16",
+            "shape": [side * side, dim] if kind == "features" else [side * side],
+            "grid": [side, side],
+            "crop_rule": crop_rule(crop_pct),
+            "image_size": [size, size],
+            "crop_pct": float(crop_pct),
+            "mean": mean,
+            "std": std,
+            "teacher": t.teacher_id(),
+            "kmeans": km_info,
+        }
         del t
         workers = max(1, int(workers))
-        pool_workers = workers if dev.type == "cpu" else 1      # CUDA: one process per GPU, decode threads
-        spec = {"teacher": str(teacher), "arch": arch, "teacher_sha256": entry["teacher"]["sha256"],
-                "kmeans": str(kmeans) if kmeans else None, "image_size": size, "grid": (side, side),
-                "crop_pct": crop_pct, "mean": mean, "std": std, "device": str(dev),
-                "threads": max(1, torch.get_num_threads() // pool_workers)}
+        pool_workers = workers if dev.type == "cpu" else 1  # CUDA: one process per GPU, decode threads
+        spec = {
+            "teacher": str(teacher),
+            "arch": arch,
+            "teacher_sha256": entry["teacher"]["sha256"],
+            "kmeans": str(kmeans) if kmeans else None,
+            "image_size": size,
+            "grid": (side, side),
+            "crop_pct": crop_pct,
+            "mean": mean,
+            "std": std,
+            "device": str(dev),
+            "threads": max(1, torch.get_num_threads() // pool_workers),
+        }
         # the staging directory is named after OUT (not this process): every rank writes its shards into it and
         # a rerun after an interruption finds the finished ones there (each shard is renamed into place, then
         # its .json record written; a shard without a record is redone)
         stage = out.parent / f".{out.name}.partial"
-        key = {"sources": [os.path.basename(p) for p in local], "field": name, "batch_size": int(batch_size),
-               "entry": {k: v for k, v in entry.items() if k != "teacher"},
-               "teacher_sha256": entry["teacher"]["sha256"]}
+        key = {
+            "sources": [os.path.basename(p) for p in local],
+            "field": name,
+            "batch_size": int(batch_size),
+            "entry": {k: v for k, v in entry.items() if k != "teacher"},
+            "teacher_sha256": entry["teacher"]["sha256"],
+        }
         key = json.loads(json.dumps(key))
         if d.is_main:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -226,13 +275,20 @@ def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: s
             if show:
                 rate = done["samples"] / max(time.monotonic() - t0, 1e-9)
                 eta = (mine_total - done["samples"]) / rate if rate > 0 else 0.0
-                print(f"add-targets {out.name} (rank 0 of {d.world_size}, {dev.type}): {done['shards']}/{len(mine)} "
-                      f"shards, {done['samples']}/{mine_total} samples this run, {rate:.0f} samples/s, ETA "
-                      f"{_fmt_eta(eta)}", file=sys.stderr, flush=True)
+                print(
+                    f"add-targets {out.name} (rank 0 of {d.world_size}, {dev.type}): {done['shards']}/{len(mine)} "
+                    f"shards, {done['samples']}/{mine_total} samples this run, {rate:.0f} samples/s, ETA "
+                    f"{_fmt_eta(eta)}",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
         if show and len(todo) < len(mine):
-            print(f"add-targets {out.name}: resuming, {len(mine) - len(todo)} shard(s) already done",
-                  file=sys.stderr, flush=True)
+            print(
+                f"add-targets {out.name}: resuming, {len(mine) - len(todo)} shard(s) already done",
+                file=sys.stderr,
+                flush=True,
+            )
         if pool_workers > 1 and len(todo) > 1:
             ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
             with ctx.Pool(min(pool_workers, len(todo)), initializer=_init_worker, initargs=(spec,)) as pool:
@@ -259,12 +315,16 @@ def add_targets(src, teacher: str | os.PathLike, out: str | os.PathLike, kind: s
             for task in tasks:
                 task[1].with_name(task[1].name + ".json").unlink()
             (stage / "job.json").unlink()
-            extra = {k: v for k, v in manifest.items()
-                     if k not in ("format", "num_samples", "shards", "classes", "source", "targets")}
+            extra = {
+                k: v
+                for k, v in manifest.items()
+                if k not in ("format", "num_samples", "shards", "classes", "source", "targets")
+            }
             targets = dict(manifest.get("targets") or {})
             targets[name] = entry
-            write_manifest(stage, infos, classes=manifest.get("classes", []), source=f"add-targets:{src}",
-                           targets=targets, **extra)
+            write_manifest(
+                stage, infos, classes=manifest.get("classes", []), source=f"add-targets:{src}", targets=targets, **extra
+            )
             _publish(stage, out)
         barrier()
     return out
@@ -285,8 +345,12 @@ def add_parser(dsub) -> None:
     p.add_argument("--teacher", required=True, metavar="CLIP.pt")
     p.add_argument("--arch", default=None, help="open_clip architecture of a plain open_clip checkpoint")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--kind", choices=sorted(FIELD_NAMES), default="features",
-                   help="features -> clip.npy float16 [N, D]; codes -> kclip.npy uint16 [N] (needs --kmeans)")
+    p.add_argument(
+        "--kind",
+        choices=sorted(FIELD_NAMES),
+        default="features",
+        help="features -> clip.npy float16 [N, D]; codes -> kclip.npy uint16 [N] (needs --kmeans)",
+    )
     p.add_argument("--kmeans", default=None, metavar="KM.pt", help="k-means file of mimscale teacher fit-kmeans")
     p.add_argument("--image-size", type=int, default=None, help="centre-crop size (default: the teacher's)")
     p.add_argument("--grid", type=int, default=None, help="token grid side (default: image size // teacher patch)")
@@ -294,16 +358,34 @@ def add_parser(dsub) -> None:
     p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation (default: the teacher's)")
     p.add_argument("--std", type=float, nargs="+", default=None)
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=1,
-                   help="CPU: processes sharing this rank's shards; CUDA: image-decoding threads")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present) | cpu | cuda | cuda:N; one per rank "
-                   "(torchrun --nproc_per_node 8 -m mimscale.cli data add-targets ...)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="CPU: processes sharing this rank's shards; CUDA: image-decoding threads"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present) | cpu | cuda | cuda:N; one per rank "
+        "(torchrun --nproc_per_node 8 -m mimscale.cli data add-targets ...)",
+    )
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
-    out = add_targets(args.src, args.teacher, args.out, kind=args.kind, kmeans=args.kmeans, arch=args.arch,
-                      image_size=args.image_size, grid=args.grid, crop_pct=args.crop_pct, mean=args.mean,
-                      std=args.std, batch_size=args.batch_size, workers=args.workers, device=args.device)
+    out = add_targets(
+        args.src,
+        args.teacher,
+        args.out,
+        kind=args.kind,
+        kmeans=args.kmeans,
+        arch=args.arch,
+        image_size=args.image_size,
+        grid=args.grid,
+        crop_pct=args.crop_pct,
+        mean=args.mean,
+        std=args.std,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        device=args.device,
+    )
     print(out)
     return 0

@@ -10,15 +10,16 @@ Images go through the project's own pipeline (``ShardLoader`` + ``TrainTransform
 32 px with the ``tiny_cpu`` recipe's normalisation, so the teacher sees exactly what a ``tiny_cpu``
 student sees (DTM's default ``teacher_norm = "student"``).
 """
+
 from __future__ import annotations
 
 import json
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +34,27 @@ from .clip import TINY_CLIP_ARCH, TINY_CLIP_CFG, build_clip, file_sha256, save_c
 log = logging.getLogger("mimscale.teachers")
 
 #: Fashion-MNIST class names as they are written in captions (label order of the data set).
-FASHION_MNIST_PROMPT_NAMES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
-                              "bag", "ankle boot")
+FASHION_MNIST_PROMPT_NAMES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
 TEMPLATES = (
-    "a photo of a {}.", "a picture of a {}.", "a grayscale photo of a {}.", "a low resolution photo of a {}.",
-    "a photo of the {}.", "a product photo of a {}.", "an image of a {}.", "a black and white photo of a {}.",
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "a grayscale photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of the {}.",
+    "a product photo of a {}.",
+    "an image of a {}.",
+    "a black and white photo of a {}.",
 )
 #: ``tiny_cpu`` recipe normalisation (Fashion-MNIST grey level statistics, replicated to RGB).
 TINY_MEAN = (0.286, 0.286, 0.286)
@@ -46,7 +63,7 @@ TINY_STD = (0.353, 0.353, 0.353)
 
 @dataclass
 class TrainCLIPConfig:
-    samples: int = 60000            # training images seen (60000 = one Fashion-MNIST epoch)
+    samples: int = 60000  # training images seen (60000 = one Fashion-MNIST epoch)
     batch_size: int = 128
     lr: float = 3e-3
     warmup_frac: float = 0.05
@@ -80,14 +97,21 @@ def class_embeddings(model, tokens: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zero_shot_top1(model, tokens: torch.Tensor, test_src: str, cfg: TrainCLIPConfig, batch_size: int = 500) -> tuple[float, int]:
+def zero_shot_top1(
+    model, tokens: torch.Tensor, test_src: str, cfg: TrainCLIPConfig, batch_size: int = 500
+) -> tuple[float, int]:
     """Zero-shot top-1 (%) and number of images on ``test_src`` (every sample once)."""
     model.eval()
     classes = class_embeddings(model, tokens)
     size = int(cfg.model_cfg["vision_cfg"]["image_size"])
-    loader = ShardLoader(test_src, batch_size=batch_size, mode="eval", num_workers=cfg.num_workers,
-                         transform=EvalTransform(size, mean=cfg.mean, std=cfg.std, in_chans=3),
-                         samples_per_epoch=cfg.test_samples)
+    loader = ShardLoader(
+        test_src,
+        batch_size=batch_size,
+        mode="eval",
+        num_workers=cfg.num_workers,
+        transform=EvalTransform(size, mean=cfg.mean, std=cfg.std, in_chans=3),
+        samples_per_epoch=cfg.test_samples,
+    )
     correct = total = 0
     for batch in loader:
         valid = batch["valid"]
@@ -108,8 +132,9 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_clip(out: str | Path, train_src: str, test_src: str, cfg: TrainCLIPConfig | None = None,
-               progress: bool = True) -> dict:
+def train_clip(
+    out: str | Path, train_src: str, test_src: str, cfg: TrainCLIPConfig | None = None, progress: bool = True
+) -> dict:
     """Train, evaluate zero-shot, save ``out`` (mimscale CLIP file) and ``out.with_suffix('.json')``.
 
     Returns the result dict (also written as JSON): ``zero_shot_top1`` (%), ``chance`` (%), timings, ...
@@ -127,14 +152,22 @@ def train_clip(out: str | Path, train_src: str, test_src: str, cfg: TrainCLIPCon
     model = build_clip(cfg.model_cfg)
     tokens = _tokens(cfg)
     size = int(cfg.model_cfg["vision_cfg"]["image_size"])
-    loader = ShardLoader(train_src, batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
-                         transform=TrainTransform(size, scale=cfg.crop_scale, hflip=True, mean=cfg.mean,
-                                                  std=cfg.std, in_chans=3))
+    loader = ShardLoader(
+        train_src,
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        seed=cfg.seed,
+        transform=TrainTransform(size, scale=cfg.crop_scale, hflip=True, mean=cfg.mean, std=cfg.std, in_chans=3),
+    )
     steps = cfg.samples // cfg.batch_size
     warmup = max(1, int(cfg.warmup_frac * steps))
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup))))
+        opt,
+        lambda s: (
+            (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+        ),
+    )
     loss_fn = open_clip.ClipLoss()
     gen = torch.Generator().manual_seed(cfg.seed)
     bar = Progress(steps, images_per_step=cfg.batch_size, enabled=progress, desc="train-clip", plain_interval=10.0)
@@ -164,16 +197,32 @@ def train_clip(out: str | Path, train_src: str, test_src: str, cfg: TrainCLIPCon
     top1, n_test = zero_shot_top1(model, tokens, test_src, cfg)
     eval_s = time.time() - t1
     result = {
-        "zero_shot_top1": round(top1, 2), "chance": round(100.0 / len(cfg.class_names), 2),
-        "test_samples": n_test, "train_samples": steps * cfg.batch_size, "steps": steps,
-        "train_seconds": round(train_s, 1), "eval_seconds": round(eval_s, 1),
+        "zero_shot_top1": round(top1, 2),
+        "chance": round(100.0 / len(cfg.class_names), 2),
+        "test_samples": n_test,
+        "train_samples": steps * cfg.batch_size,
+        "steps": steps,
+        "train_seconds": round(train_s, 1),
+        "eval_seconds": round(eval_s, 1),
         "final_loss": round(sum(losses[-20:]) / len(losses[-20:]), 4),
-        "arch": TINY_CLIP_ARCH, "train_src": str(train_src), "test_src": str(test_src),
+        "arch": TINY_CLIP_ARCH,
+        "train_src": str(train_src),
+        "test_src": str(test_src),
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
     }
-    save_clip(model, cfg.model_cfg, out, mean=cfg.mean, std=cfg.std, arch=TINY_CLIP_ARCH,
-              meta={"zero_shot_top1": result["zero_shot_top1"], "classes": list(cfg.class_names),
-                    "templates": list(cfg.templates)})
+    save_clip(
+        model,
+        cfg.model_cfg,
+        out,
+        mean=cfg.mean,
+        std=cfg.std,
+        arch=TINY_CLIP_ARCH,
+        meta={
+            "zero_shot_top1": result["zero_shot_top1"],
+            "classes": list(cfg.class_names),
+            "templates": list(cfg.templates),
+        },
+    )
     result.update(checkpoint=str(out.resolve()), sha256=file_sha256(out))
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     return result

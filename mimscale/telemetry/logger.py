@@ -42,8 +42,9 @@ import string
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["METRIC_GROUPS", "MetricLogger", "read_jsonl", "resolve_wandb_mode"]
 
@@ -148,8 +149,9 @@ def read_jsonl(path: str | os.PathLike, *, drop_rewound: bool = False) -> list[d
                 raise ValueError("not an object")
         except ValueError:
             if i != last_index:
-                warnings.warn(f"{path}:{i + 1}: skipping an unparsable line (left by a killed run?)",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(
+                    f"{path}:{i + 1}: skipping an unparsable line (left by a killed run?)", RuntimeWarning, stacklevel=2
+                )
             continue
         if rec.get("event") == "purge":
             if drop_rewound:
@@ -244,7 +246,7 @@ class MetricLogger:
             with open(path, "rb") as tail:
                 tail.seek(-1, os.SEEK_END)
                 needs_newline = tail.read(1) != b"\n"
-        f = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered
+        f = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115 - line-buffered, open for the whole run
         if needs_newline:
             f.write("\n")
         return f
@@ -363,7 +365,7 @@ class MetricLogger:
             except Exception as e:  # never lose the other sinks to a wandb hiccup
                 print(f"mimscale: wandb finish failed: {e}", file=sys.stderr)
 
-    def __enter__(self) -> "MetricLogger":
+    def __enter__(self) -> MetricLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

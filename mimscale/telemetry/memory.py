@@ -28,7 +28,8 @@ without a GPU against a stand-in exposing ``memory_stats`` and
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -95,6 +96,7 @@ def cuda_memory_gb(stats: Mapping[str, Any]) -> dict[str, float]:
     ``reserved_bytes.all.current`` (``memory_reserved``). Missing keys count 0, as in torch
     (``memory_stats`` is ``{}`` before CUDA is initialised).
     """
+
     def gb(key: str) -> float:
         return float(stats.get(key, 0)) / GB
 

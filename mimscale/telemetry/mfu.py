@@ -19,6 +19,7 @@ Differences between :func:`count_train_flops` and ``Objective.flops_per_sample()
 systematic and small: the patch-embedding convolution gets no input gradient (the image does not
 require grad), so it counts 2x forward instead of the analytic 3x (-0.4 % for MAE ViT-B/16).
 """
+
 from __future__ import annotations
 
 import functools
@@ -63,9 +64,14 @@ PEAK_TFLOPS: dict[str, dict[str, float]] = {
 }
 
 _DTYPE_NAMES = {
-    "bf16": "bf16", "bfloat16": "bf16",
-    "fp16": "fp16", "float16": "fp16", "half": "fp16",
-    "fp32": "fp32", "float32": "fp32", "float": "fp32",
+    "bf16": "bf16",
+    "bfloat16": "bf16",
+    "fp16": "fp16",
+    "float16": "fp16",
+    "half": "fp16",
+    "fp32": "fp32",
+    "float32": "fp32",
+    "float": "fp32",
     "tf32": "tf32",
 }
 
@@ -94,16 +100,16 @@ def gpu_peak_key(name: str) -> str:
     if re.search(r"\bH100\b", n):
         if "PCIE" in n:
             return "h100-pcie"
-        if "NVL" not in n:          # "H100 80GB HBM3", "H100 SXM5 80GB"
+        if "NVL" not in n:  # "H100 80GB HBM3", "H100 SXM5 80GB"
             return "h100-sxm"
     if re.search(r"\bA100\b", n):
         return "a100"
-    raise ConfigError(f"no peak FLOP/s known for GPU '{name}' (known: A100, H100 SXM/PCIe, H200); "
-                      "pass the peak explicitly")
+    raise ConfigError(
+        f"no peak FLOP/s known for GPU '{name}' (known: A100, H100 SXM/PCIe, H200); pass the peak explicitly"
+    )
 
 
-def device_peak_flops(device: torch.device | str | int, dtype: torch.dtype | str,
-                      name: str | None = None) -> float:
+def device_peak_flops(device: torch.device | str | int, dtype: torch.dtype | str, name: str | None = None) -> float:
     """Peak FLOP/s of one device for matmuls in ``dtype``.
 
     CUDA (or any device when ``name`` is given, e.g. ``name="NVIDIA A100-SXM4-80GB"`` in a CPU
@@ -122,8 +128,9 @@ def device_peak_flops(device: torch.device | str | int, dtype: torch.dtype | str
     return measure_matmul_flops({"tf32": "fp32"}.get(key, key), device=dev)
 
 
-def measure_matmul_flops(dtype: torch.dtype | str = torch.float32, n: int = 1024, repeats: int = 3,
-                         device: torch.device | str = "cpu") -> float:
+def measure_matmul_flops(
+    dtype: torch.dtype | str = torch.float32, n: int = 1024, repeats: int = 3, device: torch.device | str = "cpu"
+) -> float:
     """Best-of-``repeats`` FLOP/s of an ``n x n @ n x n`` matmul (``2 n^3`` FLOPs), after one warm-up.
 
     Cached per process for each (dtype, n, repeats, device): the first call costs
@@ -132,7 +139,7 @@ def measure_matmul_flops(dtype: torch.dtype | str = torch.float32, n: int = 1024
     return _measure(_dtype_key(dtype), int(n), int(repeats), str(torch.device(device)))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measure(key: str, n: int, repeats: int, device: str) -> float:
     if n < 1 or repeats < 1:
         raise ValueError(f"n={n} and repeats={repeats} must be >= 1")
@@ -152,8 +159,9 @@ def _measure(key: str, n: int, repeats: int, device: str) -> float:
     return 2.0 * n**3 / max(best, 1e-9)
 
 
-def cpu_matmul_peak(dtype: torch.dtype | str = torch.float32, sizes: tuple[int, ...] = (256, 512, 1024, 2048),
-                    budget_s: float = 0.25) -> float:
+def cpu_matmul_peak(
+    dtype: torch.dtype | str = torch.float32, sizes: tuple[int, ...] = (256, 512, 1024, 2048), budget_s: float = 0.25
+) -> float:
     """Measured GEMM peak of this process on the CPU: the best :func:`measure_matmul_flops` over ``sizes``.
 
     Sizes are tried smallest first; the next size is skipped when one of its matmuls would take
@@ -220,12 +228,16 @@ def _attn_bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs) -> int:
 
 def _attention_formulas() -> dict[Any, Any]:
     aten = torch.ops.aten
-    fwd = ["_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention"]
+    fwd = [
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+    ]
     out: dict[Any, Any] = {}
     for name in fwd:
         for op, formula in ((name, _attn_fwd), (name + "_backward", _attn_bwd)):
-            if hasattr(aten, op):   # the CPU flash kernel has no formula in PyTorch: it would count 0
+            if hasattr(aten, op):  # the CPU flash kernel has no formula in PyTorch: it would count 0
                 out[getattr(aten, op)] = formula
     return out
 
@@ -241,6 +253,7 @@ class _MetaBridge(TorchDispatchMode):
         kwargs = kwargs or {}
         flat, _ = tree_flatten((args, kwargs))
         if any(isinstance(t, torch.Tensor) and t.is_meta for t in flat):
+
             def to_meta(t):
                 return t.to("meta") if isinstance(t, torch.Tensor) and t.device.type == "cpu" else t
 
@@ -252,14 +265,16 @@ class _MetaBridge(TorchDispatchMode):
 def meta_bridge(module: nn.Module):
     """Context: :class:`_MetaBridge` when ``module`` has meta parameters or buffers, else nothing."""
     on_meta = any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
-    with (_MetaBridge() if on_meta else ExitStack()):
+    with _MetaBridge() if on_meta else ExitStack():
         yield
 
 
 @contextmanager
 def _no_checkpointing(module: nn.Module):
     """Switch off ``grad_checkpointing`` on every submodule that has it (ViT encoders); restore after."""
-    flagged: list[Any] = [m for m in module.modules() if getattr(m, "grad_checkpointing", False)]  # any module with the flag
+    flagged: list[Any] = [
+        m for m in module.modules() if getattr(m, "grad_checkpointing", False)
+    ]  # any module with the flag
     for m in flagged:
         m.grad_checkpointing = False
     try:
@@ -281,7 +296,7 @@ def train_flop_counts(objective: nn.Module, batch: dict) -> dict[str, float]:
     try:
         with _no_checkpointing(objective), ExitStack() as stack:
             counter = stack.enter_context(FlopCounterMode(display=False, custom_mapping=_attention_formulas()))
-            stack.enter_context(meta_bridge(objective))   # innermost: converts before the counter sees ops
+            stack.enter_context(meta_bridge(objective))  # innermost: converts before the counter sees ops
             out = objective(batch)
             loss = out.loss if hasattr(out, "loss") else out
             loss.backward()

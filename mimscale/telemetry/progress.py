@@ -190,7 +190,7 @@ class Progress:
         elif self._t_first is not None and self._printed_step != self.step:
             self._print_plain(time.monotonic())
 
-    def __enter__(self) -> "Progress":
+    def __enter__(self) -> Progress:
         return self
 
     def __exit__(self, *exc: Any) -> None:

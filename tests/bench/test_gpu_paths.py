@@ -22,6 +22,7 @@ CUDA device info bench.throughput.device_info (name, memory, synchronize), gpu_p
                                                                         -> test_device_info_cuda_branch (here)
 NCCL gather      eval.knn gathers features on the training device       -> tests/eval (multi-rank kNN, gloo)
 """
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,9 @@ from mimscale.telemetry.mfu import PEAK_TFLOPS, cpu_matmul_peak, measure_matmul_
 def test_nccl_env_defaults_on_a_cuda_node():
     env = {"NCCL_DEBUG": "INFO", "PATH": "/usr/bin"}
     added = dist.nccl_env_defaults(env, cuda_available=True)
-    assert added == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}           # the user's NCCL_DEBUG wins
+    assert added == {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}  # the user's NCCL_DEBUG wins
     assert env == {"NCCL_DEBUG": "INFO", "PATH": "/usr/bin", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
-    assert dist.nccl_env_defaults(env, cuda_available=True) == {}       # idempotent
+    assert dist.nccl_env_defaults(env, cuda_available=True) == {}  # idempotent
     fresh: dict = {}
     assert dist.nccl_env_defaults(fresh, cuda_available=True) == dist.NCCL_ENV_DEFAULTS == fresh
 
@@ -49,15 +50,21 @@ def test_nccl_env_defaults_leave_cpu_nodes_alone(monkeypatch):
     assert dist.nccl_env_defaults(env, cuda_available=False) == {} and env == {"PATH": "/usr/bin"}
     for k in dist.NCCL_ENV_DEFAULTS:
         monkeypatch.delenv(k, raising=False)
-    added = dist.nccl_env_defaults()                                    # os.environ, this machine
+    added = dist.nccl_env_defaults()  # os.environ, this machine
     assert (added == {}) == (not torch.cuda.is_available())
     assert all(os.environ.get(k) == v for k, v in added.items())
 
 
-@pytest.mark.parametrize("name, precision, tflops", [
-    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A100-PCIE-40GB", "fp16", 312.0),
-    ("NVIDIA H100 80GB HBM3", "bf16", 989.0), ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H200", "bf16", 989.0),
-])
+@pytest.mark.parametrize(
+    "name, precision, tflops",
+    [
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A100-PCIE-40GB", "fp16", 312.0),
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H200", "bf16", 989.0),
+    ],
+)
 def test_peak_flops_for_a_named_gpu(name, precision, tflops):
     assert peak_flops_for(torch.device("cuda", 0), precision, name=name) == pytest.approx(tflops * 1e12)
     # what the train loop logs: MFU of 45 % of an A100 for MAE ViT-L/16 (~ 124.4 GFLOP per image)
@@ -73,8 +80,8 @@ def test_peak_flops_for_an_unknown_gpu_is_none_not_a_crash():
 def test_peak_flops_for_cpu_is_the_best_measured_gemm():
     peak = peak_flops_for("cpu", "fp32")
     assert peak == cpu_matmul_peak("fp32") > 0
-    assert peak >= measure_matmul_flops("fp32", n=256)                # the max over sizes includes 256
-    assert peak_flops_for("cpu", "tf32") == peak                       # tf32 is an fp32 matmul on a CPU
+    assert peak >= measure_matmul_flops("fp32", n=256)  # the max over sizes includes 256
+    assert peak_flops_for("cpu", "tf32") == peak  # tf32 is an fp32 matmul on a CPU
 
 
 def test_bf16_config_for_cuda():
@@ -85,7 +92,7 @@ def test_bf16_config_for_cuda():
     cfg = T.build_config(T.ThroughputConfig(recipe="mae_vit_l16", zero=3, micro_batch=64, precision="bf16"), 1)
     out = ds.ds_config(cfg, C.derive(cfg, 1, 64 * 1000), "cuda")
     assert out["bf16"] == {"enabled": True} and "fp16" not in out
-    assert out["optimizer"]["params"]["fused"] is True                 # torch fused AdamW on CUDA (no JIT build)
+    assert out["optimizer"]["params"]["fused"] is True  # torch fused AdamW on CUDA (no JIT build)
     assert out["zero_optimization"]["stage"] == 3
     assert ds.compute_dtype(cfg) is torch.bfloat16
 
@@ -97,9 +104,17 @@ def test_pinned_memory_loader_path(fmnist_small):
     from mimscale.masking import MaskCollate, MaskSpec
 
     def first_batches(pin: bool) -> list[dict]:
-        loader = ShardLoader(fmnist_small["train"], batch_size=16, transform=TrainTransform(16),
-                             collate=MaskCollate(MaskSpec("random", 16, 0.75)), num_workers=1, seed=3,
-                             shuffle_buffer=64, samples_per_epoch=48, pin_memory=pin)
+        loader = ShardLoader(
+            fmnist_small["train"],
+            batch_size=16,
+            transform=TrainTransform(16),
+            collate=MaskCollate(MaskSpec("random", 16, 0.75)),
+            num_workers=1,
+            seed=3,
+            shuffle_buffer=64,
+            samples_per_epoch=48,
+            pin_memory=pin,
+        )
         assert loader.pin_memory is pin
         return list(loader)
 
@@ -145,8 +160,8 @@ def test_device_info_cuda_branch():
     assert info["name"] == "NVIDIA A100-SXM4-40GB" and info["memory_gb"] == pytest.approx(39.75)
     info["sync"]()
     assert fake.synced == [dev]
-    assert T.gpu_plan_key(info["name"], info["memory_gb"]) == "a100-40gb"      # what --plan-gpu auto resolves to
+    assert T.gpu_plan_key(info["name"], info["memory_gb"]) == "a100-40gb"  # what --plan-gpu auto resolves to
     cpu = T.device_info("cpu", cuda=fake)
     assert cpu["memory_gb"] is None and cpu["name"] and cpu["sync"]() is None and fake.synced == [dev]
     for name in ("get_device_name", "get_device_properties", "synchronize"):
-        assert callable(getattr(torch.cuda, name))                      # the stand-in mirrors real names
+        assert callable(getattr(torch.cuda, name))  # the stand-in mirrors real names

@@ -1,11 +1,11 @@
 """benchmarks/gpu.sh: refuses in one line without CUDA; --cpu-smoke runs the whole script end to end."""
+
 from __future__ import annotations
 
 import json
 
 import pytest
 import torch
-
 from launch_utils import REPO, run
 
 SCRIPT = str(REPO / "benchmarks" / "gpu.sh")
@@ -34,8 +34,13 @@ def test_cpu_smoke_runs_the_script_end_to_end(tmp_path):
     assert len(files) == 1 and files[0].with_suffix(".svg").exists()
     doc = json.loads(files[0].read_text())
     (row,) = doc["results"]
-    assert (row["objective"], row["arch"], row["zero"], row["ckpt"], row["precision"]) == ("mae", "vit_micro", 3, 1,
-                                                                                           "bf16")
+    assert (row["objective"], row["arch"], row["zero"], row["ckpt"], row["precision"]) == (
+        "mae",
+        "vit_micro",
+        3,
+        1,
+        "bf16",
+    )
     assert row["img_per_s"] > 0 and row["mfu"] > 0 and row["mem_peak_gb"] > 0
     assert row["plan"]["gpu"] == "a100-80gb" and row["plan"]["fits"] is True
     out = p.stdout

@@ -2,6 +2,7 @@
 
 Models are built on the meta device (no memory, no compute); shapes are cached per module.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,15 @@ def _block_params(d: int, hidden: int) -> int:
 
 
 TINY_PSI = (
-    (48 * 64 + 64) + 64 + 4 * _block_params(64, 256) + 2 * 64          # encoder: conv, cls, blocks, norm
-    + (64 * 32 + 32) + 32 + _block_params(32, 128) + 2 * 32 + (32 * 48 + 48)   # decoder: embed, mask, block, norm, pred
+    (48 * 64 + 64)
+    + 64
+    + 4 * _block_params(64, 256)
+    + 2 * 64  # encoder: conv, cls, blocks, norm
+    + (64 * 32 + 32)
+    + 32
+    + _block_params(32, 128)
+    + 2 * 32
+    + (32 * 48 + 48)  # decoder: embed, mask, block, norm, pred
 )
 
 
@@ -63,7 +71,7 @@ def test_tiny_psi_and_zero_states_by_value(shapes):
     for stage, (gpu, host) in off.items():
         st = P.zero_model_state_bytes(psi, stage, n, offload=True)
         assert (st["gpu"], st["cpu"]) == pytest.approx((gpu, host))
-    assert P.zero_model_state_bytes(psi, 3, 1)["gpu"] == 16 * psi          # one GPU: every stage is 16Ψ
+    assert P.zero_model_state_bytes(psi, 3, 1)["gpu"] == 16 * psi  # one GPU: every stage is 16Ψ
     with pytest.raises(ConfigError, match="stage 1, 2 or 3"):
         P.zero_model_state_bytes(psi, 0, n, offload=True)
     with pytest.raises(ConfigError, match="0, 1, 2 or 3"):
@@ -72,8 +80,9 @@ def test_tiny_psi_and_zero_states_by_value(shapes):
 
 def test_plan_model_states_line_is_the_formula(shapes):
     for stage in range(4):
-        p = plan(shapes, TINY_KNOBS, model="vit_micro", patch=4, img=16, zero=stage, micro_batch=8, nodes=2,
-                 gpus_per_node=4)
+        p = plan(
+            shapes, TINY_KNOBS, model="vit_micro", patch=4, img=16, zero=stage, micro_batch=8, nodes=2, gpus_per_node=4
+        )
         expect = P.zero_model_state_bytes(TINY_PSI, stage, 8)["gpu"] / GB
         assert p.memory_gb["model_states"] == pytest.approx(expect)
         parts = ("model_states", "frozen_params", "zero_buffers", "activations_blocks", "activations_other", "overhead")
@@ -112,7 +121,7 @@ def test_block_calls_and_checkpointing(shapes):
     s = shapes("vit_large", 16)
     enc = [c for c in s.blocks if c.width == 1024]
     dec = [c for c in s.blocks if c.width == 512]
-    assert len(enc) == 24 and {c.tokens for c in enc} == {1 + 49}         # visible tokens only
+    assert len(enc) == 24 and {c.tokens for c in enc} == {1 + 49}  # visible tokens only
     assert len(dec) == 8 and {c.tokens for c in dec} == {197}
     mb = 64
     act = P.activation_bytes(s.blocks, mb)["blocks"]
@@ -121,7 +130,7 @@ def test_block_calls_and_checkpointing(shapes):
     assert sum(c.checkpointed for c in ck.blocks) == 24 and not any(c.checkpointed for c in ck.blocks if c.width == 512)
     act_ck = P.activation_bytes(ck.blocks, mb)["blocks"]
     assert act_ck == pytest.approx(mb * 2 * (24 * 50 * 1024 + 16 * 50 * 1024 + 16 * 8 * 197 * 512))
-    assert ck.other_saved_bytes == pytest.approx(s.other_saved_bytes)     # checkpoint inputs not counted twice
+    assert ck.other_saved_bytes == pytest.approx(s.other_saved_bytes)  # checkpoint inputs not counted twice
     from mimscale.telemetry.flops import transformer_forward_flops
 
     assert P.recompute_flops_per_sample(ck.blocks) == pytest.approx(transformer_forward_flops(50, 1024, 24))
@@ -155,11 +164,12 @@ def test_vit_h14_mae_zero0_a100_40gb_micro64(shapes):
 
 
 def test_vit_l16_mae_zero1_a100_80gb_micro64_fits(shapes):
-    p = plan(shapes, model="vit_large", patch=16, gpu="a100-80gb", zero=1, micro_batch=64, nodes=8,
-             gpus_per_node=8, mfu=0.45)
+    p = plan(
+        shapes, model="vit_large", patch=16, gpu="a100-80gb", zero=1, micro_batch=64, nodes=8, gpus_per_node=8, mfu=0.45
+    )
     print(P.format_plan(p))
     assert p.fits and p.memory_gb["total"] < 12
-    assert p.flops_per_sample == pytest.approx(124.5e9, rel=1e-3)                 # OBJECTIVES.md section 8
+    assert p.flops_per_sample == pytest.approx(124.5e9, rel=1e-3)  # OBJECTIVES.md section 8
     assert p.images_per_s_per_gpu == pytest.approx(0.45 * 312e12 / p.flops_per_sample)
     assert p.images_per_s_cluster == pytest.approx(64 * p.images_per_s_per_gpu)
     assert p.global_batch == 4096 and p.grad_accum == 1
@@ -196,17 +206,49 @@ def _run(capsys, *argv):
 
 
 def test_cli_prints_the_fit_line(capsys):
-    code, out, err = _run(capsys, "--model", "vit_large", "--patch", "16", "--img", "224", "--objective", "mae",
-                          "--gpu", "a100-80gb", "--zero", "1", "--micro-batch", "64", "--nodes", "8",
-                          "--gpus-per-node", "8", "--mfu", "0.45")
+    code, out, err = _run(
+        capsys,
+        "--model",
+        "vit_large",
+        "--patch",
+        "16",
+        "--img",
+        "224",
+        "--objective",
+        "mae",
+        "--gpu",
+        "a100-80gb",
+        "--zero",
+        "1",
+        "--micro-batch",
+        "64",
+        "--nodes",
+        "8",
+        "--gpus-per-node",
+        "8",
+        "--mfu",
+        "0.45",
+    )
     print(out)
     assert code == 0 and err == ""
     assert "\nFIT: " in out and "img/s per GPU" in out and "ImageNet-1k (1,281,167 images" in out
 
 
 def test_cli_json_parses_and_says_fits(capsys):
-    code, out, _ = _run(capsys, "--model", "vit_huge", "--patch", "14", "--gpu", "a100-40gb", "--zero", "0",
-                        "--micro-batch", "256", "--json")
+    code, out, _ = _run(
+        capsys,
+        "--model",
+        "vit_huge",
+        "--patch",
+        "14",
+        "--gpu",
+        "a100-40gb",
+        "--zero",
+        "0",
+        "--micro-batch",
+        "256",
+        "--json",
+    )
     assert code == 0
     doc = json.loads(out)
     assert doc["fits"] is False and doc["memory_gb"]["total"] > 40 and doc["gpu_memory_gb"] == 40
@@ -215,23 +257,45 @@ def test_cli_json_parses_and_says_fits(capsys):
 
 def test_cli_recipe_equals_explicit_flags(capsys):
     _, a, _ = _run(capsys, "--recipe", "mae_vit_l16", "--nodes", "8", "--json")
-    _, b, _ = _run(capsys, "--model", "vit_large", "--patch", "16", "--img", "224", "--objective", "mae",
-                   "--zero", "1", "--micro-batch", "64", "--nodes", "8", "--global-batch", "4096", "--epochs", "800",
-                   "--json")
+    _, b, _ = _run(
+        capsys,
+        "--model",
+        "vit_large",
+        "--patch",
+        "16",
+        "--img",
+        "224",
+        "--objective",
+        "mae",
+        "--zero",
+        "1",
+        "--micro-batch",
+        "64",
+        "--nodes",
+        "8",
+        "--global-batch",
+        "4096",
+        "--epochs",
+        "800",
+        "--json",
+    )
     da, db = json.loads(a), json.loads(b)
     assert da["memory_gb"] == db["memory_gb"] and da["total_time_s"] == pytest.approx(db["total_time_s"])
 
 
-@pytest.mark.parametrize("argv,words", [
-    (["--model", "vit_giant"], ["--model vit_giant", "vit_huge"]),
-    (["--model", "vit_base", "--gpu", "v100"], ["--gpu v100", "a100-80gb"]),
-    (["--model", "vit_base", "--zero", "4"], ["ZeRO stage must be 0, 1, 2 or 3"]),
-    (["--model", "vit_base", "--objective", "maee"], ["unknown objective.name 'maee'"]),
-    (["--model", "vit_base", "--zero", "0", "--offload"], ["--offload needs ZeRO stage"]),
-    (["--model", "vit_base", "--mfu", "45"], ["--mfu 45"]),
-    (["--model", "vit_base", "--img", "225"], ["--img 225"]),
-    ([], ["--model ARCH", "--recipe"]),
-])
+@pytest.mark.parametrize(
+    "argv,words",
+    [
+        (["--model", "vit_giant"], ["--model vit_giant", "vit_huge"]),
+        (["--model", "vit_base", "--gpu", "v100"], ["--gpu v100", "a100-80gb"]),
+        (["--model", "vit_base", "--zero", "4"], ["ZeRO stage must be 0, 1, 2 or 3"]),
+        (["--model", "vit_base", "--objective", "maee"], ["unknown objective.name 'maee'"]),
+        (["--model", "vit_base", "--zero", "0", "--offload"], ["--offload needs ZeRO stage"]),
+        (["--model", "vit_base", "--mfu", "45"], ["--mfu 45"]),
+        (["--model", "vit_base", "--img", "225"], ["--img 225"]),
+        ([], ["--model ARCH", "--recipe"]),
+    ],
+)
 def test_cli_unknown_values_are_one_line_errors(capsys, argv, words):
     code, out, err = _run(capsys, *argv)
     assert code == 2 and out == ""

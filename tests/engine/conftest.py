@@ -1,10 +1,9 @@
 """In-process DeepSpeed on one CPU rank (gloo): for tests that build a real engine without a launcher."""
+
 from __future__ import annotations
 
 import pytest
-
 from launch_utils import free_port
-
 
 _PORT = 0
 
@@ -14,8 +13,14 @@ def dist_single(monkeypatch):
     """Launcher variables of a one-rank job; the process group, once created, lives for the session."""
     global _PORT
     _PORT = _PORT or free_port()
-    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_PORT)}.items():
+    for k, v in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_PORT),
+    }.items():
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     yield

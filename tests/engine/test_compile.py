@@ -1,5 +1,6 @@
 """``model.compile=true``: every transformer block compiled in place; losses match eager over a few steps
 through the real DeepSpeed engine (ZeRO-1 and ZeRO-2, activation checkpointing on); ZeRO-3 refused."""
+
 from __future__ import annotations
 
 import pytest
@@ -13,9 +14,19 @@ from mimscale.models.vit import Block
 
 
 def _cfg(*extra: str) -> C.Config:
-    return C.load("tiny_cpu", ["model.img_size=16", "model.patch_size=4", "train.batch_size=8",
-                               "train.micro_batch_size=8", "objective.decoder_dim=32", "objective.decoder_depth=1",
-                               "objective.decoder_heads=2", *extra])
+    return C.load(
+        "tiny_cpu",
+        [
+            "model.img_size=16",
+            "model.patch_size=4",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "objective.decoder_dim=32",
+            "objective.decoder_depth=1",
+            "objective.decoder_heads=2",
+            *extra,
+        ],
+    )
 
 
 def test_compile_keeps_the_module_tree_and_state_dict():
@@ -24,8 +35,8 @@ def test_compile_keeps_the_module_tree_and_state_dict():
     torch.manual_seed(0)
     compiled = build_model(_cfg())
     n = compile_blocks(compiled)
-    assert n == sum(isinstance(m, Block) for m in compiled.modules()) == 4 + 1      # encoder + decoder blocks
-    assert list(compiled.state_dict()) == list(eager.state_dict())                 # no _orig_mod. prefixes
+    assert n == sum(isinstance(m, Block) for m in compiled.modules()) == 4 + 1  # encoder + decoder blocks
+    assert list(compiled.state_dict()) == list(eager.state_dict())  # no _orig_mod. prefixes
 
 
 def test_compile_with_zero3_is_refused_in_one_line():
@@ -55,4 +66,4 @@ def test_compiled_and_eager_losses_agree_through_the_engine(stage, dist_single):
     eager = _losses(_cfg(f"train.zero_stage={stage}"), batch)
     compiled = _losses(_cfg(f"train.zero_stage={stage}", "model.compile=true", "model.grad_checkpointing=true"), batch)
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
-    assert eager[-1] < eager[0]                               # it trains
+    assert eager[-1] < eager[0]  # it trains

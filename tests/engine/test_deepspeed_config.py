@@ -1,4 +1,5 @@
 """The DeepSpeed config the engine builds: knobs file + values from the YAML, conflicts rejected."""
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,9 @@ def test_adam_kernel_follows_the_accelerator():
     cfg = _cfg()
     d = _derived(cfg)
     cpu = ds.ds_config(cfg, d, "cpu")["optimizer"]["params"]
-    assert cpu["torch_adam"] is True and "fused" not in cpu                           # torch foreach AdamW
+    assert cpu["torch_adam"] is True and "fused" not in cpu  # torch foreach AdamW
     cuda = ds.ds_config(cfg, d, "cuda")["optimizer"]["params"]
-    assert cuda["torch_adam"] is True and cuda["fused"] is True                       # torch fused AdamW
+    assert cuda["torch_adam"] is True and cuda["fused"] is True  # torch fused AdamW
     forced = _cfg("optim.impl=deepspeed")
     assert "torch_adam" not in ds.ds_config(forced, _derived(forced), "cuda")["optimizer"]["params"]  # FusedAdam
     fused_cpu = _cfg("optim.impl=fused")
@@ -105,8 +106,10 @@ def test_param_groups_exclude_biases_norms_and_spared_tokens_from_decay():
     decay, _ = ds.param_groups(official, official.no_weight_decay(), 0.05)
     names = {id(p): n for n, p in official.named_parameters()}
     assert {"encoder.cls_token", "decoder.mask_token"} <= {names[id(p)] for p in decay["params"]}
-    m = MAE(build_vit("vit_micro", 16, 4), MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=2,
-                                                      wd_cls_token=False, wd_mask_token=False))
+    m = MAE(
+        build_vit("vit_micro", 16, 4),
+        MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=2, wd_cls_token=False, wd_mask_token=False),
+    )
     decay, rest = ds.param_groups(m, m.no_weight_decay(), 0.05)
     names = {id(p): n for n, p in m.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}
@@ -114,7 +117,7 @@ def test_param_groups_exclude_biases_norms_and_spared_tokens_from_decay():
     assert all(not n.endswith(".bias") and "norm" not in n for n in decayed)
     assert "encoder.blocks.0.attn.qkv.weight" in decayed
     assert len(decay["params"]) + len(rest["params"]) == len(list(m.parameters()))
-    assert all("pos_embed" not in n for n in names.values())   # sin-cos tables are buffers
+    assert all("pos_embed" not in n for n in names.values())  # sin-cos tables are buffers
     assert decay["wd_scale"] == 1.0 and rest["wd_scale"] == 0.0 and rest["weight_decay"] == 0.0
 
 

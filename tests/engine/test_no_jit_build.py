@@ -2,6 +2,7 @@
 no CUDA toolkit) must run every default recipe. Engine construction is done for real here, on the CPU
 accelerator, with the exact config dict the engine builds for CUDA, while every op builder's ``load()``
 (and ``jit_load()``) is replaced by a recorder."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,10 +28,22 @@ def builds(monkeypatch):
 
 
 def _tiny(stage: int, precision: str) -> C.Config:
-    return C.load("mae_vit_b16", ["data.train=/x", "model.arch=vit_micro", "model.img_size=16", "model.patch_size=4",
-                                  f"train.zero_stage={stage}", f"train.precision={precision}", "train.batch_size=8",
-                                  "train.micro_batch_size=8", "objective.decoder_dim=16", "objective.decoder_depth=1",
-                                  "objective.decoder_heads=2"])
+    return C.load(
+        "mae_vit_b16",
+        [
+            "data.train=/x",
+            "model.arch=vit_micro",
+            "model.img_size=16",
+            "model.patch_size=4",
+            f"train.zero_stage={stage}",
+            f"train.precision={precision}",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "objective.decoder_dim=16",
+            "objective.decoder_depth=1",
+            "objective.decoder_heads=2",
+        ],
+    )
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
@@ -51,7 +64,7 @@ def test_engine_construction_builds_no_op(builds, monkeypatch, stage, accelerato
     x = {"image": torch.randn(8, 3, 16, 16), "mask": torch.rand(8, 16).argsort(1) < 12}
     out = engine(x)
     engine.backward(out.loss)
-    engine.step()                                  # the optimizer step itself builds nothing either
+    engine.step()  # the optimizer step itself builds nothing either
     assert builds == []
 
 

@@ -1,6 +1,7 @@
 """Resuming after the user changed something: a different data.num_workers / micro-batch restarts the epoch
 with a warning (no crash); a changed decoder shape is refused in one line; resume=never starts afresh;
 SIGTERM saves and exits 42 like SIGUSR1."""
+
 from __future__ import annotations
 
 import json
@@ -11,15 +12,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from launch_utils import clean_env, run, tiny_overrides
+
 from mimscale import checkpoint as ckpt
 from mimscale.telemetry.logger import read_jsonl
 
 
 def _cmd(rd: Path, data, *extra: str) -> list[str]:
-    ov = tiny_overrides(data, rd, train__precision="fp32", train__save_every=2, train__save_every_minutes="null",
-                        train__max_steps=4)
+    ov = tiny_overrides(
+        data, rd, train__precision="fp32", train__save_every=2, train__save_every_minutes="null", train__max_steps=4
+    )
     return [sys.executable, "-m", "mimscale.train", *ov, *extra]
 
 
@@ -35,7 +37,9 @@ def test_resume_after_changes(fmnist_small, tmp_path):
     # a changed decoder width: one line, exit 2, nothing deleted
     p = run(_cmd(rd, fmnist_small, "train.max_steps=8", "objective.decoder_dim=48"), check=False)
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("mimscale: error:")]
-    assert p.returncode == 2 and len(err) == 1 and "decoder" in err[0] and "train.resume=never" in err[0], p.stderr[-2000:]
+    assert p.returncode == 2 and len(err) == 1 and "decoder" in err[0] and "train.resume=never" in err[0], p.stderr[
+        -2000:
+    ]
     assert ckpt.find(rd, {"objective": "mae"}).meta["step"] == 6
     # resume=never: a fresh start in the same directory (the old step-2 checkpoint is set aside, not deleted)
     p = run(_cmd(rd, fmnist_small, "train.max_steps=2", "train.resume=never"))

@@ -1,4 +1,5 @@
 """Per-iteration schedules: linear warmup + half-cycle cosine (MAE recipe), and plain cosine."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,8 @@ def lr(step, total=TOTAL, warmup=WARM, peak=PEAK, final=FINAL, start=0.0):
 
 
 def test_endpoints():
-    assert lr(0) == 0.0                                   # warmup starts from 0 (MAE)
-    assert lr(WARM) == pytest.approx(PEAK, rel=1e-12)     # end of warmup = peak
+    assert lr(0) == 0.0  # warmup starts from 0 (MAE)
+    assert lr(WARM) == pytest.approx(PEAK, rel=1e-12)  # end of warmup = peak
     assert lr(TOTAL) == FINAL
     assert lr(TOTAL - 1) == pytest.approx(FINAL, abs=1e-8)  # (peak-final)(1-cos(pi/900))/2
     assert lr(0, start=1e-4) == 1e-4
@@ -37,10 +38,10 @@ def test_decay_is_monotonic():
 
 
 def test_half_of_the_cosine():
-    mid = WARM + (TOTAL - WARM) // 2                      # 550: progress exactly 0.5
+    mid = WARM + (TOTAL - WARM) // 2  # 550: progress exactly 0.5
     assert lr(mid) == pytest.approx((PEAK + FINAL) / 2, rel=1e-12)
     # a quarter: final + (peak - final) * (1 + cos(pi/4)) / 2
-    q = WARM + (TOTAL - WARM) // 4                        # 325: progress 0.25
+    q = WARM + (TOTAL - WARM) // 4  # 325: progress 0.25
     assert lr(q) == pytest.approx(FINAL + (PEAK - FINAL) * (1 + math.cos(math.pi / 4)) / 2, rel=1e-12)
 
 
@@ -81,9 +82,9 @@ def test_cosine():
     assert cosine(50, 100, 0.04, 0.4) == pytest.approx(0.22)
     assert cosine(100, 100, 0.04, 0.4) == 0.4
     assert cosine(1000, 100, 0.04, 0.4) == 0.4
-    assert cosine(5, 0, 0.04, 0.4) == 0.4                 # degenerate schedule: the end value
+    assert cosine(5, 0, 0.04, 0.4) == 0.4  # degenerate schedule: the end value
     assert cosine(25, 100, 1.0, 0.0) == pytest.approx((1 + math.cos(math.pi / 4)) / 2)
     vals = [cosine(s, 100, 0.996, 1.0) for s in range(101)]  # EMA momentum rises monotonically
     assert all(b > a for a, b in zip(vals, vals[1:]))
-    vals = [cosine(s, 100, 0.05, 0.0) for s in range(101)]   # weight decay falls monotonically
+    vals = [cosine(s, 100, 0.05, 0.0) for s in range(101)]  # weight decay falls monotonically
     assert all(b < a for a, b in zip(vals, vals[1:]))

@@ -1,6 +1,7 @@
 """The Trainer's parts (flags, cadences, non-finite policy, state) and real runs through it: one collective
 and one host sync per optimizer step on 2 ranks, the non-finite policy (skip, stop, rollback), and the
 minute triggers driven by a fake clock."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch_utils import BIN, free_port, run, tiny_overrides
+
 from mimscale import checkpoint as ckpt
 from mimscale.engine.cadence import Clock, EvalCadence, SaveCadence, TimeLimit
 from mimscale.engine.flags import StepFlags
@@ -30,14 +31,20 @@ class FakeClock:
 
 # ----------------------------------------------------------------------------- parts
 
+
 def test_flags_pack_metrics_and_flags_in_one_reduction():
     f = StepFlags(torch.device("cpu"))
-    got = f.agree(torch.tensor(False), signal=True, save_due=False,
-                  metrics={"loss": torch.tensor(6.0), "acc": torch.tensor(3.0)}, count=3)
+    got = f.agree(
+        torch.tensor(False),
+        signal=True,
+        save_due=False,
+        metrics={"loss": torch.tensor(6.0), "acc": torch.tensor(3.0)},
+        count=3,
+    )
     assert got.signal and not (got.nonfinite or got.time_up or got.eval_due or got.save_due)
     assert got.metrics == {"acc": 1.0, "loss": 2.0}
     assert f.agree(~torch.isfinite(torch.tensor(float("nan")))).nonfinite
-    assert f.collectives == 0                       # one rank: nothing to reduce
+    assert f.collectives == 0  # one rank: nothing to reduce
     with pytest.raises(TypeError, match="unknown step flags"):
         f.agree(False, sigterm=True)
 
@@ -69,7 +76,7 @@ def test_clock_excludes_paused_time_and_counts_device_hours():
     c = Clock(world_size=4, train_s=100.0, device_hours=1.0, now=now)
     now.t += 30
     with c.pause():
-        now.t += 1000                             # evaluation / saving
+        now.t += 1000  # evaluation / saving
     now.t += 6
     assert c.train_s() == pytest.approx(136.0)
     assert c.device_hours() == pytest.approx(1.0 + 36 * 4 / 3600)
@@ -83,19 +90,27 @@ def test_nonfinite_policy_counts_streaks_and_decides():
     assert p.bad(True) == "continue" and p.bad(True) == "rollback"
     p.rolled_back()
     assert st.lr_scale == 0.5 and st.nonfinite_in_row == 0 and st.nonfinite_total == 3
-    assert p.bad(False) == "continue" and p.bad(False) == "stop"          # nothing to roll back to
+    assert p.bad(False) == "continue" and p.bad(False) == "stop"  # nothing to roll back to
     stop = NonFinitePolicy(1, "stop", 0.5, TrainState())
     assert stop.bad(True) == "stop"
 
 
 def test_train_state_round_trip_ignores_unknown_and_keeps_defaults():
-    st = TrainState(step=7, train_s=12.5, next_eval_s=60.0, nonfinite_total=2, nonfinite_in_row=2, lr_scale=0.25,
-                    wandb_id="abc", summary={"knn_top1_init": 50.0})
+    st = TrainState(
+        step=7,
+        train_s=12.5,
+        next_eval_s=60.0,
+        nonfinite_total=2,
+        nonfinite_in_row=2,
+        lr_scale=0.25,
+        wandb_id="abc",
+        summary={"knn_top1_init": 50.0},
+    )
     saved = st.state_dict()
     back = TrainState()
     back.load_state_dict({**saved, "from_the_future": 1})
     assert back.step == 7 and back.lr_scale == 0.25 and back.summary == {"knn_top1_init": 50.0}
-    assert back.nonfinite_in_row == 0                  # a resumed run starts a fresh streak
+    assert back.nonfinite_in_row == 0  # a resumed run starts a fresh streak
     old = TrainState()
     old.load_state_dict({"step": 3})
     assert old.step == 3 and old.lr_scale == 1.0
@@ -103,11 +118,16 @@ def test_train_state_round_trip_ignores_unknown_and_keeps_defaults():
 
 # ----------------------------------------------------------------------------- real runs
 
+
 def _worker(rd: Path, data, *extra: str, ranks: int = 1, worker_args=(), check=True):
-    ov = tiny_overrides(data, rd, train__precision="fp32", train__epochs=1, train__save_every=3,
-                        train__save_every_minutes="null")
-    launch = [sys.executable] if ranks == 1 else [str(BIN / "torchrun"), f"--nproc_per_node={ranks}",
-                                                  f"--master_port={free_port()}"]
+    ov = tiny_overrides(
+        data, rd, train__precision="fp32", train__epochs=1, train__save_every=3, train__save_every_minutes="null"
+    )
+    launch = (
+        [sys.executable]
+        if ranks == 1
+        else [str(BIN / "torchrun"), f"--nproc_per_node={ranks}", f"--master_port={free_port()}"]
+    )
     p = run([*launch, str(WORKER), *worker_args, *ov, *extra], check=check)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("WORKER ")]
     return p, (json.loads(lines[-1][7:]) if lines else None)
@@ -117,22 +137,36 @@ def _worker(rd: Path, data, *extra: str, ranks: int = 1, worker_args=(), check=T
 def test_one_collective_and_one_host_sync_per_step_on_two_ranks(fmnist_small, tmp_path):
     # 8 steps, a log every 3 (the metric means ride in the same reduction), a NaN on rank 0 at step 4:
     # the step is dropped on BOTH ranks (the flags are agreed before its backward) and redone with new data
-    _, w = _worker(tmp_path / "r", fmnist_small, "train.max_steps=8", "train.log_every=3", "train.batch_size=16",
-                   "train.micro_batch_size=8", ranks=2, worker_args=["--count", "--inject", "4"])
+    _, w = _worker(
+        tmp_path / "r",
+        fmnist_small,
+        "train.max_steps=8",
+        "train.log_every=3",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",
+        ranks=2,
+        worker_args=["--count", "--inject", "4"],
+    )
     assert w["summary"]["steps"] == 8 and w["summary"]["nonfinite_skipped"] == 1
-    assert w["steps_run"] == 9                        # 8 taken + 1 dropped
+    assert w["steps_run"] == 9  # 8 taken + 1 dropped
     assert w["flag_collectives"] == 9
     assert sum(w["collectives"].values()) == 9, w["collectives"]
     assert set(w["collectives"]) == {"mimscale.engine.flags.all_reduce"}
-    assert sum(w["syncs"].values()) == 9, w["syncs"]   # the flags' one tolist() per step, nothing else
+    assert sum(w["syncs"].values()) == 9, w["syncs"]  # the flags' one tolist() per step, nothing else
     assert w["summary"]["collectives_per_step"] == pytest.approx(1.0)
 
 
 @pytest.mark.slow
 def test_gradient_accumulation_drops_a_bad_micro_batch_exactly(fmnist_small, tmp_path):
     # batch 16 = 2 x 8 on one rank: two micro-batches per step; NaN in the first micro-batch of step 2
-    _, w = _worker(tmp_path / "r", fmnist_small, "train.max_steps=4", "train.batch_size=16",
-                   "train.micro_batch_size=8", worker_args=["--inject", "2"])
+    _, w = _worker(
+        tmp_path / "r",
+        fmnist_small,
+        "train.max_steps=4",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",
+        worker_args=["--inject", "2"],
+    )
     assert w["summary"]["steps"] == 4 and w["summary"]["nonfinite_skipped"] == 1
     assert all(torch.isfinite(torch.tensor(v)) for v in [w["summary"]["final_loss"]])
 
@@ -140,21 +174,36 @@ def test_gradient_accumulation_drops_a_bad_micro_batch_exactly(fmnist_small, tmp
 @pytest.mark.slow
 def test_nonfinite_skip_stop_and_rollback(fmnist_small, tmp_path):
     # one NaN step: dropped on every rank, the run completes all steps and counts it
-    _, w = _worker(tmp_path / "skip", fmnist_small, "train.max_steps=4", "train.micro_batch_size=16",
-                   worker_args=["--inject", "2"])
+    _, w = _worker(
+        tmp_path / "skip", fmnist_small, "train.max_steps=4", "train.micro_batch_size=16", worker_args=["--inject", "2"]
+    )
     assert w["summary"]["steps"] == 4 and w["summary"]["nonfinite_skipped"] == 1
     # patience exceeded with on_nonfinite=stop: one line, exit 2, the checkpoint at step 3 intact
     rd = tmp_path / "stop"
-    p, _ = _worker(rd, fmnist_small, "train.max_steps=6", "train.nonfinite_patience=3", "train.micro_batch_size=16",
-                   worker_args=["--inject", "4,4,4,4"], check=False)
+    p, _ = _worker(
+        rd,
+        fmnist_small,
+        "train.max_steps=6",
+        "train.nonfinite_patience=3",
+        "train.micro_batch_size=16",
+        worker_args=["--inject", "4,4,4,4"],
+        check=False,
+    )
     assert p.returncode == 2
     err = [line for line in p.stderr.splitlines() if line.startswith("mimscale: error:")]
     assert len(err) == 1 and "non-finite" in err[0]
     assert ckpt.find(rd, {"objective": "mae"}).meta["step"] == 3
     # rollback: back to step 3 with half the lr, then the run completes; the lr after it is half the schedule's
     rd = tmp_path / "rollback"
-    p, w = _worker(rd, fmnist_small, "train.max_steps=6", "train.nonfinite_patience=3", "train.on_nonfinite=rollback",
-                   "train.micro_batch_size=16", worker_args=["--inject", "5,5,5"])
+    p, w = _worker(
+        rd,
+        fmnist_small,
+        "train.max_steps=6",
+        "train.nonfinite_patience=3",
+        "train.on_nonfinite=rollback",
+        "train.micro_batch_size=16",
+        worker_args=["--inject", "5,5,5"],
+    )
     assert "rolled back to checkpoint step=3" in p.stdout + p.stderr
     assert w["summary"]["steps"] == 6 and w["summary"]["nonfinite_skipped"] == 3
     ref = tmp_path / "ref"
@@ -177,11 +226,24 @@ def test_minute_triggers_follow_a_fake_clock(fmnist_small, tmp_path, dist_single
     from mimscale.pretrain import trainer as pretrain_trainer
 
     rd = tmp_path / "r"
-    ov = tiny_overrides(fmnist_small, rd, train__precision="fp32", train__micro_batch_size=16, train__max_steps=50,
-                        train__max_minutes=5.5, train__save_every_minutes=2.5, train__save_every=0,
-                        eval__knn_every_minutes=2, eval__knn_train=fmnist_small["train"],
-                        eval__knn_test=fmnist_small["test"], eval__knn_train_samples=256,
-                        eval__knn_test_samples=256, eval__batch_size=128, eval__num_workers=0, log__tensorboard="false")
+    ov = tiny_overrides(
+        fmnist_small,
+        rd,
+        train__precision="fp32",
+        train__micro_batch_size=16,
+        train__max_steps=50,
+        train__max_minutes=5.5,
+        train__save_every_minutes=2.5,
+        train__save_every=0,
+        eval__knn_every_minutes=2,
+        eval__knn_train=fmnist_small["train"],
+        eval__knn_test=fmnist_small["test"],
+        eval__knn_train_samples=256,
+        eval__knn_test_samples=256,
+        eval__batch_size=128,
+        eval__num_workers=0,
+        log__tensorboard="false",
+    )
     clock = FakeClock()
     trainer = pretrain_trainer(C.load(None, ov), now=clock, wall=clock)
 
@@ -191,9 +253,9 @@ def test_minute_triggers_follow_a_fake_clock(fmnist_small, tmp_path, dist_single
 
     trainer.loss_hooks.append(tick)
     s = trainer.fit()
-    assert s["steps"] == 6                                   # 6 minutes > 5.5 at the 6th step
+    assert s["steps"] == 6  # 6 minutes > 5.5 at the 6th step
     assert s["train_seconds"] == pytest.approx(360)
     knn = sorted(k for k in s if k.startswith("knn_top1_"))
     assert knn == ["knn_top1_2.0min", "knn_top1_4.0min", "knn_top1_final", "knn_top1_init"]
     saved = sorted(p.name for p in (rd / ckpt.CKPT_DIR).iterdir() if p.name.startswith("step_"))
-    assert saved == ["step_00000003", "step_00000006"]       # 3 minutes >= 2.5 since the start; then the end
+    assert saved == ["step_00000003", "step_00000006"]  # 3 minutes >= 2.5 since the start; then the end

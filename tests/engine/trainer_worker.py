@@ -8,6 +8,7 @@ two micro-batches). ``--count``: count, per optimizer step, the collectives (``t
 host synchronisations (``Tensor.item/tolist/__bool__/__float__/__int__``) issued from mimscale's own code
 (DeepSpeed's gradient collectives are the training's, not the loop's, and are not counted).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,11 +20,21 @@ import torch
 import torch.distributed as tdist
 
 from mimscale import config as C
-from mimscale.pretrain import trainer as pretrain_trainer
 from mimscale.errors import MimscaleError
+from mimscale.pretrain import trainer as pretrain_trainer
 
-COLLECTIVES = ("all_reduce", "all_gather", "broadcast", "barrier", "reduce", "all_gather_into_tensor",
-               "reduce_scatter_tensor", "all_to_all_single", "gather", "scatter")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "broadcast",
+    "barrier",
+    "reduce",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "gather",
+    "scatter",
+)
 SYNCS = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 
@@ -82,15 +93,25 @@ def main(argv: list[str]) -> int:
                     counts.wrap(tdist, name, counts.collectives)
             for name in SYNCS:
                 counts.wrap(torch.Tensor, name, counts.syncs)
-            trainer._run_step = counts.around(trainer._run_step)     # the step, not evaluation or saving
+            trainer._run_step = counts.around(trainer._run_step)  # the step, not evaluation or saving
         summary = trainer.fit()
     except MimscaleError as e:
         print(f"mimscale: error: {e}", file=sys.stderr, flush=True)
         return 2
     if trainer.d.is_main:
-        print("WORKER " + json.dumps({"summary": summary, "steps_run": counts.steps,
-                                      "flag_collectives": trainer.flags.collectives,
-                                      "collectives": dict(counts.collectives), "syncs": dict(counts.syncs)}), flush=True)
+        print(
+            "WORKER "
+            + json.dumps(
+                {
+                    "summary": summary,
+                    "steps_run": counts.steps,
+                    "flag_collectives": trainer.flags.collectives,
+                    "collectives": dict(counts.collectives),
+                    "syncs": dict(counts.syncs),
+                }
+            ),
+            flush=True,
+        )
     return summary.get("exit_code", 0)
 
 

@@ -9,6 +9,7 @@ Usage: ``torchrun ... knn_worker.py OUT_DIR TRAIN_SHARDS TEST_SHARDS``. Each ran
 * ``real``: :class:`KNNEvaluator` over real Fashion-MNIST shards with a seeded random ``vit_micro``
   (the eval loaders split the shards by rank), plus the bank rows this rank held.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,19 +48,32 @@ def main(out_dir: str, train: str, test: str) -> None:
     lo, hi = cuts[r], cuts[r + 1]
     mine = torch.arange(r, 97, w)
     pred = knn_predict_sharded(bank[lo:hi], labels[lo:hi], queries[mine], 5, k=7, chunk=8)
-    lop = knn_predict_sharded(bank if r == 0 else bank[:0], labels if r == 0 else labels[:0], queries[mine], 5, k=7,
-                              chunk=16)
+    lop = knn_predict_sharded(
+        bank if r == 0 else bank[:0], labels if r == 0 else labels[:0], queries[mine], 5, k=7, chunk=16
+    )
 
     torch.manual_seed(0)
     enc = build_vit("vit_micro", 16, 4, 1)
     tf = EvalTransform(16, mean=(0.3,), std=(0.35,), in_chans=1)
-    loaders = [ShardLoader(src, batch_size=100, transform=tf, rank=r, world_size=w, num_workers=0, mode="eval",
-                           shuffle=False) for src in (train, test)]
+    loaders = [
+        ShardLoader(src, batch_size=100, transform=tf, rank=r, world_size=w, num_workers=0, mode="eval", shuffle=False)
+        for src in (train, test)
+    ]
     ev = KNNEvaluator(*loaders, num_classes=10, chunk=200)
     res = ev(enc, torch.device("cpu"))
-    Path(out_dir, f"rank{r}.json").write_text(json.dumps({
-        "world": w, "bank_slice": [lo, hi], "queries": mine.tolist(), "pred": pred.tolist(), "lopsided": lop.tolist(),
-        "real": res, "real_bank_rows": ev.last_bank_rows}))
+    Path(out_dir, f"rank{r}.json").write_text(
+        json.dumps(
+            {
+                "world": w,
+                "bank_slice": [lo, hi],
+                "queries": mine.tolist(),
+                "pred": pred.tolist(),
+                "lopsided": lop.tolist(),
+                "real": res,
+                "real_bank_rows": ev.last_bank_rows,
+            }
+        )
+    )
     tdist.destroy_process_group()
 
 

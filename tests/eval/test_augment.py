@@ -1,4 +1,5 @@
 """Fine-tune augmentation: reproducible from the loader's generators, global RNGs left untouched."""
+
 from __future__ import annotations
 
 import random
@@ -60,7 +61,7 @@ def test_random_erase():
     changed = (y != 0).any(0)
     assert 0 < changed.sum() < 16 * 16 and torch.equal(x, torch.zeros(3, 16, 16))  # a box; input untouched
     rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
-    assert changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()      # it is one rectangle
+    assert changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()  # it is one rectangle
     assert torch.equal(y, random_erase(x, 1.0, g(0)))
 
 
@@ -73,7 +74,7 @@ def test_mixup_collate_soft_targets():
     b1, b2 = col(_samples(), g(3)), col(_samples(), g(3))
     assert b1["target"].shape == (8, 10) and torch.allclose(b1["target"].sum(1), torch.ones(8))
     assert torch.equal(b1["image"], b2["image"]) and torch.equal(b1["target"], b2["target"])
-    assert not torch.equal(b1["image"], torch.stack([s["image"] for s in _samples()]))   # mixed
+    assert not torch.equal(b1["image"], torch.stack([s["image"] for s in _samples()]))  # mixed
     with pytest.raises(ConfigError, match="even"):
         col(_samples(7), g(0))
 

@@ -7,6 +7,7 @@
 * multi-process: the linear probe under `accelerate launch --multi_gpu --num_processes 2` (CPU, gloo) gives the
   accuracy of one process within a stated tolerance.
 """
+
 from __future__ import annotations
 
 import json
@@ -14,9 +15,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from launch_utils import BIN, run, tiny_overrides
+from safetensors.torch import save_file
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +35,36 @@ def _random_init(path, seed: int = 0):
 
 
 def _eval(kind, source, data, *args, launcher=(sys.executable, "-m", "mimscale.cli"), env=None):
-    p = run([*launcher, "eval", kind, str(source), "--data", str(data["train"]), "--test", str(data["test"]), *args],
-            env=env, timeout=900)
+    p = run(
+        [*launcher, "eval", kind, str(source), "--data", str(data["train"]), "--test", str(data["test"]), *args],
+        env=env,
+        timeout=900,
+    )
     return p
 
 
 def test_trained_encoder_beats_random_init_linear_and_finetune(tmp_path, fmnist_small):
     rd = tmp_path / "mae"
-    run([sys.executable, "-m", "mimscale.cli", "pretrain",
-         *tiny_overrides(fmnist_small, rd, train__batch_size=64, train__micro_batch_size=64, train__max_steps="null",
-                         train__epochs=12, train__log_every=32, optim__warmup_epochs=1, data__shuffle_buffer=512)],
-        timeout=900)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "mimscale.cli",
+            "pretrain",
+            *tiny_overrides(
+                fmnist_small,
+                rd,
+                train__batch_size=64,
+                train__micro_batch_size=64,
+                train__max_steps="null",
+                train__epochs=12,
+                train__log_every=32,
+                optim__warmup_epochs=1,
+                data__shuffle_buffer=512,
+            ),
+        ],
+        timeout=900,
+    )
     rnd = _random_init(tmp_path / "random.safetensors")
 
     _eval("linear", rd, fmnist_small, *PROBE)
@@ -55,15 +74,28 @@ def test_trained_encoder_beats_random_init_linear_and_finetune(tmp_path, fmnist_
     assert trained["test_samples"] == random_init["test_samples"] == 512
     assert trained["top1"] > random_init["top1"] + 1.0, (trained["top1"], random_init["top1"])
 
-    p = _eval("finetune", rd, fmnist_small, "train.epochs=2", "train.batch_size=64", "train.micro_batch_size=64",
-              "train.precision=fp32", "train.log_every=8", "optim.warmup_epochs=0.25", "optim.blr=1e-2",
-              "finetune.mixup=0", "finetune.cutmix=0", "data.num_workers=1", "data.shuffle_buffer=512",
-              "log.wandb=disabled")
+    p = _eval(
+        "finetune",
+        rd,
+        fmnist_small,
+        "train.epochs=2",
+        "train.batch_size=64",
+        "train.micro_batch_size=64",
+        "train.precision=fp32",
+        "train.log_every=8",
+        "optim.warmup_epochs=0.25",
+        "optim.blr=1e-2",
+        "finetune.mixup=0",
+        "finetune.cutmix=0",
+        "data.num_workers=1",
+        "data.shuffle_buffer=512",
+        "log.wandb=disabled",
+    )
     ft = json.loads((rd / "eval" / "finetune.json").read_text())
     assert "finetune top-1" in p.stdout
     assert ft["steps"] == 64 and len(ft["curve"]) == 2 and ft["world_size"] == 1
-    assert ft["top1"] > 25.0, ft["curve"]            # chance: 10%; measured 36.7% (2 epochs, RandAugment at 16 px)
-    depth, decay = 4, 0.65                    # vit_micro has no recipe of its own: finetune_vit_b16 applies
+    assert ft["top1"] > 25.0, ft["curve"]  # chance: 10%; measured 36.7% (2 epochs, RandAugment at 16 px)
+    depth, decay = 4, 0.65  # vit_micro has no recipe of its own: finetune_vit_b16 applies
     assert ft["layer_decay"] == decay
     assert ft["lr_scales"] == pytest.approx(sorted(decay ** (depth + 1 - i) for i in range(depth + 2)))
 
@@ -71,8 +103,9 @@ def test_trained_encoder_beats_random_init_linear_and_finetune(tmp_path, fmnist_
     from safetensors.torch import load_file
     from timm.models.vision_transformer import VisionTransformer as TimmViT
 
-    timm_model = TimmViT(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10,
-                         global_pool="avg", fc_norm=True)
+    timm_model = TimmViT(
+        img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10, global_pool="avg", fc_norm=True
+    )
     timm_model.load_state_dict(load_file(ft["model"]), strict=True)
 
     # results reach the run's metrics.jsonl and the report table
@@ -86,9 +119,29 @@ def test_linear_probe_two_processes_match_one(tmp_path, fmnist_small):
     src = _random_init(tmp_path / "enc.safetensors")
     args = [*PROBE, *FM_NORM]
     _eval("linear", src, fmnist_small, *args, "--out", str(tmp_path / "one.json"))
-    _eval("linear", src, fmnist_small, *args, "--out", str(tmp_path / "two.json"),
-          launcher=(str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                    "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mimscale.cli"))
+    _eval(
+        "linear",
+        src,
+        fmnist_small,
+        *args,
+        "--out",
+        str(tmp_path / "two.json"),
+        launcher=(
+            str(BIN / "accelerate"),
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "mimscale.cli",
+        ),
+    )
     one, two = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "two.json"))
     assert one["processes"] == 1 and two["processes"] == 2
     assert one["train_samples"] == two["train_samples"] == 2048 and one["test_samples"] == two["test_samples"] == 512

@@ -1,5 +1,6 @@
 """Fine-tuning pieces: the classifier keeps the encoder's weights, loads strictly into timm, soft-target loss,
 recipes with MAE's official hparams."""
+
 from __future__ import annotations
 
 import pytest
@@ -46,17 +47,29 @@ def test_soft_target_loss_equals_cross_entropy_on_one_hot(source):
     assert torch.allclose(out.loss, ref, atol=1e-6) and set(out.metrics) == {"loss"}
 
 
-@pytest.mark.parametrize("name,arch,epochs,blr,decay,dp", [
-    ("finetune_vit_b16", "vit_base", 100, 5e-4, 0.65, 0.1),
-    ("finetune_vit_l16", "vit_large", 50, 1e-3, 0.75, 0.2),
-    ("finetune_vit_h14", "vit_huge", 50, 1e-3, 0.75, 0.3)])
+@pytest.mark.parametrize(
+    "name,arch,epochs,blr,decay,dp",
+    [
+        ("finetune_vit_b16", "vit_base", 100, 5e-4, 0.65, 0.1),
+        ("finetune_vit_l16", "vit_large", 50, 1e-3, 0.75, 0.2),
+        ("finetune_vit_h14", "vit_huge", 50, 1e-3, 0.75, 0.3),
+    ],
+)
 def test_recipes_carry_mae_hparams(source, name, arch, epochs, blr, decay, dp):
-    source.arch = arch                                     # the default recipe follows the arch
+    source.arch = arch  # the default recipe follows the arch
     r = load_recipe(None, [], source)
     assert r.model.arch == arch and (r.train.epochs, r.optim.blr, r.finetune.layer_decay, r.model.drop_path) == (
-        epochs, blr, decay, dp)
+        epochs,
+        blr,
+        decay,
+        dp,
+    )
     assert (r.train.batch_size, r.optim.weight_decay, tuple(r.optim.betas), r.optim.warmup_epochs) == (
-        1024, 0.05, (0.9, 0.999), 5)
+        1024,
+        0.05,
+        (0.9, 0.999),
+        5,
+    )
     f = r.finetune
     assert (f.mixup, f.cutmix, f.smoothing, f.rand_aug, f.reprob) == (0.8, 1.0, 0.1, "rand-m9-mstd0.5-inc1", 0.25)
     assert load_recipe(name, [], source).finetune.layer_decay == decay

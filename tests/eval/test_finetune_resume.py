@@ -1,6 +1,7 @@
 """Fine-tuning runs on pre-training's Trainer: killed with -9 mid-run it resumes from its last checkpoint, and
 on SIGUSR1 it saves and exits 42; the resumed run's per-step losses are bitwise those of an uninterrupted
 run (fp32, drop path, mixup/cutmix and RandAugment drawing from the loader's generators, 1 worker)."""
+
 from __future__ import annotations
 
 import json
@@ -12,27 +13,53 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch_utils import clean_env, run
 from safetensors.torch import save_file
 
-from launch_utils import clean_env, run
 from mimscale import checkpoint as ckpt
 from mimscale.models.vit import build_vit
 from mimscale.telemetry.logger import read_jsonl
 
 
 def _cmd(src: Path, data, out: Path) -> list[str]:
-    return [sys.executable, "-m", "mimscale.cli", "eval", "finetune", str(src), "--data", str(data["train"]),
-            "--test", str(data["test"]), "--out-dir", str(out), "--out", str(out / "result.json"),
-            "train.max_steps=10", "train.batch_size=16", "train.micro_batch_size=16", "train.precision=fp32",
-            "train.log_every=1", "train.save_every=3", "train.save_every_minutes=null", "optim.warmup_epochs=0.01",
-            "model.drop_path=0.1", "finetune.train_samples=512", "finetune.test_samples=256",
-            "finetune.eval_batch_size=128", "data.num_workers=1", "data.shuffle_buffer=64", "log.wandb=disabled",
-            "log.tensorboard=false"]
+    return [
+        sys.executable,
+        "-m",
+        "mimscale.cli",
+        "eval",
+        "finetune",
+        str(src),
+        "--data",
+        str(data["train"]),
+        "--test",
+        str(data["test"]),
+        "--out-dir",
+        str(out),
+        "--out",
+        str(out / "result.json"),
+        "train.max_steps=10",
+        "train.batch_size=16",
+        "train.micro_batch_size=16",
+        "train.precision=fp32",
+        "train.log_every=1",
+        "train.save_every=3",
+        "train.save_every_minutes=null",
+        "optim.warmup_epochs=0.01",
+        "model.drop_path=0.1",
+        "finetune.train_samples=512",
+        "finetune.test_samples=256",
+        "finetune.eval_batch_size=128",
+        "data.num_workers=1",
+        "data.shuffle_buffer=64",
+        "log.wandb=disabled",
+        "log.tensorboard=false",
+    ]
 
 
 def _losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in read_jsonl(out / "metrics.jsonl", drop_rewound=True)
-            if "train/loss" in r}
+    return {
+        r["step"]: r["train/loss"] for r in read_jsonl(out / "metrics.jsonl", drop_rewound=True) if "train/loss" in r
+    }
 
 
 def _interrupt(cmd: list[str], out: Path, at_step: int, sig: int) -> tuple[int, str]:

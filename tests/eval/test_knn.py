@@ -1,4 +1,5 @@
 """Weighted kNN classification of frozen features (cosine similarity, exp(cos / T) votes)."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,8 @@ def clusters(per_class: int, num_classes: int = 4, dim: int = 16, noise: float =
 
 
 def test_separable_clusters_are_classified_perfectly():
-    xtr, ytr = clusters(50, seed=0)                          # [200, 16], [200]
-    xte, yte = clusters(20, seed=0)                          # same centres (same seed), new points below
+    xtr, ytr = clusters(50, seed=0)  # [200, 16], [200]
+    xte, yte = clusters(20, seed=0)  # same centres (same seed), new points below
     xte = xte + 0.05 * torch.randn(xte.shape, generator=torch.Generator().manual_seed(1))
     pred = knn_predict(xtr, ytr, xte, num_classes=4, k=20, temperature=0.07)
     assert pred.shape == (80,) and pred.dtype == torch.long
@@ -39,7 +40,7 @@ def test_features_are_normalised_scale_does_not_matter():
     xtr, ytr = clusters(10)
     q = xtr[:8]
     a = knn_predict(xtr, ytr, q, 4, k=5)
-    scale = torch.rand(len(xtr), 1, generator=torch.Generator().manual_seed(2)) * 100 + 0.01   # per-row scale
+    scale = torch.rand(len(xtr), 1, generator=torch.Generator().manual_seed(2)) * 100 + 0.01  # per-row scale
     b = knn_predict(xtr * scale, ytr, q * 7.0, 4, k=5)
     assert torch.equal(a, b)
 
@@ -50,12 +51,12 @@ def _weighting_case():
     Unweighted majority (or a very high T) says class 0 (2 votes vs 1); with T = 0.07 the close
     neighbour wins: exp(0.99/0.07) = 1.4e6 > 2 exp(0.5/0.07) = 2.5e3.
     """
-    q = torch.tensor([[1.0, 0.0, 0.0]])                                  # [1, 3]
-    near = torch.tensor([0.99, (1 - 0.99 ** 2) ** 0.5, 0.0])
-    far_a = torch.tensor([0.5, 0.0, 0.75 ** 0.5])
-    far_b = torch.tensor([0.5, -(0.75 ** 0.5), 0.0])
-    very_far = torch.tensor([-1.0, 0.0, 0.0])                             # outside k = 3
-    train = torch.stack([near, far_a, far_b, very_far])                  # [4, 3]
+    q = torch.tensor([[1.0, 0.0, 0.0]])  # [1, 3]
+    near = torch.tensor([0.99, (1 - 0.99**2) ** 0.5, 0.0])
+    far_a = torch.tensor([0.5, 0.0, 0.75**0.5])
+    far_b = torch.tensor([0.5, -(0.75**0.5), 0.0])
+    very_far = torch.tensor([-1.0, 0.0, 0.0])  # outside k = 3
+    train = torch.stack([near, far_a, far_b, very_far])  # [4, 3]
     labels = torch.tensor([1, 0, 0, 1])
     return train, labels, q
 
@@ -78,8 +79,8 @@ def test_k_larger_than_the_bank():
 
 
 def test_chunking_gives_the_same_result():
-    xtr, ytr = clusters(30, num_classes=5, noise=1.5, seed=3)            # overlapping: non-trivial votes
-    xte, _ = clusters(13, num_classes=5, noise=1.5, seed=4)              # 65 queries
+    xtr, ytr = clusters(30, num_classes=5, noise=1.5, seed=3)  # overlapping: non-trivial votes
+    xte, _ = clusters(13, num_classes=5, noise=1.5, seed=4)  # 65 queries
     full = knn_predict(xtr, ytr, xte, num_classes=5, k=7, chunk=1024)
     for chunk in (1, 7, 64, 65):
         assert torch.equal(knn_predict(xtr, ytr, xte, num_classes=5, k=7, chunk=chunk), full)
@@ -143,12 +144,14 @@ def test_one_two_and_three_ranks_agree(tmp_path, fmnist_small):
 
     bank, labels, queries = synthetic()
     ref = knn_predict(bank, labels, queries, 5, k=7)
-    assert len(set(ref.tolist())) == 5                                   # a non-trivial case
+    assert len(set(ref.tolist())) == 5  # a non-trivial case
     torch.manual_seed(0)
     enc = build_vit("vit_micro", 16, 4, 1)
     tf = EvalTransform(16, mean=(0.3,), std=(0.35,), in_chans=1)
-    loaders = [ShardLoader(str(fmnist_small[s]), batch_size=100, transform=tf, num_workers=0, mode="eval",
-                           shuffle=False) for s in ("train", "test")]
+    loaders = [
+        ShardLoader(str(fmnist_small[s]), batch_size=100, transform=tf, num_workers=0, mode="eval", shuffle=False)
+        for s in ("train", "test")
+    ]
     one = KNNEvaluator(*loaders, num_classes=10, chunk=200)(enc, torch.device("cpu"))
     assert (one["eval/knn_bank"], one["eval/knn_queries"]) == (2048, 512)
     assert 10.0 < one["eval/knn_top1"] < 100.0
@@ -156,16 +159,28 @@ def test_one_two_and_three_ranks_agree(tmp_path, fmnist_small):
     for world in (2, 3):
         out = tmp_path / f"w{world}"
         out.mkdir()
-        run(["torchrun", "--nproc_per_node", str(world), "--master_port", str(free_port()), str(worker), str(out),
-             str(fmnist_small["train"]), str(fmnist_small["test"])], timeout=300)
+        run(
+            [
+                "torchrun",
+                "--nproc_per_node",
+                str(world),
+                "--master_port",
+                str(free_port()),
+                str(worker),
+                str(out),
+                str(fmnist_small["train"]),
+                str(fmnist_small["test"]),
+            ],
+            timeout=300,
+        )
         recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
         got = torch.full((97,), -1)
         for rec in recs:
             got[rec["queries"]] = torch.tensor(rec["pred"])
             assert rec["lopsided"] == ref[rec["queries"]].tolist()
-            assert rec["real"] == recs[0]["real"]                         # every rank reports the same result
+            assert rec["real"] == recs[0]["real"]  # every rank reports the same result
         assert torch.equal(got, ref), world
         assert recs[0]["real"]["eval/knn_top1"] == one["eval/knn_top1"], world
         assert (recs[0]["real"]["eval/knn_bank"], recs[0]["real"]["eval/knn_queries"]) == (2048, 512)
         rows = [rec["real_bank_rows"] for rec in recs]
-        assert sum(rows) == 2048 and max(rows) <= 2048 // world + 256, rows   # ~1/world each (256-sample shards)
+        assert sum(rows) == 2048 and max(rows) <= 2048 // world + 256, rows  # ~1/world each (256-sample shards)

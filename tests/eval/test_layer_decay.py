@@ -1,4 +1,5 @@
 """Layer-wise lr decay groups: every parameter once, MAE's layer ids and scales, no decay on 1-D/tokens."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,13 +23,19 @@ def test_scales_and_decay(decay):
     scale_of = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     wd_of = {id(p): (g["weight_decay"], g["wd_scale"]) for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
-    expect = {"head.weight": 1.0, "fc_norm.weight": 1.0, "blocks.3.attn.qkv.weight": decay,
-              "blocks.0.mlp.fc1.weight": decay ** 4, "patch_embed.proj.weight": decay ** 5,
-              "cls_token": decay ** 5, "pos_embed": decay ** 5}
+    expect = {
+        "head.weight": 1.0,
+        "fc_norm.weight": 1.0,
+        "blocks.3.attn.qkv.weight": decay,
+        "blocks.0.mlp.fc1.weight": decay**4,
+        "patch_embed.proj.weight": decay**5,
+        "cls_token": decay**5,
+        "pos_embed": decay**5,
+    }
     for name, scale in expect.items():
         assert scale_of[id(named[name])] == pytest.approx(scale), name
     for name in ("head.weight", "blocks.2.attn.proj.weight", "patch_embed.proj.weight"):
         assert wd_of[id(named[name])] == (0.05, 1.0), name
     for name in ("head.bias", "fc_norm.weight", "blocks.1.norm1.bias", "cls_token", "pos_embed"):
         assert wd_of[id(named[name])] == (0.0, 0.0), name
-    assert len(groups) == 2 * (model.depth + 2)         # (layer, decay?) pairs: every layer has both kinds
+    assert len(groups) == 2 * (model.depth + 2)  # (layer, decay?) pairs: every layer has both kinds

@@ -1,7 +1,7 @@
 """Linear probe: LARS maths, the head, and a real probe on Fashion-MNIST features in one process."""
+
 from __future__ import annotations
 
-import pytest
 import torch
 
 from mimscale.eval.linear import LARS, LinearConfig, LinearHead, linear_probe
@@ -9,7 +9,7 @@ from mimscale.models.vit import build_vit
 
 
 def test_lars_step():
-    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))      # ||w|| = 5
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ||w|| = 5
     b = torch.nn.Parameter(torch.tensor([1.0]))
     opt = LARS([w, b], lr=0.5, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001)
     w.grad, b.grad = torch.tensor([[0.0, 2.0]]), torch.tensor([2.0])
@@ -17,7 +17,7 @@ def test_lars_step():
     # weight: d = g * 0.001 * 5 / 2 -> [0, 0.005]; w -= 0.5 d. bias: plain momentum SGD.
     assert torch.allclose(w, torch.tensor([[3.0, 4.0 - 0.0025]]))
     assert torch.allclose(b, torch.tensor([0.0]))
-    opt.step()                                              # momentum: mu = 0.9 mu + d
+    opt.step()  # momentum: mu = 0.9 mu + d
     assert torch.allclose(b, torch.tensor([-1.9]))
 
 
@@ -32,13 +32,30 @@ def test_probe_on_real_features_single_process(fmnist_small):
 
     torch.manual_seed(0)
     enc = build_vit("vit_micro", 16, 4, 3)
-    cfg = LinearConfig(pool="mean", epochs=5, batch_size=256, blr=0.1, warmup_epochs=1, optimizer="sgd",
-                       num_workers=0, feature_batch_size=512)
-    res = linear_probe(enc, str(fmnist_small["train"]), str(fmnist_small["test"]), cfg, Accelerator(cpu=True),
-                       img_size=16, in_chans=3, mean=(0.286,) * 3, std=(0.353,) * 3)
+    cfg = LinearConfig(
+        pool="mean",
+        epochs=5,
+        batch_size=256,
+        blr=0.1,
+        warmup_epochs=1,
+        optimizer="sgd",
+        num_workers=0,
+        feature_batch_size=512,
+    )
+    res = linear_probe(
+        enc,
+        str(fmnist_small["train"]),
+        str(fmnist_small["test"]),
+        cfg,
+        Accelerator(cpu=True),
+        img_size=16,
+        in_chans=3,
+        mean=(0.286,) * 3,
+        std=(0.353,) * 3,
+    )
     assert res["train_samples"] == 2048 and res["test_samples"] == 512 and res["classes"] == 10
     assert res["steps"] == 5 * 8 and len(res["curve"]) == 5
-    assert res["top1"] > 40.0, res                          # chance is 10%
+    assert res["top1"] > 40.0, res  # chance is 10%
     assert all(not p.requires_grad for p in enc.parameters())
 
 
@@ -48,10 +65,28 @@ def test_augmented_path_runs_the_frozen_encoder_every_step(fmnist_small):
     torch.manual_seed(0)
     enc = build_vit("vit_micro", 16, 4, 3)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
-    cfg = LinearConfig(augment=True, epochs=2, batch_size=64, blr=0.1, warmup_epochs=0, optimizer="lars",
-                       train_samples=256, test_samples=256, num_workers=0)
-    res = linear_probe(enc, str(fmnist_small["train"]), str(fmnist_small["test"]), cfg, Accelerator(cpu=True),
-                       img_size=16, in_chans=3, mean=(0.286,) * 3, std=(0.353,) * 3)
+    cfg = LinearConfig(
+        augment=True,
+        epochs=2,
+        batch_size=64,
+        blr=0.1,
+        warmup_epochs=0,
+        optimizer="lars",
+        train_samples=256,
+        test_samples=256,
+        num_workers=0,
+    )
+    res = linear_probe(
+        enc,
+        str(fmnist_small["train"]),
+        str(fmnist_small["test"]),
+        cfg,
+        Accelerator(cpu=True),
+        img_size=16,
+        in_chans=3,
+        mean=(0.286,) * 3,
+        std=(0.353,) * 3,
+    )
     assert res["train_samples"] == 256 and res["test_samples"] == 256 and res["steps"] == 2 * 4
     assert len(res["curve"]) == 2 and 0.0 <= res["top1"] <= 100.0
-    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())   # the encoder stayed frozen
+    assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # the encoder stayed frozen

@@ -1,4 +1,5 @@
 """SOURCE loading: run directory or exported file, geometry inferred and checked; bad files -> one line, exit 2."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,13 +33,15 @@ def test_exported_file_geometry_is_inferred(tmp_path):
 
 def test_run_dir(tmp_path):
     _export(tmp_path / "encoder.safetensors")
-    cfg = {"model": {"arch": "vit_micro", "img_size": 16, "patch_size": 4, "in_chans": 3},
-           "data": {"mean": [0.3, 0.3, 0.3], "std": [0.4, 0.4, 0.4]}}
+    cfg = {
+        "model": {"arch": "vit_micro", "img_size": 16, "patch_size": 4, "in_chans": 3},
+        "data": {"mean": [0.3, 0.3, 0.3], "std": [0.4, 0.4, 0.4]},
+    }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     (tmp_path / "summary.json").write_text('{"steps": 77}')
     s = load_source(tmp_path)
     assert s.run_dir == tmp_path and s.step == 77 and s.mean == (0.3, 0.3, 0.3)
-    cfg["model"]["img_size"] = 32                       # config and weights disagree
+    cfg["model"]["img_size"] = 32  # config and weights disagree
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(CheckpointError, match="img_size=32"):
         load_source(tmp_path)
@@ -66,13 +69,32 @@ def test_bad_sources_give_one_line(tmp_path, case):
 
 
 def test_cli_exits_2_with_one_line(tmp_path, capsys, fmnist_small):
-    rc = main(["eval", "linear", str(tmp_path / "nope.safetensors"), "--data", str(fmnist_small["train"]),
-               "--test", str(fmnist_small["test"])])
+    rc = main(
+        [
+            "eval",
+            "linear",
+            str(tmp_path / "nope.safetensors"),
+            "--data",
+            str(fmnist_small["train"]),
+            "--test",
+            str(fmnist_small["test"]),
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and err.count("\n") == 0 and "not found" in err
     _export(tmp_path / "e.safetensors")
-    rc = main(["eval", "knn", str(tmp_path / "e.safetensors"), "--data", str(fmnist_small["train"]),
-               "--test", str(fmnist_small["test"]), "k=abc"])
+    rc = main(
+        [
+            "eval",
+            "knn",
+            str(tmp_path / "e.safetensors"),
+            "--data",
+            str(fmnist_small["train"]),
+            "--test",
+            str(fmnist_small["test"]),
+            "k=abc",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "k must be an integer" in err
 
@@ -98,6 +120,6 @@ def test_relative_position_export_is_read_back_with_its_geometry(tmp_path):
     torch.testing.assert_close(src.encoder.forward_features(x), m.forward_features(x))
     from mimscale.eval.finetune import build_classifier
 
-    clf = build_classifier(src, classes=10, drop_path=0.0, head_init_std=2e-5)   # fine-tuning reads it too
+    clf = build_classifier(src, classes=10, drop_path=0.0, head_init_std=2e-5)  # fine-tuning reads it too
     assert torch.equal(clf.rel_pos_bias.relative_position_bias_table, m.rel_pos_bias.relative_position_bias_table)
     assert torch.equal(clf.blocks[2].ls2.gamma, m.blocks[2].ls2.gamma)

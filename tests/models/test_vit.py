@@ -44,7 +44,9 @@ def test_strict_load_into_timm_create_model(arch):
 def test_large_huge_shapes_match_timm_on_meta(arch, p):
     with torch.device("meta"):
         m = build_vit(arch, 224, p)
-        t = timm.create_model(timm_model_name(arch, p, 224), pretrained=False, img_size=224, patch_size=p, num_classes=0)
+        t = timm.create_model(
+            timm_model_name(arch, p, 224), pretrained=False, img_size=224, patch_size=p, num_classes=0
+        )
         t2 = TimmViT(**timm_kwargs(m))
     assert _shapes(t.state_dict()) == _shapes(m.state_dict()) == _shapes(t2.state_dict())
     t.load_state_dict(m.state_dict(), strict=True)  # meta load still checks keys and shapes
@@ -71,9 +73,10 @@ def test_build_vit_unknown_arch_names_valid_ones():
         assert a in str(e.value)
 
 
-_EQUIV_CASES = [
-    ("vit_micro", gp, ls, nc) for gp in ("token", "avg") for ls in (None, 0.1) for nc in (0, 7)
-] + [("vit_tiny", "token", None, 0), ("vit_tiny", "avg", 0.1, 7)]
+_EQUIV_CASES = [("vit_micro", gp, ls, nc) for gp in ("token", "avg") for ls in (None, 0.1) for nc in (0, 7)] + [
+    ("vit_tiny", "token", None, 0),
+    ("vit_tiny", "avg", 0.1, 7),
+]
 
 
 @pytest.mark.parametrize("arch,global_pool,ls,num_classes", _EQUIV_CASES)
@@ -429,8 +432,8 @@ def test_relative_subset_forward_gathers_the_bias(micro):
     for b in range(2):  # reference: one sample, the full bias restricted to cls + its kept patches
         pos = torch.cat([torch.zeros(1, dtype=torch.long), keep[b] + 1])
         bias = m.rel_pos_bias()[:, :, pos][:, :, :, pos]
-        ref = m.encode(m.add_cls(m.gather_tokens(m.embed(x[b:b + 1]), keep[b:b + 1])), rel_bias=bias)
-        torch.testing.assert_close(got[b:b + 1], ref, atol=1e-5, rtol=1e-5)
+        ref = m.encode(m.add_cls(m.gather_tokens(m.embed(x[b : b + 1]), keep[b : b + 1])), rel_bias=bias)
+        torch.testing.assert_close(got[b : b + 1], ref, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="relative"):
         m.encode(torch.zeros(1, 5, 64))
 
@@ -447,9 +450,9 @@ def test_beit_init_truncates_at_one_sigma_and_rescales_by_depth():
             if mod.bias is not None:
                 assert torch.all(mod.bias == 0), name
     w = m.blocks[0].mlp.fc1.weight
-    assert abs(w.std().item() - 0.02 * 0.5399) < 5e-4           # std of N(0, s) cut at +-s is 0.54 s
+    assert abs(w.std().item() - 0.02 * 0.5399) < 5e-4  # std of N(0, s) cut at +-s is 0.54 s
     assert 0.0199 < w.abs().max().item() <= 0.02
-    for i, blk in enumerate(m.blocks):                           # 1 / sqrt(2 l) on attn.proj and fc2
+    for i, blk in enumerate(m.blocks):  # 1 / sqrt(2 l) on attn.proj and fc2
         s = 0.02 * 0.5399 / math.sqrt(2 * (i + 1))
         assert abs(blk.attn.proj.weight.std().item() - s) < 0.06 * s, i
         assert abs(blk.mlp.fc2.weight.std().item() - s) < 0.03 * s, i
@@ -463,10 +466,10 @@ def test_timm_init_matches_timm_vit_statistics():
     torch.manual_seed(0)
     m = build_vit("vit_small", 32, 4, init="timm")
     w = m.blocks[5].mlp.fc1.weight
-    assert abs(w.std().item() - 0.02) < 3e-4 and w.abs().max() > 0.06    # practically untruncated
-    assert abs(m.blocks[5].mlp.fc2.weight.std().item() - 0.02) < 3e-4     # no depth rescale
-    assert m.cls_token.abs().max() < 1e-5                                 # N(0, 1e-6)
-    c = m.patch_embed.proj                                                # PyTorch default conv init
+    assert abs(w.std().item() - 0.02) < 3e-4 and w.abs().max() > 0.06  # practically untruncated
+    assert abs(m.blocks[5].mlp.fc2.weight.std().item() - 0.02) < 3e-4  # no depth rescale
+    assert m.cls_token.abs().max() < 1e-5  # N(0, 1e-6)
+    c = m.patch_embed.proj  # PyTorch default conv init
     bound = 1 / math.sqrt(c.weight[0].numel())
     assert c.weight.abs().max() <= bound and c.weight.abs().max() > 0.9 * bound
     with pytest.raises(ValueError, match="init scheme"):

@@ -1,4 +1,5 @@
 """Shared check of the learning tests: an engine-written BEiT-layout encoder export against timm's Beit."""
+
 import torch
 
 from mimscale.models.vit import build_vit
@@ -19,4 +20,4 @@ def check_beit_export(path, img: int, patch: int) -> None:
     timm_model.load_state_dict(state, strict=True)
     x = torch.randn(2, 3, img, img)
     torch.testing.assert_close(timm_model.forward_features(x), ours.forward_features(x), atol=1e-5, rtol=1e-5)
-    assert state["blocks.0.attn.relative_position_bias_table"].abs().max() > 0     # the bias was trained
+    assert state["blocks.0.attn.relative_position_bias_table"].abs().max() > 0  # the bias was trained

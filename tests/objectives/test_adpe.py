@@ -4,6 +4,7 @@
 Unit tests use a micro ViT (D = 64, 2 blocks) on 32 px images with p = 4 and 16 px crops: G_c = 4,
 N_c = 16 patches per crop, 4 visible and 12 masked at r = 0.75.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,7 +27,7 @@ from mimscale.objectives.adpe import AdPE, AdPEConfig, MAEPlus
 from mimscale.objectives.mae import MAE, masked_mse
 
 IMG, PATCH, CROP, NC = 32, 4, 16, 4
-NCROP = (CROP // PATCH) ** 2          # 16 patches per crop
+NCROP = (CROP // PATCH) ** 2  # 16 patches per crop
 D = 64
 
 
@@ -43,8 +44,9 @@ def make(adv_type: int | None = None, seed: int = 0, cls=AdPE, **kw):
 
 def images(n: int, seed: int = 0) -> list[Image.Image]:
     g = torch.Generator().manual_seed(seed)
-    return [Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy())
-            for _ in range(n)]
+    return [
+        Image.fromarray(torch.randint(0, 256, (40, 48, 3), generator=g, dtype=torch.uint8).numpy()) for _ in range(n)
+    ]
 
 
 def make_batch(obj, b: int = 3, seed: int = 0) -> dict:
@@ -82,14 +84,17 @@ def test_registered_with_spec_defaults():
     assert MAEPlus.Config().adv_type == 0
 
 
-@pytest.mark.parametrize("change,match", [
-    (dict(pe_type="rpe"), "not implemented"),
-    (dict(adv_type=3), "adv_type=3"),
-    (dict(crop_size=18), "multiple of model.patch_size"),
-    (dict(num_crops=0), "num_crops"),
-    (dict(adv_blr=-1.0), "negated gradient"),
-    (dict(decoder_dim=30), "decoder_dim"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(pe_type="rpe"), "not implemented"),
+        (dict(adv_type=3), "adv_type=3"),
+        (dict(crop_size=18), "multiple of model.patch_size"),
+        (dict(num_crops=0), "num_crops"),
+        (dict(adv_blr=-1.0), "negated gradient"),
+        (dict(decoder_dim=30), "decoder_dim"),
+    ],
+)
 def test_config_errors_are_one_line(change, match):
     with pytest.raises(ConfigError, match=match) as e:
         make(**change)
@@ -104,12 +109,17 @@ def test_config_errors_mae_plus_and_learned_pos_embed():
         AdPE(enc, AdPEConfig(crop_size=CROP))
 
 
-@pytest.mark.parametrize("recipe,name,adv_type,arch", [("mae_plus_vit_b16", "mae_plus", 0, "vit_base"),
-                                                       ("adpe_vit_b16", "adpe", 1, "vit_base"),
-                                                       ("adpe_vit_l16", "adpe", 1, "vit_large")])
+@pytest.mark.parametrize(
+    "recipe,name,adv_type,arch",
+    [
+        ("mae_plus_vit_b16", "mae_plus", 0, "vit_base"),
+        ("adpe_vit_b16", "adpe", 1, "vit_base"),
+        ("adpe_vit_l16", "adpe", 1, "vit_large"),
+    ],
+)
 def test_recipes(recipe, name, adv_type, arch):
     with pytest.raises(ConfigError):
-        C.load(recipe, [])                                  # data.train is ??? like the MAE recipes
+        C.load(recipe, [])  # data.train is ??? like the MAE recipes
     cfg = C.load(recipe, ["data.train=/data/in1k/train-{000000..001281}.tar"])
     knobs = C.objective_knobs(cfg)
     assert cfg.objective["name"] == name and cfg.model.arch == arch and knobs.adv_type == adv_type
@@ -131,10 +141,10 @@ def test_multicrop_transform_is_random_reproducible_and_picklable():
     im = images(1)[0]
     a = tf(im, torch.Generator().manual_seed(3))
     assert set(a) == {"image"} and a["image"].shape == (NC, 3, CROP, CROP) and a["image"].dtype == torch.float32
-    assert not torch.equal(a["image"][0], a["image"][1])                  # crops are independent draws
+    assert not torch.equal(a["image"][0], a["image"][1])  # crops are independent draws
     b = pickle.loads(pickle.dumps(tf))(im, torch.Generator().manual_seed(3))
     assert torch.equal(a["image"], b["image"])
-    assert tf.crop.mean == (0.5,) * 3 and tf.crop.scale == (0.08, 1.0)   # normalisation from the recipe's default
+    assert tf.crop.mean == (0.5,) * 3 and tf.crop.scale == (0.08, 1.0)  # normalisation from the recipe's default
 
 
 def test_b_images_give_num_crops_times_b_crops_with_independent_masks():
@@ -144,9 +154,9 @@ def test_b_images_give_num_crops_times_b_crops_with_independent_masks():
     assert batch["crop_masks"].shape == (3, NC, NCROP) and batch["crop_masks"].dtype == torch.bool
     crops, masks = obj.flatten(batch)
     assert crops.shape == (3 * NC, 3, CROP, CROP) and masks.shape == (3 * NC, NCROP)
-    assert (masks.sum(1) == NCROP - 4).all()                              # N_keep = floor(16 * 0.25) = 4
-    assert len({tuple(m.tolist()) for m in masks}) > 3 * NC // 2            # independent across crops and images
-    assert torch.equal(crops[NC + 1], batch["image"][1, 1])               # image-major flattening
+    assert (masks.sum(1) == NCROP - 4).all()  # N_keep = floor(16 * 0.25) = 4
+    assert len({tuple(m.tolist()) for m in masks}) > 3 * NC // 2  # independent across crops and images
+    assert torch.equal(crops[NC + 1], batch["image"][1, 1])  # image-major flattening
     spec = obj.mask_spec()
     assert pickle.loads(pickle.dumps(spec)) == spec
 
@@ -160,20 +170,23 @@ def test_mae_plus_has_no_adversary_and_runs_on_all_tokens():
         assert not any("delta" in n for n, _ in [*obj.named_parameters(), *obj.named_buffers()])
         seen = {}
 
-        def record(key):
+        def record(key, seen=seen):
             def hook(module, inputs, output):
                 seen[key] = inputs[0].shape
+
             return hook
 
         obj.encoder.blocks[0].register_forward_hook(record("enc"))
         obj.decoder.embed.register_forward_hook(record("dec"))
         obj(make_batch(obj, b=2))
-        assert seen["enc"] == (2 * NC, NCROP + 1, D)                      # all tokens + cls
-        assert seen["dec"] == seen["enc"]                                 # no insertion in the decoder
+        assert seen["enc"] == (2 * NC, NCROP + 1, D)  # all tokens + cls
+        assert seen["dec"] == seen["enc"]  # no insertion in the decoder
         # the official code decays the 3-D mask and cls tokens; the knobs spare them
         assert MAEPlus.no_weight_decay(make(cls=MAEPlus)) == set()
-        assert MAEPlus.no_weight_decay(make(cls=MAEPlus, wd_mask_token=False, wd_cls_token=False)) == \
-            {"mask_token", "encoder.cls_token"}
+        assert MAEPlus.no_weight_decay(make(cls=MAEPlus, wd_mask_token=False, wd_cls_token=False)) == {
+            "mask_token",
+            "encoder.cls_token",
+        }
 
 
 def test_encoder_pos_embed_stays_at_model_img_size():
@@ -189,16 +202,18 @@ def test_encoder_pos_embed_stays_at_model_img_size():
 def test_coordinate_mode_zero_delta_is_the_fixed_table(dim, grid):
     with torch.device("meta"):
         enc = build_vit("vit_micro", img_size=grid * 16, patch_size=16, depth=1, embed_dim=dim, num_heads=4)
-    obj = AdPE(enc.to_empty(device="cpu"), AdPEConfig(adv_type=2, crop_size=grid * 16, decoder_dim=32,
-                                                      decoder_depth=0, decoder_heads=2))
+    obj = AdPE(
+        enc.to_empty(device="cpu"),
+        AdPEConfig(adv_type=2, crop_size=grid * 16, decoder_dim=32, decoder_depth=0, decoder_heads=2),
+    )
     table = sincos_2d(dim, grid, cls_token=False)[0]
     got = obj.masked_pos(torch.zeros(2))
     assert got.dtype == torch.float32 and (got - table).abs().max() < 1e-6
-    assert (obj.masked_pos(torch.tensor([1.0, 0.0]))[0] - table[1]).abs().max() < 1e-5   # shift by one column
+    assert (obj.masked_pos(torch.tensor([1.0, 0.0]))[0] - table[1]).abs().max() < 1e-5  # shift by one column
 
 
 def test_coordinate_mode_with_zero_delta_equals_mae_plus_inputs():
-    coord, plus = make(adv_type=2), make(cls=MAEPlus)                     # same seed: same weights
+    coord, plus = make(adv_type=2), make(cls=MAEPlus)  # same seed: same weights
     crops, masks = coord.flatten(make_batch(coord))
     assert torch.allclose(coord.encoder_input(crops, masks), plus.encoder_input(crops, masks), atol=1e-6)
     with torch.no_grad():
@@ -227,7 +242,7 @@ def test_embedding_mode_visible_inputs_ignore_delta_and_grad_is_sum_over_masked_
     expected = tokens.grad[masks].sum(0)
     assert obj.adv.grad_acc.abs().sum() > 0
     assert torch.allclose(obj.adv.grad_acc, expected, rtol=1e-4, atol=1e-7)
-    assert obj.adv.delta.grad is None and not obj.adv.delta.requires_grad   # invisible to DeepSpeed
+    assert obj.adv.delta.grad is None and not obj.adv.delta.requires_grad  # invisible to DeepSpeed
     assert not any(n.startswith("adv.") for n, _ in obj.named_parameters())
 
 
@@ -247,7 +262,7 @@ def test_ascent_increases_the_loss_with_frozen_network(adv_type):
         loss1 = obj(batch).loss
     assert loss1 > loss0
     obj2 = make(adv_type=adv_type)
-    with torch.no_grad():                                       # descent (the other sign) decreases it
+    with torch.no_grad():  # descent (the other sign) decreases it
         obj2.adv.delta.copy_(-obj.adv.delta)
         assert obj2(batch).loss < loss0
 
@@ -263,11 +278,14 @@ def test_full_step_moves_delta_up_and_network_down_its_gradient():
     params = {n: (p.detach().clone(), p.grad.clone()) for n, p in obj.named_parameters() if p.requires_grad}
     opt.step()
     obj.after_optimizer_step(step_ctx(lr_factor=1.0))
-    assert torch.dot(obj.adv.delta - delta0, g_delta) > 0               # ascent
-    moved = sum(torch.dot((p.detach() - params[n][0]).flatten(), params[n][1].flatten())
-                for n, p in obj.named_parameters() if n in params)
+    assert torch.dot(obj.adv.delta - delta0, g_delta) > 0  # ascent
+    moved = sum(
+        torch.dot((p.detach() - params[n][0]).flatten(), params[n][1].flatten())
+        for n, p in obj.named_parameters()
+        if n in params
+    )
     assert moved < 0
-    assert obj.adv.grad_acc.abs().sum() == 0                             # consumed
+    assert obj.adv.grad_acc.abs().sum() == 0  # consumed
 
 
 # ----------------------------------------------------------------------------- 3.7.4 projection
@@ -276,7 +294,7 @@ def test_full_step_moves_delta_up_and_network_down_its_gradient():
 @pytest.mark.parametrize("adv_type,norm", [(1, 1), (1, "linf"), (2, "l2"), (2, 2)])
 def test_projection_keeps_delta_in_the_eps_ball(adv_type, norm):
     eps = 0.01
-    obj = make(adv_type=adv_type, adv_norm=norm, adv_eps=eps, adv_batch_size=256 * 100)   # adv_lr = 1.5e-2
+    obj = make(adv_type=adv_type, adv_norm=norm, adv_eps=eps, adv_batch_size=256 * 100)  # adv_lr = 1.5e-2
     batch = make_batch(obj)
     for step in range(1, 5):
         obj(batch).loss.backward()
@@ -286,7 +304,7 @@ def test_projection_keeps_delta_in_the_eps_ball(adv_type, norm):
             assert d.norm() <= eps * (1 + 1e-6)
         else:
             assert d.abs().max() <= eps
-    assert d.norm() > 0.5 * eps                                      # the step was large enough to need it
+    assert d.norm() > 0.5 * eps  # the step was large enough to need it
 
 
 # ----------------------------------------------------------------------------- 3.7.7 negation == negative lr
@@ -300,7 +318,7 @@ def test_gradient_negation_equals_negative_lr_fp64(adv_type):
     ref = obj.adv.delta.detach().clone().requires_grad_(True)
     ref_opt = torch.optim.AdamW([ref], lr=1.0, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=False)
     lr = 0.05
-    ref_opt.param_groups[0]["lr"] = -lr          # the original: a separate group with a negative lr
+    ref_opt.param_groups[0]["lr"] = -lr  # the original: a separate group with a negative lr
     for step in range(3):
         _, g_ref = delta_grad_at(obj, batch, ref.detach())
         ref.grad = g_ref
@@ -328,8 +346,10 @@ def delta_grad_at(obj, batch, value):
 
 def test_eps_zero_coordinate_mode_trains_exactly_like_mae_plus():
     runs = {}
-    for key, obj in (("adpe", make(adv_type=2, adv_norm=2, adv_eps=0.0, adv_batch_size=256)),
-                     ("plus", make(cls=MAEPlus))):
+    for key, obj in (
+        ("adpe", make(adv_type=2, adv_norm=2, adv_eps=0.0, adv_batch_size=256)),
+        ("plus", make(cls=MAEPlus)),
+    ):
         opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-3)
         losses = []
         for step in range(3):
@@ -360,19 +380,25 @@ def test_eps_zero_embedding_mode_is_mae_plus_with_a_zero_mask_token():
 def test_initial_deltas_follow_the_code():
     """Embedding mode: delta replaces the mask token and starts like it, N(0, 0.02) (official code; an earlier
     version started at 0). Coordinate mode: zeros(2) (no shift at step 0). Same seed -> same delta (ranks)."""
+
     def build(adv_type, seed=0):
         torch.manual_seed(seed)
         enc = build_vit("vit_micro", img_size=IMG, patch_size=PATCH, depth=1, embed_dim=768)
-        return AdPE(enc, dataclasses.replace(AdPE.Config(), adv_type=adv_type, crop_size=CROP, decoder_dim=32,
-                                             decoder_depth=1, decoder_heads=2))
+        return AdPE(
+            enc,
+            dataclasses.replace(
+                AdPE.Config(), adv_type=adv_type, crop_size=CROP, decoder_dim=32, decoder_depth=1, decoder_heads=2
+            ),
+        )
+
     emb = build(1)
     d = emb.adv.delta
     assert d.shape == (768,) and d.dtype == torch.float32 and abs(d.mean().item()) < 0.003
-    assert abs(d.std().item() - 0.02) < 0.002 and d.abs().max() > 0.04          # normal, not truncated at 1 sigma
+    assert abs(d.std().item() - 0.02) < 0.002 and d.abs().max() > 0.04  # normal, not truncated at 1 sigma
     assert torch.equal(build(1).adv.delta, d)
     coord = build(2)
     assert torch.equal(coord.adv.delta, torch.zeros(2))
-    assert abs(coord.mask_token.std().item() - 0.02) < 0.002                       # MAE's N(0, 0.02)
+    assert abs(coord.mask_token.std().item() - 0.02) < 0.002  # MAE's N(0, 0.02)
 
 
 # ----------------------------------------------------------------------------- lr, state, robustness
@@ -380,7 +406,7 @@ def test_initial_deltas_follow_the_code():
 
 def test_adv_lr_follows_the_batch_and_the_main_schedule():
     obj = make()
-    obj(make_batch(obj, b=2))                                    # 2 images per micro-batch
+    obj(make_batch(obj, b=2))  # 2 images per micro-batch
     ctx = step_ctx(lr_factor=0.5, grad_accum=4, world_size=8)
     assert obj.adv_lr(ctx) == pytest.approx(1.5e-4 * 64 / 256 * 0.5)
     fixed = make(adv_batch_size=4096)
@@ -427,8 +453,11 @@ def test_bf16_forward_keeps_delta_and_its_gradient_fp32():
 
 
 def test_flops_match_objectives_section_8():
-    for arch, patch, ratio, gflops in (("vit_base", 16, 2.31, 135.4), ("vit_large", 16, 3.20, None),
-                                       ("vit_huge", 14, 3.54, None)):
+    for arch, patch, ratio, gflops in (
+        ("vit_base", 16, 2.31, 135.4),
+        ("vit_large", 16, 3.20, None),
+        ("vit_huge", 14, 3.54, None),
+    ):
         with torch.device("meta"):
             enc = build_vit(arch, img_size=224, patch_size=patch)
             adpe, mae = AdPE(enc, AdPEConfig()), MAE(enc, MAE.Config())
@@ -470,13 +499,23 @@ def test_zero3_two_ranks_bf16_keep_delta_identical_and_moving(fmnist_small, tmp_
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE.replace("__OUT__", str(tmp_path)))
     knobs = tmp_path / "zero3_all.json"
-    knobs.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                 "steps_per_print": 10 ** 9}))
+    knobs.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
+        )
+    )
     rd = tmp_path / "run"
-    args = tiny_overrides(fmnist_small, rd, train__zero_stage=3, train__ds_config=str(knobs),
-                          train__precision="bf16", train__batch_size=16, train__micro_batch_size=4,
-                          objective="{name: adpe, adv_type: 1, crop_size: 8, num_crops: 2, adv_batch_size: 2560000, "
-                                    "decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}")
+    args = tiny_overrides(
+        fmnist_small,
+        rd,
+        train__zero_stage=3,
+        train__ds_config=str(knobs),
+        train__precision="bf16",
+        train__batch_size=16,
+        train__micro_batch_size=4,
+        objective="{name: adpe, adv_type: 1, crop_size: 8, num_crops: 2, adv_batch_size: 2560000, "
+        "decoder_dim: 32, decoder_depth: 1, decoder_heads: 2}",
+    )
     run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(probe), "tiny_cpu", *args])
     s = json.loads((rd / "summary.json").read_text())
     assert s["world_size"] == 2 and s["steps"] == 4
@@ -498,17 +537,29 @@ def test_learns_on_fashion_mnist_through_the_real_train_path(fmnist_small, tmp_p
     from launch_utils import run, tiny_overrides
 
     rd = tmp_path / "run"
-    args = tiny_overrides(fmnist_small, rd, train__batch_size=32, train__micro_batch_size=32, train__max_steps="null",
-                          train__epochs=2, train__log_every=16, optim__lr=3e-3, optim__warmup_epochs=0.1,
-                          eval__knn_train=str(fmnist_small["train"]), eval__knn_test=str(fmnist_small["test"]),
-                          eval__knn_train_samples="null", eval__knn_test_samples="null", eval__batch_size=256,
-                          objective="{name: adpe, adv_type: 1, adv_blr: 0.024, crop_size: 16, decoder_dim: 32, "
-                                    "decoder_depth: 1, decoder_heads: 2}")
+    args = tiny_overrides(
+        fmnist_small,
+        rd,
+        train__batch_size=32,
+        train__micro_batch_size=32,
+        train__max_steps="null",
+        train__epochs=2,
+        train__log_every=16,
+        optim__lr=3e-3,
+        optim__warmup_epochs=0.1,
+        eval__knn_train=str(fmnist_small["train"]),
+        eval__knn_test=str(fmnist_small["test"]),
+        eval__knn_train_samples="null",
+        eval__knn_test_samples="null",
+        eval__batch_size=256,
+        objective="{name: adpe, adv_type: 1, adv_blr: 0.024, crop_size: 16, decoder_dim: 32, "
+        "decoder_depth: 1, decoder_heads: 2}",
+    )
     run([sys.executable, "-m", "mimscale.train", "tiny_cpu", *args], timeout=600)
     s = json.loads((rd / "summary.json").read_text())
     assert s["steps"] == 128 and s["objective"] == "adpe"
     from mimscale.telemetry import read_jsonl
 
     rows = [r for r in read_jsonl(rd / "metrics.jsonl") if "train/adv_delta_norm" in r]
-    assert rows and rows[-1]["train/adv_delta_norm"] > 0.05               # the adversary moved
+    assert rows and rows[-1]["train/adv_delta_norm"] > 0.05  # the adversary moved
     assert s["knn_top1_final"] > s["knn_top1_init"] + 2.0, s

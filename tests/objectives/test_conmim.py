@@ -2,6 +2,7 @@
 
 Tiny model: vit_micro cut to 2 blocks (D = 64), 16x16 images, p = 4 -> N = 16 patches on a 4x4 grid.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,10 +18,9 @@ from PIL import Image
 from mimscale.data.photometric import PhotometricConfig, SharedGeometryViews
 from mimscale.data.transforms import TrainTransform
 from mimscale.errors import ConfigError
-from mimscale.masking import MaskCollate
+from mimscale.masking import MaskCollate, MaskSpec, unit_masks
 from mimscale.models.vit import build_vit
 from mimscale.objectives import StepContext
-from mimscale.masking import MaskSpec, unit_masks
 from mimscale.objectives.conmim import ConMIM, patch_infonce
 from mimscale.objectives.mae import MAE
 
@@ -41,8 +41,11 @@ def gen(seed: int) -> torch.Generator:
 def random_batch(obj: ConMIM, b: int = 4, seed: int = 0) -> dict:
     g = gen(seed)
     img = torch.randn(b, 3, IMG, IMG, generator=g)
-    return {"image": img, "image_teacher": img + 0.2 * torch.randn(img.shape, generator=g),
-            **obj.mask_spec().generate(b, g)}
+    return {
+        "image": img,
+        "image_teacher": img + 0.2 * torch.randn(img.shape, generator=g),
+        **obj.mask_spec().generate(b, g),
+    }
 
 
 # ----------------------------------------------------------------------------- loss invariants (4.5 items 1-4)
@@ -52,7 +55,7 @@ def random_batch(obj: ConMIM, b: int = 4, seed: int = 0) -> dict:
 def test_constant_output_gives_log_n(n):
     s = torch.full((3, n, 8), 0.7)
     t = torch.full((3, n, 8), -2.0)
-    mask = unit_masks(3, int(n ** 0.5), 2 if n == 16 else 2, 0.75, gen(0)) if n == 16 else torch.rand(3, n) < 0.7
+    mask = unit_masks(3, int(n**0.5), 2 if n == 16 else 2, 0.75, gen(0)) if n == 16 else torch.rand(3, n) < 0.7
     loss, _ = patch_infonce(s, t, mask, 0.1)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(math.log(n), abs=1e-5)
@@ -60,11 +63,11 @@ def test_constant_output_gives_log_n(n):
 
 @pytest.mark.parametrize("n,tau,expect", [(196, 0.1, 0.008814), (16, 0.1, None), (16, 0.5, None)])
 def test_one_hot_diagonal_positives(n, tau, expect):
-    feats = torch.eye(n, 256)[None].repeat(2, 1, 1)                     # distinct one-hot per position
+    feats = torch.eye(n, 256)[None].repeat(2, 1, 1)  # distinct one-hot per position
     mask = torch.rand(2, n, generator=gen(1)) < 0.6
     loss, acc = patch_infonce(feats, feats.clone(), mask, tau)
     formula = math.log(1 + (n - 1) * math.exp(-1 / tau))
-    assert loss.item() == pytest.approx(formula, abs=1e-6)          # fp32 cross-entropy
+    assert loss.item() == pytest.approx(formula, abs=1e-6)  # fp32 cross-entropy
     if expect is not None:
         assert loss.item() == pytest.approx(expect, abs=1e-6)
     assert acc.item() == 1.0
@@ -78,7 +81,7 @@ def test_visible_positions_do_not_change_the_loss():
     assert not torch.equal(s, s2)
     assert patch_infonce(s, t, mask, 0.1)[0].item() == patch_infonce(s2, t, mask, 0.1)[0].item()
     s3 = s.clone()
-    s3[mask] += 1.0                                                      # a masked row changes: the loss does
+    s3[mask] += 1.0  # a masked row changes: the loss does
     assert patch_infonce(s3, t, mask, 0.1)[0].item() != patch_infonce(s, t, mask, 0.1)[0].item()
 
 
@@ -87,7 +90,7 @@ def test_negatives_are_intra_image():
     g = gen(3)
     s, t = torch.randn(3, N, 8, generator=g), torch.randn(3, N, 8, generator=g)
     mask = torch.rand(3, N, generator=g) < 0.5
-    per = [patch_infonce(s[i:i + 1], t[i:i + 1], mask[i:i + 1], 0.1)[0] for i in range(3)]
+    per = [patch_infonce(s[i : i + 1], t[i : i + 1], mask[i : i + 1], 0.1)[0] for i in range(3)]
     rows = mask.sum(1).float()
     total = patch_infonce(s, t, mask, 0.1)[0]
     assert total.item() == pytest.approx(float((torch.stack(per) * rows).sum() / rows.sum()), rel=1e-6)
@@ -109,8 +112,13 @@ def test_negatives_are_intra_image_through_the_model_in_eval_mode():
     other["image"][1] = torch.randn(3, IMG, IMG)
     other["image_teacher"][1] = torch.randn(3, IMG, IMG)
     with torch.no_grad():
-        feats = [(obj.projector(obj.student_features(b["image"], b["mask"]))[:, 1:],
-                  obj.teacher_targets(b["image_teacher"], torch.float32)) for b in (batch, other)]
+        feats = [
+            (
+                obj.projector(obj.student_features(b["image"], b["mask"]))[:, 1:],
+                obj.teacher_targets(b["image_teacher"], torch.float32),
+            )
+            for b in (batch, other)
+        ]
         losses = [patch_infonce(s[:1], t[:1], batch["mask"][:1], 0.1)[0] for s, t in feats]
     assert torch.allclose(feats[0][0][0], feats[1][0][0], atol=1e-6)
     assert losses[0].item() == pytest.approx(losses[1].item(), abs=1e-6)
@@ -150,7 +158,7 @@ def test_student_is_beit_style_masked_patches_are_mask_tokens():
     batch = random_batch(obj, b=2)
     mask = batch["mask"]
     img2 = batch["image"].clone()
-    pm = mask.view(2, 4, 4).repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)    # [B, H, W]
+    pm = mask.view(2, 4, 4).repeat_interleave(PATCH, 1).repeat_interleave(PATCH, 2)  # [B, H, W]
     img2[pm.unsqueeze(1).expand_as(img2)] = 5.0
     with torch.no_grad():
         a = obj.student_features(batch["image"], mask)
@@ -161,7 +169,7 @@ def test_student_is_beit_style_masked_patches_are_mask_tokens():
         tb = obj.teacher_targets(img2, torch.float32)
     assert ta.shape == (2, N, 32) and not torch.allclose(ta, tb)
     img3 = batch["image"].clone()
-    img3[(~pm).unsqueeze(1).expand_as(img3)] = 5.0                       # visible pixels do reach it
+    img3[(~pm).unsqueeze(1).expand_as(img3)] = 5.0  # visible pixels do reach it
     with torch.no_grad():
         assert not torch.allclose(a, obj.student_features(img3, mask))
 
@@ -177,7 +185,7 @@ def test_relative_position_encoder_init_and_weight_decay():
     assert obj.encoder.pos_embed is None and obj.teacher_encoder.module.rel_pos_bias is not None
     assert obj.mask_token.abs().max() <= 0.02 and obj.encoder.cls_token.abs().max() <= 0.02
     assert all(m.weight.abs().max() <= 0.02 for m in obj.projector.net if isinstance(m, torch.nn.Linear))
-    assert obj.encoder.blocks[1].mlp.fc2.weight.abs().max() <= 0.02 / 2 + 1e-7        # 1 / sqrt(2 * 2)
+    assert obj.encoder.blocks[1].mlp.fc2.weight.abs().max() <= 0.02 / 2 + 1e-7  # 1 / sqrt(2 * 2)
     out = obj(random_batch(obj))
     out.loss.backward()
     assert obj.encoder.rel_pos_bias.relative_position_bias_table.grad.abs().sum() > 0
@@ -185,8 +193,10 @@ def test_relative_position_encoder_init_and_weight_decay():
     decay, rest = param_groups(obj, obj.no_weight_decay(), 0.05)
     assert any(p is obj.mask_token for p in decay["params"])
     assert any(p is obj.encoder.cls_token for p in rest["params"])
-    spared = ConMIM(build_vit("vit_micro", IMG, PATCH, depth=2), dataclasses.replace(
-        ConMIM.tiny_config(), wd_mask_token=False, wd_cls_token=True, init="mae"))
+    spared = ConMIM(
+        build_vit("vit_micro", IMG, PATCH, depth=2),
+        dataclasses.replace(ConMIM.tiny_config(), wd_mask_token=False, wd_cls_token=True, init="mae"),
+    )
     assert spared.no_weight_decay() == {"mask_token"}
     with pytest.raises(ConfigError, match="objective.init"):
         ConMIM(build_vit("vit_micro", IMG, PATCH, depth=2), dataclasses.replace(ConMIM.tiny_config(), init="x"))
@@ -198,7 +208,7 @@ def test_teacher_gets_no_gradient_and_is_outside_the_optimizer():
     obj = make().train()
     teachers = obj.private_modules()
     assert teachers == [obj.teacher_encoder, obj.teacher_projector]
-    assert obj.frozen_modules() == []                                    # frozen would force eval mode
+    assert obj.frozen_modules() == []  # frozen would force eval mode
     obj(random_batch(obj)).loss.backward()
     t_params = [p for m in teachers for p in m.parameters()]
     assert t_params and all(not p.requires_grad and p.grad is None for p in t_params)
@@ -208,14 +218,14 @@ def test_teacher_gets_no_gradient_and_is_outside_the_optimizer():
     assert not any(k.startswith("teacher") for k in obj.state_dict())
     grouped = {id(p) for g in param_groups(obj, obj.no_weight_decay(), 0.05) for p in g["params"]}
     assert grouped == {id(p) for p in obj.parameters()}
-    obj.bfloat16()                                                       # what DeepSpeed does for bf16 runs
+    obj.bfloat16()  # what DeepSpeed does for bf16 runs
     assert all(p.dtype == torch.float32 for p in t_params)
 
 
 def test_teacher_stays_in_train_mode_and_has_no_drop_path():
     torch.manual_seed(0)
     obj = ConMIM(build_vit("vit_micro", IMG, PATCH, depth=2, drop_path_rate=0.2), ConMIM.tiny_config()).eval()
-    assert obj.teacher_projector.training and obj.teacher_encoder.training   # BatchNorm uses batch statistics
+    assert obj.teacher_projector.training and obj.teacher_encoder.training  # BatchNorm uses batch statistics
     assert all(m.p == 0 for m in obj.teacher_encoder.modules() if type(m).__name__ == "DropPath")
     img = torch.randn(4, 3, IMG, IMG)
     assert torch.equal(obj.teacher_targets(img, torch.float32), obj.teacher_targets(img, torch.float32))
@@ -244,11 +254,11 @@ def test_ema_after_optimizer_step_and_checkpoint_state():
             p.add_(1.0)
     t0 = {n: p.clone() for n, p in obj.teacher_encoder.module.named_parameters()}
     s = dict(obj.encoder.named_parameters())
-    obj.after_optimizer_step(StepContext(step=0, total_steps=4))          # m(0) = m0
+    obj.after_optimizer_step(StepContext(step=0, total_steps=4))  # m(0) = m0
     assert obj.momentum == 0.5
     for n, p in obj.teacher_encoder.module.named_parameters():
         torch.testing.assert_close(p, 0.5 * t0[n] + 0.5 * s[n].detach())
-    obj.after_optimizer_step(StepContext(step=4, total_steps=4))          # the last step: m = 1
+    obj.after_optimizer_step(StepContext(step=4, total_steps=4))  # the last step: m = 1
     assert obj.momentum == 1.0
     state = obj.checkpoint_state()
     assert set(state) == {"teacher_encoder", "teacher_projector", "ema_momentum"}
@@ -273,8 +283,8 @@ def test_mps_mask_count_and_alignment(grid, unit, r):
     assert m.shape == (64, grid * grid) and m.dtype == torch.bool
     assert (m.sum(1) == unit * unit * math.ceil(units * r)).all()
     blocks = m.view(64, grid // unit, unit, grid // unit, unit)
-    assert (blocks.all(dim=(2, 4)) | ~blocks.any(dim=(2, 4))).all()     # every unit all-or-nothing
-    assert len({tuple(row.tolist()) for row in m}) > 1                   # differs per sample
+    assert (blocks.all(dim=(2, 4)) | ~blocks.any(dim=(2, 4))).all()  # every unit all-or-nothing
+    assert len({tuple(row.tolist()) for row in m}) > 1  # differs per sample
 
 
 def test_mps_vit_b_masks_148_of_196():
@@ -294,7 +304,7 @@ def test_block_masks_count_follows_the_code_and_collate():
     assert (counts <= 75).all() and (counts < 75).any() and counts.float().mean() > 73
     assert not ConMIM.Config().block_exact_count
     a, b = spec.generate(4, gen(9))["mask"], spec.generate(4, gen(9))["mask"]
-    assert torch.equal(a, b)                                             # all randomness from the generator
+    assert torch.equal(a, b)  # all randomness from the generator
     free = make(mask_type="block", block_num_masked=6)
     batch = random_batch(free, b=8)
     assert len(set(batch["mask"].sum(1).tolist())) > 1
@@ -320,7 +330,7 @@ def test_config_errors():
 def unique_colour_image(size: int = 40) -> Image.Image:
     """Every 4x4 block of the source image has its own RGB colour."""
     g = gen(10)
-    cells = torch.randperm(256 ** 2, generator=g)[: (size // 4) ** 2]
+    cells = torch.randperm(256**2, generator=g)[: (size // 4) ** 2]
     rgb = torch.stack([cells % 256, cells // 256, (cells * 7) % 256], dim=1).view(size // 4, size // 4, 3)
     arr = rgb.repeat_interleave(4, 0).repeat_interleave(4, 1).to(torch.uint8).numpy()
     return Image.fromarray(arr)
@@ -335,21 +345,22 @@ def test_views_share_geometry_when_photometric_ops_are_off():
         assert set(out) == {"image", "image_teacher"}
         assert out["image"].shape == (3, IMG, IMG)
         assert torch.equal(out["image"], out["image_teacher"])
-    assert len({out["image"].sum().item() for out in outs}) > 1          # crops really differ per draw
+    assert len({out["image"].sum().item() for out in outs}) > 1  # crops really differ per draw
 
 
 def test_student_view_is_the_default_transform_and_teacher_view_is_the_same_crop():
     base = TrainTransform(IMG, scale=(0.2, 1.0))
-    bright = PhotometricConfig(jitter_p=1.0, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0,
-                               grayscale_p=0.0, blur_p=0.0, solarize_p=0.0)
+    bright = PhotometricConfig(
+        jitter_p=1.0, brightness=0.4, contrast=0.0, saturation=0.0, hue=0.0, grayscale_p=0.0, blur_p=0.0, solarize_p=0.0
+    )
     tf = make(teacher_aug=bright).train_transform(base)
     img = unique_colour_image()
     for seed in range(5):
         out = tf(img, gen(seed))
-        assert torch.equal(out["image"], base(img, gen(seed)))           # same crop + flip draws as default
+        assert torch.equal(out["image"], base(img, gen(seed)))  # same crop + flip draws as default
         a, b = out["image"].flatten(), out["image_teacher"].flatten()
         assert not torch.equal(a, b)
-        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.98          # a brightness change of the same pixels
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.98  # a brightness change of the same pixels
 
 
 def test_photometric_ops_are_reproducible_and_all_reachable():
@@ -358,7 +369,7 @@ def test_photometric_ops_are_reproducible_and_all_reachable():
     a, b = tf(img, gen(11)), tf(img, gen(11))
     assert torch.equal(a["image_teacher"], b["image_teacher"])
     differ = sum(not torch.equal(o["image"], o["image_teacher"]) for o in (tf(img, gen(s)) for s in range(20)))
-    assert differ >= 12                                                  # p(at least one op) ~ 0.89
+    assert differ >= 12  # p(at least one op) ~ 0.89
 
 
 def test_grayscale_input_stays_valid():
@@ -401,8 +412,9 @@ def test_flops_match_objectives_section_8(arch, patch, ratio):
         assert con.flops_per_sample() / 1e9 == pytest.approx(173.6, rel=0.005)
 
 
-@pytest.mark.parametrize("recipe,arch,lr,ls", [("conmim_vit_b16", "vit_base", 5e-4, 0.1),
-                                               ("conmim_vit_l16", "vit_large", 7.5e-4, 1e-5)])
+@pytest.mark.parametrize(
+    "recipe,arch,lr,ls", [("conmim_vit_b16", "vit_base", 5e-4, 0.1), ("conmim_vit_l16", "vit_large", 7.5e-4, 1e-5)]
+)
 def test_recipes_validate(recipe, arch, lr, ls):
     from mimscale import config as C
 
@@ -414,7 +426,7 @@ def test_recipes_validate(recipe, arch, lr, ls):
     assert cfg.optim.lr == lr and cfg.optim.min_lr == 1e-5 and cfg.optim.betas == (0.9, 0.98)
     assert cfg.optim.clip_grad == 1.0 and cfg.optim.weight_decay == 0.05 and cfg.optim.warmup_epochs == 10
     assert cfg.model.layer_scale_init == ls and cfg.model.drop_path == 0.0
-    assert cfg.model.pos_embed == "relative" and knobs.init == "beit"              # BEiT encoder, as the code
+    assert cfg.model.pos_embed == "relative" and knobs.init == "beit"  # BEiT encoder, as the code
     assert (knobs.wd_mask_token, knobs.wd_cls_token) == (True, False)
     assert cfg.train.batch_size == 2048
     assert knobs.temperature == 0.1 and knobs.ema_m0 == 0.996 and knobs.proj_hidden == 4096
@@ -440,13 +452,24 @@ def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
 
     rd = tmp_path / "conmim"
     args = tiny_overrides(
-        fmnist_small, rd, train__max_steps=LEARN["steps"], train__epochs=LEARN["epochs"],
-        train__batch_size=64, train__micro_batch_size=64, train__log_every=10,
-        optim__blr=LEARN["blr"], optim__warmup_epochs=LEARN["warmup_epochs"],
-        eval__knn_train=fmnist_small["train"], eval__knn_test=fmnist_small["test"], eval__batch_size=256,
-        eval__num_workers=1)
-    obj = "{name: conmim, %s}" % ", ".join(f"{k}: {LEARN[k]}" for k in ("proj_hidden", "proj_out", "ema_m0",
-                                                                         "mask_unit", "mask_ratio", "init"))
+        fmnist_small,
+        rd,
+        train__max_steps=LEARN["steps"],
+        train__epochs=LEARN["epochs"],
+        train__batch_size=64,
+        train__micro_batch_size=64,
+        train__log_every=10,
+        optim__blr=LEARN["blr"],
+        optim__warmup_epochs=LEARN["warmup_epochs"],
+        eval__knn_train=fmnist_small["train"],
+        eval__knn_test=fmnist_small["test"],
+        eval__batch_size=256,
+        eval__num_workers=1,
+    )
+    knobs = ", ".join(
+        f"{k}: {LEARN[k]}" for k in ("proj_hidden", "proj_out", "ema_m0", "mask_unit", "mask_ratio", "init")
+    )
+    obj = f"{{name: conmim, {knobs}}}"
     args = [a for a in args if not a.startswith("objective.")] + [f"objective={obj}"]
     run([sys.executable, "-m", "mimscale.train", "tiny_cpu", *args], timeout=400)
     s = json.loads((rd / "summary.json").read_text())
@@ -459,8 +482,19 @@ def test_learns_on_fashion_mnist_through_the_train_cli(fmnist_small, tmp_path):
 # init -> 66.6% / 67.6% trained (two runs). Per-patch masking (mask_unit 1) at r = 0.5 suits the 4x4 grid (2x2
 # units would leave one visible quadrant: +0.8 points only); m0 = 0.99 lets the teacher bootstrap within a short
 # run (0.996: no gain in 64 steps).
-LEARN = {"steps": 128, "epochs": 4, "blr": 6e-3, "warmup_epochs": 0.2, "proj_hidden": 256, "proj_out": 64,
-         "ema_m0": 0.99, "mask_unit": 1, "mask_ratio": 0.5, "init": "mae", "min_gain": 2.0}
+LEARN = {
+    "steps": 128,
+    "epochs": 4,
+    "blr": 6e-3,
+    "warmup_epochs": 0.2,
+    "proj_hidden": 256,
+    "proj_out": 64,
+    "ema_m0": 0.99,
+    "mask_unit": 1,
+    "mask_ratio": 0.5,
+    "init": "mae",
+    "min_gain": 2.0,
+}
 
 
 def test_bf16_student_with_fp32_teacher():

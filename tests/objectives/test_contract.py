@@ -9,6 +9,7 @@ whose architecture cannot be shrunk that way override it.
 
 The encoder is ``vit_micro`` (D = 64, 4 heads) cut to 2 blocks on 16x16 RGB images with p = 4 -> N = 16.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -18,12 +19,11 @@ import textwrap
 
 import pytest
 import torch
-
 from PIL import Image
 
 from mimscale import cli
 from mimscale.data.transforms import TrainTransform
-from mimscale.masking import MaskCollate, MaskSpec
+from mimscale.masking import MaskCollate
 from mimscale.models.vit import build_vit
 from mimscale.objectives import LossOutput, Objective, available
 from mimscale.objectives import base as objective_base
@@ -226,8 +226,9 @@ PLUGIN = """
 
 
 def test_entry_point_objective_is_available(tmp_path, isolated_registry):
-    _fake_distribution(tmp_path, "mimscale_toy", "mimscale_test_plugin_a",
-                       "toy_ep = mimscale_test_plugin_a:ToyObjective", PLUGIN)
+    _fake_distribution(
+        tmp_path, "mimscale_toy", "mimscale_test_plugin_a", "toy_ep = mimscale_test_plugin_a:ToyObjective", PLUGIN
+    )
     assert "toy_ep" not in available()
     isolated_registry.syspath_prepend(str(tmp_path))
     objs = available()
@@ -242,8 +243,9 @@ def test_entry_point_objective_is_available(tmp_path, isolated_registry):
 
 
 def test_entry_point_objective_passes_the_contract(tmp_path, isolated_registry, capsys):
-    _fake_distribution(tmp_path, "mimscale_toy", "mimscale_test_plugin_b",
-                       "toy_ep = mimscale_test_plugin_b:ToyObjective", PLUGIN)
+    _fake_distribution(
+        tmp_path, "mimscale_toy", "mimscale_test_plugin_b", "toy_ep = mimscale_test_plugin_b:ToyObjective", PLUGIN
+    )
     isolated_registry.syspath_prepend(str(tmp_path))
     obj = build("toy_ep")
     out = obj(make_batch(obj))
@@ -256,8 +258,9 @@ def test_entry_point_objective_passes_the_contract(tmp_path, isolated_registry, 
 def test_entry_point_not_an_objective(tmp_path, isolated_registry):
     from mimscale.errors import ConfigError
 
-    _fake_distribution(tmp_path, "mimscale_bad", "mimscale_test_plugin_c",
-                       "toy_bad = mimscale_test_plugin_c:NotAnObjective", PLUGIN)
+    _fake_distribution(
+        tmp_path, "mimscale_bad", "mimscale_test_plugin_c", "toy_bad = mimscale_test_plugin_c:NotAnObjective", PLUGIN
+    )
     isolated_registry.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match="entry point 'toy_bad'.*not an Objective subclass"):
         available()
@@ -266,8 +269,9 @@ def test_entry_point_not_an_objective(tmp_path, isolated_registry):
 def test_entry_point_name_mismatch(tmp_path, isolated_registry):
     from mimscale.errors import ConfigError
 
-    _fake_distribution(tmp_path, "mimscale_bad2", "mimscale_test_plugin_d",
-                       "other = mimscale_test_plugin_d:ToyObjective", PLUGIN)
+    _fake_distribution(
+        tmp_path, "mimscale_bad2", "mimscale_test_plugin_d", "other = mimscale_test_plugin_d:ToyObjective", PLUGIN
+    )
     isolated_registry.syspath_prepend(str(tmp_path))
     with pytest.raises(ConfigError, match="entry point 'other'.*'toy_ep'"):
         available()

@@ -5,6 +5,7 @@ Tiny model: encoder vit_micro (D = 64, 4 heads) cut to 2 blocks on 16x16 RGB, p 
 tests' teacher is a frozen random mimscale ViT (width 48) returning its patch tokens: any module with
 ``forward(images [B, C, H, W]) -> [B, N, Dt]`` is a teacher; the CLIP tower is one of them.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,15 +17,24 @@ import torch
 from PIL import Image
 from torch import nn
 
+from mimscale.data.photometric import ColorJitter
 from mimscale.data.transforms import EvalTransform, TrainTransform
 from mimscale.errors import ConfigError, DataError
+from mimscale.masking import MaskSpec
 from mimscale.models.vit import build_vit
 from mimscale.objectives import LossOutput, StepContext, available
-from mimscale.data.photometric import ColorJitter
-from mimscale.masking import MaskSpec
-from mimscale.objectives.dtm import (DTM, draw_schedule, group_mean, membership,
-                                     merges_per_iteration, morph_groups, morphed_loss, smooth_l1,
-                                     standardize_tokens, step_generator)
+from mimscale.objectives.dtm import (
+    DTM,
+    draw_schedule,
+    group_mean,
+    membership,
+    merges_per_iteration,
+    morph_groups,
+    morphed_loss,
+    smooth_l1,
+    standardize_tokens,
+    step_generator,
+)
 from mimscale.telemetry.flops import linear_flops, transformer_forward_flops
 
 B, C, IMG, P = 4, 3, 16, 4
@@ -81,10 +91,21 @@ SCHEDULES = [(0, 5), (1, 1), (3, 2), (7, 1), (2, 14), (16, 1), (5, 3)]
 def test_registered_with_spec_knobs():
     assert available()["dtm"] is DTM
     c = DTM.Config()
-    assert (c.num_levels, c.max_merges, c.max_iters, c.loss, c.smooth_l1_beta, c.w_dtm) == \
-        (2, None, 14, "smooth_l1", 2.0, 1.0)
-    assert (c.normalize_target, c.protect_first_token, c.split, c.teacher_proj, c.teacher_norm) == \
-        (False, True, "alternate", True, "student")
+    assert (c.num_levels, c.max_merges, c.max_iters, c.loss, c.smooth_l1_beta, c.w_dtm) == (
+        2,
+        None,
+        14,
+        "smooth_l1",
+        2.0,
+        1.0,
+    )
+    assert (c.normalize_target, c.protect_first_token, c.split, c.teacher_proj, c.teacher_norm) == (
+        False,
+        True,
+        "alternate",
+        True,
+        "student",
+    )
     assert (c.num_masked, c.mask_ratio, c.min_block, c.head_dim, c.target_source) == (None, 0.383, 16, 512, "online")
 
 
@@ -101,8 +122,8 @@ def test_forward_shapes_metrics_and_gradients():
     assert model.head.weight.grad is not None
     assert all(p.grad is None for p in model.teacher.parameters())
     assert model.frozen_modules() == [model.teacher]
-    assert not model.teacher.training                          # .train() keeps the frozen teacher in eval
-    assert model.no_weight_decay() == {"encoder.cls_token"}    # the code decays the mask token, not cls
+    assert not model.teacher.training  # .train() keeps the frozen teacher in eval
+    assert model.no_weight_decay() == {"encoder.cls_token"}  # the code decays the mask token, not cls
 
 
 def test_relative_position_student_with_beit_init():
@@ -131,14 +152,14 @@ def test_mask_token_only_at_masked_slots():
     batch = make_batch(model)
     mask = batch["mask"]
     img2 = batch["image"].clone()
-    b0 = int(mask[0].nonzero()[0])                             # a masked patch of sample 0
+    b0 = int(mask[0].nonzero()[0])  # a masked patch of sample 0
     r, c = divmod(b0, IMG // P)
-    img2[0, :, r * P:(r + 1) * P, c * P:(c + 1) * P] += 5.0
+    img2[0, :, r * P : (r + 1) * P, c * P : (c + 1) * P] += 5.0
     with torch.no_grad():
         assert torch.equal(model.student(batch["image"], mask), model.student(img2, mask))
         vis = int((~mask[0]).nonzero()[0])
         r, c = divmod(vis, IMG // P)
-        img2[0, :, r * P:(r + 1) * P, c * P:(c + 1) * P] += 5.0
+        img2[0, :, r * P : (r + 1) * P, c * P : (c + 1) * P] += 5.0
         assert not torch.equal(model.student(batch["image"], mask), model.student(img2, mask))
 
 
@@ -183,11 +204,11 @@ def test_inv1_zero_merges_is_plain_distillation():
 def test_inv2_membership_is_a_partition(r, k, protect):
     v = feats()
     assign, t = morph_groups(v, r, k, protect)
-    s = membership(assign, t)                                  # [B, T, N]
+    s = membership(assign, t)  # [B, T, N]
     assert s.shape == (3, t, N)
-    assert torch.equal(s.sum(dim=1), torch.ones(3, N))         # every token in exactly one group
-    assert (s.sum(dim=2) >= 1).all()                           # no empty group
-    assert t == N - reference_merges(N, r, k, protect)         # groups = N - merges done
+    assert torch.equal(s.sum(dim=1), torch.ones(3, N))  # every token in exactly one group
+    assert (s.sum(dim=2) >= 1).all()  # no empty group
+    assert t == N - reference_merges(N, r, k, protect)  # groups = N - merges done
 
 
 @pytest.mark.parametrize("r,k", SCHEDULES[1:])
@@ -199,7 +220,7 @@ def test_inv3_group_mean_idempotent_and_sum_preserving(r, k):
     assert xh.dtype == torch.float32
     assert torch.allclose(group_mean(xh, assign, t), xh, rtol=1e-5, atol=1e-6)
     s = membership(assign, t)
-    assert torch.allclose(s @ xh, s @ x, rtol=1e-5, atol=1e-5)     # each group's feature sum is kept
+    assert torch.allclose(s @ xh, s @ x, rtol=1e-5, atol=1e-5)  # each group's feature sum is kept
     # the spec's dense formula S^T (S X / (rowsum S + 1e-6)) gives the same
     dense = s.transpose(1, 2) @ ((s @ x) / (s.sum(-1, keepdim=True) + 1e-6))
     assert torch.allclose(xh, dense, rtol=1e-6, atol=1e-6)
@@ -212,7 +233,7 @@ def test_inv4_equal_features_give_zero_loss(seed):
     sched = draw_schedule(g, 3, N, 6, N)
     loss, _ = morphed_loss(v.clone(), v, sched)
     assert loss == 0.0
-    loss, _ = morphed_loss(v.clone(), v, sched, generator=g)           # random split too
+    loss, _ = morphed_loss(v.clone(), v, sched, generator=g)  # random split too
     assert loss == 0.0
 
 
@@ -231,10 +252,11 @@ def test_inv5_groups_depend_only_on_the_teacher():
         return out
 
     import mimscale.objectives.dtm as dtm_mod
+
     dtm_mod.morph_groups = spy
     try:
         model(batch).loss.backward()
-        with torch.no_grad():                                   # a different student, the same teacher
+        with torch.no_grad():  # a different student, the same teacher
             model.head.weight.mul_(-3.0)
             model.mask_token.add_(1.0)
         model(batch)
@@ -256,13 +278,13 @@ def test_inv5_groups_depend_only_on_the_teacher():
 @pytest.mark.parametrize("r,k", SCHEDULES)
 def test_inv6_protected_first_token_is_a_singleton(r, k):
     v = feats(seed=3)
-    v[:, 0] = v[:, 1]                                          # token 0 would love to merge with token 1
+    v[:, 0] = v[:, 1]  # token 0 would love to merge with token 1
     for gen in (None, torch.Generator().manual_seed(0)):
         assign, t = morph_groups(v, r, k, True, gen)
         s = membership(assign, t)
         g0 = assign[:, 0]
         assert torch.equal(s.sum(-1).gather(1, g0[:, None]).squeeze(1), torch.ones(3))
-    if r > 0:                                                  # unprotected, it merges
+    if r > 0:  # unprotected, it merges
         assign, t = morph_groups(v, max(r, 1), k, False)
         assert (assign[:, 0] == assign[:, 1]).all()
 
@@ -286,13 +308,18 @@ def test_inv8_exact_mask_count(grid, want):
     enc = build_vit("vit_micro", img_size=grid[0] * 4, patch_size=4, depth=1)
     model = DTM(enc, DTM.Config(head_dim=DT, teacher="unused"), teacher=PatchTeacher(grid[0] * 4))
     spec = model.mask_spec()
-    assert isinstance(spec, MaskSpec) and spec.kind == "block" and spec.exact and spec.num_patches == n \
+    assert (
+        isinstance(spec, MaskSpec)
+        and spec.kind == "block"
+        and spec.exact
+        and spec.num_patches == n
         and spec.num_masked == want
+    )
     m = spec.generate(16, g)["mask"]
     assert m.shape == (16, n) and m.dtype == torch.bool
     assert (m.sum(1) == want).all()
     assert pickle.loads(pickle.dumps(spec)) == spec
-    if n == 196:                                                # blocks, not scattered patches
+    if n == 196:  # blocks, not scattered patches
         grid_m = m.view(16, 14, 14).float()
         neighbours = (grid_m[:, 1:] * grid_m[:, :-1]).sum() + (grid_m[:, :, 1:] * grid_m[:, :, :-1]).sum()
         assert neighbours / m.sum() > 0.8
@@ -311,8 +338,8 @@ def test_morph_hand_example_alternate_split_and_order():
     """
     e = torch.eye(6)
     v = e.clone()
-    v[5] = e[2] + 0.142 * e[5]          # cos ~ 0.99
-    v[4] = e[1] + 0.484 * e[4]          # cos ~ 0.9
+    v[5] = e[2] + 0.142 * e[5]  # cos ~ 0.99
+    v[4] = e[1] + 0.484 * e[4]  # cos ~ 0.9
     assign, t = morph_groups(v[None], 1, 2)
     assert t == 4
     groups = {frozenset(torch.nonzero(assign[0] == g).flatten().tolist()) for g in range(t)}
@@ -338,11 +365,11 @@ def test_merges_are_size_weighted_means():
 def test_schedule_rule_and_generator():
     assert merges_per_iteration(196, 1, 196) == 196
     assert merges_per_iteration(100, 3, 196) == 34
-    assert merges_per_iteration(196, 3, 196) == 65           # ceil = 66, 66 * 3 > 196 -> floor
+    assert merges_per_iteration(196, 3, 196) == 65  # ceil = 66, 66 * 3 > 196 -> floor
     assert merges_per_iteration(0, 5, 196) == 0
     state = torch.get_rng_state()
     s1 = draw_schedule(step_generator(0, 0, 7), 2, 196, 14, 196)
-    assert torch.equal(torch.get_rng_state(), state)          # no global RNG
+    assert torch.equal(torch.get_rng_state(), state)  # no global RNG
     assert s1 == draw_schedule(step_generator(0, 0, 7), 2, 196, 14, 196)
     assert len(s1) == 2 and all(0 <= r <= 196 and 1 <= k <= 14 for r, k in s1)
     others = [draw_schedule(step_generator(0, rank, step), 2, 196, 14, 196) for rank, step in ((1, 7), (0, 8))]
@@ -430,9 +457,13 @@ def test_normalize_target_standardises_the_morphed_targets():
             assert torch.allclose(t.std(-1, unbiased=True), torch.ones(t.shape[:2]), atol=1e-4)
             assign, g = morph_groups(v, r, k)
             assert torch.allclose(t, standardize_tokens(group_mean(v, assign, g)), atol=1e-6)
-        assert (min(groups) < N) == (sched != [(0, 1)])             # merges happened (except with 0 merges)
-        assert torch.isclose(loss, torch.stack([smooth_l1(group_mean(u, *morph_groups(v, r, k)), t, 2.0)
-                                                for (r, k), t in zip(sched, seen)]).mean())
+        assert (min(groups) < N) == (sched != [(0, 1)])  # merges happened (except with 0 merges)
+        assert torch.isclose(
+            loss,
+            torch.stack(
+                [smooth_l1(group_mean(u, *morph_groups(v, r, k)), t, 2.0) for (r, k), t in zip(sched, seen)]
+            ).mean(),
+        )
     # the old order (standardise, then average the group) does not give unit-std merged tokens
     assign, g = morph_groups(v, 5, 2)
     old = group_mean(standardize_tokens(v), assign, g)
@@ -442,6 +473,7 @@ def test_normalize_target_standardises_the_morphed_targets():
 def test_schedule_is_drawn_per_micro_batch_reproducibly():
     """One schedule per forward (per loader iteration, official), reproducible from (seed, rank, step, micro):
     with gradient accumulation the micro-batches of one optimizer step see different granularities."""
+
     def run(model, step, forwards):
         model.before_step(StepContext(step=step, rank=0))
         got = []
@@ -452,11 +484,11 @@ def test_schedule_is_drawn_per_micro_batch_reproducibly():
 
     a, b = make_dtm(), make_dtm()
     seq = run(a, 5, 4)
-    assert len({tuple(s) for s in seq}) > 1                       # not one schedule for the whole step
-    assert run(b, 5, 4) == seq                                    # same step again: same draws (resume)
+    assert len({tuple(s) for s in seq}) > 1  # not one schedule for the whole step
+    assert run(b, 5, 4) == seq  # same step again: same draws (resume)
     assert run(b, 6, 1)[0] != seq[0]
     a.before_step(StepContext(step=5, rank=0))
-    a.set_schedule([(3, 1)])                                      # fixed: every forward until before_step
+    a.set_schedule([(3, 1)])  # fixed: every forward until before_step
     a(make_batch(a))
     assert a.schedule == [(3, 1)]
 
@@ -507,10 +539,11 @@ def test_teacher_norm_clip_and_resize():
     model.train_transform(TrainTransform(IMG, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)))
     model(batch)
     from mimscale.objectives.dtm import CLIP_MEAN, CLIP_STD
+
     pix = batch["image"] * 0.25 + 0.5
     want = (pix - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     assert torch.allclose(seen["x"], want, atol=1e-5)
-    model = make_dtm(teacher=Probe())                            # official: the student's tensor as is
+    model = make_dtm(teacher=Probe())  # official: the student's tensor as is
     model(batch)
     assert torch.equal(seen["x"], batch["image"])
     teacher = Probe()
@@ -549,13 +582,13 @@ def test_train_transforms(mode):
     for tf in (online, cached, plain):
         assert pickle.loads(pickle.dumps(tf)) is not None
         x = tf(img, g(0))
-        assert x.shape == (3, IMG, IMG) and torch.equal(x, tf(img, g(0)))          # from the generator only
+        assert x.shape == (3, IMG, IMG) and torch.equal(x, tf(img, g(0)))  # from the generator only
     centre = EvalTransform(IMG, mean=(0.3,) * 3, std=(0.3,) * 3)(img)
     assert torch.equal(plain(img, g(0)), centre) and torch.equal(plain(img, g(5)), centre)
     # cached: the same geometry every time, only photometric changes (per-pixel order preserved)
     a, b = cached(img, g(1)), cached(img, g(2))
     assert not torch.equal(a, b)
-    if mode == "L":   # brightness/contrast are monotone per pixel: the ranking of pixels is kept
+    if mode == "L":  # brightness/contrast are monotone per pixel: the ranking of pixels is kept
         ra, rb, rc = (t[0].flatten().argsort().argsort().float() for t in (a, b, centre))
         assert torch.corrcoef(torch.stack([ra, rc]))[0, 1] > 0.95 and torch.corrcoef(torch.stack([rb, rc]))[0, 1] > 0.95
     # online: random crops and flips (geometry changes with the generator)
@@ -579,8 +612,7 @@ def test_color_jitter():
 def test_flops_student_3x_plus_teacher_1x():
     model = make_dtm()
     e = model.encoder
-    student = (linear_flops(N, P * P * C, 64) + transformer_forward_flops(1 + N, 64, 2)
-               + linear_flops(N, 64, DT))
+    student = linear_flops(N, P * P * C, 64) + transformer_forward_flops(1 + N, 64, 2) + linear_flops(N, 64, DT)
     teacher = linear_flops(N, P * P * C, DT) + transformer_forward_flops(1 + N, DT, 1)
     assert e.depth == 2
     assert model.flops_per_sample() == pytest.approx(3 * student + teacher, rel=1e-9)
@@ -615,19 +647,30 @@ def test_recipes_follow_section_5_3(recipe, arch):
     from mimscale import config as C
 
     with pytest.raises(ConfigError, match="must be set"):
-        C.load(recipe, ["data.train=/x"])                     # the teacher is left to the user
+        C.load(recipe, ["data.train=/x"])  # the teacher is left to the user
     cfg = C.load(recipe, ["data.train=/x", "objective.teacher=/clip.bin"])
     k = C.objective_knobs(cfg)
     assert cfg.model.arch == arch and cfg.model.layer_scale_init == 0.1 and cfg.model.drop_path == 0.1
     o = cfg.optim
-    assert o.lr == pytest.approx(1.5e-3 * math.sqrt(cfg.train.batch_size / 2048))   # sqrt rule, absolute lr
+    assert o.lr == pytest.approx(1.5e-3 * math.sqrt(cfg.train.batch_size / 2048))  # sqrt rule, absolute lr
     assert (o.min_lr, o.weight_decay, o.clip_grad, o.betas[0], o.eps) == (1e-5, 0.05, 3.0, 0.9, 1e-8)
-    assert (k.num_levels, k.max_merges, k.max_iters, k.smooth_l1_beta, k.num_masked, k.head_dim) == \
-        (2, 196, 14, 2.0, 75, 512)
-    assert (k.loss, k.teacher_norm, k.split, k.protect_first_token, k.color_jitter) == \
-        ("smooth_l1", "student", "alternate", True, 0.4)
+    assert (k.num_levels, k.max_merges, k.max_iters, k.smooth_l1_beta, k.num_masked, k.head_dim) == (
+        2,
+        196,
+        14,
+        2.0,
+        75,
+        512,
+    )
+    assert (k.loss, k.teacher_norm, k.split, k.protect_first_token, k.color_jitter) == (
+        "smooth_l1",
+        "student",
+        "alternate",
+        True,
+        0.4,
+    )
     assert k.teacher_arch == "ViT-B-16" and cfg.train.epochs == 300
-    assert cfg.model.pos_embed == "relative" and k.init == "beit"                  # BEiT student, as the code
+    assert cfg.model.pos_embed == "relative" and k.init == "beit"  # BEiT student, as the code
     assert (k.wd_mask_token, k.wd_cls_token, k.normalize_target) == (True, False, False)
 
 
@@ -653,23 +696,35 @@ def test_add_targets_cache_through_the_loader_equals_online(fmnist_small, random
     cached-target transform (centre crop, jitter off): the student sees exactly the pixels the cache was
     computed on, and the shards-mode loss equals the online-teacher loss on the same batch (fp16 cache)."""
     from mimscale.data.loader import ShardLoader
-    from mimscale.teachers.targets import add_targets
     from mimscale.masking import MaskCollate
+    from mimscale.teachers.targets import add_targets
 
     shard = sorted(fmnist_small["train"].glob("*.tar"))[0]
-    out = add_targets(str(shard), random_clip_file, tmp_path / "cached", image_size=IMG, mean=FM_MEAN,
-                      std=FM_STD, progress=False)
+    out = add_targets(
+        str(shard), random_clip_file, tmp_path / "cached", image_size=IMG, mean=FM_MEAN, std=FM_STD, progress=False
+    )
     torch.manual_seed(0)
-    cached = DTM(build_vit("vit_micro", img_size=IMG, patch_size=P, depth=2),
-                 DTM.Config(target_source="shards", head_dim=64, color_jitter=0.0))
-    online = DTM(build_vit("vit_micro", img_size=IMG, patch_size=P, depth=2),
-                 DTM.Config(teacher=str(random_clip_file), head_dim=64))
-    online.load_state_dict(cached.state_dict())            # the CLIP tower is not in the state dict
+    cached = DTM(
+        build_vit("vit_micro", img_size=IMG, patch_size=P, depth=2),
+        DTM.Config(target_source="shards", head_dim=64, color_jitter=0.0),
+    )
+    online = DTM(
+        build_vit("vit_micro", img_size=IMG, patch_size=P, depth=2),
+        DTM.Config(teacher=str(random_clip_file), head_dim=64),
+    )
+    online.load_state_dict(cached.state_dict())  # the CLIP tower is not in the state dict
     assert cached.cached_targets() == {"names": ["clip.npy"], "image_size": IMG, "crop_pct": 1.0}
     assert online.cached_targets() is None
     tf = cached.train_transform(TrainTransform(IMG, mean=FM_MEAN, std=FM_STD))
-    loader = ShardLoader(str(out), batch_size=16, transform=tf, collate=MaskCollate(cached.mask_spec()),
-                         num_workers=0, shuffle_buffer=16, targets=cached.cached_targets())
+    loader = ShardLoader(
+        str(out),
+        batch_size=16,
+        transform=tf,
+        collate=MaskCollate(cached.mask_spec()),
+        num_workers=0,
+        shuffle_buffer=16,
+        targets=cached.cached_targets(),
+    )
     batch = next(iter(loader))
     cache = batch["clip.npy"]
     assert cache.dtype == torch.float16 and cache.shape == (16, N, 64)
@@ -684,8 +739,9 @@ def test_add_targets_cache_through_the_loader_equals_online(fmnist_small, random
         assert torch.allclose(a, b, rtol=2e-3), (sched, a, b)
     # shards made for another crop size are refused
     with pytest.raises(DataError, match="crop rule"):
-        ShardLoader(str(out), batch_size=16, transform=tf, num_workers=0,
-                    targets={**cached.cached_targets(), "image_size": 32})
+        ShardLoader(
+            str(out), batch_size=16, transform=tf, num_workers=0, targets={**cached.cached_targets(), "image_size": 32}
+        )
 
 
 # ----------------------------------------------------------------------------- learning
@@ -705,19 +761,30 @@ def test_learns_from_tiny_clip_on_fashion_mnist(fmnist_small, tiny_clip, tmp_pat
     from launch_utils import run
 
     rd = tmp_path / "run"
-    run([sys.executable, "-m", "mimscale.train", "tiny_cpu", *LEARN_OVERRIDES,
-         f"objective={{name: dtm, teacher: '{tiny_clip}', head_dim: 64}}",
-         f"data.train={fmnist_small['train']}", f"eval.knn_train={fmnist_small['train']}",
-         f"eval.knn_test={fmnist_small['test']}", f"train.run_dir={rd}"], timeout=600)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "mimscale.train",
+            "tiny_cpu",
+            *LEARN_OVERRIDES,
+            f"objective={{name: dtm, teacher: '{tiny_clip}', head_dim: 64}}",
+            f"data.train={fmnist_small['train']}",
+            f"eval.knn_train={fmnist_small['train']}",
+            f"eval.knn_test={fmnist_small['test']}",
+            f"train.run_dir={rd}",
+        ],
+        timeout=600,
+    )
     s = json.loads((rd / "summary.json").read_text())
     assert s["objective"] == "dtm" and s["steps"] == LEARN_STEPS
     assert math.isfinite(s["final_loss"])
-    assert s["knn_top1_final"] > s["knn_top1_init"] + 5.0, s   # an untrained CLIP teacher: +2.7
+    assert s["knn_top1_final"] > s["knn_top1_init"] + 5.0, s  # an untrained CLIP teacher: +2.7
     metrics = [json.loads(line) for line in (rd / "metrics.jsonl").read_text().splitlines()]
     losses = [m["train/loss"] for m in metrics if "train/loss" in m]
     assert losses[-1] < losses[0], losses
     groups = [m["train/groups"] for m in metrics if "train/groups" in m]
-    assert len(set(groups)) > 1 and all(1 <= g <= 16 for g in groups)   # the schedule is dynamic
+    assert len(set(groups)) > 1 and all(1 <= g <= 16 for g in groups)  # the schedule is dynamic
     from beit_check import check_beit_export
 
     check_beit_export(rd / "encoder.safetensors", IMG, P)
@@ -725,12 +792,27 @@ def test_learns_from_tiny_clip_on_fashion_mnist(fmnist_small, tiny_clip, tmp_pat
 
 LEARN_STEPS = 200
 LEARN_OVERRIDES = [
-    "model.arch=vit_micro", "model.img_size=16", "model.patch_size=4", "model.pos_embed=relative",
-    "model.layer_scale_init=0.1", "data.num_workers=1",
-    "data.shuffle_buffer=256", "train.batch_size=32", "train.micro_batch_size=32", f"train.max_steps={LEARN_STEPS}",
-    "train.epochs=3.5", "train.log_every=10", "optim.warmup_epochs=0.25", "optim.blr=3e-2",
-    "eval.knn_train_samples=2048", "eval.knn_test_samples=512", "eval.num_workers=0", "eval.batch_size=256",
-    "eval.pool=mean", "log.wandb=disabled", "log.tensorboard=false",
+    "model.arch=vit_micro",
+    "model.img_size=16",
+    "model.patch_size=4",
+    "model.pos_embed=relative",
+    "model.layer_scale_init=0.1",
+    "data.num_workers=1",
+    "data.shuffle_buffer=256",
+    "train.batch_size=32",
+    "train.micro_batch_size=32",
+    f"train.max_steps={LEARN_STEPS}",
+    "train.epochs=3.5",
+    "train.log_every=10",
+    "optim.warmup_epochs=0.25",
+    "optim.blr=3e-2",
+    "eval.knn_train_samples=2048",
+    "eval.knn_test_samples=512",
+    "eval.num_workers=0",
+    "eval.batch_size=256",
+    "eval.pool=mean",
+    "log.wandb=disabled",
+    "log.tensorboard=false",
 ]
 
 
@@ -747,19 +829,43 @@ def test_relative_position_student_zero3_equals_zero0_and_exports_beit(fmnist_sm
     from mimscale.telemetry import read_jsonl
 
     knobs = tmp_path / "zero3_all.json"
-    knobs.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                 "steps_per_print": 10 ** 9}))
+    knobs.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
+        )
+    )
     got = {}
     for stage in (0, 3):
         rd = tmp_path / f"z{stage}"
-        kv = [a for a in tiny_overrides(fmnist_small, rd, train__zero_stage=stage, train__max_steps=3,
-                                        model__pos_embed="relative", model__layer_scale_init=0.1)
-              if not a.startswith("objective.")]
+        kv = [
+            a
+            for a in tiny_overrides(
+                fmnist_small,
+                rd,
+                train__zero_stage=stage,
+                train__max_steps=3,
+                model__pos_embed="relative",
+                model__layer_scale_init=0.1,
+            )
+            if not a.startswith("objective.")
+        ]
         if stage == 3:
             kv.append(f"train.ds_config={knobs}")
-        run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mimscale.train",
-             "tiny_cpu", *kv, "objective={name: dtm, teacher: 'random:mimscale-tiny-clip', head_dim: 64}"],
-            timeout=600)
+        run(
+            [
+                "torchrun",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "mimscale.train",
+                "tiny_cpu",
+                *kv,
+                "objective={name: dtm, teacher: 'random:mimscale-tiny-clip', head_dim: 64}",
+            ],
+            timeout=600,
+        )
         got[stage] = [r["train/loss"] for r in read_jsonl(rd / "metrics.jsonl") if "train/loss" in r]
         check_beit_export(rd / "encoder.safetensors", 16, 4)
     assert len(got[0]) == 3
@@ -773,12 +879,12 @@ def test_recipe_warmup_starts_from_zero_like_the_code(recipe):
     from mimscale import config as C
     from mimscale.engine.schedule import warmup_cosine
 
-    cfg = C.load(recipe, ["data.train=/x", "objective.teacher=/clip.bin"] if recipe.startswith("dtm") else
-                 ["data.train=/x"])
+    cfg = C.load(
+        recipe, ["data.train=/x", "objective.teacher=/clip.bin"] if recipe.startswith("dtm") else ["data.train=/x"]
+    )
     d = C.derive(cfg, world_size=32, samples_per_epoch=1_281_167)
     assert d.warmup_steps > 0
     assert warmup_cosine(0, d.total_steps, d.warmup_steps, d.lr, cfg.optim.min_lr) == 0.0
-    assert warmup_cosine(d.warmup_steps, d.total_steps, d.warmup_steps, d.lr, cfg.optim.min_lr) == \
-        pytest.approx(d.lr)
+    assert warmup_cosine(d.warmup_steps, d.total_steps, d.warmup_steps, d.lr, cfg.optim.min_lr) == pytest.approx(d.lr)
     text = C.recipe_path(recipe).read_text()
     assert "1e-6" not in text and "1.0e-6" not in text and "from 0" in text

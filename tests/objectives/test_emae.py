@@ -4,6 +4,7 @@ Tiny model: encoder vit_micro (D = 64, 4 heads) cut to 2 blocks, decoder width 3
 Two geometries: 16x16 RGB, p = 4 -> N = 16 (r = 0.75: N_keep = 4, K = 4, K*N_keep = N) and the odd one
 20x20, p = 4 -> N = 25 (r = 0.75: N_keep = 6, K = 4, one leftover patch hidden in every part).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,7 +22,7 @@ from mimscale.objectives.mae import MAE, masked_mse
 
 B, C, P_SIZE = 8, 3, 4
 D_ENC, D_DEC = 64, 32
-GEOMS = [(16, 16), (20, 25)]        # (img, N)
+GEOMS = [(16, 16), (20, 25)]  # (img, N)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -38,7 +39,7 @@ def make_emae(img: int = 16, mask_ratio: float = 0.75, seed: int = 0, in_chans: 
 def make_batch(model: EMAE, b: int = B, seed: int = 0) -> dict:
     g = _gen(seed)
     img = model.encoder.img_size
-    image = torch.randn(b, model.encoder.in_chans, img, img, generator=g)   # [B, C, H, W]
+    image = torch.randn(b, model.encoder.in_chans, img, img, generator=g)  # [B, C, H, W]
     return {"image": image, "label": torch.zeros(b, dtype=torch.long), **model.mask_spec().generate(b, g)}
 
 
@@ -57,10 +58,22 @@ def emae() -> EMAE:
 def test_registered_with_spec_defaults():
     assert available()["emae"] is EMAE
     cfg = EMAE.Config()
-    assert (cfg.num_parts, cfg.mask_ratio, cfg.sc_weight, cfg.sc_loss, cfg.sc_stopgrad, cfg.sc_start_epoch,
-            cfg.parts_chunk) == (None, 0.75, 1.0, "mse", "symmetric", 0.0, None)
-    assert (cfg.norm_pix_loss, cfg.norm_pix_eps, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads) == \
-        (True, 1e-6, 512, 8, 16)
+    assert (
+        cfg.num_parts,
+        cfg.mask_ratio,
+        cfg.sc_weight,
+        cfg.sc_loss,
+        cfg.sc_stopgrad,
+        cfg.sc_start_epoch,
+        cfg.parts_chunk,
+    ) == (None, 0.75, 1.0, "mse", "symmetric", 0.0, None)
+    assert (cfg.norm_pix_loss, cfg.norm_pix_eps, cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads) == (
+        True,
+        1e-6,
+        512,
+        8,
+        16,
+    )
 
 
 @pytest.mark.parametrize("img,n", GEOMS)
@@ -93,30 +106,31 @@ def test_collate_output_through_maskcollate(emae):
 # ----------------------------------------------------------------------------- 2.5.1 / 2.5.2 partition
 
 
-@pytest.mark.parametrize("n,r", [(16, 0.75), (25, 0.75), (196, 0.75), (256, 0.75), (16, 0.5), (16, 0.8),
-                                 (196, 0.8), (49, 0.5)])
+@pytest.mark.parametrize(
+    "n,r", [(16, 0.75), (25, 0.75), (196, 0.75), (256, 0.75), (16, 0.5), (16, 0.8), (196, 0.8), (49, 0.5)]
+)
 def test_partition_invariants(n, r):
     k = resolve_num_parts(n, r)
     keep = math.floor(n * (1 - r))
-    parts = partition_masks(B, n, k, r, _gen(3))                      # [B, K, N]
+    parts = partition_masks(B, n, k, r, _gen(3))  # [B, K, N]
     assert parts.shape == (B, k, n) and parts.dtype == torch.bool
     for b in range(B):
         visible = [set((~parts[b, j]).nonzero().flatten().tolist()) for j in range(k)]
-        assert all(len(v) == keep for v in visible)                   # each part shows floor(N(1-r))
+        assert all(len(v) == keep for v in visible)  # each part shows floor(N(1-r))
         union = set().union(*visible)
-        assert len(union) == k * keep                                 # pairwise disjoint
+        assert len(union) == k * keep  # pairwise disjoint
         if k * keep == n:
             assert union == set(range(n))
-    hidden_in = parts.sum(dim=1)                                      # [B, N]: in how many parts hidden
+    hidden_in = parts.sum(dim=1)  # [B, N]: in how many parts hidden
     if k * keep == n:
         assert (hidden_in == k - 1).all()
-    else:                                                             # leftovers are hidden in all K parts
+    else:  # leftovers are hidden in all K parts
         assert ((hidden_in == k - 1) | (hidden_in == k)).all()
         assert ((hidden_in == k).sum(1) == n - k * keep).all()
 
 
 def test_odd_n_has_one_leftover_hidden_in_every_part():
-    parts = make_batch(make_emae(20))["parts"]                        # [8, 4, 25], N_keep = 6
+    parts = make_batch(make_emae(20))["parts"]  # [8, 4, 25], N_keep = 6
     hidden_in = parts.sum(dim=1)
     assert (hidden_in == 4).sum(1).tolist() == [1] * B
     assert (hidden_in == 3).sum(1).tolist() == [24] * B
@@ -124,7 +138,7 @@ def test_odd_n_has_one_leftover_hidden_in_every_part():
 
 def test_partition_rejects_impossible_cuts():
     with pytest.raises(ValueError, match="num_parts=5"):
-        partition_masks(2, 16, 5, 0.75, _gen())                       # 5 * 4 > 16
+        partition_masks(2, 16, 5, 0.75, _gen())  # 5 * 4 > 16
     with pytest.raises(ValueError, match="mask kind"):
         MaskSpec("nope", 16).generate(2, _gen())
 
@@ -133,7 +147,7 @@ def test_partition_rejects_impossible_cuts():
 
 
 def test_masks_differ_across_samples_and_parts(emae):
-    parts = make_batch(emae)["parts"]                                 # [8, 4, 16]
+    parts = make_batch(emae)["parts"]  # [8, 4, 16]
     assert len({tuple(p.flatten().tolist()) for p in parts}) == B
     assert len({tuple(p.tolist()) for p in parts[:, 0]}) > 1
     assert all(len({tuple(p.tolist()) for p in parts[b]}) == 4 for b in range(B))
@@ -141,7 +155,7 @@ def test_masks_differ_across_samples_and_parts(emae):
 
 def test_deterministic_for_a_fixed_generator():
     a = partition_masks(B, 196, 4, 0.75, _gen(11))
-    torch.manual_seed(123)                                            # the global RNG plays no part
+    torch.manual_seed(123)  # the global RNG plays no part
     b = partition_masks(B, 196, 4, 0.75, _gen(11))
     assert torch.equal(a, b)
     assert not torch.equal(a, partition_masks(B, 196, 4, 0.75, _gen(12)))
@@ -172,17 +186,20 @@ def test_mask_ratio_to_num_parts(r, k, n):
 def test_auto_num_parts_is_capped_by_the_floor():
     # r = 0.62, N = 16: N_keep = floor(6.08) = 6, round(1/0.38) = 3 but only 16 // 6 = 2 parts fit
     assert resolve_num_parts(16, 0.62) == 2
-    assert resolve_num_parts(16, 0.75, num_parts=3) == 3              # fewer parts than 1/(1-r): leftovers
+    assert resolve_num_parts(16, 0.75, num_parts=3) == 3  # fewer parts than 1/(1-r): leftovers
 
 
-@pytest.mark.parametrize("r,num_parts,match", [
-    (0.2, None, "num_parts=1"),              # round(1.25) = 1
-    (0.4, None, "mask_ratio >= 0.5"),        # round(1.67) = 2, but 2 * floor(9.6) > 16
-    (0.75, 5, "num_parts=5"),                # 5 * 4 > 16
-    (0.75, 1, "num_parts=1"),
-    (0.97, None, "no visible patch"),        # floor(16 * 0.03) = 0
-    (1.0, None, "mask_ratio"),
-])
+@pytest.mark.parametrize(
+    "r,num_parts,match",
+    [
+        (0.2, None, "num_parts=1"),  # round(1.25) = 1
+        (0.4, None, "mask_ratio >= 0.5"),  # round(1.67) = 2, but 2 * floor(9.6) > 16
+        (0.75, 5, "num_parts=5"),  # 5 * 4 > 16
+        (0.75, 1, "num_parts=1"),
+        (0.97, None, "no visible patch"),  # floor(16 * 0.03) = 0
+        (1.0, None, "mask_ratio"),
+    ],
+)
 def test_config_errors_are_one_line(r, num_parts, match):
     with pytest.raises(ConfigError, match=match) as e:
         make_emae(16, r, num_parts=num_parts)
@@ -218,7 +235,7 @@ def test_recipe_knobs_validate_through_the_config_loader():
 def test_sc_weight_zero_equals_mean_of_k_mae_losses(img, n):
     model = make_emae(img, sc_weight=0.0)
     mae = MAE(model.encoder, MAE.Config(mask_ratio=0.75, decoder_dim=D_DEC, decoder_depth=1, decoder_heads=4))
-    mae.decoder.load_state_dict(model.decoder.state_dict())           # same encoder object, same decoder weights
+    mae.decoder.load_state_dict(model.decoder.state_dict())  # same encoder object, same decoder weights
     batch = make_batch(model)
     out = model(batch)
     assert torch.equal(out.loss, out.metrics["loss_rec"]) and out.metrics["loss_sc"] > 0
@@ -290,7 +307,7 @@ def test_sc_gradient_never_reaches_the_stop_gradient_side(n):
     (grad,) = torch.autograd.grad(sc, x)
     # for each pair (a, b) only pred_a moves: d/d(pred_b) of that term contributes nothing
     torch.testing.assert_close(grad, g_online, rtol=1e-5, atol=1e-8)
-    assert g_sg_side.abs().sum() > 0            # ... although without the detach it would
+    assert g_sg_side.abs().sum() > 0  # ... although without the detach it would
     # without stop-gradient both sides are pulled (ablation knob sc_stopgrad="none")
     (grad_none,) = torch.autograd.grad(self_consistency(x, masks, stopgrad=False), x)
     torch.testing.assert_close(grad_none, g_online + g_sg_side, rtol=1e-5, atol=1e-8)
@@ -300,7 +317,7 @@ def test_sc_stopgrad_applies_after_the_decoder():
     """Model-level: gradients of the decoder's pred layer from L_sc equal those through the online side only."""
     model = make_emae(sc_weight=1.0)
     batch = make_batch(model)
-    preds = model.predict(batch["image"], batch["parts"])             # [K, B, N, P]
+    preds = model.predict(batch["image"], batch["parts"])  # [K, B, N, P]
     masks = batch["parts"].transpose(0, 1)
     _, g_online, _ = _pairwise_reference(preds.detach(), masks)
     (g_sc,) = torch.autograd.grad(self_consistency(preds, masks), preds)
@@ -315,7 +332,7 @@ def test_sc_masks_restrict_pairs_to_patches_hidden_in_both():
     (grad,) = torch.autograd.grad(self_consistency(x, masks), x)
     assert (grad[~masks] == 0).all()
     y = x.detach().clone()
-    y[~masks] = 1e3                                                   # change predictions at visible slots
+    y[~masks] = 1e3  # change predictions at visible slots
     assert self_consistency(y, masks) == self_consistency(x.detach(), masks)
 
 
@@ -364,12 +381,12 @@ def test_encoder_sees_only_the_visible_patches_of_each_part(emae):
     hidden = parts[0, 0].nonzero()[0, 0].item()
     gy, gx = divmod(hidden, 4)
     img2 = img.clone()
-    img2[0, :, gy * 4:(gy + 1) * 4, gx * 4:(gx + 1) * 4] += 5.0
+    img2[0, :, gy * 4 : (gy + 1) * 4, gx * 4 : (gx + 1) * 4] += 5.0
     with torch.no_grad():
         a, b = emae.predict(img, parts), emae.predict(img2, parts)
     assert torch.equal(a[0, 0], b[0, 0])
     assert not torch.equal(a[:, 0], b[:, 0])
-    assert torch.equal(a[:, 1], b[:, 1])                               # other images untouched
+    assert torch.equal(a[:, 1], b[:, 1])  # other images untouched
 
 
 # ----------------------------------------------------------------------------- parts_chunk
@@ -424,11 +441,12 @@ def test_sc_weight_warm_in_from_the_epoch():
         torch.testing.assert_close(model(batch).loss, rec + sc, rtol=1e-6, atol=0)
         # the batch's epoch wins over set_epoch (scalar, per-sample tensor or float)
         assert torch.equal(model({**batch, "epoch": torch.zeros(())}).loss, rec)
-        torch.testing.assert_close(model({**batch, "epoch": torch.full((B,), 0.5)}).loss, rec + 0.25 * sc,
-                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(
+            model({**batch, "epoch": torch.full((B,), 0.5)}).loss, rec + 0.25 * sc, rtol=1e-6, atol=0
+        )
         torch.testing.assert_close(model({**batch, "epoch": 1.5}).loss, rec + 0.75 * sc, rtol=1e-6, atol=0)
     assert model.sc_weight_at(None) == 1.0 and model.sc_weight_at(-1.0) == 0.0
-    assert make_emae(sc_weight=0.5).sc_weight_at(0.0) == 0.5          # sc_start_epoch = 0: no warm-in
+    assert make_emae(sc_weight=0.5).sc_weight_at(0.0) == 0.5  # sc_start_epoch = 0: no warm-in
 
 
 def test_zero_sc_weight_keeps_every_parameter_in_the_graph():
@@ -445,7 +463,7 @@ def test_zero_sc_weight_keeps_every_parameter_in_the_graph():
 def test_flops_tiny_model_vs_mae(emae):
     mae = MAE(emae.encoder, MAE.Config(decoder_dim=D_DEC, decoder_depth=1, decoder_heads=4))
     ratio = emae.flops_per_sample() / mae.flops_per_sample()
-    assert 3.5 < ratio < 4.0                     # K = 4 parts; the patch embedding runs once per image
+    assert 3.5 < ratio < 4.0  # K = 4 parts; the patch embedding runs once per image
 
 
 @pytest.mark.parametrize("arch,patch,ratio", [("vit_base", 16, 3.96), ("vit_large", 16, 3.98), ("vit_huge", 14, 3.99)])
@@ -461,7 +479,7 @@ def test_flops_match_objectives_section_8(arch, patch, ratio):
 
 def test_no_weight_decay_names(emae):
     names = {n for n, _ in emae.named_parameters()}
-    assert emae.no_weight_decay() == set()                             # as MAE's code: both 3-D tokens decayed
+    assert emae.no_weight_decay() == set()  # as MAE's code: both 3-D tokens decayed
     spare = EMAE(emae.encoder, dataclasses.replace(emae.cfg, wd_mask_token=False, wd_cls_token=False))
     assert {"encoder.cls_token", "decoder.mask_token"} == spare.no_weight_decay() <= names
 
@@ -481,9 +499,14 @@ def test_learns_on_fashion_mnist(tmp_path):
     torch.set_num_threads(1)
     try:
         dirs = write_fashion_mnist(tmp_path, splits=("train",), limit=512, shard_size=256)
-        loader = ShardLoader(dirs["train"], batch_size=512, num_workers=0, mode="eval",
-                             transform=EvalTransform(16, mean=(0.286,), std=(0.353,), in_chans=1))
-        images = next(iter(loader))["image"]                         # [512, 1, 16, 16]
+        loader = ShardLoader(
+            dirs["train"],
+            batch_size=512,
+            num_workers=0,
+            mode="eval",
+            transform=EvalTransform(16, mean=(0.286,), std=(0.353,), in_chans=1),
+        )
+        images = next(iter(loader))["image"]  # [512, 1, 16, 16]
         assert images.shape == (512, 1, 16, 16)
         model = make_emae(16, in_chans=1, seed=0)
         g = _gen(0)

@@ -3,10 +3,11 @@
 Tiny model: p = 4, 16x16 RGB images -> G = 4, N = 16 patches, P = p*p*C = 48 pixels per patch;
 encoder vit_micro (D = 64, 4 heads) cut to 2 blocks, decoder width 32, 1 block, 4 heads ("2+1 blocks").
 """
+
 from __future__ import annotations
 
-import dataclasses
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -18,22 +19,21 @@ from mimscale.objectives import LossOutput
 from mimscale.objectives.mae import MAE, masked_mse, normalize_patches, patchify, unpatchify
 
 B, C, IMG, P_SIZE = 8, 3, 16, 4
-N = (IMG // P_SIZE) ** 2          # 16
-P = P_SIZE * P_SIZE * C           # 48
+N = (IMG // P_SIZE) ** 2  # 16
+P = P_SIZE * P_SIZE * C  # 48
 D_ENC, D_DEC = 64, 32
 
 
 def make_mae(mask_ratio: float = 0.75, norm_pix: bool = True, seed: int = 0) -> MAE:
     torch.manual_seed(seed)
     enc = build_vit("vit_micro", img_size=IMG, patch_size=P_SIZE, depth=2)
-    cfg = MAE.Config(mask_ratio=mask_ratio, norm_pix_loss=norm_pix, decoder_dim=D_DEC, decoder_depth=1,
-                     decoder_heads=4)
+    cfg = MAE.Config(mask_ratio=mask_ratio, norm_pix_loss=norm_pix, decoder_dim=D_DEC, decoder_depth=1, decoder_heads=4)
     return MAE(enc, cfg)
 
 
 def make_batch(model: MAE, b: int = B, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
-    img = torch.randn(b, C, IMG, IMG, generator=g)                     # [B, 3, 16, 16]
+    img = torch.randn(b, C, IMG, IMG, generator=g)  # [B, 3, 16, 16]
     return {"image": img, "label": torch.zeros(b, dtype=torch.long), **model.mask_spec().generate(b, g)}
 
 
@@ -78,11 +78,11 @@ def test_encoder_sees_only_visible_patches(mae):
     """Changing the pixels of a masked patch changes nothing the encoder computes."""
     batch = make_batch(mae, b=2)
     img, mask = batch["image"], batch["mask"]
-    latent = mae.encoder.forward_features(img, visible_indices(mask))   # [2, 5, 64]
-    hidden = mask[0].nonzero()[0, 0].item()                              # a masked patch of sample 0
+    latent = mae.encoder.forward_features(img, visible_indices(mask))  # [2, 5, 64]
+    hidden = mask[0].nonzero()[0, 0].item()  # a masked patch of sample 0
     gy, gx = divmod(hidden, IMG // P_SIZE)
     img2 = img.clone()
-    img2[0, :, gy * P_SIZE:(gy + 1) * P_SIZE, gx * P_SIZE:(gx + 1) * P_SIZE] += 5.0
+    img2[0, :, gy * P_SIZE : (gy + 1) * P_SIZE, gx * P_SIZE : (gx + 1) * P_SIZE] += 5.0
     latent2 = mae.encoder.forward_features(img2, visible_indices(mask))
     assert torch.equal(latent, latent2)
 
@@ -123,15 +123,15 @@ def test_decoder_places_each_visible_token_at_its_raster_slot(mae):
     try:
         with torch.no_grad():
             mae.predict(img, mask)
-            keep_idx = visible_indices(mask)                              # [B, K]
-            latent = mae.encoder.forward_features(img, keep_idx)          # [B, 1+K, 64]
-            e = mae.decoder.embed(latent)                                 # [B, 1+K, 32]
+            keep_idx = visible_indices(mask)  # [B, K]
+            latent = mae.encoder.forward_features(img, keep_idx)  # [B, 1+K, 64]
+            e = mae.decoder.embed(latent)  # [B, 1+K, 32]
     finally:
         h.remove()
     (x_in,) = seen
     assert x_in.shape == (B, 1 + N, D_DEC)
     expected = torch.empty(B, 1 + N, D_DEC)
-    tok = mae.decoder.mask_token.detach()[0, 0]                           # [32]
+    tok = mae.decoder.mask_token.detach()[0, 0]  # [32]
     mask_l, keep_l = mask.tolist(), keep_idx.tolist()
     for b in range(B):
         expected[b, 0] = e[b, 0]
@@ -161,7 +161,7 @@ def test_visible_slot_holds_the_token_of_that_patch(mae):
             mae.decoder(latent, keep_idx)
     finally:
         h.remove()
-    slots = seen[0][:, 1:] - mae.decoder.pos_embed[:, 1:]                 # [B, N, 32]
+    slots = seen[0][:, 1:] - mae.decoder.pos_embed[:, 1:]  # [B, N, 32]
     e = mae.decoder.embed(latent).detach()
     for b in range(4):
         for j, i in enumerate(keep_idx[b].tolist()):
@@ -186,7 +186,7 @@ def test_samples_do_not_leak_into_each_other(mae):
 
 
 def test_unpatchify_inverts_patchify_exactly():
-    x = torch.randn(2, C, IMG, IMG, generator=torch.Generator().manual_seed(0))   # [2, 3, 16, 16]
+    x = torch.randn(2, C, IMG, IMG, generator=torch.Generator().manual_seed(0))  # [2, 3, 16, 16]
     t = patchify(x, P_SIZE)
     assert t.shape == (2, N, P)
     assert torch.equal(unpatchify(t, P_SIZE, C), x)
@@ -200,8 +200,8 @@ def test_patch_pixel_order_by_value():
     c_idx = torch.arange(C).view(C, 1, 1)
     y = torch.arange(IMG).view(1, IMG, 1)
     x = torch.arange(IMG).view(1, 1, IMG)
-    img = (c_idx * 10000 + y * 100 + x).float().unsqueeze(0)           # [1, 3, 16, 16]: value encodes (c, y, x)
-    t = patchify(img, P_SIZE)[0]                                       # [16, 48]
+    img = (c_idx * 10000 + y * 100 + x).float().unsqueeze(0)  # [1, 3, 16, 16]: value encodes (c, y, x)
+    t = patchify(img, P_SIZE)[0]  # [16, 48]
     for n in range(N):
         gy, gx = divmod(n, g)
         for dy in range(P_SIZE):
@@ -213,9 +213,9 @@ def test_patch_pixel_order_by_value():
 
 def test_patchify_other_sizes():
     x = torch.randn(1, 1, 8, 8)
-    t = patchify(x, 2)                                                 # [1, 16, 4]
+    t = patchify(x, 2)  # [1, 16, 4]
     assert t.shape == (1, 16, 4)
-    assert torch.equal(t[0, 5], x[0, 0, 2:4, 2:4].flatten())          # patch (1, 1), one channel: dy*p+dx
+    assert torch.equal(t[0, 5], x[0, 0, 2:4, 2:4].flatten())  # patch (1, 1), one channel: dy*p+dx
     assert torch.equal(unpatchify(t, 2, 1), x)
 
 
@@ -237,7 +237,7 @@ def test_visible_positions_do_not_change_the_loss():
     pred2[~mask] = 1e3 * torch.randn(int((~mask).sum()), P)
     assert torch.equal(masked_mse(pred2, target, mask), loss)
     pred3 = pred.clone()
-    pred3[mask] += 0.1                                                 # masked positions do change it
+    pred3[mask] += 0.1  # masked positions do change it
     assert not torch.equal(masked_mse(pred3, target, mask), loss)
 
 
@@ -262,7 +262,7 @@ def test_model_gradient_zero_at_visible_predictions(mae):
 
 def test_loss_is_a_mean_over_masked_patches():
     pred, target, mask = _pred_target_mask(2)
-    per_patch = ((pred - target) ** 2).mean(-1)                        # [B, N]
+    per_patch = ((pred - target) ** 2).mean(-1)  # [B, N]
     torch.testing.assert_close(masked_mse(pred, target, mask), per_patch[mask].mean())
 
 
@@ -284,7 +284,7 @@ def test_oracle_through_the_model(mae):
 def test_norm_pix_zero_prediction_loss():
     """pred = 0 and norm_pix on random images: loss = (P-1)/P * var/(var+eps) ~ 47/48."""
     model = make_mae(norm_pix=True)
-    with torch.no_grad():                                              # make the decoder predict exactly 0
+    with torch.no_grad():  # make the decoder predict exactly 0
         model.decoder.pred.weight.zero_()
         model.decoder.pred.bias.zero_()
     batch = make_batch(model)
@@ -292,7 +292,7 @@ def test_norm_pix_zero_prediction_loss():
     loss = model(batch).loss
     assert abs(loss.item() - (P - 1) / P) < 1e-3
     # the exact value: mean over masked patches of (P-1)/P * var/(var+eps)
-    t = patchify(batch["image"], P_SIZE)                               # [B, N, 48]
+    t = patchify(batch["image"], P_SIZE)  # [B, N, 48]
     var = t.var(-1, unbiased=True)
     exact = ((P - 1) / P * var / (var + 1e-6))[batch["mask"]].mean()
     torch.testing.assert_close(loss, exact, rtol=1e-5, atol=1e-6)
@@ -301,8 +301,8 @@ def test_norm_pix_zero_prediction_loss():
 def test_norm_pix_uses_unbiased_variance_and_eps_inside_sqrt():
     g = torch.Generator().manual_seed(0)
     base = torch.randn(1, 1, P, generator=g)
-    base = (base - base.mean()) / base.std()                           # unbiased variance exactly 1
-    t = normalize_patches(base * 3.0 + 7.0, eps=1e-6)                  # var 9
+    base = (base - base.mean()) / base.std()  # unbiased variance exactly 1
+    t = normalize_patches(base * 3.0 + 7.0, eps=1e-6)  # var 9
     assert abs(t.mean().item()) < 1e-6
     # sum of squares = (P-1) * var / (var + eps): unbiased gives 47, biased would give 48
     torch.testing.assert_close(t.pow(2).sum(), torch.tensor(47 * 9 / (9 + 1e-6)), rtol=1e-5, atol=0)
@@ -314,13 +314,13 @@ def test_norm_pix_uses_unbiased_variance_and_eps_inside_sqrt():
 def test_constant_patch_target_is_zero_not_nan():
     img = torch.full((2, C, IMG, IMG), 0.7)
     img[1] = torch.randn(C, IMG, IMG)
-    img[1, :, :P_SIZE, :P_SIZE] = -1.25                                # one constant patch in sample 1
+    img[1, :, :P_SIZE, :P_SIZE] = -1.25  # one constant patch in sample 1
     model = make_mae(norm_pix=True)
-    t = model.target(img)                                              # [2, 16, 48]
+    t = model.target(img)  # [2, 16, 48]
     assert torch.isfinite(t).all()
     # 0 up to the fp32 rounding of the patch mean (~1 ulp of 0.7, amplified by 1/sqrt(eps) = 1e3)
     assert t[0].abs().max() < 1e-3 and t[1, 0].abs().max() < 1e-3
-    assert torch.count_nonzero(model.target(torch.zeros(1, C, IMG, IMG))) == 0   # exactly 0 when exact
+    assert torch.count_nonzero(model.target(torch.zeros(1, C, IMG, IMG))) == 0  # exactly 0 when exact
     assert torch.count_nonzero(t[1, 1]) > 0
     assert torch.isfinite(model({"image": img, "mask": random_masks(2, N, 0.75, torch.Generator())}).loss)
 
@@ -346,7 +346,7 @@ def test_ratio_zero():
         h.remove()
     assert seen == [(B, N + 1, D_ENC)]
     assert torch.isfinite(loss) and loss.item() == 0.0
-    loss.backward()                                                     # and backward is finite too
+    loss.backward()  # and backward is finite too
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -359,10 +359,15 @@ def test_bad_mask_ratio_rejected():
             MAE(enc, MAE.Config(mask_ratio=r, decoder_dim=D_DEC, decoder_depth=1, decoder_heads=4))
 
 
-@pytest.mark.parametrize("dim,heads,depth,word", [(32, 5, 1, "objective.decoder_heads=5"),
-                                                   (30, 3, 1, "objective.decoder_dim=30"),
-                                                   (32, 0, 1, "objective.decoder_heads=0"),
-                                                   (32, 4, -1, "objective.decoder_depth=-1")])
+@pytest.mark.parametrize(
+    "dim,heads,depth,word",
+    [
+        (32, 5, 1, "objective.decoder_heads=5"),
+        (30, 3, 1, "objective.decoder_dim=30"),
+        (32, 0, 1, "objective.decoder_heads=0"),
+        (32, 4, -1, "objective.decoder_depth=-1"),
+    ],
+)
 def test_bad_decoder_shape_is_a_config_error(dim, heads, depth, word):
     """One-line ConfigError, not a ValueError traceback from deep inside the decoder (regression)."""
     from mimscale.errors import ConfigError
@@ -382,7 +387,7 @@ def test_sincos_tables(mae, which, width):
     assert table.dtype == torch.float32
     assert torch.count_nonzero(table[0, 0]) == 0
     assert table.abs().max() <= 1.0
-    assert table[0, 1:].abs().sum(-1).min() > 0                       # every patch slot is encoded
+    assert table[0, 1:].abs().sum(-1).min() > 0  # every patch slot is encoded
     assert not table.requires_grad
     names = {n for n, _ in mae.named_parameters()}
     assert f"{which}.pos_embed" not in names
@@ -390,7 +395,7 @@ def test_sincos_tables(mae, which, width):
 
 
 def test_sincos_tables_distinct_per_patch(mae):
-    t = mae.decoder.pos_embed[0, 1:]                                   # [16, 32]
+    t = mae.decoder.pos_embed[0, 1:]  # [16, 32]
     assert torch.unique(t, dim=0).shape[0] == N
 
 
@@ -405,7 +410,7 @@ def test_loss_in_fp32_when_the_model_runs_in_bf16():
     assert next(bf.parameters()).dtype == torch.bfloat16
     assert batch["image"].dtype == torch.float32
     pred = bf.predict(batch["image"], batch["mask"])
-    assert pred.dtype == torch.bfloat16                                # the forward does run in bf16
+    assert pred.dtype == torch.bfloat16  # the forward does run in bf16
     assert bf.target(batch["image"]).dtype == torch.float32
     out = bf(batch)
     assert out.loss.dtype == torch.float32
@@ -425,8 +430,10 @@ def test_masked_mse_upcasts_before_the_difference():
 # ----------------------------------------------------------------------------- FLOPs (OBJECTIVES.md 8)
 
 
-@pytest.mark.parametrize("arch,patch,gflops,tol", [("vit_base", 16, 58.7, 0.005), ("vit_large", 16, 124.5, 0.01),
-                                                   ("vit_huge", 14, 291.4, 0.01)])
+@pytest.mark.parametrize(
+    "arch,patch,gflops,tol",
+    [("vit_base", 16, 58.7, 0.005), ("vit_large", 16, 124.5, 0.01), ("vit_huge", 14, 291.4, 0.01)],
+)
 def test_flops_per_sample_official(arch, patch, gflops, tol):
     with torch.device("meta"):
         model = MAE(build_vit(arch, img_size=224, patch_size=patch), MAE.Config())
@@ -444,13 +451,13 @@ def test_flops_scale_with_mask_ratio():
 
 
 def test_no_weight_decay(mae):
-    assert mae.no_weight_decay() == set()                              # MAE's code decays both 3-D tokens
+    assert mae.no_weight_decay() == set()  # MAE's code decays both 3-D tokens
     spare = MAE(mae.encoder, dataclasses.replace(mae.cfg, wd_mask_token=False, wd_cls_token=False))
     names = spare.no_weight_decay()
     assert names == {"decoder.mask_token", "encoder.cls_token"}
     params = dict(mae.named_parameters())
-    assert names <= set(params)                                        # real parameter names
-    assert not any("pos_embed" in n for n in names)                    # buffers, never parameters
+    assert names <= set(params)  # real parameter names
+    assert not any("pos_embed" in n for n in names)  # buffers, never parameters
 
 
 def test_init_knob_reinitialises_the_encoder_only():
@@ -458,12 +465,11 @@ def test_init_knob_reinitialises_the_encoder_only():
     at +-1 sigma, depth rescale) and leaves MAE's xavier decoder alone."""
     torch.manual_seed(0)
     enc = build_vit("vit_micro", 16, 4, depth=2)
-    model = MAE(enc, dataclasses.replace(MAE.Config(), decoder_dim=32, decoder_depth=1, decoder_heads=2,
-                                         init="beit"))
+    model = MAE(enc, dataclasses.replace(MAE.Config(), decoder_dim=32, decoder_depth=1, decoder_heads=2, init="beit"))
     assert enc.blocks[0].mlp.fc1.weight.abs().max() <= 0.02
     assert enc.blocks[1].attn.proj.weight.abs().max() <= 0.02 / 2 + 1e-7
     w = model.decoder.blocks[0].mlp.fc1.weight
-    assert w.abs().max() > 0.05                                        # xavier bound sqrt(6 / 160) = 0.19
+    assert w.abs().max() > 0.05  # xavier bound sqrt(6 / 160) = 0.19
 
 
 def test_every_parameter_gets_a_gradient():

@@ -1,6 +1,7 @@
 """docs/objectives/template.py is a working objective: installed as a plugin (an entry point of a package on
 the path, exactly as a user's package would be), it passes every contract check and trains through the
 real launcher entry point."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import test_contract as contract
 from launch_utils import REPO, run, tiny_overrides
 
@@ -34,12 +34,20 @@ def template(tmp_path, monkeypatch):
     sys.modules.pop("mimscale_template_plugin", None)
 
 
-@pytest.mark.parametrize("check", [
-    contract.test_registered_and_config_is_a_dataclass_with_defaults, contract.test_tiny_config_keeps_valid_types,
-    contract.test_mask_spec_and_collate, contract.test_forward_backward_contract,
-    contract.test_frozen_modules_have_no_trainable_params, contract.test_flops_per_sample_positive,
-    contract.test_no_weight_decay_names_are_parameters, contract.test_after_optimizer_step_runs,
-], ids=lambda f: f.__name__.removeprefix("test_"))
+@pytest.mark.parametrize(
+    "check",
+    [
+        contract.test_registered_and_config_is_a_dataclass_with_defaults,
+        contract.test_tiny_config_keeps_valid_types,
+        contract.test_mask_spec_and_collate,
+        contract.test_forward_backward_contract,
+        contract.test_frozen_modules_have_no_trainable_params,
+        contract.test_flops_per_sample_positive,
+        contract.test_no_weight_decay_names_are_parameters,
+        contract.test_after_optimizer_step_runs,
+    ],
+    ids=lambda f: f.__name__.removeprefix("test_"),
+)
 def test_template_passes_the_contract(template, check):
     check(template)
 
@@ -60,10 +68,15 @@ def test_template_trains_through_the_launcher(tmp_path, fmnist_small):
     (tmp_path / "site").mkdir()
     plugin = _install(tmp_path / "site")
     rd = tmp_path / "run"
-    ov = [o for o in tiny_overrides(fmnist_small, rd, train__max_steps=6, train__precision="fp32")
-          if not o.startswith("objective.")]
-    run([sys.executable, "-m", "mimscale.train", *ov, "objective={name: masked_pixels, mask_ratio: 0.6}"],
-        env={"PYTHONPATH": f"{plugin}:{REPO}"})
+    ov = [
+        o
+        for o in tiny_overrides(fmnist_small, rd, train__max_steps=6, train__precision="fp32")
+        if not o.startswith("objective.")
+    ]
+    run(
+        [sys.executable, "-m", "mimscale.train", *ov, "objective={name: masked_pixels, mask_ratio: 0.6}"],
+        env={"PYTHONPATH": f"{plugin}:{REPO}"},
+    )
     s = json.loads((rd / "summary.json").read_text())
     assert s["objective"] == "masked_pixels" and s["steps"] == 6 and s["flops_per_sample"] > 0
     assert (rd / "encoder.safetensors").is_file()

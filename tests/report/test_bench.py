@@ -1,4 +1,5 @@
 """`mimscale report` with benchmark results: --bench FILE, the newest benchmarks/results sweep, bad files."""
+
 from __future__ import annotations
 
 import json
@@ -16,9 +17,23 @@ from mimscale.telemetry import MetricLogger
 
 
 def _row(zero, ckpt, mb, img_s):
-    return {"objective": "mae", "arch": "vit_micro", "img": 32, "patch": 4, "zero": zero, "ckpt": ckpt,
-            "micro_batch": mb, "world_size": 1, "precision": "fp32", "device": "cpu", "device_name": "AMD EPYC",
-            "img_per_s": img_s, "step_time_s": mb / img_s, "mfu": 0.2, "mem_peak_gb": 0.9}
+    return {
+        "objective": "mae",
+        "arch": "vit_micro",
+        "img": 32,
+        "patch": 4,
+        "zero": zero,
+        "ckpt": ckpt,
+        "micro_batch": mb,
+        "world_size": 1,
+        "precision": "fp32",
+        "device": "cpu",
+        "device_name": "AMD EPYC",
+        "img_per_s": img_s,
+        "step_time_s": mb / img_s,
+        "mfu": 0.2,
+        "mem_peak_gb": 0.9,
+    }
 
 
 ROWS = [_row(0, 0, 32, 200.0), _row(3, 0, 32, 150.0), _row(0, 1, 32, 160.0), _row(3, 1, 32, 120.0)]
@@ -31,8 +46,16 @@ def run_dir(tmp_path):
     C.save_resolved(cfg, C.derive(cfg, 1, 1280), rd / "config.yaml")
     with MetricLogger(rd, tensorboard=False, wandb="disabled") as log:
         for step in (5, 10):
-            log.log({"train/loss": 1.0 / step, "perf/img_per_s": 500.0, "perf/mem_peak_gb": 1.0,
-                     "time/elapsed_s": step * 0.2, "time/device_hours": step * 0.2 / 3600}, step=step)
+            log.log(
+                {
+                    "train/loss": 1.0 / step,
+                    "perf/img_per_s": 500.0,
+                    "perf/mem_peak_gb": 1.0,
+                    "time/elapsed_s": step * 0.2,
+                    "time/device_hours": step * 0.2 / 3600,
+                },
+                step=step,
+            )
     return rd
 
 
@@ -44,15 +67,17 @@ def test_newest_sweep_file_is_found_and_foreign_files_ignored(tmp_path):
         doc = json.loads(p.read_text())
         doc["date"] = date
         p.write_text(json.dumps(doc))
-    os.utime(old, (2e9, 2e9))                                  # newer mtime, older date: the date decides
+    os.utime(old, (2e9, 2e9))  # newer mtime, older date: the date decides
     (tmp_path / "throughput-broken.json").write_text("{not json")
     (tmp_path / "throughput-other.json").write_text(json.dumps({"benchmark": "engine_overhead"}))
     assert latest_bench_file(tmp_path) == new
     assert len(resolve_bench(None, tmp_path)["results"]) == 4
 
 
-@pytest.mark.parametrize("content, match", [(None, "cannot read"), ("{oops", "not JSON"),
-                                            ('{"benchmark": "zero_memory"}', "not a `mimscale bench")])
+@pytest.mark.parametrize(
+    "content, match",
+    [(None, "cannot read"), ("{oops", "not JSON"), ('{"benchmark": "zero_memory"}', "not a `mimscale bench")],
+)
 def test_bad_bench_file_is_one_config_error(tmp_path, content, match):
     p = tmp_path / "b.json"
     if content is not None:
@@ -66,9 +91,9 @@ def test_report_shows_the_bench_table_and_plot(run_dir, tmp_path):
     html_path, json_path = write_report([run_dir], tmp_path / "out", bench=sweep)
     text = html_path.read_text(encoding="utf-8")
     assert "<h2>Benchmarks</h2>" in text and 'id="bench"' in text and 'id="plot-bench"' in text
-    section = text[text.index('<table id="bench">'):text.index("</table>", text.index('<table id="bench">'))]
-    assert section.count("<tr>") == 1 + len(ROWS) and "0.750" in section and "0.600" in section   # vs ZeRO-0
-    assert "http://" not in text and "https://" not in text        # the report stays self-contained
+    section = text[text.index('<table id="bench">') : text.index("</table>", text.index('<table id="bench">'))]
+    assert section.count("<tr>") == 1 + len(ROWS) and "0.750" in section and "0.600" in section  # vs ZeRO-0
+    assert "http://" not in text and "https://" not in text  # the report stays self-contained
     assert 'data-run="' not in bench_section(json.loads(json_path.read_text())["bench"])
     assert json.loads(json_path.read_text())["bench"]["results"] == ROWS
 
@@ -77,7 +102,7 @@ def test_report_picks_up_benchmarks_results_in_the_current_directory(run_dir, tm
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     assert main(["report", str(run_dir), "--out", str(out)]) == 0
-    assert "<h2>Benchmarks</h2>" not in (out / "report.html").read_text()      # nothing to show
+    assert "<h2>Benchmarks</h2>" not in (out / "report.html").read_text()  # nothing to show
     write_sweep(ROWS, tmp_path / "benchmarks" / "results", {}, 1)
     assert main(["report", str(run_dir), "--out", str(out)]) == 0
     assert "<h2>Benchmarks</h2>" in (out / "report.html").read_text()

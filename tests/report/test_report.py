@@ -5,6 +5,7 @@ config.yaml, ``MetricLogger`` for metrics.jsonl, the objectives' ``flops_per_sam
 summary.json), with numbers shaped like real runs: kNN at step 0 (random init) and every 100
 steps, the training log every 20 steps, uneven step times, a NaN loss, an unfinished run.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,7 +31,7 @@ from mimscale.report.svg import run_style
 from mimscale.telemetry import MetricLogger
 
 CHROMIUM = "/usr/bin/chromium"
-SAMPLES_PER_EPOCH = 12800          # batch 64 -> 200 steps per epoch; 2 epochs -> 400 steps
+SAMPLES_PER_EPOCH = 12800  # batch 64 -> 200 steps per epoch; 2 epochs -> 400 steps
 DEFAULT_KNOBS = ["objective.decoder_dim=512", "objective.decoder_depth=8", "objective.decoder_heads=16"]
 SECOND = "emae" if "emae" in available() else "mae"
 TARGET = 55.0
@@ -47,13 +48,34 @@ def _mae_default_flops() -> float:
         return MAE(build_vit("vit_micro", 32, 4, 3), MAE.Config()).flops_per_sample()
 
 
-def make_run(rd: Path, objective: str, knobs: list[str], *, world: int, steps: int, sec_per_step: float,
-             knn: dict[int, float], finished: bool, loss: tuple[float, float, float],
-             nan_loss_at: int | None = None, mfu: float | None = None) -> dict:
+def make_run(
+    rd: Path,
+    objective: str,
+    knobs: list[str],
+    *,
+    world: int,
+    steps: int,
+    sec_per_step: float,
+    knn: dict[int, float],
+    finished: bool,
+    loss: tuple[float, float, float],
+    nan_loss_at: int | None = None,
+    mfu: float | None = None,
+) -> dict:
     """A run directory as the train loop leaves it; returns what the test needs to check against."""
-    cfg = C.load("tiny_cpu", [f"train.run_dir={rd}", "model.arch=vit_micro", f"objective.name={objective}",
-                              "train.epochs=2", "train.batch_size=64", f"train.micro_batch_size={64 // world}",
-                              "log.wandb=disabled", *knobs])
+    cfg = C.load(
+        "tiny_cpu",
+        [
+            f"train.run_dir={rd}",
+            "model.arch=vit_micro",
+            f"objective.name={objective}",
+            "train.epochs=2",
+            "train.batch_size=64",
+            f"train.micro_batch_size={64 // world}",
+            "log.wandb=disabled",
+            *knobs,
+        ],
+    )
     derived = C.derive(cfg, world, SAMPLES_PER_EPOCH)
     C.save_resolved(cfg, derived, rd / "config.yaml")
     flops = _flops(cfg)
@@ -66,28 +88,58 @@ def make_run(rd: Path, objective: str, knobs: list[str], *, world: int, steps: i
             elapsed += sec_per_step * (1.3 if step % 7 == 0 else 1.0)  # uneven steps: interpolation matters
             if step % 20 == 0 or step == steps:
                 floor, scale, decay = loss
-                value = float("nan") if step == nan_loss_at else floor + scale * decay ** step
+                value = float("nan") if step == nan_loss_at else floor + scale * decay**step
                 peak = max(peak, 1.5 + 0.01 * (step % 50))
-                log.log({"train/loss": value, "train/lr": 1e-3, "train/wd": 0.05,
-                         "train/epoch": step / derived.steps_per_epoch,
-                         "perf/img_per_s": 64 / sec_per_step * (0.97 if step % 60 else 1.0),
-                         "perf/step_time_s": sec_per_step, "perf/mem_allocated_gb": 1.2,
-                         "perf/mem_peak_gb": peak, "perf/mem_reserved_gb": 1.3, "time/elapsed_s": elapsed,
-                         "time/device_hours": elapsed * world / 3600.0,
-                         "perf/train_pflops": flops * step * 64 / 1e15,
-                         **({"perf/mfu": mfu} if mfu is not None else {})}, step=step)
+                log.log(
+                    {
+                        "train/loss": value,
+                        "train/lr": 1e-3,
+                        "train/wd": 0.05,
+                        "train/epoch": step / derived.steps_per_epoch,
+                        "perf/img_per_s": 64 / sec_per_step * (0.97 if step % 60 else 1.0),
+                        "perf/step_time_s": sec_per_step,
+                        "perf/mem_allocated_gb": 1.2,
+                        "perf/mem_peak_gb": peak,
+                        "perf/mem_reserved_gb": 1.3,
+                        "time/elapsed_s": elapsed,
+                        "time/device_hours": elapsed * world / 3600.0,
+                        "perf/train_pflops": flops * step * 64 / 1e15,
+                        **({"perf/mfu": mfu} if mfu is not None else {}),
+                    },
+                    step=step,
+                )
                 logged.append((step, elapsed * world / 3600.0))
             if step in knn and step != 0:
-                log.log({"eval/knn_top1": knn[step], "eval/knn_bank": 5000.0, "eval/knn_queries": 5000.0},
-                        step=step)
+                log.log({"eval/knn_top1": knn[step], "eval/knn_bank": 5000.0, "eval/knn_queries": 5000.0}, step=step)
     if finished:
-        (rd / "summary.json").write_text(json.dumps({
-            "objective": objective, "arch": "vit_micro", "world_size": world, "total_steps": derived.total_steps,
-            "flops_per_sample": flops, "params_total": 214_000, "params_per_rank": [214_000] * world,
-            "knn_top1_init": knn.get(0), "final_loss": 0.41, "steps": steps,
-            "train_seconds": elapsed, "img_per_s": 64 / sec_per_step, "knn_top1_final": knn.get(steps)}))
-    return {"dir": rd, "flops": flops, "logged": logged, "world": world, "peak": peak,
-            "steps_per_epoch": derived.steps_per_epoch, "total_steps": derived.total_steps}
+        (rd / "summary.json").write_text(
+            json.dumps(
+                {
+                    "objective": objective,
+                    "arch": "vit_micro",
+                    "world_size": world,
+                    "total_steps": derived.total_steps,
+                    "flops_per_sample": flops,
+                    "params_total": 214_000,
+                    "params_per_rank": [214_000] * world,
+                    "knn_top1_init": knn.get(0),
+                    "final_loss": 0.41,
+                    "steps": steps,
+                    "train_seconds": elapsed,
+                    "img_per_s": 64 / sec_per_step,
+                    "knn_top1_final": knn.get(steps),
+                }
+            )
+        )
+    return {
+        "dir": rd,
+        "flops": flops,
+        "logged": logged,
+        "world": world,
+        "peak": peak,
+        "steps_per_epoch": derived.steps_per_epoch,
+        "total_steps": derived.total_steps,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -95,16 +147,43 @@ def runs(tmp_path_factory) -> list[dict]:
     root = tmp_path_factory.mktemp("runs")
     return [
         # MAE with its default knobs: MAE-equivalent epochs == epochs
-        make_run(root / "mae_micro", "mae", DEFAULT_KNOBS, world=8, steps=400, sec_per_step=4.0,
-                 knn={0: 10.2, 100: 31.0, 200: 44.5, 300: 51.0, 400: 55.6}, finished=True,
-                 loss=(0.42, 0.9, 0.985)),
+        make_run(
+            root / "mae_micro",
+            "mae",
+            DEFAULT_KNOBS,
+            world=8,
+            steps=400,
+            sec_per_step=4.0,
+            knn={0: 10.2, 100: 31.0, 200: 44.5, 300: 51.0, 400: 55.6},
+            finished=True,
+            loss=(0.42, 0.9, 0.985),
+        ),
         # EMAE (K=4 parts): ~4x the compute per image, reaches the target earlier in steps
-        make_run(root / f"{SECOND}_micro", SECOND, DEFAULT_KNOBS, world=8, steps=400, sec_per_step=11.0,
-                 knn={0: 10.2, 100: 42.0, 200: 56.5, 300: 60.1, 400: 61.8}, finished=True,
-                 loss=(0.55, 1.2, 0.99), mfu=0.412),  # an engine that knows the device peak logs MFU
+        make_run(
+            root / f"{SECOND}_micro",
+            SECOND,
+            DEFAULT_KNOBS,
+            world=8,
+            steps=400,
+            sec_per_step=11.0,
+            knn={0: 10.2, 100: 42.0, 200: 56.5, 300: 60.1, 400: 61.8},
+            finished=True,
+            loss=(0.55, 1.2, 0.99),
+            mfu=0.412,
+        ),  # an engine that knows the device peak logs MFU
         # killed early, no kNN configured, one diverged log line, small decoder: degrades gracefully
-        make_run(root / "mae_nodecoder_killed", "mae", [], world=2, steps=130, sec_per_step=1.5,
-                 knn={}, finished=False, loss=(0.7, 0.8, 0.975), nan_loss_at=60),
+        make_run(
+            root / "mae_nodecoder_killed",
+            "mae",
+            [],
+            world=2,
+            steps=130,
+            sec_per_step=1.5,
+            knn={},
+            finished=False,
+            loss=(0.7, 0.8, 0.975),
+            nan_loss_at=60,
+        ),
     ]
 
 
@@ -139,9 +218,9 @@ def test_json_one_entry_per_run(runs, report):
     assert second["knn_best"] == 61.8 and killed["knn_best"] is None and killed["knn_curve"] == []
     assert all(e["linear_best"] is None for e in doc["runs"])
     assert mae["mfu"] is None and second["mfu"] == pytest.approx(0.412) and killed["mfu"] is None
-    assert mae["img_per_s"] == pytest.approx(64 / 4.0 * 0.97)       # median of the logged rate
+    assert mae["img_per_s"] == pytest.approx(64 / 4.0 * 0.97)  # median of the logged rate
     assert mae["tflops_per_device"] == pytest.approx(runs[0]["flops"] * mae["img_per_s"] / 8 / 1e12)
-    assert killed["final_loss"] == pytest.approx(0.7 + 0.8 * 0.975 ** 130)  # no summary: last logged loss
+    assert killed["final_loss"] == pytest.approx(0.7 + 0.8 * 0.975**130)  # no summary: last logged loss
     assert killed["loss_nonfinite"] == 1 and mae["loss_nonfinite"] == 0
 
 
@@ -192,8 +271,12 @@ def test_json_no_target(runs, tmp_path):
 
 def test_device_hours_interpolation_and_restart():
     # a resumed attempt restarts the logged clock: the track keeps increasing
-    train = [{"step": 10, "time/device_hours": 1.0}, {"step": 20, "time/device_hours": 2.0},
-             {"step": 30, "time/device_hours": 0.5}, {"step": 40, "time/device_hours": 1.5}]
+    train = [
+        {"step": 10, "time/device_hours": 1.0},
+        {"step": 20, "time/device_hours": 2.0},
+        {"step": 30, "time/device_hours": 0.5},
+        {"step": 40, "time/device_hours": 1.5},
+    ]
     track = _device_hours_track(train)
     assert track == [(10, 1.0), (20, 2.0), (30, 2.5), (40, 3.5)]
     assert _interp(track, 0) == 0.0 and _interp(track, 5) == pytest.approx(0.5)
@@ -362,9 +445,22 @@ PROBE_TAIL = """<script>(function () {
 
 
 def _chromium(url: str, profile: Path, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--no-first-run", "--hide-scrollbars", f"--user-data-dir={profile}",
-           "--enable-logging=stderr", "--v=0", "--window-size=1280,2000", *extra, url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--window-size=1280,2000",
+        *extra,
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
@@ -373,7 +469,7 @@ def _console_lines(stderr: str) -> list[str]:
 
 
 def _rgb(colour: str) -> tuple[int, int, int]:
-    return tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+    return tuple(int(colour[i : i + 2], 16) for i in (1, 3, 5))
 
 
 @pytest.mark.slow
@@ -395,8 +491,9 @@ def test_report_in_headless_chromium(report, tmp_path):
     # 2. a probe copy: layout measured by the browser itself, and proof that the error detectors work
     probe = tmp_path / "probe.html"
     text = html.read_text(encoding="utf-8")
-    probe.write_text(text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_TAIL + "</body>", 1),
-                     encoding="utf-8")
+    probe.write_text(
+        text.replace("<head>", "<head>" + PROBE_HEAD, 1).replace("</body>", PROBE_TAIL + "</body>", 1), encoding="utf-8"
+    )
     q = _chromium(probe.as_uri(), tmp_path / "profile2", "--dump-dom")
     assert q.returncode == 0, q.stderr[-2000:]
     console = _console_lines(q.stderr)
@@ -417,13 +514,13 @@ def test_report_in_headless_chromium(report, tmp_path):
     # 3. the screenshot is not blank, and each run's colour is drawn inside each plot area
     img = Image.open(png).convert("RGB")
     assert img.size == (1280, 2000)
-    px = np.asarray(img).astype(int)                                   # [H, W, 3]
+    px = np.asarray(img).astype(int)  # [H, W, 3]
     non_white = float((px.min(axis=2) < 245).mean())
     assert non_white > 0.01, f"screenshot looks blank ({non_white:.2%} non-white)"
     assert len(img.getcolors(maxcolors=1 << 20) or ()) > 50
     for chart_id, runs_drawn in (("plot-acc", [0, 1]), ("plot-loss", [0, 1, 2])):
         x0, y0, x1, y1 = (int(round(v)) for v in m["charts"][chart_id]["plot"])
-        crop = px[y0 + 1:y1 - 1, x0 + 1:x1 - 1]
+        crop = px[y0 + 1 : y1 - 1, x0 + 1 : x1 - 1]
         for i in runs_drawn:
             n = int((np.abs(crop - np.array(_rgb(run_style(i)[0]))).sum(axis=2) < 60).sum())
             assert n > 80, f"run {i}'s colour barely appears in {chart_id} ({n} px)"
@@ -442,7 +539,11 @@ def test_data_line_says_what_the_data_was(tmp_path):
         write_manifest(d, [{"name": "train-000000.tar", "count": 1281}], source="folder:/x", **extra)
     line = describe_data({"data": {"train": str(capped), "decode": "device"}})
     assert line == f"{capped}, 1,281 images, pre-resized to max side 320 px (JPEG q85, 1,200 shrunk), decode device"
-    assert describe_data({"data": {"train": str(plain), "decode": "auto"}}) == \
-        f"{plain}, 1,281 images, original image files, decode auto"
-    assert describe_data({"data": {"train": "fashion-mnist:train", "decode": "cpu"}}) == "fashion-mnist:train, decode cpu"
+    assert (
+        describe_data({"data": {"train": str(plain), "decode": "auto"}})
+        == f"{plain}, 1,281 images, original image files, decode auto"
+    )
+    assert (
+        describe_data({"data": {"train": "fashion-mnist:train", "decode": "cpu"}}) == "fashion-mnist:train, decode cpu"
+    )
     assert describe_data({}) is None

@@ -7,6 +7,7 @@ foreground (``-D``) as children of this process and are stopped by pid in :meth:
 every job of this cluster was cancelled. Node names must resolve (the templates use them as MASTER_ADDR):
 if they do not, a marked ``/etc/hosts`` line maps them to 127.0.0.1 and is removed again on stop.
 """
+
 from __future__ import annotations
 
 import getpass
@@ -55,7 +56,7 @@ def _die_with_parent() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -91,27 +92,46 @@ class LocalSlurm:
             "ClusterName=mimscaletest",
             f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
             f"SlurmctldPort={ctld_port}",
-            "AuthType=auth/none", "CredType=cred/none",
+            "AuthType=auth/none",
+            "CredType=cred/none",
             # a requeued job may start once its old credential expired (default 120 s); starting it earlier
             # (scontrol update StartTime=now) gets it killed as "Job credential revoked"
             "AuthInfo=cred_expire=10",
-            f"SlurmUser={user}", f"SlurmdUser={user}",
-            f"StateSaveLocation={r}/state", f"SlurmdSpoolDir={r}/spool-%n",
-            f"SlurmctldPidFile={r}/run/slurmctld.pid", f"SlurmdPidFile={r}/run/slurmd-%n.pid",
-            f"SlurmctldLogFile={r}/log/slurmctld.log", f"SlurmdLogFile={r}/log/slurmd-%n.log",
-            "SlurmctldDebug=info", "SlurmdDebug=info",
-            "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none",
-            "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-            "JobCompType=jobcomp/filetxt", f"JobCompLoc={r}/log/jobcomp.log",
-            "MpiDefault=none", "SwitchType=switch/none",
-            "SchedulerType=sched/backfill", "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core",
-            "SlurmdParameters=config_overrides", "ReturnToService=2",
-            "JobRequeue=1", "KillWait=10", "MinJobAge=600", "SlurmdTimeout=60", "InactiveLimit=0",
+            f"SlurmUser={user}",
+            f"SlurmdUser={user}",
+            f"StateSaveLocation={r}/state",
+            f"SlurmdSpoolDir={r}/spool-%n",
+            f"SlurmctldPidFile={r}/run/slurmctld.pid",
+            f"SlurmdPidFile={r}/run/slurmd-%n.pid",
+            f"SlurmctldLogFile={r}/log/slurmctld.log",
+            f"SlurmdLogFile={r}/log/slurmd-%n.log",
+            "SlurmctldDebug=info",
+            "SlurmdDebug=info",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "AccountingStorageType=accounting_storage/none",
+            "JobCompType=jobcomp/filetxt",
+            f"JobCompLoc={r}/log/jobcomp.log",
+            "MpiDefault=none",
+            "SwitchType=switch/none",
+            "SchedulerType=sched/backfill",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core",
+            "SlurmdParameters=config_overrides",
+            "ReturnToService=2",
+            "JobRequeue=1",
+            "KillWait=10",
+            "MinJobAge=600",
+            "SlurmdTimeout=60",
+            "InactiveLimit=0",
             "FirstJobId=7000",
         ]
         for name, port in zip(self.nodes, node_ports):
-            lines.append(f"NodeName={name} NodeHostname={socket.gethostname().split('.')[0]} NodeAddr=127.0.0.1 "
-                         f"Port={port} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN")
+            lines.append(
+                f"NodeName={name} NodeHostname={socket.gethostname().split('.')[0]} NodeAddr=127.0.0.1 "
+                f"Port={port} CPUs={self.cpus} RealMemory=4000 State=UNKNOWN"
+            )
         lines.append(f"PartitionName=test Nodes={','.join(self.nodes)} Default=YES MaxTime=INFINITE State=UP")
         self.conf.write_text("\n".join(lines) + "\n")
 
@@ -119,7 +139,7 @@ class LocalSlurm:
         todo = [n for n in self.nodes if not _resolves(n)]
         if not todo:
             stale = [ln for ln in Path("/etc/hosts").read_text().splitlines() if ln.endswith(HOSTS_MARK)]
-            self.hosts_line = stale[0] if stale else None   # left by a killed session: removed on stop
+            self.hosts_line = stale[0] if stale else None  # left by a killed session: removed on stop
             return
         self.hosts_line = f"127.0.0.1 {' '.join(todo)} {HOSTS_MARK}"
         try:
@@ -127,8 +147,10 @@ class LocalSlurm:
                 f.write(self.hosts_line + "\n")
         except OSError as e:
             self.hosts_line = None
-            raise RuntimeError(f"node names {todo} do not resolve and /etc/hosts is not writable ({e}): "
-                               f"add '127.0.0.1 {' '.join(todo)}' to /etc/hosts") from None
+            raise RuntimeError(
+                f"node names {todo} do not resolve and /etc/hosts is not writable ({e}): "
+                f"add '127.0.0.1 {' '.join(todo)}' to /etc/hosts"
+            ) from None
 
     def _unmap_node_names(self) -> None:
         if self.hosts_line is None:
@@ -144,14 +166,22 @@ class LocalSlurm:
         self.write_config()
         self._map_node_names()
         with open(self.log_dir / "slurmctld.stdout", "w") as out:
-            self.procs["slurmctld"] = subprocess.Popen([_daemon("slurmctld"), "-D", "-i", "-f", str(self.conf)],
-                                                       stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                                       preexec_fn=_die_with_parent)
+            self.procs["slurmctld"] = subprocess.Popen(
+                [_daemon("slurmctld"), "-D", "-i", "-f", str(self.conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=_die_with_parent,
+            )
         for n in self.nodes:
             with open(self.log_dir / f"slurmd-{n}.stdout", "w") as out:
-                self.procs[n] = subprocess.Popen([_daemon("slurmd"), "-D", "-N", n, "-f", str(self.conf)],
-                                                 stdout=out, stderr=subprocess.STDOUT, env=self.env,
-                                                 preexec_fn=_die_with_parent)
+                self.procs[n] = subprocess.Popen(
+                    [_daemon("slurmd"), "-D", "-N", n, "-f", str(self.conf)],
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=self.env,
+                    preexec_fn=_die_with_parent,
+                )
         deadline = time.time() + timeout
         while time.time() < deadline:
             for name, p in self.procs.items():
@@ -193,8 +223,14 @@ class LocalSlurm:
 
     def sbatch(self, argv: list[str], env: dict, cwd: Path) -> int:
         """``sbatch --parsable ARGV`` with the job's environment ``env`` (exported to the job); returns the id."""
-        p = subprocess.run(["sbatch", "--parsable", *argv], capture_output=True, text=True, cwd=cwd, timeout=30,
-                           env={**env, "SLURM_CONF": str(self.conf)})
+        p = subprocess.run(
+            ["sbatch", "--parsable", *argv],
+            capture_output=True,
+            text=True,
+            cwd=cwd,
+            timeout=30,
+            env={**env, "SLURM_CONF": str(self.conf)},
+        )
         if p.returncode != 0:
             raise RuntimeError(f"sbatch {argv} exited {p.returncode}: {p.stderr.strip()}")
         return int(p.stdout.strip().split(";")[0])

@@ -24,6 +24,7 @@ After each run the trained student encoder is scored by the sharded kNN evaluato
 ``knn`` / ``knn_zero0``. Under ZeRO-3 the encoder's own root parameters are partitioned: the evaluator must
 call it as a module so that DeepSpeed gathers them.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,13 @@ def knn(engine, rank: int) -> dict:
         out = []
         for _ in range(batches):
             y = torch.randint(4, (8,), generator=g)
-            out.append({"image": base[y] + 0.8 * torch.randn(8, 3, 16, 16, generator=g), "label": y,
-                        "valid": torch.ones(8, dtype=torch.bool)})
+            out.append(
+                {
+                    "image": base[y] + 0.8 * torch.randn(8, 3, 16, 16, generator=g),
+                    "label": y,
+                    "valid": torch.ones(8, dtype=torch.bool),
+                }
+            )
         return out
 
     ev = KNNEvaluator(loader(100, 3), loader(200, 2), num_classes=4, k=5)
@@ -70,18 +76,30 @@ def build(out_dir: str, stage: int, knobs: str | None, steps: int):
     d = dist.detect()
     dist.export(d)
     torch.set_num_threads(1)
-    cfg = C.load("tiny_cpu", [
-        "model.arch=vit_micro", "model.img_size=16", "model.patch_size=4", "train.precision=fp32",
-        f"train.zero_stage={stage}", *([f"train.ds_config={knobs}"] if knobs else []), "train.batch_size=8",
-        "train.micro_batch_size=4", f"train.run_dir={out_dir}/run{stage}", "optim.lr=3e-3", "optim.warmup_epochs=0",
-        "log.wandb=disabled", "objective={name: conmim, proj_hidden: 48, proj_out: 32, ema_m0: 0.6}",
-    ])
+    cfg = C.load(
+        "tiny_cpu",
+        [
+            "model.arch=vit_micro",
+            "model.img_size=16",
+            "model.patch_size=4",
+            "train.precision=fp32",
+            f"train.zero_stage={stage}",
+            *([f"train.ds_config={knobs}"] if knobs else []),
+            "train.batch_size=8",
+            "train.micro_batch_size=4",
+            f"train.run_dir={out_dir}/run{stage}",
+            "optim.lr=3e-3",
+            "optim.warmup_epochs=0",
+            "log.wandb=disabled",
+            "objective={name: conmim, proj_hidden: 48, proj_out: 32, ema_m0: 0.6}",
+        ],
+    )
     derived = C.derive(cfg, d.world_size, samples_per_epoch=8 * steps)
     torch.manual_seed(cfg.train.seed)
     m = cfg.model
     encoder = build_vit(m.arch, m.img_size, m.patch_size, m.in_chans)
     obj = build_objective("conmim", encoder, C.objective_knobs(cfg))
-    ds.skip_shm_comm_build()          # plain gloo collectives: no JIT build (nor its lock) in this test
+    ds.skip_shm_comm_build()  # plain gloo collectives: no JIT build (nor its lock) in this test
     engine = ds.initialize(obj, cfg, derived, dist.accelerator_name())
     ds.set_hparams(engine, derived.lr, cfg.optim.weight_decay)
     return d, derived, obj, engine
@@ -91,10 +109,18 @@ def step_ctx(d, derived, engine, step: int, steps: int):
     from mimscale.engine import deepspeed as ds
     from mimscale.objectives import StepContext
 
-    return StepContext(step=step, total_steps=steps, epoch=step / steps, lr=derived.lr, rank=d.rank,
-                       world_size=d.world_size, grad_accum=derived.grad_accum,
-                       master_params=partial(ds.master_params, engine), master_shards=partial(ds.master_shards, engine),
-                       all_reduce_mean=ds.all_reduce_mean)
+    return StepContext(
+        step=step,
+        total_steps=steps,
+        epoch=step / steps,
+        lr=derived.lr,
+        rank=d.rank,
+        world_size=d.world_size,
+        grad_accum=derived.grad_accum,
+        master_params=partial(ds.master_params, engine),
+        master_shards=partial(ds.master_shards, engine),
+        all_reduce_mean=ds.all_reduce_mean,
+    )
 
 
 def batches(obj, rank: int):
@@ -180,16 +206,20 @@ def run_zero3(out_dir: str, knobs: str, steps: int) -> dict:
             ref[k] = mom * ref[k] + (1.0 - mom) * now[k]
             stale_ref[k] = mom * stale_ref[k] + (1.0 - mom) * prev[k]
         flat = torch.cat([v.flatten() for v in teacher.values()])
-        record["steps"].append({
-            "momentum": mom,
-            "loss": float(out.loss),
-            "max_err": max(float((teacher[k] - ref[k]).abs().max()) for k in ref),
-            "max_err_stale": max(float((teacher[k] - stale_ref[k]).abs().max()) for k in ref),
-            "student_moved": max(float((now[k] - prev[k]).abs().max()) for k in now),
-            "teacher_moved": max(float((teacher[k] - init_teacher[k]).abs().max()) for k in teacher),
-            "teacher_held": held, "teacher_full": full_numel, "gathered_per_step": gathered,
-            "checksum": [float(flat.sum()), float((flat * torch.linspace(-1, 1, flat.numel())).sum())],
-        })
+        record["steps"].append(
+            {
+                "momentum": mom,
+                "loss": float(out.loss),
+                "max_err": max(float((teacher[k] - ref[k]).abs().max()) for k in ref),
+                "max_err_stale": max(float((teacher[k] - stale_ref[k]).abs().max()) for k in ref),
+                "student_moved": max(float((now[k] - prev[k]).abs().max()) for k in now),
+                "teacher_moved": max(float((teacher[k] - init_teacher[k]).abs().max()) for k in teacher),
+                "teacher_held": held,
+                "teacher_full": full_numel,
+                "gathered_per_step": gathered,
+                "checksum": [float(flat.sum()), float((flat * torch.linspace(-1, 1, flat.numel())).sum())],
+            }
+        )
         prev = now
     record["teacher_keys"] = sorted(ref)
     record["losses"] = [r["loss"] for r in record["steps"]]

@@ -1,4 +1,5 @@
 """CLIPTeacher: patch features of a real open_clip image tower, frozen, identified by its file hash."""
+
 from __future__ import annotations
 
 import json
@@ -134,6 +135,8 @@ def test_missing_and_corrupt_files_give_one_clear_line(tmp_path, random_clip, ca
     torch.save({"format": "something-else/1"}, other)
     with pytest.raises(CheckpointError, match="not a CLIP teacher"):
         CLIPTeacher(other)
-    rc = main(["teacher", "fit-kmeans", str(tmp_path), "--teacher", str(broken), "--k", "4", "--out", str(tmp_path / "k")])
+    rc = main(
+        ["teacher", "fit-kmeans", str(tmp_path), "--teacher", str(broken), "--k", "4", "--out", str(tmp_path / "k")]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "corrupt" in err[0], err

@@ -1,4 +1,5 @@
 """EMA teacher helper (mimscale.teachers.ema): OBJECTIVES.md 4.5 items 5-7, plus a real 2-rank ZeRO-3 check."""
+
 from __future__ import annotations
 
 import json
@@ -53,7 +54,7 @@ def test_deterministic_copy_has_no_stochastic_depth_or_dropout():
     enc = build_vit("vit_micro", 16, 4, drop_path_rate=0.3)
     drop = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5))
     t_enc, t_drop = EMATeacher(enc), EMATeacher(drop)
-    assert enc.blocks[-1].drop_path1.p == pytest.approx(0.3)             # the student keeps its own
+    assert enc.blocks[-1].drop_path1.p == pytest.approx(0.3)  # the student keeps its own
     assert all(m.p == 0.0 for m in t_enc.modules() if type(m).__name__ == "DropPath")
     assert t_drop.module[1].p == 0.0
     x = torch.randn(2, 3, 16, 16)
@@ -80,7 +81,7 @@ def test_momentum_one_leaves_the_teacher_unchanged():
 @pytest.mark.parametrize("m", [0.3, 0.9, 0.996])
 def test_general_momentum_is_the_exact_fp32_convex_combination(m):
     s, t = student(0), EMATeacher(student(1))
-    perturb(s)                                                            # BatchNorm affine params differ too
+    perturb(s)  # BatchNorm affine params differ too
     before, target = params(t.module), params(s)
     t.update(CTX, s, m)
     for n, p in t.module.named_parameters():
@@ -99,13 +100,13 @@ def test_small_updates_are_kept_in_fp32():
         lin.weight.fill_(1.5)
     t.update(CTX, lin, 0.999)
     assert torch.allclose(t.module.weight, torch.full((4, 4), 1.0005), atol=1e-6)
-    assert t.module.weight.to(torch.bfloat16).float().eq(1.0).all()      # bf16 would have lost it
+    assert t.module.weight.to(torch.bfloat16).float().eq(1.0).all()  # bf16 would have lost it
 
 
 def test_buffers_are_not_averaged():
     s, t = student(0), EMATeacher(student(0))
     s.train()
-    s(torch.randn(32, 6) * 5 + 3)                                         # moves the student's running stats
+    s(torch.randn(32, 6) * 5 + 3)  # moves the student's running stats
     t.update(CTX, s, 0.5)
     assert torch.equal(t.module[1].running_mean, torch.zeros(8))
     assert torch.equal(t.module[1].running_var, torch.ones(8))
@@ -150,11 +151,11 @@ def test_partitioned_path_on_one_rank_matches_the_full_path(pos):
     assert held == ({"cls_token", "pos_embed"} if pos == "learned" else {"cls_token"})  # root parameters stay whole
     x = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(b.module.forward_features(x), a.module.forward_features(x), rtol=0, atol=0)
-    assert {n for n, p in b.module.named_parameters() if p.numel()} == held   # released after the forward
+    assert {n for n, p in b.module.named_parameters() if p.numel()} == held  # released after the forward
     sa, sb = a.checkpoint_state(), b.checkpoint_state()
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     c = EMATeacher(build_vit("vit_micro", 16, 4, pos_embed=pos))
-    c.update(shards, enc, 1.0)                                           # partition, then load the saved state
+    c.update(shards, enc, 1.0)  # partition, then load the saved state
     c.load_checkpoint_state(sb)
     assert all(torch.equal(v, sb[k]) for k, v in c.checkpoint_state().items())
     with pytest.raises(RuntimeError, match="partitioned"):
@@ -171,7 +172,7 @@ def test_cosine_schedule_endpoints_and_monotone():
     assert ms[-1] == 1.0
     assert ms[total // 2] == pytest.approx(0.998, abs=1e-12)
     assert all(b >= a for a, b in zip(ms, ms[1:]))
-    assert cosine_to_one(total + 5, total, 0.996) == 1.0                  # past the end: stays at 1
+    assert cosine_to_one(total + 5, total, 0.996) == 1.0  # past the end: stays at 1
     assert momentum_at("constant", 500, total, 0.99) == 0.99
     assert momentum_at("cosine_to_1", 250, total, 0.9) == pytest.approx(1 - 0.1 * (1 + math.cos(math.pi / 4)) / 2)
     with pytest.raises(ValueError):
@@ -212,12 +213,27 @@ def test_zero3_two_ranks_teacher_follows_the_consolidated_student(tmp_path):
     from launch_utils import free_port, run
 
     knobs = tmp_path / "zero3_all.json"
-    knobs.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-                                 "steps_per_print": 10 ** 9}))
+    knobs.write_text(
+        json.dumps(
+            {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}, "steps_per_print": 10**9}
+        )
+    )
     worker = Path(__file__).with_name("ema_zero3_worker.py")
     steps = 5
-    run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker), str(tmp_path),
-         str(knobs), str(steps)], timeout=300)
+    run(
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(worker),
+            str(tmp_path),
+            str(knobs),
+            str(steps),
+        ],
+        timeout=300,
+    )
     recs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rec in recs:
         assert rec["world_size"] == 2
@@ -230,9 +246,9 @@ def test_zero3_two_ranks_teacher_follows_the_consolidated_student(tmp_path):
         assert rows[0]["momentum"] < 0.7 and rows[-1]["momentum"] == 1.0
         for row in rows:
             assert math.isfinite(row["loss"])
-            assert row["student_moved"] > 1e-4                          # the student really changed this step
-            assert row["max_err"] < 1e-6, row                             # teacher == EMA of consolidated weights
-        for row in rows[:-1]:                                             # (m = 1 at the last step: no move)
+            assert row["student_moved"] > 1e-4  # the student really changed this step
+            assert row["max_err"] < 1e-6, row  # teacher == EMA of consolidated weights
+        for row in rows[:-1]:  # (m = 1 at the last step: no move)
             assert row["max_err_stale"] > 100 * max(row["max_err"], 1e-7), row
         assert rows[-1]["teacher_moved"] > 1e-3
     # the (gathered) teacher is identical on both ranks
@@ -241,15 +257,14 @@ def test_zero3_two_ranks_teacher_follows_the_consolidated_student(tmp_path):
         for row in rec["steps"]:
             # each rank holds its half of the teacher between steps (+ the root's cls_token, a few elements)
             assert row["teacher_held"] < 0.55 * row["teacher_full"], row
-        for row in rec["steps"][1:]:   # (step 0's forward ran before the first update partitioned the teacher)
+        for row in rec["steps"][1:]:  # (step 0's forward ran before the first update partitioned the teacher)
             # the only gathers are the teacher forward's (+ the persistent root parameters): ~ one teacher
             assert row["teacher_full"] <= row["gathered_per_step"] < 1.1 * row["teacher_full"], row
         # ZeRO-3 (student and teacher partitioned) takes the same steps as ZeRO-0 (everything replicated)
         assert len(rec["losses_zero0"]) == steps
-        torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(rec["losses_zero0"]), rtol=1e-4,
-                                   atol=1e-5)
-        assert len(set(rec["losses"])) == steps                         # the loss really moves step to step
+        torch.testing.assert_close(torch.tensor(rec["losses"]), torch.tensor(rec["losses_zero0"]), rtol=1e-4, atol=1e-5)
+        assert len(set(rec["losses"])) == steps  # the loss really moves step to step
         # the sharded kNN of the trained student runs at ZeRO-3 (root parameters partitioned) and equals ZeRO-0's
         assert rec["knn"] == rec["knn_zero0"] == recs[0]["knn"]
         assert rec["knn"]["eval/knn_bank"] == 2 * 24 and rec["knn"]["eval/knn_queries"] == 2 * 16
-        assert rec["knn"]["eval/knn_top1"] > 25.0                       # 4 classes: chance is 25 %
+        assert rec["knn"]["eval/knn_top1"] > 25.0  # 4 classes: chance is 25 %

@@ -1,4 +1,5 @@
 """Streaming k-means (k-CLIP tokenizer): recovery, chunking invariance, bounded memory, the versioned file."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,18 +17,18 @@ def _blobs(n=20000, k=16, dim=8, seed=1):
 
 
 def _stream(x, chunk):
-    return lambda: (x[i:i + chunk] for i in range(0, len(x), chunk))
+    return lambda: (x[i : i + chunk] for i in range(0, len(x), chunk))
 
 
 def test_recovers_well_separated_clusters():
     centers, labels, x = _blobs()
     c, stats = fit_streaming(_stream(x, 1000), 16, iters=10, init_sample=2000, seed=0)
-    assert torch.cdist(centers, c).min(1).values.max() < 0.05          # every true centre found
+    assert torch.cdist(centers, c).min(1).values.max() < 0.05  # every true centre found
     codes = KMeans(c).assign(x)
     for j in range(16):  # each cluster maps to exactly one code
         assert codes[labels == j].unique().numel() == 1
     assert codes.unique().numel() == 16
-    assert stats["inertia"] == pytest.approx(8 * 0.09, rel=0.05)     # dim * sigma^2
+    assert stats["inertia"] == pytest.approx(8 * 0.09, rel=0.05)  # dim * sigma^2
 
 
 def test_same_result_regardless_of_chunking():
@@ -117,8 +118,14 @@ def _fit_like_before(shards, clip, k, iters, max_images, init_sample):
 
     t = CLIPTeacher(clip)
     size, side, mean, std = teacher_view_args(t, None, None, None, None)
-    loader = ShardLoader(shards, batch_size=64, mode="eval", num_workers=0, samples_per_epoch=max_images,
-                         transform=target_view(size, mean, std, 3, 1.0))
+    loader = ShardLoader(
+        shards,
+        batch_size=64,
+        mode="eval",
+        num_workers=0,
+        samples_per_epoch=max_images,
+        transform=target_view(size, mean, std, 3, 1.0),
+    )
     calls = [0]
 
     def batches():
@@ -142,26 +149,81 @@ def test_cached_multi_rank_fit_equals_the_cpu_path(tiny_clip, fmnist_small, tmp_
 
     shards = str(fmnist_small["train"])
     ref, ref_stats, passes = _fit_like_before(shards, tiny_clip, 16, 4, 320, 3000)
-    assert passes == 1 + ref_stats["passes"] and ref_stats["passes"] >= 3         # today: one encode per pass
+    assert passes == 1 + ref_stats["passes"] and ref_stats["passes"] >= 3  # today: one encode per pass
     cache = tmp_path / "cache"
-    one = fit_kmeans_shards(shards, tiny_clip, 16, tmp_path / "one.pt", iters=4, max_images=320, init_sample=3000,
-                            batch_size=48, num_workers=0, progress=False, device="cpu", cache=cache,
-                            cache_dtype="float32")
+    one = fit_kmeans_shards(
+        shards,
+        tiny_clip,
+        16,
+        tmp_path / "one.pt",
+        iters=4,
+        max_images=320,
+        init_sample=3000,
+        batch_size=48,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+        cache=cache,
+        cache_dtype="float32",
+    )
     assert one["points"] == 320 * 64 and one["ranks"] == 1 and one["passes"] == ref_stats["passes"]
     torch.testing.assert_close(KMeans.load(tmp_path / "one.pt").centroids, ref, rtol=0, atol=1e-4)
     assert one["inertia"] == pytest.approx(ref_stats["inertia"], rel=1e-5)
     (bin_file,) = cache.glob("features-rank0-of-1.bin")
-    assert bin_file.stat().st_size == 320 * 64 * 64 * 4                  # every patch feature once, float32
+    assert bin_file.stat().st_size == 320 * 64 * 64 * 4  # every patch feature once, float32
     mtime = bin_file.stat().st_mtime_ns
-    again = fit_kmeans_shards(shards, tiny_clip, 8, tmp_path / "k8.pt", iters=2, max_images=320, init_sample=3000,
-                              num_workers=0, progress=False, device="cpu", cache=cache, cache_dtype="float32")
-    assert bin_file.stat().st_mtime_ns == mtime and again["k"] == 8       # reused: nothing re-encoded
+    again = fit_kmeans_shards(
+        shards,
+        tiny_clip,
+        8,
+        tmp_path / "k8.pt",
+        iters=2,
+        max_images=320,
+        init_sample=3000,
+        num_workers=0,
+        progress=False,
+        device="cpu",
+        cache=cache,
+        cache_dtype="float32",
+    )
+    assert bin_file.stat().st_mtime_ns == mtime and again["k"] == 8  # reused: nothing re-encoded
     # two ranks through the launcher, default cache (removed afterwards), float16 features
     for dtype, name in (("float32", "two32.pt"), ("float16", "two16.pt")):
-        p = run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "mimscale.cli",
-                 "teacher", "fit-kmeans", shards, "--teacher", str(tiny_clip), "--k", "16", "--out",
-                 str(tmp_path / name), "--iters", "4", "--max-images", "320", "--init-sample", "3000",
-                 "--batch-size", "48", "--workers", "0", "--device", "cpu", "--cache-dtype", dtype], timeout=300)
+        p = run(
+            [
+                "torchrun",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "mimscale.cli",
+                "teacher",
+                "fit-kmeans",
+                shards,
+                "--teacher",
+                str(tiny_clip),
+                "--k",
+                "16",
+                "--out",
+                str(tmp_path / name),
+                "--iters",
+                "4",
+                "--max-images",
+                "320",
+                "--init-sample",
+                "3000",
+                "--batch-size",
+                "48",
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+                "--cache-dtype",
+                dtype,
+            ],
+            timeout=300,
+        )
         stats = json.loads(next(ln for ln in p.stdout.splitlines() if ln.startswith("{")))
         assert stats["ranks"] == 2 and stats["points"] == 320 * 64 and stats["device"] == "cpu"
         assert not (tmp_path / f"{name}.cache").exists()
@@ -176,13 +238,13 @@ def test_feature_cache_roundtrip_reuse_and_device_errors(tmp_path):
     x = torch.randn(1000, 6)
     fc = FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"})
     assert not fc.complete()
-    assert fc.write(x[i:i + 300] for i in range(0, 1000, 300)) == 1000
+    assert fc.write(x[i : i + 300] for i in range(0, 1000, 300)) == 1000
     back = torch.cat(list(fc.chunks(128, torch.device("cpu"))))
     assert torch.equal(back, x)
     assert FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"}).complete()
-    assert not FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "cd"}).complete()   # another teacher
-    assert not FeatureCache(tmp_path / "c", 0, 2, 6, "float32", {"teacher": "ab"}).complete()   # another world
-    (tmp_path / "c" / "features-rank0-of-1.bin").write_bytes(b"\0" * 10)                       # truncated
+    assert not FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "cd"}).complete()  # another teacher
+    assert not FeatureCache(tmp_path / "c", 0, 2, 6, "float32", {"teacher": "ab"}).complete()  # another world
+    (tmp_path / "c" / "features-rank0-of-1.bin").write_bytes(b"\0" * 10)  # truncated
     assert not FeatureCache(tmp_path / "c", 0, 1, 6, "float32", {"teacher": "ab"}).complete()
     half = FeatureCache(tmp_path / "h", 0, 1, 6, "float16", {})
     half.write([x])
@@ -202,8 +264,21 @@ def test_feature_cache_roundtrip_reuse_and_device_errors(tmp_path):
 def test_cli_bad_device_is_one_error_line(tmp_path, capsys):
     from mimscale.cli import main
 
-    rc = main(["teacher", "fit-kmeans", str(tmp_path), "--teacher", str(tmp_path / "clip.pt"), "--k", "4",
-               "--out", str(tmp_path / "km.pt"), "--device", "tpu"])
+    rc = main(
+        [
+            "teacher",
+            "fit-kmeans",
+            str(tmp_path),
+            "--teacher",
+            str(tmp_path / "clip.pt"),
+            "--k",
+            "4",
+            "--out",
+            str(tmp_path / "km.pt"),
+            "--device",
+            "tpu",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["mimscale: error: --device 'tpu' is not a device (auto, cpu, cuda, cuda:N)"]
     assert not (tmp_path / "km.pt").exists()

@@ -1,4 +1,5 @@
 """train-clip learns a real CLIP (zero-shot above chance); fit-kmeans runs on its features from shards."""
+
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from mimscale.teachers.train_clip import TrainCLIPConfig, _tokens, zero_shot_top
 def test_short_run_beats_chance_and_the_number_is_reproducible(tiny_clip, fmnist_small):
     res = json.loads(tiny_clip.with_suffix(".json").read_text())
     assert res["chance"] == 10.0 and res["test_samples"] == 512 and res["train_samples"] == 4096
-    assert res["zero_shot_top1"] >= 20.0, res          # >= 2x chance after 4096 images
+    assert res["zero_shot_top1"] >= 20.0, res  # >= 2x chance after 4096 images
     model, info = load_clip(tiny_clip)
     assert info["sha256"] == res["sha256"] and info["meta"]["zero_shot_top1"] == res["zero_shot_top1"]
     cfg = TrainCLIPConfig(num_workers=0, test_samples=512)
@@ -33,9 +34,29 @@ def test_short_run_beats_chance_and_the_number_is_reproducible(tiny_clip, fmnist
 @pytest.mark.slow
 def test_fit_kmeans_cli_on_teacher_features(tiny_clip, fmnist_small, tmp_path, capsys):
     out = tmp_path / "km.pt"
-    rc = main(["teacher", "fit-kmeans", str(fmnist_small["train"]), "--teacher", str(tiny_clip), "--k", "16",
-               "--out", str(out), "--iters", "3", "--max-images", "256", "--init-sample", "2000",
-               "--batch-size", "64", "--workers", "0"])
+    rc = main(
+        [
+            "teacher",
+            "fit-kmeans",
+            str(fmnist_small["train"]),
+            "--teacher",
+            str(tiny_clip),
+            "--k",
+            "16",
+            "--out",
+            str(out),
+            "--iters",
+            "3",
+            "--max-images",
+            "256",
+            "--init-sample",
+            "2000",
+            "--batch-size",
+            "64",
+            "--workers",
+            "0",
+        ]
+    )
     assert rc == 0
     stats = json.loads(capsys.readouterr().out.splitlines()[0])
     assert stats["points"] == 256 * 64 and stats["k"] == 16 and stats["dim"] == 64

@@ -1,6 +1,7 @@
 """Dashboards read back: a tiny real pre-training run logs to wandb (offline) and TensorBoard; both are read
 back with no network (the ``.wandb`` transaction log parsed record by record; TensorBoard's own
 ``EventAccumulator``) and must hold the same metrics as ``metrics.jsonl``, grouped train/ eval/ perf/ time/."""
+
 from __future__ import annotations
 
 import struct
@@ -8,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_utils import run, tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -26,14 +26,14 @@ def wandb_records(path: Path):
     pos, block, buf = 7, 32768, b""
     while pos + 7 <= len(data):
         left = block - pos % block
-        if left < 7:                       # block trailer padding
+        if left < 7:  # block trailer padding
             pos += left
             continue
-        _crc, n, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        if n == 0 and kind == 0:           # zero padding up to the end of the block
+        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if n == 0 and kind == 0:  # zero padding up to the end of the block
             pos += left
             continue
-        buf += data[pos + 7:pos + 7 + n]
+        buf += data[pos + 7 : pos + 7 + n]
         pos += 7 + n
         if kind in (1, 4):
             rec = pb.Record()
@@ -63,10 +63,24 @@ def test_wandb_offline_and_tensorboard_read_back(tmp_path, fmnist_small):
 
     rd = tmp_path / "run"
     test_split = str(fmnist_small["test"])
-    run([sys.executable, "-m", "mimscale.cli", "pretrain",
-         *tiny_overrides(fmnist_small, rd, log__wandb="offline", log__tensorboard="true",
-                         eval__knn_train=test_split, eval__knn_test=test_split)],
-        env={"WANDB_MODE": "offline"}, timeout=300)
+    run(
+        [
+            sys.executable,
+            "-m",
+            "mimscale.cli",
+            "pretrain",
+            *tiny_overrides(
+                fmnist_small,
+                rd,
+                log__wandb="offline",
+                log__tensorboard="true",
+                eval__knn_train=test_split,
+                eval__knn_test=test_split,
+            ),
+        ],
+        env={"WANDB_MODE": "offline"},
+        timeout=300,
+    )
     jsonl = [r for r in read_jsonl(rd / "metrics.jsonl") if "step" in r]
     logged = {k for r in jsonl for k in r if k not in ("step", "time")}
     assert {g for g in (k.split("/")[0] for k in logged)} >= set(GROUPS)
@@ -92,4 +106,4 @@ def test_wandb_offline_and_tensorboard_read_back(tmp_path, fmnist_small):
         want = {r["step"]: r[tag] for r in jsonl if tag in r}
         got = {e.step: e.value for e in acc.Scalars(tag)}
         assert got.keys() == want.keys() and all(got[s] == pytest.approx(want[s], rel=1e-6) for s in want), tag
-    assert [e.step for e in acc.Scalars("eval/knn_top1")] == [0, 4]          # random init and final
+    assert [e.step for e in acc.Scalars("eval/knn_top1")] == [0, 4]  # random init and final

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimscale.telemetry import logger as logger_mod
 from mimscale.telemetry import MetricLogger, read_jsonl, resolve_wandb_mode
+from mimscale.telemetry import logger as logger_mod
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,12 +54,12 @@ def read_wandb_records(path: Path) -> list:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
         if kind == 0:  # zero padding at the end of a block
             pos += left - 7
             continue
-        chunk = data[pos:pos + length]
+        chunk = data[pos : pos + length]
         pos += length
         if kind == 1:
             records.append(chunk)
@@ -113,9 +113,17 @@ def offline_runs(run_dir: Path, run_id: str) -> list[Path]:
 def test_jsonl_values_round_trip(tmp_path):
     run = tmp_path / "run"
     with MetricLogger(run, tensorboard=False, wandb="disabled") as log:
-        log.log({"train/loss": 0.5, "train/steps": 7, "train/flag": True,
-                 "perf/t0": torch.tensor(1.25), "perf/t1": torch.tensor([2.5], dtype=torch.float64),
-                 "perf/ti": torch.tensor(3)}, step=10)
+        log.log(
+            {
+                "train/loss": 0.5,
+                "train/steps": 7,
+                "train/flag": True,
+                "perf/t0": torch.tensor(1.25),
+                "perf/t1": torch.tensor([2.5], dtype=torch.float64),
+                "perf/ti": torch.tensor(3),
+            },
+            step=10,
+        )
         log.log({"eval/nan": float("nan"), "eval/inf": math.inf, "eval/ninf": -math.inf}, step=11)
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 2
@@ -137,6 +145,7 @@ def test_jsonl_values_round_trip(tmp_path):
     assert math.isnan(recs[1]["eval/nan"])
     assert recs[1]["eval/inf"] == math.inf and recs[1]["eval/ninf"] == -math.inf
     import time as _time
+
     assert abs(recs[1]["time"] - _time.time()) < 60
 
 

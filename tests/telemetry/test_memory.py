@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from mimscale.telemetry import memory_stats, reset_peak
 from mimscale.telemetry import memory as memory_mod
+from mimscale.telemetry import memory_stats, reset_peak
 
 KEYS = {"perf/mem_allocated_gb", "perf/mem_peak_gb", "perf/mem_reserved_gb"}
 GiB = 1 << 30
@@ -48,15 +48,25 @@ def cuda_stats_dict(allocated: int, peak: int, reserved: int) -> dict:
         metrics = {"current": current, "peak": peak_, "allocated": peak_ * 3, "freed": peak_ * 3 - current}
         return {"all": metrics, "large_pool": dict(metrics), "small_pool": {k: 0 for k in metrics}}
 
-    nested = {name: pools(1 + allocated // 4096, 1 + peak // 4096)
-              for name in ("allocation", "segment", "active", "inactive_split")}
-    nested.update(allocated_bytes=pools(allocated, peak), reserved_bytes=pools(reserved, reserved + GiB),
-                  active_bytes=pools(allocated, peak), inactive_split_bytes=pools(0, 0),
-                  requested_bytes=pools(allocated - 512, peak - 512),
-                  oversize_allocations={"current": 0, "peak": 0, "allocated": 0, "freed": 0},
-                  oversize_segments={"current": 0, "peak": 0, "allocated": 0, "freed": 0},
-                  num_alloc_retries=2, num_ooms=0, num_sync_all_streams=0, num_device_alloc=7, num_device_free=1,
-                  max_split_size=-1)
+    nested = {
+        name: pools(1 + allocated // 4096, 1 + peak // 4096)
+        for name in ("allocation", "segment", "active", "inactive_split")
+    }
+    nested.update(
+        allocated_bytes=pools(allocated, peak),
+        reserved_bytes=pools(reserved, reserved + GiB),
+        active_bytes=pools(allocated, peak),
+        inactive_split_bytes=pools(0, 0),
+        requested_bytes=pools(allocated - 512, peak - 512),
+        oversize_allocations={"current": 0, "peak": 0, "allocated": 0, "freed": 0},
+        oversize_segments={"current": 0, "peak": 0, "allocated": 0, "freed": 0},
+        num_alloc_retries=2,
+        num_ooms=0,
+        num_sync_all_streams=0,
+        num_device_alloc=7,
+        num_device_free=1,
+        max_split_size=-1,
+    )
     out: list = []
     cm._recurse_add_to_result(out, "", nested, str)
     return dict(sorted(out))
@@ -80,7 +90,10 @@ def test_cuda_memory_gb_reads_the_torch_memory_stats_keys():
     stats = cuda_stats_dict(3 * GiB, 5 * GiB + GiB // 2, 6 * GiB + GiB // 4)
     assert "allocated_bytes.all.current" in stats and "reserved_bytes.large_pool.peak" in stats  # real format
     assert memory_mod.cuda_memory_gb(stats) == {
-        "perf/mem_allocated_gb": 3.0, "perf/mem_peak_gb": 5.5, "perf/mem_reserved_gb": 6.25}
+        "perf/mem_allocated_gb": 3.0,
+        "perf/mem_peak_gb": 5.5,
+        "perf/mem_reserved_gb": 6.25,
+    }
     # before CUDA is initialised torch returns {}: zeros, not a KeyError
     assert memory_mod.cuda_memory_gb({}) == dict.fromkeys(KEYS, 0.0)
 

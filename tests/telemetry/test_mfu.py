@@ -5,6 +5,7 @@ not require grad), so FlopCounterMode counts it 2x forward where the analytic co
 counted = analytic - 1 patch-embedding forward (2 N P D per image): -1.25 % for the tiny MAE below,
 -0.39 % for MAE ViT-B/16. Both count only matmuls/convs/attention (norms, softmax, GELU, loss: 0).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -25,14 +26,16 @@ from mimscale.telemetry.mfu import (
 )
 
 B, IMG, P = 4, 16, 4
-N, PIX, D = (IMG // P) ** 2, P * P * 3, 64          # 16 patches, 48 pixels per patch, vit_micro width
+N, PIX, D = (IMG // P) ** 2, P * P * 3, 64  # 16 patches, 48 pixels per patch, vit_micro width
 
 
 def tiny_mae(device: str = "cpu") -> MAE:
     torch.manual_seed(0)
     with torch.device(device):
-        return MAE(build_vit("vit_micro", img_size=IMG, patch_size=P),
-                   MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=4))
+        return MAE(
+            build_vit("vit_micro", img_size=IMG, patch_size=P),
+            MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=4),
+        )
 
 
 def batch_for(obj: MAE, b: int, device: str = "cpu") -> dict:
@@ -56,8 +59,8 @@ def test_tiny_mae_counted_matches_analytic_within_5_percent():
     # backward = 2x forward (model FLOPs, no recompute)
     fwd = counts["_scaled_dot_product_flash_attention_for_cpu"]
     assert fwd > 0 and counts["_scaled_dot_product_flash_attention_for_cpu_backward"] == 2 * fwd
-    k = N // 4                                   # visible patches at r = 0.75
-    enc_attn = 4 * 4 * (1 + k) ** 2 * D          # depth 4, two matmuls x 2 FLOPs
+    k = N // 4  # visible patches at r = 0.75
+    enc_attn = 4 * 4 * (1 + k) ** 2 * D  # depth 4, two matmuls x 2 FLOPs
     dec_attn = 1 * 4 * (N + 1) ** 2 * 32
     assert fwd == B * (enc_attn + dec_attn)
 
@@ -70,8 +73,8 @@ def test_count_is_the_same_on_meta_and_cpu_and_leaves_the_model_alone():
     for p, m in zip(cpu.parameters(), marker):
         p.grad = m
     total = count_train_flops(cpu, batch)
-    assert cpu.encoder.grad_checkpointing is True                       # restored
-    assert all(p.grad is m for p, m in zip(cpu.parameters(), marker))   # earlier grads kept
+    assert cpu.encoder.grad_checkpointing is True  # restored
+    assert all(p.grad is m for p, m in zip(cpu.parameters(), marker))  # earlier grads kept
     meta = tiny_mae("meta")
     assert count_train_flops(meta, batch_for(meta, B, "meta")) == total  # masks stay real on CPU
 
@@ -87,7 +90,7 @@ def test_vit_b16_mae_analytic_58_7_gflops_and_counted_within_3_percent():
     rel = counted / analytic - 1
     print(f"MAE ViT-B/16: counted {counted / 1e9:.3f} GF, analytic {analytic / 1e9:.3f} GF, {100 * rel:+.2f}%")
     assert abs(rel) < 0.03
-    assert analytic - counted == pytest.approx(2 * 196 * 768 * 768, rel=1e-9)   # patch-embed input grad
+    assert analytic - counted == pytest.approx(2 * 196 * 768 * 768, rel=1e-9)  # patch-embed input grad
 
 
 def test_mfu_arithmetic():
@@ -99,15 +102,18 @@ def test_mfu_arithmetic():
         mfu(1e9, 1.0, 0.0)
 
 
-@pytest.mark.parametrize("name,dtype,peak", [
-    ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
-    ("NVIDIA A100-SXM4-40GB", "fp16", 312e12),
-    ("NVIDIA A100 80GB PCIe", "bf16", 312e12),
-    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
-    ("NVIDIA H100 PCIe", "bf16", 756e12),
-    ("NVIDIA H200", "bf16", 989e12),
-    ("NVIDIA A100-SXM4-80GB", "tf32", 156e12),
-])
+@pytest.mark.parametrize(
+    "name,dtype,peak",
+    [
+        ("NVIDIA A100-SXM4-80GB", torch.bfloat16, 312e12),
+        ("NVIDIA A100-SXM4-40GB", "fp16", 312e12),
+        ("NVIDIA A100 80GB PCIe", "bf16", 312e12),
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989e12),
+        ("NVIDIA H100 PCIe", "bf16", 756e12),
+        ("NVIDIA H200", "bf16", 989e12),
+        ("NVIDIA A100-SXM4-80GB", "tf32", 156e12),
+    ],
+)
 def test_device_peak_flops_from_injected_gpu_names(name, dtype, peak):
     assert device_peak_flops("cpu", dtype, name=name) == pytest.approx(peak)
     assert device_peak_flops(torch.device("cuda", 3), dtype, name=name) == pytest.approx(peak)
@@ -135,7 +141,7 @@ def test_unknown_gpu_or_dtype_is_a_config_error():
 def test_cpu_peak_is_a_cached_measurement():
     first = measure_matmul_flops(torch.float32, n=256, repeats=2)
     assert first > 0
-    assert measure_matmul_flops("fp32", n=256, repeats=2) == first            # cached per process
+    assert measure_matmul_flops("fp32", n=256, repeats=2) == first  # cached per process
     assert device_peak_flops("cpu", torch.float32) == measure_matmul_flops(torch.float32) > 0
 
 
@@ -156,7 +162,7 @@ def test_analytic_helper_matches_a_counted_block():
 def test_cpu_matmul_peak_is_the_best_size_within_the_time_budget():
     from mimscale.telemetry.mfu import cpu_matmul_peak
 
-    only_first = cpu_matmul_peak("fp32", sizes=(192, 96), budget_s=1e-12)     # sizes are sorted: 96 first
+    only_first = cpu_matmul_peak("fp32", sizes=(192, 96), budget_s=1e-12)  # sizes are sorted: 96 first
     assert only_first == measure_matmul_flops("fp32", n=96)
     both = cpu_matmul_peak("fp32", sizes=(96, 192), budget_s=10.0)
     assert both == max(measure_matmul_flops("fp32", n=96), measure_matmul_flops("fp32", n=192))

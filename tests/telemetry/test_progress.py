@@ -48,7 +48,10 @@ def test_plain_lines_on_non_tty(clock):
     lines = text.splitlines()
     # first update (t=0), one 10 s later (step 21), then the final line (step 40)
     assert [line.split(" | ")[0] for line in lines] == [
-        "pretrain: step 1/100 (1.0%)", "pretrain: step 21/100 (21.0%)", "pretrain: step 40/100 (40.0%)"]
+        "pretrain: step 1/100 (1.0%)",
+        "pretrain: step 21/100 (21.0%)",
+        "pretrain: step 40/100 (40.0%)",
+    ]
     last = lines[-1]
     assert last.startswith("pretrain: step 40/100 (40.0%)")
     assert "64.0 img/s" in last  # 32 images / 0.5 s
@@ -110,9 +113,20 @@ def test_defaults_to_stderr_and_validates(capsys):
         Progress(3, images_per_step=0)
 
 
-@pytest.mark.parametrize("value,text", [
-    (0.523, "0.523"), (1.2e-4, "1.2e-4"), (3.0e-5, "3e-5"), (812.4, "812.4"), (123456.0, "1.23e5"),
-    (7, "7"), (0.0, "0.0"), (float("nan"), "nan"), ("adamw", "adamw"), (torch.tensor(0.25), "0.25"),
-])
+@pytest.mark.parametrize(
+    "value,text",
+    [
+        (0.523, "0.523"),
+        (1.2e-4, "1.2e-4"),
+        (3.0e-5, "3e-5"),
+        (812.4, "812.4"),
+        (123456.0, "1.23e5"),
+        (7, "7"),
+        (0.0, "0.0"),
+        (float("nan"), "nan"),
+        ("adamw", "adamw"),
+        (torch.tensor(0.25), "0.25"),
+    ],
+)
 def test_format_value(value, text):
     assert format_value(value) == text
