@@ -137,6 +137,8 @@ def _add_throughput(bsub) -> None:
         "h200, or auto = this CUDA device)",
     )
     t.add_argument("--sweep", action="store_true", help="write the results JSON + SVG (see --out) and print a table")
+    # set by the parent for each configuration it measures in a child process: measure this one, nothing else
+    t.add_argument("--measure-only", action="store_true", help=argparse.SUPPRESS)
     t.add_argument(
         "--repeats",
         type=int,
@@ -260,14 +262,16 @@ def _run_throughput(args) -> int:
     for tc in configs:
         tc.check()
         T.build_config(tc, tc.world_size)  # a bad recipe / arch / override: one line, before any launch
-    if len(configs) == 1 and not args.sweep and T.build_config(configs[0], 1).model.compile:
-        T.compile_ratio(configs[0], args.repeats, emit=lambda line: print(line, flush=True))
-        return 0
-    if len(configs) == 1 and not args.sweep and args.repeats == 1:
+    if args.measure_only or (
+        len(configs) == 1 and not args.sweep and args.repeats == 1 and not T.build_config(configs[0], 1).model.compile
+    ):
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's prints: stdout carries the JSON line only
             row = T.run_one(configs[0])
         if row is not None:
             print(json.dumps(row), flush=True)
+        return 0
+    if len(configs) == 1 and not args.sweep and T.build_config(configs[0], 1).model.compile:
+        T.compile_ratio(configs[0], args.repeats, emit=lambda line: print(line, flush=True))
         return 0
     rows = T.run_grid(configs, args.repeats, emit=lambda line: print(line, flush=True))
     if args.sweep:

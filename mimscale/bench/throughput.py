@@ -429,7 +429,7 @@ def _shard_loader(cfg, objective, d, accelerator: str, derived):
 
 
 def _child_cmd(tc: ThroughputConfig) -> list[str]:
-    base = ["-m", "mimscale.cli", "bench", "throughput", *tc.cli_args()]
+    base = ["-m", "mimscale.cli", "bench", "throughput", *tc.cli_args(), "--measure-only"]
     if tc.world_size > 1:
         return [
             sys.executable,
