@@ -164,7 +164,7 @@ class DeviceDecoder:
         from PIL import Image
 
         try:
-            img = Image.open(io.BytesIO(chunk.numpy().tobytes()))
+            img: Image.Image = Image.open(io.BytesIO(chunk.numpy().tobytes()))
             img = img.convert("RGB" if self.in_chans == 3 else "L")
             arr = np.asarray(img)
         except Exception:  # noqa: BLE001 - counted and reported by the caller

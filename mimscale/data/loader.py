@@ -118,7 +118,9 @@ class ShardLoader:
         self.decode = resolve_decode(decode, transform)
         self._decoder: DeviceDecoder | None = None
         if self.decode == "device":
-            views, stacked = device_views_of(transform)
+            device_path = device_views_of(transform)
+            assert device_path is not None  # resolve_decode chose "device" only for a transform that has one
+            views, stacked = device_path
             self._decoder = DeviceDecoder(views, stacked)
             self.transform, self.collate = DeviceViews(views), PackedCollate(self.collate)
         self.pin_memory, self.prefetch_factor = bool(pin_memory), int(prefetch_factor)
@@ -136,8 +138,11 @@ class ShardLoader:
                 raise DataError(f"shard file not found: {url}")
         self.names = [url_shard_name(u) for u in self.urls]
         self.counts = self._find_counts(manifest or dir_manifest, samples_per_epoch)
-        total = sum(self.counts) if self.counts is not None else None
-        self.samples_per_epoch = int(samples_per_epoch) if samples_per_epoch is not None else total
+        if samples_per_epoch is not None:
+            self.samples_per_epoch = int(samples_per_epoch)
+        else:
+            assert self.counts is not None  # _find_counts raises when it has neither counts nor samples_per_epoch
+            self.samples_per_epoch = sum(self.counts)
         self._streams = max(1, self.num_workers)
         if self.samples_per_epoch == 0:
             raise DataError(f"the shards of {source!r} hold no samples; write them again")

@@ -412,7 +412,7 @@ def capped_image(data: bytes, max_side: int, quality: int) -> tuple[str, bytes] 
     """
     from PIL import Image
 
-    img = Image.open(io.BytesIO(data))
+    img: Image.Image = Image.open(io.BytesIO(data))
     w, h = img.size
     if max(w, h) <= max_side:
         return None
@@ -495,15 +495,15 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
         return out_dir
     random.Random(seed).shuffle(files)
     n = len(files)
-    tasks = [(None, str(src), files[s:s + shard_size], s, cap) for s in range(0, n, shard_size)]
+    chunks = [(files[s:s + shard_size], s) for s in range(0, n, shard_size)]
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out_dir)
     tmp = tmp_dir_for(out_dir)
     tmp.mkdir()
     try:
-        tasks = [(tmp / shard_name(prefix, i), *t[1:]) for i, t in enumerate(tasks)]
-        infos: list[dict | None] = [None] * len(tasks)
+        tasks = [(tmp / shard_name(prefix, i), str(src), items, s, cap) for i, (items, s) in enumerate(chunks)]
+        slots: list[dict | None] = [None] * len(tasks)
         t0 = last = time.monotonic()
         done_files = 0
 
@@ -515,22 +515,24 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
             last = now
             rate = done_files / max(now - t0, 1e-9)
             eta = (n - done_files) / rate if rate > 0 else 0.0
-            done_shards = sum(i is not None for i in infos)
+            done_shards = sum(i is not None for i in slots)
             print(f"write_folder {out_dir.name}: {done_shards}/{len(tasks)} shards, {done_files}/{n} files, "
                   f"{rate:.0f} files/s, ETA {fmt_eta(eta)}", file=sys.stderr, flush=True)
 
         if workers > 1 and len(tasks) > 1:
             with _pool(min(workers, len(tasks))) as pool:
                 for idx, info in pool.imap_unordered(_indexed_folder_task, list(enumerate(tasks))):
-                    infos[idx] = info
+                    slots[idx] = info
                     done_files += info["count"]
                     report()
         else:
             for idx, task in enumerate(tasks):
-                infos[idx] = _folder_shard_task(task)
-                done_files += infos[idx]["count"]
+                info = slots[idx] = _folder_shard_task(task)
+                done_files += info["count"]
                 report()
         report(final=True)
+        infos = [i for i in slots if i is not None]  # every task filled its slot
+        assert len(infos) == len(slots)
         sizing = {} if cap is None else {"max_side": cap[0], "quality": cap[1],
                                          "resized": sum(int(i.get("resized", 0)) for i in infos)}
         write_manifest(tmp, infos, classes=classes, source=f"folder:{src.resolve()}", seed=seed, **sizing)

@@ -7,7 +7,7 @@ import io
 import random
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator, Iterator, cast
 
 import numpy as np
 import torch
@@ -69,10 +69,11 @@ def default_collate(samples: list[dict], generator: torch.Generator | None = Non
         names.extend(k for k in s if k not in batch and k not in names)
     for name in names:
         values = [s.get(name) for s in samples]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
         if name == "valid":
             batch[name] = torch.tensor([bool(v) for v in values], dtype=torch.bool)
-        elif all(isinstance(v, torch.Tensor) for v in values) and len({tuple(v.shape) for v in values}) == 1:
-            batch[name] = torch.stack(values)
+        elif len(tensors) == len(values) and len({tuple(v.shape) for v in tensors}) == 1:
+            batch[name] = torch.stack(tensors)
         else:
             batch[name] = values
     return batch
@@ -134,7 +135,7 @@ class _Stream:
                     continue
                 extras[ext] = _decode_npy(value) if ext == "npy" or ext.endswith(".npy") else value
             gen = seeded_generator(p.seed, _TAG_AUG, p.epoch, p.rank, self.w, index)
-            out = p.transform.crop_pixels(img, gen) if self.batched else p.transform(img, gen)
+            out = cast(Any, p.transform).crop_pixels(img, gen) if self.batched else p.transform(img, gen)
             views = out if isinstance(out, dict) else {"image": out}
             if "image" not in views and "encoded" not in views:  # (encoded: the device-decode path)
                 raise ValueError(f"the transform returned {sorted(views)} without an 'image' entry")
@@ -157,7 +158,7 @@ class _Stream:
 
     def collate(self, samples: list[dict], j: int) -> Any:
         if self.batched:
-            images = self.p.transform.finish_batch([s["image"] for s in samples])   # [B, C, H, W]
+            images = cast(Any, self.p.transform).finish_batch([s["image"] for s in samples])   # [B, C, H, W]
             samples = [dict(s, image=images[i]) for i, s in enumerate(samples)]     # views: stacked for free
         return self.p.collate(samples, seeded_generator(self.p.seed, _TAG_COLLATE, self.p.epoch, self.p.rank, self.w, j))
 
@@ -166,7 +167,7 @@ class _Stream:
         return ("batch", batch, {"worker": self.w, "index": j, "cursor": cursor, "events": events})
 
     # ---- train
-    def train_raw(self) -> Iterator[dict]:
+    def train_raw(self) -> Generator[Any, None, None]:
         """Endless raw samples of this stream: shard-level split when there are enough shards, else
         every stream reads all (of the rank's) shards and keeps every k-th sample."""
         p, w = self.p, self.w
@@ -208,7 +209,7 @@ class _Stream:
             cycle += 1
             yield _CYCLE_END
 
-    def shuffled(self, it: Iterator[Any]) -> Iterator[dict]:
+    def shuffled(self, it: Iterator[Any]) -> Generator[dict, None, None]:
         """Shuffle buffer over raw samples, drained at every end of a pass (``_CYCLE_END``) so that a
         stream emits all of one pass before repeating anything."""
         p = self.p
@@ -302,8 +303,9 @@ class _Stream:
             return self.last_sample
         for idx in range(len(self.p.urls)):
             for i, raw in enumerate(self.shard_samples(idx)):
-                if self.decode(raw, -1 - i) is not None:
-                    return self.last_sample
+                sample = self.decode(raw, -1 - i)  # (also kept as last_sample)
+                if sample is not None:
+                    return sample
         raise DataError(f"no decodable sample in any of the {len(self.p.urls)} shard(s) "
                         f"(last problem: {self.last_failure or 'no samples'}); check the shards")
 

@@ -139,6 +139,7 @@ def read_shard(url: str) -> Iterator[dict]:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, bufsize=1 << 20)
     except (OSError, ValueError) as e:
         raise ShardReadError(f"cannot start {argv[:1]}: {e}") from None
+    assert proc.stdout is not None  # stdout=PIPE
     finished = False
     try:
         yield from iter_tar_samples(proc.stdout, name)

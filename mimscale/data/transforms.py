@@ -139,8 +139,8 @@ def _open_reduced(img: Image.Image, scale: int) -> tuple[Image.Image, float]:
     A fresh image object is opened on the same bytes, so ``img`` keeps its full size for other views.
     """
     fp = getattr(img, "fp", None)
-    if (scale <= 1 or img.format != "JPEG" or not isinstance(fp, io.BytesIO) or len(img.tile) != 1
-            or getattr(img, "decoderconfig", ())):
+    if (scale <= 1 or img.format != "JPEG" or not isinstance(fp, io.BytesIO) or len(getattr(img, "tile", ())) != 1
+            or getattr(img, "decoderconfig", None)):
         return img, 1.0
     small = Image.open(io.BytesIO(fp.getbuffer()))
     got = small.draft(None, (img.width // scale, img.height // scale))
@@ -153,7 +153,8 @@ def complete_jpeg_bytes(img: Image.Image) -> bytes | None:
     """The bytes of ``img`` when it is a not yet decoded RGB or grey JPEG held in memory whose data ends with
     an end-of-image marker (what libjpeg-turbo / nvJPEG can decode without PIL's mode handling), else None."""
     fp = getattr(img, "fp", None)
-    if img.format != "JPEG" or img.mode not in ("RGB", "L") or not isinstance(fp, io.BytesIO) or not img.tile:
+    if (img.format != "JPEG" or img.mode not in ("RGB", "L") or not isinstance(fp, io.BytesIO)
+            or not getattr(img, "tile", None)):
         return None
     data = fp.getvalue()
     return data if b"\xff\xd9" in data[-64:] else None
@@ -190,7 +191,8 @@ def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> 
     if torch.utils.data.get_worker_info() is not None:
         try:
             storage = torch.UntypedStorage._new_shared(torch.empty(0, dtype=dtype).element_size() * math.prod(shape))
-            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+            stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))  # contiguous, as set_'s default
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape, stride)
         except (AttributeError, RuntimeError):  # pragma: no cover - a torch without it: the usual copy
             pass
     return torch.empty(shape, dtype=dtype)

@@ -98,7 +98,7 @@ class FinetuneTransform(TrainTransform):
             hparams = dict(
                 translate_const=int(min(self.size) * 0.45),
                 img_mean=fill if in_chans == 3 else fill[0],
-                interpolation=Image.BICUBIC,
+                interpolation=Image.Resampling.BICUBIC,
             )
             try:
                 self._ra = rand_augment_transform(rand_aug, hparams)

@@ -6,7 +6,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 DESCRIPTION = """\
 Evaluate a pre-trained encoder on labelled shard directories (written by `mimscale data ...`).
@@ -39,7 +39,7 @@ class KNNConfig:
 
 
 def _options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
-    d = {"default": argparse.SUPPRESS} if suppress else {}
+    d: dict[str, Any] = {"default": argparse.SUPPRESS} if suppress else {}
     p.add_argument(
         "--data",
         metavar="TRAIN_SHARDS",
@@ -165,7 +165,7 @@ def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: 
     tf = EvalTransform(
         source.img_size, mean=cfg.mean or source.mean, std=cfg.std or source.std, in_chans=source.in_chans
     )
-    loaders = [
+    train_loader, test_loader = (
         ShardLoader(
             first_shards(src, cap),
             manifest=src,
@@ -178,9 +178,10 @@ def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: 
             shuffle=False,
         )
         for src, cap in ((train_dir, cfg.train_samples), (test_dir, cfg.test_samples))
-    ]
+    )
     ev = KNNEvaluator(
-        *loaders,
+        train_loader,
+        test_loader,
         num_classes=num_classes(train_dir, cfg.num_classes),
         k=cfg.k,
         temperature=cfg.temperature,

@@ -26,7 +26,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as tdist
@@ -135,8 +135,9 @@ def build_classifier(source: Source, classes: int, drop_path: float, head_init_s
             f"{source.weights}: encoder weights do not fit the classifier "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    nn.init.trunc_normal_(model.head.weight, std=head_init_std)
-    nn.init.zeros_(model.head.bias)
+    head = cast(nn.Linear, model.head)  # (classes >= 1)
+    nn.init.trunc_normal_(head.weight, std=head_init_std)
+    nn.init.zeros_(head.bias)
     return model
 
 
@@ -225,7 +226,7 @@ class FinetuneTask:
         return Classifier(model)
 
     def param_groups(self, module: nn.Module) -> list[dict] | None:
-        m = module.model
+        m = cast(Classifier, module).model
         return layer_decay_groups(
             m, self.recipe.optim.weight_decay, self.recipe.finetune.layer_decay, m.depth, m.no_weight_decay()
         )
@@ -271,7 +272,7 @@ class FinetuneTask:
         )
 
         def run(module: nn.Module, device: torch.device) -> dict[str, float]:
-            acc, n = evaluate(module.model, test, device)
+            acc, n = evaluate(cast(Classifier, module).model, test, device)
             return {"eval/finetune_top1": acc, "eval/finetune_test_samples": float(n)}
 
         return Evaluation(

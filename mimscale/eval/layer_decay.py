@@ -11,6 +11,8 @@ them into every step's lr and weight decay, so the groups work with the engine's
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
+
 from torch import nn
 
 
@@ -24,7 +26,7 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def layer_decay_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float, depth: int, no_decay: set[str] = frozenset()
+    model: nn.Module, weight_decay: float, layer_decay: float, depth: int, no_decay: AbstractSet[str] = frozenset()
 ) -> list[dict]:
     """AdamW parameter groups of ``model`` (a ViT, or a wrapper whose names start with ``prefix.``)
     keyed by (layer, decay?): ``{"params", "weight_decay", "wd_scale", "lr_scale", "layer"}``.

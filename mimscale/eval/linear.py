@@ -173,6 +173,7 @@ def linear_probe(
     head = LinearHead(encoder.embed_dim, classes)
     opt = make_optimizer(head, cfg)
     head, opt = accelerator.prepare(head, opt)
+    loader: ShardLoader | ShardedFeatures
     if cfg.augment:
         loader = ShardLoader(
             first_shards(train_dir, cfg.train_samples),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -71,6 +72,7 @@ def infer_geometry(state: dict[str, torch.Tensor], path: Path) -> dict:
         side = math.isqrt(int(table.shape[0]) - 3)
         grid, ok = (side + 1) // 2, side * side == table.shape[0] - 3 and side % 2 == 1
     else:
+        assert pos is not None  # read above whenever there is no relative table
         grid = math.isqrt(int(pos.shape[1]) - 1)
         ok = grid * grid == pos.shape[1] - 1
     if arch is None or not ok:
@@ -78,6 +80,7 @@ def infer_geometry(state: dict[str, torch.Tensor], path: Path) -> dict:
     if table is not None:
         kind = "relative"
     else:
+        assert pos is not None
         kind = "sincos" if torch.allclose(pos.float(), sincos_2d(dim, grid, cls_token=True), atol=1e-5) else "learned"
     return dict(arch=arch, img_size=grid * patch, patch_size=patch, in_chans=in_chans, pos_embed=kind)
 
@@ -91,7 +94,8 @@ def load_source(
 ) -> Source:
     """Load SOURCE (a run directory or an exported ``.safetensors`` file) into a strict-checked encoder."""
     p = Path(source).expanduser()
-    run_dir, cfg = None, {}
+    run_dir: Path | None = None
+    cfg: dict[str, Any] = {}
     if p.is_dir():
         if not (p / "config.yaml").is_file():
             raise CheckpointError(

@@ -31,7 +31,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -212,6 +212,8 @@ class CLIPTeacher(nn.Module):
     ``dtype``: ``torch.float32`` or ``torch.bfloat16`` weights/compute (output always float32).
     """
 
+    _visual: Any  # the open_clip VisionTransformer (its attributes are open_clip's, untyped), set in __init__
+
     def __init__(
         self,
         path: str | os.PathLike,
@@ -225,7 +227,7 @@ class CLIPTeacher(nn.Module):
         if dtype not in (torch.float32, torch.bfloat16):
             raise ConfigError(f"teacher dtype must be float32 or bfloat16, got {dtype}")
         model, info = load_clip(path, arch)
-        visual = model.visual
+        visual = cast(Any, model).visual
         _check_tower(visual, Path(path))
         del model
         visual.eval().requires_grad_(False).to(dtype)
@@ -234,7 +236,7 @@ class CLIPTeacher(nn.Module):
         self.resize = resize
         self.patch_size = int(visual.patch_size[0])
         self.image_size = int(visual.image_size[0])
-        self.grid = tuple(int(g) for g in visual.grid_size)
+        self.grid: tuple[int, int] = (int(visual.grid_size[0]), int(visual.grid_size[1]))
         self.out_dim = int(visual.proj.shape[1])
         self.width = int(visual.proj.shape[0])
         self.mean = tuple(float(m) for m in info["mean"])

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -84,7 +84,7 @@ class EMATeacher(nn.Module):
         if deterministic:
             for m in self.module.modules():
                 if isinstance(m, nn.Dropout) or type(m).__name__ == "DropPath":
-                    m.p = 0.0
+                    cast(Any, m).p = 0.0  # (Dropout / timm DropPath: a float attribute)
         self._shards: dict[str, _Shard] = {}  # ZeRO-3 only (after the first update): name -> partition
         self._hooks: list = []
         self.gathered_elements = 0  # elements all-gathered so far (ZeRO-3 forwards, persistent params)
@@ -110,7 +110,8 @@ class EMATeacher(nn.Module):
         if self._shards:
             raise RuntimeError("the EMA teacher is partitioned (ZeRO-3) but the step context gave full weights")
         mine = dict(self.module.named_parameters())
-        ts, vs = [], []
+        ts: list[torch.Tensor] = []
+        vs: list[torch.Tensor] = []
         for name, value in ctx.master_params(student):
             t = self._check(mine, name, tuple(value.shape))
             ts.append(t)

@@ -131,14 +131,15 @@ def fit_streaming(
     say = progress or (lambda s: None)
 
     # 1. bottom-k uniform sample of the stream (keys of global indices: independent of chunking and ranks)
-    sample, keys = None, None
+    sample: torch.Tensor | None = None  # (sample and keys are None together)
+    keys: torch.Tensor | None = None
     seen, max_held, t0, dev = 0, 0, time.time(), None if device is None else torch.device(device)
     for chunk in batches():
         x = prep(chunk)
         dev = x.device
         kx = torch.from_numpy(_keys(seed, offset + seen, x.shape[0])).to(dev)
         seen += x.shape[0]
-        if sample is None:
+        if sample is None or keys is None:
             sample, keys = x, kx
         else:
             sample, keys = torch.cat([sample, x]), torch.cat([keys, kx])
@@ -149,7 +150,7 @@ def fit_streaming(
     if collective:
         dim = _agree_dim(sample, dev)
         dev = dev or torch.device("cpu")
-        if sample is None:
+        if sample is None or keys is None:
             sample, keys = torch.zeros(0, dim, device=dev), torch.zeros(0, dtype=torch.float64, device=dev)
         seen = int(all_sum(torch.tensor([seen], dtype=torch.long, device=dev)).item())
         every = torch.cat(all_gather_rows(keys))
@@ -159,7 +160,7 @@ def fit_streaming(
             sample, keys = sample[mine], keys[mine]
         sample, keys = torch.cat(all_gather_rows(sample)), torch.cat(all_gather_rows(keys))
         max_held = max(max_held, sample.shape[0])
-    if sample is None or seen < k:
+    if sample is None or keys is None or seen < k:
         raise ConfigError(f"k-means needs at least k={k} feature vectors, the stream has {seen}")
     order = torch.argsort(keys)  # canonical order of the sample: by key (chunk-independent)
     sample = sample[order]
@@ -507,6 +508,8 @@ class KCLIPTokenizer(torch.nn.Module):
     no parameters or buffers (nothing reaches DeepSpeed, the optimizer or checkpoints; ``.to()`` still
     moves the weights and centroids); return it from ``frozen_modules()``.
     """
+
+    km: KMeans  # set in __init__, outside the module tree
 
     def __init__(
         self,

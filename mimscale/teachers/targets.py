@@ -181,9 +181,10 @@ def add_targets(
         raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")
     out = Path(out)
     urls, _ = expand_source(src)
-    local = [local_file(u) for u in urls]
-    if not urls or any(p is None or not os.path.isfile(p) for p in local):
+    found = [local_file(u) for u in urls]
+    if not urls or any(p is None or not os.path.isfile(p) for p in found):
         raise DataError(f"add-targets reads local shard files; {src!r} names none or a missing one")
+    local = [p for p in found if p is not None]  # (all of them)
     manifest = read_manifest(find_manifest(src))
     counts = {s["name"]: s["count"] for s in manifest["shards"]}
     total = sum(counts.get(os.path.basename(p), 0) for p in local)
@@ -209,7 +210,7 @@ def add_targets(
                 raise DataError(f"k={km.k} codes do not fit uint16")
             km_info = {"path": km.path, "sha256": km.sha256, "k": km.k, "dim": km.dim}
         dim = t.out_dim
-        entry = {
+        entry: dict[str, Any] = {
             "kind": kind,
             "dtype": "float16" if kind == "features" else "uint16",
             "shape": [side * side, dim] if kind == "features" else [side * side],
@@ -309,9 +310,10 @@ def add_targets(
                 _W.clear()
         barrier()
         if d.is_main:
-            infos = [_finished(task[1]) for task in tasks]
-            if any(info is None for info in infos):
-                raise DataError(f"add-targets: {sum(i is None for i in infos)} shard(s) of {out} were not written")
+            records = [_finished(task[1]) for task in tasks]
+            infos = [info for info in records if info is not None]
+            if len(infos) < len(records):
+                raise DataError(f"add-targets: {len(records) - len(infos)} shard(s) of {out} were not written")
             for task in tasks:
                 task[1].with_name(task[1].name + ".json").unlink()
             (stage / "job.json").unlink()

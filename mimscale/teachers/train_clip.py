@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -125,7 +126,8 @@ def zero_shot_top1(
 
 
 def _param_groups(model, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         skip = p.ndim < 2 or "embedding" in name or "logit_scale" in name
         (no_decay if skip else decay).append(p)
@@ -185,7 +187,7 @@ def train_clip(
             opt.step()
             sched.step()
             with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
+                cast(torch.Tensor, model.logit_scale).clamp_(0, math.log(100))  # (open_clip's nn.Parameter)
             step += 1
             losses.append(float(loss.detach()))
             bar.update(step, loss=losses[-1], lr=sched.get_last_lr()[0])
