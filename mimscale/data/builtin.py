@@ -3,6 +3,7 @@
 The first use converts Debian's Fashion-MNIST files to WebDataset shards under ``data.root``; a file
 lock makes concurrent ranks (or nodes on a shared file system) wait for one conversion.
 """
+
 from __future__ import annotations
 
 import fcntl

@@ -28,7 +28,8 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -66,8 +67,10 @@ def resolve_decode(decode: str, transform: Any) -> str:
     supported = device_views_of(transform) is not None
     if decode == "device":
         if not supported:
-            raise ConfigError(f"data.decode=device: the train transform {type(transform).__name__} has no device path "
-                              "(only RandomResizedCrop+flip views: TrainTransform, MultiCrop); set data.decode=cpu")
+            raise ConfigError(
+                f"data.decode=device: the train transform {type(transform).__name__} has no device path "
+                "(only RandomResizedCrop+flip views: TrainTransform, MultiCrop); set data.decode=cpu"
+            )
         return "device"
     if torch.cuda.is_available() and not supported:
         log.info("data.decode=auto: %s has no device path, decoding on the CPU", type(transform).__name__)
@@ -96,15 +99,18 @@ class DeviceViews:
         boxes = [v.draw(width, height, generator) for v in self.views]
         first = self.views[0]
         data = complete_jpeg_bytes(img)
-        if data is not None:                            # a complete RGB/grey JPEG: the device decodes it
+        if data is not None:  # a complete RGB/grey JPEG: the device decodes it
             encoded = np.frombuffer(data, dtype=np.uint8)
             info = (KIND_JPEG, height, width, first.in_chans)
-        else:                                           # decode here (also raises on a corrupt image -> skipped)
+        else:  # decode here (also raises on a corrupt image -> skipped)
             pixels = np.ascontiguousarray(first._pixels(first._prepare(img)))
             encoded = pixels.reshape(-1)
             info = (KIND_PIXELS, pixels.shape[0], pixels.shape[1], pixels.shape[2])
-        return {"encoded": encoded, "image_info": torch.tensor(info, dtype=torch.int32),
-                "crop_boxes": torch.tensor([[t, l, h, w, int(f)] for t, l, h, w, f in boxes], dtype=torch.int32)}
+        return {
+            "encoded": encoded,
+            "image_info": torch.tensor(info, dtype=torch.int32),
+            "crop_boxes": torch.tensor([[t, left, h, w, int(f)] for t, left, h, w, f in boxes], dtype=torch.int32),
+        }
 
     def __repr__(self) -> str:
         return f"DeviceViews({len(self.views)} x {self.views[0]!r})"
@@ -121,7 +127,7 @@ class PackedCollate:
         chunks = [s["encoded"] for s in samples]
         offsets = np.zeros(len(chunks) + 1, dtype=np.int64)
         np.cumsum([len(c) for c in chunks], out=offsets[1:])
-        encoded = batch_buffer((int(offsets[-1]),), torch.uint8)      # shared memory in a worker: no copy later
+        encoded = batch_buffer((int(offsets[-1]),), torch.uint8)  # shared memory in a worker: no copy later
         packed = encoded.numpy()
         for c, a, b in zip(chunks, offsets[:-1], offsets[1:]):
             packed[a:b] = c
@@ -141,17 +147,17 @@ class DeviceDecoder:
         self.size, self.in_chans = v.size, v.in_chans
         self.mean = tuple(255.0 * m for m in v.mean)
         self.inv_std = tuple(1.0 / (255.0 * s) for s in v.std)
-        self.failed = 0                                 # images nvJPEG and the host fallback could not decode
+        self.failed = 0  # images nvJPEG and the host fallback could not decode
 
     def _decode_jpegs(self, chunks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         mode = ImageReadMode.RGB if self.in_chans == 3 else ImageReadMode.GRAY
-        with warnings.catch_warnings():                 # torchvision 0.29 marks its image codecs deprecated
+        with warnings.catch_warnings():  # torchvision 0.29 marks its image codecs deprecated
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
                 return list(decode_jpeg(chunks, mode=mode, device=device))
-            except RuntimeError:                        # one bad image fails the whole batch: retry one by one
+            except RuntimeError:  # one bad image fails the whole batch: retry one by one
                 out: list[torch.Tensor | None] = []
                 for c in chunks:
                     try:
@@ -167,7 +173,7 @@ class DeviceDecoder:
             img: Image.Image = Image.open(io.BytesIO(chunk.numpy().tobytes()))
             img = img.convert("RGB" if self.in_chans == 3 else "L")
             arr = np.asarray(img)
-        except Exception:  # noqa: BLE001 - counted and reported by the caller
+        except Exception:
             return None
         arr = arr[:, :, None] if arr.ndim == 2 else arr
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(device)
@@ -192,22 +198,26 @@ class DeviceDecoder:
         flips = []
         for i in range(B):
             img = images[i]
-            if img is None:                              # undecodable on every path: a grey image, counted
+            if img is None:  # undecodable on every path: a grey image, counted
                 self.failed += 1
-                log.warning("device decode: sample %s could not be decoded; using a blank image",
-                            batch.get("key", ["?"] * B)[i])
-                out[i * V:(i + 1) * V] = 0.0
+                log.warning(
+                    "device decode: sample %s could not be decoded; using a blank image", batch.get("key", ["?"] * B)[i]
+                )
+                out[i * V : (i + 1) * V] = 0.0
                 continue
-            if img.shape[0] != C:                        # grey pixels for a 3-channel model
+            if img.shape[0] != C:  # grey pixels for a 3-channel model
                 img = img.expand(C, -1, -1)
             for v in range(V):
                 top, left, h, w, flip = boxes[i][v]
-                crop = img[None, :, top:top + h, left:left + w].float()
-                out[i * V + v] = crop[0] if (h, w) == (H, W) else F.interpolate(
-                    crop, size=(H, W), mode="bicubic", antialias=True, align_corners=False)[0]
+                crop = img[None, :, top : top + h, left : left + w].float()
+                out[i * V + v] = (
+                    crop[0]
+                    if (h, w) == (H, W)
+                    else F.interpolate(crop, size=(H, W), mode="bicubic", antialias=True, align_corners=False)[0]
+                )
                 if flip:
                     flips.append(i * V + v)
-        out.clamp_(0.0, 255.0).round_()                  # whole grey levels, as the CPU path's uint8 resize
+        out.clamp_(0.0, 255.0).round_()  # whole grey levels, as the CPU path's uint8 resize
         if flips:
             idx = torch.tensor(flips, device=device)
             out[idx] = out[idx].flip(-1)

@@ -1,4 +1,5 @@
 """Epoch sizing from shard manifests, and capped shard lists (the first whole shards covering N samples)."""
+
 from __future__ import annotations
 
 from pathlib import Path

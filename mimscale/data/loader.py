@@ -39,7 +39,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -57,6 +58,7 @@ __all__ = ["ShardLoader", "default_collate", "expand_source", "iter_tar_samples"
 log = logging.getLogger("mimscale.data")
 
 STATE_FORMAT = "mimscale-loader/1"
+
 
 class ShardLoader:
     """Iterable of batches over WebDataset shards; see the module docstring for the data flow.
@@ -92,12 +94,28 @@ class ShardLoader:
     corrupt samples and bad shards (skipped, logged once each on logger ``mimscale.data``).
     """
 
-    def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], *, batch_size: int,
-                 transform: Callable, collate: Callable | None = None, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 2, seed: int = 0, shuffle: bool = True, shuffle_buffer: int = 1000,
-                 samples_per_epoch: int | None = None, manifest: str | os.PathLike | None = None,
-                 mode: str = "train", pin_memory: bool = False, prefetch_factor: int = 2,
-                 multiprocessing_context: str | None = None, targets: dict | None = None, decode: str = "cpu"):
+    def __init__(
+        self,
+        source: str | os.PathLike | Sequence[str | os.PathLike],
+        *,
+        batch_size: int,
+        transform: Callable,
+        collate: Callable | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 2,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 1000,
+        samples_per_epoch: int | None = None,
+        manifest: str | os.PathLike | None = None,
+        mode: str = "train",
+        pin_memory: bool = False,
+        prefetch_factor: int = 2,
+        multiprocessing_context: str | None = None,
+        targets: dict | None = None,
+        decode: str = "cpu",
+    ):
         if mode not in ("train", "eval"):
             raise DataError(f"mode must be 'train' or 'eval', got {mode!r}")
         if int(batch_size) < 1:
@@ -134,7 +152,7 @@ class ShardLoader:
 
             check_targets(source, **targets)
         for url in self.urls:
-            if shard_command(url) is None and not os.path.isfile(url):   # (remote/pipe shards are read as streams)
+            if shard_command(url) is None and not os.path.isfile(url):  # (remote/pipe shards are read as streams)
                 raise DataError(f"shard file not found: {url}")
         self.names = [url_shard_name(u) for u in self.urls]
         self.counts = self._find_counts(manifest or dir_manifest, samples_per_epoch)
@@ -149,15 +167,24 @@ class ShardLoader:
         if mode == "train":
             self._batches = self.samples_per_epoch // (self.world_size * self.batch_size)
             if self._batches < 1:
-                raise DataError(f"samples_per_epoch={self.samples_per_epoch} is less than world_size*batch_size="
-                                f"{self.world_size * self.batch_size}; lower batch_size or add data")
+                raise DataError(
+                    f"samples_per_epoch={self.samples_per_epoch} is less than world_size*batch_size="
+                    f"{self.world_size * self.batch_size}; lower batch_size or add data"
+                )
             n, W, nw = len(self.urls), self.world_size, self._streams
             rank_shards = n if n < W else len(range(self.rank, n, W))
             amplification = (W if n < W else 1) * (nw if rank_shards < nw else 1)
             if amplification > 1:
-                log.warning("rank %d: %d shard(s) for world_size %d x %d workers, so streams share shards and keep "
-                            "every k-th sample, reading %dx more data than needed; write at least %d shards",
-                            self.rank, n, W, nw, amplification, W * nw)
+                log.warning(
+                    "rank %d: %d shard(s) for world_size %d x %d workers, so streams share shards and keep "
+                    "every k-th sample, reading %dx more data than needed; write at least %d shards",
+                    self.rank,
+                    n,
+                    W,
+                    nw,
+                    amplification,
+                    W * nw,
+                )
         else:
             per_rank = math.ceil(self.samples_per_epoch / self.world_size)
             self._batches = math.ceil(per_rank / self.batch_size)
@@ -186,13 +213,17 @@ class ShardLoader:
                 beside = os.path.join(os.path.dirname(local), MANIFEST_NAME) if local else None
                 if beside is None or not os.path.isfile(beside):
                     if samples_per_epoch is None:
-                        raise DataError(f"no manifest.json beside shard {url}; pass manifest=PATH or samples_per_epoch=N")
+                        raise DataError(
+                            f"no manifest.json beside shard {url}; pass manifest=PATH or samples_per_epoch=N"
+                        )
                     return None
                 t = table(beside)
             if name not in t:
                 if samples_per_epoch is None:
                     where = manifest or os.path.join(os.path.dirname(local_path_of(url) or ""), MANIFEST_NAME)
-                    raise DataError(f"shard {name} is not listed in {where}; pass the right manifest= or samples_per_epoch=N")
+                    raise DataError(
+                        f"shard {name} is not listed in {where}; pass the right manifest= or samples_per_epoch=N"
+                    )
                 return None
             counts.append(t[name])
         return counts
@@ -242,18 +273,26 @@ class ShardLoader:
         if self._epoch_done:
             epoch, consumed, cursors = epoch + 1, 0, [0] * self._streams
         return {
-            "format": STATE_FORMAT, "epoch": epoch, "batches": consumed, "cursors": cursors,
+            "format": STATE_FORMAT,
+            "epoch": epoch,
+            "batches": consumed,
+            "cursors": cursors,
             **self._layout(),
-            "bad_samples": sorted(self._bad_samples), "bad_shards": sorted(self._bad_shards),
+            "bad_samples": sorted(self._bad_samples),
+            "bad_shards": sorted(self._bad_shards),
         }
 
     def load_state_dict(self, state: dict) -> None:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise DataError("loader state is not a mimscale-loader/1 state; pass what ShardLoader.state_dict() returned")
+            raise DataError(
+                "loader state is not a mimscale-loader/1 state; pass what ShardLoader.state_dict() returned"
+            )
         for key, value in self._layout().items():
             if state.get(key) != value:
-                raise DataError(f"loader state was saved with {key}={state.get(key)!r} but this loader has "
-                                f"{key}={value!r}; exact resume needs the same {key}")
+                raise DataError(
+                    f"loader state was saved with {key}={state.get(key)!r} but this loader has "
+                    f"{key}={value!r}; exact resume needs the same {key}"
+                )
         batches, cursors = int(state["batches"]), [int(c) for c in state["cursors"]]
         if not 0 <= batches <= self._batches or len(cursors) != self._streams:
             raise DataError(f"loader state has batches={batches} of {self._batches}; it belongs to another data layout")
@@ -264,21 +303,42 @@ class ShardLoader:
         self._bad_shards = set(state.get("bad_shards", ()))
 
     def _layout(self) -> dict:
-        return {"mode": self.mode, "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
-                "num_workers": self._streams, "batch_size": self.batch_size,
-                "samples_per_epoch": self.samples_per_epoch, "num_shards": len(self.urls),
-                "shuffle": self.shuffle, "shuffle_buffer": self.shuffle_buffer if self.shuffle else 0}
+        return {
+            "mode": self.mode,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_workers": self._streams,
+            "batch_size": self.batch_size,
+            "samples_per_epoch": self.samples_per_epoch,
+            "num_shards": len(self.urls),
+            "shuffle": self.shuffle,
+            "shuffle_buffer": self.shuffle_buffer if self.shuffle else 0,
+        }
 
     def __iter__(self) -> Iterator[Any]:
         if self._epoch_done:
             self._epoch, self._consumed, self._epoch_done = self._epoch + 1, 0, False
             self._cursors = [0] * self._streams
         plan = Plan(
-            urls=self.urls, names=self.names, counts=self.counts, transform=self.transform, collate=self.collate,
-            mode=self.mode, epoch=self._epoch, seed=self.seed, rank=self.rank, world_size=self.world_size,
-            num_streams=self._streams, batch_size=self.batch_size, batches_per_epoch=self._batches,
-            total=self.samples_per_epoch, start_batch=self._consumed, cursors=list(self._cursors),
-            shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer,
+            urls=self.urls,
+            names=self.names,
+            counts=self.counts,
+            transform=self.transform,
+            collate=self.collate,
+            mode=self.mode,
+            epoch=self._epoch,
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_streams=self._streams,
+            batch_size=self.batch_size,
+            batches_per_epoch=self._batches,
+            total=self.samples_per_epoch,
+            start_batch=self._consumed,
+            cursors=list(self._cursors),
+            shuffle=self.shuffle,
+            shuffle_buffer=self.shuffle_buffer,
         )
         return self._run(plan)
 
@@ -289,10 +349,15 @@ class ShardLoader:
         kwargs: dict[str, Any] = {}
         if self.num_workers > 0:
             kwargs = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": self.multiprocessing_context}
-        loader = DataLoader(EpochDataset(plan), batch_size=None, collate_fn=passthrough,
-                            num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
-                            **kwargs)
+        loader = DataLoader(
+            EpochDataset(plan),
+            batch_size=None,
+            collate_fn=passthrough,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
+            **kwargs,
+        )
         it = iter(loader)
         try:
             for item in it:
@@ -325,6 +390,8 @@ class ShardLoader:
                     log.warning("skipped the rest of bad shard %s (%s)", name, reason)
 
     def __repr__(self) -> str:
-        return (f"ShardLoader({len(self.urls)} shards, mode={self.mode}, rank={self.rank}/{self.world_size}, "
-                f"batch_size={self.batch_size}, workers={self.num_workers}, batches_per_epoch={self._batches}, "
-                f"decode={self.decode})")
+        return (
+            f"ShardLoader({len(self.urls)} shards, mode={self.mode}, rank={self.rank}/{self.world_size}, "
+            f"batch_size={self.batch_size}, workers={self.num_workers}, batches_per_epoch={self._batches}, "
+            f"decode={self.decode})"
+        )

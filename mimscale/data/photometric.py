@@ -10,6 +10,7 @@ exact resume; the object holds only floats, so it pickles cheaply to loader work
 ``{"image": normalised crop, "image_teacher": normalised photometric(crop)}``. Used by ConMIM
 (docs/objectives/conmim.md), whose positives need the two views to cover the same pixels.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ class Photometric:
                 lambda x: TF.adjust_saturation(x, _factor(c.saturation, u[3])) if c.saturation else x,
                 lambda x: TF.adjust_hue(x, (2.0 * u[4] - 1.0) * c.hue) if c.hue else x,
             ]
-            for i in sorted(range(4), key=lambda i: u[5 + i]):          # a random order of the four
+            for i in sorted(range(4), key=lambda i: u[5 + i]):  # a random order of the four
                 img = ops[i](img)
         if u[9] < c.grayscale_p and img.mode == "RGB":
             img = TF.rgb_to_grayscale(img, num_output_channels=3)
@@ -121,8 +122,7 @@ class SharedGeometryViews:
 
     def __call__(self, img: Image.Image, generator: torch.Generator) -> dict[str, torch.Tensor]:
         view = self.crop(img, generator)
-        return {"image": self.base._finish(view),
-                "image_teacher": self.base._finish(self.photometric(view, generator))}
+        return {"image": self.base._finish(view), "image_teacher": self.base._finish(self.photometric(view, generator))}
 
     def __repr__(self) -> str:
         return f"SharedGeometryViews({self.base!r}, {self.photometric!r})"

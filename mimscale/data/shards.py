@@ -32,8 +32,9 @@ import sys
 import time
 import uuid
 import zlib
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -67,8 +68,16 @@ MANIFEST_FORMAT = "mimscale-shards/1"
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
 )
 _FMNIST_FILES = {"train": "train", "test": "t10k"}
 _TAR_MTIME = 0  # fixed header fields -> byte-identical shards for identical input
@@ -105,15 +114,15 @@ def _ustar_header(name: bytes, size: int) -> bytes:
     if len(name) > 100:
         raise ValueError(f"tar member name {name!r} is longer than 100 bytes")
     head = bytearray(_BLOCK)
-    head[0:len(name)] = name
-    head[100:108] = b"0000444\0"                        # mode
-    head[108:116] = b"0000000\0"                        # uid
-    head[116:124] = b"0000000\0"                        # gid
-    head[124:136] = b"%011o\0" % size                   # size
-    head[136:148] = b"%011o\0" % _TAR_MTIME             # mtime
-    head[148:156] = b" " * 8                            # checksum placeholder
-    head[156:157] = b"0"                                # regular file
-    head[257:265] = b"ustar\x0000"                      # magic + version
+    head[0 : len(name)] = name
+    head[100:108] = b"0000444\0"  # mode
+    head[108:116] = b"0000000\0"  # uid
+    head[116:124] = b"0000000\0"  # gid
+    head[124:136] = b"%011o\0" % size  # size
+    head[136:148] = b"%011o\0" % _TAR_MTIME  # mtime
+    head[148:156] = b" " * 8  # checksum placeholder
+    head[156:157] = b"0"  # regular file
+    head[257:265] = b"ustar\x0000"  # magic + version
     head[148:156] = b"%06o\0 " % sum(head)
     return bytes(head)
 
@@ -128,6 +137,7 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -
     count = written = 0
     sha1 = hashlib.sha1()
     with open(path, "wb") as f:
+
         def put(data: bytes) -> None:
             sha1.update(data)
             f.write(data)
@@ -141,19 +151,24 @@ def write_shard(path: str | os.PathLike, samples: Iterable[Mapping[str, Any]]) -
                     continue
                 data = _as_bytes(value)
                 pad = -len(data) % _BLOCK
-                put(_ustar_header(f"{key}.{ext}".encode("utf-8"), len(data)))
+                put(_ustar_header(f"{key}.{ext}".encode(), len(data)))
                 put(data)
                 if pad:
                     put(bytes(pad))
                 written += _BLOCK + len(data) + pad
             count += 1
         written += 2 * _BLOCK
-        put(bytes(2 * _BLOCK + (-written % _RECORD)))   # end-of-archive blocks, padded to a full record
+        put(bytes(2 * _BLOCK + (-written % _RECORD)))  # end-of-archive blocks, padded to a full record
     return {"name": path.name, "count": count, "sha1": sha1.hexdigest()}
 
 
-def write_manifest(out_dir: str | os.PathLike, shards: Sequence[Mapping[str, Any]], classes: Sequence[str] = (),
-                   source: str = "", **extra: Any) -> Path:
+def write_manifest(
+    out_dir: str | os.PathLike,
+    shards: Sequence[Mapping[str, Any]],
+    classes: Sequence[str] = (),
+    source: str = "",
+    **extra: Any,
+) -> Path:
     """Write ``out_dir/manifest.json`` atomically; ``shards`` = ``[{"name", "count", "sha1"?}, ...]``."""
     out_dir = Path(out_dir)
     entries = [{k: v for k, v in s.items() if k in ("name", "count", "sha1")} for s in shards]
@@ -181,8 +196,10 @@ def read_manifest(path_or_dir: str | os.PathLike) -> dict:
     if path.is_dir():
         path = path / MANIFEST_NAME
     if not path.is_file():
-        raise DataError(f"no shard manifest at {path}; write the shards with mimscale.data "
-                        f"(write_folder / write_fashion_mnist) or pass samples_per_epoch")
+        raise DataError(
+            f"no shard manifest at {path}; write the shards with mimscale.data "
+            f"(write_folder / write_fashion_mnist) or pass samples_per_epoch"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -203,8 +220,13 @@ def _manifest_problem(m: Any) -> str | None:
         return "'shards' is not a list"
     total = 0
     for s in shards:
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
-                and s["count"] >= 0 and "/" not in s["name"]):
+        if not (
+            isinstance(s, dict)
+            and isinstance(s.get("name"), str)
+            and isinstance(s.get("count"), int)
+            and s["count"] >= 0
+            and "/" not in s["name"]
+        ):
             return f"bad shard entry {s!r}"
         total += s["count"]
     if m.get("num_samples") != total:
@@ -235,7 +257,7 @@ def clean_stale_tmp(final: Path) -> None:
     host = socket.gethostname()
     for d in final.parent.glob(f".{final.name}.tmp-{host}-*"):
         try:
-            pid = int(d.name[len(f".{final.name}.tmp-{host}-"):].split("-")[0])
+            pid = int(d.name[len(f".{final.name}.tmp-{host}-") :].split("-")[0])
         except ValueError:
             continue
         if pid == os.getpid():
@@ -268,8 +290,10 @@ def check_existing(final: Path, num_samples: int, what: str) -> bool:
         raise DataError(f"{final} exists but is not a complete shard directory; delete it and run again")
     have = read_manifest(final)["num_samples"]
     if have != num_samples:
-        raise DataError(f"{final} already holds {have} samples but {num_samples} {what} were requested; "
-                        f"delete it or choose another out_dir")
+        raise DataError(
+            f"{final} already holds {have} samples but {num_samples} {what} were requested; "
+            f"delete it or choose another out_dir"
+        )
     return True
 
 
@@ -290,9 +314,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise DataError(f"cannot read {path} ({e}); reinstall it with apt-get install --reinstall dataset-fashion-mnist") from None
+        raise DataError(
+            f"cannot read {path} ({e}); reinstall it with apt-get install --reinstall dataset-fashion-mnist"
+        ) from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
-        raise DataError(f"{path} is not an unsigned-byte IDX file; reinstall it with apt-get install --reinstall dataset-fashion-mnist")
+        raise DataError(
+            f"{path} is not an unsigned-byte IDX file; reinstall it with apt-get install --reinstall dataset-fashion-mnist"
+        )
     ndim = data[3]
     header = 4 + 4 * ndim
     dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
@@ -316,21 +344,33 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     h, w = arr.shape
     rows = np.zeros((h, w + 1), dtype=np.uint8)  # filter byte 0 ("None") before every row
     rows[:, 1:] = arr
-    return (b"\x89PNG\r\n\x1a\n"
-            + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+        + _png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _fmnist_shard_task(args) -> dict:
     path, images, labels, start = args
-    return write_shard(path, ({"__key__": f"{start + i:09d}", "png": _png_bytes(img), "cls": int(lab)}
-                              for i, (img, lab) in enumerate(zip(images, labels))))
+    return write_shard(
+        path,
+        (
+            {"__key__": f"{start + i:09d}", "png": _png_bytes(img), "cls": int(lab)}
+            for i, (img, lab) in enumerate(zip(images, labels))
+        ),
+    )
 
 
-def write_fashion_mnist(out_dir: str | os.PathLike, splits: Sequence[str] = ("train", "test"), shard_size: int = 5000,
-                        workers: int = 2, limit: int | None = None,
-                        source_dir: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str, Path]:
+def write_fashion_mnist(
+    out_dir: str | os.PathLike,
+    splits: Sequence[str] = ("train", "test"),
+    shard_size: int = 5000,
+    workers: int = 2,
+    limit: int | None = None,
+    source_dir: str | os.PathLike = FASHION_MNIST_DIR,
+) -> dict[str, Path]:
     """Convert Debian's Fashion-MNIST IDX files to PNG shards: ``out_dir/train`` (60000), ``out_dir/test`` (10000).
 
     ``limit`` keeps only the first ``limit`` samples of each split (tests).  Returns ``{split: dir}``.
@@ -349,7 +389,9 @@ def write_fashion_mnist(out_dir: str | os.PathLike, splits: Sequence[str] = ("tr
         lab_path = source_dir / f"{stem}-labels-idx1-ubyte.gz"
         for p in (img_path, lab_path):
             if not p.is_file():
-                raise DataError(f"Fashion-MNIST file {p} not found; install it with: apt-get install dataset-fashion-mnist")
+                raise DataError(
+                    f"Fashion-MNIST file {p} not found; install it with: apt-get install dataset-fashion-mnist"
+                )
         total = _idx_len(img_path)
         n = total if limit is None else max(0, min(int(limit), total))
         final = out_dir / split
@@ -358,21 +400,31 @@ def write_fashion_mnist(out_dir: str | os.PathLike, splits: Sequence[str] = ("tr
             continue
         images, labels = read_idx(img_path), read_idx(lab_path)
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise DataError(f"{img_path} and {lab_path} do not match; reinstall with apt-get install --reinstall dataset-fashion-mnist")
+            raise DataError(
+                f"{img_path} and {lab_path} do not match; reinstall with apt-get install --reinstall dataset-fashion-mnist"
+            )
         out_dir.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(final)
         tmp = tmp_dir_for(final)
         tmp.mkdir()
         try:
-            tasks = [(tmp / shard_name(split, i), images[s:s + shard_size], labels[s:s + shard_size], s)
-                     for i, s in enumerate(range(0, n, shard_size))]
+            tasks = [
+                (tmp / shard_name(split, i), images[s : s + shard_size], labels[s : s + shard_size], s)
+                for i, s in enumerate(range(0, n, shard_size))
+            ]
             if workers > 1 and len(tasks) > 1:
                 with _pool(min(workers, len(tasks))) as pool:
                     infos = pool.map(_fmnist_shard_task, tasks, chunksize=1)
             else:
                 infos = [_fmnist_shard_task(t) for t in tasks]
-            write_manifest(tmp, infos, classes=FASHION_MNIST_CLASSES, source=f"fashion-mnist:{img_path}",
-                           image_size=[int(images.shape[1]), int(images.shape[2])], channels=1)
+            write_manifest(
+                tmp,
+                infos,
+                classes=FASHION_MNIST_CLASSES,
+                source=f"fashion-mnist:{img_path}",
+                image_size=[int(images.shape[1]), int(images.shape[2])],
+                channels=1,
+            )
             publish_dir(tmp, final)
         finally:
             if tmp.exists():
@@ -438,14 +490,18 @@ def _folder_shard_task(args) -> dict:
             try:
                 data = Path(src, rel).read_bytes()
             except OSError as e:
-                raise DataError(f"cannot read {Path(src, rel)} ({e.strerror}); fix its permissions or remove it") from None
+                raise DataError(
+                    f"cannot read {Path(src, rel)} ({e.strerror}); fix its permissions or remove it"
+                ) from None
             ext = rel.rsplit(".", 1)[-1].lower()
             if cap is not None:
                 try:
                     small = capped_image(data, *cap)
-                except Exception as e:  # noqa: BLE001 - an unreadable image is the user's to fix, named
-                    raise DataError(f"cannot decode {Path(src, rel)} to resize it ({type(e).__name__}: {e}); "
-                                    "fix or remove it, or write without --max-side") from None
+                except Exception as e:
+                    raise DataError(
+                        f"cannot decode {Path(src, rel)} to resize it ({type(e).__name__}: {e}); "
+                        "fix or remove it, or write without --max-side"
+                    ) from None
                 if small is not None:
                     ext, data = small
                     resized += 1
@@ -463,10 +519,18 @@ def fmt_eta(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size: int = 1000,
-                 workers: int | None = None, prefix: str = "train", seed: int = 0,
-                 extensions: Sequence[str] = IMAGE_EXTENSIONS, progress: bool = True,
-                 max_side: int | None = None, quality: int = 90) -> Path:
+def write_folder(
+    src: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    shard_size: int = 1000,
+    workers: int | None = None,
+    prefix: str = "train",
+    seed: int = 0,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    progress: bool = True,
+    max_side: int | None = None,
+    quality: int = 90,
+) -> Path:
     """Shard an ImageNet-style tree ``src/<class>/<image>`` (class = sorted subfolder index) into ``out_dir``.
 
     The sorted file list is shuffled with ``seed``; shard ``i`` holds files ``[i*S, (i+1)*S)``.  Image
@@ -490,12 +554,14 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
     if check_existing(out_dir, len(files), f"image files under {src}"):
         m = read_manifest(out_dir)
         if (m.get("max_side"), m.get("quality") if m.get("max_side") else None) != (cap or (None, None)):
-            raise DataError(f"{out_dir} holds shards written with max_side={m.get('max_side')}, quality="
-                            f"{m.get('quality')}, not the requested max_side={max_side}; delete it or choose another out_dir")
+            raise DataError(
+                f"{out_dir} holds shards written with max_side={m.get('max_side')}, quality="
+                f"{m.get('quality')}, not the requested max_side={max_side}; delete it or choose another out_dir"
+            )
         return out_dir
     random.Random(seed).shuffle(files)
     n = len(files)
-    chunks = [(files[s:s + shard_size], s) for s in range(0, n, shard_size)]
+    chunks = [(files[s : s + shard_size], s) for s in range(0, n, shard_size)]
     workers = min(8, os.cpu_count() or 1) if workers is None else max(1, int(workers))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_tmp(out_dir)
@@ -516,8 +582,12 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
             rate = done_files / max(now - t0, 1e-9)
             eta = (n - done_files) / rate if rate > 0 else 0.0
             done_shards = sum(i is not None for i in slots)
-            print(f"write_folder {out_dir.name}: {done_shards}/{len(tasks)} shards, {done_files}/{n} files, "
-                  f"{rate:.0f} files/s, ETA {fmt_eta(eta)}", file=sys.stderr, flush=True)
+            print(
+                f"write_folder {out_dir.name}: {done_shards}/{len(tasks)} shards, {done_files}/{n} files, "
+                f"{rate:.0f} files/s, ETA {fmt_eta(eta)}",
+                file=sys.stderr,
+                flush=True,
+            )
 
         if workers > 1 and len(tasks) > 1:
             with _pool(min(workers, len(tasks))) as pool:
@@ -533,8 +603,11 @@ def write_folder(src: str | os.PathLike, out_dir: str | os.PathLike, shard_size:
         report(final=True)
         infos = [i for i in slots if i is not None]  # every task filled its slot
         assert len(infos) == len(slots)
-        sizing = {} if cap is None else {"max_side": cap[0], "quality": cap[1],
-                                         "resized": sum(int(i.get("resized", 0)) for i in infos)}
+        sizing = (
+            {}
+            if cap is None
+            else {"max_side": cap[0], "quality": cap[1], "resized": sum(int(i.get("resized", 0)) for i in infos)}
+        )
         write_manifest(tmp, infos, classes=classes, source=f"folder:{src.resolve()}", seed=seed, **sizing)
         publish_dir(tmp, out_dir)
     finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from typing import Sequence
+from collections.abc import Sequence
 
 from mimscale.errors import DataError
 
@@ -69,8 +69,10 @@ def shard_command(url: str) -> list[str] | None:
     if scheme is None:
         return None
     if scheme not in REMOTE_SCHEMES:
-        raise DataError(f"shard {url}: unknown URL scheme {scheme}://; use a path, pipe:CMD ARGS or one of "
-                        + ", ".join(f"{s}://" for s in REMOTE_SCHEMES))
+        raise DataError(
+            f"shard {url}: unknown URL scheme {scheme}://; use a path, pipe:CMD ARGS or one of "
+            + ", ".join(f"{s}://" for s in REMOTE_SCHEMES)
+        )
     return [*REMOTE_SCHEMES[scheme], url]
 
 

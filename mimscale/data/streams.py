@@ -6,8 +6,9 @@ import hashlib
 import io
 import random
 import re
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterator, cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -48,9 +49,17 @@ def _decode_npy(data: bytes) -> torch.Tensor:
 def stack_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(tensors)``, or without a copy the tensor they are the rows of (``base[0], base[1], ...``)."""
     base = tensors[0]._base
-    if (base is not None and base.is_contiguous() and base.shape[0] == len(tensors)
-            and all(t._base is base and t.storage_offset() == base.storage_offset() + i * t.numel()
-                    and t.shape == base.shape[1:] for i, t in enumerate(tensors))):
+    if (
+        base is not None
+        and base.is_contiguous()
+        and base.shape[0] == len(tensors)
+        and all(
+            t._base is base
+            and t.storage_offset() == base.storage_offset() + i * t.numel()
+            and t.shape == base.shape[1:]
+            for i, t in enumerate(tensors)
+        )
+    ):
         return base
     return torch.stack(tensors)
 
@@ -139,7 +148,7 @@ class _Stream:
             views = out if isinstance(out, dict) else {"image": out}
             if "image" not in views and "encoded" not in views:  # (encoded: the device-decode path)
                 raise ValueError(f"the transform returned {sorted(views)} without an 'image' entry")
-        except Exception as e:  # noqa: BLE001 - any undecodable sample is skipped, counted and reported
+        except Exception as e:
             reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", f"{type(e).__name__}: {e}")
             reason = (reason.splitlines() or [""])[0][:200]
             self.last_failure = f"{shard}/{key}: {reason}"
@@ -158,9 +167,11 @@ class _Stream:
 
     def collate(self, samples: list[dict], j: int) -> Any:
         if self.batched:
-            images = cast(Any, self.p.transform).finish_batch([s["image"] for s in samples])   # [B, C, H, W]
-            samples = [dict(s, image=images[i]) for i, s in enumerate(samples)]     # views: stacked for free
-        return self.p.collate(samples, seeded_generator(self.p.seed, _TAG_COLLATE, self.p.epoch, self.p.rank, self.w, j))
+            images = cast(Any, self.p.transform).finish_batch([s["image"] for s in samples])  # [B, C, H, W]
+            samples = [dict(s, image=images[i]) for i, s in enumerate(samples)]  # views: stacked for free
+        return self.p.collate(
+            samples, seeded_generator(self.p.seed, _TAG_COLLATE, self.p.epoch, self.p.rank, self.w, j)
+        )
 
     def emit(self, batch: Any, j: int, cursor: int) -> tuple:
         events, self.events = self.events, []
@@ -175,11 +186,11 @@ class _Stream:
         if p.shuffle:
             random.Random(mix_seed(p.seed, _TAG_SHARDS, p.epoch)).shuffle(order)
         if len(order) >= p.world_size:
-            mine, rank_filter = order[p.rank::p.world_size], None
+            mine, rank_filter = order[p.rank :: p.world_size], None
         else:
             mine, rank_filter = order, (p.rank, p.world_size)
         if len(mine) >= p.num_streams:
-            mine, worker_filter = mine[w::p.num_streams], None
+            mine, worker_filter = mine[w :: p.num_streams], None
         else:
             worker_filter = (w, p.num_streams)
         rank_pos = worker_pos = 0
@@ -203,8 +214,10 @@ class _Stream:
                     yield sample
             if raw_count == 0:
                 names = ", ".join(p.names[i] for i in mine[:3]) + (", ..." if len(mine) > 3 else "")
-                raise DataError(f"rank {p.rank} worker {w} cannot read any sample from its {len(mine)} shard(s) "
-                                f"({names}); check or rewrite these shards")
+                raise DataError(
+                    f"rank {p.rank} worker {w} cannot read any sample from its {len(mine)} shard(s) "
+                    f"({names}); check or rewrite these shards"
+                )
             self.cycle_raw = raw_count
             cycle += 1
             yield _CYCLE_END
@@ -253,8 +266,10 @@ class _Stream:
                     failures += 1
                     limit = None if self.cycle_raw is None else 10 * p.shuffle_buffer + 2 * self.cycle_raw + 100
                     if limit is not None and failures > limit:
-                        raise DataError(f"rank {p.rank} worker {w}: no decodable sample in {failures} tries "
-                                        f"(last: {self.last_failure}); check the shards")
+                        raise DataError(
+                            f"rank {p.rank} worker {w}: no decodable sample in {failures} tries "
+                            f"(last: {self.last_failure}); check the shards"
+                        )
                     continue
                 failures = 0
                 samples.append(sample)
@@ -306,8 +321,10 @@ class _Stream:
                 sample = self.decode(raw, -1 - i)  # (also kept as last_sample)
                 if sample is not None:
                     return sample
-        raise DataError(f"no decodable sample in any of the {len(self.p.urls)} shard(s) "
-                        f"(last problem: {self.last_failure or 'no samples'}); check the shards")
+        raise DataError(
+            f"no decodable sample in any of the {len(self.p.urls)} shard(s) "
+            f"(last problem: {self.last_failure or 'no samples'}); check the shards"
+        )
 
     def eval_batches(self) -> Iterator[tuple]:
         p, w, nw, B = self.p, self.w, self.p.num_streams, self.p.batch_size
@@ -366,4 +383,3 @@ class EpochDataset(IterableDataset):
 
 def passthrough(item):
     return item
-

@@ -21,12 +21,12 @@ for the rule it uses: ``ShardLoader(..., targets={"names": [...], "image_size": 
     "targets": {"clip.npy": {"kind", "dtype", "shape", "grid", "crop_rule", "image_size", "crop_pct",
                              "mean", "std", "teacher": {"path", "sha256", "arch"}, "kmeans": null | {...}}}
 """
+
 from __future__ import annotations
 
 import os
 import shlex
-from typing import Sequence
-
+from collections.abc import Sequence
 
 from ..errors import DataError
 from .shards import read_manifest
@@ -41,8 +41,7 @@ def crop_rule(crop_pct: float = 1.0) -> str:
     return f"center-crop/1:shorter-side=floor(size/{float(crop_pct):g}),bicubic,antialias"
 
 
-def target_view(image_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int = 3,
-                crop_pct: float = 1.0):
+def target_view(image_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int = 3, crop_pct: float = 1.0):
     """The deterministic transform ``(PIL image, generator=None) -> [C, S, S]`` targets are computed on."""
     from .transforms import EvalTransform
 
@@ -87,12 +86,15 @@ def check_targets(source, names: Sequence[str], image_size: int | Sequence[int],
         e = entries.get(name)
         if e is None:
             have = ", ".join(sorted(entries)) or "none"
-            raise DataError(f"{manifest} has no cached targets '{name}' (has: {have}); write them with "
-                            f"mimscale data add-targets")
+            raise DataError(
+                f"{manifest} has no cached targets '{name}' (has: {have}); write them with mimscale data add-targets"
+            )
         if e.get("crop_rule") != want or list(e.get("image_size") or []) != size:
-            raise DataError(f"cached targets '{name}' in {manifest} were computed on crop rule "
-                            f"{e.get('crop_rule')!r} at size {e.get('image_size')} but training asks for {want!r} at "
-                            f"size {size}; rebuild them with mimscale data add-targets --image-size/--crop-pct")
+            raise DataError(
+                f"cached targets '{name}' in {manifest} were computed on crop rule "
+                f"{e.get('crop_rule')!r} at size {e.get('image_size')} but training asks for {want!r} at "
+                f"size {size}; rebuild them with mimscale data add-targets --image-size/--crop-pct"
+            )
         out[name] = e
     return out
 

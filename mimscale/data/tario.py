@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import subprocess
 import zlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from .sources import shard_command, url_shard_name
 
@@ -129,7 +129,7 @@ def read_shard(url: str) -> Iterator[dict]:
     argv = shard_command(url)
     if argv is None:
         try:
-            f = open(url, "rb", buffering=1 << 20)
+            f = open(url, "rb", buffering=1 << 20)  # noqa: SIM115 - opened here to report an open error apart
         except OSError as e:
             raise ShardReadError(f"cannot open: {e.strerror}") from None
         with f:

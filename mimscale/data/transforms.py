@@ -10,7 +10,8 @@ from __future__ import annotations
 import io
 import math
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,15 +23,24 @@ from torchvision.transforms import functional as TF
 
 from mimscale.errors import DataError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "TrainTransform", "EvalTransform", "rrc_params", "reduced_decode_scale", "crop_resize_u8",
-           "MultiCrop"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "TrainTransform",
+    "EvalTransform",
+    "rrc_params",
+    "reduced_decode_scale",
+    "crop_resize_u8",
+    "MultiCrop",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def rrc_params(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
-               generator: torch.Generator) -> tuple[int, int, int, int]:
+def rrc_params(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], generator: torch.Generator
+) -> tuple[int, int, int, int]:
     """Random-resized-crop box ``(top, left, h, w)`` drawn from ``generator``.
 
     Up to 10 attempts draw an area fraction uniformly in ``scale`` and an aspect ratio log-uniformly in
@@ -44,12 +54,13 @@ def rrc_params(width: int, height: int, scale: Sequence[float], ratio: Sequence[
 _RRC_DRAWS = 40
 
 
-def _rrc_box(width: int, height: int, scale: Sequence[float], ratio: Sequence[float],
-             u: Sequence[float]) -> tuple[int, int, int, int]:
+def _rrc_box(
+    width: int, height: int, scale: Sequence[float], ratio: Sequence[float], u: Sequence[float]
+) -> tuple[int, int, int, int]:
     area = width * height
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     for t in range(0, _RRC_DRAWS, 4):
-        u_area, u_ratio, u_top, u_left = u[t:t + 4]
+        u_area, u_ratio, u_top, u_left = u[t : t + 4]
         target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
         aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
         w = int(round(math.sqrt(target * aspect)))
@@ -139,8 +150,13 @@ def _open_reduced(img: Image.Image, scale: int) -> tuple[Image.Image, float]:
     A fresh image object is opened on the same bytes, so ``img`` keeps its full size for other views.
     """
     fp = getattr(img, "fp", None)
-    if (scale <= 1 or img.format != "JPEG" or not isinstance(fp, io.BytesIO) or len(getattr(img, "tile", ())) != 1
-            or getattr(img, "decoderconfig", None)):
+    if (
+        scale <= 1
+        or img.format != "JPEG"
+        or not isinstance(fp, io.BytesIO)
+        or len(getattr(img, "tile", ())) != 1
+        or getattr(img, "decoderconfig", None)
+    ):
         return img, 1.0
     small = Image.open(io.BytesIO(fp.getbuffer()))
     got = small.draft(None, (img.width // scale, img.height // scale))
@@ -153,8 +169,12 @@ def complete_jpeg_bytes(img: Image.Image) -> bytes | None:
     """The bytes of ``img`` when it is a not yet decoded RGB or grey JPEG held in memory whose data ends with
     an end-of-image marker (what libjpeg-turbo / nvJPEG can decode without PIL's mode handling), else None."""
     fp = getattr(img, "fp", None)
-    if (img.format != "JPEG" or img.mode not in ("RGB", "L") or not isinstance(fp, io.BytesIO)
-            or not getattr(img, "tile", None)):
+    if (
+        img.format != "JPEG"
+        or img.mode not in ("RGB", "L")
+        or not isinstance(fp, io.BytesIO)
+        or not getattr(img, "tile", None)
+    ):
         return None
     data = fp.getvalue()
     return data if b"\xff\xd9" in data[-64:] else None
@@ -169,18 +189,17 @@ def _decode_jpeg_cpu(data: bytes) -> torch.Tensor:
         return decode_jpeg(torch.frombuffer(data, dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
 
 
-def crop_resize_u8(chw: torch.Tensor, top: float, left: float, h: float, w: float,
-                   size: tuple[int, int]) -> np.ndarray:
+def crop_resize_u8(chw: torch.Tensor, top: float, left: float, h: float, w: float, size: tuple[int, int]) -> np.ndarray:
     """``chw uint8 [C, H, W]`` (any strides) -> the box ``(top, left, h, w)`` (rounded to whole pixels) resized
     to ``size`` (bicubic, antialiased) as ``uint8 [h', w', C]``, in one pass of torch's uint8 kernel (PIL's
     filter, within +-1 grey level of ``PIL.Image.resize``; vectorised for 3/4 channels in channels-last)."""
     t0, l0 = int(round(top)), int(round(left))
     t1, l1 = max(t0 + 1, int(round(top + h))), max(l0 + 1, int(round(left + w)))
-    x = chw[None, :, t0:t1, l0:l1]                                      # [1, C, h, w], a view
+    x = chw[None, :, t0:t1, l0:l1]  # [1, C, h, w], a view
     if tuple(x.shape[-2:]) == tuple(size):
         return x[0].permute(1, 2, 0).numpy()
     if x.shape[1] in (3, 4):
-        x = x.contiguous(memory_format=torch.channels_last)             # the vectorised path wants dense rows
+        x = x.contiguous(memory_format=torch.channels_last)  # the vectorised path wants dense rows
     y = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
     return y[0].permute(1, 2, 0).numpy()
 
@@ -191,7 +210,7 @@ def batch_buffer(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> 
     if torch.utils.data.get_worker_info() is not None:
         try:
             storage = torch.UntypedStorage._new_shared(torch.empty(0, dtype=dtype).element_size() * math.prod(shape))
-            stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))  # contiguous, as set_'s default
+            stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # contiguous, as set_'s default
             return torch.empty(0, dtype=dtype).set_(storage, 0, shape, stride)
         except (AttributeError, RuntimeError):  # pragma: no cover - a torch without it: the usual copy
             pass
@@ -213,10 +232,17 @@ class TrainTransform(_Base):
     crop, resize and flip as separate steps (the path before; kept as the reference and for benchmarks).
     """
 
-    def __init__(self, img_size: int | Sequence[int], scale: Sequence[float] = (0.2, 1.0),
-                 ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD, in_chans: int = 3,
-                 fast: bool = True):
+    def __init__(
+        self,
+        img_size: int | Sequence[int],
+        scale: Sequence[float] = (0.2, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        in_chans: int = 3,
+        fast: bool = True,
+    ):
         super().__init__(img_size, mean, std, in_chans)
         if not (0 < scale[0] <= scale[1] <= 1):
             raise DataError(f"scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
@@ -240,12 +266,13 @@ class TrainTransform(_Base):
         out_h, out_w = self.size
         if not self.fast:
             img = self._prepare(img)
-            img = TF.resized_crop(img, top, left, h, w, list(self.size), interpolation=InterpolationMode.BICUBIC,
-                                  antialias=True)
+            img = TF.resized_crop(
+                img, top, left, h, w, list(self.size), interpolation=InterpolationMode.BICUBIC, antialias=True
+            )
             return img, flip
         scale = reduced_decode_scale(img.width, img.height, h, w, out_h, out_w)
         data = complete_jpeg_bytes(img) if scale == 1 and self.in_chans == 3 else None
-        if data is not None:      # full-size JPEG: libjpeg-turbo straight into a tensor (no PIL copy)
+        if data is not None:  # full-size JPEG: libjpeg-turbo straight into a tensor (no PIL copy)
             return crop_resize_u8(_decode_jpeg_cpu(data), top, left, h, w, self.size), flip
         src, s = _open_reduced(img, scale)
         arr = self._pixels(self._prepare(src))
@@ -280,13 +307,15 @@ class TrainTransform(_Base):
             self._finish(view, flip=flip and self.fast, out=row)
         return batch
 
-    def device_views(self) -> tuple[list["TrainTransform"], bool]:
+    def device_views(self) -> tuple[list[TrainTransform], bool]:
         """For the device-decode path (:mod:`mimscale.data.device_decode`): one view, not stacked."""
         return [self], False
 
     def __repr__(self) -> str:
-        return (f"TrainTransform({self._fields()}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
-                f"fast={self.fast})")
+        return (
+            f"TrainTransform({self._fields()}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
+            f"fast={self.fast})"
+        )
 
 
 class MultiCrop:
@@ -316,8 +345,14 @@ class EvalTransform(_Base):
     Same call signature as :class:`TrainTransform`; the generator is ignored.
     """
 
-    def __init__(self, img_size: int | Sequence[int], mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, in_chans: int = 3, crop_pct: float = 1.0):
+    def __init__(
+        self,
+        img_size: int | Sequence[int],
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        in_chans: int = 3,
+        crop_pct: float = 1.0,
+    ):
         super().__init__(img_size, mean, std, in_chans)
         if not (0 < crop_pct <= 1):
             raise DataError(f"crop_pct must be in (0, 1], got {crop_pct}")

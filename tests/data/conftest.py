@@ -37,8 +37,16 @@ def jpeg_bytes(seed: int, size: tuple[int, int] = (48, 36), mode: str = "RGB", q
     return buf.getvalue()
 
 
-def make_shards(out: Path, sizes, corrupt=(), truncate=(), extra_npy: bool = False, manifest: bool = True,
-                prefix: str = "train", image=None) -> list[Path]:
+def make_shards(
+    out: Path,
+    sizes,
+    corrupt=(),
+    truncate=(),
+    extra_npy: bool = False,
+    manifest: bool = True,
+    prefix: str = "train",
+    image=None,
+) -> list[Path]:
     """Shards with ``sizes[i]`` samples each; keys are global indices, label = index % 5.
 
     ``corrupt``: global indices whose png is garbage; ``truncate``: shard indices cut in half after writing

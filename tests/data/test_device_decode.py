@@ -21,18 +21,26 @@ STD = 0.226 * 255  # ~ grey levels per normalised unit
 @pytest.fixture
 def mixed_image(images):
     """Mostly RGB JPEGs of varied size, some grey JPEGs, some PNGs (the host-decoded fallback)."""
+
     def make(g: int):
         if g % 7 == 3:
             return "png", images.png(g, size=(40, 30))
         size = (40 + (g * 7) % 25, 30 + (g * 5) % 20)
         return "jpg", images.jpeg(g, size=size, mode="L" if g % 5 == 1 else "RGB")
+
     return make
 
 
 def loader(src, decode, transform=None, **kw):
-    args = dict(batch_size=6, transform=transform or TrainTransform(16, fast=False),
-                collate=MaskCollate(MaskSpec("random", 16, 0.75)), num_workers=2, seed=3, shuffle_buffer=10,
-                decode=decode)
+    args = dict(
+        batch_size=6,
+        transform=transform or TrainTransform(16, fast=False),
+        collate=MaskCollate(MaskSpec("random", 16, 0.75)),
+        num_workers=2,
+        seed=3,
+        shuffle_buffer=10,
+        decode=decode,
+    )
     args.update(kw)
     return ShardLoader(src, **args)
 
@@ -56,27 +64,27 @@ def test_device_path_gives_the_cpu_paths_batches(shards, mixed_image):
     d, _ = shards([14] * 4, image=mixed_image)
     cpu, dev = loader(d, "cpu"), loader(d, "device")
     assert dev.decode == "device" and cpu.decode == "cpu"
-    raw = next(iter(loader(d, "device")))                     # what the workers ship: bytes + boxes, no pixels
+    raw = next(iter(loader(d, "device")))  # what the workers ship: bytes + boxes, no pixels
     assert "image" not in raw and raw["encoded"].dtype == torch.uint8
     assert raw["crop_boxes"].shape == (6, 1, 5) and raw["encoded_offsets"].shape == (7,)
     a, b = batches(cpu, 6), batches(dev, 6)
     for x, y in zip(a, b):
         assert x["key"] == y["key"] and torch.equal(x["label"], y["label"])
-        assert torch.equal(x["mask"], y["mask"])                # collate draws unchanged
+        assert torch.equal(x["mask"], y["mask"])  # collate draws unchanged
         assert y["image"].shape == x["image"].shape == (6, 3, 16, 16) and y["image"].dtype == torch.float32
         mean, worst = levels(x["image"], y["image"])
-        assert mean < 0.3 and worst <= 8, (mean, worst)         # resize-kernel tolerance (measured 0.17 / 6)
-    fast = batches(loader(d, "cpu", transform=TrainTransform(16)), 6)   # the fast CPU path: same crops too
+        assert mean < 0.3 and worst <= 8, (mean, worst)  # resize-kernel tolerance (measured 0.17 / 6)
+    fast = batches(loader(d, "cpu", transform=TrainTransform(16)), 6)  # the fast CPU path: same crops too
     for x, y in zip(fast, b):
         mean, worst = levels(x["image"], y["image"])
-        assert mean < 1.5, mean                                 # + reduced decode, box rounding (<= 0.95)
+        assert mean < 1.5, mean  # + reduced decode, box rounding (<= 0.95)
     other = batches(loader(d, "device", seed=4), 1)[0]
-    assert levels(other["image"], b[0]["image"])[0] > 20        # another seed: other crops (86 levels)
+    assert levels(other["image"], b[0]["image"])[0] > 20  # another seed: other crops (86 levels)
 
 
 def test_device_path_resumes_exactly(shards, mixed_image):
     d, _ = shards([10] * 4, image=mixed_image, corrupt={7})
-    ref = batches(loader(d, "device"), 9)                        # 40 - 1 samples / 6 per batch: > 1 epoch
+    ref = batches(loader(d, "device"), 9)  # 40 - 1 samples / 6 per batch: > 1 epoch
     first = loader(d, "device")
     got = batches(first, 4)
     state = json.loads(json.dumps(first.state_dict()))
@@ -86,9 +94,10 @@ def test_device_path_resumes_exactly(shards, mixed_image):
     for x, y in zip(got, ref):
         assert x["key"] == y["key"]
         assert torch.equal(x["image"], y["image"]) and torch.equal(x["mask"], y["mask"])
-    assert second.stats["skipped_samples"] == 1                  # the corrupt one, skipped in the worker as before
-    assert state == loader(d, "cpu").state_dict() | {k: state[k] for k in ("epoch", "batches", "cursors",
-                                                                            "bad_samples", "bad_shards")}
+    assert second.stats["skipped_samples"] == 1  # the corrupt one, skipped in the worker as before
+    assert state == loader(d, "cpu").state_dict() | {
+        k: state[k] for k in ("epoch", "batches", "cursors", "bad_samples", "bad_shards")
+    }
 
 
 def test_multicrop_on_the_device_path(shards, images):
@@ -102,7 +111,7 @@ def test_multicrop_on_the_device_path(shards, images):
 
 
 def test_refusals_and_auto():
-    views = SharedGeometryViews(TrainTransform(8), Photometric())       # ConMIM's two views: CPU only
+    views = SharedGeometryViews(TrainTransform(8), Photometric())  # ConMIM's two views: CPU only
     with pytest.raises(ConfigError, match="data.decode=device: the train transform SharedGeometryViews"):
         resolve_decode("device", views)
     with pytest.raises(ConfigError, match="must be one of auto, cpu, device"):
@@ -123,4 +132,4 @@ def test_bad_jpeg_data_is_blank_and_counted(shards, images):
     ld = loader(d, "device", num_workers=0, shuffle=False)
     (b,) = batches(ld, 1)
     assert b["image"].shape == (6, 3, 16, 16) and torch.isfinite(b["image"]).all()
-    assert ld.stats["device_decode_failed"] <= 1                 # libjpeg may still decode the garbage
+    assert ld.stats["device_decode_failed"] <= 1  # libjpeg may still decode the garbage

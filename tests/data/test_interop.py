@@ -28,18 +28,26 @@ def test_webdataset_tarwriter_shards_are_read(tmp_path, images):
         with wds.TarWriter(str(path)) as w:
             for i in range(5):
                 key = f"part{s}/img{i:03d}"
-                w.write({"__key__": key, "jpg": images.jpeg(10 * s + i, size=(40, 32)), "cls": (s + i) % 3,
-                         "json": {"i": i}})
+                w.write(
+                    {
+                        "__key__": key,
+                        "jpg": images.jpeg(10 * s + i, size=(40, 32)),
+                        "cls": (s + i) % 3,
+                        "json": {"i": i},
+                    }
+                )
                 want.append((key, (s + i) % 3))
         paths.append(str(path))
     ld = ShardLoader(paths, batch_size=5, transform=EVAL, num_workers=0, mode="eval", samples_per_epoch=10)
     got = [(k, int(y)) for b in ld for k, y in zip(b["key"], b["label"])]
     assert got == want
-    batch = next(iter(ShardLoader(paths, batch_size=5, transform=EVAL, num_workers=0, mode="eval",
-                                  samples_per_epoch=10)))
+    batch = next(
+        iter(ShardLoader(paths, batch_size=5, transform=EVAL, num_workers=0, mode="eval", samples_per_epoch=10))
+    )
     assert batch["image"].shape == (5, 3, 16, 16) and batch["json"][0] == b'{"i": 0}'
-    train = ShardLoader(paths, batch_size=4, transform=TrainTransform(16), num_workers=2, samples_per_epoch=10,
-                        decode="device")
+    train = ShardLoader(
+        paths, batch_size=4, transform=TrainTransform(16), num_workers=2, samples_per_epoch=10, decode="device"
+    )
     b = train.to_device(next(iter(train)), "cpu")
     assert b["image"].shape == (4, 3, 16, 16) and {k.split("/")[0] for k in b["key"]} <= {"part0", "part1"}
 
@@ -52,8 +60,23 @@ def test_mimscale_shards_are_read_by_webdataset(tmp_path, images):
         for i in range(3):
             (tmp_path / "src" / c / f"{i}.jpg").write_bytes(images.jpeg(i + (c == "dog") * 10, size=(60, 45)))
     out = tmp_path / "shards"
-    assert main(["data", "folder", str(tmp_path / "src"), str(out), "--shard-size", "4", "--workers", "1",
-                 "--max-side", "50"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "folder",
+                str(tmp_path / "src"),
+                str(out),
+                "--shard-size",
+                "4",
+                "--workers",
+                "1",
+                "--max-side",
+                "50",
+            ]
+        )
+        == 0
+    )
     m = read_manifest(out)
     urls = [str(out / s["name"]) for s in m["shards"]]
     theirs = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("__key__", "jpg", "cls"))
@@ -94,6 +117,12 @@ def test_http_sources_stream_like_webdataset(shards, http_dir):
     remote = keys(ShardLoader(urls, manifest=d, batch_size=4, transform=EVAL, num_workers=2, mode="eval"))
     theirs = [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)]
     assert remote == local and sorted(local) == theirs and len(local) == 15
-    missing = ShardLoader([f"{base}/train-000000.tar", f"{base}/nope.tar"], samples_per_epoch=10, batch_size=5,
-                          transform=EVAL, num_workers=0, mode="eval")
-    assert len(keys(missing)) == 5 and missing.stats["bad_shards"] == 1   # curl -f fails: a bad shard, logged
+    missing = ShardLoader(
+        [f"{base}/train-000000.tar", f"{base}/nope.tar"],
+        samples_per_epoch=10,
+        batch_size=5,
+        transform=EVAL,
+        num_workers=0,
+        mode="eval",
+    )
+    assert len(keys(missing)) == 5 and missing.stats["bad_shards"] == 1  # curl -f fails: a bad shard, logged

@@ -46,14 +46,22 @@ def keys_of(batches):
 def assert_same_batches(a, b):
     assert keys_of(a) == keys_of(b)
     for x, y in zip(a, b):
-        assert torch.equal(x["image"], y["image"])      # identical augmentation
+        assert torch.equal(x["image"], y["image"])  # identical augmentation
         assert torch.equal(x["label"], y["label"])
-        assert torch.equal(x["mask"], y["mask"])        # identical collate randomness
+        assert torch.equal(x["mask"], y["mask"])  # identical collate randomness
 
 
 def _loader(src, rank, **kw):
-    args = dict(batch_size=4, transform=TRAIN, collate=mask_collate, rank=rank, world_size=2, num_workers=2,
-                seed=5, shuffle_buffer=16)
+    args = dict(
+        batch_size=4,
+        transform=TRAIN,
+        collate=mask_collate,
+        rank=rank,
+        world_size=2,
+        num_workers=2,
+        seed=5,
+        shuffle_buffer=16,
+    )
     args.update(kw)
     return ShardLoader(src, **args)
 
@@ -66,11 +74,11 @@ def test_exact_resume_two_ranks_mid_epoch_and_across_epochs(shards):
         nb = len(ref_loader)
         assert nb == 96 // (2 * 4)
         ref = take(ref_loader, 2 * nb + 2)  # two epochs and a bit
-        assert len({tuple(keys_of(ref[:nb])), tuple(keys_of(ref[nb:2 * nb]))}) == 2  # epochs differ
-        for stop in (5, nb, nb + 3):          # mid-epoch, exactly at the epoch end, mid second epoch
+        assert len({tuple(keys_of(ref[:nb])), tuple(keys_of(ref[nb : 2 * nb]))}) == 2  # epochs differ
+        for stop in (5, nb, nb + 3):  # mid-epoch, exactly at the epoch end, mid second epoch
             first = _loader(d, rank)
             got = take(first, stop)
-            state = json.loads(json.dumps(first.state_dict()))   # JSON-able
+            state = json.loads(json.dumps(first.state_dict()))  # JSON-able
             resumed = _loader(d, rank)
             resumed.load_state_dict(state)
             got += take(resumed, 2 * nb + 2 - stop)
@@ -95,26 +103,28 @@ def test_resume_without_workers_and_set_epoch(shards):
 
 
 def test_every_rank_same_batches_with_uneven_shards(shards):
-    d, _ = shards([7, 3, 5, 9, 4, 6])   # 34 samples; 6 shards >= 2 ranks x 2 workers
-    loaders = [ShardLoader(d, batch_size=3, transform=TRAIN, rank=r, world_size=2, num_workers=2, seed=0,
-                           shuffle_buffer=4) for r in (0, 1)]
+    d, _ = shards([7, 3, 5, 9, 4, 6])  # 34 samples; 6 shards >= 2 ranks x 2 workers
+    loaders = [
+        ShardLoader(d, batch_size=3, transform=TRAIN, rank=r, world_size=2, num_workers=2, seed=0, shuffle_buffer=4)
+        for r in (0, 1)
+    ]
     assert [len(ld) for ld in loaders] == [34 // 6] * 2
     for epoch in range(3):
         per_rank = [list(ld) for ld in loaders]
         assert [len(b) for b in per_rank] == [5, 5]
         assert all(b["image"].shape == (3, 3, 8, 8) for bs in per_rank for b in bs)
         k0, k1 = set(keys_of(per_rank[0])), set(keys_of(per_rank[1]))
-        assert not k0 & k1                                 # shard-level split: ranks never share samples
+        assert not k0 & k1  # shard-level split: ranks never share samples
         assert loaders[0].epoch == epoch + 1
 
 
 def test_balanced_train_epoch_is_one_pass_despite_a_large_buffer(shards):
-    d, _ = shards([10] * 4)   # 2 workers x 2 shards x 10 samples; the buffer is larger than a pass
+    d, _ = shards([10] * 4)  # 2 workers x 2 shards x 10 samples; the buffer is larger than a pass
     ld = ShardLoader(d, batch_size=4, transform=TRAIN, num_workers=2, shuffle_buffer=1000, seed=9)
     epochs = [keys_of(ld) for _ in range(2)]
     for keys in epochs:
-        assert sorted(keys) == [f"{i:09d}" for i in range(40)]   # every sample once, no repeats
-    assert epochs[0] != epochs[1]                                 # reshuffled per epoch
+        assert sorted(keys) == [f"{i:09d}" for i in range(40)]  # every sample once, no repeats
+    assert epochs[0] != epochs[1]  # reshuffled per epoch
 
 
 @pytest.mark.parametrize("sizes", [[7, 8], [16]])
@@ -122,8 +132,10 @@ def test_few_shards_sample_level_split_warns(shards, caplog, sizes):
     # fewer shards than streams (2 ranks x 2 workers): streams that share shards keep every k-th sample
     d, _ = shards(sizes)
     with caplog.at_level(logging.WARNING, logger="mimscale.data"):
-        loaders = [ShardLoader(d, batch_size=2, transform=TRAIN, rank=r, world_size=2, num_workers=2,
-                               shuffle=False) for r in (0, 1)]
+        loaders = [
+            ShardLoader(d, batch_size=2, transform=TRAIN, rank=r, world_size=2, num_workers=2, shuffle=False)
+            for r in (0, 1)
+        ]
     assert "more data than needed" in caplog.text
     runs = [list(ld) for ld in loaders]
     assert [len(r) for r in runs] == [sum(sizes) // 4] * 2
@@ -133,7 +145,7 @@ def test_few_shards_sample_level_split_warns(shards, caplog, sizes):
 
 
 def test_eval_each_key_once_equal_batches(shards):
-    d, _ = shards([7, 3, 5, 9, 1])      # 25 samples over 3 ranks: 8, 8, 9
+    d, _ = shards([7, 3, 5, 9, 1])  # 25 samples over 3 ranks: 8, 8, 9
     results = []
     for r in range(3):
         ld = ShardLoader(d, batch_size=4, transform=EVAL, rank=r, world_size=3, num_workers=2, mode="eval")
@@ -167,8 +179,12 @@ def test_eval_resume_and_no_manifest(shards, tmp_path):
     keys = []
     for r in (0, 1):
         kw["rank"] = r
-        keys += [k for bt in ShardLoader([str(p) for p in paths], samples_per_epoch=26, **kw)
-                 for k, v in zip(bt["key"], bt["valid"]) if v]
+        keys += [
+            k
+            for bt in ShardLoader([str(p) for p in paths], samples_per_epoch=26, **kw)
+            for k, v in zip(bt["key"], bt["valid"])
+            if v
+        ]
     assert sorted(keys) == [f"{i:09d}" for i in range(26)]
 
 
@@ -179,7 +195,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped(shards, caplog):
         keys = [k for b in ev for k, v in zip(b["key"], b["valid"]) if v]
     assert ev.stats == {"skipped_samples": 2, "bad_shards": 1}
     assert "000000012" not in keys and "000000017" not in keys
-    assert 28 <= len(keys) < 38 and len(keys) == len(set(keys))   # shard 2 lost its second half
+    assert 28 <= len(keys) < 38 and len(keys) == len(set(keys))  # shard 2 lost its second half
     assert caplog.text.count("train-000001.tar/000000012") == 1
     assert caplog.text.count("bad shard train-000002.tar") == 1
     caplog.clear()
@@ -189,7 +205,7 @@ def test_corrupt_sample_and_truncated_shard_are_skipped(shards, caplog):
             batches = list(tr)
             assert len(batches) == 16 and all(b["image"].shape[0] == 5 for b in batches)
     assert tr.stats == {"skipped_samples": 2, "bad_shards": 1}
-    assert caplog.text.count("train-000002.tar") == 1             # logged once, not once per cycle or epoch
+    assert caplog.text.count("train-000002.tar") == 1  # logged once, not once per cycle or epoch
 
 
 def test_all_bad_shards_raise_data_error(tmp_path, shards):
@@ -219,7 +235,7 @@ def test_missing_shard_and_bad_arguments(shards, tmp_path):
         ShardLoader(str(tmp_path), batch_size=2, transform=TRAIN)
     with pytest.raises(DataError, match="lower batch_size"):
         ShardLoader(d, batch_size=4, world_size=2, transform=TRAIN)
-    with pytest.raises(DataError, match="samples_per_epoch"):     # a remote shard has no manifest beside it
+    with pytest.raises(DataError, match="samples_per_epoch"):  # a remote shard has no manifest beside it
         ShardLoader("https://example.invalid/a.tar", batch_size=2, transform=TRAIN)
     with pytest.raises(DataError, match="unknown URL scheme ftp://"):
         ShardLoader("ftp://example.invalid/a.tar", batch_size=2, transform=TRAIN, samples_per_epoch=4)
@@ -233,12 +249,12 @@ def test_pipe_source_never_uses_a_shell(shards, tmp_path):
     d, paths = shards([5, 4, 6])
     kw = dict(batch_size=3, transform=EVAL, num_workers=2, mode="eval")
     local = keys_of(ShardLoader(d, **kw))
-    piped = keys_of(ShardLoader([f"pipe:cat {p}" for p in paths], **kw))   # counts from the manifest beside
+    piped = keys_of(ShardLoader([f"pipe:cat {p}" for p in paths], **kw))  # counts from the manifest beside
     assert piped == local and len([k for k in local if k]) == 15
     marker = tmp_path / "pwned"
     hostile = f"pipe:cat {paths[0]} ;touch {marker} $(touch {marker})"
     ld = ShardLoader([hostile], samples_per_epoch=5, batch_size=1, transform=TRAIN, num_workers=0)
-    list(ld)   # cat fails on the extra arguments -> a bad shard, but the samples before are kept
+    list(ld)  # cat fails on the extra arguments -> a bad shard, but the samples before are kept
     assert not marker.exists()
 
 

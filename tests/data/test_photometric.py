@@ -1,4 +1,5 @@
 """Photometric perturbations with explicit randomness (mimscale.data.photometric)."""
+
 from __future__ import annotations
 
 import pickle
@@ -33,7 +34,7 @@ def test_all_off_is_identity_and_consumes_a_fixed_number_of_draws():
     g1, g2 = gen(1), gen(1)
     out = Photometric(PhotometricConfig(**NONE))(img, g1)
     assert np.array_equal(arr(out), arr(img))
-    Photometric(PhotometricConfig())(img, g2)                            # everything possible switched on
+    Photometric(PhotometricConfig())(img, g2)  # everything possible switched on
     assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # same generator advance
 
 
@@ -67,7 +68,7 @@ def test_probabilities_are_respected():
     cfg = PhotometricConfig(**{**NONE, "grayscale_p": 0.2})
     img = rgb()
     hits = sum(np.ptp(arr(Photometric(cfg)(img, gen(s))), axis=2).max() == 0 for s in range(400))
-    assert 50 < hits < 110                                               # ~ 80 of 400
+    assert 50 < hits < 110  # ~ 80 of 400
 
 
 def test_grayscale_images_stay_grayscale():
@@ -84,10 +85,16 @@ def test_reproducible_and_picklable():
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_teacher"], b["image_teacher"])
 
 
-@pytest.mark.parametrize("bad,match", [({"blur_p": -0.1}, "blur_p"), ({"hue": 0.7}, "hue"),
-                                       ({"brightness": -1.0}, "brightness"),
-                                       ({"blur_radius": (2.0, 1.0)}, "blur_radius"),
-                                       ({"solarize_threshold": 300}, "solarize_threshold")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"blur_p": -0.1}, "blur_p"),
+        ({"hue": 0.7}, "hue"),
+        ({"brightness": -1.0}, "brightness"),
+        ({"blur_radius": (2.0, 1.0)}, "blur_radius"),
+        ({"solarize_threshold": 300}, "solarize_threshold"),
+    ],
+)
 def test_bad_config_is_one_clear_error(bad, match):
     with pytest.raises(ConfigError, match=match):
         Photometric(PhotometricConfig(**bad))

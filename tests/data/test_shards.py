@@ -26,7 +26,9 @@ from mimscale.data import shards as shards_mod
 from mimscale.errors import DataError
 
 HAVE_FMNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file()
-needs_fmnist = pytest.mark.skipif(not HAVE_FMNIST, reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST, reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)"
+)
 
 
 def _wds_samples(urls):
@@ -37,8 +39,10 @@ def _wds_samples(urls):
 def test_fashion_mnist_writer_real_files(tmp_path):
     out = write_fashion_mnist(tmp_path / "fm", limit=2000, shard_size=500, workers=2)
     assert set(out) == {"train", "test"}
-    labels = {"train": read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz"),
-              "test": read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")}
+    labels = {
+        "train": read_idx(FASHION_MNIST_DIR / "train-labels-idx1-ubyte.gz"),
+        "test": read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz"),
+    }
     train_images = read_idx(FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz")
     for split, d in out.items():
         m = read_manifest(d)
@@ -72,14 +76,14 @@ def test_fashion_mnist_is_idempotent_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(shards_mod, "_fmnist_shard_task", failing)
     with pytest.raises(KeyboardInterrupt):
         write_fashion_mnist(root, splits=("test",), limit=300, shard_size=100, workers=1)
-    assert not (root / "test").exists()          # nothing that looks like a dataset
-    assert list(root.iterdir()) == []            # and no temp dir left behind
+    assert not (root / "test").exists()  # nothing that looks like a dataset
+    assert list(root.iterdir()) == []  # and no temp dir left behind
     monkeypatch.setattr(shards_mod, "_fmnist_shard_task", real_task)
     d = write_fashion_mnist(root, splits=("test",), limit=300, shard_size=100, workers=1)["test"]
     assert is_complete(d) and read_manifest(d)["num_samples"] == 300
     stamp = (d / "manifest.json").stat().st_mtime_ns
     assert write_fashion_mnist(root, splits=("test",), limit=300)["test"] == d
-    assert (d / "manifest.json").stat().st_mtime_ns == stamp   # returned immediately, nothing rewritten
+    assert (d / "manifest.json").stat().st_mtime_ns == stamp  # returned immediately, nothing rewritten
     with pytest.raises(DataError, match="holds 300 samples"):
         write_fashion_mnist(root, splits=("test",), limit=200)
 
@@ -120,14 +124,14 @@ def test_write_folder_multiprocess(tmp_path, capfd):
         ext = next(e for e in ("png", "jpg", "jpeg") if e in s)
         got[s[ext]] = int(s["cls"])
         Image.open(io.BytesIO(s[ext])).verify()
-    assert got == expected                                 # original bytes, right labels, every file once
+    assert got == expected  # original bytes, right labels, every file once
     err = capfd.readouterr().err
     assert "files/s" in err and "ETA" in err and "33/33 files" in err
     # the seeded shuffle mixes classes across shards and is reproducible
     out2 = write_folder(tmp_path / "src", tmp_path / "out2", shard_size=7, workers=1, seed=3, progress=False)
     assert [s["sha1"] for s in read_manifest(out2)["shards"]] == [s["sha1"] for s in m["shards"]]
     assert len({int(s["cls"]) for s in samples[:7]}) > 1
-    assert write_folder(tmp_path / "src", out, shard_size=7) == out   # complete -> returned as is
+    assert write_folder(tmp_path / "src", out, shard_size=7) == out  # complete -> returned as is
 
 
 def test_write_folder_errors(tmp_path):
@@ -157,10 +161,13 @@ def test_read_manifest_errors(tmp_path):
 
 def test_write_shard_extra_fields_roundtrip(tmp_path):
     arr = np.arange(6, dtype=np.float32).reshape(2, 3)
-    info = write_shard(tmp_path / "x-000000.tar", [
-        {"__key__": "000000001", "png": b"\x89PNG...", "cls": 3, "npy": arr, "txt": "hello"},
-        {"__key__": "000000002", "jpg": b"\xff\xd8...", "cls": 4, "npy": arr + 1, "txt": "world"},
-    ])
+    info = write_shard(
+        tmp_path / "x-000000.tar",
+        [
+            {"__key__": "000000001", "png": b"\x89PNG...", "cls": 3, "npy": arr, "txt": "hello"},
+            {"__key__": "000000002", "jpg": b"\xff\xd8...", "cls": 4, "npy": arr + 1, "txt": "world"},
+        ],
+    )
     assert info["count"] == 2 and info["name"] == "x-000000.tar"
     write_manifest(tmp_path, [info], classes=["a"], source="unit")
     assert read_manifest(tmp_path)["num_samples"] == 2
@@ -181,30 +188,48 @@ def test_write_folder_max_side_through_the_cli(tmp_path, capsys):
 
     rng = np.random.default_rng(0)
     originals = {}
-    for label, cls in enumerate(["a", "b"]):
+    for cls in ["a", "b"]:
         (tmp_path / "src" / cls).mkdir(parents=True)
         for i, (w, h, fmt) in enumerate([(120, 90, "JPEG"), (60, 100, "PNG"), (30, 20, "JPEG"), (50, 40, "PNG")]):
             yy, xx = np.mgrid[:h, :w]
-            arr = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8) + rng.integers(0, 9, (h, w, 3),
-                                                                                                   dtype=np.uint8)
+            arr = np.stack([xx * 2, yy * 2, (xx + yy) % 256], -1).astype(np.uint8) + rng.integers(
+                0, 9, (h, w, 3), dtype=np.uint8
+            )
             path = tmp_path / "src" / cls / f"{i}.{'jpg' if fmt == 'JPEG' else 'png'}"
             Image.fromarray(arr).convert("RGBA" if i == 1 else "RGB").save(path, format=fmt, quality=95)
             originals[path.read_bytes()] = (w, h)
     out = tmp_path / "capped"
-    assert main(["data", "folder", str(tmp_path / "src"), str(out), "--max-side", "48", "--quality", "80",
-                 "--workers", "1", "--shard-size", "3"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "folder",
+                str(tmp_path / "src"),
+                str(out),
+                "--max-side",
+                "48",
+                "--quality",
+                "80",
+                "--workers",
+                "1",
+                "--shard-size",
+                "3",
+            ]
+        )
+        == 0
+    )
     m = read_manifest(out)
     assert (m["max_side"], m["quality"], m["resized"], m["num_samples"]) == (48, 80, 6, 8)
     sizes = []
     for s in _wds_samples(out / x["name"] for x in m["shards"]):
         ext = next(e for e in ("png", "jpg") if e in s)
         img = Image.open(io.BytesIO(s[ext]))
-        if s[ext] in originals:                          # untouched: already small enough
+        if s[ext] in originals:  # untouched: already small enough
             assert max(img.size) <= 48 and img.size == originals[s[ext]]
         else:
             assert ext == "jpg" and img.format == "JPEG" and img.mode == "RGB" and max(img.size) == 48
         sizes.append(img.size)
-    assert sorted(sizes).count((48, 36)) == 2 and sorted(sizes).count((29, 48)) == 2   # aspect kept (60x100 -> 29x48)
+    assert sorted(sizes).count((48, 36)) == 2 and sorted(sizes).count((29, 48)) == 2  # aspect kept (60x100 -> 29x48)
     ld = ShardLoader(str(out), batch_size=4, transform=TrainTransform(16), num_workers=0)
     assert sum(b["image"].shape[0] for b in ld) == 8
     capsys.readouterr()

@@ -1,4 +1,5 @@
 """Cached teacher targets in shards: exact values on the deterministic crop, manifest, crop-rule refusal."""
+
 from __future__ import annotations
 
 import io
@@ -11,10 +12,10 @@ from PIL import Image
 
 from mimscale.data import ShardLoader, iter_tar_samples, read_manifest, write_fashion_mnist
 from mimscale.data.targets import check_targets, crop_rule, target_view
-from mimscale.teachers.targets import add_targets
 from mimscale.errors import DataError
 from mimscale.teachers.clip import TINY_CLIP_CFG, CLIPTeacher, build_clip, save_clip
 from mimscale.teachers.kmeans import KMeans
+from mimscale.teachers.targets import add_targets
 
 MEAN, STD = [0.286] * 3, [0.353] * 3
 
@@ -47,8 +48,14 @@ def test_features_are_the_teacher_on_the_center_crop(setup):
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), teacher(img), rtol=1e-2, atol=1e-2)
     # the loader hands them over as batch["clip.npy"] float16 [B, N, D], aligned with the images
-    loader = ShardLoader(feats, batch_size=16, mode="eval", num_workers=0, transform=view,
-                         targets={"names": ["clip.npy"], "image_size": 32})
+    loader = ShardLoader(
+        feats,
+        batch_size=16,
+        mode="eval",
+        num_workers=0,
+        transform=view,
+        targets={"names": ["clip.npy"], "image_size": 32},
+    )
     batch = next(iter(loader))
     assert batch["clip.npy"].shape == (16, 64, 64) and batch["clip.npy"].dtype == torch.float16
     torch.testing.assert_close(batch["clip.npy"].float(), teacher(batch["image"]), rtol=1e-2, atol=1e-2)
@@ -61,18 +68,23 @@ def test_codes_from_kmeans_and_refusals(setup, tmp_path):
     km.save(tmp_path / "km.pt")
     codes = add_targets(feats, clip, tmp_path / "codes", kind="codes", kmeans=tmp_path / "km.pt", progress=False)
     m = read_manifest(codes)
-    assert set(m["targets"]) == {"clip.npy", "kclip.npy"}                # features kept, codes added
+    assert set(m["targets"]) == {"clip.npy", "kclip.npy"}  # features kept, codes added
     e = m["targets"]["kclip.npy"]
     assert e["kmeans"]["sha256"] == KMeans.load(tmp_path / "km.pt").sha256 and e["shape"] == [64]
     loader = ShardLoader(codes, batch_size=8, mode="eval", num_workers=0, transform=target_view(32, MEAN, STD))
     batch = next(iter(loader))
     assert batch["kclip.npy"].dtype == torch.uint16 and batch["kclip.npy"].shape == (8, 64)
     want = km.assign(teacher(batch["image"]))
-    assert (batch["kclip.npy"].long() == want).float().mean() > 0.98   # fp16-free path: same codes
+    assert (batch["kclip.npy"].long() == want).float().mean() > 0.98  # fp16-free path: same codes
     # a caller that trains on another crop / size is refused with one line
     with pytest.raises(DataError, match="crop rule") as err:
-        ShardLoader(codes, batch_size=8, num_workers=0, transform=target_view(32, MEAN, STD),
-                    targets={"names": ["kclip.npy"], "image_size": 28})
+        ShardLoader(
+            codes,
+            batch_size=8,
+            num_workers=0,
+            transform=target_view(32, MEAN, STD),
+            targets={"names": ["kclip.npy"], "image_size": 28},
+        )
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="crop rule"):
         check_targets(codes, ["kclip.npy"], 32, crop_pct=0.875)
@@ -90,7 +102,7 @@ def test_codes_from_kmeans_and_refusals(setup, tmp_path):
 def test_idempotent_and_atomic(setup):
     root, src, clip, feats = setup
     before = (feats / "manifest.json").read_text()
-    assert add_targets(src, clip, feats, progress=False) == feats   # complete: kept as is
+    assert add_targets(src, clip, feats, progress=False) == feats  # complete: kept as is
     assert (feats / "manifest.json").read_text() == before
     assert not [p for p in root.iterdir() if p.name.startswith((".feat.tmp", ".feat.partial"))]
     json.loads(before)

@@ -31,7 +31,7 @@ def test_train_transform_deterministic_given_generator():
     assert a.shape == (3, 16, 16) and a.dtype == torch.float32
     assert torch.equal(a, b)
     outs = [t(img, _gen(s)) for s in range(8)]
-    assert len({o.numpy().tobytes() for o in outs}) == 8    # different seeds -> different crops/flips
+    assert len({o.numpy().tobytes() for o in outs}) == 8  # different seeds -> different crops/flips
 
 
 def test_no_global_rng_is_used():
@@ -55,7 +55,7 @@ def test_grayscale_becomes_three_channels():
     torch.testing.assert_close(raw[1], raw[2], atol=1e-5, rtol=0)
     y = TrainTransform(12, mean=(0.5,), std=(0.5,), in_chans=1)(g, _gen(0))
     assert y.shape == (1, 12, 12)
-    z = TrainTransform(12, mean=(0.5,), std=(0.5,), in_chans=1)(_img(), _gen(0))   # RGB -> L
+    z = TrainTransform(12, mean=(0.5,), std=(0.5,), in_chans=1)(_img(), _gen(0))  # RGB -> L
     assert z.shape == (1, 12, 12)
 
 
@@ -88,7 +88,7 @@ def test_rrc_params_bounds_and_fallback():
     g = _gen(0)
     for _ in range(200):
         top, left, h, w = rrc_params(50, 40, (0.2, 1.0), (3 / 4, 4 / 3), g)
-        assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 50 and h > 0 and w > 0
+        assert top >= 0 and top + h <= 40 and left >= 0 and left + w <= 50 and h > 0 and w > 0
         assert 0.15 * 2000 <= h * w <= 2000
     # an extreme aspect ratio never fits -> center crop clamped to the allowed ratio
     top, left, h, w = rrc_params(1000, 10, (0.9, 1.0), (3 / 4, 4 / 3), _gen(1))
@@ -121,7 +121,7 @@ def test_layout_and_values_match_torchvision_per_pixel():
 
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     ref = TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD)
-    x = EvalTransform(16)(img)                       # same size: the resize/crop leaves pixels untouched
+    x = EvalTransform(16)(img)  # same size: the resize/crop leaves pixels untouched
     assert x.is_contiguous() and x.dtype == torch.float32
     torch.testing.assert_close(x, ref, atol=1e-5, rtol=0)
 
@@ -157,11 +157,11 @@ def test_fast_path_equals_the_pil_path_within_resize_tolerance(mode):
             top, left, h, w, _ = fast.draw(320, 240, _gen(seed))
             scales.append(reduced_decode_scale(320, 240, h, w, out, out))
         assert max(errs) < tol, (out, errs)
-        assert (set(scales) == {1}) == (out == 128)          # 24 px crops decode at reduced size
+        assert (set(scales) == {1}) == (out == 128)  # 24 px crops decode at reduced size
     g1, g2 = _gen(5), _gen(5)
     fast(Image.open(io.BytesIO(data)), g1)
     slow(Image.open(io.BytesIO(data)), g2)
-    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))   # same number of draws
+    assert torch.equal(torch.rand(4, generator=g1), torch.rand(4, generator=g2))  # same number of draws
 
 
 def test_finish_batch_writes_rows_and_collate_takes_them_without_a_copy():
@@ -175,6 +175,6 @@ def test_finish_batch_writes_rows_and_collate_takes_them_without_a_copy():
     ref = torch.stack([t(Image.open(io.BytesIO(d)), _gen(i)) for i, d in enumerate(data)])
     assert torch.equal(rows, ref)
     views = [rows[i] for i in range(4)]
-    assert stack_rows(views) is rows                                        # zero-copy
+    assert stack_rows(views) is rows  # zero-copy
     assert stack_rows(views[::-1]) is not rows and torch.equal(stack_rows(views[::-1]), rows.flip(0))
     assert torch.equal(stack_rows([ref[0].clone(), ref[1]]), ref[:2])
