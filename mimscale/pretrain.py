@@ -17,6 +17,7 @@ from . import dist
 from .data import builtin
 from .data.epoch import count_samples, first_shards
 from .data.loader import ShardLoader
+from .data.targets import check_targets
 from .data.transforms import EvalTransform, TrainTransform
 from .engine import deepspeed as ds
 from .engine.build import build_model
@@ -51,8 +52,13 @@ class PretrainTask:
         return None  # the objective's decay / no-decay groups
 
     def loader(self, module: nn.Module, derived: C.Derived, d: dist.DistEnv, accelerator: str) -> ShardLoader:
+        """This rank's training stream; an objective's cached targets must be in the shards' manifest with the
+        crop rule and size it trains on (checked here, before any worker starts)."""
         cfg, m, t = self.cfg, self.cfg.model, self.cfg.train
         objective = cast(Objective, module)  # what build() made
+        wanted = objective.cached_targets()
+        if wanted:
+            check_targets(self.train_src, **wanted)
         return ShardLoader(
             self.train_src,
             batch_size=t.micro_batch_size,
@@ -74,7 +80,6 @@ class PretrainTask:
             shuffle_buffer=cfg.data.shuffle_buffer,
             samples_per_epoch=derived.samples_per_epoch,
             pin_memory=accelerator == "cuda",
-            targets=objective.cached_targets(),
             decode=cfg.data.decode,
         )
 

@@ -84,9 +84,6 @@ class ShardLoader:
             normalises the batch on the device; needs a transform with ``device_views()``: TrainTransform,
             MultiCrop) or ``"auto"`` (device on CUDA when the transform allows it). The random draws, hence
             the batches' crops and an exact resume, are the same on both paths.
-        targets: cached teacher targets the caller will use, ``{"names": ["kclip.npy"], "image_size": S,
-            "crop_pct": 1.0}``: refused (DataError) unless the manifest records that crop rule and size
-            (:func:`mimscale.data.targets.check_targets`).
 
     ``len(loader)`` is this rank's number of batches per epoch; an epoch that was run to its end moves
     on to the next one at the next ``iter()``.  ``state_dict()`` / ``load_state_dict()`` give an exact
@@ -113,7 +110,6 @@ class ShardLoader:
         pin_memory: bool = False,
         prefetch_factor: int = 2,
         multiprocessing_context: str | None = None,
-        targets: dict | None = None,
         decode: str = "cpu",
     ):
         if mode not in ("train", "eval"):
@@ -147,10 +143,6 @@ class ShardLoader:
         self.urls, dir_manifest = expand_source(source)
         if not self.urls:
             raise DataError(f"data source {source!r} names no shards")
-        if targets:
-            from .targets import check_targets
-
-            check_targets(source, **targets)
         for url in self.urls:
             if shard_command(url) is None and not os.path.isfile(url):  # (remote/pipe shards are read as streams)
                 raise DataError(f"shard file not found: {url}")

@@ -15,8 +15,8 @@ per-sample array computed by a frozen CLIP teacher on a **deterministic centre c
 ``floor(image_size / crop_pct)`` (bicubic, antialiased), centre crop ``image_size``, normalise with
 ``mean``/``std``. An objective that trains on cached targets must feed the student the same geometric
 view (no random crop, no flip; photometric jitter only, e.g. MaPeT's ``CenterCropJitter``), and must ask
-for the rule it uses: ``ShardLoader(..., targets={"names": [...], "image_size": S, "crop_pct": p})`` or
-:func:`check_targets` refuse shards whose recorded rule or size differ. The manifest records, per field::
+for the rule it uses: :func:`check_targets` (which the pre-training task calls before its loader starts)
+refuses shards whose recorded rule or size differ. The manifest records, per field::
 
     "targets": {"clip.npy": {"kind", "dtype", "shape", "grid", "crop_rule", "image_size", "crop_pct",
                              "mean", "std", "teacher": {"path", "sha256", "arch"}, "kmeans": null | {...}}}

@@ -126,7 +126,8 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
 
     def cached_targets(self) -> dict | None:
         """Per-sample targets this objective reads from the shards, for the loader to check against the
-        manifest (``ShardLoader(targets=...)``: field names, image size, crop rule); None: none."""
+        manifest (:func:`mimscale.data.targets.check_targets`, called before the loader starts: field names, image
+        size, crop rule); None: none."""
         return None
 
     def train(self, mode: bool = True):

@@ -339,7 +339,7 @@ class DTM(Objective):
         )
 
     def cached_targets(self) -> dict | None:
-        """What the train loader must check in the shards' manifest (``ShardLoader(targets=...)``): the
+        """What the train loader must check in the shards' manifest (:func:`mimscale.data.targets.check_targets`): the
         cached field, the image size and the crop rule it was computed on; ``None`` for online targets."""
         if self.cfg.target_source == "online":
             return None

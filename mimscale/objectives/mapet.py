@@ -228,8 +228,8 @@ class MaPeT(Objective):
         )
 
     def cached_targets(self) -> dict | None:
-        """What the train loader must check in the shards' manifest (``ShardLoader(targets=...)``,
-        :func:`mimscale.data.targets.check_targets`): the codes field, the size they were computed at and the
+        """What must be in the shards' manifest (:func:`mimscale.data.targets.check_targets`, called by the
+        pre-training task before its loader starts): the codes field, the size they were computed at and the
         centre-crop rule; ``None`` when the codes are computed from the batch (``pixel_mean``). The token grid
         is checked on every batch (codes must be ``[B, N]``)."""
         if self.cfg.target_source != "shards":

@@ -54,8 +54,8 @@ def test_features_are_the_teacher_on_the_center_crop(setup):
         mode="eval",
         num_workers=0,
         transform=view,
-        targets={"names": ["clip.npy"], "image_size": 32},
     )
+    check_targets(feats, ["clip.npy"], 32)
     batch = next(iter(loader))
     assert batch["clip.npy"].shape == (16, 64, 64) and batch["clip.npy"].dtype == torch.float16
     torch.testing.assert_close(batch["clip.npy"].float(), teacher(batch["image"]), rtol=1e-2, atol=1e-2)
@@ -78,13 +78,7 @@ def test_codes_from_kmeans_and_refusals(setup, tmp_path):
     assert (batch["kclip.npy"].long() == want).float().mean() > 0.98  # fp16-free path: same codes
     # a caller that trains on another crop / size is refused with one line
     with pytest.raises(DataError, match="crop rule") as err:
-        ShardLoader(
-            codes,
-            batch_size=8,
-            num_workers=0,
-            transform=target_view(32, MEAN, STD),
-            targets={"names": ["kclip.npy"], "image_size": 28},
-        )
+        check_targets(codes, ["kclip.npy"], 28)
     assert "\n" not in str(err.value)
     with pytest.raises(DataError, match="crop rule"):
         check_targets(codes, ["kclip.npy"], 32, crop_pct=0.875)

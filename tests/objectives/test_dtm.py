@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from mimscale.data.photometric import ColorJitter
+from mimscale.data.targets import check_targets
 from mimscale.data.transforms import EvalTransform, TrainTransform
 from mimscale.errors import ConfigError, DataError
 from mimscale.masking import MaskSpec
@@ -723,8 +724,8 @@ def test_add_targets_cache_through_the_loader_equals_online(fmnist_small, random
         collate=MaskCollate(cached.mask_spec()),
         num_workers=0,
         shuffle_buffer=16,
-        targets=cached.cached_targets(),
     )
+    check_targets(str(out), **cached.cached_targets())
     batch = next(iter(loader))
     cache = batch["clip.npy"]
     assert cache.dtype == torch.float16 and cache.shape == (16, N, 64)
@@ -739,9 +740,7 @@ def test_add_targets_cache_through_the_loader_equals_online(fmnist_small, random
         assert torch.allclose(a, b, rtol=2e-3), (sched, a, b)
     # shards made for another crop size are refused
     with pytest.raises(DataError, match="crop rule"):
-        ShardLoader(
-            str(out), batch_size=16, transform=tf, num_workers=0, targets={**cached.cached_targets(), "image_size": 32}
-        )
+        check_targets(str(out), **{**cached.cached_targets(), "image_size": 32})
 
 
 # ----------------------------------------------------------------------------- learning
