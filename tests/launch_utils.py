@@ -49,7 +49,22 @@ def clean_env() -> dict[str, str]:
     e = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC", "OMPI_"))
+        if not k.startswith(
+            (
+                "RANK",
+                "WORLD_SIZE",
+                "LOCAL_",
+                "GROUP_RANK",
+                "ROLE_",
+                "CROSS_",
+                "NODE_RANK",
+                "MASTER_",
+                "SLURM_",
+                "TORCHELASTIC",
+                "OMPI_",
+                "PMI_",
+            )
+        )
     }
     e.update(
         OMP_NUM_THREADS="1",

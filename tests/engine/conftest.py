@@ -10,7 +10,12 @@ _PORT = 0
 
 @pytest.fixture
 def dist_single(monkeypatch):
-    """Launcher variables of a one-rank job; the process group, once created, lives for the session."""
+    """Launcher variables of a one-rank job; the process group, once created, lives for the session. The whole
+    environment is restored afterwards: ``dist.export`` and DeepSpeed's init write launcher variables
+    (``LOCAL_SIZE``, ...) that would otherwise leak into every process the later tests launch."""
+    import os
+
+    saved = dict(os.environ)
     global _PORT
     _PORT = _PORT or free_port()
     for k, v in {
@@ -24,3 +29,5 @@ def dist_single(monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -5,6 +5,7 @@ run (fp32, drop path, mixup/cutmix and RandAugment drawing from the loader's gen
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def _cmd(src: Path, data, out: Path) -> list[str]:
         str(out),
         "--out",
         str(out / "result.json"),
-        "train.max_steps=10",
+        "train.max_steps=40",
         "train.batch_size=16",
         "train.micro_batch_size=16",
         "train.precision=fp32",
@@ -88,11 +89,12 @@ def test_finetune_kill9_and_sigusr1_resume_bitwise(fmnist_small, tmp_path):
     assert code == -signal.SIGKILL
     code, text = _interrupt(_cmd(src, fmnist_small, out), out, 7, signal.SIGUSR1)
     assert code == ckpt.EXIT_REQUEUE, text[-3000:]
-    assert "resumed from checkpoint step=3" in text or "resumed from checkpoint step=6" in text
+    resumed = re.search(r"resumed from checkpoint step=(\d+)", text)
+    assert resumed and int(resumed.group(1)) % 3 == 0, text[-3000:]  # the last save before the kill -9
     saved = ckpt.find(out, {"task": "finetune"})
-    assert 7 <= saved.meta["step"] < 10, "SIGUSR1 came too late to test the save on signal"
+    assert 7 <= saved.meta["step"] < 40, "SIGUSR1 came too late to test the save on signal"
     last = run(_cmd(src, fmnist_small, out), timeout=400)
     assert f"resumed from checkpoint step={saved.meta['step']}" in last.stdout + last.stderr
-    assert _losses(ref) == _losses(out) and sorted(_losses(out)) == list(range(1, 11))
+    assert _losses(ref) == _losses(out) and sorted(_losses(out)) == list(range(1, 41))
     r_ref, r = (json.loads((d / "result.json").read_text()) for d in (ref, out))
-    assert r["steps"] == r_ref["steps"] == 10 and r["top1"] == r_ref["top1"]
+    assert r["steps"] == r_ref["steps"] == 40 and r["top1"] == r_ref["top1"]
