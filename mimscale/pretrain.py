@@ -15,7 +15,7 @@ from torch import nn
 from . import config as C
 from . import dist
 from .data import builtin
-from .data.epoch import count_samples, first_shards
+from .data.epoch import capped_eval_loader, count_samples
 from .data.loader import ShardLoader
 from .data.targets import check_targets
 from .data.transforms import EvalTransform, TrainTransform
@@ -121,16 +121,14 @@ def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
         assert src is not None  # config: knn_train and knn_test are set together
         src = builtin.resolve(src, cfg.data.root)
         loaders.append(
-            ShardLoader(
-                first_shards(src, cap),
-                manifest=src,
+            capped_eval_loader(
+                src,
+                cap,
                 batch_size=e.batch_size,
                 transform=tf,
                 rank=d.rank,
                 world_size=d.world_size,
                 num_workers=e.num_workers,
-                mode="eval",
-                shuffle=False,
             )
         )
     return KNNEvaluator(loaders[0], loaders[1], k=e.knn_k, temperature=e.knn_temperature, pool=e.pool)

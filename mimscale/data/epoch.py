@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from .loader import expand_source
+from .loader import ShardLoader, expand_source
 from .shards import read_manifest
 
 
@@ -36,3 +36,21 @@ def first_shards(shard_dir: str, cap: int | None) -> list[str]:
         shards.append(str(Path(shard_dir) / s["name"]))
         n += int(s["count"])
     return shards
+
+
+def capped_eval_loader(
+    shard_dir: str, cap: int | None, *, batch_size: int, transform, rank: int, world_size: int, num_workers: int
+) -> ShardLoader:
+    """This rank's eval-mode, unshuffled loader over the first whole shards of ``shard_dir`` covering ``cap``
+    samples (all of them when ``cap`` is None): what kNN, the linear probe and fine-tuning evaluate on."""
+    return ShardLoader(
+        first_shards(shard_dir, cap),
+        manifest=shard_dir,
+        batch_size=batch_size,
+        transform=transform,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        mode="eval",
+        shuffle=False,
+    )

@@ -156,8 +156,7 @@ def run(args) -> int:
 
 
 def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: int) -> dict:
-    from ..data.epoch import first_shards
-    from ..data.loader import ShardLoader
+    from ..data.epoch import capped_eval_loader
     from ..data.transforms import EvalTransform
     from .knn import KNNEvaluator
     from .source import num_classes
@@ -166,16 +165,14 @@ def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: 
         source.img_size, mean=cfg.mean or source.mean, std=cfg.std or source.std, in_chans=source.in_chans
     )
     train_loader, test_loader = (
-        ShardLoader(
-            first_shards(src, cap),
-            manifest=src,
+        capped_eval_loader(
+            src,
+            cap,
             batch_size=cfg.batch_size,
             transform=tf,
             rank=rank,
             world_size=world,
             num_workers=cfg.num_workers,
-            mode="eval",
-            shuffle=False,
         )
         for src, cap in ((train_dir, cfg.train_samples), (test_dir, cfg.test_samples))
     )

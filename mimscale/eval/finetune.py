@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import config as C
 from .. import dist
-from ..data.epoch import count_samples, first_shards
+from ..data.epoch import capped_eval_loader, count_samples, first_shards
 from ..data.loader import ShardLoader
 from ..data.transforms import EvalTransform
 from ..engine import deepspeed as ds
@@ -259,16 +259,14 @@ class FinetuneTask:
 
     def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation:
         r, s = self.recipe, self.source
-        test = ShardLoader(
-            first_shards(self.test_dir, r.finetune.test_samples),
-            manifest=self.test_dir,
+        test = capped_eval_loader(
+            self.test_dir,
+            r.finetune.test_samples,
             batch_size=r.finetune.eval_batch_size,
+            transform=EvalTransform(s.img_size, mean=self.mean, std=self.std, in_chans=s.in_chans),
             rank=d.rank,
             world_size=d.world_size,
             num_workers=r.data.num_workers,
-            mode="eval",
-            shuffle=False,
-            transform=EvalTransform(s.img_size, mean=self.mean, std=self.std, in_chans=s.in_chans),
         )
 
         def run(module: nn.Module, device: torch.device) -> dict[str, float]:

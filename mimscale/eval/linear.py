@@ -142,7 +142,7 @@ def linear_probe(
 ) -> dict:
     """Train the probe and return ``{"top1": final %, "best_top1": %, "curve": [[epoch, %], ...], ...}``."""
 
-    from ..data.epoch import first_shards
+    from ..data.epoch import capped_eval_loader, first_shards
     from ..data.loader import ShardLoader
     from ..data.transforms import EvalTransform, TrainTransform
     from ..errors import ConfigError
@@ -156,16 +156,14 @@ def linear_probe(
     tf = EvalTransform(img_size, mean=mean, std=std, in_chans=in_chans)
 
     def eval_loader(src: str, cap: int | None) -> ShardLoader:
-        return ShardLoader(
-            first_shards(src, cap),
-            manifest=src,
+        return capped_eval_loader(
+            src,
+            cap,
             batch_size=cfg.feature_batch_size,
             transform=tf,
             rank=rank,
             world_size=world,
             num_workers=cfg.num_workers,
-            mode="eval",
-            shuffle=False,
         )
 
     xte, yte = extract_features(encoder, eval_loader(test_dir, cfg.test_samples), device, cfg.pool)  # own share
