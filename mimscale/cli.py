@@ -77,6 +77,7 @@ _PLUGGED = (
     "mimscale.preflight",
     "mimscale.eval.cli",
     "mimscale.teachers.cli",
+    "mimscale.compare.cli",
 )
 
 
