@@ -142,22 +142,31 @@ def line_chart(
     hline: tuple[float, str] | None = None,
     x_from_zero: bool = True,
     max_points: int = 1500,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    width: int = WIDTH,
+    plot_h: int = PLOT_H,
+    no_data: str = "no data in any run",
 ) -> str:
-    """An ``<svg>`` element (as a string) with one curve per series that has finite points."""
+    """An ``<svg>`` element (as a string) with one curve per series that has finite points.
+
+    ``x_range`` / ``y_range`` fix the axes (widened to whole ticks) instead of fitting the points, so that
+    several charts drawn with the same ranges share their axes and tick labels (small multiples).
+    """
     m = MARGIN
-    pw, ph = WIDTH - m["left"] - m["right"], PLOT_H
+    pw, ph = width - m["left"] - m["right"], plot_h
     legend_top = m["top"] + ph + m["bottom"]
     entries, rows = _legend_layout(series, m["left"] - 40, legend_top, pw + 40)
     height = legend_top + rows * LEGEND_ROW + 8
 
     pts = [p for s in series for p in s.points if math.isfinite(p[0]) and math.isfinite(p[1])]
     ys = [y for _, y in pts] + ([hline[0]] if hline else [])
-    if pts:
-        x0, x1, xs = nice_range(min(x for x, _ in pts), max(x for x, _ in pts), include_zero=x_from_zero)
-        y0, y1, ystep = nice_range(min(ys), max(ys))
-    else:
-        x0, x1, xs = 0.0, 1.0, 0.2
-        y0, y1, ystep = 0.0, 1.0, 0.2
+    if x_range is None:
+        x_range = (min(x for x, _ in pts), max(x for x, _ in pts)) if pts else None
+    if y_range is None:
+        y_range = (min(ys), max(ys)) if pts else None
+    x0, x1, xs = nice_range(*x_range, include_zero=x_from_zero) if x_range else (0.0, 1.0, 0.2)
+    y0, y1, ystep = nice_range(*y_range) if y_range else (0.0, 1.0, 0.2)
 
     def sx(x: float) -> float:
         return m["left"] + (x - x0) / (x1 - x0) * pw
@@ -166,8 +175,8 @@ def line_chart(
         return m["top"] + ph - (y - y0) / (y1 - y0) * ph
 
     out = [
-        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {WIDTH} {height:.0f}" '
-        f'width="{WIDTH}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
+        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {width} {height:.0f}" '
+        f'width="{width}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title>",
         f'<text class="chart-title" x="{m["left"]}" y="22">{escape(title)}</text>',
         f'<rect class="plot-bg" x="{m["left"]}" y="{m["top"]}" width="{pw}" height="{ph}"/>',
@@ -210,7 +219,7 @@ def line_chart(
             f'<text x="{m["left"] + pw - 4}" y="{y - 5:.1f}">{escape(hline[1])}</text></g>'
         )
     if not pts:
-        out.append(f'<text class="no-data" x="{m["left"] + pw / 2:.1f}" y="{cy:.1f}">no data in any run</text>')
+        out.append(f'<text class="no-data" x="{m["left"] + pw / 2:.1f}" y="{cy:.1f}">{escape(no_data)}</text>')
 
     # curves
     out.append('<g class="curves">')
