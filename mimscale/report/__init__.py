@@ -27,15 +27,16 @@ def write_report(
     run_dirs: list[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
     target: float | None = None,
-    bench: str | os.PathLike | None = None,
+    bench: str | os.PathLike | bool | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.json`` into ``out_dir`` (default: the first run dir).
 
-    Returns their paths. Raises :class:`mimscale.errors.MimscaleError` for a missing run
-    directory, one without metrics, or a target outside (0, 100].
+    ``bench``: a sweep file to show, ``True`` for the newest benchmarks/results/throughput-*.json,
+    ``None`` for none. Returns the two paths. Raises :class:`mimscale.errors.MimscaleError` for a
+    missing run directory, one without metrics, or a target outside (0, 100].
     """
     runs = load_runs(list(run_dirs), target)
-    bench_doc = resolve_bench(bench)  # --bench FILE, else the newest benchmarks/results/throughput-*.json
+    bench_doc = resolve_bench(bench)
     out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / "report.html", out / "report.json"

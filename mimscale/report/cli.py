@@ -32,10 +32,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--bench",
+        nargs="?",
+        const=True,
         default=None,
         metavar="FILE",
-        help="a `mimscale bench throughput --sweep` results file to show as a table + plot "
-        "(default: the newest benchmarks/results/throughput-*.json, if any)",
+        help="show a `mimscale bench throughput --sweep` results file as a table + plot; a bare --bench shows "
+        "the newest benchmarks/results/throughput-*.json (default: no benchmark results)",
     )
     p.set_defaults(run=run)
 
