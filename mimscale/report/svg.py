@@ -264,3 +264,60 @@ def line_chart(
         )
     out.append("</g></svg>")
     return "\n".join(out)
+
+
+def dot_chart(
+    rows: list[tuple[str, int, list[float | None]]],
+    keys: list[str],
+    *,
+    chart_id: str,
+    title: str,
+    x_label: str,
+    width: int = WIDTH,
+) -> str:
+    """A horizontal dot chart: one row per ``(label, run index, values)``, value ``k`` drawn as a filled
+    (``k`` = 0) or hollow (``k`` >= 1) dot named ``keys[k]`` in the legend; ``None`` values are left out."""
+    left, right, top, row_h = 120, 24, 40, 26
+    pw, ph = width - left - right, row_h * max(len(rows), 1)
+    height = top + ph + 70
+    vals = [v for _, _, vs in rows for v in vs if v is not None and math.isfinite(v)]
+    x0, x1, xs = nice_range(min(vals), max(vals)) if vals else (0.0, 1.0, 0.2)
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    out = [
+        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" aria-label="{escape(title)}"><title>{escape(title)}</title>',
+        f'<text class="chart-title" x="{left}" y="22">{escape(title)}</text>',
+        f'<rect class="plot-bg" x="{left}" y="{top}" width="{pw}" height="{ph}"/>',
+    ]
+    grid = []
+    for i in range(int(round((x1 - x0) / xs)) + 1):
+        x = sx(x0 + i * xs)
+        grid.append(
+            f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}"/>'
+            f'<text class="tick x" x="{x:.1f}" y="{top + ph + 18}">{format_tick(x0 + i * xs, xs)}</text>'
+        )
+    out.append('<g class="grid">' + "".join(grid) + "</g>")
+    out.append(f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{top + ph + 38}">{escape(x_label)}</text>')
+    for r, (label, index, values) in enumerate(rows):
+        colour, _ = run_style(index)
+        y = top + row_h * (r + 0.5)
+        dots = "".join(
+            f'<circle class="dot" cx="{sx(v):.1f}" cy="{y:.1f}" r="5" fill="{colour if k == 0 else "#fff"}" '
+            f'stroke="{colour}" stroke-width="2"><title>{escape(f"{label}: {keys[k]} {v:.2f}")}</title></circle>'
+            for k, v in enumerate(values)
+            if v is not None and math.isfinite(v)
+        )
+        out.append(
+            f'<g class="run" data-run="{index}"><text class="tick y" x="{left - 8}" y="{y + 4:.1f}">'
+            f"{escape(label)}</text>{dots}</g>"
+        )
+    legend = "".join(
+        f'<circle cx="{left + 150 * k + 6}" cy="{height - 12}" r="5" fill="{"#5d6675" if k == 0 else "#fff"}" '
+        f'stroke="#5d6675" stroke-width="2"/><text x="{left + 150 * k + 16}" y="{height - 8}">{escape(key)}</text>'
+        for k, key in enumerate(keys)
+    )
+    out.append(f'<g class="legend">{legend}</g></svg>')
+    return "\n".join(out)
