@@ -12,7 +12,7 @@ peak memory, and plots of kNN top-1 vs device-hours and training loss vs step (o
 A `mimscale compare` directory (it holds compare.json) gets the league report instead: one row per
 member, ranked by final kNN top-1 and by time to the common target with teacher cost included.
   mimscale report runs/mae_vit_b16 runs/emae_vit_b16 --target 60 --out reports/b16
-  mimscale report compares/tiny_cpu"""
+  mimscale report COMPARE_DIR"""
 
 
 def add_parser(sub) -> None:
