@@ -24,7 +24,7 @@
 # part 2), GPU_SH_LOOP_STEPS (100), GPU_SH_LOOP_WORKERS (loader workers per rank; default cores/ranks - 2),
 # GPU_SH_OUT (benchmarks/results), GPU_SH_ARCH_OVERRIDE (replace every recipe's encoder, e.g. vit_micro),
 # PYTHON (default: .venv/bin/python of this checkout, else python3).
-# Results: $GPU_SH_OUT/throughput-<host>-<date>-<recipe>.json + .svg per model (read by `mimscale report`).
+# Results: $GPU_SH_OUT/throughput-<host>-<date>-<recipe>.json + .svg per model (shown by `mimscale report ... --bench`).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -1,4 +1,5 @@
-"""The run report: ``mimscale report RUN_DIR [RUN_DIR ...]`` -> ``report.html`` + ``report.json``.
+"""The run report: ``mimscale report RUN_DIR [RUN_DIR ...]`` -> ``report.html`` + ``report.json``;
+for a ``mimscale compare`` directory (it holds compare.json) the league report (:mod:`.league`).
 
 ``report.html`` is self-contained (inline CSS, SVG and JS; no URL of any kind), so it opens offline
 and can be mailed or archived next to the run. ``report.json`` holds the same numbers per run.
@@ -11,10 +12,23 @@ import os
 from pathlib import Path
 
 from .bench import resolve_bench
-from .data import Run, load_run, load_runs, mae_reference_flops
-from .html import render
+from .data import Run, check_target, load_run, load_runs, mae_reference_flops
+from .html import render, render_league
+from .league import League, is_compare_dir, load_league
 
-__all__ = ["Run", "load_run", "load_runs", "mae_reference_flops", "render", "write_report"]
+__all__ = [
+    "League",
+    "Run",
+    "is_compare_dir",
+    "load_league",
+    "load_run",
+    "load_runs",
+    "mae_reference_flops",
+    "render",
+    "render_league",
+    "write_league",
+    "write_report",
+]
 
 
 def _write(path: Path, text: str) -> None:
@@ -27,19 +41,39 @@ def write_report(
     run_dirs: list[str | os.PathLike],
     out_dir: str | os.PathLike | None = None,
     target: float | None = None,
-    bench: str | os.PathLike | None = None,
+    bench: str | os.PathLike | bool | None = None,
 ) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.json`` into ``out_dir`` (default: the first run dir).
 
-    Returns their paths. Raises :class:`mimscale.errors.MimscaleError` for a missing run
-    directory, one without metrics, or a target outside (0, 100].
+    ``bench``: a sweep file to show, ``True`` for the newest benchmarks/results/throughput-*.json,
+    ``None`` for none. Returns the two paths. Raises :class:`mimscale.errors.MimscaleError` for a
+    missing run directory, one without metrics, or a target outside (0, 100].
     """
     runs = load_runs(list(run_dirs), target)
-    bench_doc = resolve_bench(bench)  # --bench FILE, else the newest benchmarks/results/throughput-*.json
-    out = Path(out_dir) if out_dir is not None else Path(run_dirs[0])
+    bench_doc = resolve_bench(bench)
+    doc = {"target": target, "runs": [r.to_json() for r in runs], **({"bench": bench_doc} if bench_doc else {})}
+    return _emit(Path(out_dir if out_dir is not None else run_dirs[0]), doc, render(runs, target, bench=bench_doc))
+
+
+def _emit(out: Path, doc: dict, html: str) -> tuple[Path, Path]:
+    """Write ``report.json`` (``doc``) and ``report.html`` into ``out``; returns (html path, json path)."""
     out.mkdir(parents=True, exist_ok=True)
     html_path, json_path = out / "report.html", out / "report.json"
-    doc = {"target": target, "runs": [r.to_json() for r in runs], **({"bench": bench_doc} if bench_doc else {})}
     _write(json_path, json.dumps(doc, indent=2) + "\n")
-    _write(html_path, render(runs, target, bench=bench_doc))
+    _write(html_path, html)
     return html_path, json_path
+
+
+def write_league(
+    compare_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    target: float | None = None,
+    bench: str | os.PathLike | bool | None = None,
+) -> tuple[Path, Path]:
+    """The league report of a ``mimscale compare`` directory: ``report.html`` + ``report.json`` into
+    ``out_dir`` (default: the compare directory). ``target`` replaces the league's own target."""
+    check_target(target)
+    league = load_league(compare_dir, target)
+    bench_doc = resolve_bench(bench)
+    doc = {"league": league.to_json(), **({"bench": bench_doc} if bench_doc else {})}
+    return _emit(Path(out_dir if out_dir is not None else compare_dir), doc, render_league(league, bench=bench_doc))

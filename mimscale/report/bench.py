@@ -1,7 +1,8 @@
 """Benchmark results in the run report: a ``mimscale bench throughput --sweep`` file as a table + plot.
 
-``mimscale report ... --bench FILE`` shows that file; without ``--bench`` the newest
-``benchmarks/results/throughput-*.json`` under the current directory is shown, if there is one.
+``mimscale report ... --bench FILE`` shows that file and a bare ``--bench`` the newest
+``benchmarks/results/throughput-*.json`` under the current directory; without ``--bench`` a report
+shows no benchmark results (the repository's stored ones are not about the run).
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ def load_bench(path: str | os.PathLike) -> dict[str, Any]:
     return doc
 
 
-def resolve_bench(path: str | os.PathLike | None, results_dir: str | os.PathLike = RESULTS_DIR) -> dict | None:
-    """``--bench FILE`` if given, else the newest sweep in ``results_dir``, else ``None``."""
-    if path is not None:
-        return load_bench(path)
-    latest = latest_bench_file(results_dir)
-    return load_bench(latest) if latest else None
+def resolve_bench(path: str | os.PathLike | bool | None, results_dir: str | os.PathLike = RESULTS_DIR) -> dict | None:
+    """``None``/``False``: no benchmarks; ``True`` (a bare ``--bench``): the newest sweep in ``results_dir``
+    (a one-line :class:`ConfigError` when there is none); a path: that file."""
+    if path is None or path is False:
+        return None
+    if path is True:
+        latest = latest_bench_file(results_dir)
+        if latest is None:
+            raise ConfigError(f"--bench: no throughput-*.json sweep in {results_dir} (pass --bench FILE)")
+        return load_bench(latest)
+    return load_bench(path)
 
 
 def _num(v: Any, fmt: str) -> str:

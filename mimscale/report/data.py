@@ -218,6 +218,11 @@ def _last_per_step(records: list[dict], key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def first_reach(knn_curve: list[list[Any]], target: float) -> tuple[int, float | None] | None:
+    """(step, device-hours) of the first kNN evaluation in ``knn_curve`` whose top-1 >= ``target``."""
+    return next(((int(s), h) for s, h, v in knn_curve if v >= target), None)
+
+
 def describe_data(cfg: dict) -> str | None:
     """One line about a run's training data from its ``config.yaml``: the source, and when its shard
     manifest is at hand the image count and whether the images were capped at write time
@@ -329,7 +334,7 @@ def load_run(path: str | os.PathLike, target: float | None = None) -> Run:
     ft = [v for _, v in _last_per_step(records, FINETUNE_KEY)]
     run.finetune_best = max(ft) if ft else None
     if target is not None:
-        hit = next(((int(s), h) for s, h, v in run.knn_curve if v >= target), None)
+        hit = first_reach(run.knn_curve, target)
         run.target_reached = hit is not None
         run.time_to_target_step, run.time_to_target_h = hit if hit else (None, None)
 
@@ -354,10 +359,15 @@ def load_run(path: str | os.PathLike, target: float | None = None) -> Run:
     return run
 
 
-def load_runs(paths: Sequence[str | os.PathLike], target: float | None = None) -> list[Run]:
-    """Load several runs; labels that collide get their parent folder (then a number) added."""
+def check_target(target: float | None) -> None:
+    """A ``--target`` outside (0, 100] is a one-line :class:`MimscaleError`."""
     if target is not None and not 0.0 < target <= 100.0:
         raise MimscaleError(f"--target {target} must be a kNN top-1 in percent, in (0, 100]")
+
+
+def load_runs(paths: Sequence[str | os.PathLike], target: float | None = None) -> list[Run]:
+    """Load several runs; labels that collide get their parent folder (then a number) added."""
+    check_target(target)
     runs = [load_run(p, target) for p in paths]
     counts: dict[str, int] = {}
     for r in runs:

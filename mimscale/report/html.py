@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 from html import escape
+from pathlib import Path
 
 from .bench import bench_section
 from .data import Run
-from .svg import Series, line_chart, run_style
+from .league import League, Member
+from .svg import Series, dot_chart, line_chart, run_style
 
 DASH = "—"
 
@@ -65,32 +68,36 @@ dl.notes dt { font-weight: 600; }
 dl.notes dd { margin: 0; color: var(--muted); }
 ul.paths { margin: 0; padding-left: 18px; color: var(--muted); font-size: 13px; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12.5px; }
+.multiples { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 14px; }
 """
 
-# Sort on header click; hover on a row or legend entry highlights that run in both plots.
+# Sort a table.sortable on header click; hover on a row or legend entry highlights that run in every plot.
 JS = """
 (function () {
-  var table = document.getElementById("runs");
-  var body = table.tBodies[0];
-  Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
-    th.addEventListener("click", function () {
-      var asc = !th.classList.contains("sorted-asc");
-      Array.prototype.forEach.call(th.parentNode.cells, function (c) {
-        c.classList.remove("sorted-asc", "sorted-desc");
+  function sortable(table) {
+    var body = table.tBodies[0];
+    Array.prototype.forEach.call(table.tHead.rows[0].cells, function (th, col) {
+      th.addEventListener("click", function () {
+        var asc = !th.classList.contains("sorted-asc");
+        Array.prototype.forEach.call(th.parentNode.cells, function (c) {
+          c.classList.remove("sorted-asc", "sorted-desc");
+        });
+        th.classList.add(asc ? "sorted-asc" : "sorted-desc");
+        var rows = Array.prototype.slice.call(body.rows);
+        rows.sort(function (a, b) {
+          var x = a.cells[col].getAttribute("data-sort"), y = b.cells[col].getAttribute("data-sort");
+          var nx = parseFloat(x), ny = parseFloat(y);
+          var bothNum = !isNaN(nx) && !isNaN(ny);
+          if (x === "" || y === "") { return x === y ? 0 : (x === "" ? 1 : -1); }
+          var r = bothNum ? nx - ny : String(x).localeCompare(String(y));
+          return asc ? r : -r;
+        });
+        rows.forEach(function (r) { body.appendChild(r); });
       });
-      th.classList.add(asc ? "sorted-asc" : "sorted-desc");
-      var rows = Array.prototype.slice.call(body.rows);
-      rows.sort(function (a, b) {
-        var x = a.cells[col].getAttribute("data-sort"), y = b.cells[col].getAttribute("data-sort");
-        var nx = parseFloat(x), ny = parseFloat(y);
-        var bothNum = !isNaN(nx) && !isNaN(ny);
-        if (x === "" || y === "") { return x === y ? 0 : (x === "" ? 1 : -1); }
-        var r = bothNum ? nx - ny : String(x).localeCompare(String(y));
-        return asc ? r : -r;
-      });
-      rows.forEach(function (r) { body.appendChild(r); });
     });
-  });
+  }
+  Array.prototype.forEach.call(document.querySelectorAll("table.sortable"), sortable);
+  var bodyRows = document.querySelectorAll("table.sortable tbody tr");
   var charts = document.querySelectorAll("svg.chart");
   function highlight(run) {
     Array.prototype.forEach.call(charts, function (svg) {
@@ -99,11 +106,11 @@ JS = """
         el.classList.toggle("hl", el.getAttribute("data-run") === run);
       });
     });
-    Array.prototype.forEach.call(body.rows, function (r) {
+    Array.prototype.forEach.call(bodyRows, function (r) {
       r.classList.toggle("hl", r.getAttribute("data-run") === run);
     });
   }
-  var hoverables = Array.prototype.slice.call(body.rows).concat(
+  var hoverables = Array.prototype.slice.call(bodyRows).concat(
     Array.prototype.slice.call(document.querySelectorAll("svg .legend-item, svg .run")));
   hoverables.forEach(function (el) {
     el.addEventListener("mouseenter", function () { highlight(el.getAttribute("data-run")); });
@@ -226,6 +233,11 @@ def _header(target: float | None) -> str:
         ("Peak memory", "GB, rank 0", ""),
         ("Final loss", "train", ""),
     ]
+    return _head_row(cols)
+
+
+def _head_row(cols: list[tuple[str, str, str]]) -> str:
+    """A header row from (name, unit, css class) per column."""
     cells = []
     for name, unit, cls in cols:
         u = f'<span class="unit">{escape(unit)}</span>' if unit else ""
@@ -310,21 +322,13 @@ def render(
     rows = "\n".join(_row(i, r) for i, r in enumerate(runs))
     notes = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in NOTES)
     paths = "".join(f"<li><code>{escape(r.label)}</code>: <code>{escape(r.path)}</code></li>" for r in runs)
-    return f"""<!DOCTYPE html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{escape(title)}</title>
-<style>{CSS}</style>
-</head>
-<body>
-<h1>{escape(title)}</h1>
-<p class="meta">Generated {escape(generated)} &middot; {escape(target_txt)} &middot; objectives:
+    return _page(
+        title,
+        f"""<p class="meta">Generated {escape(generated)} &middot; {escape(target_txt)} &middot; objectives:
 {escape(", ".join(sorted({r.objective or "?" for r in runs})))}</p>
 <h2>Runs</h2>
 <div class="table-wrap">
-<table id="runs">
+<table id="runs" class="sortable">
 <thead>{_header(target)}</thead>
 <tbody>
 {rows}
@@ -337,7 +341,254 @@ def render(
 <dl class="notes">{notes}</dl>
 <h2>Run directories</h2>
 <ul class="paths">{paths}</ul>
-<script>{JS}</script>
+""",
+    )
+
+
+def _page(title: str, body: str) -> str:
+    """The HTML document around ``body``: inline style, the title as <h1>, the inline script at the end."""
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{escape(title)}</title>
+<style>{CSS}</style>
+</head>
+<body>
+<h1>{escape(title)}</h1>
+{body}<script>{JS}</script>
 </body>
 </html>
 """
+
+
+# ----------------------------------------------------------------------- league report (mimscale compare)
+
+LEAGUE_NOTES = [
+    (
+        "Target",
+        "the best kNN top-1 that every finished member reaches: the lowest of the finished members' best "
+        "kNN top-1 (<code>--target</code> replaces it).",
+    ),
+    (
+        "Time to target",
+        "training device-hours (and step) at a member's first kNN evaluation at or above the target.",
+    ),
+    (
+        "Teacher cost",
+        "device-hours of the teacher steps a member needs (CLIP training; k-means + codes for k-CLIP), "
+        "from <code>teachers/&lt;step&gt;/cost.json</code>; a teacher shared by two members counts for each.",
+    ),
+    ("Total", "training device-hours + teacher device-hours."),
+    (
+        "Ranking",
+        "finished members only, by final kNN top-1, and by time to target + teacher device-hours (members "
+        "that never reach the target last); unfinished and pending members follow in plan order, unranked.",
+    ),
+    ("Device-hours", NOTES[0][1]),
+    (NOTES[3][0], NOTES[3][1]),
+    (NOTES[4][0], NOTES[4][1]),
+]
+
+
+def _budget(plan: dict) -> str:
+    b = plan.get("budget") or {}
+    kind = str(b.get("kind"))
+    unit = {"minutes": "training minutes", "mae_epochs": "MAE-equivalent epochs"}.get(kind, kind)
+    value = b.get("value")
+    if value is None:
+        return "budget not stated"
+    return f"budget {value:g} {unit} per member" if isinstance(value, (int, float)) else f"budget {value} {unit}"
+
+
+def _encoder(league: League) -> str:
+    r = next((m.run for m in league.members if m.run is not None and m.run.arch), None)
+    if r is None:
+        return DASH
+    params = f", {r.params_total / 1e6:.1f}M params" if r.params_total else ""
+    return f"{r.arch}/{r.patch_size} @{r.img_size}px{params}"
+
+
+def _league_meta(league: League) -> str:
+    plan, data = league.plan, league.plan.get("data") or {}
+    recipe = escape(str(plan.get("recipe") or plan.get("spec") or "?"))
+    over = " ".join(escape(str(o)) for o in plan.get("overrides") or [])
+    data_txt = " &middot; ".join(f"{escape(k)} <code>{escape(str(v))}</code>" for k, v in data.items()) or DASH
+    if league.target is not None:
+        target = f"target kNN top-1 {league.target:.2f}% ({escape(league.target_source)})"
+    else:
+        target = "no target yet: no finished member has a kNN evaluation"
+    lines = [
+        f"{escape(_budget(plan))} &middot; recipe <code>{recipe}</code>" + (f" + <code>{over}</code>" if over else ""),
+        f"data: {data_txt}",
+        f"encoder: {escape(_encoder(league))} &middot; spec <code>{escape(str(plan.get('spec', '?')))}</code>",
+        target,
+    ]
+    return "".join(f'<p class="meta">{line}</p>' for line in lines)
+
+
+def _member_label(m: Member) -> str:
+    colour, _ = run_style(m.index)
+    status = "" if m.finished else _sub(m.status)
+    return f'<span class="swatch" style="background:{colour}"></span>{escape(m.name)}{status}'
+
+
+def _member_ttt(m: Member, target: float | None) -> str:
+    if target is None:
+        return f'<span class="na">{DASH}</span>'
+    if m.ttt_h is not None:
+        return _hours(m.ttt_h) + _sub("at init" if m.ttt_step == 0 else f"step {m.ttt_step:,}")
+    if m.run is None or not m.run.knn_curve:
+        return '<span class="na">no eval</span>'
+    return '<span class="na">not reached</span>'
+
+
+def _ranks(league: League, order: list[str]) -> dict[str, int]:
+    finished = {m.name for m in league.members if m.finished}
+    return {name: i + 1 for i, name in enumerate(n for n in order if n in finished)}
+
+
+def _league_row(m: Member, rank: int | None, target: float | None) -> str:
+    mfu = None if m.mfu is None else 100.0 * m.mfu
+    gflops = f"{m.flops_per_sample / 1e9:.3g} GFLOP" if m.flops_per_sample else ""
+    best = f"best {m.knn_best:.2f}" if m.knn_best is not None else ""
+    cells = [
+        _td(str(rank) if rank else DASH, rank),
+        _td(_member_label(m), m.name, "text"),
+        _td(escape(m.objective or DASH), m.objective, "text"),
+        _td(_fmt(m.knn_final) + _sub(best), m.knn_final),
+        _td(_fmt(m.linear_top1), m.linear_top1),
+        _td(_member_ttt(m, target), m.ttt_h),
+        _td(_fmt(m.img_per_s, 1), m.img_per_s),
+        _td(_fmt(mfu, 1), mfu),
+        _td(_fmt(m.mem_peak_gb, 2), m.mem_peak_gb),
+        _td(_fmt(m.flops_ratio, 2, "\u00d7") + _sub(gflops), m.flops_ratio),
+        _td(_hours(m.train_h) + _sub(_duration(m.train_h)), m.train_h),
+        _td(_hours(m.teacher_h) + _sub(", ".join(m.teachers)), m.teacher_h),
+        _td(_hours(m.total_h), m.total_h),
+    ]
+    return f'<tr data-run="{m.index}">' + "".join(cells) + "</tr>"
+
+
+def _teacher_row(m: Member, rank: int | None, target: float | None) -> str:
+    cells = [
+        _td(str(rank) if rank else DASH, rank),
+        _td(_member_label(m), m.name, "text"),
+        _td(_hours(m.ttt_total_h) if m.ttt_h is not None else _member_ttt(m, target), m.ttt_total_h),
+        _td(_member_ttt(m, target), m.ttt_h),
+        _td(_hours(m.teacher_h) + _sub(", ".join(m.teachers)), m.teacher_h),
+        _td(_hours(m.total_h), m.total_h),
+        _td(_fmt(m.knn_final), m.knn_final),
+    ]
+    return f'<tr data-run="{m.index}">' + "".join(cells) + "</tr>"
+
+
+LEAGUE_COLS = [
+    ("#", "by kNN", ""),
+    ("Member", "", "text"),
+    ("Objective", "", "text"),
+    ("kNN top-1", "final, %", ""),
+    ("Linear top-1", "final, %", ""),
+    ("Time to target", "kNN, device-h", ""),
+    ("Throughput", "img/s", ""),
+    ("MFU", "%", ""),
+    ("Peak memory", "GB, rank 0", ""),
+    ("FLOPs / image", "vs reference", ""),
+    ("Training", "device-h", ""),
+    ("Teacher", "device-h", ""),
+    ("Total", "device-h", ""),
+]
+TEACHER_COLS = [
+    ("#", "incl. teacher", ""),
+    ("Member", "", "text"),
+    ("Time to target + teacher", "device-h", ""),
+    ("Time to target", "training, device-h", ""),
+    ("Teacher", "device-h", ""),
+    ("Total", "device-h", ""),
+    ("kNN top-1", "final, %", ""),
+]
+
+
+def _league_table(league: League, table_id: str, cols, order: list[str], row) -> str:
+    by_name = {m.name: m for m in league.members}
+    ranks = _ranks(league, order)
+    rows = "\n".join(row(by_name[n], ranks.get(n), league.target) for n in order)
+    return (
+        f'<div class="table-wrap"><table id="{table_id}" class="sortable"><thead>{_head_row(cols)}</thead>'
+        f"<tbody>\n{rows}\n</tbody></table></div>"
+    )
+
+
+def _member_series(m: Member) -> Series:
+    pts = [(h, v) for _, h, v in m.run.knn_curve if h is not None] if m.run else []
+    note = "no eval points" if m.run else m.status
+    return Series(m.name, m.index, pts, empty_note=note, tooltip="{label}: {y}% at {x} device-hours")
+
+
+def _league_plots(league: League) -> str:
+    """kNN top-1 vs device-hours: all members on one chart, then one small chart each on shared axes."""
+    series = [_member_series(m) for m in league.members]
+    t = league.target
+    hline = (t, f"target {t:.2f}%") if t is not None else None
+    pts = [p for s in series for p in s.points]
+    ys = [y for _, y in pts] + ([t] if t is not None else [])
+    x_range = (0.0, max(x for x, _ in pts)) if pts else None
+    y_range = (min(ys), max(ys)) if pts else None
+    chart = functools.partial(line_chart, x_label="device-hours", y_label="kNN top-1 (%)", markers=True, hline=hline)
+    big = chart(series, chart_id="plot-league", title="kNN top-1 vs training device-hours")
+    small = [
+        chart(
+            [s],
+            chart_id=f"plot-member-{m.index}",
+            title=m.name + ("" if m.finished else f" ({m.status})"),
+            x_range=x_range,
+            y_range=y_range,
+            width=420,
+            plot_h=200,
+            no_data=f"no kNN evaluation ({m.status})",
+        )
+        for m, s in zip(league.members, series)
+    ]
+    finals = dot_chart(
+        [(m.name, m.index, [m.knn_final, m.linear_top1]) for m in league.members],
+        ["kNN top-1, final", "linear top-1, final"],
+        chart_id="plot-finals",
+        title="Final top-1 per member",
+        x_label="top-1 (%)",
+    )
+    return (
+        f'<div class="plots"><figure>{big}<figcaption>One curve per member; points are kNN evaluations '
+        "(step 0 = random init) at the training device-hours of their step; teacher cost is not included."
+        f"</figcaption></figure><figure>{finals}<figcaption>Filled: kNN top-1 at the end of training; hollow: "
+        "linear-probe top-1 (when probed). Unfinished members: their latest values.</figcaption></figure></div>"
+        '\n<h2>Per member (same axes)</h2>\n<div class="multiples">'
+        + "".join(f"<figure>{svg}</figure>" for svg in small)
+        + "</div>"
+    )
+
+
+def render_league(league: League, generated: str | None = None, bench: dict | None = None) -> str:
+    """The league report of a compare directory as one HTML document."""
+    generated = generated or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    title = f"mimscale league — {league.plan.get('spec') or Path(league.path).name}"
+    notes = [*LEAGUE_NOTES, ("FLOPs / image", f"relative to {escape(league.flops_reference)}.")]
+    paths = "".join(
+        f"<li><code>{escape(m.name)}</code>: <code>{escape(m.run.path)}</code></li>" for m in league.members if m.run
+    )
+    return _page(
+        title,
+        f"""<p class="meta">Generated {escape(generated)} &middot; <code>{escape(league.path)}</code></p>
+{_league_meta(league)}
+<h2>League, ranked by final kNN top-1</h2>
+{_league_table(league, "league", LEAGUE_COLS, league.rank_knn, _league_row)}
+<h2>Ranked by time to target, teacher cost included</h2>
+{_league_table(league, "league-teacher", TEACHER_COLS, league.rank_with_teacher, _teacher_row)}
+<h2>Curves</h2>
+{_league_plots(league)}
+{bench_section(bench) if bench else ""}<h2>Notes</h2>
+<dl class="notes">{"".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in notes)}</dl>
+<h2>Member run directories</h2>
+<ul class="paths">{paths}</ul>
+""",
+    )

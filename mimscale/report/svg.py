@@ -142,22 +142,31 @@ def line_chart(
     hline: tuple[float, str] | None = None,
     x_from_zero: bool = True,
     max_points: int = 1500,
+    x_range: tuple[float, float] | None = None,
+    y_range: tuple[float, float] | None = None,
+    width: int = WIDTH,
+    plot_h: int = PLOT_H,
+    no_data: str = "no data in any run",
 ) -> str:
-    """An ``<svg>`` element (as a string) with one curve per series that has finite points."""
+    """An ``<svg>`` element (as a string) with one curve per series that has finite points.
+
+    ``x_range`` / ``y_range`` fix the axes (widened to whole ticks) instead of fitting the points, so that
+    several charts drawn with the same ranges share their axes and tick labels (small multiples).
+    """
     m = MARGIN
-    pw, ph = WIDTH - m["left"] - m["right"], PLOT_H
+    pw, ph = width - m["left"] - m["right"], plot_h
     legend_top = m["top"] + ph + m["bottom"]
     entries, rows = _legend_layout(series, m["left"] - 40, legend_top, pw + 40)
     height = legend_top + rows * LEGEND_ROW + 8
 
     pts = [p for s in series for p in s.points if math.isfinite(p[0]) and math.isfinite(p[1])]
     ys = [y for _, y in pts] + ([hline[0]] if hline else [])
-    if pts:
-        x0, x1, xs = nice_range(min(x for x, _ in pts), max(x for x, _ in pts), include_zero=x_from_zero)
-        y0, y1, ystep = nice_range(min(ys), max(ys))
-    else:
-        x0, x1, xs = 0.0, 1.0, 0.2
-        y0, y1, ystep = 0.0, 1.0, 0.2
+    if x_range is None:
+        x_range = (min(x for x, _ in pts), max(x for x, _ in pts)) if pts else None
+    if y_range is None:
+        y_range = (min(ys), max(ys)) if pts else None
+    x0, x1, xs = nice_range(*x_range, include_zero=x_from_zero) if x_range else (0.0, 1.0, 0.2)
+    y0, y1, ystep = nice_range(*y_range) if y_range else (0.0, 1.0, 0.2)
 
     def sx(x: float) -> float:
         return m["left"] + (x - x0) / (x1 - x0) * pw
@@ -166,8 +175,8 @@ def line_chart(
         return m["top"] + ph - (y - y0) / (y1 - y0) * ph
 
     out = [
-        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {WIDTH} {height:.0f}" '
-        f'width="{WIDTH}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
+        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {width} {height:.0f}" '
+        f'width="{width}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title>",
         f'<text class="chart-title" x="{m["left"]}" y="22">{escape(title)}</text>',
         f'<rect class="plot-bg" x="{m["left"]}" y="{m["top"]}" width="{pw}" height="{ph}"/>',
@@ -210,7 +219,7 @@ def line_chart(
             f'<text x="{m["left"] + pw - 4}" y="{y - 5:.1f}">{escape(hline[1])}</text></g>'
         )
     if not pts:
-        out.append(f'<text class="no-data" x="{m["left"] + pw / 2:.1f}" y="{cy:.1f}">no data in any run</text>')
+        out.append(f'<text class="no-data" x="{m["left"] + pw / 2:.1f}" y="{cy:.1f}">{escape(no_data)}</text>')
 
     # curves
     out.append('<g class="curves">')
@@ -254,4 +263,61 @@ def line_chart(
             f'{dash_attr}/><text x="{x + 28:.1f}" y="{y:.1f}">{escape(text)}</text></g>'
         )
     out.append("</g></svg>")
+    return "\n".join(out)
+
+
+def dot_chart(
+    rows: list[tuple[str, int, list[float | None]]],
+    keys: list[str],
+    *,
+    chart_id: str,
+    title: str,
+    x_label: str,
+    width: int = WIDTH,
+) -> str:
+    """A horizontal dot chart: one row per ``(label, run index, values)``, value ``k`` drawn as a filled
+    (``k`` = 0) or hollow (``k`` >= 1) dot named ``keys[k]`` in the legend; ``None`` values are left out."""
+    left, right, top, row_h = 120, 24, 40, 26
+    pw, ph = width - left - right, row_h * max(len(rows), 1)
+    height = top + ph + 70
+    vals = [v for _, _, vs in rows for v in vs if v is not None and math.isfinite(v)]
+    x0, x1, xs = nice_range(min(vals), max(vals)) if vals else (0.0, 1.0, 0.2)
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * pw
+
+    out = [
+        f'<svg id="{escape(chart_id)}" class="chart" viewBox="0 0 {width} {height}" width="{width}" '
+        f'height="{height}" role="img" aria-label="{escape(title)}"><title>{escape(title)}</title>',
+        f'<text class="chart-title" x="{left}" y="22">{escape(title)}</text>',
+        f'<rect class="plot-bg" x="{left}" y="{top}" width="{pw}" height="{ph}"/>',
+    ]
+    grid = []
+    for i in range(int(round((x1 - x0) / xs)) + 1):
+        x = sx(x0 + i * xs)
+        grid.append(
+            f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + ph}"/>'
+            f'<text class="tick x" x="{x:.1f}" y="{top + ph + 18}">{format_tick(x0 + i * xs, xs)}</text>'
+        )
+    out.append('<g class="grid">' + "".join(grid) + "</g>")
+    out.append(f'<text class="axis-label" x="{left + pw / 2:.1f}" y="{top + ph + 38}">{escape(x_label)}</text>')
+    for r, (label, index, values) in enumerate(rows):
+        colour, _ = run_style(index)
+        y = top + row_h * (r + 0.5)
+        dots = "".join(
+            f'<circle class="dot" cx="{sx(v):.1f}" cy="{y:.1f}" r="5" fill="{colour if k == 0 else "#fff"}" '
+            f'stroke="{colour}" stroke-width="2"><title>{escape(f"{label}: {keys[k]} {v:.2f}")}</title></circle>'
+            for k, v in enumerate(values)
+            if v is not None and math.isfinite(v)
+        )
+        out.append(
+            f'<g class="run" data-run="{index}"><text class="tick y" x="{left - 8}" y="{y + 4:.1f}">'
+            f"{escape(label)}</text>{dots}</g>"
+        )
+    legend = "".join(
+        f'<circle cx="{left + 150 * k + 6}" cy="{height - 12}" r="5" fill="{"#5d6675" if k == 0 else "#fff"}" '
+        f'stroke="#5d6675" stroke-width="2"/><text x="{left + 150 * k + 16}" y="{height - 8}">{escape(key)}</text>'
+        for k, key in enumerate(keys)
+    )
+    out.append(f'<g class="legend">{legend}</g></svg>')
     return "\n".join(out)

@@ -1,4 +1,5 @@
-"""`mimscale report` with benchmark results: --bench FILE, the newest benchmarks/results sweep, bad files."""
+"""`mimscale report` with benchmark results: none by default, --bench FILE, a bare --bench (the newest
+benchmarks/results sweep), bad files."""
 
 from __future__ import annotations
 
@@ -61,6 +62,8 @@ def run_dir(tmp_path):
 
 def test_newest_sweep_file_is_found_and_foreign_files_ignored(tmp_path):
     assert latest_bench_file(tmp_path) is None and resolve_bench(None, tmp_path) is None
+    with pytest.raises(ConfigError, match="no throughput-"):
+        resolve_bench(True, tmp_path)
     old, _ = write_sweep(ROWS[:2], tmp_path / "throughput-vm-2026-01-01.json", {}, 1)
     new, _ = write_sweep(ROWS, tmp_path / "throughput-vm-2026-02-01.json", {}, 1)
     for p, date in ((old, "2026-01-01"), (new, "2026-02-01")):
@@ -71,7 +74,8 @@ def test_newest_sweep_file_is_found_and_foreign_files_ignored(tmp_path):
     (tmp_path / "throughput-broken.json").write_text("{not json")
     (tmp_path / "throughput-other.json").write_text(json.dumps({"benchmark": "engine_overhead"}))
     assert latest_bench_file(tmp_path) == new
-    assert len(resolve_bench(None, tmp_path)["results"]) == 4
+    assert len(resolve_bench(True, tmp_path)["results"]) == 4
+    assert resolve_bench(None, tmp_path) is None and resolve_bench(False, tmp_path) is None  # only when asked
 
 
 @pytest.mark.parametrize(
@@ -98,14 +102,19 @@ def test_report_shows_the_bench_table_and_plot(run_dir, tmp_path):
     assert json.loads(json_path.read_text())["bench"]["results"] == ROWS
 
 
-def test_report_picks_up_benchmarks_results_in_the_current_directory(run_dir, tmp_path, monkeypatch, capsys):
+def test_bench_only_when_asked_and_bare_bench_is_the_newest_results_file(run_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    assert main(["report", str(run_dir), "--out", str(out)]) == 0
-    assert "<h2>Benchmarks</h2>" not in (out / "report.html").read_text()  # nothing to show
+    assert main(["report", str(run_dir), "--out", str(out), "--bench"]) == 2  # nothing to show
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "benchmarks/results" in err
     write_sweep(ROWS, tmp_path / "benchmarks" / "results", {}, 1)
     assert main(["report", str(run_dir), "--out", str(out)]) == 0
+    assert "<h2>Benchmarks</h2>" not in (out / "report.html").read_text()  # stored results are not the run's
+    assert "bench" not in json.loads((out / "report.json").read_text())
+    assert main(["report", str(run_dir), "--out", str(out), "--bench"]) == 0
     assert "<h2>Benchmarks</h2>" in (out / "report.html").read_text()
+    assert json.loads((out / "report.json").read_text())["bench"]["results"] == ROWS
     capsys.readouterr()
     assert main(["report", str(run_dir), "--out", str(out), "--bench", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err

@@ -300,22 +300,29 @@ class _Page(HTMLParser):
     def __init__(self):
         super().__init__()
         self.rows, self.charts, self.attrs = [], {}, {}
+        self.tables: dict[str | None, list[dict]] = {}  # tbody rows per table id
         self.chart = None
         self.in_tbody = False
         self.title = ""
-        self._in_title = False
+        self._in_title = self._in_tick = False
+        self._table = None
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         self.attrs.setdefault(tag, []).append(a)
         if tag == "title" and self.chart is None:
             self._in_title = True
+        if tag == "table":
+            self._table = a.get("id")
         if tag == "tbody":
             self.in_tbody = True
         if tag == "tr" and self.in_tbody:
             self.rows.append(a)
+            self.tables.setdefault(self._table, []).append(a)
         if tag == "svg":
-            self.chart = self.charts.setdefault(a.get("id"), {"curves": [], "markers": 0, "legend": [], "ticks": 0})
+            self.chart = self.charts.setdefault(
+                a.get("id"), {"curves": [], "markers": 0, "legend": [], "ticks": 0, "tick_labels": []}
+            )
         if self.chart is not None:
             cls = (a.get("class") or "").split()
             if tag == "path" and "curve" in cls:
@@ -326,6 +333,7 @@ class _Page(HTMLParser):
                 self.chart["legend"].append(a)
             if tag == "text" and "tick" in cls:
                 self.chart["ticks"] += 1
+                self._in_tick = True
 
     def handle_endtag(self, tag):
         if tag == "tbody":
@@ -334,10 +342,14 @@ class _Page(HTMLParser):
             self.chart = None
         if tag == "title":
             self._in_title = False
+        if tag == "text":
+            self._in_tick = False
 
     def handle_data(self, data):
         if self._in_title:
             self.title += data
+        if self._in_tick and self.chart is not None:
+            self.chart["tick_labels"].append(data)
 
 
 def _parse(text: str) -> _Page:

@@ -1,0 +1,219 @@
+"""`mimscale report COMPARE_DIR`: the league report of a `mimscale compare` directory.
+
+The members' run directories are written with test_report's ``make_run`` (the project's own config,
+MetricLogger and FLOPs writers); compare.json, teachers/<step>/cost.json and members/<name>/result.json
+follow the compare contract. The league: ``mae`` (done), ``emae`` (done, charged a CLIP teacher: the
+league does not care which objective paid for one), ``mae_small`` (unfinished: no result.json, 250 of
+400 steps) and ``conmim`` (pending: nothing written yet, but its teacher already ran).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from test_report import CHROMIUM, DEFAULT_KNOBS, _chromium, _console_lines, _mae_default_flops, _parse, make_run
+
+from mimscale.cli import main
+from mimscale.report import load_league
+from mimscale.telemetry import MetricLogger
+
+TEACHER_H = 0.5
+MEMBERS = [
+    {"name": "mae", "objective": "mae", "overrides": [], "teachers": []},
+    {"name": "emae", "objective": "emae", "overrides": [], "teachers": ["clip"]},
+    {"name": "mae_small", "objective": "mae", "overrides": [], "teachers": []},
+    {"name": "conmim", "objective": "conmim", "overrides": [], "teachers": ["clip"]},
+]
+
+
+def _plan(members: list[dict]) -> dict:
+    return {
+        "version": 1,
+        "spec": "tiny_cpu",
+        "recipe": "tiny_cpu",
+        "overrides": ["model.arch=vit_micro", "train.epochs=2"],
+        "budget": {"kind": "minutes", "value": 10.0},
+        "knn_evals": 3,
+        "linear": None,
+        "members": members,
+        "data": {"train": "fashion-mnist:train", "knn_train": "fashion-mnist:train", "knn_test": "fashion-mnist:test"},
+    }
+
+
+def _result(name: str, objective: str, linear: float | None, teacher_h: float, rd) -> dict:
+    return {
+        "name": name,
+        "objective": objective,
+        "status": "done",
+        "calibrated_img_per_s": 16.0,
+        "epochs_planned": 2.0,
+        "budget": {"kind": "minutes", "value": 10.0},
+        "train_minutes": 10.0,
+        "linear_top1": linear,
+        "teacher_cost": {"device_hours": teacher_h, "steps": {"clip": teacher_h} if teacher_h else {}},
+        "summary": json.loads((rd / "summary.json").read_text()),
+    }
+
+
+@pytest.fixture(scope="module")
+def league(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("compare")
+    (root / "compare.json").write_text(json.dumps(_plan(MEMBERS)))
+    (root / "teachers" / "clip").mkdir(parents=True)
+    cost = {"step": "clip", "seconds": TEACHER_H * 3600, "device_hours": TEACHER_H, "world_size": 1, "what": "x"}
+    (root / "teachers" / "clip" / "cost.json").write_text(json.dumps(cost))
+    run = {name: root / "members" / name / "run" for name in ("mae", "emae", "mae_small")}
+    common = dict(world=1, loss=(0.5, 1.0, 0.99))
+    made = {
+        "mae": make_run(
+            run["mae"],
+            "mae",
+            DEFAULT_KNOBS,
+            steps=400,
+            sec_per_step=4.0,
+            knn={0: 10.2, 100: 31.0, 200: 44.5, 300: 51.0, 400: 55.6},
+            finished=True,
+            **common,
+        ),
+        "emae": make_run(
+            run["emae"],
+            "emae",
+            DEFAULT_KNOBS,
+            steps=400,
+            sec_per_step=11.0,
+            knn={0: 10.2, 100: 42.0, 200: 56.5, 300: 60.1, 400: 61.8},
+            finished=True,
+            mfu=0.3,
+            **common,
+        ),
+        "mae_small": make_run(
+            run["mae_small"],
+            "mae",
+            [],
+            steps=250,
+            sec_per_step=1.5,
+            knn={0: 10.2, 100: 50.0, 200: 58.0},
+            finished=False,
+            **common,
+        ),
+    }
+    with MetricLogger(run["emae"], tensorboard=False, wandb="disabled") as log:  # as `mimscale eval linear` does
+        log.log({"eval/linear_top1": 52.4}, step=400)
+    results = {
+        "mae": _result("mae", "mae", 48.3, 0.0, run["mae"]),
+        "emae": _result("emae", "emae", None, 0.5, run["emae"]),
+    }
+    for name, res in results.items():
+        (root / "members" / name / "result.json").write_text(json.dumps(res))
+    assert main(["report", str(root)]) == 0
+    return {"root": root, "made": made, "json": json.loads((root / "report.json").read_text())}
+
+
+def _members(doc: dict) -> dict[str, dict]:
+    return {m["name"]: m for m in doc["league"]["members"]}
+
+
+def test_target_is_the_lowest_best_of_the_finished_members(league):
+    doc = league["json"]["league"]
+    assert doc["target"] == pytest.approx(55.6)  # min(55.6, 61.8); the unfinished 58.0 does not count
+    m = _members(league["json"])
+    assert [m[n]["status"] for n in ("mae", "emae", "mae_small", "conmim")] == ["done", "done", "unfinished", "pending"]
+    assert m["conmim"]["run"] is None and m["conmim"]["knn_final"] is None
+
+
+def test_time_to_target_per_member(league):
+    m, made = _members(league["json"]), league["made"]
+    assert m["mae"]["ttt_step"] == 400 and m["mae"]["ttt_h"] == pytest.approx(dict(made["mae"]["logged"])[400])
+    assert m["emae"]["ttt_step"] == 200 and m["emae"]["ttt_h"] == pytest.approx(dict(made["emae"]["logged"])[200])
+    assert m["mae_small"]["ttt_step"] == 200
+    assert m["mae_small"]["ttt_h"] == pytest.approx(dict(made["mae_small"]["logged"])[200])
+    assert m["conmim"]["ttt_h"] is None
+    assert m["emae"]["ttt_total_h"] == pytest.approx(m["emae"]["ttt_h"] + TEACHER_H)
+    assert m["mae"]["ttt_total_h"] == pytest.approx(m["mae"]["ttt_h"])
+
+
+def test_finals_costs_and_throughput(league):
+    m, made = _members(league["json"]), league["made"]
+    assert m["mae"]["knn_final"] == 55.6 and m["emae"]["knn_final"] == 61.8 and m["mae_small"]["knn_final"] == 58.0
+    assert m["emae"]["knn_best"] == 61.8
+    assert m["mae"]["linear_top1"] == 48.3  # result.json
+    assert m["emae"]["linear_top1"] == 52.4  # no value in result.json: the run's eval/linear_top1
+    for name in ("mae", "emae", "mae_small"):
+        assert m[name]["train_h"] == pytest.approx(made[name]["logged"][-1][1])
+        assert m[name]["mem_peak_gb"] == pytest.approx(made[name]["peak"])
+    assert m["emae"]["teacher_h"] == TEACHER_H and m["mae"]["teacher_h"] == 0.0
+    assert m["conmim"]["teacher_h"] == TEACHER_H  # pending: from teachers/clip/cost.json
+    assert m["emae"]["total_h"] == pytest.approx(m["emae"]["train_h"] + TEACHER_H)
+    assert m["mae"]["total_h"] == pytest.approx(m["mae"]["train_h"]) and m["conmim"]["total_h"] is None
+    assert m["mae"]["mfu"] is None and m["emae"]["mfu"] == pytest.approx(0.3)
+    assert m["mae"]["img_per_s"] == pytest.approx(64 / 4.0 * 0.97)
+
+
+def test_flops_relative_to_the_mae_member(league):
+    doc, m, made = league["json"]["league"], _members(league["json"]), league["made"]
+    assert "'mae'" in doc["flops_reference"]
+    assert m["mae"]["flops_ratio"] == pytest.approx(1.0)
+    assert m["emae"]["flops_ratio"] == pytest.approx(made["emae"]["flops"] / made["mae"]["flops"])
+    assert m["mae_small"]["flops_ratio"] == pytest.approx(made["mae_small"]["flops"] / made["mae"]["flops"])
+    assert m["conmim"]["flops_ratio"] is None
+
+
+def test_without_an_mae_member_flops_are_relative_to_mae_default_knobs(league, tmp_path):
+    root = tmp_path / "compare"
+    shutil.copytree(league["root"], root)
+    (root / "compare.json").write_text(json.dumps(_plan(MEMBERS[1:2])))
+    lg = load_league(root)
+    assert "default knobs" in lg.flops_reference and [m.name for m in lg.members] == ["emae"]
+    assert lg.members[0].flops_ratio == pytest.approx(league["made"]["emae"]["flops"] / _mae_default_flops())
+    assert lg.target == pytest.approx(61.8)  # the only finished member's best
+    assert load_league(root, target=40.0).members[0].ttt_step == 100  # --target replaces the league's own
+
+
+def test_rankings_with_and_without_teacher_cost(league):
+    doc = league["json"]["league"]
+    assert doc["rank_knn"] == ["emae", "mae", "mae_small", "conmim"]  # unfinished members last, unranked
+    assert doc["rank_with_teacher"] == ["mae", "emae", "mae_small", "conmim"]  # emae's 0.5 h CLIP turns it
+
+
+def test_html_tables_are_ranked_without_js(league):
+    text = (league["root"] / "report.html").read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text
+    page = _parse(text)
+    assert [r["data-run"] for r in page.tables["league"]] == ["1", "0", "2", "3"]
+    assert [r["data-run"] for r in page.tables["league-teacher"]] == ["0", "1", "2", "3"]
+    for needle in ("budget 10 training minutes per member", "vit_micro/4 @32px", "fashion-mnist:test", "55.60%"):
+        assert needle in text
+    assert "pending" in text and "unfinished" in text
+    finals = text[text.index('<svg id="plot-finals"') : text.index("</svg>", text.index('<svg id="plot-finals"'))]
+    assert finals.count('class="dot"') == 5  # kNN of three members, linear of two
+
+
+def test_unreadable_compare_json_is_one_error_line(tmp_path, capsys):
+    for content, match in (("{oops", "unreadable"), ("[]", "not a `mimscale compare` plan")):
+        (tmp_path / "compare.json").write_text(content)
+        assert main(["report", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("mimscale: error:") and "compare.json" in err[0] and match in err[0]
+
+
+def test_a_compare_dir_is_reported_alone(league, tmp_path, capsys):
+    assert main(["report", str(league["root"]), str(league["root"] / "members" / "mae" / "run")]) == 2
+    assert "on its own" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not shutil.which(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM} (CI installs it)")
+def test_league_in_headless_chromium(league, tmp_path):
+    p = _chromium((league["root"] / "report.html").as_uri(), tmp_path / "profile", "--dump-dom")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _console_lines(p.stderr) == [], "JS errors / console output in the report"
+    dom = _parse(p.stdout)
+    assert dom.attrs["html"][0].get("data-report-ready") == "1", "the report's script did not run to its end"
+    assert len(dom.tables["league"]) == len(dom.tables["league-teacher"]) == len(MEMBERS)
+    assert [c["data-run"] for c in dom.charts["plot-league"]["curves"]] == ["0", "1", "2"]
+    small = [dom.charts[f"plot-member-{i}"] for i in range(len(MEMBERS))]
+    assert [len(c["curves"]) for c in small] == [1, 1, 1, 0]
+    labels = [c["tick_labels"] for c in small]
+    assert len(labels[0]) >= 6 and all(lab == labels[0] for lab in labels), labels  # shared axes
