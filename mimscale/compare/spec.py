@@ -2,6 +2,7 @@
 
 A **spec** is a YAML file (``mimscale/configs/compare/<name>.yaml`` or a path) or just a recipe name::
 
+    base: tiny_cpu                # optional: start from another spec, then this file's keys replace its
     recipe: tiny_cpu              # the base recipe of every member
     overrides: [key=value, ...]   # applied to every member
     budget: {minutes: 10}         # training minutes per member, or {mae_epochs: 4} (MAE-equivalent epochs)
@@ -37,7 +38,7 @@ from ..objectives import available, objective_class
 
 SPEC_DIR = C.CONFIG_DIR / "compare"
 PLAN_VERSION = 1
-SPEC_KEYS = {"recipe", "overrides", "budget", "knn_evals", "linear", "teachers", "members", "default_members"}
+SPEC_KEYS = {"base", "recipe", "overrides", "budget", "knn_evals", "linear", "teachers", "members", "default_members"}
 BUDGET_KINDS = ("minutes", "mae_epochs")
 TEACHER_STEPS = ("clip", "kclip")  # kclip needs clip (codes are k-means ids of CLIP patch features)
 
@@ -93,10 +94,13 @@ def read_spec(name_or_path: str) -> tuple[str, dict[str, Any]]:
             doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"compare spec {path}: unreadable YAML ({e})") from None
-        if isinstance(doc, dict) and "recipe" in doc:
+        if isinstance(doc, dict) and ("recipe" in doc or "base" in doc):
             bad = sorted(set(doc) - SPEC_KEYS)
             if bad:
                 raise ConfigError(f"compare spec {path}: unknown key(s) {', '.join(bad)} (known: {sorted(SPEC_KEYS)})")
+            if "base" in doc:  # another spec's members and knobs, with this file's keys on top
+                base = read_spec(str(doc.pop("base")))[1]
+                doc = {**base, **doc}
             return path.stem, doc
     C.recipe_path(name_or_path)  # a plain recipe (raises the usual one-line error when it is neither)
     return name_or_path, {"recipe": name_or_path}

@@ -18,7 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import cast
 
@@ -33,6 +33,15 @@ from ..telemetry.progress import Progress
 from .clip import TINY_CLIP_ARCH, TINY_CLIP_CFG, build_clip, file_sha256, save_clip
 
 log = logging.getLogger("mimscale.teachers")
+
+
+def caption_names(classes: list[str]) -> tuple[str, ...]:
+    """Class names for captions: Fashion-MNIST's written out (``t-shirt``), any other data set's manifest
+    names lower-cased (MNIST: ``0`` .. ``9``); no manifest names: Fashion-MNIST's."""
+    if not classes or len(classes) == len(FASHION_MNIST_PROMPT_NAMES) and classes[1].lower() == "trouser":
+        return FASHION_MNIST_PROMPT_NAMES
+    return tuple(c.lower() for c in classes)
+
 
 #: Fashion-MNIST class names as they are written in captions (label order of the data set).
 FASHION_MNIST_PROMPT_NAMES = (
@@ -75,7 +84,7 @@ class TrainCLIPConfig:
     test_samples: int | None = None  # None: the whole test split
     mean: tuple[float, ...] = TINY_MEAN
     std: tuple[float, ...] = TINY_STD
-    class_names: tuple[str, ...] = FASHION_MNIST_PROMPT_NAMES
+    class_names: tuple[str, ...] = ()  # empty: from the train manifest (Fashion-MNIST: the names above)
     templates: tuple[str, ...] = TEMPLATES
     model_cfg: dict = field(default_factory=lambda: json.loads(json.dumps(TINY_CLIP_CFG)))
 
@@ -148,6 +157,8 @@ def train_clip(
     if cfg.samples < cfg.batch_size or cfg.batch_size < 2:
         raise ConfigError(f"need samples >= batch_size >= 2, got samples={cfg.samples}, batch_size={cfg.batch_size}")
     classes = read_manifest(train_src).get("classes") or []
+    if not cfg.class_names:
+        cfg = replace(cfg, class_names=caption_names(classes))
     if classes and len(classes) != len(cfg.class_names):
         raise DataError(f"{train_src} has {len(classes)} classes but {len(cfg.class_names)} class names were given")
     torch.manual_seed(cfg.seed)
