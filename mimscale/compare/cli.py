@@ -55,7 +55,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from . import load_plan, plan_compare, run_members
-    from .run import say
+    from .run import EXIT_REQUEUE, Interrupted, say
 
     if args.spec is None:
         if args.overrides or args.objectives or args.set or args.budget_minutes or args.budget_mae_epochs:
@@ -82,7 +82,11 @@ def run(args) -> int:
         return 0
     if args.slurm:
         return submit(args.out, [plan.names.index(n) for n in selected], args.sbatch)
-    run_members(plan, args.out, selected, args.launch)
+    try:
+        run_members(plan, args.out, selected, args.launch)
+    except Interrupted as e:  # saved on SIGUSR1/SIGTERM: slurm/compare.sh requeues the task on 42
+        say(f"interrupted: {e}")
+        return EXIT_REQUEUE
     return 0
 
 

@@ -32,6 +32,7 @@ from ..errors import MimscaleError
 from .spec import Member, Plan, teacher_overrides
 
 CALIBRATE_STEPS = 60
+EXIT_REQUEUE = 42  # a child saved on a signal (mimscale.checkpoint.EXIT_REQUEUE)
 SAVE_EVERY_MINUTES = 2.0
 LAUNCHES = ("none", "srun")
 
@@ -71,7 +72,7 @@ def mimscale(args: list[str], launch: str = "none", log: Path | None = None) -> 
         _child = None
         for s, h in old.items():
             signal.signal(s, h)
-    if rc == 42:
+    if rc == EXIT_REQUEUE:
         raise Interrupted("stopped on a signal after saving a checkpoint; run the same command again to resume")
     if rc != 0:
         where = f" (log: {log})" if log else ""

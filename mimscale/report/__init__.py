@@ -14,7 +14,7 @@ from pathlib import Path
 from .bench import resolve_bench
 from .data import Run, check_target, load_run, load_runs, mae_reference_flops
 from .html import render, render_league
-from .league import League, is_compare_dir, load_league
+from .league import League, is_compare_dir, load_league, markdown_table
 
 __all__ = [
     "League",
@@ -76,4 +76,7 @@ def write_league(
     league = load_league(compare_dir, target)
     bench_doc = resolve_bench(bench)
     doc = {"league": league.to_json(), **({"bench": bench_doc} if bench_doc else {})}
-    return _emit(Path(out_dir if out_dir is not None else compare_dir), doc, render_league(league, bench=bench_doc))
+    out = Path(out_dir if out_dir is not None else compare_dir)
+    paths = _emit(out, doc, render_league(league, bench=bench_doc))
+    _write(out / "league.md", markdown_table(league))  # the same table as Markdown
+    return paths

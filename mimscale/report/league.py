@@ -191,3 +191,30 @@ def load_league(path: str | os.PathLike, target: float | None = None) -> League:
     league.rank_knn = _ranking(members, lambda m: None if m.knn_final is None else -m.knn_final)
     league.rank_with_teacher = _ranking(members, lambda m: m.ttt_total_h)
     return league
+
+
+def _md(v: float | None, fmt: str) -> str:
+    return "—" if v is None else format(v, fmt)
+
+
+def markdown_table(league: League) -> str:
+    """The league as a Markdown table (``league.md``: paste it into a README or an issue), ranked by final kNN;
+    times in device-minutes."""
+    rows = [
+        "| # | objective | kNN top-1 | linear top-1 | min to target | teacher min | img/s | FLOPs/img vs MAE | train min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    done = [n for n in league.rank_knn if any(m.name == n and m.finished for m in league.members)]
+    order = {name: i for i, name in enumerate(done)}
+
+    def minutes(h: float | None) -> str:
+        return _md(None if h is None else h * 60, ".1f")
+
+    for m in sorted(league.members, key=lambda m: order.get(m.name, len(order) + m.index)):
+        rows.append(
+            f"| {order[m.name] + 1 if m.name in order else m.status} | {m.name} | {_md(m.knn_final, '.2f')} "
+            f"| {_md(m.linear_top1, '.2f')} | {minutes(m.ttt_h)} | {minutes(m.teacher_h)} | {_md(m.img_per_s, '.0f')} "
+            f"| {_md(m.flops_ratio, '.2f')} | {minutes(m.train_h)} |"
+        )
+    target = f"{league.target:.2f}%" if league.target is not None else "—"
+    return "\n".join([*rows, "", f"Target (min to target): kNN top-1 {target}, {league.target_source}."]) + "\n"

@@ -217,3 +217,17 @@ def test_league_in_headless_chromium(league, tmp_path):
     assert [len(c["curves"]) for c in small] == [1, 1, 1, 0]
     labels = [c["tick_labels"] for c in small]
     assert len(labels[0]) >= 6 and all(lab == labels[0] for lab in labels), labels  # shared axes
+
+
+def test_markdown_table_ranks_finished_members_in_minutes(league):
+    lines = (league["root"] / "league.md").read_text().splitlines()
+    rows = [line.split(" | ") for line in lines[2:6]]
+    assert [(r[0].strip("| "), r[1]) for r in rows] == [
+        ("1", "emae"),
+        ("2", "mae"),
+        ("unfinished", "mae_small"),
+        ("pending", "conmim"),
+    ]
+    assert rows[0][2] == "61.80" and rows[0][3] == "52.40" and rows[1][3] == "48.30"
+    assert rows[0][5] == f"{TEACHER_H * 60:.1f}"  # the teacher column, in device-minutes
+    assert lines[-1].startswith("Target (min to target): kNN top-1 55.60%")
