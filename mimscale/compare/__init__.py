@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from .run import LAUNCHES, run_member, say
+from .run import LAUNCHES, forwarding_signals, run_member, say
 from .spec import Plan, build_plan, merge_plans, parse_budget, read_spec
 
 __all__ = ["Plan", "load_plan", "plan_compare", "run_members", "LAUNCHES"]
@@ -55,15 +55,17 @@ def plan_compare(
 
 
 def run_members(plan: Plan, root: str | os.PathLike, names: list[str], launch: str = "none") -> None:
-    """Run the named members one after another, with progress (members done, ETA)."""
+    """Run the named members one after another, with progress (members done, ETA). USR1 / TERM go to the
+    running step (it saves) and stop the comparison: :class:`~mimscale.compare.run.Interrupted`."""
     root, t0 = Path(root), time.monotonic()
     todo = [n for n in names if not (root / "members" / n / "result.json").is_file()]
     say(
         f"{len(names)} members, {len(names) - len(todo)} complete; budget {plan.budget['value']:g} {plan.budget['kind']}"
     )
-    for i, name in enumerate(todo):
-        if i:
-            eta = (time.monotonic() - t0) / i * (len(todo) - i)
-            say(f"{i}/{len(todo)} members run, about {eta / 60:.0f} min to go")
-        run_member(plan, plan.member(name), root, launch)
+    with forwarding_signals():
+        for i, name in enumerate(todo):
+            if i:
+                eta = (time.monotonic() - t0) / i * (len(todo) - i)
+                say(f"{i}/{len(todo)} members run, about {eta / 60:.0f} min to go")
+            run_member(plan, plan.member(name), root, launch)
     say(f"all {len(names)} members complete: mimscale report {root}")

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from ..errors import MimscaleError
 from .spec import Member, Plan, teacher_overrides
 
 CALIBRATE_STEPS = 60
-EXIT_REQUEUE = 42  # a child saved on a signal (mimscale.checkpoint.EXIT_REQUEUE)
+EXIT_REQUEUE = 42  # a child saved on a signal (mimscale.checkpoint.EXIT_REQUEUE, without importing deepspeed)
 SAVE_EVERY_MINUTES = 2.0
 LAUNCHES = ("none", "srun")
 
@@ -49,11 +49,27 @@ def say(msg: str) -> None:
 
 
 _child: subprocess.Popen | None = None
+_signalled: int | None = None  # USR1 / TERM came: no further child starts; the comparison is interrupted
 
 
 def _forward(signum, frame) -> None:  # SIGUSR1 / SIGTERM: the child saves and exits 42; we wait for it
+    global _signalled
+    _signalled = signum
     if _child is not None and _child.poll() is None:
         _child.send_signal(signum)
+
+
+@contextmanager
+def forwarding_signals() -> Iterator[None]:
+    """USR1 / TERM during the whole comparison (also between two children) interrupt it, never kill it."""
+    global _signalled
+    _signalled = None
+    old = {s: signal.signal(s, _forward) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def mimscale(args: list[str], launch: str = "none", log: Path | None = None) -> None:
@@ -62,18 +78,21 @@ def mimscale(args: list[str], launch: str = "none", log: Path | None = None) -> 
     cmd = [sys.executable, "-m", "mimscale.cli", *args]
     if launch == "srun":
         cmd = ["srun", "--label", "--wait=120", *cmd]
-    say("+ " + " ".join(cmd))
-    old = {s: signal.signal(s, _forward) for s in (signal.SIGUSR1, signal.SIGTERM)}
-    try:
-        with open(log, "a") if log else open(os.devnull, "w") as f:
-            _child = subprocess.Popen(cmd, stdout=None if log is None else f, stderr=subprocess.STDOUT)
-            rc = _child.wait()
-    finally:
-        _child = None
-        for s, h in old.items():
-            signal.signal(s, h)
-    if rc == EXIT_REQUEUE:
-        raise Interrupted("stopped on a signal after saving a checkpoint; run the same command again to resume")
+    with forwarding_signals() if signal.getsignal(signal.SIGUSR1) is not _forward else nullcontext():
+        if _signalled is not None:
+            raise Interrupted(f"signal {_signalled} before `{' '.join(args[:2])}`; run the same command again")
+        say("+ " + " ".join(cmd))
+        try:
+            with open(log, "a") if log else open(os.devnull, "w") as f:
+                _child = subprocess.Popen(cmd, stdout=None if log is None else f, stderr=subprocess.STDOUT)
+                rc = _child.wait()
+        finally:
+            _child = None
+        signalled = _signalled
+    if rc == EXIT_REQUEUE or (rc != 0 and signalled is not None):  # a step without a checkpoint is redone on resume
+        raise Interrupted(
+            f"`{' '.join(args[:2])}` stopped on a signal (exit {rc}); run the same command again to resume"
+        )
     if rc != 0:
         where = f" (log: {log})" if log else ""
         raise MimscaleError(f"`mimscale {args[0]} {args[1] if len(args) > 1 else ''}` failed with exit {rc}{where}")

@@ -1,0 +1,161 @@
+"""slurm/compare.sh, unchanged, on a real local SLURM: `mimscale compare --slurm` submits one array task per
+member (CPU nodes, 1 rank each), each task runs its member under srun; `mimscale report` reads the result.
+
+The comparison is MAE vs EMAE on a micro ViT (16 px, patch 4) on real Fashion-MNIST shards: a budget of 6
+training seconds (18 for the USR1 test), kNN on 256-image banks once during training, a tiny linear probe.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from launch_utils import REPO, clean_env
+
+pytestmark = pytest.mark.slow
+CPU_NODES = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=30"]  # > the 600 s warning
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+
+
+def write_spec(path: Path, data: dict[str, Path], minutes: float, linear: dict | None) -> Path:
+    """A compare spec over tiny_cpu that makes every member a seconds-long run on ``fmnist_small``."""
+    kv = {
+        "model.arch": "vit_micro",
+        "model.img_size": 16,
+        "model.patch_size": 4,
+        "data.train": str(data["train"]),
+        "data.num_workers": 1,
+        "data.shuffle_buffer": 64,
+        "train.batch_size": 16,
+        "train.micro_batch_size": 16,
+        "train.log_every": 1,
+        "optim.warmup_epochs": 0.01,
+        "objective.decoder_dim": 32,
+        "objective.decoder_depth": 1,
+        "objective.decoder_heads": 2,
+        "eval.knn_train": str(data["train"]),
+        "eval.knn_test": str(data["test"]),
+        "eval.knn_train_samples": 256,
+        "eval.knn_test_samples": 256,
+        "eval.batch_size": 128,
+        "eval.num_workers": 0,
+    }
+    spec = {
+        "recipe": "tiny_cpu",
+        "overrides": [f"{k}={v}" for k, v in kv.items()],
+        "budget": {"minutes": minutes},  # (MAE-equivalent epochs count MAE's default 8-block decoder)
+        "knn_evals": 1,
+        "linear": linear,
+        "members": {"mae": {}, "emae": {}},
+    }
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def compare_slurm(slurm, spec: Path, out: Path, cwd: Path, *extra: str) -> str:
+    """``mimscale compare SPEC --out DIR --slurm --sbatch=...`` as a user types it; returns the array job id."""
+    cmd = [sys.executable, "-m", "mimscale.cli", "compare", str(spec), "--out", str(out), *extra, "--slurm"]
+    cmd += [f"--sbatch={o}" for o in CPU_NODES]
+    env = {**clean_env(), "SLURM_CONF": str(slurm.conf), "PYTHONPATH": str(REPO)}
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=120)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "sbatch --parsable --array=" in p.stdout and str(REPO / "slurm" / "compare.sh") in p.stdout
+    return p.stdout.strip().splitlines()[-1]
+
+
+def task_log(slurm, task: str) -> str:
+    return Path(slurm.job(task)["StdOut"]).read_text()
+
+
+def wait_done(slurm, task: str, timeout: float) -> dict[str, str]:
+    info = slurm.wait_state(task, ENDED, timeout=timeout)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", task_log(slurm, task)[-5000:]
+    return info
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r["step"] for r in rows if "train/loss" in r]
+
+
+def test_compare_array_runs_every_member_and_reports(slurm, fmnist_small, tmp_path):
+    linear = {"pool": "mean", "optimizer": "sgd", "epochs": 2, "batch_size": 128, "warmup_epochs": 0}
+    linear |= {"train_samples": 256, "test_samples": 256, "feature_batch_size": 128, "num_workers": 0}
+    spec, out = write_spec(tmp_path / "spec.yaml", fmnist_small, 0.1, linear), tmp_path / "league"
+    t0 = time.time()
+    job = compare_slurm(slurm, spec, out, tmp_path)
+    plan = json.loads((out / "compare.json").read_text())
+    assert [m["name"] for m in plan["members"]] == ["mae", "emae"]
+    infos = [wait_done(slurm, f"{job}_{i}", timeout=400) for i in range(2)]
+    took = time.time() - t0
+    for i, (name, info) in enumerate(zip(("mae", "emae"), infos)):
+        assert info["ArrayJobId"] == job and info["ArrayTaskId"] == str(i) and info["Restarts"] == "0"
+        log = task_log(slurm, f"{job}_{i}")
+        assert Path(info["StdOut"]).name == f"mimscale-compare-{job}_{i}.out"
+        assert f"task {job}_{i} " in log and f"member #{i} of {out}" in log and "rendezvous msn" in log
+        result = json.loads((out / "members" / name / "result.json").read_text())
+        assert result["name"] == name and result["status"] == "done"
+        assert result["summary"]["steps"] > 0 and result["summary"]["knn_top1_final"] is not None
+        assert result["linear_top1"] is not None
+        member_log = (out / "members" / name / "log.txt").read_text()
+        assert re.search(r"^0: ", member_log, re.M)  # the steps ran under srun (--label)
+    p = subprocess.run(
+        [sys.executable, "-m", "mimscale.cli", "report", str(out)],
+        capture_output=True,
+        text=True,
+        env={**clean_env(), "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    league = json.loads((out / "report.json").read_text())["league"]
+    assert sorted(m["name"] for m in league["members"]) == ["emae", "mae"]
+    assert all(m["status"] == "done" for m in league["members"])
+    print(f"2-member compare array {job}: both tasks COMPLETED, reported; {took:.1f} s")
+
+
+def test_usr1_to_one_task_saves_requeues_and_resumes(slurm, fmnist_small, tmp_path):
+    """The warning signal to one array task's batch shell -> the member's run saves -> `mimscale compare` exits
+    42 -> compare.sh requeues that task only -> it resumes from the checkpoint and completes."""
+    spec, out = write_spec(tmp_path / "spec.yaml", fmnist_small, 0.3, None), tmp_path / "league"
+    t0 = time.time()
+    job = compare_slurm(slurm, spec, out, tmp_path, "--member", "emae")  # only member #1: array task 1
+    task, run_dir = f"{job}_1", out / "members" / "emae" / "run"
+    deadline = time.time() + 300
+    while max(train_steps(run_dir), default=0) < 2:  # mid-training: past calibration, a few steps done
+        assert time.time() < deadline and slurm.job(task)["JobState"] in ("PENDING", "RUNNING"), task_log(slurm, task)
+        time.sleep(0.2)
+    slurm.cmd(["scancel", "--signal=USR1", "--batch", task])  # what --signal=B:USR1@... does
+    # The requeued task waits until its old credential expires (cred_expire=10 s in the test cluster).
+    deadline = time.time() + 120
+    while True:
+        info = slurm.job(task)
+        if info.get("Restarts") == "1" and info["JobState"] != "PENDING":
+            break
+        assert time.time() < deadline and info["JobState"] in ("RUNNING", "COMPLETING", "PENDING"), (
+            info,
+            task_log(slurm, task)[-4000:],
+        )
+        time.sleep(0.5)
+    info = wait_done(slurm, task, timeout=300)
+    log, member_log = task_log(slurm, task), (out / "members" / "emae" / "log.txt").read_text()
+    assert info["Restarts"] == "1" and info["ArrayTaskId"] == "1", log[-4000:]
+    assert "USR1 (time limit near)" in log and f"the member saved (exit 42): requeueing task {task}" in log
+    assert f"task {task} (job {info['JobId']}, restart 1)" in log and "- resuming" in log
+    saved = [int(n) for n in re.findall(r"saved checkpoint step=(\d+)", member_log)]
+    resumed = [int(n) for n in re.findall(r"resumed from checkpoint step=(\d+)", member_log)]
+    assert len(resumed) == 1 and resumed[0] in saved, member_log[-4000:]
+    result = json.loads((out / "members" / "emae" / "result.json").read_text())
+    steps = train_steps(run_dir)
+    assert result["status"] == "done" and result["summary"]["steps"] == steps[-1] > resumed[0]
+    assert sorted(set(steps)) == list(range(1, steps[-1] + 1))  # no gap across the restart
+    assert not (out / "members" / "mae").exists()  # the other member was not selected
+    print(f"USR1 to {task}: saved/resumed at step {resumed[0]} of {steps[-1]}, COMPLETED; {time.time() - t0:.1f} s")
