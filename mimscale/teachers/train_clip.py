@@ -94,8 +94,9 @@ def _tokens(cfg: TrainCLIPConfig) -> torch.Tensor:
     import open_clip
 
     tok = open_clip.SimpleTokenizer(context_length=int(cfg.model_cfg["text_cfg"]["context_length"]))
-    texts = [t.format(c) for c in cfg.class_names for t in cfg.templates]
-    return tok(texts).view(len(cfg.class_names), len(cfg.templates), -1)
+    names = cfg.class_names or FASHION_MNIST_PROMPT_NAMES  # empty: the default data set's
+    texts = [t.format(c) for c in names for t in cfg.templates]
+    return tok(texts).view(len(names), len(cfg.templates), -1)
 
 
 @torch.no_grad()

@@ -66,3 +66,12 @@ def test_fit_kmeans_cli_on_teacher_features(tiny_clip, fmnist_small, tmp_path, c
     assert km.view["image_size"] == [32, 32] and km.view["grid"] == [8, 8] and km.view["crop_rule"]
     codes = km.assign(teacher(torch.randn(4, 3, 32, 32)))
     assert codes.shape == (4, 64) and int(codes.max()) < 16
+
+
+def test_caption_names_come_from_the_manifest():
+    from mimscale.teachers.train_clip import FASHION_MNIST_PROMPT_NAMES, caption_names
+
+    fashion = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert caption_names(fashion) == FASHION_MNIST_PROMPT_NAMES and caption_names([]) == FASHION_MNIST_PROMPT_NAMES
+    assert caption_names([str(i) for i in range(10)]) == tuple(str(i) for i in range(10))  # MNIST
+    assert caption_names(["Cat", "Dog"]) == ("cat", "dog")
