@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from launch_utils import REPO, clean_env
+from launch_utils import REPO, clean_env, tiny_overrides
 
 pytestmark = pytest.mark.slow
 CPU_NODES = ["--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=30"]  # > the 600 s warning
@@ -25,30 +25,20 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 def write_spec(path: Path, data: dict[str, Path], minutes: float, linear: dict | None) -> Path:
     """A compare spec over tiny_cpu that makes every member a seconds-long run on ``fmnist_small``."""
-    kv = {
-        "model.arch": "vit_micro",
-        "model.img_size": 16,
-        "model.patch_size": 4,
-        "data.train": str(data["train"]),
-        "data.num_workers": 1,
-        "data.shuffle_buffer": 64,
-        "train.batch_size": 16,
-        "train.micro_batch_size": 16,
-        "train.log_every": 1,
-        "optim.warmup_epochs": 0.01,
-        "objective.decoder_dim": 32,
-        "objective.decoder_depth": 1,
-        "objective.decoder_heads": 2,
-        "eval.knn_train": str(data["train"]),
-        "eval.knn_test": str(data["test"]),
-        "eval.knn_train_samples": 256,
-        "eval.knn_test_samples": 256,
-        "eval.batch_size": 128,
-        "eval.num_workers": 0,
-    }
+    extra = dict(
+        train__micro_batch_size=16,
+        eval__knn_train=data["train"],
+        eval__knn_test=data["test"],
+        eval__knn_train_samples=256,
+        eval__knn_test_samples=256,
+        eval__batch_size=128,
+        eval__num_workers=0,
+    )
+    own = ("train.run_dir=", "train.max_steps=", "log.wandb=")  # compare sets the run dir, budget and logging
+    overrides = [o for o in tiny_overrides(data, path.parent, **extra) if not o.startswith(own)]
     spec = {
         "recipe": "tiny_cpu",
-        "overrides": [f"{k}={v}" for k, v in kv.items()],
+        "overrides": overrides,
         "budget": {"minutes": minutes},  # (MAE-equivalent epochs count MAE's default 8-block decoder)
         "knn_evals": 1,
         "linear": linear,
