@@ -1,13 +1,17 @@
 """``mimscale pretrain|objectives|data ...`` — the command line.
 
-User errors (:class:`mimscale.errors.MimscaleError`) print one line and exit 2.
+User errors (:class:`mimscale.errors.MimscaleError`) print one line and exit 2. Building the parser imports
+no torch, numpy or DeepSpeed (each subcommand imports its code when it runs), so ``--help`` and usage errors
+are instant; ``tests/test_cli.py`` checks that.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
+import re
 import sys
 
 from .errors import MimscaleError
@@ -65,12 +69,10 @@ def _parser() -> argparse.ArgumentParser:
         "crops: cheaper decoding in training; recorded in the manifest)",
     )
     fo.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of shrunk images (default: 90)")
-    from .teachers.targets import add_parser as add_targets_parser
+    from .teachers.cli import add_targets_parser
 
     add_targets_parser(dsub)  # mimscale data add-targets: cached teacher targets (run via args.run)
     for mod in _PLUGGED:  # subcommands that live beside their code: add_parser(sub) and run(args) -> int
-        import importlib
-
         importlib.import_module(mod).add_parser(sub)
     return p
 
@@ -114,11 +116,14 @@ def _cmd_pretrain(args) -> int:
 def _cmd_objectives(args) -> int:
     from .objectives import available
 
-    for name, cls in available().items():
+    found = available()
+    width = max(map(len, found), default=0) + 2
+    for name, cls in found.items():
         doc = (cls.__doc__ or "").strip().splitlines()
-        print(f"{name:10s} {cls.__module__}.{cls.__name__}  {doc[0] if doc else ''}")
-        if getattr(cls, "reference", ""):
-            print(f"{'':10s} {cls.reference}")
+        print(f"{name:{width}s}{plain(doc[0]) if doc else ''}")
+        print(f"{'':{width}s}{cls.__module__}.{cls.__name__}", end="")
+        ref = plain(getattr(cls, "reference", ""))
+        print(f"; {ref}" if ref else "")
     return 0
 
 
@@ -137,6 +142,13 @@ def _cmd_export(args) -> int:
         print(
             f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
             f"num_classes=0, global_pool='token', pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))"
+def plain(text: str) -> str:
+    """Docstring reST as plain terminal text: ``x`` and :role:`~a.b` become x and b."""
+    text = re.sub(r":[\w:.-]+:`~([^`<]*\.)?([^`<.]+)`", r"\2", text)  # :class:`~a.B` -> B
+    text = re.sub(r":[\w:.-]+:`([^`<]*?)\s*(<[^`]*>)?`", r"\1", text)  # :func:`a.b` / :ref:`text <target>`
+    return re.sub(r"``(.+?)``", r"\1", text)
+
+
         )
     elif not relative and got["arch"] in ARCHS and got["arch"] != "vit_micro":
         name = timm_model_name(got["arch"], got["patch_size"], got["img_size"])

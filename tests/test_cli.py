@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 
@@ -81,6 +84,43 @@ def test_objectives_lists_mae(capsys):
     names = [line.split()[0] for line in out.splitlines()]
     assert "mae" in names
     assert "mimscale.objectives.mae.MAE" in out
+    assert "``" not in out and ":class:" not in out  # plain text, not the docstrings' reST
+    assert "Hide mask_ratio of the patches" in out  # MAE's docstring says ``mask_ratio``
+
+
+def test_plain_strips_rest_markup():
+    assert cli.plain("Hide ``mask_ratio`` of :class:`~mimscale.objectives.base.Objective`") == (
+        "Hide mask_ratio of Objective"
+    )
+    assert cli.plain("see :func:`mimscale.masking.num_visible` and :ref:`the guide <guide>`") == (
+        "see mimscale.masking.num_visible and the guide"
+    )
+    assert cli.plain("2 * 3 `x`") == "2 * 3 `x`"
+
+
+def test_the_parser_imports_no_torch_numpy_or_deepspeed():
+    """`mimscale --help` and usage errors must not wait for torch (~2 s): every subcommand imports its code
+    when it runs. A fresh interpreter builds the whole parser (all subcommands) and prints its help."""
+    code = (
+        "import sys, contextlib, io\n"
+        "import mimscale.cli as c\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "    c.main(['data', 'add-targets', '--help'])\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'deepspeed', 'timm', 'PIL') if m in sys.modules))"
+    )
+    got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert got.stdout.strip() == "[]", got.stdout + got.stderr
+
+
+def test_add_targets_kinds_are_the_target_fields():
+    from mimscale.data.targets import FIELD_NAMES
+
+    with pytest.raises(SystemExit):
+        cli.main(["data", "add-targets", "s", "--teacher", "t.pt", "--out", "o", "--kind", "nope"])
+    parser = cli._parser()
+    data = next(a for a in parser._subparsers._group_actions[0].choices["data"]._actions if a.dest == "data_cmd")
+    kind = next(a for a in data.choices["add-targets"]._actions if a.dest == "kind")
+    assert tuple(kind.choices) == tuple(sorted(FIELD_NAMES))
 
 
 @pytest.mark.parametrize(

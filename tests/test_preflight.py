@@ -77,7 +77,7 @@ def _write_knobs(path, doc) -> str:
 # cached targets in the manifest, kNN shards. Rows that reach DeepSpeed's engine in the launch come last.
 TABLE = [
     ("range_blr", "mae", {}, ["optim.blr=-0.001"], 1, "optim.blr=-0.001 must be > 0"),
-    ("range_mask_ratio", "mae", {"mask_ratio": 1.0}, [], 1, "objective.mask_ratio=1.0 must be in [0, 1)"),
+    ("range_mask_ratio", "mae", {"mask_ratio": 1.0}, [], 1, "objective.mask_ratio=1.0 must be in (0, 1)"),
     ("range_knn_k", "mae", {}, ["eval.knn_k=0"], 1, "eval.knn_k=0 must be >= 1"),
     ("range_decoder_depth", "mae", {"decoder_depth": -1}, [], 1, "objective.decoder_depth=-1 must be >= 0"),
     ("range_keep_last", "mae", {}, ["train.keep_last=-1"], 1, "train.keep_last=-1 must be >= 1"),

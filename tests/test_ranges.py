@@ -168,7 +168,8 @@ def test_none_is_valid_where_the_type_allows_it_and_the_issue_examples_are_refus
     C.load("tiny_cpu", ["optim.lr=null", "train.max_steps=null"])
     for override, line in [
         ("optim.lr=-0.001", "optim.lr=-0.001 must be > 0"),
-        ("objective.mask_ratio=1.0", "objective.mask_ratio=1.0 must be in [0, 1)"),
+        ("objective.mask_ratio=1.0", "objective.mask_ratio=1.0 must be in (0, 1)"),
+        ("objective.mask_ratio=0", "objective.mask_ratio=0.0 must be in (0, 1)"),
         ("eval.knn_k=0", "eval.knn_k=0 must be >= 1"),
         ("objective.decoder_depth=-1", "objective.decoder_depth=-1 must be >= 0"),
         ("train.keep_last=-2", "train.keep_last=-2 must be >= 1"),
@@ -177,3 +178,11 @@ def test_none_is_valid_where_the_type_allows_it_and_the_issue_examples_are_refus
         with pytest.raises(ConfigError) as e:
             C.load("tiny_cpu", [override])
         assert str(e.value) == line
+
+
+@pytest.mark.parametrize("objective", ["mae", "emae", "mae_plus", "adpe"])
+@pytest.mark.parametrize("ratio", ["0", "1.0"])
+def test_mae_family_refuses_a_mask_ratio_that_leaves_nothing_to_predict_or_nothing_to_see(objective, ratio):
+    with pytest.raises(ConfigError) as e:
+        C.load("tiny_cpu", [f"objective.name={objective}", f"objective.mask_ratio={ratio}"])
+    assert str(e.value) == f"objective.mask_ratio={float(ratio)} must be in (0, 1)"

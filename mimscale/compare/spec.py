@@ -34,7 +34,6 @@ import yaml
 
 from .. import config as C
 from ..errors import ConfigError
-from ..objectives import available, objective_class
 
 SPEC_DIR = C.CONFIG_DIR / "compare"
 PLAN_VERSION = 1
@@ -128,6 +127,8 @@ def parse_budget(spec_budget: Any, minutes: float | None, mae_epochs: float | No
 
 def _objective_section(recipe_objective: dict[str, Any], member: dict[str, Any], name: str) -> dict[str, Any]:
     """The member's objective dict: the recipe's knobs its objective accepts, then the member's own."""
+    from ..objectives import available, objective_class  # late: `mimscale --help` need not import torch
+
     own = dict(member.get("objective") or {})
     obj_name = own.pop("name", name)
     if obj_name not in available():
@@ -141,6 +142,8 @@ def teacher_steps(objective: dict[str, Any]) -> list[str]:
     """Which teacher steps a member needs, from its objective's knobs (no objective names here):
     ``clip`` when the objective has a ``teacher`` knob left unset (``???``); ``kclip`` (CLIP k-means codes
     cached in the shards) when it reads ``vocab_size`` codes from the shards (``target_source: shards``)."""
+    from ..objectives import objective_class
+
     cls = objective_class(objective["name"])
     defaults = {f.name: f.default for f in dataclasses.fields(cls.Config)}
     knob = {**defaults, **objective}.get
@@ -166,6 +169,8 @@ def build_plan(
     base = C.load(recipe, common)  # a bad common key fails here, before anything runs
     spec_members: dict[str, Any] = dict(spec.get("members") or {})
     if names is None:
+        from ..objectives import available
+
         names = list(spec.get("default_members") or spec_members or available())
     labels = [n.partition("=")[0] for n in names]
     extra: dict[str, list[str]] = {}

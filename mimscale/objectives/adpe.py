@@ -206,7 +206,7 @@ class AdPEConfig:
     num_crops: int = num(4, ">= 1")
     crop_size: int = num(112, ">= 1")
     crop_scale: tuple[float, float] = num((0.08, 1.0), "(0, 1]")
-    mask_ratio: float = num(0.75, "[0, 1)")
+    mask_ratio: float = num(0.75, "(0, 1)")  # 0 masks nothing: no loss
     norm_pix_loss: bool = True
     norm_pix_eps: float = num(1e-6, "> 0")
     decoder_dim: int = num(512, ">= 4")

@@ -43,8 +43,8 @@ def resolve_num_parts(num_patches: int, mask_ratio: float, num_parts: int | None
     ``N_keep = floor(N(1-r))`` can make the rounded value one too many, e.g. r = 0.62, N = 16).
     A user-set ``num_parts`` must satisfy ``num_parts * N_keep <= N``.
     """
-    if not 0.0 <= mask_ratio < 1.0:
-        raise ConfigError(f"objective.mask_ratio={mask_ratio} must be in [0, 1)")
+    if not 0.0 < mask_ratio < 1.0:
+        raise ConfigError(f"objective.mask_ratio={mask_ratio} must be in (0, 1)")
     keep = num_visible(num_patches, mask_ratio)
     if keep < 1:
         raise ConfigError(f"objective.mask_ratio={mask_ratio} leaves no visible patch of {num_patches}; lower it")
@@ -102,7 +102,7 @@ class EMAE(Objective):
 
     @dataclass
     class Config:
-        mask_ratio: float = num(0.75, "[0, 1)")
+        mask_ratio: float = num(0.75, "(0, 1)")  # 0 masks nothing: no loss
         num_parts: int | None = num(None, ">= 2")  # None: round(1 / (1 - mask_ratio)) (4 for 0.75) [unverified]
         sc_weight: float = num(1.0, ">= 0")  # lambda_sc [unverified]
         sc_loss: Literal["mse"] = "mse"  # [unverified]

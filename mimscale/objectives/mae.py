@@ -51,11 +51,12 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
 
 
 def check_mae_knobs(cfg) -> None:
-    """ConfigError for a mask ratio outside [0, 1) or a decoder shape the sin-cos table / heads cannot take."""
+    """ConfigError for a mask ratio outside (0, 1) (0 leaves nothing to predict) or a decoder shape the sin-cos
+    table / heads cannot take."""
     from ..errors import ConfigError
 
-    if not 0.0 <= cfg.mask_ratio < 1.0:
-        raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in [0, 1)")
+    if not 0.0 < cfg.mask_ratio < 1.0:
+        raise ConfigError(f"objective.mask_ratio={cfg.mask_ratio} must be in (0, 1)")
     if cfg.decoder_dim < 4 or cfg.decoder_dim % 4 or cfg.decoder_heads < 1 or cfg.decoder_dim % cfg.decoder_heads:
         raise ConfigError(
             f"objective.decoder_dim={cfg.decoder_dim} must be a multiple of 4 (sin-cos table) and "
@@ -123,7 +124,7 @@ class MAE(Objective):
 
     @dataclass
     class Config:
-        mask_ratio: float = num(0.75, "[0, 1)")
+        mask_ratio: float = num(0.75, "(0, 1)")  # 0 masks nothing: no loss
         norm_pix_loss: bool = True
         norm_pix_eps: float = num(1e-6, "> 0")
         decoder_dim: int = num(512, ">= 4")

@@ -1,4 +1,4 @@
-"""``mimscale teacher train-clip | fit-kmeans`` (plugged into mimscale.cli through add_parser/run)."""
+"""``mimscale teacher train-clip | fit-kmeans`` and ``mimscale data add-targets`` (plugged into mimscale.cli)."""
 
 from __future__ import annotations
 
@@ -72,6 +72,45 @@ def add_parser(sub) -> None:
     )
     km.add_argument("--chunk-rows", type=int, default=65536, help="feature rows per k-means step on the device")
     km.set_defaults(run=_run_fit_kmeans)
+
+
+def add_targets_parser(dsub) -> None:
+    """``mimscale data add-targets`` (plugged into the ``data`` subcommands; :mod:`.targets` does the work and is
+    imported only when it runs, so ``mimscale --help`` stays free of numpy and torch)."""
+    p = dsub.add_parser("add-targets", help="copy shards adding cached CLIP features or k-CLIP codes per sample")
+    p.add_argument("src", metavar="SRC_SHARDS", help="source shard directory (or pattern)")
+    p.add_argument("--teacher", required=True, metavar="CLIP.pt")
+    p.add_argument("--arch", default=None, help="open_clip architecture of a plain open_clip checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument(
+        "--kind",
+        choices=("codes", "features"),  # the keys of data.targets.FIELD_NAMES (a test checks)
+        default="features",
+        help="features -> clip.npy float16 [N, D]; codes -> kclip.npy uint16 [N] (needs --kmeans)",
+    )
+    p.add_argument("--kmeans", default=None, metavar="KM.pt", help="k-means file of mimscale teacher fit-kmeans")
+    p.add_argument("--image-size", type=int, default=None, help="centre-crop size (default: the teacher's)")
+    p.add_argument("--grid", type=int, default=None, help="token grid side (default: image size // teacher patch)")
+    p.add_argument("--crop-pct", type=float, default=1.0, help="shorter side -> floor(size / crop_pct), then crop")
+    p.add_argument("--mean", type=float, nargs="+", default=None, help="normalisation (default: the teacher's)")
+    p.add_argument("--std", type=float, nargs="+", default=None)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--workers", type=int, default=1, help="CPU: processes sharing this rank's shards; CUDA: image-decoding threads"
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (CUDA if present) | cpu | cuda | cuda:N; one per rank "
+        "(torchrun --nproc_per_node 8 -m mimscale.cli data add-targets ...)",
+    )
+    p.set_defaults(run=_run_add_targets)
+
+
+def _run_add_targets(args) -> int:
+    from .targets import run
+
+    return run(args)
 
 
 def _run_train_clip(args) -> int:

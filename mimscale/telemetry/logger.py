@@ -169,6 +169,27 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
+def _close_wandb_service() -> None:
+    """Shut down this process's wandb service once no MetricLogger here has a run open.
+
+    ``run.finish()`` returns before the service has written the run's ``run-<id>.wandb``
+    file: it only *informs* the service, which flushes and closes the file later (on a
+    loaded machine the file can still hold just its 7-byte header when ``finish`` returns).
+    ``wandb.teardown()`` waits for the service to exit, i.e. for every file to be complete,
+    so a closed logger leaves a run directory that can be read or synced at once. An open
+    run of another logger in this process keeps the service alive (it then closes at exit).
+    """
+    global _open_wandb_runs
+    _open_wandb_runs -= 1
+    if _open_wandb_runs == 0:
+        import wandb
+
+        wandb.teardown()
+
+
+_open_wandb_runs = 0  # wandb runs opened by MetricLoggers of this process and not yet finished
+
+
 class MetricLogger:
     """Log scalar metrics to ``run_dir/metrics.jsonl``, TensorBoard and wandb.
 
@@ -289,6 +310,8 @@ class MetricLogger:
         except Exception as e:  # e.g. online without network: keep training
             _warn_once("wandb-init", f"wandb logging disabled: wandb.init failed ({type(e).__name__}: {e})")
             return None
+        global _open_wandb_runs
+        _open_wandb_runs += 1
         self.wandb_id = run_id
         return run
 
@@ -364,6 +387,10 @@ class MetricLogger:
                 run.finish(exit_code=exit_code)
             except Exception as e:  # never lose the other sinks to a wandb hiccup
                 print(f"mimscale: wandb finish failed: {e}", file=sys.stderr)
+            try:
+                _close_wandb_service()
+            except Exception as e:
+                print(f"mimscale: wandb teardown failed: {e}", file=sys.stderr)
 
     def __enter__(self) -> MetricLogger:
         return self

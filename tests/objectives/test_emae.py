@@ -198,6 +198,7 @@ def test_auto_num_parts_is_capped_by_the_floor():
         (0.75, 1, "num_parts=1"),
         (0.97, None, "no visible patch"),  # floor(16 * 0.03) = 0
         (1.0, None, "mask_ratio"),
+        (0.0, None, r"mask_ratio=0.0 must be in \(0, 1\)"),  # nothing to predict
     ],
 )
 def test_config_errors_are_one_line(r, num_parts, match):

@@ -335,7 +335,10 @@ def test_no_norm_pix_target_is_raw_pixels():
 
 
 def test_ratio_zero():
-    model = make_mae(mask_ratio=0.0)
+    """The config refuses r = 0 (nothing to predict; test_bad_mask_ratio_rejected), but the loss still guards
+    sum(mask) = 0: a model whose ratio is set to 0 after the check encodes all N tokens and returns loss 0."""
+    model = make_mae(mask_ratio=0.5)
+    model.cfg.mask_ratio = 0.0
     seen = []
     h = model.encoder.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(tuple(args[0].shape)))
     try:
@@ -354,8 +357,8 @@ def test_bad_mask_ratio_rejected():
     from mimscale.errors import ConfigError
 
     enc = build_vit("vit_micro", img_size=IMG, patch_size=P_SIZE, depth=1)
-    for r in (1.0, -0.1):
-        with pytest.raises(ConfigError, match="objective.mask_ratio"):
+    for r in (1.0, -0.1, 0.0):
+        with pytest.raises(ConfigError, match=r"objective.mask_ratio=.* must be in \(0, 1\)"):
             MAE(enc, MAE.Config(mask_ratio=r, decoder_dim=D_DEC, decoder_depth=1, decoder_heads=4))
 
 
