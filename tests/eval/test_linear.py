@@ -65,6 +65,8 @@ def test_augmented_path_runs_the_frozen_encoder_every_step(fmnist_small):
     torch.manual_seed(0)
     enc = build_vit("vit_micro", 16, 4, 3)
     before = {k: v.clone() for k, v in enc.state_dict().items()}
+    seen = []  # every image batch the encoder embeds
+    enc.patch_embed.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
     cfg = LinearConfig(
         augment=True,
         epochs=2,
@@ -90,3 +92,9 @@ def test_augmented_path_runs_the_frozen_encoder_every_step(fmnist_small):
     assert res["train_samples"] == 256 and res["test_samples"] == 256 and res["steps"] == 2 * 4
     assert len(res["curve"]) == 2 and 0.0 <= res["top1"] <= 100.0
     assert all(torch.equal(before[k], v) for k, v in enc.state_dict().items())  # the encoder stayed frozen
+    # the encoder ran once on the 256 test images, then on each step's 64 training images (no cached features) ...
+    assert [len(x) for x in seen[1:]] == [64] * 8 and sum(len(x) for x in seen) == 256 + 8 * 64, [len(x) for x in seen]
+    # ... and each epoch re-augments: the 2 x 256 training views are all different (RRC + flip; unaugmented
+    # epochs would repeat each image once)
+    train_views = torch.cat(seen[1:])
+    assert len({v.numpy().tobytes() for v in train_views}) == 2 * 256

@@ -494,6 +494,23 @@ def test_schedule_is_drawn_per_micro_batch_reproducibly():
     assert a.schedule == [(3, 1)]
 
 
+def test_each_rank_draws_its_own_schedule():
+    """Data-parallel ranks see different granularities: every forward of rank ``r`` uses the draw of
+    ``step_generator(seed, r, step, micro)``, and the ranks' schedules differ."""
+    model = make_dtm(schedule_seed=11)
+    args = (model.cfg.num_levels, model.max_merges, model.cfg.max_iters, model.encoder.num_patches)
+    per_rank = []
+    for rank in range(4):
+        model.before_step(StepContext(step=2, rank=rank, world_size=4))
+        got = []
+        for micro in range(2):
+            assert model.schedule == draw_schedule(step_generator(11, rank, 2, micro), *args), (rank, micro)
+            got.append(tuple(model.schedule))
+            model(make_batch(model, seed=micro))
+        per_rank.append(tuple(got))
+    assert len(set(per_rank)) == 4  # four ranks, four different schedule sequences
+
+
 # ----------------------------------------------------------------------------- targets
 
 

@@ -325,6 +325,31 @@ def test_sc_stopgrad_applies_after_the_decoder():
     torch.testing.assert_close(g_sc, g_online, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.parametrize("mode", ["symmetric", "none"])
+def test_forward_routes_sc_stopgrad_to_the_decoder_outputs(mode):
+    """Through ``EMAE.forward``: the gradient reaching the decoder's output is d(L_rec) plus the online side
+    of L_sc only ("symmetric", the default), or plus both sides ("none")."""
+    model = make_emae(sc_weight=1.0, sc_stopgrad=mode)
+    batch = make_batch(model)
+    seen = []
+
+    def keep(module, args, out):
+        out.retain_grad()
+        seen.append(out)
+
+    hook = model.decoder.register_forward_hook(keep)
+    model(batch).loss.backward()
+    hook.remove()
+    (pred,) = seen  # [K*B, N, P]: one decoder call
+    k, n = model.num_parts, model.encoder.num_patches
+    masks = batch["parts"].transpose(0, 1)  # [K, B, N]
+    x = pred.detach().view(k, B, n, -1).requires_grad_(True)
+    (g_rec,) = torch.autograd.grad(masked_mse(x, model.target(batch["image"]), masks), x)
+    _, g_online, g_sg_side = _pairwise_reference(x.detach(), masks)
+    expected = g_rec + g_online + (g_sg_side if mode == "none" else 0)
+    torch.testing.assert_close(pred.grad.view(k, B, n, -1), expected, rtol=1e-4, atol=1e-9)
+
+
 def test_sc_masks_restrict_pairs_to_patches_hidden_in_both():
     """A patch visible in part a never enters any pair that involves a."""
     k, b, n, p = 4, 2, 16, 3
