@@ -113,6 +113,13 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def plain(text: str) -> str:
+    """Docstring reST as plain terminal text: ``x`` and :role:`~a.b` become x and b."""
+    text = re.sub(r":[\w:.-]+:`~([^`<]*\.)?([^`<.]+)`", r"\2", text)  # :class:`~a.B` -> B
+    text = re.sub(r":[\w:.-]+:`([^`<]*?)\s*(<[^`]*>)?`", r"\1", text)  # :func:`a.b` / :ref:`text <target>`
+    return re.sub(r"``(.+?)``", r"\1", text)
+
+
 def _cmd_objectives(args) -> int:
     from .objectives import available
 
@@ -142,13 +149,6 @@ def _cmd_export(args) -> int:
         print(
             f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
             f"num_classes=0, global_pool='token', pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))"
-def plain(text: str) -> str:
-    """Docstring reST as plain terminal text: ``x`` and :role:`~a.b` become x and b."""
-    text = re.sub(r":[\w:.-]+:`~([^`<]*\.)?([^`<.]+)`", r"\2", text)  # :class:`~a.B` -> B
-    text = re.sub(r":[\w:.-]+:`([^`<]*?)\s*(<[^`]*>)?`", r"\1", text)  # :func:`a.b` / :ref:`text <target>`
-    return re.sub(r"``(.+?)``", r"\1", text)
-
-
         )
     elif not relative and got["arch"] in ARCHS and got["arch"] != "vit_micro":
         name = timm_model_name(got["arch"], got["patch_size"], got["img_size"])

@@ -92,6 +92,12 @@ def ds_config(cfg: Config, derived: Derived, accelerator: str) -> dict:
             "gradient_clipping": o.clip_grad,
         }
     )
+    # DeepSpeed's throughput timer (on unless told otherwise) calls ``accelerator.synchronize()`` in every
+    # ``engine.forward`` and ``engine.step``: the host could never run ahead of the GPU. The Trainer measures
+    # throughput itself (telemetry), so both it and the per-phase wall-clock breakdown are off unless a knobs
+    # file asks for them (profiling).
+    knobs.setdefault("timers", {"throughput": {"enabled": False, "synchronized": False}})
+    knobs.setdefault("wall_clock_breakdown", False)
     if t.precision == "bf16":
         knobs["bf16"] = {"enabled": True}
     elif t.precision == "fp16":

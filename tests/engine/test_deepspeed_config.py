@@ -137,3 +137,59 @@ def test_set_hparams_scales_weight_decay_per_group():
 def test_compute_dtype():
     assert ds.compute_dtype(_cfg()) is torch.bfloat16
     assert ds.compute_dtype(_cfg("train.precision=fp32")) is torch.float32
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_throughput_timer_and_wall_clock_breakdown_are_off(stage):
+    out = ds.ds_config(_cfg(f"train.zero_stage={stage}"), _derived(_cfg()), "cuda")
+    assert out["timers"] == {"throughput": {"enabled": False, "synchronized": False}}
+    assert out["wall_clock_breakdown"] is False
+    from deepspeed.runtime.config import get_wall_clock_breakdown
+    from deepspeed.utils.config import get_timers_config
+
+    assert not get_timers_config(out).enabled and not get_wall_clock_breakdown(out)  # as DeepSpeed reads them
+    assert get_timers_config({}).enabled  # (DeepSpeed's default: on)
+
+
+def test_a_knobs_file_may_turn_the_timer_on_for_profiling(tmp_path):
+    p = tmp_path / "prof.json"
+    p.write_text(json.dumps({"zero_optimization": {"stage": 1}, "timers": {"throughput": {"enabled": True}}}))
+    out = ds.ds_config(_cfg("train.zero_stage=1", f"train.ds_config={p}"), _derived(_cfg()), "cpu")
+    assert out["timers"] == {"throughput": {"enabled": True}}
+
+
+@pytest.mark.slow
+def test_engine_steps_never_synchronize_the_device(dist_single, monkeypatch):
+    """A real engine (one CPU rank): no ``accelerator.synchronize()`` in forward, backward or step (DeepSpeed's
+    throughput timer calls it from the third step on when it is enabled)."""
+    from deepspeed.accelerator import get_accelerator
+
+    from mimscale.engine.build import build_model
+
+    cfg = C.load(
+        None,
+        [
+            "model.arch=vit_micro",
+            "model.img_size=16",
+            "model.patch_size=4",
+            "train.zero_stage=1",
+            "train.batch_size=8",
+            "train.micro_batch_size=8",
+            "objective.decoder_dim=32",
+            "objective.decoder_depth=1",
+            "objective.decoder_heads=2",
+        ],
+    )
+    torch.manual_seed(0)
+    engine = ds.initialize(build_model(cfg), cfg, C.derive(cfg, 1, 8 * 100), "cpu")
+    calls = []
+    acc = get_accelerator()
+    real = acc.synchronize
+    monkeypatch.setattr(acc, "synchronize", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = torch.Generator().manual_seed(1)
+    batch = {"image": torch.randn(8, 3, 16, 16, generator=g), "mask": torch.rand(8, 16, generator=g).argsort(1) < 12}
+    for _ in range(4):
+        engine.backward(engine(batch).loss)
+        engine.step()
+    assert engine.global_steps == 4
+    assert calls == []
