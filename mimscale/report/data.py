@@ -75,8 +75,10 @@ class Run:
     knn_best: float | None = None
     knn_best_step: int | None = None
     knn_final: float | None = None
-    linear_best: float | None = None
+    linear_best: float | None = None  # the probe's best epoch (eval/linear.json), else the best logged value
+    linear_final: float | None = None  # the probe's last epoch
     finetune_best: float | None = None  # `mimscale eval finetune` appends eval/finetune_top1
+    finetune_final: float | None = None
     target: float | None = None
     time_to_target_h: float | None = None  # None: no target, or not reached (see target_reached)
     time_to_target_step: int | None = None
@@ -218,6 +220,18 @@ def _last_per_step(records: list[dict], key: str) -> list[tuple[int, float]]:
     return sorted(by_step.items())
 
 
+def _best_and_final(records: list[dict], key: str, result: Path) -> tuple[float | None, float | None]:
+    """(best, final) top-1 of a probe or fine-tuning run. metrics.jsonl only gets each evaluation's *final*
+    top-1 (at the run's last step), so the best epoch comes from the evaluation's own result file
+    (``eval/<kind>.json``: ``best_top1`` and ``top1``) when it is there."""
+    logged = [v for _, v in _last_per_step(records, key)]
+    doc = _read_json(result)
+    final = _finite(doc.get("top1"))
+    final = final if final is not None else (logged[-1] if logged else None)
+    bests = [v for v in (*logged, _finite(doc.get("best_top1")), final) if v is not None]
+    return (max(bests) if bests else None), final
+
+
 def first_reach(knn_curve: list[list[Any]], target: float) -> tuple[int, float | None] | None:
     """(step, device-hours) of the first kNN evaluation in ``knn_curve`` whose top-1 >= ``target``."""
     return next(((int(s), h) for s, h, v in knn_curve if v >= target), None)
@@ -329,10 +343,8 @@ def load_run(path: str | os.PathLike, target: float | None = None) -> Run:
         best = max(knn, key=lambda sv: sv[1])  # the first step that reaches the maximum
         run.knn_best, run.knn_best_step = best[1], best[0]
         run.knn_final = knn[-1][1]
-    lin = [v for _, v in _last_per_step(records, LINEAR_KEY)]
-    run.linear_best = max(lin) if lin else None
-    ft = [v for _, v in _last_per_step(records, FINETUNE_KEY)]
-    run.finetune_best = max(ft) if ft else None
+    run.linear_best, run.linear_final = _best_and_final(records, LINEAR_KEY, p / "eval" / "linear.json")
+    run.finetune_best, run.finetune_final = _best_and_final(records, FINETUNE_KEY, p / "eval" / "finetune.json")
     if target is not None:
         hit = first_reach(run.knn_curve, target)
         run.target_reached = hit is not None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .bench import bench_section
 from .data import Run
-from .league import League, Member
+from .league import League, Member, budget_text, pm
 from .svg import Series, dot_chart, line_chart, run_style
 
 DASH = "—"
@@ -68,7 +68,7 @@ dl.notes dt { font-weight: 600; }
 dl.notes dd { margin: 0; color: var(--muted); }
 ul.paths { margin: 0; padding-left: 18px; color: var(--muted); font-size: 13px; }
 code { font-family: ui-monospace, "DejaVu Sans Mono", monospace; font-size: 12.5px; }
-.multiples { display: grid; grid-template-columns: repeat(auto-fill, minmax(300px, 1fr)); gap: 14px; }
+.multiples { display: grid; grid-template-columns: repeat(auto-fill, minmax(440px, 1fr)); gap: 14px; }
 """
 
 # Sort a table.sortable on header click; hover on a row or legend entry highlights that run in every plot.
@@ -115,6 +115,10 @@ JS = """
   hoverables.forEach(function (el) {
     el.addEventListener("mouseenter", function () { highlight(el.getAttribute("data-run")); });
     el.addEventListener("mouseleave", function () { highlight(null); });
+  });
+  Array.prototype.forEach.call(charts, function (svg) {  // rendered size, read by the browser test
+    var box = svg.getBoundingClientRect();
+    svg.setAttribute("data-rendered", Math.round(box.width) + "x" + Math.round(box.height));
   });
   document.documentElement.setAttribute("data-report-ready", "1");
 })();
@@ -180,6 +184,11 @@ def _time_to_target(r: Run) -> tuple[str, float | None]:
     return '<span class="na">not reached</span>', None
 
 
+def _final(best: float | None, final: float | None) -> str:
+    """The final value under a best-of-run cell."""
+    return _sub(f"final {final:.2f}") if best is not None and final is not None else ""
+
+
 def _row(i: int, r: Run) -> str:
     colour, _ = run_style(i)
     label = f'<span class="swatch" style="background:{colour}"></span>{escape(r.label)}' + (
@@ -204,8 +213,8 @@ def _row(i: int, r: Run) -> str:
         _td(_fmt(r.mae_equiv_epochs, 2) + _sub(ratio), r.mae_equiv_epochs),
         _td(_hours(r.device_hours) + _sub(devices, _duration(r.device_hours)), r.device_hours),
         _td(_fmt(r.knn_best) + _sub(init), r.knn_best),
-        _td(_fmt(r.linear_best), r.linear_best),
-        _td(_fmt(r.finetune_best), r.finetune_best),
+        _td(_fmt(r.linear_best) + _final(r.linear_best, r.linear_final), r.linear_best),
+        _td(_fmt(r.finetune_best) + _final(r.finetune_best, r.finetune_final), r.finetune_best),
         _td(ttt, ttt_sort),
         _td(_fmt(r.img_per_s, 1) + _sub(tflops), r.img_per_s),
         _td(_fmt(mfu, 1), mfu),
@@ -369,7 +378,19 @@ LEAGUE_NOTES = [
     (
         "Target",
         "the best kNN top-1 that every finished member reaches: the lowest of the finished members' best "
-        "kNN top-1 (<code>--target</code> replaces it).",
+        "kNN top-1 (<code>--target</code> replaces it), but only when it is above the best random-init kNN "
+        "top-1; otherwise there is no common target and no time-to-target ranking.",
+    ),
+    (
+        "Seeds",
+        "with several seeds per member (<code>mimscale compare --seeds K</code>: other init, data order and "
+        "masks) a cell shows the mean &plusmn; the sample standard deviation, and the kNN cell each seed's "
+        "value; rankings use the mean. <b>Within noise</b>: Welch's two-sided t-test on the per-seed final "
+        "kNN top-1 of two members gives p &ge; 0.05.",
+    ),
+    (
+        "Training",
+        "the training minutes each member achieved (evaluation and saving excluded) beside its budget.",
     ),
     (
         "Time to target",
@@ -418,7 +439,10 @@ def _league_meta(league: League) -> str:
     if league.target is not None:
         target = f"target kNN top-1 {league.target:.2f}% ({escape(league.target_source)})"
     else:
-        target = "no target yet: no finished member has a kNN evaluation"
+        target = escape(league.target_source or "no common target")
+    seeds = league.seeds
+    if seeds > 1:
+        target += f" &middot; {seeds} seeds per member: mean &plusmn; std; within noise: {escape(league.noise_test)}"
     lines = [
         f"{escape(_budget(plan))} &middot; recipe <code>{recipe}</code>" + (f" + <code>{over}</code>" if over else ""),
         f"data: {data_txt}",
@@ -430,7 +454,7 @@ def _league_meta(league: League) -> str:
 
 def _member_label(m: Member) -> str:
     colour, _ = run_style(m.index)
-    status = "" if m.finished else _sub(m.status)
+    status = "" if m.finished else _sub(m.status + (f" {m.seeds_done}/{m.seeds} seeds" if m.seeds > 1 else ""))
     return f'<span class="swatch" style="background:{colour}"></span>{escape(m.name)}{status}'
 
 
@@ -438,10 +462,15 @@ def _member_ttt(m: Member, target: float | None) -> str:
     if target is None:
         return f'<span class="na">{DASH}</span>'
     if m.ttt_h is not None:
-        return _hours(m.ttt_h) + _sub("at init" if m.ttt_step == 0 else f"step {m.ttt_step:,}")
+        return _dh(m.ttt_h) + _sub("at init" if m.ttt_step == 0 else f"step {m.ttt_step:,}")
     if m.run is None or not m.run.knn_curve:
         return '<span class="na">no eval</span>'
     return '<span class="na">not reached</span>'
+
+
+def _dh(h: float | None) -> str:
+    """Device-hours with their unit."""
+    return _hours(h) + ("" if h is None else " device-h")
 
 
 def _ranks(league: League, order: list[str]) -> dict[str, int]:
@@ -449,71 +478,86 @@ def _ranks(league: League, order: list[str]) -> dict[str, int]:
     return {name: i + 1 for i, name in enumerate(n for n in order if n in finished)}
 
 
-def _league_row(m: Member, rank: int | None, target: float | None) -> str:
+def _pm(mean: float | None, std: float | None, digits: int = 2, unit: str = "") -> str:
+    return f'<span class="na">{DASH}</span>' if mean is None else escape(pm(mean, std, digits, unit))
+
+
+def _league_row(m: Member, rank: int | None, target: float | None, budget: str = "") -> str:
     mfu = None if m.mfu is None else 100.0 * m.mfu
-    gflops = f"{m.flops_per_sample / 1e9:.3g} GFLOP" if m.flops_per_sample else ""
-    best = f"best {m.knn_best:.2f}" if m.knn_best is not None else ""
+    gflops = f"{m.flops_per_sample / 1e9:.3g} GFLOP/img" if m.flops_per_sample else ""
+    best = f"best {pm(m.knn_best, m.knn_best_std, 2, '%')}" if m.knn_best is not None else ""
+    seeds = "seeds " + ", ".join(f"{v:.2f}" for v in m.knn_final_seeds) if m.seeds > 1 and m.knn_final_seeds else ""
+    lin_seeds = "seeds " + ", ".join(f"{v:.2f}" for v in m.linear_seeds) if m.seeds > 1 and m.linear_seeds else ""
+    mins = "seeds " + ", ".join(f"{v:.2f}" for v in m.train_minutes_seeds) if m.seeds > 1 else ""
+    noise = ", ".join(escape(n) for n in m.noise_peers) or DASH if m.finished and m.seeds > 1 else DASH
     cells = [
-        _td(str(rank) if rank else DASH, rank),
+        _td(f"#{rank}" if rank else DASH, rank),
         _td(_member_label(m), m.name, "text"),
         _td(escape(m.objective or DASH), m.objective, "text"),
-        _td(_fmt(m.knn_final) + _sub(best), m.knn_final),
-        _td(_fmt(m.linear_top1), m.linear_top1),
+        _td(_pm(m.knn_final, m.knn_final_std, 2, "%") + _sub(best, seeds), m.knn_final),
+        _td(_pm(m.linear_top1, m.linear_std, 2, "%") + _sub(lin_seeds), m.linear_top1),
+        _td(noise, len(m.noise_peers), "text"),
         _td(_member_ttt(m, target), m.ttt_h),
-        _td(_fmt(m.img_per_s, 1), m.img_per_s),
-        _td(_fmt(mfu, 1), mfu),
-        _td(_fmt(m.mem_peak_gb, 2), m.mem_peak_gb),
-        _td(_fmt(m.flops_ratio, 2, "\u00d7") + _sub(gflops), m.flops_ratio),
-        _td(_hours(m.train_h) + _sub(_duration(m.train_h)), m.train_h),
-        _td(_hours(m.teacher_h) + _sub(", ".join(m.teachers)), m.teacher_h),
-        _td(_hours(m.total_h), m.total_h),
+        _td(
+            _pm(m.train_minutes, m.train_minutes_std, 2, "min") + _sub(f"budget {budget}" if budget else "", mins),
+            m.train_minutes,
+        ),
+        _td(_pm(m.img_per_s, None, 1, "img/s"), m.img_per_s),
+        _td(_pm(mfu, None, 1, "%"), mfu),
+        _td(_pm(m.mem_peak_gb, None, 2, "GB"), m.mem_peak_gb),
+        _td(_fmt(m.flops_ratio, 2, "\u00d7 MAE") + _sub(gflops), m.flops_ratio),
+        _td(_dh(m.train_h) + _sub(_duration(m.train_h)), m.train_h),
+        _td(_dh(m.teacher_h) + _sub(", ".join(m.teachers)), m.teacher_h),
+        _td(_dh(m.total_h), m.total_h),
     ]
     return f'<tr data-run="{m.index}">' + "".join(cells) + "</tr>"
 
 
-def _teacher_row(m: Member, rank: int | None, target: float | None) -> str:
+def _teacher_row(m: Member, rank: int | None, target: float | None, budget: str = "") -> str:
     cells = [
-        _td(str(rank) if rank else DASH, rank),
+        _td(f"#{rank}" if rank else DASH, rank),
         _td(_member_label(m), m.name, "text"),
-        _td(_hours(m.ttt_total_h) if m.ttt_h is not None else _member_ttt(m, target), m.ttt_total_h),
+        _td(_dh(m.ttt_total_h) if m.ttt_h is not None else _member_ttt(m, target), m.ttt_total_h),
         _td(_member_ttt(m, target), m.ttt_h),
-        _td(_hours(m.teacher_h) + _sub(", ".join(m.teachers)), m.teacher_h),
-        _td(_hours(m.total_h), m.total_h),
-        _td(_fmt(m.knn_final), m.knn_final),
+        _td(_dh(m.teacher_h) + _sub(", ".join(m.teachers)), m.teacher_h),
+        _td(_dh(m.total_h), m.total_h),
+        _td(_pm(m.knn_final, m.knn_final_std, 2, "%"), m.knn_final),
     ]
     return f'<tr data-run="{m.index}">' + "".join(cells) + "</tr>"
 
 
 LEAGUE_COLS = [
-    ("#", "by kNN", ""),
+    ("#", "by mean kNN", ""),
     ("Member", "", "text"),
     ("Objective", "", "text"),
-    ("kNN top-1", "final, %", ""),
-    ("Linear top-1", "final, %", ""),
-    ("Time to target", "kNN, device-h", ""),
-    ("Throughput", "img/s", ""),
-    ("MFU", "%", ""),
-    ("Peak memory", "GB, rank 0", ""),
+    ("kNN top-1", "final", ""),
+    ("Linear top-1", "final", ""),
+    ("Within noise of", "Welch p \u2265 0.05", "text"),
+    ("Time to target", "kNN, training", ""),
+    ("Training", "achieved vs budget", ""),
+    ("Throughput", "median", ""),
+    ("MFU", "", ""),
+    ("Peak memory", "rank 0", ""),
     ("FLOPs / image", "vs reference", ""),
-    ("Training", "device-h", ""),
-    ("Teacher", "device-h", ""),
-    ("Total", "device-h", ""),
+    ("Training", "compute", ""),
+    ("Teacher", "compute", ""),
+    ("Total", "compute", ""),
 ]
 TEACHER_COLS = [
     ("#", "incl. teacher", ""),
     ("Member", "", "text"),
-    ("Time to target + teacher", "device-h", ""),
-    ("Time to target", "training, device-h", ""),
-    ("Teacher", "device-h", ""),
-    ("Total", "device-h", ""),
-    ("kNN top-1", "final, %", ""),
+    ("Time to target + teacher", "compute", ""),
+    ("Time to target", "training compute", ""),
+    ("Teacher", "compute", ""),
+    ("Total", "compute", ""),
+    ("kNN top-1", "final", ""),
 ]
 
 
 def _league_table(league: League, table_id: str, cols, order: list[str], row) -> str:
     by_name = {m.name: m for m in league.members}
-    ranks = _ranks(league, order)
-    rows = "\n".join(row(by_name[n], ranks.get(n), league.target) for n in order)
+    ranks, budget = _ranks(league, order), budget_text(league.plan.get("budget"))
+    rows = "\n".join(row(by_name[n], ranks.get(n), league.target, budget) for n in order)
     return (
         f'<div class="table-wrap"><table id="{table_id}" class="sortable"><thead>{_head_row(cols)}</thead>'
         f"<tbody>\n{rows}\n</tbody></table></div>"
@@ -544,8 +588,8 @@ def _league_plots(league: League) -> str:
             title=m.name + ("" if m.finished else f" ({m.status})"),
             x_range=x_range,
             y_range=y_range,
-            width=420,
-            plot_h=200,
+            width=480,
+            plot_h=220,
             no_data=f"no kNN evaluation ({m.status})",
         )
         for m, s in zip(league.members, series)
@@ -568,6 +612,12 @@ def _league_plots(league: League) -> str:
     )
 
 
+def _teacher_section(league: League) -> str:
+    if league.target is None:
+        return f'<p class="meta" id="no-common-target">No common target: {escape(league.target_source)}.</p>'
+    return _league_table(league, "league-teacher", TEACHER_COLS, league.rank_with_teacher, _teacher_row)
+
+
 def render_league(league: League, generated: str | None = None, bench: dict | None = None) -> str:
     """The league report of a compare directory as one HTML document."""
     generated = generated or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
@@ -583,7 +633,7 @@ def render_league(league: League, generated: str | None = None, bench: dict | No
 <h2>League, ranked by final kNN top-1</h2>
 {_league_table(league, "league", LEAGUE_COLS, league.rank_knn, _league_row)}
 <h2>Ranked by time to target, teacher cost included</h2>
-{_league_table(league, "league-teacher", TEACHER_COLS, league.rank_with_teacher, _teacher_row)}
+{_teacher_section(league)}
 <h2>Curves</h2>
 {_league_plots(league)}
 {bench_section(bench) if bench else ""}<h2>Notes</h2>

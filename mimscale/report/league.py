@@ -6,18 +6,30 @@ A compare directory holds ``compare.json`` (the plan: recipe, budget, members), 
 ``members/<name>/result.json``. A member without result.json is *unfinished* (shown with what its run
 has so far) or *pending* (no metrics yet).
 
+With ``seeds: K`` in the plan every member runs K times (``train.seed`` + k: other init, data order and
+masks); seed 0 lives in ``members/<name>/``, seed k >= 1 in ``members/<name>/seed<k>/`` (each with its own
+``run/`` and ``result.json``). A member is finished when all its seeds are.
+
 Definitions (also printed in the report's notes):
 
-- **target**: the best kNN top-1 that every finished member reaches = the minimum over the finished
-  members of their best kNN top-1 (``--target`` replaces it).
-- **time-to-target**: device-hours (and step) of a member's first kNN evaluation at or above the target.
+- **per-member numbers**: the mean over its seeds, with the sample standard deviation and each seed's value;
+  rankings use the mean.
+- **within the noise**: Welch's two-sided t-test on the per-seed final kNN top-1 of two members cannot
+  separate their means at p = 0.05 (:mod:`.stats`); needs >= 2 seeds on both sides.
+- **target**: the best kNN top-1 that every finished run reaches = the minimum over the finished members'
+  seeds of their best kNN top-1 (``--target`` replaces it) -- but only when it is above the best random-init
+  kNN top-1 of the league; otherwise there is **no common target** and no time-to-target ranking.
+- **time-to-target**: device-hours (and step) of a run's first kNN evaluation at or above the target; a
+  member's is the mean over its seeds when every seed reaches it.
+- **achieved training minutes**: the training time each run really had (``result.json``'s
+  ``train_minutes``), shown beside the budget.
 - **teacher cost**: device-hours of the teacher steps a member needs (CLIP training, k-means + codes):
   ``teacher_cost`` of its result.json, else the sum of the ``teachers/<step>/cost.json`` it lists.
 - **total**: training device-hours + teacher device-hours.
 - **FLOPs ratio**: FLOPs per image / those of the league's ``mae`` member (the member named ``mae``, else
   the first with objective ``mae``); without one, / those of MAE
   with its default knobs on the same encoder (:attr:`Run.mae_flops_per_sample`).
-- **rankings**: finished members by final kNN top-1, and by time-to-target + teacher device-hours
+- **rankings**: finished members by mean final kNN top-1, and by time-to-target + teacher device-hours
   (members that never reach the target last); unfinished and pending members follow, in plan order.
 """
 
@@ -31,6 +43,7 @@ from typing import Any
 
 from ..errors import MimscaleError
 from .data import Run, _finite, _read_json, first_reach, load_run
+from .stats import mean_std, within_noise
 
 PLAN = "compare.json"
 
@@ -40,18 +53,57 @@ def is_compare_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / PLAN).is_file()
 
 
+def seed_dir(root: str | os.PathLike, name: str, seed: int) -> Path:
+    """Where seed ``seed`` of member ``name`` lives: ``members/<name>`` (seed 0) or ``members/<name>/seed<k>``."""
+    base = Path(root) / "members" / name
+    return base if seed == 0 else base / f"seed{seed}"
+
+
+@dataclass
+class SeedRun:
+    """One seed of a member: its run directory's numbers and its result.json (when complete)."""
+
+    seed: int
+    status: str  # "done" | "unfinished" | "pending"
+    run: Run | None = None
+    knn_final: float | None = None
+    knn_best: float | None = None
+    knn_init: float | None = None
+    linear_top1: float | None = None
+    train_minutes: float | None = None  # achieved training time
+    train_h: float | None = None
+    ttt_step: int | None = None
+    ttt_h: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "run"}
+        d["path"] = self.run.path if self.run is not None else None
+        return d
+
+
 @dataclass
 class Member:
-    """One league entry. Numbers are ``None`` when the member does not tell (yet)."""
+    """One league entry: the mean over its seeds (``*_std``: sample standard deviation, ``None`` for one
+    seed; ``*_seeds``: each seed's value). Numbers are ``None`` when the member does not tell (yet)."""
 
     name: str
     objective: str | None
-    status: str  # "done" (result.json), "unfinished" (run/ has metrics) or "pending" (nothing yet)
+    status: str  # "done" (every seed's result.json), "unfinished" (some run has metrics) or "pending"
     teachers: list[str] = field(default_factory=list)
     index: int = 0  # position in the plan: colour and data-run attribute
+    seeds: int = 1  # planned
+    seeds_done: int = 0
     knn_final: float | None = None
+    knn_final_std: float | None = None
+    knn_final_seeds: list[float] = field(default_factory=list)
     knn_best: float | None = None
+    knn_best_std: float | None = None
     linear_top1: float | None = None
+    linear_std: float | None = None
+    linear_seeds: list[float] = field(default_factory=list)
+    train_minutes: float | None = None  # achieved, mean over seeds
+    train_minutes_std: float | None = None
+    train_minutes_seeds: list[float] = field(default_factory=list)
     ttt_step: int | None = None
     ttt_h: float | None = None  # time-to-target in training device-hours
     ttt_total_h: float | None = None  # time-to-target + teacher device-hours
@@ -63,15 +115,19 @@ class Member:
     img_per_s: float | None = None
     mfu: float | None = None
     mem_peak_gb: float | None = None
-    run: Run | None = None
+    noise_peers: list[str] = field(default_factory=list)  # members whose final kNN is within the noise
+    run: Run | None = None  # the first seed with a run (curves)
+    seed_runs: list[SeedRun] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
         return self.status == "done"
 
     def to_json(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "run"}
+        skip = ("run", "seed_runs")
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         d["run"] = self.run.to_json() if self.run is not None else None
+        d["seed_runs"] = [s.to_json() for s in self.seed_runs]
         return d
 
 
@@ -82,17 +138,26 @@ class League:
     members: list[Member]
     target: float | None = None
     target_source: str = ""
+    init_best: float | None = None  # the best random-init kNN top-1 of any run
     flops_reference: str = ""
+    noise_test: str = "Welch's two-sided t-test on the per-seed final kNN top-1, p >= 0.05"
     rank_knn: list[str] = field(default_factory=list)
     rank_with_teacher: list[str] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> int:
+        return max((m.seeds for m in self.members), default=1)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path,
             "plan": self.plan,
+            "seeds": self.seeds,
             "target": self.target,
             "target_source": self.target_source,
+            "init_best": self.init_best,
             "flops_reference": self.flops_reference,
+            "noise_test": self.noise_test,
             "rank_knn": self.rank_knn,
             "rank_with_teacher": self.rank_with_teacher,
             "members": [m.to_json() for m in self.members],
@@ -122,28 +187,62 @@ def _teacher_costs(root: Path) -> dict[str, float]:
     return costs
 
 
-def _load_member(root: Path, entry: dict, index: int, teacher_costs: dict[str, float]) -> Member:
-    name = str(entry["name"])
-    mdir = root / "members" / name
-    result = _read_json(mdir / "result.json")
-    teachers = [str(t) for t in entry.get("teachers") or []]
-    m = Member(name, result.get("objective") or entry.get("objective"), "pending", teachers, index)
-    if (mdir / "run" / "metrics.jsonl").is_file():
+def _load_seed(sdir: Path, seed: int) -> tuple[SeedRun, dict]:
+    result = _read_json(sdir / "result.json")
+    s = SeedRun(seed, "pending")
+    if (sdir / "run" / "metrics.jsonl").is_file():
         try:
-            m.run = load_run(mdir / "run")
+            s.run = load_run(sdir / "run")
         except MimscaleError:  # metrics.jsonl without a record yet: still pending
-            m.run = None
-    m.status = str(result.get("status") or "done") if result else ("unfinished" if m.run else "pending")
+            s.run = None
+    s.status = str(result.get("status") or "done") if result else ("unfinished" if s.run else "pending")
+    s.linear_top1 = _finite(result.get("linear_top1"))
+    s.train_minutes = _finite(result.get("train_minutes"))
+    if s.run is not None:
+        r = s.run
+        s.knn_final, s.knn_best, s.knn_init, s.train_h = r.knn_final, r.knn_best, r.knn_init, r.device_hours
+        s.linear_top1 = s.linear_top1 if s.linear_top1 is not None else r.linear_final
+        if s.train_minutes is None and r.device_hours is not None:
+            s.train_minutes = r.device_hours * 60 / (r.world_size or 1)
+    return s, result
+
+
+def _values(seeds: list[SeedRun], attr: str) -> list[float]:
+    return [v for v in (getattr(s, attr) for s in seeds) if v is not None]
+
+
+def _load_member(root: Path, entry: dict, index: int, teacher_costs: dict[str, float], seeds: int) -> Member:
+    name = str(entry["name"])
+    teachers = [str(t) for t in entry.get("teachers") or []]
+    loaded = [_load_seed(seed_dir(root, name, k), k) for k in range(seeds)]
+    m = Member(name, entry.get("objective"), "pending", teachers, index, seeds=seeds)
+    m.seed_runs = [s for s, _ in loaded]
+    results = [r for _, r in loaded if r]
+    m.objective = next((r.get("objective") for r in results if r.get("objective")), None) or m.objective
+    m.seeds_done = sum(s.status == "done" for s in m.seed_runs)
+    if m.seeds_done == seeds:
+        m.status = "done"
+    elif m.seeds_done or any(s.run is not None for s in m.seed_runs):
+        m.status = "unfinished"
     spent = sum(teacher_costs.get(t, 0.0) for t in teachers)
-    paid = _finite((result.get("teacher_cost") or {}).get("device_hours"))
-    m.teacher_h = paid if paid is not None else spent
-    m.linear_top1 = _finite(result.get("linear_top1"))
+    paid = [_finite((r.get("teacher_cost") or {}).get("device_hours")) for r in results]
+    paid_h = next((h for h in paid if h is not None), None)
+    m.teacher_h = paid_h if paid_h is not None else spent
+    # a finished member: its seeds; an unfinished one: what its runs have so far
+    use = m.seed_runs if not m.finished else [s for s in m.seed_runs if s.status == "done"]
+    m.knn_final_seeds = _values(use, "knn_final")
+    m.knn_final, m.knn_final_std = mean_std(m.knn_final_seeds)
+    m.knn_best, m.knn_best_std = mean_std(_values(use, "knn_best"))
+    m.linear_seeds = _values(use, "linear_top1")
+    m.linear_top1, m.linear_std = mean_std(m.linear_seeds)
+    m.train_minutes_seeds = _values(use, "train_minutes")
+    m.train_minutes, m.train_minutes_std = mean_std(m.train_minutes_seeds)
+    m.train_h = mean_std(_values(use, "train_h"))[0]
+    m.run = next((s.run for s in m.seed_runs if s.run is not None), None)
     if m.run is not None:
         r = m.run
-        m.run.label = name
+        r.label = name
         m.objective = m.objective or r.objective
-        m.knn_final, m.knn_best, m.train_h = r.knn_final, r.knn_best, r.device_hours
-        m.linear_top1 = m.linear_top1 if m.linear_top1 is not None else r.linear_best
         m.flops_per_sample, m.img_per_s, m.mfu, m.mem_peak_gb = r.flops_per_sample, r.img_per_s, r.mfu, r.mem_peak_gb
     m.total_h = m.train_h + m.teacher_h if m.train_h is not None else None
     return m
@@ -151,9 +250,44 @@ def _load_member(root: Path, entry: dict, index: int, teacher_costs: dict[str, f
 
 def _apply_target(members: list[Member], target: float | None) -> None:
     for m in members:
-        hit = first_reach(m.run.knn_curve, target) if m.run is not None and target is not None else None
-        m.ttt_step, m.ttt_h = hit if hit else (None, None)
+        for s in m.seed_runs:
+            hit = first_reach(s.run.knn_curve, target) if s.run is not None and target is not None else None
+            s.ttt_step, s.ttt_h = hit if hit else (None, None)
+        runs = [s for s in m.seed_runs if s.run is not None]
+        hits = [s for s in runs if s.ttt_h is not None]
+        if runs and len(hits) == len(runs):  # every seed reached it: the mean over them
+            m.ttt_h = mean_std([s.ttt_h for s in hits if s.ttt_h is not None])[0]
+            m.ttt_step = round(sum(s.ttt_step or 0 for s in hits) / len(hits))
+        else:
+            m.ttt_step, m.ttt_h = None, None
         m.ttt_total_h = m.ttt_h + m.teacher_h if m.ttt_h is not None else None
+
+
+def common_target(members: list[Member]) -> tuple[float | None, float | None, str]:
+    """(target, best random-init kNN top-1, how the target came about). The target is the lowest best kNN
+    top-1 of the finished members' runs, but never at or below the best random-init score: a target that
+    random weights reach says nothing, and then there is no common target."""
+    bests = [b for m in members if m.finished for b in _values(m.seed_runs, "knn_best")]
+    inits = [i for m in members for i in _values(m.seed_runs, "knn_init")]
+    init_best = max(inits) if inits else None
+    if not bests:
+        return None, init_best, "no common target: no finished member has a kNN evaluation"
+    low = min(bests)
+    if init_best is not None and low <= init_best:
+        return (
+            None,
+            init_best,
+            f"no common target: the lowest best kNN top-1 of the finished members ({low:.2f}%) is not above "
+            f"the best random-init kNN top-1 ({init_best:.2f}%)",
+        )
+    return low, init_best, "the lowest best kNN top-1 of the finished members, above every random-init score"
+
+
+def _apply_noise(members: list[Member]) -> None:
+    """Each finished member's peers whose final kNN top-1 is within the noise (Welch, p >= 0.05)."""
+    done = [m for m in members if m.finished]
+    for m in done:
+        m.noise_peers = [o.name for o in done if o is not m and within_noise(m.knn_final_seeds, o.knn_final_seeds)]
 
 
 def _apply_flops_reference(members: list[Member]) -> str:
@@ -179,42 +313,79 @@ def load_league(path: str | os.PathLike, target: float | None = None) -> League:
     """Read a compare directory and derive the league numbers (``target`` overrides the league's own)."""
     root = Path(path)
     plan = read_plan(root)
+    seeds = int(plan.get("seeds") or 1)
     costs = _teacher_costs(root)
-    members = [_load_member(root, e, i, costs) for i, e in enumerate(plan["members"])]
+    members = [_load_member(root, e, i, costs, seeds) for i, e in enumerate(plan["members"])]
     league = League(str(root.resolve()), plan, members, target=target, target_source="--target")
+    own, league.init_best, source = common_target(members)
     if target is None:
-        bests = [m.knn_best for m in members if m.finished and m.knn_best is not None]
-        league.target = min(bests) if bests else None
-        league.target_source = "the lowest best kNN top-1 of the finished members"
+        league.target, league.target_source = own, source
     _apply_target(members, league.target)
+    _apply_noise(members)
     league.flops_reference = _apply_flops_reference(members)
     league.rank_knn = _ranking(members, lambda m: None if m.knn_final is None else -m.knn_final)
-    league.rank_with_teacher = _ranking(members, lambda m: m.ttt_total_h)
+    if league.target is not None:
+        league.rank_with_teacher = _ranking(members, lambda m: m.ttt_total_h)
     return league
 
 
-def _md(v: float | None, fmt: str) -> str:
-    return "—" if v is None else format(v, fmt)
+def pm(mean: float | None, std: float | None, digits: int = 2, unit: str = "") -> str:
+    """``61.80 ± 0.42 %``: a value with its unit, and its standard deviation when there are seeds."""
+    if mean is None:
+        return "—"
+    sp = "" if unit in ("", "×") else " "
+    if std is None:
+        return f"{mean:.{digits}f}{sp}{unit}"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}{sp}{unit}"
+
+
+def budget_text(budget: dict[str, Any] | None) -> str:
+    """``10 min`` / ``4 MAE-eq. epochs``: a member's budget, for the achieved-minutes cell."""
+    b = budget or {}
+    value = b.get("value")
+    if not isinstance(value, (int, float)):
+        return "—"
+    return f"{value:g} min" if b.get("kind") == "minutes" else f"{value:g} MAE-eq. epochs"
 
 
 def markdown_table(league: League) -> str:
-    """The league as a Markdown table (``league.md``: paste it into a README or an issue), ranked by final kNN;
-    times in device-minutes."""
+    """The league as a Markdown table (``league.md``: paste it into a README or an issue), ranked by mean final
+    kNN; every number with its unit, ± one standard deviation over the seeds when there are several."""
+    seeds = league.seeds
     rows = [
-        "| # | objective | kNN top-1 | linear top-1 | min to target | teacher min | img/s | FLOPs/img vs MAE | train min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| # | objective | kNN top-1 | linear top-1 | to target | teacher | throughput | FLOPs/img | training "
+        f"(budget {budget_text(league.plan.get('budget'))}) |" + (" within noise of |" if seeds > 1 else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if seeds > 1 else ""),
     ]
     done = [n for n in league.rank_knn if any(m.name == n and m.finished for m in league.members)]
     order = {name: i for i, name in enumerate(done)}
 
     def minutes(h: float | None) -> str:
-        return _md(None if h is None else h * 60, ".1f")
+        return pm(None if h is None else h * 60, None, 1, "min")
 
     for m in sorted(league.members, key=lambda m: order.get(m.name, len(order) + m.index)):
-        rows.append(
-            f"| {order[m.name] + 1 if m.name in order else m.status} | {m.name} | {_md(m.knn_final, '.2f')} "
-            f"| {_md(m.linear_top1, '.2f')} | {minutes(m.ttt_h)} | {minutes(m.teacher_h)} | {_md(m.img_per_s, '.0f')} "
-            f"| {_md(m.flops_ratio, '.2f')} | {minutes(m.train_h)} |"
+        knn = pm(m.knn_final, m.knn_final_std, 2, "%")
+        if seeds > 1 and m.knn_final_seeds:
+            knn += " (" + ", ".join(f"{v:.2f}" for v in m.knn_final_seeds) + ")"
+        of = f" ({m.seeds_done}/{m.seeds} seeds)" if seeds > 1 else ""
+        rank = order[m.name] + 1 if m.name in order else f"{m.status}{of}"
+        rate = pm(m.img_per_s, None, 0, "img/s")
+        line = (
+            f"| {rank} | {m.name} | {knn} | {pm(m.linear_top1, m.linear_std, 2, '%')} | {minutes(m.ttt_h)} "
+            f"| {minutes(m.teacher_h)} | {rate} | {pm(m.flops_ratio, None, 2, '×')} MAE "
+            f"| {pm(m.train_minutes, m.train_minutes_std, 2, 'min')} |"
         )
-    target = f"{league.target:.2f}%" if league.target is not None else "—"
-    return "\n".join([*rows, "", f"Target (min to target): kNN top-1 {target}, {league.target_source}."]) + "\n"
+        if seeds > 1:
+            line += f" {', '.join(m.noise_peers) or '—'} |"
+        rows.append(line.replace("— MAE", "—"))
+    if league.target is not None:
+        target = f"Target (to target): kNN top-1 {league.target:.2f}%, {league.target_source}."
+    else:
+        target = f"Target: none. {league.target_source[:1].upper()}{league.target_source[1:]}."
+    notes = [target]
+    if seeds > 1:
+        notes.append(
+            f"{seeds} seeds per member: mean ± standard deviation (each seed's final kNN in brackets); "
+            f"within noise: {league.noise_test}."
+        )
+    return "\n".join([*rows, "", *notes]) + "\n"

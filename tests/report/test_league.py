@@ -16,7 +16,8 @@ import pytest
 from test_report import CHROMIUM, DEFAULT_KNOBS, _chromium, _console_lines, _mae_default_flops, _parse, make_run
 
 from mimscale.cli import main
-from mimscale.report import load_league
+from mimscale.report import load_league, render_league
+from mimscale.report.league import markdown_table
 from mimscale.telemetry import MetricLogger
 
 TEACHER_H = 0.5
@@ -217,6 +218,12 @@ def test_league_in_headless_chromium(league, tmp_path):
     assert [len(c["curves"]) for c in small] == [1, 1, 1, 0]
     labels = [c["tick_labels"] for c in small]
     assert len(labels[0]) >= 6 and all(lab == labels[0] for lab in labels), labels  # shared axes
+    # readable at a normal window width (1280 px): each small multiple is drawn at least at its own size, so
+    # its 11.5 px tick labels stay >= 11 px on screen (the chart scales with its width: viewBox 480 wide)
+    sizes = {a["id"]: a.get("data-rendered") for a in dom.attrs["svg"] if a.get("id", "").startswith("plot-member-")}
+    assert len(sizes) == len(MEMBERS) and all(sizes.values()), sizes
+    widths = [int(v.split("x")[0]) for v in sizes.values()]
+    assert min(widths) >= 0.96 * 480 and max(widths) <= 1280, sizes
 
 
 def test_markdown_table_ranks_finished_members_in_minutes(league):
@@ -228,6 +235,90 @@ def test_markdown_table_ranks_finished_members_in_minutes(league):
         ("unfinished", "mae_small"),
         ("pending", "conmim"),
     ]
-    assert rows[0][2] == "61.80" and rows[0][3] == "52.40" and rows[1][3] == "48.30"
-    assert rows[0][5] == f"{TEACHER_H * 60:.1f}"  # the teacher column, in device-minutes
-    assert lines[-1].startswith("Target (min to target): kNN top-1 55.60%")
+    assert rows[0][2] == "61.80 %" and rows[0][3] == "52.40 %" and rows[1][3] == "48.30 %"  # every number: a unit
+    assert rows[0][5] == f"{TEACHER_H * 60:.1f} min"  # the teacher column, in device-minutes
+    assert rows[0][8] == "10.00 min |" and "(budget 10 min)" in lines[0]  # achieved training minutes vs the budget
+    assert lines[-1].startswith("Target (to target): kNN top-1 55.60%")
+
+
+# ------------------------------------------------------------------------------- seeds and the target rule
+
+SEED_KNN = {  # final kNN per seed: a and b overlap (within the noise), c is clearly above both
+    "a": [60.0, 61.0, 62.0],
+    "b": [60.5, 61.5, 62.5],
+    "c": [70.0, 70.2, 70.4],
+}
+
+
+def _seeded_league(root, knn_init: float = 10.0, seeds: int = 3, done: int | None = None) -> None:
+    """A compare directory with ``seeds`` seeds per member (seed k >= 1 in members/<name>/seed<k>/); the
+    last member has only ``done`` seeds complete when given."""
+    from mimscale.report.league import seed_dir
+
+    members = [{"name": n, "objective": "mae", "overrides": [], "teachers": []} for n in SEED_KNN]
+    (root / "compare.json").write_text(json.dumps({**_plan(members), "seeds": seeds}))
+    for name, finals in SEED_KNN.items():
+        for k, final in enumerate(finals[:seeds]):
+            sd = seed_dir(root, name, k)
+            finished = done is None or name != "c" or k < done
+            steps = 60 if finished else 30
+            knn = {0: knn_init, 30: final - 5.0 - k, 60: final} if finished else {0: knn_init, 30: final - 5.0}
+            make_run(
+                sd / "run",
+                "mae",
+                [],
+                world=1,
+                steps=steps,
+                sec_per_step=1.0 + k,
+                knn=knn,
+                finished=finished,
+                loss=(0.5, 1.0, 0.99),
+            )
+            if finished:
+                res = _result(name, "mae", 40.0 + k, 0.0, sd / "run")
+                (sd / "result.json").write_text(json.dumps({**res, "train_minutes": 9.9 + 0.1 * k}))
+
+
+def test_seeds_mean_std_each_value_and_ranking_by_the_mean(tmp_path):
+    _seeded_league(tmp_path)
+    lg = load_league(tmp_path)
+    m = {x.name: x for x in lg.members}
+    assert lg.seeds == 3 and all(x.finished and x.seeds_done == 3 for x in lg.members)
+    assert m["a"].knn_final_seeds == [60.0, 61.0, 62.0]
+    assert m["a"].knn_final == pytest.approx(61.0) and m["a"].knn_final_std == pytest.approx(1.0)
+    assert m["c"].knn_final == pytest.approx(70.2) and m["c"].knn_final_std == pytest.approx(0.2)
+    assert m["a"].linear_top1 == pytest.approx(41.0) and m["a"].linear_std == pytest.approx(1.0)
+    assert m["a"].train_minutes == pytest.approx(10.0) and m["a"].train_minutes_std == pytest.approx(0.1)
+    assert lg.rank_knn == ["c", "b", "a"]  # by the mean
+    assert m["a"].noise_peers == ["b"] and m["b"].noise_peers == ["a"] and m["c"].noise_peers == []
+    # the target: the lowest best of any finished seed (a's seed 0: 60.0); each seed reaches it, the mean is shown
+    assert lg.target == pytest.approx(60.0)
+    hours = [s.ttt_h for s in m["c"].seed_runs]
+    assert all(h is not None for h in hours) and m["c"].ttt_h == pytest.approx(sum(hours) / 3)  # type: ignore[arg-type]
+    md = markdown_table(lg)
+    assert "| 1 | c | 70.20 ± 0.20 % (70.00, 70.20, 70.40) | 41.00 ± 1.00 % |" in md
+    assert "| 2 | b | 61.50 ± 1.00 % (60.50, 61.50, 62.50) |" in md and "| 3 | a | 61.00 ± 1.00 %" in md
+    assert "10.00 ± 0.10 min | b |" in md and "Welch" in md
+    html = render_league(lg)
+    assert "70.20 ± 0.20 %" in html and "seeds&nbsp;70.00,&nbsp;70.20,&nbsp;70.40" in html and "Welch" in html
+
+
+def test_unfinished_seed_keeps_the_member_unranked(tmp_path):
+    _seeded_league(tmp_path, done=2)
+    lg = load_league(tmp_path)
+    c = next(x for x in lg.members if x.name == "c")
+    assert c.status == "unfinished" and c.seeds_done == 2 and lg.rank_knn[-1] == "c" and c.noise_peers == []
+    assert "unfinished (2/3 seeds)" in markdown_table(lg)
+
+
+def test_no_common_target_at_or_below_random_init(tmp_path):
+    """The issue's case: the lowest best kNN of the finished members equals the random-init kNN."""
+    _seeded_league(tmp_path, knn_init=60.0, seeds=1)
+    lg = load_league(tmp_path)
+    assert lg.target is None and lg.init_best == 60.0 and lg.rank_with_teacher == []
+    assert lg.target_source.startswith("no common target") and "60.00%" in lg.target_source
+    assert all(x.ttt_h is None for x in lg.members)
+    assert "Target: none. No common target" in markdown_table(lg)
+    html = render_league(lg)
+    assert 'id="no-common-target"' in html and 'id="league-teacher"' not in html
+    assert load_league(tmp_path, target=61.0).target == 61.0  # --target still sets one

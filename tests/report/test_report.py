@@ -559,3 +559,24 @@ def test_data_line_says_what_the_data_was(tmp_path):
         describe_data({"data": {"train": "fashion-mnist:train", "decode": "cpu"}}) == "fashion-mnist:train, decode cpu"
     )
     assert describe_data({}) is None
+
+
+def test_best_and_final_columns_when_the_best_is_not_the_last(tmp_path):
+    """A probe and a fine-tuning whose best epoch is not their last: `mimscale eval` logs only the final top-1
+    into metrics.jsonl; the report's "best" columns take the best from eval/<kind>.json and show the final too."""
+    from mimscale.eval.results import record
+    from mimscale.eval.source import Source
+
+    rd = tmp_path / "run"
+    make_run(rd, "mae", [], world=1, steps=60, sec_per_step=1.0, knn={0: 10.0, 60: 30.0}, finished=True, loss=(1, 1, 1))
+    src = Source(None, {}, "vit_micro", 32, 4, 3, "sincos", (0.5,), (0.5,), rd / "model.safetensors", rd, 60)  # type: ignore[arg-type]
+    for kind, curve in (("linear", [[1, 55.0], [2, 60.98], [3, 58.54]]), ("finetune", [[1, 37.4], [2, 36.59]])):
+        result = {"top1": curve[-1][1], "best_top1": max(a for _, a in curve), "curve": curve}
+        record(src, kind, result, {f"eval/{kind}_top1": result["top1"]})
+    run = load_runs([rd])[0]
+    assert (run.linear_best, run.linear_final) == (60.98, 58.54)
+    assert (run.finetune_best, run.finetune_final) == (37.4, 36.59)
+    write_report([rd], tmp_path / "out")
+    text = (tmp_path / "out" / "report.html").read_text()
+    assert '<td data-sort="60.98">60.98<br><span class="sub">final&nbsp;58.54</span></td>' in text
+    assert '<td data-sort="37.4">37.40<br><span class="sub">final&nbsp;36.59</span></td>' in text
