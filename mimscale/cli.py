@@ -54,10 +54,36 @@ def _parser() -> argparse.ArgumentParser:
     mn.add_argument("out", help="output directory (gets train/ and test/)")
     mn.add_argument("--shard-size", type=int, default=5000)
     mn.add_argument("--workers", type=int, default=2)
-    fo = dsub.add_parser("folder", help="an ImageNet-style class-folder tree")
-    fo.add_argument("src")
-    fo.add_argument("out")
-    fo.add_argument("--shard-size", type=int, default=1000)
+    fo = dsub.add_parser(
+        "folder",
+        help="a folder of images: class subfolders (labelled) or any tree of images (unlabelled)",
+        description="Shard every image Pillow opens under SRC into OUT (see docs/guide/own-data.md).",
+    )
+    fo.add_argument("src", help="the image folder")
+    fo.add_argument("out", help="output shard directory (with --val-fraction: OUT/train and OUT/val)")
+    fo.add_argument(
+        "--labels",
+        choices=("auto", "folders", "none"),
+        default="auto",
+        help="folders: SRC/<class>/<images>; none: every image, label -1; auto (default): folders when SRC has "
+        "subfolders and no images of its own (the choice is printed)",
+    )
+    fo.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out this fraction (by a hash of each file's path: deterministic) as OUT/val; the training "
+        "shards go to OUT/train and kNN during pre-training uses the held-out split",
+    )
+    fo.add_argument("--overwrite", action="store_true", help="replace an existing OUT written with other options")
+    fo.add_argument(
+        "--shard-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="images per shard (default: at most 1000, and at least 16 shards when there are >= 16 images)",
+    )
     fo.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     fo.add_argument("--prefix", default="train")
     fo.add_argument(
@@ -69,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
         "crops: cheaper decoding in training; recorded in the manifest)",
     )
     fo.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of shrunk images (default: 90)")
-    from .teachers.cli import add_targets_parser
+    from .teachers.targets import add_parser as add_targets_parser
 
     add_targets_parser(dsub)  # mimscale data add-targets: cached teacher targets (run via args.run)
     for mod in _PLUGGED:  # subcommands that live beside their code: add_parser(sub) and run(args) -> int
@@ -172,7 +198,7 @@ def _cmd_data(args) -> int:
 
         out = write_mnist(args.out, shard_size=args.shard_size, workers=args.workers)
     else:
-        out = shards.write_folder(
+        out = folder = shards.write_folder(
             args.src,
             args.out,
             shard_size=args.shard_size,
@@ -180,7 +206,12 @@ def _cmd_data(args) -> int:
             prefix=args.prefix,
             max_side=args.max_side,
             quality=args.quality,
+            labels=args.labels,
+            val_fraction=args.val_fraction,
+            overwrite=args.overwrite,
         )
+        train = folder / "train" if args.val_fraction > 0 else folder
+        print(f"next: mimscale pretrain data.train={train}", file=sys.stderr, flush=True)
     print(out)
     return 0
 

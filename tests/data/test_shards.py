@@ -131,7 +131,9 @@ def test_write_folder_multiprocess(tmp_path, capfd):
     out2 = write_folder(tmp_path / "src", tmp_path / "out2", shard_size=7, workers=1, seed=3, progress=False)
     assert [s["sha1"] for s in read_manifest(out2)["shards"]] == [s["sha1"] for s in m["shards"]]
     assert len({int(s["cls"]) for s in samples[:7]}) > 1
-    assert write_folder(tmp_path / "src", out, shard_size=7) == out  # complete -> returned as is
+    assert write_folder(tmp_path / "src", out, shard_size=7, seed=3) == out  # the same request -> returned as is
+    with pytest.raises(DataError, match=r"written with seed=3 \(now 0\).*--overwrite"):  # never silently mixed
+        write_folder(tmp_path / "src", out, shard_size=7)
 
 
 def test_write_folder_errors(tmp_path):
@@ -141,8 +143,15 @@ def test_write_folder_errors(tmp_path):
     with pytest.raises(DataError, match="no image files"):
         write_folder(tmp_path / "empty", tmp_path / "out")
     (tmp_path / "flat").mkdir()
-    with pytest.raises(DataError, match="no class subfolders"):
-        write_folder(tmp_path / "flat", tmp_path / "out")
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
+    with pytest.raises(DataError, match="no class subfolders.*--labels none"):
+        write_folder(tmp_path / "flat", tmp_path / "out", labels="folders")
+    with pytest.raises(DataError, match="--val-fraction 1.5"):
+        write_folder(tmp_path / "flat", tmp_path / "out", val_fraction=1.5)
+    with pytest.raises(DataError, match="leaves 1 training and 0 validation"):
+        write_folder(tmp_path / "flat", tmp_path / "out", val_fraction=0.01)
+    with pytest.raises(DataError, match="inside the image folder"):
+        write_folder(tmp_path / "flat", tmp_path / "flat" / "shards")
 
 
 def test_read_manifest_errors(tmp_path):
@@ -236,3 +245,135 @@ def test_write_folder_max_side_through_the_cli(tmp_path, capsys):
     assert main(["data", "folder", str(tmp_path / "src"), str(out), "--max-side", "64", "--workers", "1"]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "max_side=48" in err[0]
+
+
+def _mixed_photos(root: Path, labelled: bool) -> dict[str, tuple[int, int, int]]:
+    """A folder as people have it: mixed sizes, modes and formats (PNG/JPEG/GIF/TIFF/WebP/BMP, an animated GIF,
+    a 16-bit PNG, a palette PNG with transparency), a corrupt JPEG, a text file; nested. Returns
+    ``{relative path: mean RGB}`` of the good images (flat colours, so the mean is known)."""
+    kinds = [
+        ("png", "RGB", {}),
+        ("jpg", "RGB", {"quality": 100}),
+        ("gif", "P", {}),
+        ("tiff", "RGB", {}),
+        ("webp", "RGB", {"lossless": True}),
+        ("bmp", "RGB", {}),
+        ("png", "RGBA", {}),
+        ("png", "L", {}),
+    ]
+    good = {}
+    for i, (ext, mode, kw) in enumerate(kinds * 2):
+        colour = ((37 * i) % 256, (91 * i) % 256, (173 * i) % 256)
+        cls = f"c{i % 2}" if labelled else ("" if i % 3 else "nested/deeper")
+        d = root / cls
+        d.mkdir(parents=True, exist_ok=True)
+        img = Image.new("RGB", (20 + 3 * i, 12 + 5 * i), colour)
+        if mode == "L":
+            img = img.convert("L")
+            colour = (img.getpixel((0, 0)),) * 3
+        elif mode == "RGBA":
+            img = img.convert("RGBA")
+        elif mode == "P":
+            img = img.quantize(4)
+            colour = img.convert("RGB").getpixel((0, 0))
+        img.save(d / f"img{i}.{ext}", **kw)
+        good[str(Path(cls, f"img{i}.{ext}"))] = colour
+    frames = [Image.new("RGB", (16, 16), c) for c in ((250, 0, 0), (0, 0, 250))]  # animated: first frame kept
+    frames[0].save(root / ("c0" if labelled else "") / "anim.gif", save_all=True, append_images=frames[1:])
+    good[str(Path("c0" if labelled else "", "anim.gif"))] = (
+        Image.open(root / ("c0" if labelled else "") / "anim.gif").convert("RGB").getpixel((0, 0))
+    )
+    Image.fromarray(np.full((10, 14), 40000, dtype=np.uint16)).save(root / ("c1" if labelled else "") / "deep.png")
+    good[str(Path("c1" if labelled else "", "deep.png"))] = (155, 155, 155)  # 40000 / 65535 * 255
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(jpeg, format="JPEG")
+    (root / ("c1" if labelled else "") / "broken.jpg").write_bytes(jpeg.getvalue()[:200])  # truncated
+    (root / ("c0" if labelled else "") / "notes.txt").write_text("not an image")
+    return good
+
+
+def _decoded(out: Path) -> dict[str, tuple[tuple[int, ...], int]]:
+    """key -> (mean RGB of the stored image, label or -1) over every shard of ``out``."""
+    got = {}
+    m = read_manifest(out)
+    for s in _wds_samples(out / x["name"] for x in m["shards"]):
+        ext = next(e for e in ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tiff") if e in s)
+        assert ext in ("png", "jpg", "webp", "bmp")  # what the loader reads: GIF/TIFF were re-encoded
+        img = Image.open(io.BytesIO(s[ext]))
+        rgb = np.asarray(img.convert("RGBA").convert("RGB") if img.mode in ("P", "RGBA") else img.convert("RGB"))
+        got[s["__key__"]] = (tuple(int(round(v)) for v in rgb.reshape(-1, 3).mean(0)), int(s.get("cls", b"-1")))
+    return got
+
+
+def test_write_folder_unlabelled_mixed_formats(tmp_path, capsys):
+    """No class subfolders: detected and stated in one line, every image gets label -1 (no cls field), every
+    format Pillow opens is kept (GIF/TIFF as RGB PNG of the first frame), the corrupt JPEG is counted and
+    listed and not written, the text file is counted as left out; mean/std measured; shard size automatic."""
+    from mimscale.cli import main
+
+    good = _mixed_photos(tmp_path / "photos", labelled=False)
+    out = tmp_path / "shards"
+    assert main(["data", "folder", str(tmp_path / "photos"), str(out), "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert any(ln.startswith("labels: none") and "detected" in ln for ln in err)
+    left = [ln for ln in err if ln.startswith("left out")]
+    assert len(left) == 1 and "1 files that are not images" in left[0] and ".txt 1" in left[0]
+    assert "1 corrupt images" in left[0] and "broken.jpg" in left[0]
+    assert captured.out.strip() == str(out)
+    m = read_manifest(out)
+    assert m["labels"] == "none" and m["classes"] == [] and m["num_samples"] == len(good) == 18
+    assert [c["path"] for c in m["corrupt"]] == ["broken.jpg"] and m["left_out"]["corrupt"] == 1
+    assert m["left_out"]["not_images"] == {".txt": 1}
+    assert len(m["shards"]) == 18  # 18 images: one per shard, so 16 takers (8 ranks x 2 workers) all get one
+    got = _decoded(out)
+    assert all(label == -1 for _, label in got.values())
+    have = np.array(sorted(c for c, _ in got.values()), dtype=float)
+    assert np.abs(have - np.array(sorted(good.values()), dtype=float)).max() <= 2  # each image once (JPEG: +-2)
+    want = np.array(sorted(good.values()), dtype=float)
+    assert np.allclose(m["mean"], (want / 255).mean(0), atol=0.08)  # pixel-weighted, so near the image mean
+    assert all(0 < s < 0.6 for s in m["std"])
+    # the loader reads it, labels -1
+    from mimscale.data import ShardLoader, TrainTransform
+
+    ld = ShardLoader(str(out), batch_size=6, transform=TrainTransform(16), num_workers=0)
+    b = next(iter(ld))
+    assert b["image"].shape == (6, 3, 16, 16) and (b["label"] == -1).all()
+
+
+def test_write_folder_labelled_val_split_and_overwrite(tmp_path, capsys):
+    """Class subfolders + --val-fraction: OUT/train and OUT/val by a hash of the path (the same split on a
+    rerun and for the same file whatever else is there), labels kept, the train manifest names its held-out
+    split; an existing output with other options is refused in one line unless --overwrite; the same request
+    again is reused (said in a line); a raw image folder or the split parent given as shards gets a one-line fix."""
+    from mimscale.cli import main
+    from mimscale.data.shards import split_of
+
+    good = _mixed_photos(tmp_path / "photos", labelled=True)
+    out = tmp_path / "shards"
+    argv = ["data", "folder", str(tmp_path / "photos"), str(out), "--val-fraction", "0.3", "--workers", "1"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "labels: 2 classes from the subfolders" in err and f"data.train={out / 'train'}" in err
+    tr, va = read_manifest(out / "train"), read_manifest(out / "val")
+    assert tr["classes"] == va["classes"] == ["c0", "c1"] and tr["held_out"] == "../val"
+    assert tr["num_samples"] + va["num_samples"] == len(good) and va["num_samples"] > 0
+    assert tr["mean"] == va["mean"]  # the training split's statistics, in both
+    in_val = sorted(p for p in good if split_of(p, 0.3) == "val")
+    assert va["num_samples"] == len(in_val)
+    labels = [lab for _, lab in _decoded(out / "val").values()]
+    assert sorted(labels) == sorted(int(Path(p).parts[0][1]) for p in in_val)
+    sha = [s["sha1"] for s in tr["shards"]]
+    # same request: reused; other options: refused (one line) until --overwrite
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().err
+    assert main([*argv, "--shard-size", "2"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "shard_size=None (now 2)" in lines[0] and "--overwrite" in lines[0]
+    assert [s["sha1"] for s in read_manifest(out / "train")["shards"]] == sha  # untouched
+    assert main([*argv, "--shard-size", "2", "--overwrite"]) == 0
+    assert all(s["count"] <= 2 for s in read_manifest(out / "train")["shards"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "shards"]  # no temp dirs left
+    # pointing training at the wrong thing: one line that says what to run / pass
+    for wrong, want in ((tmp_path / "photos", "mimscale data folder"), (out, f"pass {out / 'train'}")):
+        with pytest.raises(DataError, match=want):
+            read_manifest(wrong)
