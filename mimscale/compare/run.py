@@ -1,7 +1,7 @@
 """Running a comparison: teacher steps, then per member calibrate -> train to the budget -> linear probe.
 
 Every step is a ``mimscale`` command in a child process (what a user would type), so a member is an ordinary
-run directory. Layout (``docs/compare.md``): ``DIR/compare.json`` (the plan), ``DIR/teachers/<step>/``
+run directory. Layout (``docs/guide/compare.md``): ``DIR/compare.json`` (the plan), ``DIR/teachers/<step>/``
 (with ``cost.json`` once done), ``DIR/members/<name>/{calibrate,run}/`` and ``result.json`` once the member is
 complete. A restart skips what is complete: a member with ``result.json`` is not rerun, an interrupted
 member's training resumes from its last checkpoint (``train.resume=auto``, saved every
