@@ -76,7 +76,10 @@ class TrainConfig:
     epochs: float = num(800.0, "> 0")
     batch_size: int = num(4096, ">= 1")  # effective (global) batch per optimizer step
     micro_batch_size: int = num(64, ">= 1")  # per device per forward
-    max_steps: int | None = num(None, ">= 1")  # stop early; the schedule still spans `epochs`
+    steps: int | None = num(None, ">= 1")  # the run's length in optimizer steps (warm-up and cosine end here);
+    #                                       replaces `epochs` when set
+    stop_after_steps: int | None = num(None, ">= 1")  # hard cut: stop here; the schedule still spans the whole run
+    max_steps: int | None = num(None, ">= 1")  # deprecated name of stop_after_steps
     max_minutes: float | None = num(None, "> 0")  # stop early after this much wall-clock
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls/convolutions
@@ -315,10 +318,103 @@ def load_raw(recipe: str | None, overrides: Sequence[str] = ()) -> dict:
 
 
 def load(recipe: str | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a recipe, apply overrides, validate every key, including the objective's own knobs."""
+    """Read a recipe, apply overrides, validate every key, including the objective's own knobs; the recipe's
+    evaluation sets and normalisation follow a ``data.train`` that is not the recipe's (:func:`follow_data`)."""
     cfg = from_dict(Config, load_raw(recipe, overrides))
     validate(cfg)
+    explicit = {".".join(parse_override(o)[0]) for o in overrides}
+    own = (load_raw(recipe).get("data") or {}).get("train", DataConfig.train)
+    notes = follow_data(cfg, own, explicit) if "data.train" in explicit else []
+    if cfg.train.max_steps is not None:
+        notes.append(
+            "train.max_steps is deprecated: it is train.stop_after_steps (a hard cut; train.steps=N sets the schedule)"
+        )
+    if notes:
+        import logging
+
+        from .dist import detect
+
+        if detect().is_main:
+            for line in notes:
+                logging.getLogger("mimscale.config").warning("%s", line)
     return cfg
+
+
+def data_family(source: str, depth: int = 0) -> str:
+    """Which data set ``source`` is: a built-in name (``fashion-mnist``), the writer's ``source`` of a shard
+    directory's manifest (``folder:/abs/photos``; ``add-targets`` shards are their source's), else itself."""
+    from .data.builtin import BUILTIN, is_builtin
+
+    if is_builtin(source):
+        return source.split(":", 1)[0]
+    path = Path(source).expanduser()
+    if depth < 4 and path.is_dir() and (path / "manifest.json").is_file():
+        try:
+            import json
+
+            written = str(json.loads((path / "manifest.json").read_text()).get("source", ""))
+        except (OSError, ValueError):
+            return source
+        kind, _, rest = written.partition(":")
+        if kind == "add-targets":
+            return data_family(rest, depth + 1)
+        return kind if kind in BUILTIN else written or source
+    return source
+
+
+def follow_data(cfg: Config, recipe_train: str, explicit: set[str]) -> list[str]:
+    """Make the recipe's data-set-bound defaults follow ``data.train`` when it is not the recipe's own data set
+    (``recipe_train``): kNN on the user's labelled held-out split (or the built-in's test split), else off; mean/std
+    from the shards' manifest. Keys set on the command line (``explicit``) are kept. Returns what changed, one
+    line each."""
+    d, e, notes = cfg.data, cfg.eval, []
+    family = data_family(d.train)
+    if recipe_train != "???" and family == data_family(recipe_train):
+        return notes
+    from .data.builtin import BUILTIN
+
+    manifest: dict[str, Any] = {}
+    path = Path(d.train).expanduser()
+    if path.is_dir() and (path / "manifest.json").is_file():
+        from .data.shards import read_manifest
+
+        manifest = read_manifest(path)
+    if e.knn_train is not None and not explicit & {"eval.knn_train", "eval.knn_test"}:
+        held_out = manifest.get("held_out")
+        if family in BUILTIN:
+            e.knn_train, e.knn_test = f"{family}:train", f"{family}:test"
+            notes.append(f"kNN evaluation on {family}'s own splits ({e.knn_train} -> {e.knn_test})")
+        elif held_out and manifest.get("classes"):
+            e.knn_train, e.knn_test = str(path), str((path / held_out).resolve())
+            notes.append(
+                f"kNN evaluation on your data: bank {e.knn_train}, queries its held-out split {e.knn_test} "
+                "(eval.knn_train=null turns it off)"
+            )
+        else:
+            e.knn_train = e.knn_test = None
+            why = "has no labelled held-out split" if not manifest.get("classes") or not held_out else ""
+            notes.append(
+                f"kNN evaluation is off: data.train is not the recipe's data set and {why or 'is not labelled'}; "
+                "turn it on with eval.knn_train=LABELLED_SHARDS eval.knn_test=LABELLED_SHARDS (e.g. the train/ "
+                "and val/ of `mimscale data folder SRC OUT --val-fraction 0.1`)"
+            )
+    keep = {k for k in ("mean", "std") if f"data.{k}" in explicit}
+    if keep != {"mean", "std"} and family not in BUILTIN:
+        mean, std = manifest.get("mean"), manifest.get("std")
+        c = cfg.model.in_chans
+        if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == 3 and c in (1, 3):
+            if "mean" not in keep:
+                d.mean = tuple(float(v) for v in mean) if c == 3 else (sum(mean) / 3,)
+            if "std" not in keep:
+                d.std = tuple(float(v) for v in std) if c == 3 else (sum(std) / 3,)
+            notes.append(f"normalisation from the shards' manifest: data.mean={list(d.mean)} data.std={list(d.std)}")
+        elif c == 3 and not keep and (d.mean, d.std) != (IMAGENET_MEAN, IMAGENET_STD):
+            d.mean, d.std = IMAGENET_MEAN, IMAGENET_STD
+            notes.append(
+                "normalisation: ImageNet's mean/std (the shards' manifest has none; set data.mean/data.std, or "
+                "rewrite the shards with `mimscale data folder`, which measures them)"
+            )
+    return notes
 
 
 def validate(cfg: Config) -> None:
@@ -393,7 +489,13 @@ def derive(cfg: Config, world_size: int, samples_per_epoch: int) -> Derived:
             f"train.batch_size={t.batch_size} is larger than an epoch ({samples_per_epoch} samples); "
             "lower it or raise data.samples_per_epoch"
         )
-    total = math.ceil(t.epochs * steps_per_epoch)
+    total = t.steps if t.steps is not None else math.ceil(t.epochs * steps_per_epoch)
+    warmup = round(o.warmup_epochs * steps_per_epoch)
+    if t.steps is not None and warmup >= total and o.warmup_epochs > 0:
+        raise ConfigError(
+            f"optim.warmup_epochs={o.warmup_epochs} is {warmup} steps, not less than train.steps={t.steps} "
+            f"({steps_per_epoch} steps per epoch); lower optim.warmup_epochs"
+        )
     run_dir = t.run_dir.format(objective=cfg.objective.get("name"), arch=cfg.model.arch)
     return Derived(
         world_size=world_size,
@@ -402,7 +504,7 @@ def derive(cfg: Config, world_size: int, samples_per_epoch: int) -> Derived:
         samples_per_epoch=samples_per_epoch,
         steps_per_epoch=steps_per_epoch,
         total_steps=total,
-        warmup_steps=min(total, round(o.warmup_epochs * steps_per_epoch)),
+        warmup_steps=min(total, warmup),
         run_dir=run_dir,
     )
 

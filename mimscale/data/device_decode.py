@@ -17,14 +17,23 @@ rest to the objective's collate (masks etc.).
 
 Device side, :meth:`DeviceDecoder.decode` (called by ``ShardLoader.to_device``): one batched
 ``torchvision.io.decode_jpeg(device=...)`` (nvJPEG on CUDA: the A100/H100 hardware JPEG engine for the
-baseline JPEGs it supports, CUDA kernels for the rest; libjpeg-turbo on CPU), then per view a crop (a view),
-one bicubic antialiased resize (the kernel family PIL and the CPU path use), rounding to whole grey levels as
-the CPU path's uint8 resize does, the flips, and one normalisation of the batch. Output: ``image float32
-[B, C, H, W]`` (one view) or ``[B, V, C, H, W]`` (multi-crop), on the device.
+baseline JPEGs it supports, CUDA kernels for the rest; libjpeg-turbo on CPU), run on a side stream ordered with
+the caller's (:func:`decode_in_order`: torchvision's CUDA decoder writes from a private stream that does not wait
+for the caller's), then crop + bicubic antialiased resize + flip of every view as two matrix products per group
+of same-size images (:func:`resize_weights`: the weights of ``F.interpolate(..., "bicubic", antialias=True)``,
+the kernel family PIL and the CPU path use), rounding to whole grey levels as the CPU path's uint8 resize
+does, and one normalisation of the batch. Output: ``image float32 [B, C, H, W]`` (one view) or
+``[B, V, C, H, W]`` (multi-crop), on the device. Host-to-device copies: the crop plan (pinned, non-blocking)
+and the rare host-decoded pixels; mean / std are made once per device.
+
+Other maintained GPU JPEG decoders on the package index for CUDA 13 (not used: they would add a dependency):
+nvImageCodec (``nvidia-nvimgcodec-cu13``, decodes on a stream the caller passes), DALI
+(``nvidia-dali-cuda130``, a whole pipeline) and TorchCodec (``torchcodec``, torchvision's successor for codecs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import warnings
@@ -39,7 +48,17 @@ from mimscale.errors import ConfigError
 
 from .transforms import TrainTransform, batch_buffer, complete_jpeg_bytes
 
-__all__ = ["DeviceViews", "PackedCollate", "DeviceDecoder", "device_views_of", "resolve_decode", "DECODE_MODES"]
+__all__ = [
+    "CudaStreams",
+    "DeviceViews",
+    "PackedCollate",
+    "DeviceDecoder",
+    "decode_in_order",
+    "resize_weights",
+    "device_views_of",
+    "resolve_decode",
+    "DECODE_MODES",
+]
 
 log = logging.getLogger("mimscale.data")
 
@@ -137,10 +156,100 @@ class PackedCollate:
         return batch
 
 
-class DeviceDecoder:
-    """Batched decode + crop + resize + flip + normalise of a packed batch on ``device`` (main process)."""
+class CudaStreams:
+    """The ``torch.cuda`` stream calls :func:`decode_in_order` makes (a test passes a recording stand-in)."""
 
-    def __init__(self, views: Sequence[TrainTransform], stacked: bool):
+    def current(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def new(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device)
+
+    def use(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    def record(self, tensor: torch.Tensor, stream: Any) -> None:
+        tensor.record_stream(stream)
+
+
+def decode_in_order(
+    work: Callable[[], list[torch.Tensor | None]], side: Any, streams: Any = None, device: torch.device | None = None
+) -> list[torch.Tensor | None]:
+    """Run ``work`` (the nvJPEG decode and the host fallbacks' copies) with ``side`` as the current stream, ordered
+    with the caller's (current) stream. Returns ``work()``'s tensors, ready for kernels on the caller's stream.
+
+    Why: torchvision 0.29 ``decode_jpeg(..., device="cuda")`` allocates its outputs from the caching allocator on
+    the CURRENT stream but writes them from a private pool stream that never waits for the current one (it only
+    host-syncs that stream and makes the current stream wait on it afterwards). Allocated on the training stream,
+    an output can reuse a block that the queued backward still reads or writes (freed by the host, reused by
+    the allocator on the same-stream assumption). So: (1) ``side`` waits for the caller's stream (our own
+    copies on it come after everything queued before), (2) the outputs are allocated on ``side`` -- its pool
+    holds only blocks of earlier decodes -- (3) the caller's stream waits for ``side``, and (4) every output
+    is ``record_stream``-ed on the caller's stream, so its block goes back to ``side``'s pool only once the
+    kernels queued on the caller's stream that read it have run (the next decode may write into it at once).
+    """
+    streams = streams or CudaStreams()
+    main = streams.current(device)
+    side.wait_stream(main)
+    with streams.use(side):
+        out = work()
+    main.wait_stream(side)
+    for t in out:
+        if t is not None:
+            streams.record(t, main)
+    return out
+
+
+def _cubic(x: torch.Tensor, a: float = -0.5) -> torch.Tensor:
+    """Keys' cubic convolution kernel with ``a = -0.5`` (PIL's and PyTorch's antialiased bicubic)."""
+    x = x.abs()
+    near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
+
+
+def resize_weights(start: torch.Tensor, length: torch.Tensor, size: int, extent: int) -> torch.Tensor:
+    """Weights of an antialiased bicubic resize of ``[start, start + length)`` of an axis of ``extent`` pixels to
+    ``size`` pixels: ``float32 [K, size, extent]`` (zero outside each crop) for ``start, length float32 [K]``.
+
+    The same filter, support and normalisation as ``F.interpolate(crop, mode="bicubic", antialias=True)`` (PIL's
+    scheme: support 2 x the scale when shrinking, the plain kernel when enlarging, each row normalised to sum 1),
+    so ``Wy @ image @ Wx^T`` is that crop-and-resize for a whole batch in two matrix products.
+    """
+    dev = start.device
+    scale = length / size  # [K]
+    inv = 1.0 / scale.clamp(min=1.0)
+    center = scale[:, None] * (torch.arange(size, device=dev, dtype=torch.float32)[None] + 0.5)  # [K, size]
+    j = torch.arange(extent, device=dev, dtype=torch.float32)[None, None] - start[:, None, None]  # [K, 1, extent]
+    w = _cubic((j + 0.5 - center[..., None]) * inv[:, None, None])  # [K, size, extent]
+    w = torch.where((j >= 0) & (j < length[:, None, None]), w, torch.zeros_like(w))
+    return w / w.sum(-1, keepdim=True)
+
+
+@contextlib.contextmanager
+def _ieee_fp32(device: torch.device):
+    """Exact fp32 matmuls on CUDA for the resize (TF32 would move pixels by ~0.1 grey level); restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+class DeviceDecoder:
+    """Batched decode + crop + resize + flip + normalise of a packed batch on ``device`` (main process).
+
+    Per batch on CUDA: one nvJPEG batch decode (ordered with the caller's stream, :func:`decode_in_order`), one
+    pinned, non-blocking copy of the crop plan, the resize weights of every view at once (:func:`resize_weights`,
+    flips folded in), then per group of same-size images one stack and two matrix products, and one rounding +
+    normalisation of the whole batch (mean / std made once per device). No host synchronisation of its own.
+    """
+
+    def __init__(self, views: Sequence[TrainTransform], stacked: bool, streams: Any = None):
         _check_views(views)
         v = views[0]
         self.num_views, self.stacked = len(views), bool(stacked)
@@ -148,6 +257,9 @@ class DeviceDecoder:
         self.mean = tuple(255.0 * m for m in v.mean)
         self.inv_std = tuple(1.0 / (255.0 * s) for s in v.std)
         self.failed = 0  # images nvJPEG and the host fallback could not decode
+        self.streams = streams  # None: torch.cuda (see CudaStreams)
+        self._side: dict[torch.device, Any] = {}  # the decode stream of each CUDA device, made once
+        self._norm: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # mean, 1/std per device, made once
 
     def _decode_jpegs(self, chunks: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
         from torchvision.io import ImageReadMode, decode_jpeg
@@ -176,7 +288,92 @@ class DeviceDecoder:
         except Exception:
             return None
         arr = arr[:, :, None] if arr.ndim == 2 else arr
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).to(device)
+        host = torch.from_numpy(arr.copy()).permute(2, 0, 1)
+        return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+    def _images(self, chunks: list[torch.Tensor], info: list[list[int]], device: torch.device):
+        """Decode every image of the batch onto ``device``: ``uint8 [c, h, w]`` each, None where undecodable."""
+        B = len(info)
+
+        def work() -> list[torch.Tensor | None]:
+            images: list[torch.Tensor | None] = [None] * B
+            jpegs = [i for i in range(B) if info[i][0] == KIND_JPEG]
+            if jpegs:
+                for i, img in zip(jpegs, self._decode_jpegs([chunks[i] for i in jpegs], device)):
+                    images[i] = img
+            for i in range(B):
+                if info[i][0] == KIND_PIXELS:  # pinned (the loader pins batches on CUDA): a non-blocking copy
+                    _, h, w, c = info[i]
+                    images[i] = chunks[i].view(h, w, c).permute(2, 0, 1).to(device, non_blocking=True)
+            return images
+
+        if device.type != "cuda":
+            return work()
+        if device not in self._side:
+            self._side[device] = (self.streams or CudaStreams()).new(device)
+        return decode_in_order(work, self._side[device], self.streams, device)
+
+    def _normaliser(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if device not in self._norm:
+            C = self.in_chans
+            mean = torch.tensor(self.mean, dtype=torch.float32).view(1, C, 1, 1).to(device)
+            inv_std = torch.tensor(self.inv_std, dtype=torch.float32).view(1, C, 1, 1).to(device)
+            self._norm[device] = (mean, inv_std)
+        return self._norm[device]
+
+    def _resize_views(self, img: torch.Tensor, boxes: list[list[int]], out: torch.Tensor) -> None:
+        """Crop, resize and flip each view of one image ``uint8 [c, h, w]`` into ``out float32 [V, C, H, W]``."""
+        C, (H, W) = self.in_chans, self.size
+        img = img if img.shape[0] == C else img.expand(C, -1, -1)  # grey pixels for a 3-channel model
+        for v, (top, left, h, w, flip) in enumerate(boxes):
+            crop = img[None, :, top : top + h, left : left + w].float()
+            if flip:
+                crop = crop.flip(-1)  # the resize kernel is symmetric: flip then resize = resize then flip
+            if (h, w) != (H, W):
+                crop = F.interpolate(crop, size=(H, W), mode="bicubic", antialias=True, align_corners=False)
+            out[v] = crop[0]
+
+    def _resize_groups(
+        self,
+        groups: list[list[int]],
+        images: list[torch.Tensor | None],
+        boxes: list[list[list[int]]],
+        out: torch.Tensor,
+        device: torch.device,
+    ) -> None:
+        """Views of images that share a size, per group: one stack, two matrix products with the
+        :func:`resize_weights` of all views (flips folded in), one write into ``out float32 [B V, C, H, W]``."""
+        V, C, (H, W) = self.num_views, self.in_chans, self.size
+        cuda = device.type == "cuda"
+        # the crop plan of these views (top, left, h, w, flip), one host tensor -> one pinned, non-blocking copy
+        order = [i for m in groups for i in m]
+        plan = torch.tensor([boxes[i][v] for i in order for v in range(V)], dtype=torch.float32)
+        plan = (plan.pin_memory() if cuda else plan).to(device, non_blocking=cuda)
+        hmax = max(int(images[m[0]].shape[1]) for m in groups)  # type: ignore[union-attr]
+        wmax = max(int(images[m[0]].shape[2]) for m in groups)  # type: ignore[union-attr]
+        wy = resize_weights(plan[:, 0], plan[:, 2], H, hmax)  # [K, H, hmax]
+        wx = resize_weights(plan[:, 1], plan[:, 3], W, wmax)  # [K, W, wmax]
+        wx = torch.where(plan[:, 4, None, None] > 0, wx.flip(1), wx)  # a flip reverses the output columns
+        k = 0
+        with _ieee_fp32(device):
+            for members in groups:
+                n = len(members)
+                views = [boxes[i][v] for i in members for v in range(V)]
+                # the union of the group's crops: only those pixels are converted and multiplied
+                y0, x0 = min(b[0] for b in views), min(b[1] for b in views)
+                y1, x1 = max(b[0] + b[2] for b in views), max(b[1] + b[3] for b in views)
+                imgs = [_channels(images[i], C) for i in members]
+                px = torch.stack(imgs)[:, :, y0:y1, x0:x1].float()  # [n, C, y1 - y0, x1 - x0]
+                gy, gx = wy[k : k + n * V, :, y0:y1], wx[k : k + n * V, :, x0:x1]
+                k += n * V
+                res = torch.matmul(gy.reshape(n, V, 1, H, -1), px[:, None])  # [n, V, C, H, x1 - x0]
+                res = torch.matmul(res, gx.reshape(n, V, 1, W, -1).transpose(-1, -2))  # [n, V, C, H, W]
+                rows = _rows(members, V)
+                if rows is not None:
+                    out[rows] = res.reshape(n * V, C, H, W)
+                else:
+                    for j, i in enumerate(members):
+                        out[i * V : (i + 1) * V] = res[j]
 
     def decode(self, batch: dict, device: torch.device) -> dict:
         """``batch`` with ``encoded``, ``encoded_offsets``, ``image_info``, ``crop_boxes`` (on the host) ->
@@ -185,44 +382,39 @@ class DeviceDecoder:
         info, boxes = batch.pop("image_info").tolist(), batch.pop("crop_boxes").tolist()
         B, V, C, (H, W) = len(info), self.num_views, self.in_chans, self.size
         chunks = [enc[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        images: list[torch.Tensor | None] = [None] * B
-        jpegs = [i for i in range(B) if info[i][0] == KIND_JPEG]
-        if jpegs:
-            for i, img in zip(jpegs, self._decode_jpegs([chunks[i] for i in jpegs], device)):
-                images[i] = img
-        for i in range(B):
-            if info[i][0] == KIND_PIXELS:
-                _, h, w, c = info[i]
-                images[i] = chunks[i].view(h, w, c).permute(2, 0, 1).to(device, non_blocking=True)
-        out = torch.empty(B * V, C, H, W, device=device, dtype=torch.float32)
-        flips = []
-        for i in range(B):
-            img = images[i]
-            if img is None:  # undecodable on every path: a grey image, counted
+        images = self._images(chunks, info, device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            if img is None:  # undecodable on every path: a blank image, counted
                 self.failed += 1
                 log.warning(
                     "device decode: sample %s could not be decoded; using a blank image", batch.get("key", ["?"] * B)[i]
                 )
-                out[i * V : (i + 1) * V] = 0.0
                 continue
-            if img.shape[0] != C:  # grey pixels for a 3-channel model
-                img = img.expand(C, -1, -1)
-            for v in range(V):
-                top, left, h, w, flip = boxes[i][v]
-                crop = img[None, :, top : top + h, left : left + w].float()
-                out[i * V + v] = (
-                    crop[0]
-                    if (h, w) == (H, W)
-                    else F.interpolate(crop, size=(H, W), mode="bicubic", antialias=True, align_corners=False)[0]
-                )
-                if flip:
-                    flips.append(i * V + v)
+            groups.setdefault((int(img.shape[1]), int(img.shape[2])), []).append(i)
+        out = torch.zeros(B * V, C, H, W, device=device, dtype=torch.float32)
+        batched = [m for m in groups.values() if len(m) > 1]
+        for members in groups.values():
+            if len(members) == 1:  # an image of a size of its own: crop + resize each view directly
+                i = members[0]
+                self._resize_views(images[i], boxes[i], out[i * V : (i + 1) * V])
+        if batched:
+            self._resize_groups(batched, images, boxes, out, device)
         out.clamp_(0.0, 255.0).round_()  # whole grey levels, as the CPU path's uint8 resize
-        if flips:
-            idx = torch.tensor(flips, device=device)
-            out[idx] = out[idx].flip(-1)
-        mean = torch.tensor(self.mean, device=device, dtype=torch.float32).view(1, C, 1, 1)
-        inv_std = torch.tensor(self.inv_std, device=device, dtype=torch.float32).view(1, C, 1, 1)
+        mean, inv_std = self._normaliser(device)
         out.sub_(mean).mul_(inv_std)
         batch["image"] = out.view(B, V, C, H, W) if self.stacked else out
         return batch
+
+
+def _channels(img: torch.Tensor | None, C: int) -> torch.Tensor:
+    """A decoded image ``uint8 [c, h, w]`` with ``C`` channels (grey pixels expanded for a 3-channel model)."""
+    assert img is not None  # undecodable images are in no group
+    return img if img.shape[0] == C else img.expand(C, -1, -1)
+
+
+def _rows(members: list[int], V: int) -> slice | None:
+    """The output rows of ``members`` as one slice when they are consecutive samples (the common case), else None."""
+    if members != list(range(members[0], members[0] + len(members))):
+        return None
+    return slice(members[0] * V, (members[-1] + 1) * V)

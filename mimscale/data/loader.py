@@ -222,14 +222,16 @@ class ShardLoader:
 
     # ---- public API
     def to_device(self, batch: dict, device: torch.device | str) -> dict:
-        """A collated batch on ``device``: tensors moved (non-blocking from pinned memory on CUDA); on the
+        """A collated batch on ``device``: tensors moved (on CUDA: non-blocking copies from pinned memory, a tensor
+        the DataLoader did not pin is pinned first, so no copy blocks the host); on the
         device-decode path also ``image`` decoded, cropped, resized, flipped and normalised there (the
         batch's ``encoded*``, ``image_info`` and ``crop_boxes`` are consumed)."""
         device = torch.device(device)
         if self._decoder is not None:
             batch = self._decoder.decode(dict(batch), device)
-        non_blocking = device.type == "cuda"
-        return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if device.type != "cuda":
+            return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return {k: _pinned(v).to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
     def __len__(self) -> int:
         return self._batches
@@ -387,3 +389,8 @@ class ShardLoader:
             f"batch_size={self.batch_size}, workers={self.num_workers}, batches_per_epoch={self._batches}, "
             f"decode={self.decode})"
         )
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in page-locked memory (as is when it already is, or lives on a device): a non-blocking copy source."""
+    return t.pin_memory() if t.device.type == "cpu" and not t.is_pinned() else t

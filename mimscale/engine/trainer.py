@@ -96,7 +96,19 @@ class Trainer:
         if self.found is not None:
             ckpt.check_shapes(self.found, shapes)
             self.state.load_state_dict(restore(self.saver, self.found, universal, self.loader, self.module, d))
-        self.stop = min(self.derived.total_steps, t.max_steps or self.derived.total_steps)
+        cut = t.stop_after_steps or t.max_steps  # a hard cut; train.steps sets the schedule's length instead
+        self.stop = min(self.derived.total_steps, cut or self.derived.total_steps)
+        dv = self.derived
+        if d.is_main and t.steps is None and dv.total_steps < 100 and not cut:
+            log.warning(
+                "this run is only %d optimizer steps (train.epochs=%g x %d steps of train.batch_size=%d per epoch of "
+                "%d samples); train.steps=N sets the length (warm-up and cosine end at N)",
+                dv.total_steps,
+                t.epochs,
+                dv.steps_per_epoch,
+                t.batch_size,
+                dv.samples_per_epoch,
+            )
 
         self.evaluation = task.evaluation(d, self.derived)
         self.logger = MetricLogger(

@@ -133,3 +133,129 @@ def test_bad_jpeg_data_is_blank_and_counted(shards, images):
     (b,) = batches(ld, 1)
     assert b["image"].shape == (6, 3, 16, 16) and torch.isfinite(b["image"]).all()
     assert ld.stats["device_decode_failed"] <= 1  # libjpeg may still decode the garbage
+
+
+def test_resize_weights_are_the_antialiased_bicubic_of_interpolate():
+    """Wy @ image @ Wx^T == F.interpolate(crop, bicubic, antialias) for shrinking, enlarging and 1:1 crops, and a
+    flip folded into Wx equals flipping the result (the batched path of DeviceDecoder)."""
+    import torch.nn.functional as F
+
+    from mimscale.data.device_decode import resize_weights
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        hi, wi = (int(x) for x in torch.randint(8, 70, (2,), generator=g))
+        img = torch.randint(0, 256, (3, hi, wi), generator=g).float()
+        h, w = int(torch.randint(1, hi + 1, (), generator=g)), int(torch.randint(1, wi + 1, (), generator=g))
+        t, left = int(torch.randint(0, hi - h + 1, (), generator=g)), int(torch.randint(0, wi - w + 1, (), generator=g))
+        H = W = h if trial == 0 else int(torch.randint(4, 40, (), generator=g))  # trial 0: 1:1 in height
+        ref = F.interpolate(img[None, :, t : t + h, left : left + w], size=(H, W), mode="bicubic", antialias=True)[0]
+        wy = resize_weights(torch.tensor([float(t)]), torch.tensor([float(h)]), H, hi)[0]
+        wx = resize_weights(torch.tensor([float(left)]), torch.tensor([float(w)]), W, wi)[0]
+        assert torch.allclose(wy @ img @ wx.T, ref, atol=2e-3), trial
+        assert torch.allclose(wy @ img @ wx.flip(0).T, ref.flip(-1), atol=2e-3)
+        assert (wy[:, :t] == 0).all() and (wy[:, t + h :] == 0).all()  # nothing outside the crop
+
+
+class _Stream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name}.wait_stream({other.name})")
+
+
+class _RecordingStreams:
+    """The CudaStreams interface on a CPU: logs every stream call, in order."""
+
+    def __init__(self):
+        self.log, self.now = [], None
+        self.main = _Stream("main", self.log)
+
+    def current(self, device):
+        return self.now or self.main
+
+    def new(self, device):
+        self.log.append(f"new({device})")
+        return _Stream(f"side{self.log.count(f'new({device})')}", self.log)
+
+    def use(self, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            self.log.append(f"enter({stream.name})")
+            self.now = stream
+            yield
+            self.now = None
+            self.log.append(f"exit({stream.name})")
+
+        return ctx()
+
+    def record(self, tensor, stream):
+        self.log.append(f"record({int(tensor[0, 0, 0])}, {stream.name})")
+
+
+def test_device_decode_is_ordered_with_the_callers_stream():
+    """decode_in_order: the side stream waits for the caller's stream, the decode runs with the side stream
+    CURRENT (its outputs come from the side stream's pool, not from blocks the queued backward may still use),
+    the caller's stream waits for the side stream, and every output is record_stream-ed on the caller's stream
+    (its block is not reused before the caller's kernels that read it have run). DeviceDecoder makes one side
+    stream per device and routes every CUDA decode through it."""
+    from mimscale.data.device_decode import DeviceDecoder, decode_in_order
+
+    api = _RecordingStreams()
+
+    def work():
+        api.log.append(f"decode on {api.current(None).name}")
+        return [torch.full((1, 2, 2), 7), None, torch.full((1, 2, 2), 9)]
+
+    side = _Stream("side", api.log)
+    out = decode_in_order(work, side, api, torch.device("cuda", 0))
+    assert [o is None for o in out] == [False, True, False]
+    assert api.log == [
+        "side.wait_stream(main)",
+        "enter(side)",
+        "decode on side",
+        "exit(side)",
+        "main.wait_stream(side)",
+        "record(7, main)",
+        "record(9, main)",
+    ]
+    # through the decoder (nvJPEG replaced by a stand-in: no GPU here): one side stream for all batches
+    api = _RecordingStreams()
+    dec = DeviceDecoder([TrainTransform(8)], stacked=False, streams=api)
+    dec._decode_jpegs = lambda chunks, device: [  # type: ignore[method-assign]
+        (api.log.append(f"nvjpeg on {api.current(None).name}"), torch.full((3, 4, 4), 5, dtype=torch.uint8))[1]
+        for _ in chunks
+    ]
+    info = [[1, 4, 4, 3], [1, 4, 4, 3]]
+    for _ in range(2):
+        dec._images([torch.zeros(3, dtype=torch.uint8)] * 2, info, torch.device("cuda", 0))
+    assert api.log.count("new(cuda:0)") == 1
+    assert api.log[1:] == 2 * [
+        "side1.wait_stream(main)",
+        "enter(side1)",
+        "nvjpeg on side1",
+        "nvjpeg on side1",
+        "exit(side1)",
+        "main.wait_stream(side1)",
+        "record(5, main)",
+        "record(5, main)",
+    ]
+
+
+def test_same_size_images_take_the_batched_path(shards, images):
+    """Images of one size go through two matrix products per batch, not a resize per view, and give the CPU
+    path's batches within the resize tolerance (flips included)."""
+    from unittest import mock
+
+    import torch.nn.functional as F
+
+    d, _ = shards([12] * 2, image=lambda g: ("jpg", images.jpeg(g, size=(40, 30))))
+    cpu = batches(loader(d, "cpu", num_workers=0), 2)
+    with mock.patch.object(F, "interpolate", side_effect=AssertionError("per-view resize")):
+        dev = batches(loader(d, "device", num_workers=0), 2)
+    for x, y in zip(cpu, dev):
+        mean, worst = levels(x["image"], y["image"])
+        assert mean < 0.3 and worst <= 8, (mean, worst)
