@@ -38,15 +38,33 @@ from common import REPO, write_results
 BIN = Path(sys.executable).parent
 
 
-def _env() -> dict[str, str]:
+def resolve_accelerator(requested: str = "auto", cuda_available: bool | None = None) -> str:
+    """``cpu`` or ``cuda`` for ``--accelerator``: auto is CUDA when PyTorch sees a device, else the CPU."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise SystemExit(f"--accelerator {requested}: use auto, cpu or cuda")
+    if requested != "auto":
+        return requested
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    return "cuda" if cuda_available else "cpu"
+
+
+def _env(accelerator: str) -> dict[str, str]:
+    """The contenders' environment: launcher variables dropped; on the CPU, DeepSpeed's accelerator pinned to
+    ``cpu`` and one OpenMP thread per rank (2 ranks on 2 cores). On CUDA neither is set: the runs train on the GPU
+    and mimscale sizes its threads itself (``dist.configure_threads``)."""
     e = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_", "SLURM_", "TORCHELASTIC"))
     }
-    e.update(
-        OMP_NUM_THREADS="1", WANDB_MODE="disabled", WANDB_SILENT="true", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1"
-    )
+    e.update(WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+    if accelerator == "cpu":
+        e.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    elif e.get("DS_ACCELERATOR") == "cpu":
+        del e["DS_ACCELERATOR"]  # a CPU pin left in the caller's environment would train on the CPU again
     return e
 
 
@@ -81,7 +99,9 @@ def run_loop(a, shards: str, work: Path, i: int) -> dict:
         f"train.zero_stage={a.zero}",
     ]
     launch = _torchrun(a.ranks) + ["-m"] if a.ranks > 1 else [sys.executable, "-m"]
-    p = subprocess.run([*launch, "mimscale.train", a.recipe, *ov], env=_env(), cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run(
+        [*launch, "mimscale.train", a.recipe, *ov], env=_env(a.accelerator), cwd=REPO, capture_output=True, text=True
+    )
     if p.returncode:
         sys.exit(f"loop run failed:\n{p.stderr[-3000:]}")
     recs = [json.loads(x) for x in (rd / "metrics.jsonl").read_text().splitlines()]
@@ -124,7 +144,7 @@ def run_bench(a, data: str) -> dict:
         f"data.num_workers={a.workers}",
         *[x for o in _common(a) for x in ("--set", o)],
     ]
-    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=_env(a.accelerator), cwd=REPO, capture_output=True, text=True)
     rows = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
     if p.returncode or not rows:
         sys.exit(f"bench failed:\n{p.stderr[-3000:]}")
@@ -161,6 +181,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument(
+        "--accelerator",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="where both contenders train (auto: CUDA when available)",
+    )
     ap.add_argument("--precision", default=None, help="default: the recipe's")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both contenders")
     ap.add_argument("--data", default=None, help="shard directory (default: Fashion-MNIST, converted on first use)")
@@ -170,6 +196,8 @@ def main() -> int:
     ap.add_argument("--out-dir", default=None, help="write the results JSON here instead of benchmarks/results")
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
+    a.accelerator = resolve_accelerator(a.accelerator)
+    print(f"accelerator: {a.accelerator}", flush=True)
     sys.path.insert(0, str(REPO))
     from mimscale.data import builtin
 

@@ -321,10 +321,10 @@ def load(recipe: str | None = None, overrides: Sequence[str] = ()) -> Config:
     """Read a recipe, apply overrides, validate every key, including the objective's own knobs; the recipe's
     evaluation sets and normalisation follow a ``data.train`` that is not the recipe's (:func:`follow_data`)."""
     cfg = from_dict(Config, load_raw(recipe, overrides))
-    validate(cfg)
     explicit = {".".join(parse_override(o)[0]) for o in overrides}
     own = (load_raw(recipe).get("data") or {}).get("train", DataConfig.train)
     notes = follow_data(cfg, own, explicit) if "data.train" in explicit else []
+    validate(cfg)
     if cfg.train.max_steps is not None:
         notes.append(
             "train.max_steps is deprecated: it is train.stop_after_steps (a hard cut; train.steps=N sets the schedule)"
