@@ -367,7 +367,8 @@ def follow_data(cfg: Config, recipe_train: str, explicit: set[str]) -> list[str]
     (``recipe_train``): kNN on the user's labelled held-out split (or the built-in's test split), else off; mean/std
     from the shards' manifest. Keys set on the command line (``explicit``) are kept. Returns what changed, one
     line each."""
-    d, e, notes = cfg.data, cfg.eval, []
+    d, e = cfg.data, cfg.eval
+    notes: list[str] = []
     family = data_family(d.train)
     if recipe_train != "???" and family == data_family(recipe_train):
         return notes

@@ -454,3 +454,78 @@ def test_save_resolved(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(yaml.safe_dump(doc))
     assert C.to_dict(C.load(str(again))) == C.to_dict(cfg) | {"objective": doc["objective"]}
+
+
+# ----------------------------------------------------------------------------- train.steps, the data's defaults
+
+
+def test_train_steps_sets_the_schedule():
+    """train.steps=N: the schedule (warm-up, cosine) ends at N whatever the epochs; a warm-up that would not fit
+    is refused in one line; stop_after_steps is the hard cut (the schedule keeps its length)."""
+    d = C.derive(_tiny("train.steps=150", "optim.warmup_epochs=0.5"), world_size=1, samples_per_epoch=10_000)
+    assert d.total_steps == 150 and d.warmup_steps == 20  # not 2 epochs x 39
+    d = C.derive(_tiny("train.steps=150"), world_size=1, samples_per_epoch=300)  # 300 images: 1 step per epoch
+    assert d.total_steps == 150
+    with pytest.raises(ConfigError, match=r"optim.warmup_epochs=40.0 is 1560 steps, not less than train.steps=100"):
+        C.derive(_tiny("train.steps=100", "optim.warmup_epochs=40"), world_size=1, samples_per_epoch=10_000)
+    cfg = _tiny("train.stop_after_steps=5")
+    assert cfg.train.stop_after_steps == 5 and C.derive(cfg, 1, 10_000).total_steps == 78  # 2 epochs x 39
+
+
+def test_max_steps_is_a_deprecated_alias(caplog):
+    with caplog.at_level("WARNING", logger="mimscale.config"):
+        cfg = _load("train.max_steps=7")
+    assert cfg.train.max_steps == 7
+    assert [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()] == [
+        "train.max_steps is deprecated: it is train.stop_after_steps (a hard cut; train.steps=N sets the schedule)"
+    ]
+
+
+def _folder_shards(root: Path, labelled: bool, val: float) -> Path:
+    from PIL import Image
+
+    from mimscale.data.shards import write_folder
+
+    for i in range(40):
+        d = root / "img" / (f"c{i % 2}" if labelled else "")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (200, 10 * (i % 2), 30)).save(d / f"{i}.png")
+    out = write_folder(root / "img", root / "shards", val_fraction=val, workers=1, progress=False)
+    return out / "train" if val else out
+
+
+def test_own_data_drops_the_recipes_evaluation_and_normalisation(tmp_path, caplog):
+    """data.train that is not the recipe's data set: kNN never silently runs on the recipe's data set (on the
+    user's held-out split when the shards have a labelled one, else off with one line saying how to turn it on);
+    mean/std come from the shards' manifest; what the user set is kept; the recipe's own data changes nothing."""
+    from mimscale.data.shards import read_manifest
+
+    labelled = _folder_shards(tmp_path / "l", labelled=True, val=0.25)
+    m = read_manifest(labelled)
+    with caplog.at_level("WARNING", logger="mimscale.config"):
+        cfg = _load(f"data.train={labelled}")
+    assert (cfg.eval.knn_train, cfg.eval.knn_test) == (str(labelled), str((labelled.parent / "val").resolve()))
+    assert list(cfg.data.mean) == m["mean"] and list(cfg.data.std) == m["std"] and m["mean"][0] > 0.7
+    assert any("kNN evaluation on your data" in r.getMessage() for r in caplog.records)
+    unlabelled = _folder_shards(tmp_path / "u", labelled=False, val=0.25)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mimscale.config"):
+        cfg = _load(f"data.train={unlabelled}")
+    assert cfg.eval.knn_train is None and cfg.eval.knn_test is None
+    off = [r.getMessage() for r in caplog.records if "kNN evaluation is off" in r.getMessage()]
+    assert len(off) == 1 and "eval.knn_train=LABELLED_SHARDS" in off[0] and "\n" not in off[0]
+    assert "fashion" not in yaml.safe_dump(C.to_dict(cfg)).lower()
+    # what the user set stays
+    cfg = _load(f"data.train={labelled}", "eval.knn_train=null", "eval.knn_test=null", "data.mean=[0.5,0.5,0.5]")
+    assert cfg.eval.knn_train is None and cfg.data.mean == (0.5, 0.5, 0.5) and list(cfg.data.std) == m["std"]
+    # a grey model takes the channel average
+    cfg = _load(f"data.train={labelled}", "model.in_chans=1")
+    assert cfg.data.mean == pytest.approx((sum(m["mean"]) / 3,))
+    # the recipe's own data set (also as shards written from it): nothing changes
+    base = _load()
+    for same in ("fashion-mnist:train",):
+        cfg = _load(f"data.train={same}")
+        assert (cfg.eval.knn_train, cfg.data.mean) == (base.eval.knn_train, base.data.mean)
+    # another built-in data set: its own splits
+    cfg = _load("data.train=mnist:train")
+    assert (cfg.eval.knn_train, cfg.eval.knn_test) == ("mnist:train", "mnist:test")

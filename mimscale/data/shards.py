@@ -668,7 +668,7 @@ def _mean_std(stats: np.ndarray) -> tuple[list[float], list[float]]:
     n = np.maximum(stats[2], 1.0)
     mean = stats[0] / n
     std = np.sqrt(np.maximum(stats[1] / n - mean * mean, 1e-12))
-    return [round(float(v), 4) for v in mean], [round(max(float(v), 1e-3), 4) for v in std]
+    return [round(float(v), 4) for v in mean], [round(max(float(v), 0.01), 4) for v in std]  # a flat channel: 0.01
 
 
 def _write_split(

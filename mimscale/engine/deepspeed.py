@@ -288,6 +288,13 @@ def set_hparams(engine, lr: float, weight_decay: float) -> None:
         g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
 
 
+def grad_norm(engine) -> float | None:
+    """The global gradient 2-norm of the last optimizer step, before clipping; ``None`` where DeepSpeed does not
+    compute one (fp32 without ZeRO). A host read: call it only when logging."""
+    n = engine.get_global_grad_norm()
+    return None if n is None else float(n)
+
+
 def compute_dtype(cfg: Config) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.train.precision]
 

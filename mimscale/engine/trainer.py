@@ -292,6 +292,9 @@ class Trainer:
                 **{f"data/{k}": float(v) for k, v in self.loader.stats.items()},
             }
         )
+        norm = ds.grad_norm(self.engine)
+        if norm is not None:  # before clipping: above optim.clip_grad means the step was clipped
+            metrics["train/grad_norm"] = norm
         if self.peak and rate > 0:
             metrics["perf/mfu"] = mfu(self.flops, rate / self.d.world_size, self.peak)
         self.logger.log(metrics, step=st.step)

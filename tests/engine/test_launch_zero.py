@@ -216,6 +216,12 @@ def test_bf16_with_clipping_tracks_fp32(runs):
     assert got[0] == pytest.approx(ref[0], rel=2e-2)  # same init, same batch: bf16 rounding only
     assert got != pytest.approx(ref, rel=1e-6)  # it really ran in bf16 / clipped
     assert all(abs(g - r) < 0.1 * r for g, r in zip(got, ref))
+    from mimscale.telemetry import read_jsonl
+
+    # clipping happened: every step's gradient norm (DeepSpeed's, before clipping) is above optim.clip_grad=0.05
+    rows = read_jsonl(runs["torchrun_z2_bf16_clip"][0] / "metrics.jsonl")
+    norms = [r["train/grad_norm"] for r in rows if "train/grad_norm" in r]
+    assert len(norms) == 4 and min(norms) > 0.05 * 4, norms  # measured 1.4 .. 2.9
 
 
 def test_corrupt_data_counters_are_logged(runs):

@@ -169,6 +169,23 @@ def test_gradient_accumulation_drops_a_bad_micro_batch_exactly(fmnist_small, tmp
     )
     assert w["summary"]["steps"] == 4 and w["summary"]["nonfinite_skipped"] == 1
     assert all(torch.isfinite(torch.tensor(v)) for v in [w["summary"]["final_loss"]])
+    # exactly as if the run had never seen that micro-batch (the 5th: steps 0 and 1 used 4): same losses, same
+    # weights bit for bit; a gradient of the dropped micro-batch leaking into the step would change both
+    _, ref = _worker(
+        tmp_path / "ref",
+        fmnist_small,
+        "train.max_steps=4",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",
+        worker_args=["--drop-batch", "4"],
+    )
+    assert ref["summary"]["nonfinite_skipped"] == 0
+    losses = [[r["train/loss"] for r in _jsonl(d) if "train/loss" in r] for d in (tmp_path / "r", tmp_path / "ref")]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    from safetensors.torch import load_file
+
+    got, want = (load_file(str(d / "encoder.safetensors")) for d in (tmp_path / "r", tmp_path / "ref"))
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
 
 
 @pytest.mark.slow

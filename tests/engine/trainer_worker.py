@@ -4,7 +4,8 @@ counters of what the step loop costs. Rank 0 prints ``WORKER {json}`` at the end
     python tests/engine/trainer_worker.py [--inject 2,4,4] [--count] key=value ...
 
 ``--inject S,S,..``: rank 0's loss of one micro-batch at each listed step becomes NaN (a step listed twice:
-two micro-batches). ``--count``: count, per optimizer step, the collectives (``torch.distributed.*``) and
+two micro-batches). ``--drop-batch I``: the run never sees its I-th micro-batch (0-based; the reference for a
+dropped micro-batch). ``--count``: count, per optimizer step, the collectives (``torch.distributed.*``) and
 host synchronisations (``Tensor.item/tolist/__bool__/__float__/__int__``) issued from mimscale's own code
 (DeepSpeed's gradient collectives are the training's, not the loop's, and are not counted).
 """
@@ -80,12 +81,16 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--inject", default="")
     p.add_argument("--count", action="store_true")
+    p.add_argument("--drop-batch", type=int, default=None)
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     try:
         trainer = pretrain_trainer(C.load(None, a.overrides))
         if a.inject:
             trainer.loss_hooks.append(inject_at([int(s) for s in a.inject.split(",")], trainer.d.rank))
+        if a.drop_batch is not None:
+            batches, drop = trainer._batches, a.drop_batch
+            trainer._batches = lambda: (b for i, b in enumerate(batches()) if i != drop)
         counts = Counts()
         if a.count:
             for name in COLLECTIVES:
