@@ -38,6 +38,9 @@ class ModelConfig:
     pos_embed: Literal["sincos", "learned", "relative"] = "sincos"  # relative: BEiT shared rel-pos bias
     grad_checkpointing: bool = False
     compile: bool = False  # torch.compile every transformer block (encoder and decoder)
+    # start from released weights: our export/run/checkpoint, a timm ViT or BEiT state dict, the official MAE
+    # pre-training checkpoint (encoder AND decoder), Hugging Face ViT / ViTMAE (docs/guide/weights.md)
+    init: str | None = None
 
 
 @dataclass

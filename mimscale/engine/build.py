@@ -32,6 +32,10 @@ def build_model(cfg: C.Config, device: str | torch.device | None = None) -> nn.M
         )
         encoder.set_grad_checkpointing(m.grad_checkpointing)
         objective = build_objective(cfg.objective["name"], encoder, C.objective_knobs(cfg))
+    if m.init and device != "meta":  # before DeepSpeed wraps it; a resumed run's checkpoint then overrides
+        from ..models.init import init_module
+
+        init_module(objective, m.init)
     if m.compile and device != "meta":
         n = compile_blocks(objective)
         log.info("model.compile: %d transformer blocks compiled with torch.compile (first steps compile)", n)

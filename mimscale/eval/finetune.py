@@ -42,7 +42,7 @@ from ..data.transforms import EvalTransform
 from ..engine import deepspeed as ds
 from ..engine.task import Evaluation, TaskModule
 from ..engine.trainer import Trainer
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..models.vit import VisionTransformer, build_vit
 from ..objectives.base import LossOutput
 from .augment import FinetuneTransform, MixupCollate
@@ -97,13 +97,25 @@ def load_recipe(recipe: str | None, overrides: list[str], source: Source) -> Fin
         raise ConfigError(f"no fine-tune recipe named '{name}' (recipes: {known}); or pass a YAML path")
     r = C.from_dict(FinetuneRecipe, C.load_raw(name, overrides))
     m, f = r.model, r.finetune
+    # model.img_size=N on the command line fine-tunes at another resolution (position embeddings resampled)
+    size_given = any(o.split("=", 1)[0].strip() == "model.img_size" for o in overrides)
     m.arch, m.img_size, m.patch_size, m.in_chans, m.pos_embed = (
         source.arch,
-        source.img_size,
+        m.img_size if size_given else source.img_size,
         source.patch_size,
         source.in_chans,
         source.pos_embed,
     )
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size={m.img_size} must be a multiple of the source's patch size {m.patch_size}")
+    if m.img_size != source.img_size:
+        log.info(
+            "fine-tuning at %d px (%dx%d patches); the source was trained at %d px: position embeddings resampled",
+            m.img_size,
+            m.img_size // m.patch_size,
+            m.img_size // m.patch_size,
+            source.img_size,
+        )
     if not 0 < f.layer_decay <= 1:
         raise ConfigError(f"finetune.layer_decay={f.layer_decay} must be in (0, 1]")
     if not 0 <= m.drop_path < 1:
@@ -115,11 +127,17 @@ def load_recipe(recipe: str | None, overrides: list[str], source: Source) -> Fin
     return r
 
 
-def build_classifier(source: Source, classes: int, drop_path: float, head_init_std: float) -> VisionTransformer:
-    """A ``global_pool="avg"`` ViT with ``classes`` outputs holding the source encoder's weights."""
+def build_classifier(
+    source: Source, classes: int, drop_path: float, head_init_std: float, img_size: int | None = None
+) -> VisionTransformer:
+    """A ``global_pool="avg"`` ViT with ``classes`` outputs holding the source encoder's weights, at ``img_size``
+    (default: the source's; another size resamples the position embeddings). The pre-trained ``norm``, a
+    head and ``fc_norm`` in the file are not used: ``fc_norm`` and ``head`` start fresh (MAE's recipe)."""
+    from ..models.init import Weights, load_encoder
+
     model = build_vit(
         source.arch,
-        source.img_size,
+        img_size or source.img_size,
         source.patch_size,
         source.in_chans,
         pos_embed=source.pos_embed,
@@ -129,12 +147,7 @@ def build_classifier(source: Source, classes: int, drop_path: float, head_init_s
         layer_scale_init=source.encoder.layer_scale_init,
     )
     state = {k: v for k, v in source.state.items() if not k.startswith("norm.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) != {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}:
-        raise CheckpointError(
-            f"{source.weights}: encoder weights do not fit the classifier "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-        )
+    load_encoder(model, Weights(source.format, source.weights, state), keep_head=False)
     head = cast(nn.Linear, model.head)  # (classes >= 1)
     nn.init.trunc_normal_(head.weight, std=head_init_std)
     nn.init.zeros_(head.bias)
@@ -202,7 +215,7 @@ class FinetuneTask:
         return {
             "task": "finetune",
             "arch": s.arch,
-            "img_size": s.img_size,
+            "img_size": self.recipe.model.img_size,
             "patch_size": s.patch_size,
             "in_chans": s.in_chans,
             "classes": self.classes,
@@ -221,7 +234,9 @@ class FinetuneTask:
 
     def build(self) -> nn.Module:
         r = self.recipe
-        model = build_classifier(self.source, self.classes, r.model.drop_path, r.finetune.head_init_std)
+        model = build_classifier(
+            self.source, self.classes, r.model.drop_path, r.finetune.head_init_std, r.model.img_size
+        )
         model.set_grad_checkpointing(r.model.grad_checkpointing)
         return Classifier(model)
 
@@ -244,7 +259,7 @@ class FinetuneTask:
             shuffle_buffer=r.data.shuffle_buffer,
             samples_per_epoch=derived.samples_per_epoch,
             transform=FinetuneTransform(
-                s.img_size,
+                r.model.img_size,
                 scale=f.crop_scale,
                 hflip=r.data.hflip,
                 rand_aug=f.rand_aug,
@@ -263,7 +278,7 @@ class FinetuneTask:
             self.test_dir,
             r.finetune.test_samples,
             batch_size=r.finetune.eval_batch_size,
-            transform=EvalTransform(s.img_size, mean=self.mean, std=self.std, in_chans=s.in_chans),
+            transform=EvalTransform(r.model.img_size, mean=self.mean, std=self.std, in_chans=s.in_chans),
             rank=d.rank,
             world_size=d.world_size,
             num_workers=r.data.num_workers,

@@ -3,7 +3,9 @@
 A run directory holds ``config.yaml`` (geometry and normalisation of the run) and ``encoder.safetensors``;
 an exported ``.safetensors`` file carries its geometry in its tensors (``patch_embed.proj.weight
 [D, C, p, p]``, ``pos_embed [1, 1 + N, D]``, the block count), so arch, patch size, image size and channels
-are inferred and ``--arch`` etc. only have to agree. Weights are read with safetensors only (no pickle).
+are inferred and ``--arch`` etc. only have to agree. Any format :mod:`mimscale.models.init` reads works as
+a file (timm / BEiT state dicts, the official MAE checkpoint, a Hugging Face ViT folder); weights are read with
+safetensors or ``torch.load(weights_only=True)``.
 Any missing, corrupt or mismatching file raises :class:`~mimscale.errors.CheckpointError` (one line).
 """
 
@@ -23,6 +25,7 @@ from ..models.pos_embed import sincos_2d
 from ..models.vit import ARCHS, VisionTransformer, build_vit
 
 ENCODER_FILE = "encoder.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Source:
     weights: Path
     run_dir: Path | None = None  # set when SOURCE is a run directory
     step: int | None = None  # the run's last training step (where eval metrics are logged)
+    format: str = "mimscale"  # the file's layout (models/init.py): mimscale, timm, beit, mae, hf
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -93,29 +97,30 @@ def load_source(
     in_chans: int | None = None,
 ) -> Source:
     """Load SOURCE (a run directory or an exported ``.safetensors`` file) into a strict-checked encoder."""
+    from ..models.init import load_encoder, read_weights
+
     p = Path(source).expanduser()
     run_dir: Path | None = None
     cfg: dict[str, Any] = {}
-    if p.is_dir():
-        if not (p / "config.yaml").is_file():
-            raise CheckpointError(
-                f"{p} has no config.yaml: pass a `mimscale pretrain` run directory or an "
-                f"exported encoder .safetensors file"
-            )
+    if p.is_dir() and (p / "config.yaml").is_file():
         try:
             cfg = yaml.safe_load((p / "config.yaml").read_text()) or {}
         except yaml.YAMLError as e:
             raise CheckpointError(f"{p / 'config.yaml'} is not valid YAML ({str(e).splitlines()[0]})") from None
         run_dir, weights = p, p / ENCODER_FILE
-    elif p.suffix == ".safetensors":
-        weights = p
+        if not weights.is_file():
+            raise CheckpointError(f"encoder weights not found: {weights}")
+    elif p.is_dir() or (p.is_file() and p.suffix in WEIGHT_SUFFIXES):
+        weights = p  # an export, a timm / BEiT / MAE / Hugging Face file or folder (models/init.py)
     else:
         raise CheckpointError(
-            f"{source}: not a run directory or a .safetensors file (no such path)"
+            f"weights not found: {source} (no such run directory or file)"
             if not p.exists()
-            else f"{source}: expected a run directory or a .safetensors file"
+            else f"{source}: expected a run directory or a weights file ({', '.join(WEIGHT_SUFFIXES)})"
         )
-    state = read_weights(weights)
+    w = read_weights(weights)
+    weights = w.path
+    state = {k: v for k, v in w.encoder.items() if not k.startswith(("head.", "fc_norm."))}
     geo = infer_geometry(state, weights)
     model_cfg = cfg.get("model") or {}
     for key, given in (("arch", arch), ("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans)):
@@ -126,6 +131,8 @@ def load_source(
                 f"patch_size={geo['patch_size']}, in_chans={geo['in_chans']}, but {key}={want} "
                 f"was asked for"
             )
+    # a timm model saved with global average pooling has fc_norm and no final norm: keep that layout
+    pooled = "norm.weight" not in w.encoder and "fc_norm.weight" in w.encoder
     encoder = build_vit(
         geo["arch"],
         geo["img_size"],
@@ -133,12 +140,9 @@ def load_source(
         geo["in_chans"],
         pos_embed=geo["pos_embed"],
         layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state else None,
-    )  # values come from state
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        first = next((ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()), str(e))
-        raise CheckpointError(f"{weights} does not load into a {geo['arch']} encoder: {first}") from None
+        global_pool="avg" if pooled else "token",
+    )  # values come from the file
+    load_encoder(encoder, w, keep_head=pooled, require_all=True)  # logs its summary line
     data = cfg.get("data") or {}
     summary_step = None
     if run_dir is not None and (run_dir / "summary.json").is_file():
@@ -150,8 +154,9 @@ def load_source(
             summary_step = None
     return Source(
         encoder=encoder,
-        state=state,
+        state=w.encoder,
         weights=weights,
+        format=w.format,
         run_dir=run_dir,
         step=summary_step,
         mean=tuple(data.get("mean") or IMAGENET_MEAN),

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["sincos_2d", "sincos_from_coords", "grid_coords"]
+__all__ = ["sincos_2d", "sincos_from_coords", "grid_coords", "resample_abs_pos_embed", "resample_rel_pos_table"]
 
 _TEMPERATURE = 10000.0
 
@@ -90,3 +90,46 @@ def sincos_2d(dim: int, grid: int, cls_token: bool = True) -> Tensor:
     if cls_token:
         table = torch.cat([table.new_zeros(1, dim), table], dim=0)
     return table.to(torch.float32).unsqueeze(0)
+
+
+def resample_abs_pos_embed(pos: Tensor, grid: int, prefix: int = 1) -> Tensor:
+    """A learned absolute position embedding on a new patch grid (as timm resamples: bicubic, antialiased,
+    ``align_corners=False``; the ``prefix`` cls slots are kept as they are).
+
+    ``pos: [1, prefix + G0*G0, D] -> [1, prefix + grid*grid, D]`` (float32 math, input dtype out).
+    """
+    import torch.nn.functional as F
+
+    n0 = pos.shape[1] - prefix
+    g0 = int(round(n0**0.5))
+    if g0 * g0 != n0:
+        raise ValueError(f"pos_embed with {n0} patch slots is not a square grid")
+    if g0 == grid:
+        return pos
+    dim = pos.shape[-1]
+    patches = pos[:, prefix:].float().reshape(1, g0, g0, dim).permute(0, 3, 1, 2)  # [1, D, G0, G0]
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, dim).to(pos.dtype)
+    return torch.cat([pos[:, :prefix], patches], dim=1)
+
+
+def resample_rel_pos_table(table: Tensor, grid: int) -> Tensor:
+    """A BEiT relative position bias table for a new patch grid: the ``(2G0-1) x (2G0-1)`` offset grid of
+    each head resized bicubically to ``(2G-1) x (2G-1)`` (offset 0 stays at the centre); the three cls rows
+    (cls->patch, patch->cls, cls->cls) are kept.
+
+    ``table: [(2G0-1)^2 + 3, h] -> [(2*grid-1)^2 + 3, h]``.
+    """
+    import torch.nn.functional as F
+
+    side0 = int(round((table.shape[0] - 3) ** 0.5))
+    if side0 * side0 != table.shape[0] - 3:
+        raise ValueError(f"a relative position table of {table.shape[0]} rows is not (2G-1)^2 + 3")
+    side = 2 * grid - 1
+    if side0 == side:
+        return table
+    heads = table.shape[1]
+    t = table[:-3].float().reshape(side0, side0, heads).permute(2, 0, 1).unsqueeze(0)  # [1, h, S0, S0]
+    t = F.interpolate(t, size=(side, side), mode="bicubic", align_corners=True)
+    t = t.squeeze(0).permute(1, 2, 0).reshape(side * side, heads).to(table.dtype)
+    return torch.cat([t, table[-3:]], dim=0)
