@@ -116,16 +116,22 @@ def block_masks(
     return out
 
 
-def visible_indices(mask: torch.Tensor) -> torch.Tensor:
-    """Raster-ordered indices of the visible patches: ``mask [B, N]`` -> ``long [B, N_keep]``.
+def visible_indices(mask: torch.Tensor, num_keep: int | None = None) -> torch.Tensor:
+    """Raster-ordered indices of the visible patches: ``mask bool [..., N]`` -> ``long [..., N_keep]``.
 
-    Every row must hide the same number of patches (true for every generator here).
+    With ``num_keep`` (the step's form: N_keep from the objective's config, e.g. :func:`num_visible`): a stable
+    argsort of the mask (visible = 0 sorts first, ties keep raster order), cut at ``num_keep``: a shape fixed by
+    the config, no host synchronisation, runs on any device. Rows that hide a different number of patches
+    are NOT detected there (every generator here hides a fixed count per row).
+    Without ``num_keep`` (tests, tools; a host read): N_keep is counted from the data, and rows hiding
+    different numbers of patches raise ``ValueError``.
     """
-    b = mask.shape[0]
-    idx = (~mask).nonzero(as_tuple=False)[:, 1]
-    if idx.numel() % max(b, 1):
-        raise ValueError("mask rows hide different numbers of patches")
-    return idx.view(b, -1)
+    if num_keep is None:
+        counts = (~mask).sum(dim=-1).flatten().tolist()
+        if len(set(counts)) > 1:
+            raise ValueError("mask rows hide different numbers of patches")
+        num_keep = counts[0] if counts else 0
+    return torch.argsort(mask.to(torch.uint8), dim=-1, stable=True)[..., :num_keep]
 
 
 def unit_masks(batch: int, grid: int, unit: int, mask_ratio: float, generator: torch.Generator) -> torch.Tensor:

@@ -44,7 +44,23 @@ class StepFlags:
         **host: bool,
     ) -> Agreed:
         """``nonfinite``: a device bool (no sync); ``host``: the other flags as Python bools;
-        ``metrics``: per-key sums over ``count`` micro-batches, averaged over all ranks' micro-batches."""
+        ``metrics``: per-key sums over ``count`` micro-batches, averaged over all ranks' micro-batches.
+        :meth:`pack` then :meth:`reduce`."""
+        packed, keys = self.pack(nonfinite, metrics=metrics, count=count, **host)
+        return self.reduce(packed, keys)
+
+    def pack(
+        self,
+        nonfinite: torch.Tensor | bool,
+        *,
+        metrics: dict[str, torch.Tensor] | None = None,
+        count: int = 0,
+        **host: bool,
+    ) -> tuple[torch.Tensor, list[str]]:
+        """The device side of :meth:`agree`, no collective and no host read: ``packed float32 [len(FLAGS) + 1 + K]``
+        on ``self.device`` (the flags, ``count``, then the ``K`` metrics in sorted key order) and those keys.
+
+        Every metric must already be on ``self.device`` (a CPU tensor among device ones fails here)."""
         unknown = set(host) - set(FLAGS[1:])
         if unknown:
             raise TypeError(f"unknown step flags: {sorted(unknown)}")
@@ -57,7 +73,11 @@ class StepFlags:
         if keys:
             assert metrics is not None  # keys come from it
             parts.append(torch.stack([metrics[k].detach().float().reshape(()) for k in keys]).to(self.device))
-        packed = torch.cat(parts)
+        return torch.cat(parts), keys
+
+    def reduce(self, packed: torch.Tensor, keys: list[str]) -> Agreed:
+        """Sum ``packed`` (from :meth:`pack`) over the data-parallel ranks (one collective when there are
+        several) and read it on the host (the one host synchronisation of the step)."""
         if tdist.is_initialized() and tdist.get_world_size() > 1:
             tdist.all_reduce(packed)
             self.collectives += 1

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..amp import autocast
 from ..data.photometric import Photometric, PhotometricConfig, SharedGeometryViews
 from ..errors import ConfigError
 from ..masking import MaskSpec
@@ -75,16 +76,21 @@ def patch_infonce(
     batch) are scored with cross-entropy against their own index (positive: the teacher feature of the same
     patch of the same image; negatives: the other ``N - 1`` patches of that image), averaged over the ``M``
     rows. ``accuracy``: fraction of those rows whose arg-max is the diagonal. Nothing masked -> loss 0.
+
+    Fixed shapes (``M`` varies with block masks): every row is scored and the mask weights the mean, so there is
+    no boolean indexing or ``nonzero`` (a host synchronisation on accelerators).
     """
     s = F.normalize(s.float(), dim=-1)
     t = F.normalize(t.float(), dim=-1)
     logits = torch.bmm(s, t.transpose(1, 2)) / temperature  # [B, N, N]
-    rows = logits[mask]  # [M, N]
-    target = mask.nonzero(as_tuple=True)[1]  # [M]: the row's own patch index
-    if rows.shape[0] == 0:
-        return logits.sum() * 0.0, logits.new_zeros(())
-    loss = F.cross_entropy(rows, target)
-    acc = (rows.detach().argmax(dim=1) == target).float().mean()
+    b, n, _ = logits.shape
+    target = torch.arange(n, device=logits.device).expand(b, n)  # [B, N]: each row's own patch index
+    mask = mask.to(device=logits.device, dtype=torch.bool)
+    rows = mask.sum().clamp_min(1).to(logits.dtype)  # M (1 when nothing is masked: loss 0, not NaN)
+    ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none").view(b, n)  # [B, N]
+    loss = torch.where(mask, ce, 0.0).sum() / rows
+    hit = logits.detach().argmax(dim=-1) == target  # [B, N]
+    acc = (hit & mask).sum().to(logits.dtype) / rows
     return loss, acc
 
 
@@ -189,7 +195,7 @@ class ConMIM(Objective):
     def teacher_targets(self, img: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """EMA teacher on the full perturbed view: ``img [B, C, H, W]`` -> ``[B, N, proj_out]`` (fp32 weights;
         computed in ``dtype`` under autocast when the student trains in low precision)."""
-        with torch.autocast(img.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with autocast(img.device.type, dtype, enabled=dtype != torch.float32):
             teacher = cast(VisionTransformer, self.teacher_encoder.module)  # the EMA copy of the encoder
             z = teacher.forward_features(img.float())  # [B, 1 + N, D]
             return self.teacher_projector(z)[:, 1:].float()
@@ -203,9 +209,8 @@ class ConMIM(Objective):
         t = self.teacher_targets(batch["image_teacher"], dtype)  # [B, N, C]
         s = self.projector(self.student_features(img, mask))[:, 1:]  # [B, N, C]
         loss, acc = patch_infonce(s, t, mask.to(s.device), self.cfg.temperature)
-        return LossOutput(
-            loss, {"loss": loss.detach(), "pos_acc": acc.detach(), "ema_momentum": torch.tensor(self.momentum)}
-        )
+        momentum = torch.full((), self.momentum, device=loss.device)  # on the step's device (a fill, no copy)
+        return LossOutput(loss, {"loss": loss.detach(), "pos_acc": acc.detach(), "ema_momentum": momentum})
 
     # ------------------------------------------------------------------ step hooks / state
 

@@ -136,8 +136,8 @@ def morph_groups(
         x = F.normalize(group_sums(v, assign, t), dim=-1)  # [B, T, Dt] (sums ~ means)
         perm = None
         if generator is not None:
-            rest = torch.randperm(t - protect, generator=generator) + protect
-            perm = torch.cat([torch.arange(protect), rest]).to(dev)
+            rest = torch.randperm(t - protect, generator=generator) + protect  # CPU generator: reproducible
+            perm = torch.cat([torch.arange(protect), rest]).to(dev, non_blocking=True)  # no stream sync
             x = x[:, perm]
         a, bb = x[:, 0::2], x[:, 1::2]  # [B, Ta, Dt], [B, Tb, Dt]
         scores = a @ bb.transpose(1, 2)  # [B, Ta, Tb]
@@ -437,8 +437,7 @@ class DTM(Objective):
         """Student-normalised ``img`` -> the teacher's own statistics (CLIP's unless the teacher says)."""
         if hasattr(self.teacher, "renormalize"):
             return cast(Any, self.teacher).renormalize(img, mean, std)  # a teacher's own hook
-        m, s = (torch.tensor(t, device=img.device).view(1, -1, 1, 1) for t in (mean, std))
-        cm, cs = (torch.tensor(t, device=img.device).view(1, -1, 1, 1) for t in (CLIP_MEAN, CLIP_STD))
+        m, s, cm, cs = _stats(img.device, (mean, std, CLIP_MEAN, CLIP_STD))
         return (img * s + m - cm) / cs
 
     def forward(self, batch: dict) -> LossOutput:
@@ -459,8 +458,8 @@ class DTM(Objective):
         metrics = {
             "loss": loss.detach(),
             "loss_dtm": loss_dtm.detach(),
-            "groups": torch.tensor(sum(groups) / len(groups), dtype=torch.float32),
-        }  # mean over levels
+            "groups": torch.full((), sum(groups) / len(groups), device=loss.device),  # mean over levels (a fill)
+        }
         return LossOutput(loss, metrics)
 
     def _criterion(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -499,6 +498,18 @@ class DTM(Objective):
 
     def no_weight_decay(self) -> set[str]:
         return token_no_decay(self, {"mask_token"})
+
+
+_STATS: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+
+def _stats(device: torch.device, values: tuple) -> tuple[torch.Tensor, ...]:
+    """Per-channel constants ``float32 [1, C, 1, 1]`` on ``device``, made once per (device, values): a
+    ``torch.tensor(..., device=)`` per step would be a blocking host-to-device copy."""
+    key = (str(device), tuple(tuple(float(x) for x in v) for v in values))
+    if key not in _STATS:
+        _STATS[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, -1, 1, 1) for v in key[1])
+    return _STATS[key]
 
 
 def _takes_grid(teacher: nn.Module) -> bool:

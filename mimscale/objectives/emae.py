@@ -193,7 +193,7 @@ class EMAE(Objective):
         One encoder call and one decoder call on ``k*B`` sequences (row ``j*B + b`` = part j of image b).
         """
         k, b, n = masks.shape
-        keep_idx = visible_indices(masks.reshape(k * b, n))  # [k*B, N_keep]
+        keep_idx = visible_indices(masks.reshape(k * b, n), self.num_keep)  # [k*B, N_keep]: fixed shape, no sync
         rows = torch.arange(b, device=tokens.device).repeat(k).unsqueeze(1)  # [k*B, 1]
         visible = tokens[rows, keep_idx.to(tokens.device)]  # [k*B, N_keep, D]
         latent = self.encoder.encode(self.encoder.add_cls(visible))  # [k*B, 1+N_keep, D]

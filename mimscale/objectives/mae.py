@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..masking import MaskSpec, visible_indices
+from ..masking import MaskSpec, num_visible, visible_indices
 from ..models.pos_embed import sincos_2d
 from ..models.vit import Block, VisionTransformer
 from ..ranges import num
@@ -153,6 +153,11 @@ class MAE(Objective):
     def mask_spec(self) -> MaskSpec:
         return MaskSpec("random", self.encoder.num_patches, self.cfg.mask_ratio)
 
+    @property
+    def num_keep(self) -> int:
+        """Visible patches per image, ``floor(N (1 - mask_ratio))``: the step's shapes come from this, not the data."""
+        return num_visible(self.encoder.num_patches, self.cfg.mask_ratio)
+
     def target(self, img: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]`` -> fp32 targets ``[B, N, P]`` (per-patch normalised if norm_pix_loss)."""
         t = patchify(img.float(), self.encoder.patch_size)
@@ -160,7 +165,7 @@ class MAE(Objective):
 
     def predict(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``pred [B, N, P]`` for every patch slot."""
-        keep_idx = visible_indices(mask)
+        keep_idx = visible_indices(mask, self.num_keep)  # [B, K]: K from the config (fixed shape, no sync)
         latent = self.encoder.forward_features(img, keep_idx)  # [B, 1+K, D]
         return self.decoder(latent, keep_idx)
 
@@ -172,9 +177,7 @@ class MAE(Objective):
 
     def flops_per_sample(self) -> float:
         e = self.encoder
-        from ..masking import num_visible
-
-        k = num_visible(e.num_patches, self.cfg.mask_ratio)
+        k = self.num_keep
         fwd = (
             linear_flops(e.num_patches, self.patch_pixels, e.embed_dim)
             + transformer_forward_flops(1 + k, e.embed_dim, e.depth)

@@ -242,6 +242,7 @@ class CLIPTeacher(nn.Module):
         self.mean = tuple(float(m) for m in info["mean"])
         self.std = tuple(float(s) for s in info["std"])
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._norm_cache: dict[tuple, tuple[torch.Tensor, ...]] = {}  # renormalize's constants per dtype/device
         super().train(False)
 
     # ---- module plumbing: the hidden tower follows .to()/.float()/.bfloat16(); never leaves eval mode
@@ -253,6 +254,7 @@ class CLIPTeacher(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         self._visual._apply(fn)
         self._pos_cache.clear()
+        self._norm_cache.clear()
         return super()._apply(fn, recurse)
 
     def train(self, mode: bool = True) -> CLIPTeacher:
@@ -271,9 +273,13 @@ class CLIPTeacher(nn.Module):
         """Map ``images`` normalised with ``(mean, std)`` to the teacher's own statistics (``teacher_norm='clip'``).
         ``images: [B, C, H, W]`` -> ``[B, 3, H, W]``."""
         images = self._rgb(images)
-        dev = images.device
-        m_in, s_in = (torch.tensor(v, dtype=images.dtype, device=dev).view(1, -1, 1, 1) for v in (mean, std))
-        m_t, s_t = (torch.tensor(v, dtype=images.dtype, device=dev).view(1, -1, 1, 1) for v in (self.mean, self.std))
+        key = (images.dtype, str(images.device), tuple(map(float, mean)), tuple(map(float, std)))
+        if key not in self._norm_cache:  # made once: a torch.tensor(..., device=) per step is a blocking copy
+            self._norm_cache[key] = tuple(
+                torch.tensor(v, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+                for v in (key[2], key[3], self.mean, self.std)
+            )
+        m_in, s_in, m_t, s_t = self._norm_cache[key]
         return (images * s_in + m_in - m_t) / s_t
 
     @staticmethod

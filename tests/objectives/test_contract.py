@@ -211,8 +211,9 @@ PLUGIN = """
             return MaskSpec("random", self.encoder.num_patches, self.cfg.mask_ratio)
 
         def forward(self, batch):
-            from mimscale.masking import visible_indices
-            z = self.encoder.forward_features(batch["image"], visible_indices(batch["mask"]))
+            from mimscale.masking import num_visible, visible_indices
+            keep = num_visible(self.encoder.num_patches, self.cfg.mask_ratio)
+            z = self.encoder.forward_features(batch["image"], visible_indices(batch["mask"], keep))
             loss = z.float().pow(2).mean()
             return LossOutput(loss, {"loss": loss.detach()})
 
