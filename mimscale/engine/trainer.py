@@ -158,7 +158,13 @@ class Trainer:
                 self.clock = Clock(self.d.world_size, now=self.now)  # the baseline is not training time
             st.next_eval_s = self.evals.first_due_s()
         signals = Signals()
-        progress = Progress(self.stop, start_step=st.step, images_per_step=cfg.train.batch_size, enabled=self.d.is_main)
+        progress = Progress(
+            self.stop,
+            start_step=st.step,
+            images_per_step=cfg.train.batch_size,
+            enabled=self.d.is_main,
+            desc=self.task.name,  # "finetune: step ..." for fine-tuning
+        )
         batches, window, stopped_by = self._batches(), _Window(), None
         self.engine.train()
         while st.step < self.stop:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 DESCRIPTION = """\
 Evaluate a pre-trained encoder on labelled shard directories (written by `mimscale data ...`).
@@ -26,9 +26,11 @@ and eval/linear_top1 / eval/finetune_top1 are appended to the run's metrics.json
 
 @dataclass
 class KNNConfig:
-    k: int = 20
-    temperature: float = 0.07
-    pool: Literal["cls", "mean"] = "cls"
+    # None: what the encoder's run recorded (its config.yaml: eval.knn_k / knn_temperature / pool), else the
+    # pre-training defaults (mimscale.config.EvalConfig): the same kNN as in training
+    k: int | None = None
+    temperature: float | None = None
+    pool: Literal["cls", "mean"] | None = None
     num_classes: int | None = None
     train_samples: int | None = None
     test_samples: int | None = None
@@ -123,6 +125,9 @@ def run(args) -> int:
     )
     if args.kind == "knn":
         cfg = _knobs(KNNConfig, args.overrides)
+        where = recorded_knn(cfg, source)
+        if acc.is_main_process:
+            print(f"knn: k={cfg.k}, temperature={cfg.temperature}, pool={cfg.pool} ({where})", flush=True)
         result = _knn(source, train_dir, test_dir, cfg, acc.device, acc.process_index, acc.num_processes)
     else:
         from .linear import LinearConfig, linear_probe
@@ -155,6 +160,29 @@ def run(args) -> int:
     return 0
 
 
+def recorded_knn(cfg: KNNConfig, source) -> str:
+    """Fill the kNN knobs left unset from the encoder's run (``config.yaml``: ``eval.knn_k``,
+    ``eval.knn_temperature``, ``eval.pool``), else from the pre-training defaults; says where they came from."""
+    import yaml
+
+    from ..config import EvalConfig
+
+    recorded: dict[str, Any] = {}
+    if source.run_dir is not None:
+        try:
+            recorded = (yaml.safe_load((source.run_dir / "config.yaml").read_text()) or {}).get("eval") or {}
+        except (OSError, yaml.YAMLError):
+            recorded = {}
+    base = EvalConfig()
+    unset = [k for k in ("k", "temperature", "pool") if getattr(cfg, k) is None]
+    for knob, key in (("k", "knn_k"), ("temperature", "knn_temperature"), ("pool", "pool")):
+        if getattr(cfg, knob) is None:
+            setattr(cfg, knob, recorded.get(key, getattr(base, key)))
+    if not unset:
+        return "as given"
+    return "the run's recorded choice" if recorded else "the pre-training defaults; the file records none"
+
+
 def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: int) -> dict:
     from ..data.epoch import capped_eval_loader
     from ..data.transforms import EvalTransform
@@ -180,9 +208,9 @@ def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: 
         train_loader,
         test_loader,
         num_classes=num_classes(train_dir, cfg.num_classes),
-        k=cfg.k,
-        temperature=cfg.temperature,
-        pool=cfg.pool,
+        k=cast(int, cfg.k),
+        temperature=cast(float, cfg.temperature),
+        pool=cast(str, cfg.pool),
     )
     res = ev(source.encoder.to(device), device)
     return {
@@ -194,10 +222,19 @@ def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: 
 
 
 def _finetune(args, source, train_dir: str, test_dir: str) -> int:
-    from .finetune import finetune, load_recipe
+    from .. import dist
+    from .finetune import RECIPE_BY_ARCH, finetune, fit_batch, load_recipe
     from .results import record
 
     recipe = load_recipe(args.recipe, args.overrides, source)
+    say = logging.getLogger("mimscale.eval").info if dist.detect().is_main else (lambda *a: None)
+    if not args.recipe:
+        name = RECIPE_BY_ARCH.get(source.arch, "finetune_vit_b16")
+        say("finetune: recipe %s (by the encoder's arch, %s; --recipe NAME chooses another)", name, source.arch)
+    explicit = any(o.split("=", 1)[0].strip() == "train.batch_size" for o in args.overrides)
+    fitted = fit_batch(recipe, train_dir, explicit, dist.detect().world_size)
+    if fitted:
+        say("%s", fitted)
     if args.out_dir:
         out_dir = Path(args.out_dir)
     elif source.run_dir is not None:

@@ -52,7 +52,14 @@ from .source import Source, num_classes
 log = logging.getLogger("mimscale.eval")
 
 RECIPE_DIR = C.CONFIG_DIR / "finetune"  # beside, not among, the pre-training recipes
-RECIPE_BY_ARCH = {"vit_base": "finetune_vit_b16", "vit_large": "finetune_vit_l16", "vit_huge": "finetune_vit_h14"}
+RECIPE_BY_ARCH = {
+    "vit_micro": "finetune_vit_small",
+    "vit_tiny": "finetune_vit_small",
+    "vit_small": "finetune_vit_small",
+    "vit_base": "finetune_vit_b16",
+    "vit_large": "finetune_vit_l16",
+    "vit_huge": "finetune_vit_h14",
+}
 
 
 @dataclass
@@ -125,6 +132,38 @@ def load_recipe(recipe: str | None, overrides: list[str], source: Source) -> Fin
     if r.train.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage={r.train.zero_stage} must be 0, 1, 2 or 3")
     return r
+
+
+def fit_batch(recipe: FinetuneRecipe, train_dir: str, explicit: bool, world: int) -> str | None:
+    """Fit ``train.batch_size`` to a small training set before any work: a given batch larger than an epoch is a
+    one-line ConfigError; the recipe's is halved (and the micro-batch with it) until an epoch holds >= 4 steps.
+    Returns the line that says so (None: unchanged)."""
+    from ..data.epoch import count_samples
+
+    t, f = recipe.train, recipe.finetune
+    n = count_samples(first_shards(train_dir, f.train_samples), recipe.data.samples_per_epoch)
+    if t.batch_size <= n and (explicit or t.batch_size <= max(n // 4, 1)):
+        return None
+    if explicit:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is larger than an epoch ({n} training samples in {train_dir}); "
+            "pass train.batch_size=N with N <= the samples, or leave it to the recipe (it then fits itself)"
+        )
+    old, even = t.batch_size, f.mixup > 0 or f.cutmix > 0
+    while t.batch_size > max(n // 4, 1) and t.batch_size // 2 >= world * (2 if even else 1):
+        t.batch_size //= 2
+    t.micro_batch_size = min(t.micro_batch_size, t.batch_size // world)
+    while t.batch_size % (t.micro_batch_size * world):
+        t.micro_batch_size -= 1
+    if even and t.micro_batch_size % 2:
+        raise ConfigError(
+            f"{n} training samples are too few for mixup/cutmix batches on {world} processes; "
+            "pass finetune.mixup=0 finetune.cutmix=0 or add data"
+        )
+    return (
+        f"finetune: train.batch_size={t.batch_size} (the recipe's {old} fitted to {n} training samples; "
+        "train.batch_size=N sets it), micro-batch " + str(t.micro_batch_size)
+    )
 
 
 def build_classifier(

@@ -52,7 +52,7 @@ log = logging.getLogger("mimscale.eval")
 class LinearConfig:
     pool: Literal["cls", "mean"] = "cls"
     epochs: float = 90.0
-    batch_size: int = 16384  # global batch (split over processes)
+    batch_size: int | None = None  # global batch (split over processes); None: 16384, or less for small data
     blr: float = 0.1  # lr = blr * batch_size / 256
     warmup_epochs: float = 10.0
     weight_decay: float = 0.0
@@ -137,6 +137,32 @@ def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * (logits.argmax(1) == labels).float().mean().item() if len(labels) else float("nan")
 
 
+DEFAULT_BATCH = 16384  # MAE's linear probe
+
+
+def fit_batch_size(given: int | None, train_dir: str, cap: int | None, world: int, say: bool) -> int:
+    """The probe's global batch: ``given`` if it fits the training samples (else a one-line ConfigError, before
+    any work), or MAE's 16384 capped at a power of two <= a quarter of the samples (>= 4 steps per epoch)."""
+    from ..data.epoch import count_samples, first_shards
+    from ..errors import ConfigError
+
+    n = count_samples(first_shards(train_dir, cap), None)
+    if given is not None:
+        if given > n:
+            raise ConfigError(
+                f"batch_size={given} is larger than the {n} training samples of {train_dir}; pass batch_size=N "
+                "(N <= the samples) or leave it unset to have one chosen"
+            )
+        return given
+    bs = DEFAULT_BATCH
+    while bs > max(n // 4, 1) and bs > world:
+        bs //= 2
+    bs = max(bs - bs % world, world)
+    if bs != DEFAULT_BATCH and say:
+        log.info("linear: batch_size=%d (16384 capped for %d training samples; batch_size=N sets it)", bs, n)
+    return bs
+
+
 def linear_probe(
     encoder, train_dir: str, test_dir: str, cfg: LinearConfig, accelerator, *, img_size: int, in_chans: int, mean, std
 ) -> dict:
@@ -149,6 +175,7 @@ def linear_probe(
     from .source import num_classes
 
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    cfg.batch_size = fit_batch_size(cfg.batch_size, train_dir, cfg.train_samples, world, rank == 0)
     if cfg.batch_size % world:
         raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {world} processes")
     encoder.to(device).eval().requires_grad_(False)

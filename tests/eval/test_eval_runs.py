@@ -95,7 +95,9 @@ def test_trained_encoder_beats_random_init_linear_and_finetune(tmp_path, fmnist_
     assert "finetune top-1" in p.stdout
     assert ft["steps"] == 64 and len(ft["curve"]) == 2 and ft["world_size"] == 1
     assert ft["top1"] > 25.0, ft["curve"]  # chance: 10%; measured 36.7% (2 epochs, RandAugment at 16 px)
-    depth, decay = 4, 0.65  # vit_micro has no recipe of its own: finetune_vit_b16 applies
+    assert "finetune: step" in p.stderr and "pretrain: step" not in p.stderr  # progress says what it is
+    assert "recipe finetune_vit_small" in p.stderr
+    depth, decay = 4, 0.75  # vit_micro gets the small-ViT recipe (finetune_vit_small), not ViT-B/16's
     assert ft["layer_decay"] == decay
     assert ft["lr_scales"] == pytest.approx(sorted(decay ** (depth + 1 - i) for i in range(depth + 2)))
 
