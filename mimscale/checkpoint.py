@@ -67,11 +67,26 @@ def _fsync_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _accelerator_rng() -> tuple[str, Any] | None:
+    """``(name, torch.<name>)`` of the accelerator this process computes on (``cuda``), ``None`` on CPU nodes."""
+    from .dist import accelerator_name
+
+    name = accelerator_name()
+    return None if name == "cpu" else (name, getattr(torch, name))
+
+
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states (torch CPU, numpy, python) as weights_only-loadable values."""
+    """This process's RNG states (torch CPU, every visible accelerator device, numpy, python) as
+    weights_only-loadable values. The device generators drive what is drawn on the device (drop-path masks)."""
     np_state = cast(tuple, np.random.get_state())  # legacy=True (the default): the MT19937 tuple
+    acc = _accelerator_rng()
+    device = None
+    if acc is not None:
+        name, mod = acc
+        device = {"type": name, "states": list(mod.get_rng_state_all()), "current": int(mod.current_device())}
     return {
         "torch": torch.get_rng_state(),
+        "device": device,
         "numpy": {
             "keys": torch.from_numpy(np_state[1].astype(np.int64)),
             "pos": int(np_state[2]),
@@ -84,10 +99,30 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(s: dict[str, Any]) -> None:
     torch.set_rng_state(s["torch"])
+    _set_device_rng(s.get("device"))
     n = s["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss = s["python"]
     random.setstate((version, tuple(internal), gauss))
+
+
+def _set_device_rng(saved: dict[str, Any] | None) -> None:
+    """Restore the device generators: all of them when this process sees as many devices as the saver did,
+    else this device's from the saver's current one (e.g. resumed with one GPU bound per task)."""
+    acc = _accelerator_rng()
+    if saved is None or acc is None or saved["type"] != acc[0]:
+        if saved is not None or acc is not None:
+            log.warning(
+                "checkpoint RNG: saved on %s, resumed on %s; the device random streams start afresh",
+                saved["type"] if saved else "cpu",
+                acc[0] if acc else "cpu",
+            )
+        return
+    mod, states = acc[1], saved["states"]
+    if len(states) == mod.device_count():
+        mod.set_rng_state_all(states)
+    else:
+        mod.set_rng_state(states[saved["current"]], mod.current_device())
 
 
 @dataclass

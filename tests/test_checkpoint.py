@@ -107,6 +107,53 @@ def test_rng_state_round_trip_is_weights_only(tmp_path):
     assert torch.equal(want[0], got[0]) and np.array_equal(want[1], got[1]) and want[2] == got[2]
 
 
+class FakeCuda:
+    """Stands in for ``torch.cuda`` on a CPU box: one real ``torch.Generator`` per "device" (its RNG API)."""
+
+    def __init__(self, n: int, current: int = 0):
+        self.gens = [torch.Generator().manual_seed(100 + i) for i in range(n)]
+        self.current = current
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: len(self.gens))
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [g.get_state() for g in self.gens])
+        monkeypatch.setattr(
+            torch.cuda,
+            "set_rng_state_all",
+            lambda states: [g.set_state(s) for g, s in zip(self.gens, states, strict=True)],
+        )
+        monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: self.gens[device].set_state(state))
+
+    def draw(self, device: int) -> torch.Tensor:  # what drop-path would draw on that device
+        return torch.rand(4, generator=self.gens[device])
+
+
+def test_a_checkpoint_made_on_cuda_carries_and_restores_every_device_rng(tmp_path, monkeypatch):
+    cuda = FakeCuda(2)
+    cuda.install(monkeypatch)
+    cuda.draw(0), cuda.draw(1)
+    torch.save(ckpt.rng_state(), tmp_path / "r.pt")
+    want = [cuda.draw(0), cuda.draw(1)]
+    saved = torch.load(tmp_path / "r.pt", weights_only=True)
+    assert saved["device"]["type"] == "cuda" and len(saved["device"]["states"]) == 2
+    ckpt.set_rng_state(saved)
+    assert all(torch.equal(w, cuda.draw(i)) for i, w in enumerate(want))
+    # resumed with one GPU bound per task (the saver was on device 1 of 2): this device continues device 1's stream
+    one = FakeCuda(1)
+    one.install(monkeypatch)
+    ckpt.set_rng_state({**saved, "device": {**saved["device"], "current": 1}})
+    assert torch.equal(one.draw(0), want[1])
+
+
+def test_a_cpu_checkpoint_resumed_on_cuda_keeps_going(tmp_path, monkeypatch):
+    state = ckpt.rng_state()  # CPU: no device generators
+    assert state["device"] is None
+    FakeCuda(1).install(monkeypatch)
+    ckpt.set_rng_state(state)  # the device streams start afresh (a warning), the CPU stream is restored
+
+
 def test_export_of_a_missing_or_empty_run_is_one_line(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         ckpt.export(tmp_path / "nope", tmp_path / "e.safetensors")
