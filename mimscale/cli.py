@@ -228,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     except MimscaleError as e:
         print(f"mimscale: error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C (the first one saves: mimscale.engine.signals)
+        print(
+            "mimscale: interrupted: stopped without saving (the last checkpoint is kept)", file=sys.stderr, flush=True
+        )
+        return 130
 
 
 if __name__ == "__main__":

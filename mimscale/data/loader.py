@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -58,6 +59,14 @@ __all__ = ["ShardLoader", "default_collate", "expand_source", "iter_tar_samples"
 log = logging.getLogger("mimscale.data")
 
 STATE_FORMAT = "mimscale-loader/1"
+
+
+def worker_ignores_signals(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a worker ignores SIGINT/SIGTERM/SIGUSR1 (Ctrl-C and schedulers signal the
+    whole process group): the main process decides (:mod:`mimscale.engine.signals`: save, exit 42) and shuts the
+    workers down through the DataLoader; they also exit when the main process is gone."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class ShardLoader:
@@ -350,6 +359,7 @@ class ShardLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             generator=torch.Generator().manual_seed(0),  # keeps the global RNG untouched
+            worker_init_fn=worker_ignores_signals if self.num_workers > 0 else None,
             **kwargs,
         )
         it = iter(loader)

@@ -152,12 +152,12 @@ class Trainer:
         """Train to ``stop``; returns the run summary. On SIGUSR1/SIGTERM saves and returns with
         ``summary["exit_code"] = EXIT_REQUEUE``."""
         st, cfg = self.state, self.cfg
+        signals = Signals()  # before the baseline evaluation: a signal during it saves after the first step
         if self.found is None:
             if self.evaluation is not None and self.evaluation.at_start:
                 self.evaluate("init")
                 self.clock = Clock(self.d.world_size, now=self.now)  # the baseline is not training time
             st.next_eval_s = self.evals.first_due_s()
-        signals = Signals()
         progress = Progress(
             self.stop,
             start_step=st.step,
