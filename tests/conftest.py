@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import resource
 from pathlib import Path
 
 import pytest
@@ -58,3 +61,76 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.multirank)
         if not system and not item.get_closest_marker("slow") and not item.get_closest_marker("multirank"):
             item.add_marker(pytest.mark.unit)
+
+
+# ----------------------------------------------------------------------------- time guard
+# A test may not grow slow unnoticed: its setup and its call are each held to LIMIT_CPU_S seconds of CPU
+# (this process plus the subprocesses it waited for: launches count, a busy machine barely does) and to
+# LIMIT_WALL_S seconds of wall time (hangs and sleeps; generous, because CI boxes are noisy). Over either, the
+# test fails with a line saying so, unless marked ``@pytest.mark.allow_slow("why", limit_s=...)`` (its own
+# CPU limit; wall limit 4x that). MIMSCALE_TEST_LIMIT_S changes LIMIT_CPU_S (0 turns the guard off);
+# MIMSCALE_TEST_TIMES=path appends one JSON line per phase (nodeid, phase, wall_s, cpu_s) for tests/README.md.
+LIMIT_CPU_S = float(os.environ.get("MIMSCALE_TEST_LIMIT_S", "60"))
+WALL_FACTOR = 4.0
+
+
+def _cpu_s() -> float:
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _limit_s(item) -> float:
+    mark = item.get_closest_marker("allow_slow")
+    if mark is None:
+        return LIMIT_CPU_S
+    if not (mark.args and isinstance(mark.args[0], str) and mark.args[0].strip()):
+        raise pytest.UsageError(f"{item.nodeid}: allow_slow needs a reason: @pytest.mark.allow_slow('why', limit_s=N)")
+    return float(mark.kwargs.get("limit_s", 600))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item):
+    item._cpu0 = _cpu_s()
+    yield
+    item._cpu_setup = _cpu_s() - item._cpu0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    cpu0 = _cpu_s()
+    yield
+    item._cpu_call = _cpu_s() - cpu0
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if call.when not in ("setup", "call"):
+        return
+    cpu = getattr(item, f"_cpu_{call.when}", 0.0)
+    path = os.environ.get("MIMSCALE_TEST_TIMES")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(
+                json.dumps(
+                    {
+                        "nodeid": item.nodeid,
+                        "phase": call.when,
+                        "wall_s": round(call.duration, 2),
+                        "cpu_s": round(cpu, 2),
+                    }
+                )
+                + "\n"
+            )
+    limit = _limit_s(item)
+    if not rep.passed or LIMIT_CPU_S <= 0 or limit <= 0:
+        return
+    wall_limit = WALL_FACTOR * limit
+    if cpu > limit or call.duration > wall_limit:
+        rep.outcome = "failed"
+        rep.longrepr = (
+            f"time guard: {call.when} took {cpu:.1f} s CPU / {call.duration:.1f} s wall, over the limit of "
+            f"{limit:g} s CPU / {wall_limit:g} s wall (tests/conftest.py): make it faster, or mark it "
+            "@pytest.mark.allow_slow('why', limit_s=N) and list it in tests/README.md"
+        )
