@@ -29,8 +29,10 @@ accumulation steps, so the accumulator holds the mean over micro-batches). In ``
 accumulator is averaged across ranks (``ctx.all_reduce_mean``), NEGATED and fed to a torch AdamW with a
 positive lr (ascent; equivalent to the original's negative-lr group: Adam's m flips sign, v is unchanged),
 then ``delta`` is projected onto the eps-ball and the accumulator is zeroed. A non-finite accumulated
-gradient (fp16 overflow) skips the adversarial step. Under fp16 the accumulator carries DeepSpeed's loss
-scale; Adam is scale-invariant up to its eps, so this only matters for tiny gradients.
+gradient (fp16 overflow) skips the adversarial step (decided on the device: ``delta`` and the AdamW state
+are kept by ``torch.where``, no host read). Under fp16 the backward runs on the loss times DeepSpeed's loss
+scale: the hook divides each gradient by ``ctx.loss_scale`` (recorded in ``before_step``; the scale only
+changes in ``engine.step()``), so the accumulator always holds the true gradient (1.0 for bf16/fp32).
 
 ``adv_lr = adv_blr * eff_batch / 256 * ctx.lr_factor`` (the main warmup + cosine shape). ``eff_batch`` is the
 ``adv_batch_size`` knob when set, else images per micro-batch (seen in ``forward``) x ``ctx.grad_accum`` x
@@ -60,6 +62,7 @@ from .base import LossOutput, Objective, StepContext, init_encoder, token_no_dec
 from .mae import check_mae_knobs, init_decoder_weights, masked_mse, normalize_patches, patchify
 
 _NORMS = {0: 0, "none": 0, 1: 1, "l2": 1, 2: 2, "linf": 2}
+_CAPTURABLE = ("cuda", "xpu", "hpu", "xla")  # device types where torch's AdamW keeps its step count on the device
 
 
 # ----------------------------------------------------------------------------- data side (loader workers)
@@ -138,14 +141,17 @@ class AdversarialDelta(nn.Module):
             nn.init.normal_(self.delta, std=init_std)
         self.register_buffer("grad_acc", torch.zeros(size), persistent=False)
         self.backward_calls = 0
+        self.loss_scale = 1.0  # the factor the loss was multiplied by before backward (fp16); set per step
         self._opt_args: dict[str, Any] = dict(betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self._opt: torch.optim.Optimizer | None = None
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over ``delta`` (built lazily, after the engine moved the module to its device)."""
+        """AdamW over ``delta`` (built lazily, after the engine moved the module to its device). On accelerators
+        it is ``capturable`` (its step count lives on the device), so :meth:`ascent_step` never reads the host."""
         if self._opt is None or self._opt.param_groups[0]["params"][0] is not self.delta:
-            self._opt = torch.optim.AdamW([self.delta], lr=0.0, foreach=False, **self._opt_args)
+            capturable = self.delta.device.type in _CAPTURABLE
+            self._opt = torch.optim.AdamW([self.delta], lr=0.0, foreach=False, capturable=capturable, **self._opt_args)
         return self._opt
 
     def live(self) -> torch.Tensor:
@@ -157,34 +163,42 @@ class AdversarialDelta(nn.Module):
         return leaf
 
     def _accumulate(self, grad: torch.Tensor) -> None:
-        self.grad_acc.add_(grad.detach().float())
+        """The gradient hook: add ``grad / loss_scale`` (the loss-scaled fp16 gradient, unscaled) to ``grad_acc``."""
+        self.grad_acc.add_(grad.detach().float(), alpha=1.0 / self.loss_scale)
         self.backward_calls += 1
 
-    def ascent_step(self, lr: float, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> bool:
+    def ascent_step(self, lr: float, all_reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Average ``grad_acc`` across ranks, step AdamW on its NEGATION with ``lr >= 0``, zero it.
 
-        Returns False (and changes nothing but the accumulator) when the gradient is not finite.
-        Every rank must call this (collective)."""
+        Returns a device bool, False when the gradient was not finite: then ``delta`` and the optimizer state
+        are left as they were (only the accumulator is zeroed). Decided on the device, no host
+        synchronisation. Every rank must call this (collective)."""
         g = all_reduce_mean(self.grad_acc.clone())
         self.grad_acc.zero_()
         self.backward_calls = 0
-        if not torch.isfinite(g).all():
-            return False
+        ok = torch.isfinite(g).all()  # [] bool, stays on the device
         opt = self.optimizer
         for group in opt.param_groups:
             group["lr"] = lr
-        self.delta.grad = -g
+        state = opt.state.get(self.delta, {})
+        before = {k: v.clone() for k, v in state.items() if torch.is_tensor(v)}
+        delta0 = self.delta.detach().clone()
+        self.delta.grad = torch.where(ok, -g, 0.0)  # finite either way; a skipped step is undone below
         opt.step()
         self.delta.grad = None
-        return True
+        with torch.no_grad():
+            self.delta.copy_(torch.where(ok, self.delta, delta0))
+            for k, v in opt.state[self.delta].items():
+                if torch.is_tensor(v):  # the step count (on the device when capturable), exp_avg, exp_avg_sq
+                    v.copy_(torch.where(ok, v, before.get(k, torch.zeros_like(v))))
+        return ok
 
     @torch.no_grad()
     def project(self, norm: int, eps: float) -> None:
-        """``norm`` 1: rescale so ``||delta||_2 <= eps``; 2: clamp entries to ``[-eps, eps]``; 0: nothing."""
+        """``norm`` 1: rescale so ``||delta||_2 <= eps``; 2: clamp entries to ``[-eps, eps]``; 0: nothing.
+        On the device (a factor ``min(1, eps / ||delta||)``, no host comparison)."""
         if norm == 1:
-            n = self.delta.norm()
-            if n > eps:
-                self.delta.mul_(eps / n)
+            self.delta.mul_((eps / self.delta.norm().clamp_min(1e-30)).clamp(max=1.0))
         elif norm == 2:
             self.delta.clamp_(-eps, eps)
 
@@ -374,6 +388,13 @@ class _MultiCropMIM(Objective):
         return LossOutput(loss, metrics)
 
     # ------------------------------------------------------------------ adversarial step
+
+    def before_step(self, ctx: StepContext) -> None:
+        """Record this step's loss scale (fp16; constant over its micro-batches) for the gradient hook."""
+        if self.adv is not None:
+            if not ctx.loss_scale > 0:
+                raise ValueError(f"StepContext.loss_scale={ctx.loss_scale} must be > 0")
+            self.adv.loss_scale = float(ctx.loss_scale)
 
     def adv_lr(self, ctx: StepContext) -> float:
         """``adv_blr * eff_batch / 256 * ctx.lr_factor`` (see the module docstring for ``eff_batch``)."""

@@ -51,6 +51,11 @@ class StepContext:
     or unset) gives each rank's own fp32 master partition per parameter instead, without a collective (see
     :mod:`mimscale.teachers.ema`). ``all_reduce_mean(t)`` averages ``t`` across
     data-parallel ranks in place and returns it (identity on one rank).
+
+    ``loss_scale``: the factor the engine multiplies the loss by before ``backward`` in this step's micro-batches
+    (fp16 dynamic loss scaling: the engine's current scale, read before the step; it only changes in
+    ``engine.step()``). Gradients an objective reads in its own hooks are that many times too large; 1.0 for
+    bf16 and fp32.
     """
 
     step: int = 0
@@ -64,6 +69,7 @@ class StepContext:
     master_params: Callable[[nn.Module], Iterator[tuple[str, torch.Tensor]]] = _own_params
     master_shards: Callable[[nn.Module], list[tuple[str, torch.Tensor]] | None] | None = None
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
+    loss_scale: float = 1.0
 
 
 class Objective(nn.Module, metaclass=abc.ABCMeta):

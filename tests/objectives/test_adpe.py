@@ -441,6 +441,72 @@ def test_non_finite_gradient_skips_the_adversarial_step():
     assert torch.equal(obj.adv.delta, delta0) and obj.adv.grad_acc.abs().sum() == 0
 
 
+def test_non_finite_gradient_leaves_delta_and_adamw_state_as_they_were():
+    """A skipped ascent (decided on the device) leaves delta AND the AdamW state untouched: the run then goes
+    on exactly as if the skipped step had never happened."""
+    batch = make_batch(make())
+    runs = []
+    for skip in (False, True):
+        obj = make(adv_batch_size=256)
+        for step in range(1, 4):
+            if skip and step == 2:
+                obj.adv.grad_acc.fill_(float("nan"))
+                assert not obj.adv.ascent_step(1e-2, lambda t: t)
+            _, g = delta_grad(obj, batch)
+            obj.adv.grad_acc.copy_(g)
+            assert obj.adv.ascent_step(1e-2, lambda t: t)
+        state = obj.adv.optimizer.state[obj.adv.delta]
+        runs.append((obj.adv.delta.clone(), {k: v.clone() for k, v in state.items()}))
+    (d_ref, s_ref), (d_skip, s_skip) = runs
+    assert torch.equal(d_ref, d_skip) and s_ref.keys() == s_skip.keys()
+    assert all(torch.equal(s_ref[k], s_skip[k]) for k in s_ref), "the skipped step moved the optimizer state"
+    assert float(s_ref["step"]) == 3
+
+
+def test_a_skip_at_the_first_step_leaves_a_fresh_state():
+    obj = make(adv_batch_size=256)
+    delta0 = obj.adv.delta.clone()
+    obj.adv.grad_acc.fill_(float("inf"))
+    obj.after_optimizer_step(step_ctx(lr_factor=1.0))
+    assert torch.equal(obj.adv.delta, delta0)
+    state = obj.adv.optimizer.state.get(obj.adv.delta, {})  # none, or AdamW's initial one (all zeros)
+    assert all(float(v.abs().sum()) == 0 for v in state.values() if torch.is_tensor(v))
+
+
+@pytest.mark.parametrize("adv_type", [1, 2])
+def test_fp16_loss_scale_is_taken_out_of_the_adversarial_gradient(adv_type):
+    """Under fp16 the engine backpropagates ``loss * loss_scale``; the hook divides by ``ctx.loss_scale``
+    (given to ``before_step``), so the accumulated gradient (and with it Adam's eps and the projection) does
+    not depend on the scale. The default 1.0 (bf16/fp32) changes nothing."""
+    obj = make(adv_type=adv_type)
+    batch = make_batch(obj)
+    obj.before_step(step_ctx(0))
+    _, g = delta_grad(obj, batch)
+    assert g.abs().sum() > 0
+    scale = 2.0**16
+    obj.before_step(step_ctx(1, loss_scale=scale))
+    obj.adv.grad_acc.zero_()
+    (obj(batch).loss * scale).backward()  # what DeepSpeed's fp16 backward does
+    torch.testing.assert_close(obj.adv.grad_acc, g, rtol=1e-5, atol=1e-9)
+    with pytest.raises(ValueError, match="loss_scale"):
+        obj.before_step(step_ctx(2, loss_scale=0.0))
+
+
+def test_projection_runs_on_the_device_without_a_host_read():
+    """``project`` decides the rescale on the device: it runs on ``meta`` (where a host read cannot)."""
+    obj = make(adv_type=1, adv_norm="l2", adv_eps=0.01)
+    adv = obj.adv.to("meta")
+    adv.project(1, 0.01)
+    adv.project(2, 0.01)
+    assert adv.delta.device.type == "meta"
+    obj = make(adv_type=1)
+    d = obj.adv.delta.clone()
+    obj.adv.project(1, 1e3)  # inside the ball: unchanged, exactly
+    assert torch.equal(obj.adv.delta, d)
+    obj.adv.project(1, 0.0)  # eps = 0: delta -> 0, no NaN
+    assert torch.equal(obj.adv.delta, torch.zeros_like(d))
+
+
 def test_bf16_forward_keeps_delta_and_its_gradient_fp32():
     obj = make(adv_type=2)
     for n, m in obj.named_children():
