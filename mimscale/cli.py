@@ -39,9 +39,15 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("objectives", help="list registered objectives (built-in and entry points)")
 
-    ex = sub.add_parser("export", help="write a run's encoder (fp32, timm key names) as safetensors")
-    ex.add_argument("run_dir", help="a run directory with checkpoints/")
-    ex.add_argument("--out", required=True, help="output .safetensors file")
+    ex = sub.add_parser(
+        "export",
+        help="write a run's encoder (or any weights file) for timm or Hugging Face transformers",
+        description="Writes the weights with their description (arch, sizes, pooling, pos-embed, objective, run) "
+        "in the safetensors header and prints the exact call that loads them (docs/guide/weights.md).",
+    )
+    ex.add_argument("run_dir", help="a run directory (checkpoints/), a fine-tuning output or a weights file")
+    ex.add_argument("--out", required=True, help="output .safetensors file (--format hf: a folder)")
+    ex.add_argument("--format", choices=("timm", "hf"), default="timm", help="timm (default) or hf (transformers)")
     ex.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the newest usable)")
 
     dp = sub.add_parser("data", help="write WebDataset shards")
@@ -161,27 +167,15 @@ def _cmd_objectives(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .checkpoint import export
-    from .models.vit import ARCHS, timm_model_name
+    from .export import export
 
-    got = export(args.run_dir, args.out, args.step)
+    got = export(args.run_dir, args.out, args.format, args.step)
     print(
-        f"wrote {args.out}: {got['tensors']} tensors of {got['arch']} (img {got['img_size']}, patch "
-        f"{got['patch_size']}) from {got['checkpoint']}"
+        f"wrote {got['out']} ({got['format']}) from {got['source']}: {got['tensors']} tensors of {got['arch']} (img {got['img_size']}, "
+        f"patch {got['patch_size']}, pool {got['global_pool']}, pos_embed {got['pos_embed']}, "
+        f"classes {got['num_classes']})"
     )
-    relative = got.get("pos_embed") == "relative"
-    if relative and got["arch"] in ("vit_base", "vit_large"):  # BEiT layout (per-block relative bias tables)
-        name = timm_model_name(got["arch"], got["patch_size"], got["img_size"], pos_embed="relative")
-        print(
-            f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
-            f"num_classes=0, global_pool='token', pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))"
-        )
-    elif not relative and got["arch"] in ARCHS and got["arch"] != "vit_micro":
-        name = timm_model_name(got["arch"], got["patch_size"], got["img_size"])
-        print(
-            f"load with: timm.create_model('{name}', img_size={got['img_size']}, patch_size={got['patch_size']}, "
-            f"num_classes=0, pretrained=True, pretrained_cfg_overlay=dict(file='{args.out}'))"
-        )
+    print(f"load with: {got['call']}")
     return 0
 
 

@@ -339,8 +339,14 @@ class FinetuneTask:
         if is_main:
             from safetensors.torch import save_file
 
+            from ..export import metadata, timm_call
+
+            model, out = engine.module.model, run_dir / "model.safetensors"
+            meta = {**metadata(model, "finetune", run_dir.name), "source": str(self.source.weights)}
+            meta["timm_call"] = timm_call(model, out)  # global_pool='avg', fc_norm=True, num_classes=C
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in sd.items()}, str(run_dir / "model.safetensors"))
+            sd = model.export_state_dict(sd)  # timm's layout (Beit's per-block tables for pos_embed=relative)
+            save_file({k: v.contiguous() for k, v in sd.items()}, str(out), metadata=meta)
 
 
 def finetune(
