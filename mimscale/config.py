@@ -84,6 +84,9 @@ class TrainConfig:
     stop_after_steps: int | None = num(None, ">= 1")  # hard cut: stop here; the schedule still spans the whole run
     max_steps: int | None = num(None, ">= 1")  # deprecated name of stop_after_steps
     max_minutes: float | None = num(None, "> 0")  # stop early after this much wall-clock
+    # the lr / wd / EMA schedules end at max_minutes of training time whatever the throughput: their position is
+    # max(step / total, train time / max_minutes) (`mimscale compare`'s minutes budget; epochs is then a cap)
+    schedule_by_time: bool = False
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     tf32: bool = True  # CUDA: TF32 tensor cores for fp32 matmuls/convolutions
     zero_stage: int = num(1, "[0, 3]")
@@ -453,6 +456,8 @@ def validate(cfg: Config) -> None:
         )
     if t.batch_size < t.micro_batch_size:
         raise ConfigError(f"train.batch_size={t.batch_size} must be >= train.micro_batch_size={t.micro_batch_size}")
+    if t.schedule_by_time and not t.max_minutes:
+        raise ConfigError("train.schedule_by_time=true needs train.max_minutes (the time the schedules end at)")
     if len(d.mean) != m.in_chans or len(d.std) != m.in_chans:
         raise ConfigError(f"data.mean/data.std need {m.in_chans} values (model.in_chans)")
     if d.crop_scale[0] > d.crop_scale[1]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from .run import LAUNCHES, forwarding_signals, run_member, say
-from .spec import Plan, build_plan, merge_plans, parse_budget, read_spec
+from .spec import Plan, build_plan, merge_plans, parse_budget, parse_seeds, read_spec
 
 __all__ = ["Plan", "load_plan", "plan_compare", "run_members", "LAUNCHES"]
 
@@ -39,14 +39,20 @@ def plan_compare(
     minutes: float | None = None,
     mae_epochs: float | None = None,
     member_sets: list[str] = (),  # type: ignore[assignment]
+    seeds: int | None = None,
+    write: bool = True,
 ) -> Plan:
-    """Resolve the spec and write (or check against, and extend) ``root/compare.json``."""
+    """Resolve the spec and write (or check against, and extend) ``root/compare.json``. ``write=False`` (a dry
+    run) resolves and checks the same way but stores nothing: not the plan, not even ``root``."""
     label, spec = read_spec(spec_name)
     budget = parse_budget(spec.get("budget"), minutes, mae_epochs)
-    plan = build_plan(label, spec, list(overrides), names, budget, list(member_sets))
+    n_seeds = parse_seeds(spec.get("seeds"), seeds)
+    plan = build_plan(label, spec, list(overrides), names, budget, list(member_sets), n_seeds)
     root = Path(root)
     if (root / PLAN_FILE).is_file():
         plan = merge_plans(load_plan(root), plan)
+    if not write:
+        return plan
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / (PLAN_FILE + ".tmp")
     tmp.write_text(json.dumps(plan.to_json(), indent=2) + "\n")
@@ -55,17 +61,23 @@ def plan_compare(
 
 
 def run_members(plan: Plan, root: str | os.PathLike, names: list[str], launch: str = "none") -> None:
-    """Run the named members one after another, with progress (members done, ETA). USR1 / TERM go to the
-    running step (it saves) and stop the comparison: :class:`~mimscale.compare.run.Interrupted`."""
+    """Run the named members (every seed of each: seed 0 of all members first, then seed 1, ...) one after
+    another, with progress (runs done, ETA). USR1 / TERM go to the running step (it saves) and stop the
+    comparison: :class:`~mimscale.compare.run.Interrupted`."""
+    from ..report.league import seed_dir
+
     root, t0 = Path(root), time.monotonic()
-    todo = [n for n in names if not (root / "members" / n / "result.json").is_file()]
+    runs = [(n, k) for k in range(plan.seeds) for n in names]
+    todo = [(n, k) for n, k in runs if not (seed_dir(root, n, k) / "result.json").is_file()]
+    seeds = f" x {plan.seeds} seeds" if plan.seeds > 1 else ""
     say(
-        f"{len(names)} members, {len(names) - len(todo)} complete; budget {plan.budget['value']:g} {plan.budget['kind']}"
+        f"{len(names)} members{seeds}, {len(runs) - len(todo)} of {len(runs)} runs complete; "
+        f"budget {plan.budget['value']:g} {plan.budget['kind']}"
     )
     with forwarding_signals():
-        for i, name in enumerate(todo):
+        for i, (name, seed) in enumerate(todo):
             if i:
                 eta = (time.monotonic() - t0) / i * (len(todo) - i)
-                say(f"{i}/{len(todo)} members run, about {eta / 60:.0f} min to go")
-            run_member(plan, plan.member(name), root, launch)
+                say(f"{i}/{len(todo)} runs done, about {eta / 60:.0f} min to go")
+            run_member(plan, plan.member(name), root, launch, seed)
     say(f"all {len(names)} members complete: mimscale report {root}")

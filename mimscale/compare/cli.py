@@ -37,11 +37,18 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--budget-mae-epochs", type=float, default=None, metavar="E", help="training FLOPs as MAE-equivalent epochs"
     )
+    p.add_argument(
+        "--seeds", type=int, default=None, metavar="K", help="runs per member (train.seed + k); a restart may add seeds"
+    )
     p.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE", help="one member's override")
     p.add_argument("--member", action="append", default=None, metavar="NAME", help="run only this member")
     p.add_argument("--member-index", type=int, default=None, help="run only the plan's member #I (array tasks)")
     p.add_argument("--launch", choices=("none", "srun"), default="none", help="how to start each member's ranks")
-    p.add_argument("--dry-run", action="store_true", help="write and print the plan, run nothing")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan and each member's steps, epochs and minutes; run and store nothing",
+    )
     p.add_argument("--slurm", action="store_true", help="submit one array task per member (slurm/compare.sh)")
     p.add_argument(
         "--sbatch",
@@ -55,16 +62,26 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from . import load_plan, plan_compare, run_members
-    from .run import EXIT_REQUEUE, Interrupted, say
+    from .run import EXIT_REQUEUE, Interrupted, estimate, format_estimate, say
 
     if args.spec is None:
         if args.overrides or args.objectives or args.set or args.budget_minutes or args.budget_mae_epochs:
             raise ConfigError("to change a comparison give its SPEC too (or resume with only --out DIR)")
         plan = load_plan(args.out)
+        if args.seeds is not None and args.seeds != plan.seeds:
+            raise ConfigError(f"--seeds changes the plan ({plan.seeds} stored): give its SPEC too")
     else:
         names = args.objectives.split(",") if args.objectives else None
         plan = plan_compare(
-            args.out, args.spec, args.overrides, names, args.budget_minutes, args.budget_mae_epochs, args.set
+            args.out,
+            args.spec,
+            args.overrides,
+            names,
+            args.budget_minutes,
+            args.budget_mae_epochs,
+            args.set,
+            seeds=args.seeds,
+            write=not args.dry_run,
         )
     selected = args.member or (
         [m.partition("=")[0] for m in args.objectives.split(",")] if args.objectives else plan.names
@@ -79,6 +96,10 @@ def run(args) -> int:
         mark = "*" if m.name in selected else " "
         say(f"{mark} {m.name:12s} {m.objective:9s} teachers={m.teachers or '-'} {' '.join(m.overrides[1:])}")
     if args.dry_run:
+        say(f"budget {plan.budget['value']:g} {plan.budget['kind']} per member, {plan.seeds} seed(s) each")
+        for line in format_estimate(estimate(plan, Path(args.out)), plan):
+            say(line)
+        say("dry run: nothing was run or stored")
         return 0
     if args.slurm:
         return submit(args.out, [plan.names.index(n) for n in selected], args.sbatch)

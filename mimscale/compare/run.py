@@ -7,10 +7,16 @@ complete. A restart skips what is complete: a member with ``result.json`` is not
 member's training resumes from its last checkpoint (``train.resume=auto``, saved every
 ``SAVE_EVERY_MINUTES``), a calibration that finished is reused.
 
-**The budget.** ``minutes``: a short calibration run measures the member's img/s on this machine; its run
-gets ``epochs = minutes x 60 x img/s / train images`` so the cosine schedule ends at the budget, and
-``train.max_minutes`` stops it there regardless. ``mae_epochs``: ``epochs = E x flops(MAE) / flops(member)``
-(MAE with its default knobs on the same encoder: the report's MAE-equivalent epochs), no time limit.
+**The budget.** ``minutes``: the run gets ``train.max_minutes`` and ``train.schedule_by_time``, so its lr /
+wd / EMA schedules follow the measured progress (position = max(step / total, training time / budget),
+re-planned from the run's own throughput every ``log_every`` steps) and end at the budget whatever the
+machine's load; a short calibration run measures the member's img/s to size ``epochs`` (a cap:
+``EPOCH_CAP`` x the calibrated estimate, so a run faster than its calibration still trains to the budget).
+``mae_epochs``: ``epochs = E x flops(MAE) / flops(member)`` (MAE with its default knobs on the same encoder:
+the report's MAE-equivalent epochs), no time limit: exact by construction.
+
+**Seeds.** ``plan.seeds`` = K runs per member; seed k adds k to ``train.seed`` (init, data order and masks
+all follow it) and lives in ``members/<name>/seed<k>/`` (k >= 1); teachers and calibration are shared.
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MimscaleError
-from .spec import Member, Plan, teacher_overrides
+from .spec import Member, Plan, placeholder_overrides, teacher_overrides
 
 CALIBRATE_STEPS = 60
+EPOCH_CAP = 3.0  # minutes budget: epochs = EPOCH_CAP x the calibrated estimate (the clock ends the run)
 EXIT_REQUEUE = 42  # a child saved on a signal (mimscale.checkpoint.EXIT_REQUEUE, without importing deepspeed)
 SAVE_EVERY_MINUTES = 2.0
 LAUNCHES = ("none", "srun")
@@ -216,8 +223,8 @@ def schedule(plan: Plan, cal: dict[str, Any], images: int, cfg) -> dict[str, Any
 
     kind, value, evals = plan.budget["kind"], plan.budget["value"], plan.knn_evals
     if kind == "minutes":
-        epochs = value * 60 * cal["img_per_s"] / images
-        knobs = [f"train.max_minutes={value}"]
+        epochs = EPOCH_CAP * value * 60 * cal["img_per_s"] / images
+        knobs = [f"train.max_minutes={value}", "train.schedule_by_time=true"]
         knobs += [f"eval.knn_every_minutes={value / (evals + 1):.4f}"] if evals else []
     else:
         m = cfg.model
@@ -230,14 +237,18 @@ def schedule(plan: Plan, cal: dict[str, Any], images: int, cfg) -> dict[str, Any
     return {"epochs": epochs, "knobs": [f"train.epochs={epochs:.6f}", *knobs]}
 
 
-def run_member(plan: Plan, member: Member, root: Path, launch: str = "none") -> dict[str, Any]:
-    """Teachers, calibration, the budgeted run and the linear probe of one member; returns its result."""
-    mdir = root / "members" / member.name
-    done = mdir / "result.json"
+def run_member(plan: Plan, member: Member, root: Path, launch: str = "none", seed: int = 0) -> dict[str, Any]:
+    """Teachers, calibration, the budgeted run and the linear probe of one member's seed ``seed``; returns its
+    result."""
+    from ..report.league import seed_dir
+
+    sdir = seed_dir(root, member.name, seed)
+    who = member.name + (f" seed {seed}" if seed else "")
+    done = sdir / "result.json"
     if done.is_file():
-        say(f"{member.name}: complete (result.json), not rerun")
+        say(f"{who}: complete (result.json), not rerun")
         return _read_json(done)
-    mdir.mkdir(parents=True, exist_ok=True)
+    sdir.mkdir(parents=True, exist_ok=True)
     prepare_teachers(plan, member, root)
     ov = member_overrides(plan, member, root)
     cal = calibrate(plan, member, root, launch)
@@ -245,19 +256,22 @@ def run_member(plan: Plan, member: Member, root: Path, launch: str = "none") -> 
 
     cfg = load(plan.recipe, ov)
     sched = schedule(plan, cal, _train_images(plan, ov), cfg)
-    run = mdir / "run"
+    run = sdir / "run"
     knobs = [f"train.run_dir={run}", f"train.save_every_minutes={SAVE_EVERY_MINUTES}", *sched["knobs"]]
+    knobs += [f"train.seed={cfg.train.seed + seed}"] if seed else []
     resumed = (run / "checkpoints").is_dir()
     say(
-        f"{member.name}: training {sched['epochs']:.3f} epochs ({plan.budget['kind']} budget "
+        f"{who}: training {sched['epochs']:.3f} epochs ({plan.budget['kind']} budget "
         f"{plan.budget['value']:g}; calibrated {cal['img_per_s']:.0f} img/s){' - resuming' if resumed else ''}"
     )
-    mimscale(["pretrain", plan.recipe, *ov, *knobs], launch, mdir / "log.txt")
+    mimscale(["pretrain", plan.recipe, *ov, *knobs], launch, sdir / "log.txt")
     summary = _read_json(run / "summary.json")
-    linear = linear_probe(plan, run, launch, mdir / "log.txt")
+    linear = linear_probe(plan, run, launch, sdir / "log.txt")
     result = {
         "name": member.name,
         "objective": member.objective,
+        "seed": seed,
+        "train_seed": cfg.train.seed + seed,
         "status": "done",
         "budget": plan.budget,
         "calibrated_img_per_s": cal["img_per_s"],
@@ -268,7 +282,7 @@ def run_member(plan: Plan, member: Member, root: Path, launch: str = "none") -> 
         "summary": summary,
     }
     _write_json(done, result)
-    say(f"{member.name}: done, kNN top-1 {summary.get('knn_top1_final')}, linear top-1 {linear}")
+    say(f"{who}: done, kNN top-1 {summary.get('knn_top1_final')}, linear top-1 {linear}")
     return result
 
 
@@ -281,3 +295,129 @@ def linear_probe(plan: Plan, run: Path, launch: str, log: Path) -> float | None:
         args = ["eval", "linear", str(run), "--data", str(plan.data["knn_train"]), "--test", str(plan.data["knn_test"])]
         mimscale([*args, *(f"{k}={v}" for k, v in plan.linear.items())], launch, log)
     return _read_json(out).get("top1")
+
+
+# ----------------------------------------------------------------------------- the dry run's estimate
+
+
+def _flops_per_sample(plan: Plan, member: Member, root: Path) -> float | None:
+    """The member's training FLOPs per image: its cached calibration, else its objective built on the meta
+    device (``None`` when it cannot be built without its teacher's files)."""
+    import warnings
+
+    from ..config import load, to_dict
+    from ..report.data import _objective_flops
+
+    cal = root / "members" / member.name / "calibrate" / "summary.json"
+    if cal.is_file():
+        return _read_json(cal).get("flops_per_sample")
+    cfg = load(plan.recipe, [*plan.overrides, *member.overrides, *placeholder_overrides(member)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _objective_flops(to_dict(cfg))
+
+
+def estimate(plan: Plan, root: Path) -> list[dict[str, Any]]:
+    """Per member, without running or storing anything: steps, epochs and training minutes per seed, and the
+    minutes of its teacher steps. Throughput comes from the member's cached calibration, else from another
+    member's calibration scaled by FLOPs per image (``rate_from`` says which), else it is unknown (``None``:
+    the first real start calibrates); teacher minutes from ``teachers/<step>/cost.json`` once they ran."""
+    import logging
+
+    from ..config import load
+    from ..report import mae_reference_flops
+
+    quiet = logging.getLogger("mimscale.config")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the stand-in teacher paths' notes are noise here
+    try:
+        return _estimate(plan, root, load, mae_reference_flops)
+    finally:
+        quiet.setLevel(level)
+
+
+def _estimate(plan: Plan, root: Path, load, mae_reference_flops) -> list[dict[str, Any]]:
+    flops = {m.name: _flops_per_sample(plan, m, root) for m in plan.members}
+    base_images = _train_images(plan, list(plan.overrides))
+    rates = {}
+    for m in plan.members:
+        cal = root / "members" / m.name / "calibrate" / "summary.json"
+        if cal.is_file():
+            rates[m.name] = _read_json(cal).get("img_per_s")
+    ref = next(((n, r) for n, r in rates.items() if r and flops.get(n)), None)
+    out = []
+    for m in plan.members:
+        ov = [*plan.overrides, *m.overrides, *placeholder_overrides(m)]
+        cfg = load(plan.recipe, ov)
+        try:
+            images: int | None = _train_images(plan, ov)
+        except MimscaleError:  # a teacher-made copy of the training set (codes added) that does not exist yet
+            images = base_images
+        f, rate, rate_from = flops.get(m.name), rates.get(m.name), m.name if m.name in rates else None
+        if rate is None and ref is not None and f:
+            rate, rate_from = ref[1] * (flops[ref[0]] or 0.0) / f, f"{ref[0]} x FLOPs ratio"
+        batch, kind, value = cfg.train.batch_size, plan.budget["kind"], plan.budget["value"]
+        epochs = steps = minutes = None
+        if kind == "minutes":
+            minutes = value
+            if rate and images:
+                epochs = value * 60 * rate / images
+        else:
+            mm = cfg.model
+            mae = mae_reference_flops(mm.arch, mm.img_size, mm.patch_size, mm.in_chans)
+            epochs = value * mae / f if mae and f else None
+            if epochs is not None and rate and images:
+                minutes = epochs * images / rate / 60
+        if epochs is not None and images:
+            steps = math.ceil(epochs * images / batch)
+        calib = None if m.name in rates or not rate else CALIBRATE_STEPS * batch / rate / 60
+        costs = [root / "teachers" / step / "cost.json" for step in m.teachers]
+        teacher = sum(_read_json(c)["seconds"] for c in costs) / 60 if all(c.is_file() for c in costs) else None
+        out.append(
+            {
+                "name": m.name,
+                "steps": steps,
+                "epochs": epochs,
+                "train_minutes": minutes,
+                "calibrate_minutes": calib,
+                "teacher_minutes": teacher,
+                "teachers": list(m.teachers),
+                "img_per_s": rate,
+                "rate_from": rate_from,
+                "seeds": plan.seeds,
+            }
+        )
+    return out
+
+
+def format_estimate(rows: list[dict[str, Any]], plan: Plan) -> list[str]:
+    """The dry run's table: one line per member, then the whole comparison's training minutes."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "?" if v is None else format(v, fmt)
+
+    seeds = f" x {plan.seeds} seeds" if plan.seeds > 1 else ""
+    lines = [f"{'member':12s} {'steps':>8s} {'epochs':>8s} {'train min':>10s} {'teacher min':>12s}  throughput"]
+    total, known = 0.0, True
+    for r in rows:
+        teacher = "-" if not r["teachers"] else num(r["teacher_minutes"], ".1f")
+        if not r["teachers"]:
+            teacher_note = ""
+        elif r["teacher_minutes"] is None:
+            teacher_note = f" ({'+'.join(r['teachers'])} not timed yet)"
+        else:
+            teacher_note = f" ({'+'.join(r['teachers'])}, shared)"
+        rate = "not calibrated yet" if r["img_per_s"] is None else f"{r['img_per_s']:.0f} img/s ({r['rate_from']})"
+        lines.append(
+            f"{r['name']:12s} {num(r['steps'], ',d'):>8s} {num(r['epochs'], '.3f'):>8s} "
+            f"{num(r['train_minutes'], '.1f'):>10s} {teacher:>12s}  {rate}{teacher_note}"
+        )
+        if r["train_minutes"] is None:
+            known = False
+        else:
+            total += r["train_minutes"] * plan.seeds + (r["calibrate_minutes"] or 0.0)
+    lines.append(
+        f"training{seeds}: {'about ' + format(total, '.0f') if known else 'unknown (not calibrated)'} min in all, "
+        "plus kNN evaluations, linear probes and the teacher steps not yet run"
+    )
+    return lines

@@ -6,6 +6,7 @@ A **spec** is a YAML file (``mimscale/configs/compare/<name>.yaml`` or a path) o
     recipe: tiny_cpu              # the base recipe of every member
     overrides: [key=value, ...]   # applied to every member
     budget: {minutes: 10}         # training minutes per member, or {mae_epochs: 4} (MAE-equivalent epochs)
+    seeds: 1                      # runs per member (train.seed + k: init, data order, masks); --seeds K
     knn_evals: 5                  # kNN evaluations during training (plus random init and the end)
     linear: {epochs: 20, ...}     # `mimscale eval linear` knobs at the end of each member, or null
     teachers: {clip: {samples: 60000}, kclip: {iters: 10}}
@@ -37,7 +38,18 @@ from ..errors import ConfigError
 
 SPEC_DIR = C.CONFIG_DIR / "compare"
 PLAN_VERSION = 1
-SPEC_KEYS = {"base", "recipe", "overrides", "budget", "knn_evals", "linear", "teachers", "members", "default_members"}
+SPEC_KEYS = {
+    "base",
+    "recipe",
+    "overrides",
+    "budget",
+    "seeds",
+    "knn_evals",
+    "linear",
+    "teachers",
+    "members",
+    "default_members",
+}
 BUDGET_KINDS = ("minutes", "mae_epochs")
 TEACHER_STEPS = ("clip", "kclip")  # kclip needs clip (codes are k-means ids of CLIP patch features)
 
@@ -61,6 +73,7 @@ class Plan:
     teachers: dict[str, dict[str, Any]]
     members: list[Member]
     data: dict[str, Any]  # train / knn_train / knn_test of the base recipe (after overrides)
+    seeds: int = 1  # runs per member: seed k adds k to train.seed (members/<name>/seed<k>/ for k >= 1)
     version: int = PLAN_VERSION
 
     def member(self, name: str) -> Member:
@@ -125,6 +138,14 @@ def parse_budget(spec_budget: Any, minutes: float | None, mae_epochs: float | No
     return {"kind": kind, "value": float(value)}
 
 
+def parse_seeds(spec_seeds: Any, seeds: int | None) -> int:
+    """The command line's ``--seeds`` wins over the spec's ``seeds:``; a positive integer (default 1)."""
+    value = seeds if seeds is not None else (1 if spec_seeds is None else spec_seeds)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"seeds={value!r} must be a positive integer (runs per member)")
+    return value
+
+
 def _objective_section(recipe_objective: dict[str, Any], member: dict[str, Any], name: str) -> dict[str, Any]:
     """The member's objective dict: the recipe's knobs its objective accepts, then the member's own."""
     from ..objectives import available, objective_class  # late: `mimscale --help` need not import torch
@@ -162,6 +183,7 @@ def build_plan(
     names: list[str] | None,
     budget: dict[str, Any],
     member_sets: list[str],
+    seeds: int = 1,
 ) -> Plan:
     """Resolve a spec (plus the command line's common overrides, member list and ``NAME:key=value`` sets)."""
     recipe = str(spec["recipe"])
@@ -210,6 +232,7 @@ def build_plan(
         teachers={k: dict(v or {}) for k, v in (spec.get("teachers") or {}).items()},
         members=members,
         data=data,
+        seeds=seeds,
     )
 
 
@@ -229,7 +252,8 @@ def teacher_overrides(member: Member, teachers_dir: Path) -> list[str]:
 
 
 def merge_plans(stored: Plan, new: Plan) -> Plan:
-    """A restart: everything but the member list must be the same; members may be added, never changed."""
+    """A restart: everything but the member list and the seeds must be the same; members may be added, never
+    changed; the seeds may grow (a restart that asks for fewer keeps the stored count: finished seeds stay)."""
     for key in ("recipe", "overrides", "budget", "knn_evals", "linear", "teachers"):
         a, b = getattr(stored, key), getattr(new, key)
         if a != b:
@@ -247,4 +271,4 @@ def merge_plans(stored: Plan, new: Plan) -> Plan:
                 f"member '{m.name}' was planned with other settings (stored {old.overrides}, now {m.overrides}): "
                 "give the new variant another name (e.g. --objectives NAME2=objective ...)"
             )
-    return dataclasses.replace(stored, members=members)
+    return dataclasses.replace(stored, members=members, seeds=max(stored.seeds, new.seeds))

@@ -32,7 +32,7 @@ from .cadence import Clock, EvalCadence, SaveCadence, TimeLimit
 from .flags import Agreed, StepFlags
 from .nonfinite import NonFinitePolicy
 from .resume import all_ranks, restore
-from .schedule import cosine, warmup_cosine
+from .schedule import cosine, time_budget_total, warmup_cosine
 from .signals import Signals
 from .state import TrainState
 from .task import StepHooks, Task
@@ -146,6 +146,8 @@ class Trainer:
         self._postfix: dict[str, str] = {}
         self.last_eval: dict[str, float] = {}
         self._wd = cfg.optim.weight_decay
+        self._budget_s = 60 * t.max_minutes if t.schedule_by_time and t.max_minutes else None
+        self._sched_total: int | None = None  # the steps the schedules span (re-planned: _schedule_total)
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
@@ -253,10 +255,11 @@ class Trainer:
 
     def _step_context(self) -> StepContext:
         st, dv, o = self.state, self.derived, self.cfg.optim
-        lr = st.lr_scale * warmup_cosine(st.step, dv.total_steps, dv.warmup_steps, dv.lr, o.min_lr)
+        total = self._schedule_total()
+        lr = st.lr_scale * warmup_cosine(st.step, total, dv.warmup_steps, dv.lr, o.min_lr)
         wd = cosine(
             st.step,
-            dv.total_steps,
+            total,
             o.weight_decay,
             o.weight_decay if o.weight_decay_end is None else o.weight_decay_end,
         )
@@ -264,7 +267,7 @@ class Trainer:
         self._wd = wd
         return StepContext(
             step=st.step,
-            total_steps=dv.total_steps,
+            total_steps=total,
             epoch=st.step / dv.steps_per_epoch,
             lr=lr,
             lr_factor=lr / dv.lr if dv.lr else 0.0,
@@ -275,6 +278,19 @@ class Trainer:
             master_shards=partial(ds.master_shards, self.engine),
             all_reduce_mean=ds.all_reduce_mean,
         )
+
+    def _schedule_total(self) -> int:
+        """The steps the lr / wd / EMA schedules span: ``total_steps``, or with ``train.schedule_by_time``
+        re-planned every ``log_every`` steps from the training time so far (:func:`.schedule.time_budget_total`;
+        the time is averaged over the ranks, so every rank uses the same schedule)."""
+        st = self.state
+        if self._budget_s is None:
+            return self.derived.total_steps
+        if self._sched_total is None or st.step % self.cfg.train.log_every == 0:
+            train_s = torch.tensor([self.clock.train_s()], device=self.device, dtype=torch.float64)
+            train_s_mean = float(ds.all_reduce_mean(train_s).item())  # every log_every steps, only in this mode
+            self._sched_total = time_budget_total(st.step, self.derived.total_steps, train_s_mean, self._budget_s)
+        return self._sched_total
 
     def _log_due(self, step: int) -> bool:
         return step % self.cfg.train.log_every == 0 or step == self.stop

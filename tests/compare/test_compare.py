@@ -4,6 +4,7 @@ killed mid-member and resumed (the complete member is kept, the interrupted one 
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import yaml
 
 from mimscale.cli import main
 from mimscale.compare import load_plan, plan_compare
-from mimscale.compare.run import schedule
+from mimscale.compare.run import EPOCH_CAP, schedule
 from mimscale.compare.spec import merge_plans, read_spec, teacher_steps
 from mimscale.config import load
 from mimscale.errors import ConfigError
@@ -158,6 +159,64 @@ def test_resume_with_only_out_and_bad_dirs(tmp_path, capsys):
     assert "not a comparison plan" in capsys.readouterr().err
 
 
+def test_seeds_in_the_plan_and_a_restart_may_add_seeds(tmp_path, capsys):
+    spec, out = str(_spec(tmp_path, seeds=2)), tmp_path / "c"
+    assert plan_compare(out, spec, [], ["mae"]).seeds == 2  # from the spec
+    assert plan_compare(out, spec, [], ["mae"], seeds=3).seeds == 3  # more seeds: the finished ones stay
+    assert plan_compare(out, spec, [], ["mae"], seeds=1).seeds == 3 and load_plan(out).seeds == 3  # never fewer
+    assert main(["compare", spec, "--out", str(tmp_path / "d"), "--seeds", "0", "--dry-run"]) == 2
+    assert "seeds=0 must be a positive integer" in capsys.readouterr().err
+    assert main(["compare", "--out", str(out), "--seeds", "4", "--dry-run"]) == 2
+    assert "give its SPEC too" in capsys.readouterr().err
+
+
+def test_dry_run_prints_the_estimate_and_stores_nothing(tmp_path, capsys):
+    spec, out = str(_spec(tmp_path)), tmp_path / "c"
+    args = ["compare", spec, "--out", str(out), "--objectives", "mae,conmim", "--budget-mae-epochs", "2"]
+    assert main([*args, "--seeds", "2", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert not out.exists()  # nothing stored: not the plan, not the directory
+    ref, images = mae_reference_flops("vit_micro", 32, 4, 3), 60000
+    cfg = load("tiny_cpu", [])
+    lines = {
+        line.split()[2]: line.split()[3:] for line in text.splitlines() if line.split()[2:3] in (["mae"], ["conmim"])
+    }
+    mae_flops = load_plan_flops(spec, "mae")
+    epochs = 2 * ref / mae_flops
+    assert lines["mae"][0] == f"{math.ceil(epochs * images / cfg.train.batch_size):,}"  # steps
+    assert lines["mae"][1] == f"{epochs:.3f}" and lines["mae"][2] == "?"  # minutes: not calibrated yet
+    assert "2 seed(s) each" in text and "nothing was run or stored" in text
+    # a real start with another budget is not refused (the dry run stored no plan) ...
+    assert plan_compare(out, spec, [], ["mae", "conmim"], minutes=3).budget == {"kind": "minutes", "value": 3.0}
+    # ... and once a calibration is cached, a minutes budget shows steps and epochs (conmim: scaled by FLOPs)
+    cal = out / "members" / "mae" / "calibrate"
+    cal.mkdir(parents=True)
+    (cal / "summary.json").write_text(json.dumps({"img_per_s": 500.0, "flops_per_sample": mae_flops}))
+    assert main(["compare", "--out", str(out), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    rows = {
+        line.split()[2]: line.split()[3:] for line in text.splitlines() if line.split()[2:3] in (["mae"], ["conmim"])
+    }
+    assert rows["mae"][:3] == [
+        f"{math.ceil(3 * 60 * 500 / cfg.train.batch_size):,}",
+        f"{3 * 60 * 500 / images:.3f}",
+        "3.0",
+    ]
+    assert " ".join(rows["mae"][3:]) == "- 500 img/s (mae)"
+    assert " ".join(rows["conmim"][3:]).endswith("img/s (mae x FLOPs ratio)") and rows["conmim"][0] != "?"
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "members"]  # still only what was there
+
+
+def load_plan_flops(spec: str, name: str) -> float:
+    """FLOPs per image of a planned member's objective, built on the meta device (as the dry run does)."""
+    from mimscale.compare.run import _flops_per_sample
+
+    plan = plan_compare(Path("/nonexistent"), spec, [], [name], write=False)
+    flops = _flops_per_sample(plan, plan.member(name), Path("/nonexistent"))
+    assert flops
+    return flops
+
+
 # ----------------------------------------------------------------------------- budgets
 
 
@@ -165,8 +224,9 @@ def test_schedules_end_at_the_budget(tmp_path):
     cfg = load("tiny_cpu", [])
     minutes = plan_compare(tmp_path / "a", str(_spec(tmp_path)), [], ["mae"], minutes=10)
     s = schedule(minutes, {"img_per_s": 600.0}, 60000, cfg)
-    assert s["epochs"] == pytest.approx(10 * 60 * 600 / 60000)  # 6 epochs at 600 img/s
+    assert s["epochs"] == pytest.approx(EPOCH_CAP * 10 * 60 * 600 / 60000)  # a cap: 6 epochs at 600 img/s, x3
     assert "train.max_minutes=10.0" in s["knobs"] and "eval.knn_every_minutes=3.3333" in s["knobs"]
+    assert "train.schedule_by_time=true" in s["knobs"]  # the clock, not the calibration, ends the schedule
     flops = plan_compare(tmp_path / "b", str(_spec(tmp_path)), [], ["mae"], mae_epochs=2)
     ref = mae_reference_flops("vit_micro", 32, 4, 3)
     s = schedule(flops, {"flops_per_sample": ref / 4}, 60000, cfg)
@@ -242,3 +302,28 @@ def test_two_objectives_killed_mid_member_and_resumed(fmnist_small, tmp_path):
     league = json.loads((out / "report.json").read_text())["league"]
     assert sorted(m["name"] for m in league["members"]) == ["emae", "mae"]
     assert sorted(league["rank_knn"]) == ["emae", "mae"]
+
+    # a second seed of mae (train.seed + 1: other init, data order and masks): seed 0 is kept, seed 1 runs in
+    # members/mae/seed1/ with the cached calibration; the league then has noise bands for mae only
+    more = subprocess.run(
+        [*cmd, str(spec), "--out", str(out), "--objectives", "mae", "--seeds", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert more.returncode == 0, (more.stdout + more.stderr)[-3000:]
+    assert "1 members x 2 seeds, 1 of 2 runs complete" in more.stdout and "mae seed 1: training" in more.stdout
+    assert mae_result.stat().st_mtime_ns == stamp and "calibrating" not in more.stdout
+    seed1 = json.loads((out / "members" / "mae" / "seed1" / "result.json").read_text())
+    assert (seed1["seed"], seed1["train_seed"]) == (1, results["mae"]["train_seed"] + 1)
+    assert seed1["summary"]["final_loss"] != results["mae"]["summary"]["final_loss"]  # another run, not a copy
+    assert main(["report", str(out)]) == 0
+    league = json.loads((out / "report.json").read_text())["league"]
+    m = {x["name"]: x for x in league["members"]}
+    assert league["seeds"] == 2 and m["mae"]["status"] == "done" and m["emae"]["status"] == "unfinished"
+    assert m["mae"]["knn_final_seeds"] == [
+        results["mae"]["summary"]["knn_top1_final"],
+        seed1["summary"]["knn_top1_final"],
+    ]
+    assert m["mae"]["knn_final_std"] is not None and league["rank_knn"][0] == "mae"

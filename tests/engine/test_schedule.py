@@ -88,3 +88,21 @@ def test_cosine():
     assert all(b > a for a, b in zip(vals, vals[1:]))
     vals = [cosine(s, 100, 0.05, 0.0) for s in range(101)]  # weight decay falls monotonically
     assert all(b < a for a, b in zip(vals, vals[1:]))
+
+
+def test_time_budget_total_follows_measured_progress():
+    from mimscale.engine.schedule import time_budget_total
+
+    assert time_budget_total(100, 1000, 30.0, None) == 1000  # no time budget: the configured total
+    assert time_budget_total(0, 1000, 0.0, 600.0) == 1000  # nothing measured yet
+    # slower than planned: 100 steps took 120 s of a 600 s budget -> the schedule spans 500 steps (position 0.2)
+    assert time_budget_total(100, 1000, 120.0, 600.0) == 500
+    # faster than planned: the configured total is a cap (position = step / total)
+    assert time_budget_total(100, 1000, 6.0, 600.0) == 1000
+    # the budget is spent: the schedule is at its end whatever the step
+    assert time_budget_total(100, 1000, 600.0, 600.0) == 100 and time_budget_total(100, 1000, 900.0, 600.0) == 100
+    for step, train_s in ((10, 50.0), (300, 200.0), (999, 599.0)):  # position = max(step/total, time/budget)
+        total = time_budget_total(step, 1000, train_s, 600.0)
+        assert step / total == pytest.approx(max(step / 1000, train_s / 600.0), rel=2e-3)
+    # with the re-planned total the lr reaches its final value exactly when the budget is spent
+    assert warmup_cosine(100, time_budget_total(100, 1000, 600.0, 600.0), 10, 1.0, 0.01) == 0.01

@@ -276,3 +276,50 @@ def test_minute_triggers_follow_a_fake_clock(fmnist_small, tmp_path, dist_single
     assert knn == ["knn_top1_2.0min", "knn_top1_4.0min", "knn_top1_final", "knn_top1_init"]
     saved = sorted(p.name for p in (rd / ckpt.CKPT_DIR).iterdir() if p.name.startswith("step_"))
     assert saved == ["step_00000003", "step_00000006"]  # 3 minutes >= 2.5 since the start; then the end
+
+
+def test_schedule_by_time_ends_at_the_budget_whatever_the_speed(fmnist_small, tmp_path, dist_single):
+    """train.schedule_by_time: the step rate changes mid-run (30 s, then 90 s of fake time per step) and the
+    configured epochs would last far longer; the lr schedule is re-planned from the measured progress and
+    reaches its final value when the 10-minute budget is spent, where train.max_minutes stops the run."""
+    from mimscale import config as C
+    from mimscale.engine.schedule import warmup_cosine
+    from mimscale.pretrain import trainer as pretrain_trainer
+
+    rd = tmp_path / "r"
+    ov = tiny_overrides(
+        fmnist_small,
+        rd,
+        train__precision="fp32",
+        train__micro_batch_size=16,
+        train__batch_size=16,
+        train__epochs=50,  # a cap far above what the budget allows
+        train__max_steps="null",
+        train__max_minutes=10,
+        train__schedule_by_time="true",
+        train__log_every=1,
+        train__save_every_minutes="null",
+        optim__warmup_epochs=0,
+        optim__min_lr=1e-6,
+        eval__knn_train="null",
+        eval__knn_test="null",
+        log__tensorboard="false",
+    )
+    clock = FakeClock()
+    trainer = pretrain_trainer(C.load(None, ov), now=clock, wall=clock)
+    dv, cap = trainer.derived, trainer.derived.total_steps
+
+    def tick(step: int, loss: torch.Tensor) -> torch.Tensor:
+        clock.t += 30 if step < 5 else 90
+        return loss
+
+    trainer.loss_hooks.append(tick)
+    s = trainer.fit()
+    assert cap > 1000 and s["steps"] == 11  # 5 x 30 s + 5 x 90 s = 600 s at step 10; the 11th crosses the budget
+    lrs = {r["step"]: r["train/lr"] for r in _jsonl(rd) if "train/lr" in r}  # step k+1 logs the lr of step k
+    train_s = [30 * min(k, 5) + 90 * max(k - 5, 0) for k in range(11)]  # training time when step k starts
+    for k in range(1, 11):
+        total = max(k, min(cap, round(k * 600 / train_s[k])))
+        assert lrs[k + 1] == pytest.approx(warmup_cosine(k, total, 0, dv.lr, 1e-6)), k
+    assert lrs[11] == pytest.approx(1e-6)  # step 10 starts at 600 s: the schedule is at its end
+    assert lrs[2] > 0.99 * dv.lr and lrs[9] < 0.2 * dv.lr  # not the cap's schedule (that would still be at peak)
