@@ -243,6 +243,29 @@ def master_shards(engine, module: nn.Module):
     ]
 
 
+def master_fragments(engine, module: nn.Module) -> list[tuple[str, int, torch.Tensor]] | None:
+    """Where the fp32 masters are partitioned across ranks below ZeRO-3 (ZeRO-1/2, DeepSpeed's bf16 optimizer):
+    ``[(name, start, this rank's fp32 piece [n])]`` for each trainable parameter of ``module``: elements
+    ``[start, start + n)`` of the flattened parameter (``n`` = 0 where this rank holds none of it). The pieces
+    of all ranks tile each parameter. No collective (reading them through :func:`master_params` costs one fp32
+    all-reduce PER PARAMETER). ``None`` at ZeRO-3 (:func:`master_shards`) and where the masters are the
+    parameters themselves, on every rank (fp32 at ZeRO-0)."""
+    if engine.zero_optimization_stage() == 3:
+        return None
+    out = []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not hasattr(p, "_hp_mapping"):  # DeepSpeed links every optimised parameter, or none
+            return None
+        m = p._hp_mapping
+        if m is None:
+            out.append((name, 0, torch.empty(0, dtype=torch.float32, device=p.device)))
+        else:
+            out.append((name, int(m.lp_fragment_address.start), m.get_hp_fragment().reshape(-1)))
+    return out
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Average ``t`` in place over the data-parallel ranks (no-op on one rank)."""
     import torch.distributed as tdist

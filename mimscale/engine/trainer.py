@@ -276,6 +276,7 @@ class Trainer:
             grad_accum=dv.grad_accum,
             master_params=partial(ds.master_params, self.engine),
             master_shards=partial(ds.master_shards, self.engine),
+            master_fragments=partial(ds.master_fragments, self.engine),
             all_reduce_mean=ds.all_reduce_mean,
         )
 

@@ -49,7 +49,10 @@ class StepContext:
     submodule of the objective) with the FULL fp32 master value, at any ZeRO stage and precision; under
     ZeRO-3 it is a collective, so every rank must call it. ``master_shards(module)`` (ZeRO-3 only, else ``None``
     or unset) gives each rank's own fp32 master partition per parameter instead, without a collective (see
-    :mod:`mimscale.teachers.ema`). ``all_reduce_mean(t)`` averages ``t`` across
+    :mod:`mimscale.teachers.ema`). ``master_fragments(module)`` (ZeRO 1-2 and DeepSpeed's bf16 optimizer, whose
+    fp32 masters are partitioned across ranks; else ``None`` or unset) gives, per parameter, ``(name, start,
+    fp32 piece)``: this rank's elements ``[start, start + len)`` of the flattened master, without a collective.
+    ``all_reduce_mean(t)`` averages ``t`` across
     data-parallel ranks in place and returns it (identity on one rank).
 
     ``loss_scale``: the factor the engine multiplies the loss by before ``backward`` in this step's micro-batches
@@ -68,6 +71,7 @@ class StepContext:
     grad_accum: int = 1
     master_params: Callable[[nn.Module], Iterator[tuple[str, torch.Tensor]]] = _own_params
     master_shards: Callable[[nn.Module], list[tuple[str, torch.Tensor]] | None] | None = None
+    master_fragments: Callable[[nn.Module], list[tuple[str, int, torch.Tensor]] | None] | None = None
     all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] = _identity
     loss_scale: float = 1.0
 

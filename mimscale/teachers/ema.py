@@ -12,8 +12,12 @@ The update always reads the student's fp32 MASTER weights (the optimizer's copy 
 ``(1 - m) * delta`` never underflows bf16 and never reads a stale working copy. Parameters are matched by name;
 buffers (e.g. BatchNorm running statistics) are not averaged.
 
-* **ZeRO 0-2** (``ctx.master_shards`` is ``None``): ``ctx.master_params(student)`` gives full values; the teacher
-  is fp32 and replicated on every rank (the same update on the same values keeps the replicas equal).
+* **ZeRO 1-2 and DeepSpeed's bf16 optimizer** (``ctx.master_fragments(student)``: the fp32 masters are split
+  across ranks, each rank holds a contiguous piece of some parameters): the teacher is fp32 and replicated on
+  every rank; each rank averages the pieces it holds the masters of, then ONE all-gather of all ranks' updated
+  pieces brings every replica up to date (a constant number of collectives per update, not one per parameter).
+* **fp32 at ZeRO-0** (neither of the above): ``ctx.master_params(student)`` gives the full values locally; every
+  rank does the same update on the same values, which keeps the replicas equal (no collective).
 * **ZeRO-3** (``ctx.master_shards(student)`` gives each rank's own fp32 master partition, no collective): the
   teacher is **partitioned the same way** (rank r keeps elements ``[r*p, (r+1)*p)`` of each flattened, padded
   parameter, ``p = ceil(numel / world)``) and updated there with one fused ``torch._foreach_*`` call: no gather
@@ -88,6 +92,8 @@ class EMATeacher(nn.Module):
         self._shards: dict[str, _Shard] = {}  # ZeRO-3 only (after the first update): name -> partition
         self._hooks: list = []
         self.gathered_elements = 0  # elements all-gathered so far (ZeRO-3 forwards, persistent params)
+        self._plan_key: tuple | None = None  # ZeRO 1-2: every rank's fp32 pieces (see _update_fragments)
+        self._plan: list[list[tuple[int, int]]] = []
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.module(*args, **kwargs)
@@ -109,6 +115,10 @@ class EMATeacher(nn.Module):
             return self._update_shards(list(shards), momentum)
         if self._shards:
             raise RuntimeError("the EMA teacher is partitioned (ZeRO-3) but the step context gave full weights")
+        fragments_of = getattr(ctx, "master_fragments", None)
+        fragments = fragments_of(student) if fragments_of is not None else None
+        if fragments is not None:
+            return self._update_fragments(list(fragments), momentum)
         mine = dict(self.module.named_parameters())
         ts: list[torch.Tensor] = []
         vs: list[torch.Tensor] = []
@@ -135,6 +145,80 @@ class EMATeacher(nn.Module):
         else:  # one fused kernel per op over all tensors (same maths as mul/add)
             torch._foreach_mul_(ts, m)
             torch._foreach_add_(ts, vs, alpha=1.0 - m)
+
+    # ---------------------------------------------------- ZeRO 1-2: fp32 masters partitioned, the teacher replicated
+
+    def _update_fragments(self, fragments: list[tuple[str, int, torch.Tensor]], m: float) -> None:
+        """Each rank averages the pieces of the teacher whose fp32 masters it holds, then ONE all-gather (of
+        every rank's updated pieces, packed and padded to the longest) refreshes the rest: the same collective
+        count whatever the number of parameters, and each element is averaged exactly once."""
+        if m == 1.0:
+            return
+        mine = dict(self.module.named_parameters())
+        ts, vs, layout = [], [], []
+        for name, start, piece in fragments:
+            t = mine.get(name)
+            n = piece.numel()
+            if t is None or start < 0 or start + n > t.numel():
+                raise ValueError(f"EMA teacher has no parameter '{name}' holding elements [{start}, {start + n})")
+            layout.append((start, n))
+            if n:
+                ts.append(t.data.view(-1)[start : start + n])
+                vs.append(piece.to(device=t.device, dtype=torch.float32))
+        self._lerp(ts, vs, m)
+        _, world = self._world()
+        if world == 1:
+            return
+        import torch.distributed as tdist
+
+        names = [name for name, _, _ in fragments]
+        plan = self._fragment_plan(names, layout)
+        longest = max(sum(n for _, n in ranks) for ranks in plan)
+        device = next(iter(mine.values())).device
+        send = torch.zeros(longest, dtype=torch.float32, device=device)
+        if ts:
+            torch.cat(ts, out=send[: sum(t.numel() for t in ts)])
+        out = torch.empty(world, longest, dtype=torch.float32, device=device)
+        tdist.all_gather(list(out.unbind(0)), send)  # [world, longest]
+        rank, _ = self._world()
+        dst, src = [], []
+        for r, ranks in enumerate(plan):
+            if r == rank:
+                continue
+            offset = 0
+            for name, (start, n) in zip(names, ranks, strict=True):
+                if n:
+                    dst.append(mine[name].data.view(-1)[start : start + n])
+                    src.append(out[r, offset : offset + n])
+                    offset += n
+        if dst:
+            torch._foreach_copy_(dst, src)
+
+    def _fragment_plan(self, names: list[str], layout: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """Every rank's ``(start, n)`` per parameter: exchanged once (one all-gather at the first update, checked
+        to tile every parameter exactly), then reused while this rank's own layout stays the same."""
+        key = (tuple(names), tuple(layout))
+        if self._plan_key != key:
+            import torch.distributed as tdist
+
+            _, world = self._world()
+            device = next(self.module.parameters()).device
+            local = torch.tensor(layout, dtype=torch.long, device=device).reshape(len(layout), 2)
+            every = torch.empty(world, *local.shape, dtype=torch.long, device=device)
+            tdist.all_gather(list(every.unbind(0)), local)
+            plan = [[(int(a), int(b)) for a, b in rows] for rows in every.tolist()]
+            mine = dict(self.module.named_parameters())
+            for i, name in enumerate(names):
+                covered = sorted(ranks[i] for ranks in plan if ranks[i][1])
+                pos = 0
+                for start, n in covered:
+                    if start != pos:
+                        raise ValueError(f"EMA teacher: the ranks' fp32 pieces of '{name}' do not tile it")
+                    pos += n
+                if pos != mine[name].numel():
+                    raise ValueError(f"EMA teacher: the ranks' fp32 pieces of '{name}' do not tile it")
+            self._plan_key, self._plan = key, plan
+        return self._plan
 
     # ---------------------------------------------------------------- ZeRO-3: the teacher on this rank's partition
 

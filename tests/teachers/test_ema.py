@@ -165,6 +165,29 @@ def test_partitioned_path_on_one_rank_matches_the_full_path(pos):
 # ----------------------------------------------------------------------------- schedule (4.5 item 7)
 
 
+def test_fragment_path_on_one_rank_matches_the_full_path():
+    """``ctx.master_fragments`` (ZeRO 1-2): pieces of the flattened masters, here split at arbitrary points and
+    one empty; on one rank nothing is gathered and the result is the full path's."""
+    torch.manual_seed(0)
+    student = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7))
+    full, parts = EMATeacher(student), EMATeacher(student)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+
+    def pieces(m):
+        out = []
+        for n, p in m.named_parameters():
+            flat = p.detach().reshape(-1)
+            out += [(n, 0, flat[:3]), (n, 3, flat[3:3]), (n, 3, flat[3:])]
+        return out
+
+    full.update(StepContext(), student, 0.7)
+    parts.update(StepContext(master_fragments=pieces), student, 0.7)
+    for (n, a), (_, b) in zip(full.module.named_parameters(), parts.module.named_parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
 def test_cosine_schedule_endpoints_and_monotone():
     total = 1000
     ms = [cosine_to_one(i, total, 0.996) for i in range(total + 1)]
@@ -268,3 +291,34 @@ def test_zero3_two_ranks_teacher_follows_the_consolidated_student(tmp_path):
         assert rec["knn"] == rec["knn_zero0"] == recs[0]["knn"]
         assert rec["knn"]["eval/knn_bank"] == 2 * 24 and rec["knn"]["eval/knn_queries"] == 2 * 16
         assert rec["knn"]["eval/knn_top1"] > 25.0  # 4 classes: chance is 25 %
+
+
+@pytest.mark.slow
+def test_zero1_and_zero2_two_ranks_update_from_own_pieces_with_constant_collectives(tmp_path):
+    """torchrun, 2 CPU ranks, gloo, ConMIM at ZeRO-1 and ZeRO-2 (fp32 masters partitioned across ranks).
+
+    After every optimizer step each replica of the teacher equals the EMA of the FULL fp32 masters (read the old
+    way: one all-reduce per parameter, outside the count), and the update itself costs one all-gather per EMA
+    teacher (ConMIM has two: encoder and projector), plus one layout exchange per teacher at the first update,
+    for 60 trainable parameters: not one collective per parameter."""
+    from launch_utils import free_port, run
+
+    worker = Path(__file__).with_name("ema_zero12_worker.py")
+    run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker), str(tmp_path)],
+        timeout=300,
+    )
+    recs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for variant in ("zero1_fp32", "zero2_fp32"):
+        for rec in recs:
+            v = rec[variant]
+            assert v["fragments"], "the step context gave no fp32 pieces: the update took the per-parameter path"
+            assert v["trainable_params"] >= 50
+            rows = v["steps"]
+            assert len(rows) == 4 and all(r["momentum"] < 1.0 for r in rows)
+            for row in rows:
+                assert row["student_moved"] > 1e-4
+                assert row["max_err"] < 1e-6, row
+            assert rows[0]["collectives"] == {"all_gather": 4}  # layout exchange + update, per teacher
+            assert all(r["collectives"] == {"all_gather": 2} for r in rows[1:]), rows
+        assert [r["checksum"] for r in recs[0][variant]["steps"]] == [r["checksum"] for r in recs[1][variant]["steps"]]
