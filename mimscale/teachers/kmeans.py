@@ -28,6 +28,7 @@ Output file (``torch.save``, read back with ``weights_only=True``)::
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -45,23 +46,48 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, ConfigError
 
-__all__ = ["KMEANS_FORMAT", "KMeans", "KCLIPTokenizer", "assign", "kmeans_pp", "fit_streaming", "fit_kmeans_shards"]
+__all__ = [
+    "KMEANS_FORMAT",
+    "KMeans",
+    "KCLIPTokenizer",
+    "assign",
+    "full_fp32_matmul",
+    "kmeans_pp",
+    "fit_streaming",
+    "fit_kmeans_shards",
+]
 
 KMEANS_FORMAT = "mimscale-kmeans/1"
 log = logging.getLogger("mimscale.teachers")
 
 
+@contextlib.contextmanager
+def full_fp32_matmul() -> Iterator[None]:
+    """fp32 matmuls at full IEEE precision inside the block: no TF32 on CUDA (the Trainer turns it on with
+    ``train.tf32``), no reduced-precision fp32 on CPU. The process-wide setting is restored afterwards."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
+
+
 def assign(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centroid of each row: ``x [M, D]``, ``centroids [k, D]`` -> ``(codes int64 [M], sq. dist [M])``."""
+    """Nearest centroid of each row: ``x [M, D]``, ``centroids [k, D]`` -> ``(codes int64 [M], sq. dist [M])``.
+
+    Always in full fp32 (:func:`full_fp32_matmul`): codes assigned inside a TF32 training process equal the
+    offline ones (``add-targets``, ``fit-kmeans``) even at near-ties."""
     c = centroids.to(x.dtype)
     c2 = (c * c).sum(1)
     codes, dists = [], []
-    for i in range(0, x.shape[0], chunk):
-        xi = x[i : i + chunk]
-        score = xi @ c.T - 0.5 * c2  # argmax of x.c - |c|^2/2 = argmin |x - c|^2
-        best, idx = score.max(1)
-        codes.append(idx)
-        dists.append(((xi * xi).sum(1) - 2 * best).clamp_min(0))
+    with full_fp32_matmul():
+        for i in range(0, x.shape[0], chunk):
+            xi = x[i : i + chunk]
+            score = xi @ c.T - 0.5 * c2  # argmax of x.c - |c|^2/2 = argmin |x - c|^2
+            best, idx = score.max(1)
+            codes.append(idx)
+            dists.append(((xi * xi).sum(1) - 2 * best).clamp_min(0))
     if not codes:
         return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=x.dtype)
     return torch.cat(codes), torch.cat(dists)

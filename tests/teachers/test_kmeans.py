@@ -282,3 +282,36 @@ def test_cli_bad_device_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err == ["mimscale: error: --device 'tpu' is not a device (auto, cpu, cuda, cuda:N)"]
     assert not (tmp_path / "km.pt").exists()
+
+
+class _MatmulPrecision(torch.overrides.TorchFunctionMode):
+    """Records the fp32 matmul precision in effect at every matmul run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("matmul", "__matmul__", "mm", "addmm", "bmm"):
+            self.seen.append(torch.get_float32_matmul_precision())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("outside", ["high", "medium"])  # "high" = what train.tf32 (allow_tf32) turns on
+def test_code_assignment_runs_in_full_fp32_and_restores_the_setting(outside):
+    """k-CLIP codes are assigned with TF32 (and CPU reduced precision) off, whatever the process set, so codes
+    made inside a TF32 training run equal offline ones at near-ties; the caller's setting comes back after."""
+    _, _, x = _blobs(n=3000, k=8, dim=6)
+    km = KMeans(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+    want = km.assign(x)
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(outside)
+    try:
+        with _MatmulPrecision() as rec:
+            got = km.assign(x)
+            _, d = assign(x, km.centroids, chunk=1000)
+        assert rec.seen and set(rec.seen) == {"highest"}, rec.seen
+        assert torch.get_float32_matmul_precision() == outside
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert torch.equal(got, want) and d.shape == (3000,)
