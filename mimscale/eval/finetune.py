@@ -220,8 +220,8 @@ def evaluate(model: nn.Module, loader, device) -> tuple[float, int]:
     stats = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in loader:
         pred = model(batch["image"].to(device, non_blocking=True)).argmax(1)
-        valid = batch["valid"].to(device)
-        stats[0] += ((pred == batch["label"].to(device)) & valid).sum()
+        valid = batch["valid"].to(device, non_blocking=True)
+        stats[0] += ((pred == batch["label"].to(device, non_blocking=True)) & valid).sum()
         stats[1] += valid.sum()
     if tdist.is_initialized() and tdist.get_world_size() > 1:
         tdist.all_reduce(stats)

@@ -232,8 +232,9 @@ def linear_probe(
                 break
             if cfg.augment:
                 with torch.no_grad():
-                    feats = encoder.pool(encoder.forward_features(batch["image"].to(device)), cfg.pool).float()
-                labels = batch["label"].to(device)
+                    img = batch["image"].to(device, non_blocking=True)
+                    feats = encoder.pool(encoder.forward_features(img), cfg.pool).float()
+                labels = batch["label"].to(device, non_blocking=True)
             else:
                 feats, labels = batch
             for g in opt.param_groups:

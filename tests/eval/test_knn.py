@@ -184,3 +184,25 @@ def test_one_two_and_three_ranks_agree(tmp_path, fmnist_small):
         assert (recs[0]["real"]["eval/knn_bank"], recs[0]["real"]["eval/knn_queries"]) == (2048, 512)
         rows = [rec["real_bank_rows"] for rec in recs]
         assert sum(rows) == 2048 and max(rows) <= 2048 // world + 256, rows  # ~1/world each (256-sample shards)
+
+
+def test_extract_features_drops_padding_once_per_pass():
+    """Padding rows (``valid`` False, the eval loader's fill of the last batch) are dropped, in order, and
+    batches without ``valid`` keep every row."""
+    from mimscale.eval.knn import extract_features
+    from mimscale.models.vit import build_vit
+
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", img_size=16, patch_size=4, depth=1)
+    imgs = torch.randn(7, 3, 16, 16)
+    batches = [
+        {"image": imgs[:3], "label": torch.tensor([0, 1, 2])},
+        {"image": imgs[3:], "label": torch.tensor([3, 4, 5, 6]), "valid": torch.tensor([True, False, True, False])},
+    ]
+    f, y = extract_features(enc, batches, torch.device("cpu"))
+    assert y.tolist() == [0, 1, 2, 3, 5]
+    with torch.no_grad():
+        want = enc.pool(enc.forward_features(imgs[[0, 1, 2, 3, 5]]), "cls").float()
+    torch.testing.assert_close(f, want, rtol=1e-5, atol=1e-6)
+    f0, y0 = extract_features(enc, [], torch.device("cpu"))
+    assert f0.shape == (0, enc.embed_dim) and y0.shape == (0,)
