@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import test_contract as contract
+import test_device_strict as device_strict
+import torch
 from launch_utils import REPO, run, tiny_overrides
 
 TEMPLATE = REPO / "docs" / "objectives" / "template.py"
@@ -50,6 +52,13 @@ def template(tmp_path, monkeypatch):
 )
 def test_template_passes_the_contract(template, check):
     check(template)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_template_is_device_strict(template, dtype):
+    """The template's step runs on the meta device (tests/objectives/test_device_strict.py): what users copy
+    has no CPU tensor, host sync or blocking copy in its step."""
+    device_strict.test_step_runs_on_the_meta_device((template, {}), dtype)
 
 
 def test_template_is_listed_and_its_ranges_checked(template, capsys):
