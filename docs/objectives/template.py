@@ -1,8 +1,10 @@
 """A complete objective to copy: masked-patch pixel regression with the encoder seeing mask tokens.
 
 This file is the template the README's "Adding an objective" points to, and it is tested
-(tests/objectives/test_template.py registers it as a plugin, runs the whole contract test on it and trains
-it for a few steps through ``python -m mimscale.train``). Copy it into your own package, rename it, and
+(tests/objectives/test_template.py registers it as a plugin, runs the whole contract test and the
+device-strict test on it and trains it for a few steps through ``python -m mimscale.train``). The step must
+run on any device without host synchronisation: make tensors with ``device=``, take shapes from the config,
+not the data (no ``nonzero`` / boolean-mask indexing / ``.item()``), see docs/testing.md. Copy it into your own package, rename it, and
 register it in your ``pyproject.toml``::
 
     [project.entry-points."mimscale.objectives"]
