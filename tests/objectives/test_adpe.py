@@ -628,4 +628,5 @@ def test_learns_on_fashion_mnist_through_the_real_train_path(fmnist_small, tmp_p
 
     rows = [r for r in read_jsonl(rd / "metrics.jsonl") if "train/adv_delta_norm" in r]
     assert rows and rows[-1]["train/adv_delta_norm"] > 0.05  # the adversary moved
-    assert s["knn_top1_final"] > s["knn_top1_init"] + 2.0, s
+    # measured +5.3; +4.0 is clear of what any short training moves kNN (DTM with an untrained teacher: +2.7)
+    assert s["knn_top1_final"] > s["knn_top1_init"] + 4.0, s

@@ -610,4 +610,5 @@ def test_learns_from_kclip_codes_on_fashion_mnist(fmnist_small, tiny_clip, tmp_p
     s = json.loads((rd / "summary.json").read_text())
     assert s["objective"] == "mapet" and s["steps"] == 96
     assert s["final_loss"] < 0.8 * np.log(64), s  # below the uniform guess over 64 codes
-    assert s["knn_top1_final"] > s["knn_top1_init"] + 2.0, s  # measured: 63.5% -> 67.4%
+    # measured: 63.5% -> 67.4% (+3.9); above the +2.7 DTM gets from an untrained teacher (a thin margin)
+    assert s["knn_top1_final"] > s["knn_top1_init"] + 3.0, s
