@@ -12,6 +12,7 @@ from pathlib import Path
 from .bench import bench_section
 from .data import Run
 from .league import League, Member, budget_text, pm
+from .recon import recon_section
 from .svg import Series, dot_chart, line_chart, run_style
 
 DASH = "—"
@@ -346,7 +347,7 @@ def render(
 </div>
 <h2>Curves</h2>
 {_plots(runs, target)}
-{bench_section(bench) if bench else ""}<h2>Notes</h2>
+{recon_section(runs)}{bench_section(bench) if bench else ""}<h2>Notes</h2>
 <dl class="notes">{notes}</dl>
 <h2>Run directories</h2>
 <ul class="paths">{paths}</ul>
