@@ -50,7 +50,7 @@ def _options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     )
     p.add_argument("--test", metavar="TEST_SHARDS", help="labelled test shard directory", **d)
     p.add_argument("--arch", help="with a .safetensors SOURCE: expected arch (checked)", **d)
-    p.add_argument("--img-size", type=int, help="expected image size (checked)", **d)
+    p.add_argument("--img-size", type=int, help="evaluate at this image size (position embeddings resampled)", **d)
     p.add_argument("--patch-size", type=int, help="expected patch size (checked)", **d)
     p.add_argument("--in-chans", type=int, help="expected input channels (checked)", **d)
     p.add_argument("--recipe", help="finetune: recipe name or YAML (default: by arch)", **d)
@@ -120,6 +120,7 @@ def run(args) -> int:
     d = dist.detect()
     dist.export(d)
     torch.set_num_threads(dist.configure_threads(d))
+    dist.bind_device(d)  # this rank's GPU current (and LOCAL_RANK its ordinal) before accelerate picks a device
     acc = Accelerator(
         cpu=dist.accelerator_name() == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True)
     )

@@ -11,6 +11,7 @@ Any missing, corrupt or mismatching file raises :class:`~mimscale.errors.Checkpo
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from ..models.vit import ARCHS, VisionTransformer, build_vit
 
 ENCODER_FILE = "encoder.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+log = logging.getLogger("mimscale.eval")
 
 
 @dataclass
@@ -123,7 +125,20 @@ def load_source(
     state = {k: v for k, v in w.encoder.items() if not k.startswith(("head.", "fc_norm."))}
     geo = infer_geometry(state, weights)
     model_cfg = cfg.get("model") or {}
-    for key, given in (("arch", arch), ("img_size", img_size), ("patch_size", patch_size), ("in_chans", in_chans)):
+    trained_at = geo["img_size"]
+    if model_cfg.get("img_size") not in (None, trained_at):
+        raise CheckpointError(
+            f"{weights} holds a {geo['arch']} with img_size={trained_at}, but its run's config says "
+            f"img_size={model_cfg['img_size']}"
+        )
+    if img_size is not None and img_size != trained_at:  # evaluate at another resolution: pos-embed resampled
+        if img_size % geo["patch_size"]:
+            raise CheckpointError(f"--img-size {img_size} is not a multiple of the patch size {geo['patch_size']}")
+        geo["img_size"] = img_size
+        log.info(
+            "evaluating at %d px; %s was trained at %d px: position embeddings resampled", img_size, weights, trained_at
+        )
+    for key, given in (("arch", arch), ("patch_size", patch_size), ("in_chans", in_chans)):
         want = given if given is not None else model_cfg.get(key)
         if want is not None and want != geo[key]:
             raise CheckpointError(

@@ -123,3 +123,18 @@ def test_relative_position_export_is_read_back_with_its_geometry(tmp_path):
     clf = build_classifier(src, classes=10, drop_path=0.0, head_init_std=2e-5)  # fine-tuning reads it too
     assert torch.equal(clf.rel_pos_bias.relative_position_bias_table, m.rel_pos_bias.relative_position_bias_table)
     assert torch.equal(clf.blocks[2].ls2.gamma, m.blocks[2].ls2.gamma)
+
+
+def test_another_img_size_resamples_the_position_embedding(tmp_path):
+    from timm.layers import resample_abs_pos_embed
+
+    enc = _export(tmp_path / "l.safetensors", pos_embed="learned")
+    with torch.no_grad():
+        enc.pos_embed.normal_()
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(tmp_path / "l.safetensors"))
+    s = load_source(tmp_path / "l.safetensors", img_size=32)  # trained at 16 px: 4x4 -> 8x8 patches
+    assert s.img_size == 32 and s.encoder(torch.randn(1, 3, 32, 32)).shape == (1, 64)
+    want = resample_abs_pos_embed(enc.pos_embed.detach(), [8, 8], num_prefix_tokens=1)
+    assert torch.allclose(s.encoder.pos_embed, want, atol=1e-6)
+    with pytest.raises(CheckpointError, match="not a multiple of the patch size 4"):
+        load_source(tmp_path / "l.safetensors", img_size=30)
