@@ -49,6 +49,7 @@ def _group_signal(cmd: list[str], rd, at_step: int, sig: int) -> tuple[int, str]
 
 
 @pytest.mark.slow
+@pytest.mark.allow_slow("4 launched runs: reference, Ctrl-C, SIGTERM, the finishing resume", limit_s=120)
 def test_ctrl_c_and_sigterm_to_the_process_group_save_and_resume_bitwise(fmnist_small, tmp_path):
     workers = ["data.num_workers=2", "train.save_every=0"]  # no periodic saves: the signal's save is the only one
     ref = tmp_path / "ref"
