@@ -184,6 +184,36 @@ def accelerator_name(cuda_available: bool | None = None) -> str:
     return "cuda" if cuda_available else "cpu"
 
 
+def device_ordinal(local_rank: int, device_count: int) -> int:
+    """The GPU ordinal of a rank: ``local_rank % device_count``. One rule for both ways clusters bind GPUs:
+    every task sees all of the node's GPUs (``--gpus-per-node``: ordinal = local rank), or each task sees only
+    its own (``--gpus-per-task`` / ``--gpu-bind`` / cgroups: ``device_count`` 1, ordinal 0)."""
+    if device_count < 1:
+        raise LaunchError("CUDA is available but reports no devices (check CUDA_VISIBLE_DEVICES)")
+    return local_rank % device_count
+
+
+def bind_device(d: DistEnv, accelerator: str | None = None, env: MutableMapping[str, str] | None = None):
+    """This rank's device, made current BEFORE any process group or engine exists; every entry point calls it.
+
+    On CUDA: ``torch.cuda.set_device(device_ordinal(...))``, and where the ordinal differs from the local rank
+    (one GPU visible per task) ``LOCAL_RANK`` is exported as the ordinal: DeepSpeed (engine, ``zero.Init``,
+    the NCCL ``device_id``) and accelerate read ``LOCAL_RANK`` as the device ordinal and would otherwise ask
+    for a device the task cannot see ("invalid device ordinal"). Returns ``torch.device("cuda", ordinal)``, or
+    ``torch.device("cpu")`` on CPU nodes."""
+    import torch
+
+    env = os.environ if env is None else env
+    accelerator = accelerator or accelerator_name()
+    if accelerator != "cuda":
+        return torch.device("cpu")
+    ordinal = device_ordinal(d.local_rank, torch.cuda.device_count())
+    torch.cuda.set_device(ordinal)
+    if ordinal != d.local_rank:
+        env["LOCAL_RANK"] = str(ordinal)
+    return torch.device("cuda", ordinal)
+
+
 def configure_threads(d: DistEnv, cpus: int | None = None, env: MutableMapping[str, str] | None = None) -> int:
     """Keep ranks x OpenMP threads <= cores on a node unless the user set OMP_NUM_THREADS."""
     env = os.environ if env is None else env

@@ -27,6 +27,8 @@
 ##SBATCH --partition=gpu
 ##SBATCH --account=my-project
 #
+# GPU binding as in slurm/pretrain.sh: every task sees the node's GPUs (--gpus-per-node, GPU = local rank) or
+#   only its own (--gpus-per-task=1 / --gpu-bind=single:1: GPU 0); mimscale.dist.bind_device handles both.
 # --signal=B:USR1@600: the warning goes to this batch shell, which forwards it to `mimscale compare`, which
 #   forwards it to the running step. --output=%x-%A_%a.out: one log per member (array job id _ task id).
 

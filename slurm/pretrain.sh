@@ -34,6 +34,12 @@
 #
 # --ntasks-per-node=8 / --gpus-per-node=8: one rank per A100; every rank sees the node's GPUs and picks
 #   its own by local rank. --cpus-per-task: the node's cores / 8 (its data loader workers run inside).
+# GPU binding, either style works (mimscale.dist.bind_device: GPU ordinal = local rank % visible GPUs):
+#   all GPUs visible to every task (the default above): rank with local rank r uses GPU r;
+#   one GPU per task: replace --gpus-per-node=8 with --gpus-per-task=1 (or keep it and add
+#   --gpu-bind=single:1 / cgroup ConstrainDevices): each task sees one GPU, ordinal 0, and LOCAL_RANK is
+#   re-exported as 0 for DeepSpeed. Do not mix: with --gpus-per-task, --gpu-bind=none shows every task all
+#   GPUs again (then ordinal = local rank, as above).
 # --mem=0 --exclusive: whole nodes. --time: at most your partition's limit; longer runs requeue.
 # --signal=B:USR1@600: the warning goes to this batch shell 600 s before the limit (a ZeRO-3 save of a
 #   ViT-H takes minutes; SLURM may also deliver it up to a minute early).

@@ -32,6 +32,10 @@
 ##SBATCH --account=my-project
 #
 # --ntasks-per-node=8 / --gpus-per-node=8: 8 ranks per node, one per A100 (the launcher assigns them).
+# GPU binding: the deepspeed launcher starts every rank of a node itself and sets CUDA_VISIBLE_DEVICES to all
+#   of the node's GPUs, so each rank sees them all and uses GPU = local rank (mimscale.dist.bind_device:
+#   local rank % visible GPUs). One-GPU-per-task binding (--gpus-per-task=1, --gpu-bind=single:1) is for
+#   srun-started ranks: use slurm/pretrain.sh for that.
 # --cpus-per-task: the node's cores / 8. --mem=0 --exclusive: whole nodes. --time: at most your partition's
 # limit; longer runs requeue. --signal=B:USR1@600: the warning goes to this batch shell 600 s before the
 # limit. --requeue --open-mode=append: the requeued job keeps its id and appends to the same log.

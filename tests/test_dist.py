@@ -333,3 +333,196 @@ def test_accelerator_name():
     import torch
 
     assert dist.accelerator_name() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ----------------------------------------------------------------------------- the device each rank binds
+
+
+def test_device_ordinal_covers_both_binding_styles():
+    assert dist.device_ordinal(3, 8) == 3  # every task sees the node's 8 GPUs (--gpus-per-node)
+    assert dist.device_ordinal(3, 1) == 0  # each task sees only its own (--gpus-per-task / --gpu-bind / cgroups)
+    assert dist.device_ordinal(5, 4) == 1
+    with pytest.raises(LaunchError, match="no devices"):
+        dist.device_ordinal(0, 0)
+
+
+class FakeGPUs:
+    """``torch.cuda`` on a CPU box: ``n`` visible devices; records ``set_device``."""
+
+    def __init__(self, monkeypatch, n: int):
+        import torch
+
+        self.current: list[int] = []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda dev: self.current.append(_ordinal(dev)))
+
+
+def _ordinal(dev) -> int:
+    import torch
+
+    return dev if isinstance(dev, int) else torch.device(dev).index
+
+
+@pytest.mark.parametrize(("visible", "ordinal", "local_rank_env"), [(4, 3, None), (1, 0, "0")])
+def test_bind_device_on_cuda(monkeypatch, visible, ordinal, local_rank_env):
+    import torch
+
+    gpus = FakeGPUs(monkeypatch, visible)
+    d = DistEnv(7, 8, 3, 4, "127.0.0.1", 29500, "slurm")
+    env: dict = {}
+    assert dist.bind_device(d, env=env) == torch.device("cuda", ordinal)
+    assert gpus.current == [ordinal]
+    assert env.get("LOCAL_RANK") == local_rank_env  # DeepSpeed / accelerate read LOCAL_RANK as the ordinal
+
+
+def test_bind_device_on_cpu_touches_nothing(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: pytest.fail("set_device on a CPU node"))
+    env: dict = {}
+    assert dist.bind_device(DistEnv(1, 2, 1, 2, "h", 1, "env"), "cpu", env=env) == torch.device("cpu")
+    assert env == {}
+
+
+# ----------------------------------------------------------------------------- every entry point asks for CUDA
+
+
+class _Reached(Exception):
+    """Raised where an entry point hands its accelerator to DeepSpeed / accelerate (nothing is built)."""
+
+
+@pytest.fixture
+def cuda_node(monkeypatch, clean_env):
+    """A node where PyTorch sees ONE GPU per task (``--gpus-per-task``), launched as local rank 1 of 2, with no
+    DeepSpeed accelerator pinned: whatever an entry point hands DeepSpeed / accelerate must then be CUDA, on
+    ordinal 0. TF32 switches and the process environment are restored afterwards."""
+    import torch
+
+    saved_env, threads = dict(os.environ), torch.get_num_threads()
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    for k, v in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    gpus = FakeGPUs(monkeypatch, 1)
+    yield gpus
+    os.environ.clear()
+    os.environ.update(saved_env)
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_num_threads(threads)
+
+
+def _engine_request(monkeypatch):
+    """Replace ``engine.deepspeed.initialize`` by a probe: records the accelerator asked for and the environment
+    DeepSpeed would start in, then stops the entry point."""
+    from mimscale.engine import deepspeed as ds
+
+    seen: dict = {}
+
+    def probe(objective, cfg, derived, accelerator, *a, **k):
+        seen.update(
+            accelerator=accelerator, ds_env=os.environ.get("DS_ACCELERATOR"), local_rank=os.environ["LOCAL_RANK"]
+        )
+        raise _Reached
+
+    monkeypatch.setattr(ds, "initialize", probe)
+    return seen
+
+
+def _assert_cuda(seen: dict, gpus: FakeGPUs) -> None:
+    import torch
+
+    assert seen["accelerator"] == "cuda"
+    assert seen["ds_env"] in (None, "cuda"), "DeepSpeed would be pinned to the CPU"
+    assert seen["local_rank"] == "0" and gpus.current == [0]  # bound before DeepSpeed starts
+    assert torch.backends.cuda.matmul.allow_tf32  # the recipe's train.tf32 (default true), as in training
+
+
+def test_pretrain_trainer_asks_deepspeed_for_the_gpu(cuda_node, monkeypatch, tmp_path, fmnist_small):
+    from mimscale import config as C
+    from mimscale.pretrain import trainer
+
+    seen = _engine_request(monkeypatch)
+    cfg = C.load(
+        None,
+        [
+            "model.arch=vit_micro",
+            "model.img_size=16",
+            "model.patch_size=4",
+            f"data.train={fmnist_small['train']}",
+            f"train.run_dir={tmp_path}",
+            "train.batch_size=16",
+            "train.micro_batch_size=8",
+            "log.wandb=disabled",
+        ],
+    )
+    with pytest.raises(_Reached):
+        trainer(cfg)
+    _assert_cuda(seen, cuda_node)
+
+
+def test_bench_throughput_asks_deepspeed_for_the_gpu_with_training_backends(cuda_node, monkeypatch):
+    import torch
+
+    from mimscale.bench.throughput import ThroughputConfig, measure
+
+    seen = _engine_request(monkeypatch)
+    torch.backends.cuda.matmul.allow_tf32 = False  # measure() must set it the way training does
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    with pytest.raises(_Reached):
+        measure(ThroughputConfig(arch="vit_micro", img=16, patch=4, micro_batch=2, steps=1, warmup=0))
+    assert seen["accelerator"] == "cuda" and seen["ds_env"] in (None, "cuda") and cuda_node.current == [0]
+    assert torch.backends.cuda.matmul.allow_tf32
+
+
+def test_eval_asks_accelerate_for_the_gpu(cuda_node, monkeypatch, tmp_path, fmnist_small):
+    import accelerate
+    import torch
+    from safetensors.torch import save_file
+
+    from mimscale.cli import main
+    from mimscale.models.vit import build_vit
+
+    enc = build_vit("vit_micro", 16, 4)
+    weights = tmp_path / "enc.safetensors"
+    save_file({k: v.contiguous() for k, v in enc.export_state_dict(enc.state_dict()).items()}, str(weights))
+    seen: dict = {}
+
+    def probe(*a, cpu=False, **k):
+        seen.update(cpu=cpu, local_rank=os.environ["LOCAL_RANK"])
+        raise _Reached
+
+    monkeypatch.setattr(accelerate, "Accelerator", probe)
+    with pytest.raises(_Reached):
+        main(["eval", "knn", str(weights), "--data", str(fmnist_small["train"]), "--test", str(fmnist_small["train"])])
+    assert seen == {"cpu": False, "local_rank": "0"} and cuda_node.current == [0]
+    assert torch.cuda.is_available()
+
+
+def test_teacher_tools_bind_the_same_gpu(cuda_node):
+    import torch
+
+    from mimscale.teachers.launch import resolve_device
+
+    assert resolve_device("auto", local_rank=1) == torch.device("cuda", 0) and cuda_node.current == [0]
+
+
+def test_benchmark_launchers_do_not_pin_the_cpu_on_a_gpu_node(cuda_node, monkeypatch):
+    import importlib.util
+
+    from launch_utils import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+
+    spec = importlib.util.spec_from_file_location("loop_overhead", REPO / "benchmarks" / "loop_overhead.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    acc = mod.resolve_accelerator("auto")
+    assert acc == "cuda"
+    os.environ["DS_ACCELERATOR"] = "cpu"  # even a pin left in the caller's environment
+    assert mod._env(acc).get("DS_ACCELERATOR") != "cpu"

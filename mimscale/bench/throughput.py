@@ -274,6 +274,7 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
     from .. import config as C
     from .. import dist
     from ..engine import deepspeed as ds
+    from ..engine.build import configure_backends
     from ..telemetry.memory import memory_stats, reset_peak
     from ..telemetry.mfu import mfu, peak_flops_for
 
@@ -289,6 +290,8 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
     dist.nccl_env_defaults()
     torch.set_num_threads(dist.configure_threads(d))
     accelerator = dist.accelerator_name()
+    dist.bind_device(d, accelerator)  # as the Trainer: this rank's GPU is current before DeepSpeed starts
+    configure_backends(cfg, accelerator)  # TF32 as in training (train.tf32), so bench and training time the same maths
     if accelerator == "cpu" and d.world_size == 1:
         ds.skip_shm_comm_build()  # a shared-memory allreduce JIT build (~30 s, file-locked): nothing to reduce
     derived = C.derive(cfg, d.world_size, samples_per_epoch=cfg.train.batch_size * 10**6)

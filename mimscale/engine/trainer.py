@@ -62,6 +62,7 @@ class Trainer:
         dist.nccl_env_defaults()
         torch.set_num_threads(dist.configure_threads(d))
         accelerator = dist.accelerator_name()
+        dist.bind_device(d, accelerator)  # before any process group or engine: DeepSpeed uses the current device
         configure_backends(cfg, accelerator)
         self.derived = C.derive(cfg, d.world_size, task.samples_per_epoch())
         self.run_dir = Path(self.derived.run_dir)
@@ -81,6 +82,9 @@ class Trainer:
             self.module, cfg, self.derived, accelerator, load_universal=universal, groups=task.param_groups(self.module)
         )
         self.device = torch.device(self.engine.device)
+        # identical initial weights above; from here each rank draws its own stream (drop-path masks and any other
+        # randomness drawn in the step), on the CPU and every CUDA device; a resumed run restores it below
+        torch.manual_seed(rank_seed(t.seed, d.rank))
         self.loader = task.loader(self.module, self.derived, d, accelerator)
         shapes = ckpt.param_shapes(self.module)
         self.saver = ckpt.Checkpointer(
@@ -408,6 +412,11 @@ class Trainer:
 
     def _steps_run(self) -> int:
         return self.state.step - self._start_step + self.state.nonfinite_total
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of ``rank``'s random stream after initialisation (rank 0 keeps ``seed``; distinct per rank)."""
+    return (seed + 1_000_003 * rank) % 2**63
 
 
 class _Window:

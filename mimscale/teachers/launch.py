@@ -29,7 +29,8 @@ def resolve_device(device: str | None, local_rank: int = 0) -> torch.device:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {device} asked for CUDA, but no CUDA device is available here")
-        dev = torch.device("cuda", local_rank % torch.cuda.device_count() if dev.index is None else dev.index)
+        if dev.index is None:  # this rank's GPU, by the rule every entry point uses (dist.bind_device)
+            dev = torch.device("cuda", dist.device_ordinal(local_rank, torch.cuda.device_count()))
         torch.cuda.set_device(dev)
     elif dev.type != "cpu":
         raise ConfigError(f"--device {device!r}: only cpu and cuda are supported")
