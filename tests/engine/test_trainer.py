@@ -278,6 +278,105 @@ def test_minute_triggers_follow_a_fake_clock(fmnist_small, tmp_path, dist_single
     assert saved == ["step_00000003", "step_00000006"]  # 3 minutes >= 2.5 since the start; then the end
 
 
+# ----------------------------------------------------------------------------- what a step costs, every objective
+
+STEP_COSTS = Path(__file__).with_name("step_costs_worker.py")
+COST_STAGES = (1, 3)
+
+
+@pytest.fixture(scope="module")
+def step_costs(fmnist_small, tmp_path_factory) -> dict:
+    """ONE 2-rank launch: every objective x ZeRO-1 and ZeRO-3 through the real Trainer, 3 steps of 2 micro-batches
+    each, counted by ``step_costs_worker.py`` (collectives, host syncs, synchronize calls)."""
+    from mimscale.objectives import available
+
+    root = tmp_path_factory.mktemp("costs")
+    kv = {
+        "model.arch": "vit_micro",
+        "model.img_size": 16,
+        "model.patch_size": 4,
+        "data.train": str(fmnist_small["train"]),
+        "data.num_workers": 0,
+        "data.shuffle_buffer": 64,
+        "train.precision": "fp32",
+        "train.batch_size": 32,
+        "train.micro_batch_size": 8,  # 2 ranks x 8 x 2 micro-batches: gradient accumulation is on
+        "train.max_steps": 3,
+        "train.log_every": 2,
+        "train.save_every": 0,
+        "optim.warmup_epochs": 0.01,
+        "eval.knn_train": "null",
+        "eval.knn_test": "null",
+        "log.wandb": "disabled",
+    }
+    out = root / "costs.json"
+    launch = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
+    stages = ",".join(map(str, COST_STAGES))
+    run(
+        [*launch, str(STEP_COSTS), str(out), stages, str(root), *[f"{k}={v}" for k, v in kv.items()]],
+        timeout=120 + 40 * len(available()),
+    )
+    return json.loads(out.read_text())
+
+
+def step_cost_problems(rec: dict, stage: int) -> list[str]:
+    """Everything in one objective's counts that breaks the step's budget (empty: within it).
+
+    Budget per optimizer step, for mimscale's own code: the flags' one all_reduce and one ``tolist`` per
+    micro-batch (one per step plus the documented one per accumulated micro-batch), at ZeRO-3 the EMA teacher's
+    forward gathers (a fixed number per forward); nothing else: no ``nonzero``, boolean-mask indexing,
+    ``.item()``, host copy. Nobody (DeepSpeed included) calls ``synchronize()``. A hook call (EMA update) issues
+    at most 2 collectives, however many parameters the teacher has (the first step's calls: 4, and the EMA
+    teacher's one-time layout read, at ZeRO 1-2)."""
+    if "error" in rec:
+        return [rec["error"]]
+    gas, bad = rec["grad_accum"], []
+    allowed = {
+        "collective:all_reduce": ("mimscale.engine.flags", gas),
+        "host_copy:tolist": ("mimscale.engine.flags", gas),
+    }
+    for i, counts in enumerate(rec["steps"]):
+        for key, n in counts.items():
+            _, own, event = key.split("|")
+            if event.startswith("synchronize"):
+                bad.append(f"step {i}: {n} x {event} from {own}")
+            elif not own.startswith("mimscale."):
+                continue  # DeepSpeed's own gradient collectives and bookkeeping are the training's
+            else:
+                budgeted = event in allowed and allowed[event] == (own, n)
+                teacher_gather = stage == 3 and own == "mimscale.teachers.ema" and event == "collective:all_gather"
+                if not (budgeted or teacher_gather):
+                    bad.append(f"step {i}: {n} x {event} from {own}")
+    for i, counts in enumerate(rec["hooks"]):
+        setup = i < 2  # the first step's before_step / after_optimizer_step: one-time layout exchanges
+        coll = sum(n for k, n in counts.items() if k.split("|")[2].startswith("collective:"))
+        if coll > (4 if setup else 2):
+            bad.append(f"hook call {i}: {coll} collectives ({rec['trainable_params']} trainable params)")
+        for key, n in counts.items():
+            _, own, event = key.split("|")
+            once = setup and own == "mimscale.teachers.ema" and event == "host_copy:tolist"
+            if event.startswith("synchronize") or (
+                own.startswith("mimscale.") and not event.startswith("collective") and not once
+            ):
+                bad.append(f"hook call {i}: {n} x {event} from {own}")
+    return sorted(set(bad))
+
+
+def _objective_names() -> list[str]:
+    from mimscale.objectives import available
+
+    return sorted(available())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", COST_STAGES)
+@pytest.mark.parametrize("name", _objective_names())
+def test_step_syncs_and_collectives_within_budget_every_objective(step_costs, name, stage):
+    rec = step_costs[str(stage)][name]
+    assert "error" in rec or len(rec["steps"]) >= 3
+    assert step_cost_problems(rec, stage) == []
+
+
 def test_schedule_by_time_ends_at_the_budget_whatever_the_speed(fmnist_small, tmp_path, dist_single):
     """train.schedule_by_time: the step rate changes mid-run (30 s, then 90 s of fake time per step) and the
     configured epochs would last far longer; the lr schedule is re-planned from the measured progress and
@@ -323,3 +422,77 @@ def test_schedule_by_time_ends_at_the_budget_whatever_the_speed(fmnist_small, tm
         assert lrs[k + 1] == pytest.approx(warmup_cosine(k, total, 0, dv.lr, 1e-6)), k
     assert lrs[11] == pytest.approx(1e-6)  # step 10 starts at 600 s: the schedule is at its end
     assert lrs[2] > 0.99 * dv.lr and lrs[9] < 0.2 * dv.lr  # not the cap's schedule (that would still be at peak)
+    page = (rd / "report.html").read_text()  # the loop's own report, static now that the run has finished
+    assert "http-equiv" not in page and "<title>mimscale report — 1 run</title>" in page
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", COST_STAGES)
+def test_ranks_start_identical_and_draw_their_own_drop_path(step_costs, stage):
+    """Every rank builds the same initial weights (one seed), then draws its own stream: the drop-path keep
+    masks two ranks draw on the device right after the Trainer is built differ (2 ranks, every objective)."""
+    for name, rec in step_costs[str(stage)].items():
+        assert "error" not in rec, rec["error"]
+        r0, r1 = rec["ranks"]
+        if stage != 3:  # (ZeRO-3 partitions the weights: each rank holds a different slice)
+            assert r0["init"] == r1["init"], name
+        assert r0["drop_path_keep"] != r1["drop_path_keep"], name
+
+
+def _costs_worker():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_costs_worker", STEP_COSTS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_cost_counter_sees_device_syncs_and_spares_host_data():
+    """The counter itself (in-process): nonzero, boolean-mask indexing, .item() and tolist on what would be device
+    tensors are counted; reads of CPU-generator draws are not; nothing is counted outside a watched window."""
+    w = _costs_worker()
+    counts = w.Counts()
+    log: list[dict] = []
+    x = torch.randn(8)
+
+    def step():
+        x.nonzero()
+        x[x > 0]
+        float(x.sum())
+        x.tolist()
+        int(torch.randint(0, 5, (), generator=torch.Generator().manual_seed(0)))  # host data: not a sync
+
+    real_tolist = torch.Tensor.tolist
+    try:
+        counts.wrap(torch.Tensor, "tolist", "host_copy:tolist")
+        counts.watch("step", step, log)()
+        step()  # outside the window: not counted
+    finally:
+        torch.Tensor.tolist = real_tolist
+    got = {k.split("|", 2)[2]: n for k, n in log[0].items()}
+    assert got == {"nonzero": 1, "bool_mask_index": 1, "_local_scalar_dense": 1, "host_copy:tolist": 1}, got
+    assert len(log) == 1
+
+
+def test_step_cost_budget_flags_what_it_must():
+    clean = {
+        "grad_accum": 2,
+        "trainable_params": 60,
+        "steps": [
+            {"step|mimscale.engine.flags|collective:all_reduce": 2, "step|mimscale.engine.flags|host_copy:tolist": 2}
+        ],
+        "hooks": [{}, {"hooks|mimscale.teachers.ema|collective:all_gather": 2}],
+    }
+    assert step_cost_problems(clean, 1) == []
+    planted = [
+        ("steps", "step|deepspeed.runtime.engine|synchronize:deepspeed_accelerator"),
+        ("steps", "step|mimscale.objectives.conmim|nonzero"),
+        ("steps", "step|mimscale.engine.flags|collective:all_reduce"),  # a third flags reduction
+        ("hooks", "hooks|mimscale.engine.deepspeed|collective:all_reduce"),
+    ]
+    for where, key in planted:
+        rec = json.loads(json.dumps(clean))
+        target = rec[where][-1]
+        target[key] = target.get(key, 0) + (60 if where == "hooks" else 1)
+        assert step_cost_problems(rec, 1), key
