@@ -42,10 +42,8 @@ for arg in "$@"; do
 done
 
 if [ "$MODE" = gpu ]; then
-  if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-    echo "gpu.sh: error: no CUDA device visible to PyTorch (torch.cuda.is_available() is False): run it on an A100/H100 node, or pass --cpu-smoke" >&2
-    exit 3
-  fi
+  # usable CUDA, or one line: no GPU at all, or GPUs nvidia-smi lists that torch cannot use (e.g. an old driver)
+  "$PY" benchmarks/cuda_check.py gpu.sh || exit 3
   MODELS="${GPU_SH_MODELS:-mae_vit_l16:128:1,3:0,1 mae_vit_h14:64:1:0,1}"
   ZERO="${GPU_SH_ZERO:-1 3}"; CKPT="${GPU_SH_CKPT:-0 1}"
   STEPS="${GPU_SH_STEPS:-20}"; WARMUP="${GPU_SH_WARMUP:-5}"

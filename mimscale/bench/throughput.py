@@ -35,6 +35,7 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
+import logging
 import os
 import platform
 import statistics
@@ -207,14 +208,23 @@ def counted_flops_per_sample(cfg, batch: dict) -> float:
     return count_train_flops(meta, batch) / int(batch["image"].shape[0])
 
 
-def gpu_plan_key(name: str, total_memory_gb: float) -> str:
-    """``torch.cuda`` device name + capacity -> a ``mimscale bench plan --gpu`` key."""
+def gpu_plan_key(name: str, total_memory_gb: float) -> str | None:
+    """``torch.cuda`` device name + capacity -> a ``mimscale bench plan --gpu`` key; None (with a warning) for a
+    GPU the planner has no entry for (e.g. L40S, GH200, an unknown name): the row then has no projection."""
     from ..telemetry.mfu import gpu_peak_key
+    from .plan import GPUS
 
-    key = gpu_peak_key(name)
+    try:
+        key = gpu_peak_key(name)
+    except ConfigError:
+        key = None
     if key == "a100":
         return "a100-40gb" if total_memory_gb < 60 else "a100-80gb"
-    return {"h100-sxm": "h100-80gb"}.get(key, key)
+    plan = {"h100-sxm": "h100-80gb"}.get(key, key) if key else None
+    if plan not in GPUS:
+        logging.getLogger("mimscale.bench").warning("--plan-gpu auto: no plan entry for GPU '%s'; no projection", name)
+        return None
+    return plan
 
 
 def plan_projection(cfg, world_size: int, gpu: str, mfu: float | None = None) -> dict[str, Any]:
@@ -382,12 +392,13 @@ def measure(tc: ThroughputConfig) -> dict[str, Any] | None:
         "final_loss": loss_v,
     }
     if tc.plan_gpu:
-        gpu = tc.plan_gpu
+        gpu: str | None = tc.plan_gpu
         if gpu == "auto":
             if device.type != "cuda":
                 raise ConfigError("--plan-gpu auto needs a CUDA device; name one (e.g. a100-80gb)")
             gpu = gpu_plan_key(name, info["memory_gb"])
-        row["plan"] = plan_projection(cfg, d.world_size, gpu)
+        if gpu is not None:
+            row["plan"] = plan_projection(cfg, d.world_size, gpu)
     return row
 
 

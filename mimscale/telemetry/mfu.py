@@ -51,17 +51,54 @@ __all__ = [
 
 log = logging.getLogger("mimscale.telemetry")
 
-# Dense (no 2:4 sparsity) peak TFLOP/s per GPU, from the NVIDIA A100 / H100 / H200 datasheets
-# (the datasheets print the sparse figure, twice these, for tf32/bf16/fp16). "fp32" is the
-# non-tensor-core FP32 rate; "tf32" is the tensor-core rate used for fp32 matmuls when
-# torch.backends.cuda.matmul.allow_tf32 / torch.set_float32_matmul_precision("high") allow it.
-# A100 SXM4 and PCIe (40 and 80 GB) share the same peaks; H200 SXM has the H100 SXM compute.
+# Dense (no 2:4 sparsity) peak TFLOP/s per GPU, from the NVIDIA datasheets (they print the sparse figure,
+# twice these, for tf32/bf16/fp16). "fp32" is the non-tensor-core FP32 rate; "tf32" is the tensor-core rate
+# used for fp32 matmuls when torch.backends.cuda.matmul.allow_tf32 / torch.set_float32_matmul_precision("high")
+# allow it. A100 SXM4 and PCIe (40 and 80 GB) share the same peaks; H200 SXM and GH200 have the H100 SXM
+# compute; H100 NVL and H200 NVL share theirs; B200 is the HGX B200 part (8-GPU totals / 8).
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "a100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "a10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "l4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "l40s": {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
     "h100-sxm": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0},
     "h100-pcie": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.0},
+    "h100-nvl": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "h200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "h200-nvl": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "gh200": {"bf16": 989.0, "fp16": 989.0, "tf32": 494.5, "fp32": 67.0},
+    "b200": {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1125.0, "fp32": 75.0},
 }
+
+# torch.cuda.get_device_name() patterns -> PEAK_TFLOPS key, most specific first (matched on the upper-cased name).
+_GPU_NAMES: tuple[tuple[str, str], ...] = (
+    (r"\bGH200\b", "gh200"),
+    (r"\bH200\b.*\bNVL\b", "h200-nvl"),
+    (r"\bH200\b", "h200"),
+    (r"\bH100\b.*\bNVL\b", "h100-nvl"),
+    (r"\bH100\b.*\bPCIE\b", "h100-pcie"),
+    (r"\bH100\b", "h100-sxm"),  # "H100 80GB HBM3", "H100 SXM5 80GB"
+    (r"\bB200\b", "b200"),
+    (r"\bA100\b", "a100"),
+    (r"\bL40S\b", "l40s"),
+    (r"\bL4\b", "l4"),
+    (r"\bA10\b", "a10"),
+)
+# An unknown name that still names a family ("H100 something new", "A100X", "A10G", "H800"): that family's
+# entry, with a warning (the MFU is then an estimate). Family tokens by length, so "L40S" wins over "L4".
+_FAMILIES: tuple[tuple[str, str], ...] = (
+    ("GH200", "gh200"),
+    ("H200", "h200"),
+    ("H100", "h100-sxm"),
+    ("H800", "h100-sxm"),
+    ("B200", "b200"),
+    ("A100", "a100"),
+    ("A800", "a100"),
+    ("L40S", "l40s"),
+    ("A10", "a10"),
+    ("L4", "l4"),
+)
+_warned: set[str] = set()
 
 _DTYPE_NAMES = {
     "bf16": "bf16",
@@ -89,23 +126,28 @@ def _dtype_key(dtype: torch.dtype | str) -> str:
 def gpu_peak_key(name: str) -> str:
     """Map a ``torch.cuda.get_device_name()`` string to a :data:`PEAK_TFLOPS` key.
 
-    ``"NVIDIA A100-SXM4-80GB"`` -> ``a100``, ``"NVIDIA H100 80GB HBM3"`` -> ``h100-sxm``,
-    ``"NVIDIA H100 PCIe"`` -> ``h100-pcie``, ``"NVIDIA H200"`` -> ``h200``. Table keys pass through.
+    ``"NVIDIA A100-SXM4-80GB"`` -> ``a100``, ``"NVIDIA H100 80GB HBM3"`` -> ``h100-sxm``, ``"NVIDIA H100 PCIe"``
+    -> ``h100-pcie``, ``"NVIDIA H100 NVL"`` -> ``h100-nvl``, ``"NVIDIA GH200 480GB"`` -> ``gh200``, ``"NVIDIA
+    L40S"`` -> ``l40s`` ... Table keys pass through. A name outside the table that contains a known family
+    (``"NVIDIA A10G"``, ``"NVIDIA H800"``) maps to that family's entry with one warning per name; a name with no
+    known family raises :class:`ConfigError` (:func:`peak_flops_for` turns that into "no MFU", never an abort).
     """
     if name in PEAK_TFLOPS:
         return name
     n = name.upper()
-    if re.search(r"\bH200\b", n):
-        return "h200"
-    if re.search(r"\bH100\b", n):
-        if "PCIE" in n:
-            return "h100-pcie"
-        if "NVL" not in n:  # "H100 80GB HBM3", "H100 SXM5 80GB"
-            return "h100-sxm"
-    if re.search(r"\bA100\b", n):
-        return "a100"
+    for pattern, key in _GPU_NAMES:
+        if re.search(pattern, n):
+            return key
+    for family, key in _FAMILIES:
+        if family in n:
+            if name not in _warned:
+                _warned.add(name)
+                log.warning(
+                    "GPU '%s' is not in the datasheet table: using %s's peaks (the MFU is an estimate)", name, key
+                )
+            return key
     raise ConfigError(
-        f"no peak FLOP/s known for GPU '{name}' (known: A100, H100 SXM/PCIe, H200); pass the peak explicitly"
+        f"no peak FLOP/s known for GPU '{name}' (known: {', '.join(PEAK_TFLOPS)}); pass the peak explicitly"
     )
 
 

@@ -74,6 +74,7 @@ def test_peak_flops_for_a_named_gpu(name, precision, tflops):
 
 def test_peak_flops_for_an_unknown_gpu_is_none_not_a_crash():
     assert peak_flops_for("cuda:0", "bf16", name="Tesla V100-SXM2-32GB") is None
+    assert peak_flops_for("cuda:0", "bf16", name="NVIDIA H100 NVL") == pytest.approx(835.5e12)  # raised before
     assert PEAK_TFLOPS["a100"]["bf16"] == 312.0
 
 

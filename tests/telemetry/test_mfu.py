@@ -112,6 +112,14 @@ def test_mfu_arithmetic():
         ("NVIDIA H100 PCIe", "bf16", 756e12),
         ("NVIDIA H200", "bf16", 989e12),
         ("NVIDIA A100-SXM4-80GB", "tf32", 156e12),
+        ("NVIDIA H100 NVL", "bf16", 835.5e12),
+        ("NVIDIA H200 NVL", "bf16", 835.5e12),
+        ("NVIDIA GH200 480GB", "bf16", 989e12),
+        ("NVIDIA GH200 144G HBM3e", "tf32", 494.5e12),
+        ("NVIDIA B200", "bf16", 2250e12),
+        ("NVIDIA L40S", "bf16", 362.05e12),
+        ("NVIDIA L4", "fp16", 121e12),
+        ("NVIDIA A10", "bf16", 125e12),
     ],
 )
 def test_device_peak_flops_from_injected_gpu_names(name, dtype, peak):
@@ -135,7 +143,33 @@ def test_unknown_gpu_or_dtype_is_a_config_error():
         gpu_peak_key("Tesla V100-SXM2-32GB")
     with pytest.raises(ConfigError, match="int8"):
         device_peak_flops("cpu", "int8", name="NVIDIA H200")
-    assert set(PEAK_TFLOPS) == {"a100", "h100-sxm", "h100-pcie", "h200"}
+    assert {"a100", "h100-sxm", "h100-pcie", "h100-nvl", "h200", "gh200", "b200", "l40s", "l4", "a10"} <= set(
+        PEAK_TFLOPS
+    )
+    # every entry: the four precisions, tensor-core bf16 = fp16 >= tf32 >= the plain fp32 rate
+    for key, p in PEAK_TFLOPS.items():
+        assert p["bf16"] == p["fp16"] >= p["tf32"] >= p["fp32"] > 0, key
+
+
+def test_a_gpu_outside_the_table_uses_its_familys_peaks_with_one_warning(caplog):
+    """Names the table does not list but whose family it knows ("A10G", "H800", a future "H100 ..."): the closest
+    datasheet entry and one warning per name -- never an error that would abort gpu.sh or a training run."""
+    with caplog.at_level("WARNING", logger="mimscale.telemetry"):
+        assert gpu_peak_key("NVIDIA A10G") == "a10"
+        assert gpu_peak_key("NVIDIA A10G") == "a10"
+        assert gpu_peak_key("NVIDIA H800 PCIe") == "h100-sxm"
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2 and "A10G" in warned[0] and "estimate" in warned[0]
+    # the exact table names map without a warning, most specific first (L40S is not an L4, NVL is not SXM)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mimscale.telemetry"):
+        assert [gpu_peak_key(n) for n in ("NVIDIA L40S", "NVIDIA L4", "NVIDIA H100 NVL", "NVIDIA H100 PCIe")] == [
+            "l40s",
+            "l4",
+            "h100-nvl",
+            "h100-pcie",
+        ]
+    assert not caplog.records
 
 
 def test_cpu_peak_is_a_cached_measurement():
