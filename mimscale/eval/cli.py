@@ -38,6 +38,7 @@ class KNNConfig:
     num_workers: int = 2
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # encoder autocast: auto = bf16 on CUDA, else fp32
 
 
 def _options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
@@ -54,6 +55,13 @@ def _options(p: argparse.ArgumentParser, suppress: bool = False) -> None:
     p.add_argument("--patch-size", type=int, help="expected patch size (checked)", **d)
     p.add_argument("--in-chans", type=int, help="expected input channels (checked)", **d)
     p.add_argument("--recipe", help="finetune: recipe name or YAML (default: by arch)", **d)
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp16", "fp32"),
+        help="knn/linear: autocast of the encoder's forward (default auto: bf16 on CUDA, fp32 elsewhere; "
+        "fp32 turns it off); same as the knob precision=...",
+        **d,
+    )
     p.add_argument("--out", help="result JSON path (default: RUN_DIR/eval/<kind>.json)", **d)
     p.add_argument("--out-dir", help="finetune: where the model and its logs go (default: RUN_DIR/eval/finetune)", **d)
     p.add_argument(
@@ -109,6 +117,8 @@ def run(args) -> int:
     train_dir, test_dir = (builtin.resolve(s, args.data_root) for s in (args.data, args.test))
     source = load_source(args.source, args.arch, args.img_size, args.patch_size, args.in_chans)
     if args.kind == "finetune":
+        if getattr(args, "precision", None):
+            raise ConfigError("--precision is for knn / linear; a fine-tune sets train.precision=... in its recipe")
         return _finetune(args, source, train_dir, test_dir)
 
     import torch
@@ -124,6 +134,8 @@ def run(args) -> int:
     acc = Accelerator(
         cpu=dist.accelerator_name() == "cpu", dataloader_config=DataLoaderConfiguration(split_batches=True)
     )
+    if getattr(args, "precision", None):  # --precision wins over a precision=... knob
+        args.overrides = [*args.overrides, f"precision={args.precision}"]
     if args.kind == "knn":
         cfg = _knobs(KNNConfig, args.overrides)
         where = recorded_knn(cfg, source)
@@ -212,6 +224,7 @@ def _knn(source, train_dir, test_dir, cfg: KNNConfig, device, rank: int, world: 
         k=cast(int, cfg.k),
         temperature=cast(float, cfg.temperature),
         pool=cast(str, cfg.pool),
+        precision=cast(str, cfg.precision),
     )
     res = ev(source.encoder.to(device), device)
     return {

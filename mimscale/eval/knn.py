@@ -15,6 +15,11 @@ parameters); padding rows are dropped (``valid``), so every sample is counted ex
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -146,6 +151,34 @@ def knn_predict_sharded(
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long, device=dev)
 
 
+#: ``precision`` of the standalone evaluations (``mimscale eval knn|linear --precision``).
+EVAL_PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def eval_autocast(device: torch.device | str, precision: str = "auto", autocast: Callable[..., Any] = torch.autocast):
+    """The context a frozen encoder's feature pass runs in: ``torch.autocast(device_type, dtype=...)`` or none.
+
+    ``auto``: bf16 autocast on CUDA (as the in-training evaluation, whose engine holds bf16 weights), plain fp32
+    elsewhere (a CPU without bf16 units runs it ~30x slower); ``bf16`` / ``fp16``: that autocast on any device
+    type that supports it (:func:`torch.amp.is_autocast_available`; else plain fp32 and a warning); ``fp32``:
+    none. ``autocast`` is the factory called (a test passes a recorder).
+    """
+    if precision not in EVAL_PRECISIONS:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"precision={precision!r} must be one of {', '.join(EVAL_PRECISIONS)}")
+    kind = torch.device(device).type
+    if precision == "auto":
+        precision = "bf16" if kind == "cuda" else "fp32"
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if not torch.amp.is_autocast_available(kind):
+        logging.getLogger("mimscale.eval").warning("no autocast on device type %s: evaluating in fp32", kind)
+        return contextlib.nullcontext()
+    return autocast(kind, dtype=_DTYPES[precision])
+
+
 def _features(encoder, img: torch.Tensor) -> torch.Tensor:
     """``encoder.forward_features(img)`` called THROUGH ``encoder(...)``: the module's forward hooks run, so under
     ZeRO-3 DeepSpeed gathers the root's own parameters (``cls_token``, ``pos_embed``), which a direct call of the
@@ -159,21 +192,23 @@ def _features(encoder, img: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def extract_features(
-    encoder, loader, device: torch.device, pool: str = "cls", normalize: bool = False
+    encoder, loader, device: torch.device, pool: str = "cls", normalize: bool = False, precision: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (eval mode, no masking) over an eval-mode loader: THIS rank's share, kept on ``device``.
 
     Returns ``feats float [m, D]`` (L2-normalised per batch with ``normalize=True``) and ``labels long [m]`` of
     this rank's samples with padding entries dropped (the eval loader gives every sample to exactly one rank).
     The padding is dropped once, after the pass (one boolean index, i.e. one host synchronisation, per pass
-    instead of one per batch); batches are copied to the device without blocking.
+    instead of one per batch); batches are copied to the device without blocking. ``precision``: the forward's
+    autocast (:func:`eval_autocast`; fp32 = none); the features are fp32 either way.
     """
     was_training = encoder.training
     encoder.eval()
     feats, labels, keeps = [], [], []
     for batch in loader:
         img = batch["image"].to(device, non_blocking=True)
-        f = encoder.pool(_features(encoder, img), pool).float()
+        with eval_autocast(device, precision):
+            f = encoder.pool(_features(encoder, img), pool).float()
         if normalize:
             f = F.normalize(f, dim=1)
         valid = batch.get("valid")
@@ -202,16 +237,18 @@ class KNNEvaluator:
         temperature: float = 0.07,
         pool: str = "cls",
         chunk: int = 1024,
+        precision: str = "fp32",
     ):
         self.train_loader, self.test_loader = train_loader, test_loader
+        self.precision = precision  # autocast of the feature pass (eval_autocast); the Trainer's engine is bf16
         self.num_classes, self.k, self.temperature, self.pool = num_classes, k, temperature, pool
         self.chunk = chunk
         self.last_bank_rows = 0  # bank rows this rank held in the last evaluation (its shard)
 
     def __call__(self, encoder, device: torch.device) -> dict[str, float]:
         """``{"eval/knn_top1": percent, ...}``; classes default to ``max label + 1`` of bank and queries."""
-        xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool, normalize=True)
-        xte, yte = extract_features(encoder, self.test_loader, device, self.pool, normalize=True)
+        xtr, ytr = extract_features(encoder, self.train_loader, device, self.pool, True, self.precision)
+        xte, yte = extract_features(encoder, self.test_loader, device, self.pool, True, self.precision)
         self.last_bank_rows = int(xtr.shape[0])
         local_max = int(torch.cat([ytr, yte]).max()) if len(ytr) + len(yte) else -1
         classes = self.num_classes or _max(local_max, device) + 1

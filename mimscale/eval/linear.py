@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..engine.schedule import warmup_cosine
-from .knn import extract_features
+from .knn import eval_autocast, extract_features
 
 log = logging.getLogger("mimscale.eval")
 
@@ -67,6 +67,7 @@ class LinearConfig:
     seed: int = 0
     mean: tuple[float, ...] | None = None  # default: the run's data.mean / data.std (ImageNet for a file)
     std: tuple[float, ...] | None = None
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # encoder autocast: auto = bf16 on CUDA, else fp32
 
 
 class LinearHead(nn.Module):
@@ -193,7 +194,9 @@ def linear_probe(
             num_workers=cfg.num_workers,
         )
 
-    xte, yte = extract_features(encoder, eval_loader(test_dir, cfg.test_samples), device, cfg.pool)  # own share
+    xte, yte = extract_features(  # this process's own share
+        encoder, eval_loader(test_dir, cfg.test_samples), device, cfg.pool, precision=cfg.precision
+    )
     torch.manual_seed(cfg.seed)
     head = LinearHead(encoder.embed_dim, classes)
     opt = make_optimizer(head, cfg)
@@ -212,7 +215,9 @@ def linear_probe(
         )
         n_train, rows = loader.samples_per_epoch, None
     else:
-        xtr, ytr = extract_features(encoder, eval_loader(train_dir, cfg.train_samples), device, cfg.pool)
+        xtr, ytr = extract_features(
+            encoder, eval_loader(train_dir, cfg.train_samples), device, cfg.pool, precision=cfg.precision
+        )
         n_train = int(_sum([len(ytr)], device)[0])
         rows = [int(v) for v in _sum([len(ytr) if r == rank else 0 for r in range(world)], device)]
         if n_train < cfg.batch_size:
@@ -231,7 +236,7 @@ def linear_probe(
             if step >= total:
                 break
             if cfg.augment:
-                with torch.no_grad():
+                with torch.no_grad(), eval_autocast(device, cfg.precision):
                     img = batch["image"].to(device, non_blocking=True)
                     feats = encoder.pool(encoder.forward_features(img), cfg.pool).float()
                 labels = batch["label"].to(device, non_blocking=True)

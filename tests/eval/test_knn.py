@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -206,3 +208,49 @@ def test_extract_features_drops_padding_once_per_pass():
     torch.testing.assert_close(f, want, rtol=1e-5, atol=1e-6)
     f0, y0 = extract_features(enc, [], torch.device("cpu"))
     assert f0.shape == (0, enc.embed_dim) and y0.shape == (0,)
+
+
+def test_eval_autocast_is_bf16_on_cuda_off_elsewhere_and_the_knob_turns_it_off(caplog):
+    """Standalone `eval knn|linear`: bf16 autocast on CUDA by default (like the in-training evaluation), requested
+    for the device type the encoder runs on; fp32 turns it off; a device type without autocast gets none."""
+    from mimscale.errors import ConfigError
+    from mimscale.eval.knn import eval_autocast
+
+    calls = []
+
+    def recorder(device_type, dtype):
+        calls.append((device_type, dtype))
+        return contextlib.nullcontext()
+
+    eval_autocast(torch.device("cuda", 1), "auto", recorder)
+    eval_autocast("cuda:0", "fp16", recorder)
+    eval_autocast("cpu", "bf16", recorder)
+    assert calls == [("cuda", torch.bfloat16), ("cuda", torch.float16), ("cpu", torch.bfloat16)]
+    calls.clear()
+    for device, precision in (("cuda", "fp32"), ("cpu", "auto"), ("cpu", "fp32")):
+        assert isinstance(eval_autocast(device, precision, recorder), contextlib.nullcontext)
+    with caplog.at_level("WARNING", logger="mimscale.eval"):
+        assert isinstance(eval_autocast("meta", "bf16", recorder), contextlib.nullcontext)
+    assert calls == [] and "no autocast on device type meta" in caplog.text
+    with pytest.raises(ConfigError, match="precision='tf32'"):
+        eval_autocast("cuda", "tf32", recorder)
+
+
+def test_extract_features_runs_the_encoder_under_the_requested_autocast():
+    """The real ViT's blocks see autocast bf16 with precision=bf16 and none with fp32; features stay fp32."""
+    from mimscale.eval.cli import KNNConfig, _knobs
+    from mimscale.eval.knn import extract_features
+    from mimscale.models.vit import build_vit
+
+    enc = build_vit("vit_micro", img_size=16, patch_size=4, depth=1)
+    seen = []
+    enc.blocks[0].register_forward_hook(lambda m, i, o: seen.append((torch.is_autocast_enabled("cpu"), o.dtype)))
+    batches = [{"image": torch.randn(2, 3, 16, 16), "label": torch.tensor([0, 1])}]
+    f16, _ = extract_features(enc, batches, torch.device("cpu"), precision="bf16")
+    f32, _ = extract_features(
+        enc, batches, torch.device("cpu"), precision=_knobs(KNNConfig, ["precision=fp32"]).precision
+    )
+    assert seen == [(True, torch.bfloat16), (False, torch.float32)]
+    assert f16.dtype == f32.dtype == torch.float32
+    torch.testing.assert_close(f16, f32, rtol=0.05, atol=0.05)  # bf16 rounding only
+    assert _knobs(KNNConfig, []).precision == "auto"
