@@ -382,6 +382,8 @@ def follow_data(cfg: Config, recipe_train: str, explicit: set[str]) -> list[str]
 
     manifest: dict[str, Any] = {}
     path = Path(d.train).expanduser()
+    if path.is_dir() and not (path / "manifest.json").is_file():
+        return notes  # not shards (e.g. a raw image folder): the data path says what to run, in one line
     if path.is_dir() and (path / "manifest.json").is_file():
         from .data.shards import read_manifest
 

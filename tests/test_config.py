@@ -529,3 +529,18 @@ def test_own_data_drops_the_recipes_evaluation_and_normalisation(tmp_path, caplo
     # another built-in data set: its own splits
     cfg = _load("data.train=mnist:train")
     assert (cfg.eval.knn_train, cfg.eval.knn_test) == ("mnist:train", "mnist:test")
+
+
+def test_a_raw_image_folder_as_data_train_is_one_line_naming_the_converter(tmp_path, capsys):
+    """`mimscale pretrain data.train=photos/` (images, not shards): one error line that says which command writes
+    the shards, before any work (no samples_per_epoch advice, no notes about kNN or normalisation)."""
+    from PIL import Image
+
+    from mimscale.cli import main
+
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "photos" / "a.jpg")
+    assert main(["pretrain", f"data.train={tmp_path / 'photos'}", f"train.run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a folder of images, not shards" in err[0] and "mimscale data folder" in err[0]
+    assert "samples_per_epoch" not in err[0] and not (tmp_path / "run").exists()
