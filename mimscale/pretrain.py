@@ -31,6 +31,7 @@ from .objectives import Objective
 
 class PretrainTask:
     name = "pretrain"
+    live_report = True  # the Trainer rewrites RUN_DIR/report.html after every evaluation and at the end
 
     def __init__(self, cfg: C.Config):
         self.cfg = cfg

@@ -360,6 +360,7 @@ class Trainer:
         self.last_eval = res
         if self.d.is_main:
             log.info("%s (%s, step %d): %.2f", ev.key, tag, self.state.step, res[ev.key])
+        self._live_report()
 
     def save(self) -> None:
         st = self.state
@@ -400,8 +401,20 @@ class Trainer:
         self.task.export(self.engine, self.run_dir, self.d.is_main)
         if self.d.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(self.summary, indent=2))
+        self._live_report()  # finished: the static page
         self.logger.close()
         return self.summary
+
+    def _live_report(self) -> None:
+        """Rank 0 rewrites ``RUN_DIR/report.html`` (tasks with ``live_report = True``): it reloads itself in the
+        browser while the run trains and is static once summary.json exists. Not training time."""
+        if not (self.d.is_main and getattr(self.task, "live_report", False)):
+            return
+        from ..report import write_live_report
+
+        with self.clock.pause():
+            self.logger.flush()
+            write_live_report(self.run_dir)
 
     def _can_roll_back(self) -> bool:
         return bool(ckpt.candidates(self.run_dir))

@@ -323,18 +323,26 @@ NOTES = [
 
 
 def render(
-    runs: list[Run], target: float | None = None, generated: str | None = None, bench: dict | None = None
+    runs: list[Run],
+    target: float | None = None,
+    generated: str | None = None,
+    bench: dict | None = None,
+    refresh: float | None = None,
 ) -> str:
-    """The whole report as one HTML document."""
+    """The whole report as one HTML document. ``refresh``: seconds between reloads in the browser while a run
+    is unfinished (a live dashboard); a report of finished runs is static."""
     generated = generated or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = f"mimscale report — {len(runs)} run{'s' if len(runs) != 1 else ''}"
+    live = refresh if refresh and not all(r.finished for r in runs) else None
+    if live:
+        title += f" (live: step {max((r.steps or 0) for r in runs):,})"
     target_txt = f"target kNN top-1 {target:g}%" if target is not None else "no accuracy target (--target)"
     rows = "\n".join(_row(i, r) for i, r in enumerate(runs))
     notes = "".join(f"<dt>{k}</dt><dd>{v}</dd>" for k, v in NOTES)
     paths = "".join(f"<li><code>{escape(r.label)}</code>: <code>{escape(r.path)}</code></li>" for r in runs)
     return _page(
         title,
-        f"""<p class="meta">Generated {escape(generated)} &middot; {escape(target_txt)} &middot; objectives:
+        f"""{_live_note(live)}<p class="meta">Generated {escape(generated)} &middot; {escape(target_txt)} &middot; objectives:
 {escape(", ".join(sorted({r.objective or "?" for r in runs})))}</p>
 <h2>Runs</h2>
 <div class="table-wrap">
@@ -352,15 +360,28 @@ def render(
 <h2>Run directories</h2>
 <ul class="paths">{paths}</ul>
 """,
+        refresh=live,
     )
 
 
-def _page(title: str, body: str) -> str:
-    """The HTML document around ``body``: inline style, the title as <h1>, the inline script at the end."""
+def _live_note(refresh: float | None) -> str:
+    if not refresh:
+        return ""
+    now = _dt.datetime.now().strftime("%H:%M:%S")
+    return (
+        f'<p class="meta" id="live">Live: updated {now}; this page reloads every {refresh:g} s until every run '
+        "has finished, then it stays as it is.</p>"
+    )
+
+
+def _page(title: str, body: str, refresh: float | None = None) -> str:
+    """The HTML document around ``body``: inline style, the title as <h1>, the inline script at the end;
+    ``refresh``: the browser reloads it every that many seconds (a live dashboard)."""
+    meta = f'\n<meta http-equiv="refresh" content="{refresh:g}">' if refresh else ""
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
-<meta charset="utf-8">
+<meta charset="utf-8">{meta}
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{escape(title)}</title>
 <style>{CSS}</style>
@@ -619,17 +640,24 @@ def _teacher_section(league: League) -> str:
     return _league_table(league, "league-teacher", TEACHER_COLS, league.rank_with_teacher, _teacher_row)
 
 
-def render_league(league: League, generated: str | None = None, bench: dict | None = None) -> str:
-    """The league report of a compare directory as one HTML document."""
+def render_league(
+    league: League, generated: str | None = None, bench: dict | None = None, refresh: float | None = None
+) -> str:
+    """The league report of a compare directory as one HTML document (``refresh``: as for :func:`render`, while
+    a member is unfinished)."""
     generated = generated or _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     title = f"mimscale league — {league.plan.get('spec') or Path(league.path).name}"
+    live = refresh if refresh and not all(m.finished for m in league.members) else None
+    if live:
+        done = sum(m.seeds_done for m in league.members)
+        title += f" (live: {done} of {sum(m.seeds for m in league.members)} runs done)"
     notes = [*LEAGUE_NOTES, ("FLOPs / image", f"relative to {escape(league.flops_reference)}.")]
     paths = "".join(
         f"<li><code>{escape(m.name)}</code>: <code>{escape(m.run.path)}</code></li>" for m in league.members if m.run
     )
     return _page(
         title,
-        f"""<p class="meta">Generated {escape(generated)} &middot; <code>{escape(league.path)}</code></p>
+        f"""{_live_note(live)}<p class="meta">Generated {escape(generated)} &middot; <code>{escape(league.path)}</code></p>
 {_league_meta(league)}
 <h2>League, ranked by final kNN top-1</h2>
 {_league_table(league, "league", LEAGUE_COLS, league.rank_knn, _league_row)}
@@ -642,4 +670,5 @@ def render_league(league: League, generated: str | None = None, bench: dict | No
 <h2>Member run directories</h2>
 <ul class="paths">{paths}</ul>
 """,
+        refresh=live,
     )

@@ -580,3 +580,112 @@ def test_best_and_final_columns_when_the_best_is_not_the_last(tmp_path):
     text = (tmp_path / "out" / "report.html").read_text()
     assert '<td data-sort="60.98">60.98<br><span class="sub">final&nbsp;58.54</span></td>' in text
     assert '<td data-sort="37.4">37.40<br><span class="sub">final&nbsp;36.59</span></td>' in text
+
+
+# ----------------------------------------------------------------------------- live dashboards
+
+
+def _append_eval(rd: Path, step: int, knn: float, device_hours: float) -> None:
+    """What the training loop logs at a later step: a training record, then a kNN evaluation."""
+    with MetricLogger(rd, tensorboard=False, wandb="disabled") as log:
+        log.log({"train/loss": 0.5, "time/device_hours": device_hours, "perf/img_per_s": 16.0}, step=step)
+        log.log({"eval/knn_top1": knn, "eval/knn_bank": 5000.0, "eval/knn_queries": 5000.0}, step=step)
+
+
+def _finish(rd: Path, steps: int) -> None:
+    (rd / "summary.json").write_text(json.dumps({"objective": "mae", "steps": steps, "world_size": 1}))
+
+
+def test_live_report_reloads_only_while_the_run_trains(tmp_path):
+    from mimscale.report import write_live_report
+
+    rd = tmp_path / "run"
+    make_run(
+        rd, "mae", [], world=1, steps=40, sec_per_step=1.0, knn={0: 10.0, 40: 20.0}, finished=False, loss=(1, 1, 1)
+    )
+    text = write_live_report(rd, refresh=7).read_text()  # type: ignore[union-attr]
+    assert '<meta http-equiv="refresh" content="7">' in text and "(live: step 40)</title>" in text
+    assert 'id="live"' in text
+    _append_eval(rd, 60, 25.0, 60 / 3600)
+    _finish(rd, 60)
+    text = write_live_report(rd, refresh=7).read_text()  # type: ignore[union-attr]
+    assert "http-equiv" not in text and "live" not in text.split("</title>")[0] and 'id="live"' not in text
+    assert write_report([rd], tmp_path / "plain")[0].read_text().count("http-equiv") == 0  # `mimscale report`: static
+
+
+def test_watch_rewrites_until_every_run_has_finished(tmp_path, monkeypatch, capsys):
+    rd = tmp_path / "run"
+    make_run(
+        rd, "mae", [], world=1, steps=40, sec_per_step=1.0, knn={0: 10.0, 40: 20.0}, finished=False, loss=(1, 1, 1)
+    )
+    seen: list[str] = []
+
+    def sleep(seconds: float) -> None:  # the run trains on while --watch sleeps
+        assert seconds == 2
+        seen.append((rd / "report.html").read_text())
+        if len(seen) == 1:
+            _append_eval(rd, 60, 25.0, 60 / 3600)
+        else:
+            _finish(rd, 60)
+
+    monkeypatch.setattr("mimscale.report.cli._sleep", sleep)
+    assert main(["report", "--watch", "2", str(rd)]) == 0
+    assert len(seen) == 2 and "(live: step 40)" in seen[0] and "(live: step 60)" in seen[1]
+    assert all('http-equiv="refresh" content="2"' in t for t in seen)
+    final = (rd / "report.html").read_text()
+    assert "http-equiv" not in final and '<td data-sort="25.0">25.00' in final  # the newest evaluation, static
+    assert "all finished" in capsys.readouterr().out
+    assert main(["report", "--watch", "0", str(rd)]) == 2
+    assert main(["report", "--watch", "1", str(tmp_path / "nosuch")]) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"needs Debian's chromium at {CHROMIUM} (CI installs it)")
+def test_live_report_refreshes_in_headless_chromium(tmp_path):
+    """A run in progress: Chromium shows its report; the run logs a newer evaluation and the report is rewritten
+    (as the training loop does); the open page reloads itself and shows it. Once the run has finished the page
+    is static. The page's title is read through Chromium's DevTools HTTP endpoint (/json)."""
+    import time
+    import urllib.request
+
+    from launch_utils import free_port
+
+    from mimscale.report import write_live_report
+
+    rd = tmp_path / "run"
+    make_run(
+        rd, "mae", [], world=1, steps=40, sec_per_step=1.0, knn={0: 10.0, 40: 20.0}, finished=False, loss=(1, 1, 1)
+    )
+    html = write_live_report(rd, refresh=1)
+    assert html is not None
+    port = free_port()
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
+    cmd += [f"--user-data-dir={tmp_path / 'profile'}", f"--remote-debugging-port={port}", html.as_uri()]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def title_when(pred, timeout: float = 90.0) -> str:
+        deadline, last = time.time() + timeout, ""
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=5) as r:
+                    pages = [p for p in json.load(r) if p.get("type") == "page"]
+                last = pages[0]["title"] if pages else ""
+                if pred(last):
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"page title never matched; last: {last!r}")
+
+    try:
+        title_when(lambda t: "(live: step 40)" in t)  # the page as first loaded
+        _append_eval(rd, 60, 25.0, 60 / 3600)
+        write_live_report(rd, refresh=1)
+        title_when(lambda t: "(live: step 60)" in t)  # reloaded by itself: the newer evaluation
+        _finish(rd, 60)
+        write_live_report(rd, refresh=1)
+        final = title_when(lambda t: t and "live" not in t)  # the static page, once the run has finished
+        assert final == "mimscale report — 1 run"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
