@@ -154,6 +154,18 @@ class AdversarialDelta(nn.Module):
             self._opt = torch.optim.AdamW([self.delta], lr=0.0, foreach=False, capturable=capturable, **self._opt_args)
         return self._opt
 
+    def load_optimizer_state(self, state: dict) -> None:
+        """Load an AdamW ``state_dict`` saved on any device: ``capturable`` and the step count's device follow
+        where ``delta`` is now (a GPU checkpoint resumed on the CPU, or the other way round)."""
+        opt = self.optimizer
+        opt.load_state_dict(state)
+        capturable = self.delta.device.type in _CAPTURABLE
+        for group in opt.param_groups:
+            group["capturable"] = capturable
+        for st in opt.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(self.delta.device if capturable else "cpu", torch.float32)
+
     def live(self) -> torch.Tensor:
         """``delta`` as a fresh differentiable leaf (fp32) feeding ``grad_acc``; plain ``delta`` without grad."""
         if not torch.is_grad_enabled():
@@ -427,7 +439,7 @@ class _MultiCropMIM(Objective):
             )
         with torch.no_grad():
             self.adv.delta.copy_(delta)
-        self.adv.optimizer.load_state_dict(state["optimizer"])
+        self.adv.load_optimizer_state(state["optimizer"])
         self.adv.grad_acc.zero_()
 
     # ------------------------------------------------------------------ accounting

@@ -507,6 +507,25 @@ def test_projection_runs_on_the_device_without_a_host_read():
     assert torch.equal(obj.adv.delta, torch.zeros_like(d))
 
 
+def test_adversarial_optimizer_state_from_another_device_type_resumes():
+    """A checkpoint written on a GPU (AdamW capturable there, its step count on the device) resumes on the
+    CPU: ``capturable`` and the step follow where delta is now, and the next ascent step runs."""
+    obj = make(adv_batch_size=256)
+    batch = make_batch(obj)
+    _, g = delta_grad(obj, batch)
+    obj.adv.grad_acc.copy_(g)
+    obj.adv.ascent_step(1e-2, lambda t: t)
+    state = obj.checkpoint_state()
+    for group in state["optimizer"]["param_groups"]:
+        group["capturable"] = True  # as saved by the GPU run
+    other = make(adv_batch_size=256)
+    other.load_checkpoint_state(state)
+    assert not other.adv.optimizer.param_groups[0]["capturable"]
+    other.adv.grad_acc.copy_(g)
+    assert other.adv.ascent_step(1e-2, lambda t: t)
+    assert float(other.adv.optimizer.state[other.adv.delta]["step"]) == 2
+
+
 def test_bf16_forward_keeps_delta_and_its_gradient_fp32():
     obj = make(adv_type=2)
     for n, m in obj.named_children():
