@@ -309,6 +309,11 @@ def test_unfinished_seed_keeps_the_member_unranked(tmp_path):
     c = next(x for x in lg.members if x.name == "c")
     assert c.status == "unfinished" and c.seeds_done == 2 and lg.rank_knn[-1] == "c" and c.noise_peers == []
     assert "unfinished (2/3 seeds)" in markdown_table(lg)
+    live = render_league(lg, refresh=5)  # `mimscale report --watch 5 DIR` while a member trains
+    assert '<meta http-equiv="refresh" content="5">' in live and "(live: 8 of 9 runs done)</title>" in live
+    (tmp_path / "all").mkdir()
+    _seeded_league(tmp_path / "all")
+    assert "http-equiv" not in render_league(load_league(tmp_path / "all"), refresh=5)  # all done: static
 
 
 def test_no_common_target_at_or_below_random_init(tmp_path):
