@@ -1,8 +1,9 @@
 """slurm/compare.sh, unchanged, on a real local SLURM: `mimscale compare --slurm` submits one array task per
 member (CPU nodes, 1 rank each), each task runs its member under srun; `mimscale report` reads the result.
 
-The comparison is MAE vs EMAE on a micro ViT (16 px, patch 4) on real Fashion-MNIST shards: a budget of 6
-training seconds (18 for the USR1 test), kNN on 256-image banks once during training, a tiny linear probe.
+The comparison is MAE vs EMAE on a micro ViT (16 px, patch 4) on real Fashion-MNIST shards: a budget of 18
+training seconds (one task is signalled mid-run), kNN on 256-image banks once during training, a tiny linear
+probe. One array job carries both proofs (every member runs and is reported; USR1 requeues one task).
 """
 
 from __future__ import annotations
@@ -77,47 +78,19 @@ def train_steps(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "train/loss" in r]
 
 
-def test_compare_array_runs_every_member_and_reports(slurm, fmnist_small, tmp_path):
+def test_compare_array_runs_every_member_requeues_one_on_usr1_and_reports(slurm, fmnist_small, tmp_path):
+    """One array (both members, named with --member: array indices 0,1), one launch for both proofs:
+    * every member runs as its own array task under srun and `mimscale report` reads the league;
+    * the warning signal to task 1's batch shell -> its member saves -> `mimscale compare` exits 42 ->
+      compare.sh requeues that task only -> it resumes from the checkpoint, with no step lost or repeated,
+      while task 0 runs through once."""
     linear = {"pool": "mean", "optimizer": "sgd", "epochs": 2, "batch_size": 128, "warmup_epochs": 0}
     linear |= {"train_samples": 256, "test_samples": 256, "feature_batch_size": 128, "num_workers": 0}
-    spec, out = write_spec(tmp_path / "spec.yaml", fmnist_small, 0.1, linear), tmp_path / "league"
+    spec, out = write_spec(tmp_path / "spec.yaml", fmnist_small, 0.3, linear), tmp_path / "league"
     t0 = time.time()
-    job = compare_slurm(slurm, spec, out, tmp_path)
+    job = compare_slurm(slurm, spec, out, tmp_path, "--member", "emae", "--member", "mae")
     plan = json.loads((out / "compare.json").read_text())
     assert [m["name"] for m in plan["members"]] == ["mae", "emae"]
-    infos = [wait_done(slurm, f"{job}_{i}", timeout=400) for i in range(2)]
-    took = time.time() - t0
-    for i, (name, info) in enumerate(zip(("mae", "emae"), infos)):
-        assert info["ArrayJobId"] == job and info["ArrayTaskId"] == str(i) and info["Restarts"] == "0"
-        log = task_log(slurm, f"{job}_{i}")
-        assert Path(info["StdOut"]).name == f"mimscale-compare-{job}_{i}.out"
-        assert f"task {job}_{i} " in log and f"member #{i} of {out}" in log and "rendezvous msn" in log
-        result = json.loads((out / "members" / name / "result.json").read_text())
-        assert result["name"] == name and result["status"] == "done"
-        assert result["summary"]["steps"] > 0 and result["summary"]["knn_top1_final"] is not None
-        assert result["linear_top1"] is not None
-        member_log = (out / "members" / name / "log.txt").read_text()
-        assert re.search(r"^0: ", member_log, re.M)  # the steps ran under srun (--label)
-    p = subprocess.run(
-        [sys.executable, "-m", "mimscale.cli", "report", str(out)],
-        capture_output=True,
-        text=True,
-        env={**clean_env(), "PYTHONPATH": str(REPO)},
-        timeout=120,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    league = json.loads((out / "report.json").read_text())["league"]
-    assert sorted(m["name"] for m in league["members"]) == ["emae", "mae"]
-    assert all(m["status"] == "done" for m in league["members"])
-    print(f"2-member compare array {job}: both tasks COMPLETED, reported; {took:.1f} s")
-
-
-def test_usr1_to_one_task_saves_requeues_and_resumes(slurm, fmnist_small, tmp_path):
-    """The warning signal to one array task's batch shell -> the member's run saves -> `mimscale compare` exits
-    42 -> compare.sh requeues that task only -> it resumes from the checkpoint and completes."""
-    spec, out = write_spec(tmp_path / "spec.yaml", fmnist_small, 0.3, None), tmp_path / "league"
-    t0 = time.time()
-    job = compare_slurm(slurm, spec, out, tmp_path, "--member", "emae")  # only member #1: array task 1
     task, run_dir = f"{job}_1", out / "members" / "emae" / "run"
     deadline = time.time() + 300
     while max(train_steps(run_dir), default=0) < 2:  # mid-training: past calibration, a few steps done
@@ -135,17 +108,39 @@ def test_usr1_to_one_task_saves_requeues_and_resumes(slurm, fmnist_small, tmp_pa
             task_log(slurm, task)[-4000:],
         )
         time.sleep(0.5)
-    info = wait_done(slurm, task, timeout=300)
+    infos = [wait_done(slurm, f"{job}_{i}", timeout=400) for i in range(2)]
+    for i, (name, info) in enumerate(zip(("mae", "emae"), infos)):
+        assert info["ArrayJobId"] == job and info["ArrayTaskId"] == str(i) and info["Restarts"] == str(i)
+        log = task_log(slurm, f"{job}_{i}")
+        assert Path(info["StdOut"]).name == f"mimscale-compare-{job}_{i}.out"
+        assert f"task {job}_{i} " in log and f"member #{i} of {out}" in log and "rendezvous msn" in log
+        result = json.loads((out / "members" / name / "result.json").read_text())
+        assert result["name"] == name and result["status"] == "done"
+        assert result["summary"]["steps"] > 0 and result["summary"]["knn_top1_final"] is not None
+        assert result["linear_top1"] is not None
+        member_log = (out / "members" / name / "log.txt").read_text()
+        assert re.search(r"^0: ", member_log, re.M)  # the steps ran under srun (--label)
+    # task 1: saved on USR1, requeued once, resumed from that checkpoint, no gap
     log, member_log = task_log(slurm, task), (out / "members" / "emae" / "log.txt").read_text()
-    assert info["Restarts"] == "1" and info["ArrayTaskId"] == "1", log[-4000:]
     assert "USR1 (time limit near)" in log and f"the member saved (exit 42): requeueing task {task}" in log
-    assert f"task {task} (job {info['JobId']}, restart 1)" in log and "- resuming" in log
+    assert f"task {task} (job {infos[1]['JobId']}, restart 1)" in log and "- resuming" in log
     saved = [int(n) for n in re.findall(r"saved checkpoint step=(\d+)", member_log)]
     resumed = [int(n) for n in re.findall(r"resumed from checkpoint step=(\d+)", member_log)]
     assert len(resumed) == 1 and resumed[0] in saved, member_log[-4000:]
-    result = json.loads((out / "members" / "emae" / "result.json").read_text())
-    steps = train_steps(run_dir)
-    assert result["status"] == "done" and result["summary"]["steps"] == steps[-1] > resumed[0]
+    result, steps = json.loads((out / "members" / "emae" / "result.json").read_text()), train_steps(run_dir)
+    assert result["summary"]["steps"] == steps[-1] > resumed[0]
     assert sorted(set(steps)) == list(range(1, steps[-1] + 1))  # no gap across the restart
-    assert not (out / "members" / "mae").exists()  # the other member was not selected
-    print(f"USR1 to {task}: saved/resumed at step {resumed[0]} of {steps[-1]}, COMPLETED; {time.time() - t0:.1f} s")
+    p = subprocess.run(
+        [sys.executable, "-m", "mimscale.cli", "report", str(out)],
+        capture_output=True,
+        text=True,
+        env={**clean_env(), "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    league = json.loads((out / "report.json").read_text())["league"]
+    assert sorted(m["name"] for m in league["members"]) == ["emae", "mae"]
+    assert all(m["status"] == "done" for m in league["members"])
+    print(
+        f"compare array {job}: both tasks COMPLETED, task 1 saved/resumed at step {resumed[0]}; {time.time() - t0:.1f} s"
+    )

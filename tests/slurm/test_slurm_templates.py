@@ -50,7 +50,7 @@ def steps_logged(run_dir: Path) -> list[int]:
     return [r["step"] for r in rows if "train/loss" in r]
 
 
-@pytest.mark.parametrize("script", ["pretrain.sh", "pretrain_launcher.sh"])
+@pytest.mark.parametrize("script", ["pretrain.sh"])  # pretrain_launcher.sh: its USR1 test checks the same
 def test_two_node_zero3_job_trains(slurm, fmnist_small, zero3_knobs, tmp_path, script):
     run_dir = tmp_path / "run"
     t0 = time.time()
@@ -70,7 +70,8 @@ def test_two_node_zero3_job_trains(slurm, fmnist_small, zero3_knobs, tmp_path, s
 
 @pytest.mark.parametrize("script", ["pretrain.sh", "pretrain_launcher.sh"])
 def test_usr1_saves_requeues_and_resumes(slurm, fmnist_small, zero3_knobs, tmp_path, script):
-    """The warning signal to the batch shell -> save -> exit 42 -> requeue -> the same job resumes."""
+    """The warning signal to the batch shell -> save -> exit 42 -> requeue -> the same job resumes. Also what
+    test_two_node_zero3_job_trains checks for pretrain.sh: two nodes, ZeRO-3 partitioned, the config line."""
     run_dir, total = tmp_path / "run", 40
     args = zero3_args(
         fmnist_small,
@@ -110,6 +111,9 @@ def test_usr1_saves_requeues_and_resumes(slurm, fmnist_small, zero3_knobs, tmp_p
     assert f"job {jid} (restart 1)" in log
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == total and summary["world_size"] == 2
+    assert info["NodeList"] == "msn[1-2]" and info["NumNodes"] == "2"
+    assert summary["params_per_rank"][0] < summary["params_total"]  # ZeRO-3 partitioned the model
+    assert "config OK: mae vit_micro, world size 2" in log and re.search(r"rendezvous msn1:\d+", log)
     steps = steps_logged(run_dir)
     assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))  # no gap across the restart
     print(
