@@ -90,6 +90,9 @@ ALLOW_SLOW: dict[str, tuple[float, str]] = {
     "tests/test_preflight.py::test_check_config_raises_what_the_launch_raises": (400, "launches every bad case"),
     "tests/compare/test_compare.py::test_two_objectives_killed_mid_member": (600, "a compare killed and resumed"),
     "tests/test_docs.py::": (600, "runs the README's and guides' runnable blocks"),
+    # SLURM jobs run under slurmd (their CPU is not counted here) and wait out credential expiry on requeue:
+    # the wall limit (5x) is what holds them
+    "tests/slurm/": (240, "jobs on the local SLURM cluster: waits, requeues"),
 }
 
 
