@@ -46,7 +46,9 @@ def _spec(tmp_path: Path, **over) -> Path:
 
 def test_shipped_league_spec_plans_all_seven_with_their_teachers(tmp_path):
     plan = plan_compare(tmp_path / "c", "tiny_cpu", [])
-    assert plan.names == ["mae", "emae", "mae_plus", "adpe", "conmim", "dtm", "mapet"]
+    assert plan.names == ["mae", "emae", "mae_plus", "adpe", "conmim", "dtm", "mapet", "conmim_relpos"]
+    relpos = plan.member("conmim_relpos")
+    assert relpos.objective == "conmim" and relpos.overrides[1:] == ["model.pos_embed=relative"]
     assert plan.budget == {"kind": "minutes", "value": 10.0}
     teachers = {m.name: m.teachers for m in plan.members}
     assert teachers["dtm"] == ["clip"] and teachers["mapet"] == ["clip", "kclip"] and teachers["mae"] == []
