@@ -230,7 +230,9 @@ def export(src: str | Path, out: str | Path, fmt: str = "timm", step: int | None
     got_step = step
     ckpts = src / checkpoint.CKPT_DIR
     if src.is_dir() and ckpts.is_dir() and (step is not None or not (src / "model.safetensors").is_file()):
-        with tempfile.TemporaryDirectory(dir=Path(out).expanduser().resolve().parent) as tmp:
+        parent = Path(out).expanduser().resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=parent) as tmp:
             info = checkpoint.export(src, Path(tmp) / "encoder.safetensors", step)
             model, _ = model_from_weights(Path(tmp) / "encoder.safetensors")
             got_step, source = info["step"], info["checkpoint"]

@@ -151,3 +151,43 @@ def test_linear_probe_two_processes_match_one(tmp_path, fmnist_small):
     assert one["feature_rows_per_process"] == [2048] and two["feature_rows_per_process"] == [1024, 1024]
     # same global batches and averaged gradients; only the BatchNorm batch statistics differ (per half-batch)
     assert abs(one["top1"] - two["top1"]) <= 1.5, (one["top1"], two["top1"])
+
+
+def test_finetune_at_twice_the_grid_from_an_init_matches_one_grid(tmp_path, fmnist_small):
+    """From a timm-layout init (a ViT state dict with its own 1000-class head, trained here at 16 px = 4x4
+    patches by a 1x fine-tuning), fine-tuning at 32 px (8x8 patches: the learned position embedding resampled
+    bicubically) reaches the top-1 band of the 1x run."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+    torch.manual_seed(0)
+    init = tmp_path / "timm_init.safetensors"
+    timm_model = TimmViT(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=1000)
+    save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, str(init))
+    common = [
+        "train.epochs=2",
+        "train.batch_size=64",
+        "train.micro_batch_size=64",
+        "train.precision=fp32",
+        "train.log_every=16",
+        "optim.warmup_epochs=0.25",
+        "optim.blr=1e-2",
+        "finetune.mixup=0",
+        "finetune.cutmix=0",
+        "data.num_workers=1",
+        "data.shuffle_buffer=512",
+        "log.wandb=disabled",
+        *(f"finetune.{k}" for k in FM_NORM),
+    ]
+    top1, source = {}, init
+    for size in (16, 32):  # 1x from the timm file, then 2x from the 1x model (its fc_norm + head start fresh)
+        out = tmp_path / f"ft{size}"
+        p = _eval(
+            "finetune", source, fmnist_small, f"--out-dir={out}", f"--out={out}.json", f"model.img_size={size}", *common
+        )
+        top1[size] = json.loads((out / "result.json").read_text())["top1"]
+        log = p.stdout + p.stderr
+        assert "unexpected-and-ignored 2 (head.bias, head.weight)" in log  # the file's head: ignored, and said
+        source = out / "model.safetensors"
+    assert "fine-tuning at 32 px (8x8 patches); the source was trained at 16 px" in log
+    assert "pos_embed: bicubic 4x4 -> 8x8" in log
+    assert top1[16] > 25.0 and top1[32] > top1[16] - 10.0, top1  # chance: 10%
