@@ -6,6 +6,7 @@ the kNN evaluation on labelled shards, the encoder exported as ``encoder.safeten
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +29,8 @@ from .eval.knn import KNNEvaluator
 from .masking import MaskCollate
 from .objectives import Objective
 
+log = logging.getLogger("mimscale.train")
+
 
 class PretrainTask:
     name = "pretrain"
@@ -44,6 +47,7 @@ class PretrainTask:
         return identity(self.cfg)
 
     def write_config(self, derived: C.Derived, run_dir: Path) -> None:
+        self.run_dir = run_dir
         C.save_resolved(self.cfg, derived, run_dir / "config.yaml")
 
     def build(self) -> nn.Module:
@@ -107,6 +111,29 @@ class PretrainTask:
 
     def export(self, engine, run_dir: Path, is_main: bool) -> None:
         ds.save_encoder(engine, run_dir / "encoder.safetensors", is_main)
+        if is_main and run_dir == getattr(self, "run_dir", None):  # the end of the run, not a checkpoint
+            self.reconstructions(engine, run_dir)
+
+    def reconstructions(self, engine, run_dir: Path, count: int = 8) -> None:
+        """The final evaluation's picture (:mod:`.eval.reconstruct`): ``count`` fixed validation images (the kNN
+        queries, else the first training images) through the objective's pixel decoder. Rank 0 only; at ZeRO-3
+        the parameters are partitioned, so it is skipped with a line saying so."""
+        from .eval import reconstruct
+
+        objective = engine.module
+        if reconstruct.pixel_kind(objective) is None:
+            reconstruct.save(objective, torch.empty(0), (), (), run_dir)  # says "not a pixel objective"
+            return
+        if engine.zero_optimization_stage() == 3:
+            log.info("reconstructions skipped: parameters are partitioned at ZeRO-3 (export and reload to draw them)")
+            return
+        cfg, m = self.cfg, self.cfg.model
+        src = builtin.resolve(cfg.eval.knn_test, cfg.data.root) if cfg.eval.knn_test else self.train_src
+        size = reconstruct.image_size(objective)
+        tf = EvalTransform(size, mean=cfg.data.mean, std=cfg.data.std, in_chans=m.in_chans)
+        loader = capped_eval_loader(src, count, batch_size=count, transform=tf, rank=0, world_size=1, num_workers=0)
+        images = next(iter(loader))["image"][:count]
+        reconstruct.save(objective, images, cfg.data.mean, cfg.data.std, run_dir, seed=cfg.train.seed)
 
 
 def build_knn(cfg: C.Config, d: dist.DistEnv) -> KNNEvaluator | None:
