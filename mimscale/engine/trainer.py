@@ -103,6 +103,14 @@ class Trainer:
         cut = t.stop_after_steps or t.max_steps  # a hard cut; train.steps sets the schedule's length instead
         self.stop = min(self.derived.total_steps, cut or self.derived.total_steps)
         dv = self.derived
+        if d.is_main and cut and cut > dv.total_steps:
+            log.warning(
+                "train.stop_after_steps=%d is past the end of the run (%d steps): it has no effect; "
+                "train.steps=%d sets the run's length",
+                cut,
+                dv.total_steps,
+                cut,
+            )
         if d.is_main and t.steps is None and dv.total_steps < 100 and not cut:
             log.warning(
                 "this run is only %d optimizer steps (train.epochs=%g x %d steps of train.batch_size=%d per epoch of "
