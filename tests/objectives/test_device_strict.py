@@ -51,11 +51,15 @@ def _id(case: tuple[str, dict]) -> str:
     return name + "".join(f"-{k}={v}" for k, v in knobs.items())
 
 
-def build(name: str, knobs: dict) -> Objective:
+def build(name: str, knobs: dict, checkpointing: bool = False) -> Objective:
     torch.manual_seed(0)
     cls = available()[name]
-    enc = contract.build_vit("vit_micro", img_size=contract.IMG, patch_size=contract.PATCH, depth=2)
-    return cls(enc, dataclasses.replace(cls.tiny_config(), **knobs))
+    enc = contract.build_vit(
+        "vit_micro", img_size=contract.IMG, patch_size=contract.PATCH, depth=2, drop_path_rate=0.1
+    )  # drop-path on: its per-sample draw is step code too
+    obj = cls(enc, dataclasses.replace(cls.tiny_config(), **knobs))
+    obj.encoder.grad_checkpointing = checkpointing
+    return obj
 
 
 def on_meta(obj: Objective, dtype: torch.dtype) -> Objective:
@@ -114,11 +118,14 @@ def case(request) -> tuple[str, dict]:
     return request.param
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_step_runs_on_the_meta_device(case, dtype):
-    """forward + metrics packing + backward with everything on ``meta``: no CPU tensor, no host sync."""
+@pytest.mark.parametrize(
+    "dtype,checkpointing", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-ckpt"]
+)
+def test_step_runs_on_the_meta_device(case, dtype, checkpointing):
+    """forward + metrics packing + backward with everything on ``meta``: no CPU tensor, no host sync
+    (bf16 with activation checkpointing, as the large recipes train)."""
     name, knobs = case
-    obj = build(name, knobs)
+    obj = build(name, knobs, checkpointing)
     batch = contract.make_batch(obj)  # the real collate on CPU (train_transform also primes e.g. DTM's norm)
     obj = on_meta(obj, dtype)
     batch = meta_batch(batch)  # the loader's copy, before the step

@@ -54,11 +54,13 @@ def test_template_passes_the_contract(template, check):
     check(template)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_template_is_device_strict(template, dtype):
+@pytest.mark.parametrize(
+    "dtype,checkpointing", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-ckpt"]
+)
+def test_template_is_device_strict(template, dtype, checkpointing):
     """The template's step runs on the meta device (tests/objectives/test_device_strict.py): what users copy
     has no CPU tensor, host sync or blocking copy in its step."""
-    device_strict.test_step_runs_on_the_meta_device((template, {}), dtype)
+    device_strict.test_step_runs_on_the_meta_device((template, {}), dtype, checkpointing)
 
 
 def test_template_is_listed_and_its_ranges_checked(template, capsys):
