@@ -9,10 +9,10 @@ import json
 from html import escape
 from pathlib import Path
 
-from ..eval.reconstruct import META, NOT_PIXEL, PNG
-
 
 def _one(path: str, label: str) -> str:
+    from ..eval.reconstruct import META, NOT_PIXEL, PNG  # late: that module imports torch; `mimscale --help` must not
+
     d = Path(path)
     try:
         meta = json.loads((d / META).read_text())
