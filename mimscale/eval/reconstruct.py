@@ -59,10 +59,11 @@ def pixel_kind(objective: nn.Module) -> str | None:
 
 def image_size(objective: nn.Module) -> int:
     """The size the objective predicts at (the crop size of a multi-crop objective, else the encoder's)."""
-    cfg = getattr(objective, "cfg", None)
+    cfg: Any = getattr(objective, "cfg", None)
     if pixel_kind(objective) == "tokens" and getattr(cfg, "crop_size", None):
-        return int(cfg.crop_size)  # type: ignore[union-attr]
-    return int(objective.encoder.img_size)  # type: ignore[union-attr]
+        return int(cfg.crop_size)
+    enc: Any = objective.encoder
+    return int(enc.img_size)
 
 
 @torch.no_grad()
