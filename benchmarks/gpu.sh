@@ -5,7 +5,7 @@
 #     real transform + mask collate (loader excluded), 5 warm-up + 20 timed steps, each configuration in its
 #     own process; img/s, MFU (counted FLOPs / datasheet bf16 peak), peak memory, and the `bench plan`
 #     projection beside them;
-#  2. the real train path: `mimscale pretrain` of MAE ViT-L/16 (bf16, ZeRO-1, 100 steps + warm-up) on
+#  2. the real train path: `mimscale pretrain` of MAE ViT-L/16 (bf16, ZeRO-1, 60 steps + warm-up) on
 #     generated JPEG shards, through benchmarks/loop_overhead.py: the loop's img/s, MFU and peak memory, and
 #     loop / bench on the same shards (the whole Trainer vs the bare step).
 # By default the CUDA compiler is hidden (nvcc off PATH, CUDA_HOME pointing nowhere): the run proves that a
@@ -21,7 +21,7 @@
 # Environment knobs: GPU_SH_MODELS ("recipe:micro_batch[:zeros[:ckpts]] ...", lists comma-separated;
 # default "mae_vit_l16:128:1,3:0,1 mae_vit_h14:64:1:0,1"), GPU_SH_ZERO / GPU_SH_CKPT (the lists where a model
 # names none; "1 3" / "0 1"), GPU_SH_STEPS (20), GPU_SH_WARMUP (5), GPU_SH_WORLD_SIZE (1), GPU_SH_LOOP (1: run
-# part 2), GPU_SH_LOOP_STEPS (100), GPU_SH_LOOP_WORKERS (loader workers per rank; default cores/ranks - 2),
+# part 2), GPU_SH_LOOP_STEPS (60), GPU_SH_LOOP_WORKERS (loader workers per rank; default cores/ranks - 2),
 # GPU_SH_OUT (benchmarks/results), GPU_SH_ARCH_OVERRIDE (replace every recipe's encoder, e.g. vit_micro),
 # PYTHON (default: .venv/bin/python of this checkout, else python3).
 # Results: $GPU_SH_OUT/throughput-<host>-<date>-<recipe>.json + .svg per model (shown by `mimscale report ... --bench`).
@@ -50,8 +50,8 @@ if [ "$MODE" = gpu ]; then
   PLAN=(--plan-gpu auto)
   EXTRA=()
   ARCH="${GPU_SH_ARCH_OVERRIDE:-}"
-  LOOP_ARGS=(--recipe mae_vit_l16 --micro-batch 128 --precision bf16 --zero 1 --generate 4096
-             --steps "${GPU_SH_LOOP_STEPS:-100}" --log-every 10 --skip 2)
+  LOOP_ARGS=(--recipe mae_vit_l16 --micro-batch 128 --precision bf16 --zero 1 --generate 2048
+             --steps "${GPU_SH_LOOP_STEPS:-60}" --log-every 10 --skip 2)
   if [ "${GPU_SH_HIDE_NVCC:-1}" = 1 ]; then     # prove the no-compiler promise instead of hiding it
     PATH="$(printf '%s' "$PATH" | tr ':' '\n' | while read -r d; do [ -x "$d/nvcc" ] || printf '%s:' "$d"; done)"
     export PATH="${PATH%:}" CUDA_HOME=/nonexistent-cuda-home CUDA_PATH=/nonexistent-cuda-home

@@ -15,7 +15,7 @@ the per-repeat ratios ``loop img/s / bench img/s`` (target >= 0.97).
 
 Run:   python benchmarks/loop_overhead.py              (~6 min on 2 cores)
        python benchmarks/loop_overhead.py --recipe mae_vit_l16 --ranks 1 --micro-batch 128 --precision bf16 \
-           --generate 4096 --steps 100 --repeats 1 --name gpu_loop       (benchmarks/gpu.sh: one GPU)
+           --generate 2048 --steps 60 --repeats 1 --name gpu_loop        (benchmarks/gpu.sh: one GPU)
 
 ``--generate N`` writes N JPEG photos-like images (smooth random fields, 320x320, quality 90) into shards
 under ``--work`` first (a GPU node has no data set at hand). The loop's MFU and peak memory come from its
@@ -84,7 +84,7 @@ def run_loop(a, shards: str, work: Path, i: int) -> dict:
     ov = [
         *_common(a),
         f"data.train={shards}",
-        f"train.max_steps={a.steps + a.skip * a.log_every}",
+        f"train.stop_after_steps={a.steps + a.skip * a.log_every}",
         f"train.log_every={a.log_every}",
         f"train.run_dir={rd}",
         "train.resume=never",

@@ -20,6 +20,36 @@ def test_refuses_without_cuda_in_one_line():
     assert len(lines) == 1 and "no CUDA device" in lines[0] and "--cpu-smoke" in lines[0]
 
 
+FAKE_SMI = """#!/bin/sh
+if [ "$1" = "-L" ]; then echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"; exit 0; fi
+echo "| NVIDIA-SMI 535.54.03    Driver Version: 535.54.03    CUDA Version: 12.2 |"
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the script would run")
+@pytest.mark.parametrize("script", ["gpu.sh", "gpu_smoke.sh"])
+def test_a_driver_too_old_for_torch_is_named_not_no_cuda_device(tmp_path, script):
+    """nvidia-smi lists a GPU but torch cannot use it (an old driver says CUDA 12.2, torch is built for 13.0):
+    one line naming both versions and the fix, not "no CUDA device"."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(FAKE_SMI)
+    smi.chmod(0o755)
+    import os
+
+    p = run(
+        ["bash", str(REPO / "benchmarks" / script)],
+        env={"PATH": f"{tmp_path}:{os.environ['PATH']}"},
+        check=False,
+        timeout=120,
+    )
+    assert p.returncode == 3 and p.stdout == ""
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert line.startswith(f"{script}: error: nvidia-smi lists 1 GPU(s) (driver 535.54.03, CUDA 12.2)")
+    if torch.version.cuda and tuple(map(int, torch.version.cuda.split(".")[:2])) > (12, 2):
+        assert "driver is too old" in line and f"CUDA >= {torch.version.cuda}" in line
+    assert "no CUDA device" not in line
+
+
 def test_unknown_argument_is_one_line_exit_2():
     p = run(["bash", SCRIPT, "--fast"], check=False, timeout=30)
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--fast" in p.stderr
