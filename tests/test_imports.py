@@ -104,6 +104,7 @@ FLOORS = {  # a module of this floor may import only its own floor and those bel
     "mimscale.report": 7,
     "mimscale.compare": 7,
     "mimscale.preflight": 7,
+    "mimscale.export": 7,
     "mimscale.cli": 8,
     "mimscale.train": 8,
 }

@@ -345,7 +345,7 @@ def save_encoder(engine, path, is_main: bool) -> None:
     master = dict(master_params(engine, encoder))
     sd = encoder.export_state_dict({k: master.get(k, v) for k, v in full_state_dict(engine, encoder).items()})
     if is_main:
-        from ..export import metadata, timm_call
+        from ..models.describe import metadata, timm_call
 
         meta = metadata(encoder, getattr(engine.module, "name", None), Path(path).parent.name)
         meta["timm_call"] = timm_call(encoder, path)  # the header says what it is and how timm loads it

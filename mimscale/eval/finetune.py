@@ -339,7 +339,7 @@ class FinetuneTask:
         if is_main:
             from safetensors.torch import save_file
 
-            from ..export import metadata, timm_call
+            from ..models.describe import metadata, timm_call
 
             model, out = engine.module.model, run_dir / "model.safetensors"
             meta = {**metadata(model, "finetune", run_dir.name), "source": str(self.source.weights)}

@@ -71,12 +71,14 @@ def _locate(path: Path) -> Path:
         for name in ("encoder.safetensors", "model.safetensors", "pytorch_model.bin"):
             if (path / name).is_file():
                 return path / name
-        if (path / "checkpoints").is_dir():
-            from ..checkpoint import candidates
-
-            for c in candidates(path):
-                if (c / "encoder.safetensors").is_file():
-                    return c / "encoder.safetensors"
+        ckpts = path / "checkpoints"  # a run's checkpoints (mimscale/checkpoint.py's layout): `latest`, then newest
+        if ckpts.is_dir():
+            latest = ckpts / "latest"
+            tags = [latest.read_text().strip()] if latest.is_file() else []
+            tags += sorted((p.name for p in ckpts.glob("step_*")), reverse=True)
+            for tag in tags:
+                if (ckpts / tag / "encoder.safetensors").is_file():
+                    return ckpts / tag / "encoder.safetensors"
         raise CheckpointError(f"{path}: a directory without encoder.safetensors, model.safetensors or checkpoints/")
     raise CheckpointError(f"init weights not found: {path}")
 
