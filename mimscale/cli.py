@@ -101,7 +101,7 @@ def _parser() -> argparse.ArgumentParser:
         "crops: cheaper decoding in training; recorded in the manifest)",
     )
     fo.add_argument("--quality", type=int, default=90, metavar="Q", help="JPEG quality of shrunk images (default: 90)")
-    from .teachers.targets import add_parser as add_targets_parser
+    from .teachers.cli import add_targets_parser
 
     add_targets_parser(dsub)  # mimscale data add-targets: cached teacher targets (run via args.run)
     for mod in _PLUGGED:  # subcommands that live beside their code: add_parser(sub) and run(args) -> int
