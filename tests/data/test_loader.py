@@ -308,3 +308,19 @@ def test_loader_reads_webdataset_compatible_shards(shards, tmp_path):
                 tf.addfile(info, io.BytesIO(s[ext]))
     got = keys_of(ShardLoader(str(gz), samples_per_epoch=5, batch_size=1, transform=EVAL, num_workers=0, mode="eval"))
     assert got == [f"some/dir/{k}" for k in ours]
+
+
+def test_each_epoch_reorders_and_each_sample_draws_its_own_augmentation(shards, images):
+    """A new epoch reads the shards in a new order (no shuffle buffer here, so the order is the shards'), and
+    every sample of a stream has its own augmentation generator: identical images come out cropped differently."""
+    d, _ = shards([6] * 4)
+    ld = ShardLoader(d, batch_size=4, transform=TRAIN, num_workers=0, seed=3, shuffle_buffer=0)
+    ld.set_epoch(0)
+    first = keys_of(take(ld, len(ld)))
+    ld.set_epoch(1)
+    second = keys_of(take(ld, len(ld)))
+    assert sorted(first) == sorted(second) and first != second
+    same = images.png(0, size=(12, 10))
+    d, _ = shards([8], image=lambda g: ("png", same))
+    (batch,) = take(ShardLoader(d, batch_size=8, transform=TRAIN, num_workers=0, seed=3, shuffle_buffer=0), 1)
+    assert len({img.numpy().tobytes() for img in batch["image"]}) > 1
