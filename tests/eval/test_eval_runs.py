@@ -72,7 +72,8 @@ def test_trained_encoder_beats_random_init_linear_and_finetune(tmp_path, fmnist_
     trained = json.loads((rd / "eval" / "linear.json").read_text())
     random_init = json.loads((tmp_path / "random.linear.json").read_text())
     assert trained["test_samples"] == random_init["test_samples"] == 512
-    assert trained["top1"] > random_init["top1"] + 1.0, (trained["top1"], random_init["top1"])
+    # measured 69.1% vs 65.2% (+3.9; 1 point = 5 of the 512 test images)
+    assert trained["top1"] > random_init["top1"] + 2.5, (trained["top1"], random_init["top1"])
 
     p = _eval(
         "finetune",
@@ -94,7 +95,10 @@ def test_trained_encoder_beats_random_init_linear_and_finetune(tmp_path, fmnist_
     ft = json.loads((rd / "eval" / "finetune.json").read_text())
     assert "finetune top-1" in p.stdout
     assert ft["steps"] == 64 and len(ft["curve"]) == 2 and ft["world_size"] == 1
-    assert ft["top1"] > 25.0, ft["curve"]  # chance: 10%; measured 36.7% (2 epochs, RandAugment at 16 px)
+    # the fine-tune path learns (chance: 10%; measured 36.7%, 2 epochs, RandAugment at 16 px). It does not show
+    # that pre-training helps fine-tuning at this budget: the same fine-tune from the random init reached 33.8%
+    # (measured 2026-12-07), too close to assert on 512 images; the linear probe above carries that claim.
+    assert ft["top1"] > 25.0, ft["curve"]
     assert "finetune: step" in p.stderr and "pretrain: step" not in p.stderr  # progress says what it is
     assert "recipe finetune_vit_small" in p.stderr
     depth, decay = 4, 0.75  # vit_micro gets the small-ViT recipe (finetune_vit_small), not ViT-B/16's
