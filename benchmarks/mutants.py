@@ -68,7 +68,7 @@ MUTANTS: list[Mutant] = [
       ("tests/objectives/test_mae.py",), "patch pixels in (dx, dy) order"),
     M("emae_sc_stopgrad_inverted", "objectives", "mimscale/objectives/emae.py",
       'stopgrad = self.cfg.sc_stopgrad == "symmetric"', 'stopgrad = self.cfg.sc_stopgrad != "symmetric"',
-      ("tests/objectives/test_emae.py", "-m", "unit"), "issue 31 (1): EMAE's stop-gradient knob inverted"),
+      ("tests/objectives/test_emae.py", "-m", "unit", "-k", "stopgrad"), "issue 31 (1): EMAE's stop-gradient knob inverted"),
     M("dtm_schedule_rank0", "objectives", "mimscale/objectives/dtm.py",
       "self._draw_schedule(ctx.rank, ctx.step, 0)", "self._draw_schedule(0, ctx.step, 0)",
       ("tests/objectives/test_dtm.py", "-m", "unit"), "issue 31 (2): every rank draws rank 0's merge schedule"),
@@ -104,7 +104,8 @@ MUTANTS: list[Mutant] = [
     M("partition_parts_overlap", "masking", "mimscale/masking.py",
       "visible = order[:, : num_parts * keep].reshape(batch, num_parts, keep)  # [B, K, N_keep]",
       "visible = order[:, :keep].unsqueeze(1).expand(batch, num_parts, keep)",
-      ("tests/test_masking.py", "tests/objectives/test_emae.py", "-m", "unit"), "EMAE's parts all show the same patches"),
+      ("tests/test_masking.py", "tests/objectives/test_emae.py", "-m", "unit", "-k", "partition or parts"),
+      "EMAE's parts all show the same patches"),
     M("visible_indices_shifted", "masking", "mimscale/masking.py",
       "return torch.argsort(mask.to(torch.uint8), dim=-1, stable=True)[..., :num_keep]",
       "return torch.argsort(mask.to(torch.uint8), dim=-1, stable=True)[..., 1 : num_keep + 1]",
@@ -258,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
             if not a.no_baseline and m.tests not in baseline:
                 rc, took, out = run_tests(root, m.tests, a.timeout)
                 baseline[m.tests] = {"rc": rc, "seconds": round(took, 1), "failure": first_failure(out) if rc else ""}
+                if rc:
+                    print(f"baseline FAILS ({' '.join(m.tests)}): {first_failure(out)}", flush=True)
             base = baseline.get(m.tests, {"rc": 0})
             path = root / m.file
             original = path.read_text()
@@ -276,16 +279,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"caught {caught}/{len(results)}")
     date = dt.date.today().isoformat()
     out_path = Path(a.out) if a.out else REPO / "benchmarks" / "results" / f"mutants-{date}.json"
+    for r in results:
+        r["source"] = source
+    base_rows = [{"tests": list(k), "source": source, **v} for k, v in baseline.items()]
+    if a.only and out_path.exists():  # a re-run of some mutants: merge into that day's results
+        old = json.loads(out_path.read_text())
+        ids = {r["id"] for r in results}
+        results = [r for r in old["mutants"] if r["id"] not in ids] + results
+        order = {m.id: i for i, m in enumerate(MUTANTS)}
+        results.sort(key=lambda r: order.get(r["id"], len(order)))
+        base_rows = old.get("baseline", []) + base_rows
+    caught = sum(r["verdict"] == "caught" for r in results)
     doc = {
         "benchmark": "mutants",
         "date": date,
         "machine": platform.node(),
-        "source": source,
         "caught": caught,
         "total": len(results),
-        "baseline": [{"tests": list(k), **v} for k, v in baseline.items()],
+        "baseline": base_rows,
         "mutants": results,
     }
+    print(f"in {out_path.name}: caught {caught}/{len(results)}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out_path}")
