@@ -262,7 +262,41 @@ def test_runnable_block(block, tmp_path):
     assert got.returncode == 0, f"{block.id} exited {got.returncode}:\n{(got.stdout + got.stderr)[-4000:]}"
 
 
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", ""))
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    return {slug(line.lstrip("#")) for line in path.read_text().splitlines() if line.startswith("#")}
+
+
+@pytest.mark.parametrize("page", [p for p in DOCS if p.exists()], ids=lambda p: str(p.relative_to(REPO)))
+def test_links_point_at_files_and_headings_that_exist(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if target.startswith(("http://", "https://", "mailto:")):
+            continue
+        file, _, anchor = target.partition("#")
+        dest = (page.parent / file).resolve() if file else page
+        if not dest.exists() or (anchor and dest.suffix == ".md" and anchor not in anchors(dest)):
+            broken.append(target)
+    assert not broken, f"{page.relative_to(REPO)}: broken links {broken}"
+
+
 # ----------------------------------------------------------------------------- the checker itself
+
+
+def test_slug_is_githubs():
+    assert slug(" The first league") == "the-first-league"
+    assert (
+        slug("`mimscale compare`: every objective at equal compute")
+        == "mimscale-compare-every-objective-at-equal-compute"
+    )
 
 
 def test_commands_split_operators_comments_and_continuations():
