@@ -278,3 +278,14 @@ def test_hf_vitmae_for_pretraining_loads_encoder_and_decoder(tmp_path, monkeypat
     mask = out.mask.bool()  # 1 = hidden, in raster order
     pred = obj.predict(X, mask)
     assert torch.allclose(pred, out.logits, atol=1e-4)
+
+
+def test_beit_at_a_new_grid_resizes_the_relative_table(tmp_path):
+    m, sd = _timm_beit(shared=True)
+    _save(sd, tmp_path / "beit.safetensors")
+    big = build_vit("vit_micro", 64, 8, pos_embed="relative", layer_scale_init=0.1).eval()
+    line = init_module(big, tmp_path / "beit.safetensors")[0]
+    assert "relative_position_bias_table: bicubic 4x4 -> 8x8" in line and "missing 0" in line
+    want = resample_rel_pos_table(sd["blocks.0.attn.relative_position_bias_table"], 8)
+    assert torch.allclose(big.rel_pos_bias.relative_position_bias_table, want)
+    assert big(torch.randn(1, 3, 64, 64)).shape == (1, 64)
