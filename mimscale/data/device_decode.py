@@ -243,10 +243,12 @@ def _ieee_fp32(device: torch.device):
 class DeviceDecoder:
     """Batched decode + crop + resize + flip + normalise of a packed batch on ``device`` (main process).
 
-    Per batch on CUDA: one nvJPEG batch decode (ordered with the caller's stream, :func:`decode_in_order`), one
-    pinned, non-blocking copy of the crop plan, the resize weights of every view at once (:func:`resize_weights`,
-    flips folded in), then per group of same-size images one stack and two matrix products, and one rounding +
-    normalisation of the whole batch (mean / std made once per device). No host synchronisation of its own.
+    Per batch on CUDA: one nvJPEG batch decode (ordered with the caller's stream, :func:`decode_in_order`; the
+    decoder waits on the host for its own private stream, never for the training stream); for images that share
+    a size, one pinned, non-blocking copy of their crop plan, the resize weights of all their views at once
+    (:func:`resize_weights`, flips folded in), then per size one stack and two matrix products; an image of a
+    size of its own: a crop + resize per view; then one rounding + normalisation of the whole batch (mean / std
+    made once per device). No blocking host-to-device copy, no other host synchronisation.
     """
 
     def __init__(self, views: Sequence[TrainTransform], stacked: bool, streams: Any = None):
