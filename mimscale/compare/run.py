@@ -38,7 +38,7 @@ from ..errors import MimscaleError
 from .spec import Member, Plan, placeholder_overrides, teacher_overrides
 
 CALIBRATE_STEPS = 60
-EPOCH_CAP = 3.0  # minutes budget: epochs = EPOCH_CAP x the calibrated estimate (the clock ends the run)
+EPOCH_CAP = 10.0  # minutes budget: epochs = EPOCH_CAP x the calibrated estimate (a cap; the clock ends the run)
 EXIT_REQUEUE = 42  # a child saved on a signal (mimscale.checkpoint.EXIT_REQUEUE, without importing deepspeed)
 SAVE_EVERY_MINUTES = 2.0
 LAUNCHES = ("none", "srun")

@@ -226,7 +226,7 @@ def test_schedules_end_at_the_budget(tmp_path):
     cfg = load("tiny_cpu", [])
     minutes = plan_compare(tmp_path / "a", str(_spec(tmp_path)), [], ["mae"], minutes=10)
     s = schedule(minutes, {"img_per_s": 600.0}, 60000, cfg)
-    assert s["epochs"] == pytest.approx(EPOCH_CAP * 10 * 60 * 600 / 60000)  # a cap: 6 epochs at 600 img/s, x3
+    assert s["epochs"] == pytest.approx(EPOCH_CAP * 10 * 60 * 600 / 60000)  # a cap: 6 epochs at 600 img/s, x EPOCH_CAP
     assert "train.max_minutes=10.0" in s["knobs"] and "eval.knn_every_minutes=3.3333" in s["knobs"]
     assert "train.schedule_by_time=true" in s["knobs"]  # the clock, not the calibration, ends the schedule
     flops = plan_compare(tmp_path / "b", str(_spec(tmp_path)), [], ["mae"], mae_epochs=2)
