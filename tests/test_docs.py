@@ -132,6 +132,33 @@ def check_mimscale(args: list[str]) -> None:
         return  # --help
     if ns.cmd in ("pretrain", "check-config"):
         check_config([a for a in ([ns.config] if ns.config else []) + ns.overrides])
+    if ns.cmd == "eval":
+        check_eval(ns)
+
+
+def check_eval(ns) -> None:
+    """``mimscale eval KIND SOURCE ... key=value``: options and knobs parsed and typed as the command does."""
+    import argparse
+
+    from mimscale import config as C
+    from mimscale.eval import cli as ev
+
+    again = argparse.ArgumentParser(add_help=False)
+    ev._options(again, suppress=True)
+    again.add_argument("overrides", nargs="*")
+    rest = again.parse_intermixed_args(ns.rest)
+    if ns.kind == "knn":
+        ev._knobs(ev.KNNConfig, rest.overrides)
+    elif ns.kind == "linear":
+        from mimscale.eval.linear import LinearConfig
+
+        ev._knobs(LinearConfig, rest.overrides)
+    else:
+        from mimscale.eval.finetune import RECIPE_DIR, FinetuneRecipe
+
+        recipe = getattr(rest, "recipe", None) or ns.recipe or "finetune_vit_b16"
+        path = RECIPE_DIR / f"{recipe}.yaml"
+        C.from_dict(FinetuneRecipe, C.load_raw(str(path) if path.is_file() else recipe, rest.overrides))
 
 
 def check_module(args: list[str]) -> None:
@@ -321,6 +348,8 @@ def test_console_sessions_and_matching():
     [
         ("mimscale pretrain optim.bl=1e-3", "optim.bl"),
         ("mimscale export runs/a --outt x", "--outt"),
+        ("mimscale eval linear runs/a --data d --test t epochz=3", "epochz"),
+        ("mimscale eval finetune runs/a --data d --test t train.epochz=3", "epochz"),
         ("torchrun --nproc_per_node 8 -m mimscale.train tiny_cpu train.epochs=0", "train.epochs"),
         ("sbatch slurm/pretrain.sh tiny_cpu objective.mask_ratio=0", "objective.mask_ratio"),
         ("sbatch slurm/no_such.sh tiny_cpu", "no such script"),
