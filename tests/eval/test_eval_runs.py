@@ -118,7 +118,8 @@ def test_trained_encoder_beats_random_init_linear_and_finetune(tmp_path, fmnist_
     from mimscale.report.data import load_run
 
     r = load_run(rd)
-    assert r.linear_best == pytest.approx(trained["top1"]) and r.finetune_best == pytest.approx(ft["top1"])
+    assert r.linear_best == pytest.approx(trained["best_top1"]) and r.finetune_best == pytest.approx(ft["best_top1"])
+    assert r.linear_final == pytest.approx(trained["top1"]) and r.finetune_final == pytest.approx(ft["top1"])
 
 
 def test_linear_probe_two_processes_match_one(tmp_path, fmnist_small):
