@@ -605,7 +605,9 @@ def _encode_image(data: bytes, ext: str, cap: tuple[int, int] | None) -> tuple[s
         if img.format == "JPEG":
             img.draft(None, size)  # DCT-domain reduction to >= size (libjpeg-turbo), then an exact resize
     native = ext in _NATIVE and img.mode in _NATIVE_MODES and getattr(img, "n_frames", 1) == 1
-    img.load()  # the one full decode: raises on truncated / corrupt data
+    if native and not shrink and img.format == "JPEG":  # stored as is: only the statistics need pixels, so
+        img.draft(None, (_STATS_SIDE, _STATS_SIDE))  # decode at a DCT scale >= 64 px (still reads every byte)
+    img.load()  # the one decode: raises on truncated / corrupt data
     rgb = _to_rgb(img)
     field, out, resized = ext, data, False
     if shrink:
@@ -618,9 +620,8 @@ def _encode_image(data: bytes, ext: str, cap: tuple[int, int] | None) -> tuple[s
         buf = io.BytesIO()
         rgb.save(buf, format="PNG")
         field, out = "png", buf.getvalue()
-    thumb = rgb.copy()
-    thumb.thumbnail((_STATS_SIDE, _STATS_SIDE))
-    px = np.asarray(thumb, dtype=np.float64).reshape(-1, 3) / 255.0
+    rgb.thumbnail((_STATS_SIDE, _STATS_SIDE))  # (in place: the stored bytes are made above)
+    px = np.asarray(rgb, dtype=np.float64).reshape(-1, 3) / 255.0
     stats = np.stack([px.sum(0), (px * px).sum(0), np.full(3, float(len(px)))])
     return field, out, stats, resized
 
