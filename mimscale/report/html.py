@@ -636,7 +636,8 @@ def _league_plots(league: League) -> str:
 
 def _teacher_section(league: League) -> str:
     if league.target is None:
-        return f'<p class="meta" id="no-common-target">No common target: {escape(league.target_source)}.</p>'
+        why = league.target_source or "no common target"
+        return f'<p class="meta" id="no-common-target">{escape(why[:1].upper() + why[1:])}.</p>'
     return _league_table(league, "league-teacher", TEACHER_COLS, league.rank_with_teacher, _teacher_row)
 
 
