@@ -311,6 +311,19 @@ def set_hparams(engine, lr: float, weight_decay: float) -> None:
         g["weight_decay"] = weight_decay * g.get("wd_scale", 1.0)
 
 
+def loss_scale(engine) -> float:
+    """The factor DeepSpeed multiplies the loss by before ``backward`` in the coming step: the fp16 loss scaler's
+    current scale (a Python float, no device read; DeepSpeed changes it only inside ``engine.step()``), else 1."""
+    if not engine.fp16_enabled():
+        return 1.0
+    opt = engine.optimizer
+    for holder in (opt, getattr(opt, "loss_scale_config", None), getattr(opt, "loss_scaler", None)):
+        scale = getattr(holder, "cur_scale", None)
+        if scale is not None:
+            return float(scale)
+    return 1.0
+
+
 def grad_norm(engine) -> float | None:
     """The global gradient 2-norm of the last optimizer step, before clipping; ``None`` where DeepSpeed does not
     compute one (fp32 without ZeRO). A host read: call it only when logging."""

@@ -89,3 +89,6 @@ class Task(Protocol):
     def summary(self) -> dict[str, Any]: ...
 
     def export(self, engine, run_dir: Path, is_main: bool) -> None: ...
+
+    # optional: ``write_report(run_dir)``, called on rank 0 after every evaluation and at the end (pre-training's
+    # live report.html); the engine never imports the report package itself

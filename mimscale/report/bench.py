@@ -66,7 +66,7 @@ def _num(v: Any, fmt: str) -> str:
 
 def bench_section(doc: dict[str, Any]) -> str:
     """``<h2>Benchmarks</h2>``, a table of every configuration (img/s also relative to ZeRO-0) and a plot."""
-    from ..bench.throughput import ratios, sweep_svg
+    from .sweep import ratios, sweep_svg
 
     rows = doc["results"]
     rel = ratios(rows) if rows else []

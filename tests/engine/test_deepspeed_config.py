@@ -193,3 +193,27 @@ def test_engine_steps_never_synchronize_the_device(dist_single, monkeypatch):
         engine.step()
     assert engine.global_steps == 4
     assert calls == []
+    assert ds.loss_scale(engine) == 1.0  # bf16: nothing scales the loss
+
+
+def test_loss_scale_reads_each_deepspeed_fp16_optimizer_layout():
+    """fp16 needs CUDA (refused on CPU), so the three places DeepSpeed 0.19 keeps the scale are built from its own
+    loss scaler: ZeRO-1/2/3 (``optimizer.cur_scale``), FP16_Optimizer (``loss_scale_config.cur_scale``) and an
+    optimizer that only holds ``loss_scaler``."""
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaleConfig
+
+    scaler = LossScaleConfig(torch.float16, True, 1.0, None, initial_dynamic_scale=2.0**12)
+    assert scaler.cur_scale == 4096.0
+    layouts = [
+        SimpleNamespace(cur_scale=scaler.cur_scale),
+        SimpleNamespace(loss_scale_config=scaler),
+        SimpleNamespace(loss_scaler=scaler),
+    ]
+    for opt in layouts:
+        engine = SimpleNamespace(fp16_enabled=lambda: True, optimizer=opt)
+        assert ds.loss_scale(engine) == 4096.0
+        assert isinstance(ds.loss_scale(engine), float)
+    off = SimpleNamespace(fp16_enabled=lambda: False, optimizer=layouts[0])
+    assert ds.loss_scale(off) == 1.0
