@@ -102,6 +102,9 @@ class TrainConfig:
     nonfinite_patience: int = num(20, ">= 1")  # non-finite steps in a row before on_nonfinite acts
     on_nonfinite: Literal["rollback", "stop"] = "stop"  # rollback: reload the last checkpoint, lr x rollback_lr_scale
     rollback_lr_scale: float = num(0.5, "(0, 1]")
+    # progressive resolution: [[fraction of the budget, img_size], ...] from fraction 0, ending at model.img_size,
+    # e.g. [[0.0, 16], [0.7, 32]]: 16 px for the first 70 % of the lr schedule, then full (docs/guide/recipes.md)
+    resolution_schedule: tuple[tuple[float, int], ...] | None = None
 
 
 @dataclass
@@ -466,6 +469,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop_scale={list(d.crop_scale)} must satisfy 0 < min <= max <= 1")
     if (e.knn_train is None) != (e.knn_test is None):
         raise ConfigError("eval.knn_train and eval.knn_test must be set together")
+    if t.resolution_schedule is not None:
+        check_resolution_schedule(cfg, cls)
+
+
+def check_resolution_schedule(cfg: Config, objective: type) -> None:
+    """``train.resolution_schedule``: fractions increasing from 0 within [0, 1), sizes multiples of the patch size
+    up to the last, which is model.img_size; an objective and encoder that can follow it."""
+    m, sched = cfg.model, cfg.train.resolution_schedule
+    key = "train.resolution_schedule"
+    if not sched:
+        raise ConfigError(f"{key} is empty; give [[0.0, SIZE], ..., [FRACTION, {m.img_size}]] or leave it unset")
+    fractions, sizes = [f for f, _ in sched], [s for _, s in sched]
+    if fractions[0] != 0.0:
+        raise ConfigError(f"{key} must start at fraction 0.0 (the size of the first steps), got {fractions[0]}")
+    if any(not 0.0 <= f < 1.0 for f in fractions) or any(b <= a for a, b in zip(fractions, fractions[1:])):
+        raise ConfigError(f"{key}: the fractions {fractions} must increase within [0, 1)")
+    for s in sizes:
+        if s < m.patch_size or s % m.patch_size:
+            raise ConfigError(f"{key}: size {s} is not a positive multiple of model.patch_size={m.patch_size}")
+        if s > m.img_size:
+            raise ConfigError(f"{key}: size {s} is larger than model.img_size={m.img_size}")
+    if sizes[-1] != m.img_size:
+        raise ConfigError(
+            f"{key} must end at model.img_size={m.img_size} (the size it is exported at), got {sizes[-1]}"
+        )
+    if not getattr(objective, "supports_resolution_schedule", False):
+        raise ConfigError(f"{key}: objective '{cfg.objective['name']}' trains only at model.img_size; unset it")
+    if m.pos_embed == "relative":
+        raise ConfigError(f"{key} needs an absolute position embedding (model.pos_embed=sincos or learned)")
 
 
 def _walk(node: Any, prefix: str = ""):

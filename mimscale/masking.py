@@ -238,3 +238,30 @@ class MaskCollate:
         batch = (self.base or default_collate)(samples, generator)
         batch.update(self.spec.generate(len(samples), generator))
         return batch
+
+
+def grid_key(img_size: int, key: str) -> str:
+    """The batch key of mask entry ``key`` for ``img_size`` images under a resolution schedule: ``"32px/mask"``."""
+    return f"{img_size}px/{key}"
+
+
+class GridMasks:
+    """Masks for every image size of a resolution schedule (``train.resolution_schedule``), picklable for workers.
+
+    ``specs`` maps image size -> that grid's generator; ``full`` is ``model.img_size``. The full size's entries
+    keep their plain keys and are drawn first, so they equal a schedule-less run's; each smaller size's follow
+    under :func:`grid_key` (``"16px/mask" bool [B, 16]``). Which size a step trains on is the trainer's choice
+    (:func:`mimscale.engine.resolution.at_size` picks the entries), so the loader's stream and state do not
+    depend on it: a resumed run regenerates the same batches wherever the switch falls.
+    """
+
+    def __init__(self, specs: dict[int, MaskGenerator], full: int):
+        if full not in specs:
+            raise ValueError(f"GridMasks needs the full size {full} among {sorted(specs)}")
+        self.specs, self.full = dict(specs), full
+
+    def generate(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        out = dict(self.specs[self.full].generate(batch, generator))
+        for size in sorted(s for s in self.specs if s != self.full):
+            out.update({grid_key(size, k): v for k, v in self.specs[size].generate(batch, generator).items()})
+        return out

@@ -26,7 +26,7 @@ from .engine.resume import identity
 from .engine.task import Evaluation
 from .engine.trainer import Trainer
 from .eval.knn import KNNEvaluator
-from .masking import MaskCollate
+from .masking import GridMasks, MaskCollate
 from .objectives import Objective
 
 log = logging.getLogger("mimscale.train")
@@ -34,7 +34,6 @@ log = logging.getLogger("mimscale.train")
 
 class PretrainTask:
     name = "pretrain"
-    live_report = True  # the Trainer rewrites RUN_DIR/report.html after every evaluation and at the end
 
     def __init__(self, cfg: C.Config):
         self.cfg = cfg
@@ -45,6 +44,13 @@ class PretrainTask:
 
     def identity(self) -> dict:
         return identity(self.cfg)
+
+    def write_report(self, run_dir: Path) -> None:
+        """Called by the Trainer on rank 0 after every evaluation and at the end: ``RUN_DIR/report.html``, which
+        reloads itself in the browser while the run trains and is static once summary.json exists."""
+        from .report import write_live_report
+
+        write_live_report(run_dir)
 
     def write_config(self, derived: C.Derived, run_dir: Path) -> None:
         self.run_dir = run_dir
@@ -79,7 +85,7 @@ class PretrainTask:
                     in_chans=m.in_chans,
                 )
             ),
-            collate=MaskCollate(objective.mask_spec()),
+            collate=MaskCollate(self._masks(objective)),
             num_workers=cfg.data.num_workers,
             seed=t.seed,
             shuffle_buffer=cfg.data.shuffle_buffer,
@@ -87,6 +93,13 @@ class PretrainTask:
             pin_memory=accelerator == "cuda",
             decode=cfg.data.decode,
         )
+
+    def _masks(self, objective: Objective):
+        """The objective's masks; with ``train.resolution_schedule`` those of every scheduled size (GridMasks)."""
+        sched, full = self.cfg.train.resolution_schedule, self.cfg.model.img_size
+        if not sched:
+            return objective.mask_spec()
+        return GridMasks({s: objective.mask_spec_at(s) for _, s in sched}, full)
 
     def evaluation(self, d: dist.DistEnv, derived: C.Derived) -> Evaluation | None:
         knn = build_knn(self.cfg, d)

@@ -22,6 +22,7 @@ class TrainState:
     nonfinite_total: int = 0
     nonfinite_in_row: int = 0
     lr_scale: float = 1.0
+    train_flops: float = 0.0  # training FLOPs so far, each step at its own resolution (perf/train_pflops)
     wandb_id: str | None = None
     summary: dict[str, Any] = field(default_factory=dict)
 

@@ -31,6 +31,7 @@ from .build import configure_backends
 from .cadence import Clock, EvalCadence, SaveCadence, TimeLimit
 from .flags import Agreed, StepFlags
 from .nonfinite import NonFinitePolicy
+from .resolution import ResolutionSchedule, at_size
 from .resume import all_ranks, restore
 from .schedule import cosine, time_budget_total, warmup_cosine
 from .signals import Signals
@@ -136,6 +137,13 @@ class Trainer:
             purge_step=self.state.step + 1 if self.found is not None else None,
         )
         self.flops = cast(StepHooks, self.module).flops_per_sample()
+        sched, self.size = t.resolution_schedule, cfg.model.img_size
+        self.resolution = ResolutionSchedule(sched, self.size) if sched else None
+        self._size_said: int | None = None
+        at = getattr(self.module, "flops_per_sample_at", None)  # progressive resolution: FLOPs of each size
+        self._flops_at = {s: at(s) for s in self.resolution.distinct_sizes()} if self.resolution and at else {}
+        if self.found is not None and not self.state.train_flops:  # a checkpoint from before the counter
+            self.state.train_flops = self.flops * self.state.step * t.batch_size
         self.peak = peak_flops_for(self.device, t.precision)  # per device: datasheet on GPUs, measured on CPUs
         self.summary = {
             **task.summary(),
@@ -192,6 +200,7 @@ class Trainer:
                     continue
             else:
                 st.step += 1
+                st.train_flops += self.flops * cfg.train.batch_size  # at this step's resolution
                 self.nonfinite.good()
                 self.engine.module.after_optimizer_step(replace(ctx, step=st.step))
                 if agreed.metrics:
@@ -227,7 +236,7 @@ class Trainer:
         collective each): its backward would already have put NaN into the accumulated gradients."""
         gas, done, skipped_before = self.derived.grad_accum, 0, self.engine.skipped_steps
         while True:
-            out = self.engine(self.loader.to_device(next(batches), self.device))
+            out = self.engine(self._device_batch(next(batches)))
             loss = out.loss
             for hook in self.loss_hooks:
                 loss = hook(self.state.step, loss)
@@ -265,9 +274,24 @@ class Trainer:
         while True:
             yield from self.loader
 
+    def _device_batch(self, batch: dict) -> dict:
+        """The batch on the device, at this step's image size under ``train.resolution_schedule``."""
+        b = self.loader.to_device(batch, self.device)
+        return b if self.resolution is None else at_size(b, self.size, self.resolution.full)
+
+    def _follow_resolution(self, fraction: float) -> None:
+        """The schedule's image size at ``fraction`` of the budget (the lr schedule's position), and its FLOPs."""
+        assert self.resolution is not None
+        size = self.resolution.size_at(fraction)
+        if size != self._size_said and self.d.is_main:
+            log.info("resolution: %d px from step %d (%s)", size, self.state.step, self.resolution)
+        self.size, self.flops, self._size_said = size, self._flops_at[size], size
+
     def _step_context(self) -> StepContext:
         st, dv, o = self.state, self.derived, self.cfg.optim
         total = self._schedule_total()
+        if self.resolution is not None:
+            self._follow_resolution(st.step / total)
         lr = st.lr_scale * warmup_cosine(st.step, total, dv.warmup_steps, dv.lr, o.min_lr)
         wd = cosine(
             st.step,
@@ -286,6 +310,7 @@ class Trainer:
             rank=self.d.rank,
             world_size=self.d.world_size,
             grad_accum=dv.grad_accum,
+            loss_scale=ds.loss_scale(self.engine),
             master_params=partial(ds.master_params, self.engine),
             master_shards=partial(ds.master_shards, self.engine),
             master_fragments=partial(ds.master_fragments, self.engine),
@@ -323,7 +348,7 @@ class Trainer:
                 "perf/step_time_s": t.batch_size / max(rate, 1e-9),
                 **memory_stats(self.device),
                 "time/device_hours": self.clock.device_hours(),
-                "perf/train_pflops": self.flops * st.step * t.batch_size / 1e15,
+                "perf/train_pflops": st.train_flops / 1e15,  # the actual per-step FLOPs summed
                 **{f"data/{k}": float(v) for k, v in self.loader.stats.items()},
             }
         )
@@ -396,7 +421,10 @@ class Trainer:
             img_per_s=rate,
             nonfinite_skipped=st.nonfinite_total,
             collectives_per_step=self.flags.collectives / max(self._steps_run(), 1),
+            train_pflops=st.train_flops / 1e15,
         )
+        if self.resolution is not None and st.step:  # the run's mean: MAE-equivalent epochs count the real sizes
+            self.summary["flops_per_sample"] = st.train_flops / (st.step * self.cfg.train.batch_size)
         if stopped_by == "signal":
             self.save()
             self.summary["exit_code"] = ckpt.EXIT_REQUEUE
@@ -414,15 +442,14 @@ class Trainer:
         return self.summary
 
     def _live_report(self) -> None:
-        """Rank 0 rewrites ``RUN_DIR/report.html`` (tasks with ``live_report = True``): it reloads itself in the
-        browser while the run trains and is static once summary.json exists. Not training time."""
-        if not (self.d.is_main and getattr(self.task, "live_report", False)):
+        """Rank 0 has the task rewrite its report (tasks with a ``write_report(run_dir)``, e.g. pre-training's
+        ``RUN_DIR/report.html``, which reloads itself while the run trains). Not training time."""
+        write = getattr(self.task, "write_report", None)
+        if not (self.d.is_main and write is not None):
             return
-        from ..report import write_live_report
-
         with self.clock.pause():
             self.logger.flush()
-            write_live_report(self.run_dir)
+            write(self.run_dir)
 
     def _can_roll_back(self) -> bool:
         return bool(ckpt.candidates(self.run_dir))

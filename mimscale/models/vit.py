@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .pos_embed import sincos_2d
+from .pos_embed import resample_abs_pos_embed, sincos_2d
 
 __all__ = [
     "ARCHS",
@@ -563,13 +563,38 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def embed(self, x: Tensor) -> Tensor:
+    def embed(self, x: Tensor, any_size: bool = False) -> Tensor:
         """Patch embedding plus the patch slots of ``pos_embed``.
 
-        ``x: [B, C, H, W]`` (any float dtype; cast to the weight dtype) -> ``[B, N, D]``.
+        ``x: [B, C, H, W]`` (any float dtype; cast to the weight dtype) -> ``[B, N, D]``. With ``any_size`` a
+        square ``x`` of another multiple of the patch size is embedded on its own grid ``g = H / p`` (``N = g*g``;
+        progressive resolution, ``train.resolution_schedule``) with :meth:`pos_for_grid`'s position embedding.
         """
         x = x.to(self.patch_embed.proj.weight.dtype)
-        return self.add_pos(self.patch_embed(x))
+        h, w = x.shape[-2:]
+        if not any_size or (h, w) == (self.img_size, self.img_size) or h != w or h % self.patch_size:
+            return self.add_pos(self.patch_embed(x))  # the built grid (or PatchEmbed's one-line error)
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)  # [B, g*g, D]
+        if self.pos_embed is None:
+            raise ValueError("pos_embed='relative' runs only on the built grid (its table is not resampled per step)")
+        return tokens + self.pos_for_grid(h // self.patch_size)[:, 1:].to(tokens.dtype)
+
+    def pos_for_grid(self, grid: int) -> Tensor:
+        """``pos_embed`` on a ``grid x grid`` patch grid: ``[1, 1 + grid*grid, D]`` (cls slot first). Sin-cos is
+        regenerated for the grid (cached per grid and device); learned is resampled bicubic as timm does
+        (:func:`~.pos_embed.resample_abs_pos_embed`; differentiable, so the built table keeps training)."""
+        pos = self.pos_embed
+        if pos is None:
+            raise ValueError("pos_embed='relative' has no absolute position embedding")
+        if grid == self.grid_size:
+            return pos
+        if isinstance(pos, nn.Parameter):
+            return resample_abs_pos_embed(pos, grid)
+        cache = self.__dict__.setdefault("_grid_pos", {})
+        key = (grid, pos.device, pos.dtype)
+        if key not in cache:
+            cache[key] = sincos_2d(self.embed_dim, grid, cls_token=True).to(device=pos.device, dtype=pos.dtype)
+        return cache[key]
 
     def add_pos(self, tokens: Tensor) -> Tensor:
         """Add the absolute embedding of the patch slots: ``[B, N, D] -> [B, N, D]`` (identity for
@@ -626,18 +651,19 @@ class VisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward_features(self, x: Tensor, keep_idx: Tensor | None = None) -> Tensor:
+    def forward_features(self, x: Tensor, keep_idx: Tensor | None = None, any_size: bool = False) -> Tensor:
         """Encode an image, optionally on a per-sample subset of patches.
 
         Args:
             x: ``[B, C, H, W]``.
             keep_idx: ``[B, K]`` long patch indices in ``0..N-1`` (raster order),
                 may differ per sample; ``None`` keeps all ``N`` patches.
+            any_size: accept another square multiple of the patch size (its own grid, see :meth:`embed`).
 
         Returns:
             ``[B, 1 + K, D]`` (cls first, then the kept patches in ``keep_idx`` order).
         """
-        t = self.embed(x)
+        t = self.embed(x, any_size)
         bias = None
         if keep_idx is not None:
             t = self.gather_tokens(t, keep_idx)

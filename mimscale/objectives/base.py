@@ -89,6 +89,10 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
     Config: ClassVar[type]
     #: where the method's defaults come from, shown by `mimscale objectives` (official code, or why not)
     reference: ClassVar[str] = ""
+    #: trains on smaller grids early on (``train.resolution_schedule``): ``forward`` follows the batch's grid
+    #: (``image`` of a smaller multiple of the patch size, masks of :meth:`mask_spec_at`) and
+    #: :meth:`flops_per_sample_at` counts it; objectives without it refuse the schedule in one line
+    supports_resolution_schedule: ClassVar[bool] = False
 
     def __init__(self, encoder: VisionTransformer, cfg):
         super().__init__()
@@ -99,6 +103,18 @@ class Objective(nn.Module, metaclass=abc.ABCMeta):
         """What the collate generates per batch: a ``MaskSpec`` or any picklable object with
         ``generate(batch: int, generator) -> dict[str, Tensor]`` (runs in loader workers, on CPU)."""
         return MaskSpec("none", self.encoder.num_patches)
+
+    def mask_spec_at(self, img_size: int) -> MaskGenerator:
+        """The masks for ``img_size`` images (progressive resolution; only with ``supports_resolution_schedule``)."""
+        if img_size != self.encoder.img_size:
+            raise NotImplementedError(f"{type(self).__name__} trains only at model.img_size={self.encoder.img_size}")
+        return self.mask_spec()
+
+    def flops_per_sample_at(self, img_size: int) -> float:
+        """Training FLOPs per image of ``img_size`` pixels (progressive resolution)."""
+        if img_size != self.encoder.img_size:
+            raise NotImplementedError(f"{type(self).__name__} trains only at model.img_size={self.encoder.img_size}")
+        return self.flops_per_sample()
 
     def train_transform(self, default: Callable) -> Callable:
         """The per-sample training transform ``(PIL image, generator) -> Tensor | dict[str, Tensor]``.

@@ -95,20 +95,33 @@ class MAEDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
         init_decoder_weights(self)
 
-    def forward(self, latent: torch.Tensor, keep_idx: torch.Tensor) -> torch.Tensor:
-        """``latent [B, 1+K, D_enc]`` (cls first), ``keep_idx long [B, K]`` -> ``pred [B, N, P]``."""
+    def forward(self, latent: torch.Tensor, keep_idx: torch.Tensor, num_patches: int | None = None) -> torch.Tensor:
+        """``latent [B, 1+K, D_enc]`` (cls first), ``keep_idx long [B, K]`` -> ``pred [B, N, P]``; ``num_patches``:
+        ``N`` of another square grid than the built one (progressive resolution; its sin-cos table is regenerated)."""
+        n = num_patches or self.num_patches
         x = self.embed(latent)  # [B, 1+K, d]
         b = x.shape[0]
-        slots = self.mask_token.to(x.dtype).expand(b, self.num_patches, self.dim)
+        slots = self.mask_token.to(x.dtype).expand(b, n, self.dim)
         idx = keep_idx.unsqueeze(-1).expand(-1, -1, self.dim)
         slots = slots.scatter(1, idx, x[:, 1:])  # [B, N, d], raster order
-        x = torch.cat([x[:, :1], slots], dim=1) + self.pos_embed.to(x.dtype)
+        x = torch.cat([x[:, :1], slots], dim=1) + self.pos_for(n).to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))[:, 1:]
 
-    def flops(self, enc_dim: int, visible: int) -> float:
-        n = self.num_patches + 1
+    def pos_for(self, num_patches: int) -> torch.Tensor:
+        """The sin-cos table ``[1, 1 + N, d]`` of a square grid of ``num_patches`` (cached per grid and device)."""
+        if num_patches == self.num_patches:
+            return self.pos_embed
+        cache = self.__dict__.setdefault("_grid_pos", {})
+        key = (num_patches, self.pos_embed.device)
+        if key not in cache:
+            grid = int(round(num_patches**0.5))
+            cache[key] = sincos_2d(self.dim, grid, cls_token=True).to(self.pos_embed.device)
+        return cache[key]
+
+    def flops(self, enc_dim: int, visible: int, num_patches: int | None = None) -> float:
+        n = (num_patches or self.num_patches) + 1
         return (
             linear_flops(1 + visible, enc_dim, self.dim)
             + transformer_forward_flops(n, self.dim, len(self.blocks))
@@ -120,6 +133,7 @@ class MAE(Objective):
     """Hide ``mask_ratio`` of the patches, encode the rest, regress normalised pixels of the hidden ones."""
 
     name = "mae"
+    supports_resolution_schedule = True
     reference = "official code: facebookresearch/mae (docs/objectives/mae.md)"
 
     @dataclass
@@ -151,7 +165,10 @@ class MAE(Objective):
         )
 
     def mask_spec(self) -> MaskSpec:
-        return MaskSpec("random", self.encoder.num_patches, self.cfg.mask_ratio)
+        return self.mask_spec_at(self.encoder.img_size)
+
+    def mask_spec_at(self, img_size: int) -> MaskSpec:
+        return MaskSpec("random", (img_size // self.encoder.patch_size) ** 2, self.cfg.mask_ratio)
 
     @property
     def num_keep(self) -> int:
@@ -165,9 +182,10 @@ class MAE(Objective):
 
     def predict(self, img: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]``, ``mask bool [B, N]`` -> ``pred [B, N, P]`` for every patch slot."""
-        keep_idx = visible_indices(mask, self.num_keep)  # [B, K]: K from the config (fixed shape, no sync)
-        latent = self.encoder.forward_features(img, keep_idx)  # [B, 1+K, D]
-        return self.decoder(latent, keep_idx)
+        n = mask.shape[1]  # the batch's grid (progressive resolution: smaller early on)
+        keep_idx = visible_indices(mask, num_visible(n, self.cfg.mask_ratio))  # [B, K]: K from N and the config
+        latent = self.encoder.forward_features(img, keep_idx, any_size=True)  # [B, 1+K, D]
+        return self.decoder(latent, keep_idx, n)
 
     def forward(self, batch: dict) -> LossOutput:
         img, mask = batch["image"], batch["mask"]
@@ -176,12 +194,16 @@ class MAE(Objective):
         return LossOutput(loss, {"loss": loss.detach()})
 
     def flops_per_sample(self) -> float:
+        return self.flops_per_sample_at(self.encoder.img_size)
+
+    def flops_per_sample_at(self, img_size: int) -> float:
         e = self.encoder
-        k = self.num_keep
+        n = (img_size // e.patch_size) ** 2
+        k = num_visible(n, self.cfg.mask_ratio)
         fwd = (
-            linear_flops(e.num_patches, self.patch_pixels, e.embed_dim)
+            linear_flops(n, self.patch_pixels, e.embed_dim)
             + transformer_forward_flops(1 + k, e.embed_dim, e.depth)
-            + self.decoder.flops(e.embed_dim, k)
+            + self.decoder.flops(e.embed_dim, k, n)
         )
         return 3.0 * fwd
 

@@ -1,0 +1,158 @@
+"""Progressive resolution (``train.resolution_schedule``): the schedule, the batch at a step's size, the masks of
+every grid, the config checks, the encoder and MAE decoder on a smaller grid, and one real run through the
+Trainer that is interrupted right after the switch and resumes with equal losses and FLOPs counted per size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from launch_utils import tiny_overrides
+
+from mimscale import config as C
+from mimscale.engine.resolution import ResolutionSchedule, at_size
+from mimscale.errors import ConfigError
+from mimscale.masking import GridMasks, MaskSpec
+from mimscale.models.pos_embed import resample_abs_pos_embed, sincos_2d
+from mimscale.models.vit import build_vit
+from mimscale.objectives.mae import MAE
+from mimscale.telemetry.logger import read_jsonl
+
+
+def test_size_follows_the_fraction_of_the_budget():
+    s = ResolutionSchedule([(0.0, 16), (0.5, 24), (0.7, 32)], 32)
+    assert [s.size_at(f) for f in (0.0, 0.49, 0.5, 0.69, 0.7, 1.0)] == [16, 16, 24, 24, 32, 32]
+    assert s.distinct_sizes() == [16, 24, 32]
+
+
+def test_grid_masks_keep_the_full_grid_draws_and_add_each_smaller_grid():
+    full, small = MaskSpec("random", 64, 0.75), MaskSpec("random", 16, 0.75)
+    plain = full.generate(3, torch.Generator().manual_seed(5))
+    grid = GridMasks({32: full, 16: small}, 32).generate(3, torch.Generator().manual_seed(5))
+    assert torch.equal(grid["mask"], plain["mask"])  # a schedule does not change the full-size stream
+    assert grid["16px/mask"].shape == (3, 16) and (grid["16px/mask"].sum(1) == 12).all()
+    batch = {"image": torch.rand(3, 3, 32, 32), "label": torch.arange(3), **grid}
+    at16 = at_size(batch, 16, 32)
+    assert set(at16) == {"image", "label", "mask"} and torch.equal(at16["mask"], grid["16px/mask"])
+    assert at16["image"].shape == (3, 3, 16, 16)
+    # antialiased (a low-pass filter, not every other pixel): a 1-pixel checkerboard averages out to its mean
+    board = (torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2
+    at16 = at_size({**batch, "image": board.float().expand(3, 3, 32, 32)}, 16, 32)
+    inner = at16["image"][..., 1:-1, 1:-1]  # (the borders renormalise a cut filter)
+    assert torch.allclose(inner, torch.full_like(inner, 0.5), atol=1e-6)
+    at32 = at_size(batch, 32, 32)
+    assert set(at32) == {"image", "label", "mask"} and at32["image"] is batch["image"]
+
+
+@pytest.mark.parametrize(
+    "sched, words",
+    [
+        ("[[0.1,8],[0.5,16]]", "must start at fraction 0.0"),
+        ("[[0.0,8],[0.5,8],[0.4,16]]", "must increase within [0, 1)"),
+        ("[[0.0,8],[1.0,16]]", "must increase within [0, 1)"),
+        ("[[0.0,6],[0.5,16]]", "not a positive multiple of model.patch_size=4"),
+        ("[[0.0,8],[0.5,32]]", "larger than model.img_size=16"),
+        ("[[0.0,8],[0.5,12]]", "must end at model.img_size=16"),
+        ("[]", "is empty"),
+    ],
+)
+def test_the_schedule_is_checked_at_config_time(sched, words, tmp_path, fmnist_small):
+    ov = tiny_overrides(fmnist_small, tmp_path, train__resolution_schedule=sched)
+    with pytest.raises(ConfigError, match=None) as e:
+        C.load(None, ov)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_objectives_without_support_and_relative_positions_refuse_a_schedule(tmp_path, fmnist_small):
+    sched = "train.resolution_schedule=[[0.0,8],[0.5,16]]"
+    ov = tiny_overrides(fmnist_small, tmp_path)
+    assert C.load(None, [*ov, sched]).train.resolution_schedule == ((0.0, 8), (0.5, 16))
+    with pytest.raises(ConfigError, match="objective 'conmim' trains only at model.img_size"):
+        C.load(None, [o for o in ov if not o.startswith("objective.")] + ["objective={name: conmim}", sched])
+    with pytest.raises(ConfigError, match="needs an absolute position embedding"):
+        C.load(None, [*ov, sched, "model.pos_embed=relative"])
+
+
+@pytest.mark.parametrize("pos", ["sincos", "learned"])
+def test_the_encoder_runs_a_smaller_grid_with_resampled_positions(pos):
+    torch.manual_seed(0)
+    enc = build_vit("vit_micro", 32, 4, 3, pos_embed=pos)
+    if pos == "learned":
+        torch.nn.init.normal_(enc.pos_embed, std=0.02)
+        want = resample_abs_pos_embed(enc.pos_embed.detach(), 4)
+    else:
+        want = sincos_2d(enc.embed_dim, 4)
+    assert torch.allclose(enc.pos_for_grid(4), want)
+    x = torch.randn(2, 3, 16, 16)
+    with pytest.raises(ValueError, match="expected 32x32 images"):
+        enc.forward_features(x)  # without any_size the built grid is required (fine-tuning, evaluation)
+    feats = enc.forward_features(x, any_size=True)
+    assert feats.shape == (2, 1 + 16, enc.embed_dim)
+    tokens = enc.patch_embed.proj(x).flatten(2).transpose(1, 2) + want[:, 1:]
+    ref = enc.encode(enc.add_cls(tokens))
+    assert torch.allclose(feats, ref, atol=1e-6)
+    if pos == "learned":  # the built table keeps training through the resampling
+        feats.sum().backward()
+        assert enc.pos_embed.grad is not None and enc.pos_embed.grad.abs().sum() > 0
+
+
+def test_mae_trains_on_the_batch_grid_and_counts_its_flops():
+    torch.manual_seed(0)
+    mae = MAE(build_vit("vit_micro", 32, 4, 3), MAE.tiny_config())
+    masks = GridMasks({16: mae.mask_spec_at(16), 32: mae.mask_spec_at(32)}, 32).generate(2, torch.Generator())
+    batch = {"image": torch.randn(2, 3, 32, 32), **masks}
+    small = at_size(batch, 16, 32)
+    pred = mae.predict(small["image"], small["mask"])
+    assert pred.shape == (2, 16, 4 * 4 * 3)
+    # the decoder's table on the 4x4 grid is that grid's sin-cos table
+    assert torch.equal(mae.decoder.pos_for(16), sincos_2d(mae.decoder.dim, 4))
+    assert torch.isfinite(mae(small).loss) and torch.isfinite(mae(at_size(batch, 32, 32)).loss)
+    f16, f32 = mae.flops_per_sample_at(16), mae.flops_per_sample_at(32)
+    assert f32 == mae.flops_per_sample() and 3.5 < f32 / f16 < 4.5  # ~4x the tokens everywhere
+
+
+def _losses(rd) -> dict[int, float]:
+    return {r["step"]: r["train/loss"] for r in read_jsonl(rd / "metrics.jsonl") if "train/loss" in r}
+
+
+def test_a_run_interrupted_after_the_switch_resumes_with_equal_losses(fmnist_small, tmp_path, dist_single, caplog):
+    """8 px for the first half of 4 steps, then 16 px; one run straight through, one stopped after step 3 (one
+    step past the switch) and resumed: the same losses at every step, and FLOPs summed at each step's size."""
+    from mimscale.pretrain import trainer as pretrain_trainer
+
+    def overrides(rd, *extra):
+        return tiny_overrides(
+            fmnist_small,
+            rd,
+            train__precision="fp32",
+            train__steps=4,
+            train__max_steps="null",
+            train__save_every_minutes="null",
+            train__resolution_schedule="[[0.0,8],[0.5,16]]",
+            data__num_workers=0,
+            log__tensorboard="false",
+        ) + list(extra)
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    caplog.set_level("INFO", logger="mimscale.train")
+    trainer = pretrain_trainer(C.load(None, overrides(ref)))
+    f8, f16 = trainer.module.flops_per_sample_at(8), trainer.module.flops_per_sample_at(16)
+    summary = trainer.fit()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resolution:")]
+    assert said[0].startswith("resolution: 8 px from step 0") and said[1].startswith("resolution: 16 px from step 2")
+    pflops = {r["step"]: r["perf/train_pflops"] for r in read_jsonl(ref / "metrics.jsonl") if "perf/train_pflops" in r}
+    assert pflops[2] == pytest.approx(2 * f8 * 16 / 1e15) and pflops[4] == pytest.approx((2 * f8 + 2 * f16) * 16 / 1e15)
+    assert summary["flops_per_sample"] == pytest.approx((f8 + f16) / 2)
+
+    assert pretrain_trainer(C.load(None, overrides(cut, "train.stop_after_steps=3"))).fit()["steps"] == 3
+    caplog.clear()
+    resumed = pretrain_trainer(C.load(None, overrides(cut)))
+    assert resumed.state.step == 3
+    assert resumed.fit()["steps"] == 4
+    assert any(r.getMessage().startswith("resolution: 16 px from step 3") for r in caplog.records)
+    want, got = _losses(ref), _losses(cut)
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+    assert want[1] != want[4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    last = read_jsonl(cut / "metrics.jsonl")
+    assert [r["perf/train_pflops"] for r in last if r.get("step") == 4][-1] == pytest.approx(pflops[4])
