@@ -41,6 +41,35 @@ from ..telemetry.flops import linear_flops, transformer_forward_flops
 from .base import LossOutput, Objective, init_encoder, token_no_decay
 
 
+class StatsPrecisionBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` that normalises in the dtype of its running statistics and returns the input's dtype.
+
+    DeepSpeed casts parameters, not buffers, to bf16/fp16: the affine weight and bias are then bf16 beside fp32
+    running statistics, a mix ``batch_norm`` refuses ("expected scalar type BFloat16 but found Float"). Here
+    input, weight and bias go to the statistics' dtype (fp32: also the precision autocast gives batch norm).
+    Exponential running averages only (``momentum`` set: a cumulative average would read the step count on the
+    host). ``x [M, C]`` -> ``[M, C]``; state-dict keys as ``BatchNorm1d``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        stats = self.running_mean
+        dtype = stats.dtype if stats is not None else torch.float32
+        w = None if self.weight is None else self.weight.to(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        y = F.batch_norm(
+            x.to(dtype),
+            self.running_mean if not self.training or self.track_running_stats else None,
+            self.running_var if not self.training or self.track_running_stats else None,
+            w,
+            b,
+            self.training or self.running_mean is None,
+            self.momentum,
+            self.eps,
+        )
+        return y.to(x.dtype)
+
+
 class Projector(nn.Module):
     """Per-token head: ``layers - 1`` x [Linear (no bias) -> BatchNorm1d -> ReLU], then Linear (no bias) ->
     BatchNorm1d(affine=False). ``forward(x [B, L, D]) -> [B, L, out]``; BatchNorm statistics are over all
@@ -51,9 +80,9 @@ class Projector(nn.Module):
         mods: list[nn.Module] = []
         width = dim
         for _ in range(layers - 1):
-            mods += [nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+            mods += [nn.Linear(width, hidden, bias=False), StatsPrecisionBatchNorm1d(hidden), nn.ReLU(inplace=True)]
             width = hidden
-        mods += [nn.Linear(width, out, bias=False), nn.BatchNorm1d(out, affine=False)]
+        mods += [nn.Linear(width, out, bias=False), StatsPrecisionBatchNorm1d(out, affine=False)]
         self.net = nn.Sequential(*mods)
         for m in self.net:
             if isinstance(m, nn.Linear):

@@ -236,12 +236,13 @@ def test_teacher_stays_in_train_mode_and_has_no_drop_path():
 
 def test_projector_structure():
     obj = make(proj_layers=3)
-    kinds = [type(m).__name__ for m in obj.projector.net]
+    kinds = [type(m).__name__.replace("StatsPrecision", "") for m in obj.projector.net]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert all(isinstance(m, torch.nn.BatchNorm1d) for m in obj.projector.net[1::3])
     assert all(m.bias is None for m in obj.projector.net if isinstance(m, torch.nn.Linear))
     assert not obj.projector.net[-1].affine and obj.projector.net[1].affine
     assert [m.out_features for m in obj.projector.net if isinstance(m, torch.nn.Linear)] == [48, 48, 32]
-    assert [type(m).__name__ for m in make(proj_layers=1).projector.net] == ["Linear", "BatchNorm1d"]
+    assert [type(m).__name__ for m in make(proj_layers=1).projector.net] == ["Linear", "StatsPrecisionBatchNorm1d"]
     assert not hasattr(obj, "lm_head")
 
 
@@ -509,3 +510,28 @@ def test_bf16_student_with_fp32_teacher():
     assert out.loss.item() == pytest.approx(ref, rel=0.05)
     out.loss.backward()
     assert obj.mask_token.grad is not None and obj.mask_token.grad.dtype == torch.bfloat16
+
+
+def test_projector_batchnorm_matches_torch_in_fp32_and_takes_bf16_weights_beside_fp32_statistics():
+    """fp32: outputs and running statistics equal ``nn.BatchNorm1d``'s (train and eval); with DeepSpeed's
+    placement (bf16 parameters, fp32 buffers) it runs, returns bf16 and stays close to the fp32 result."""
+    from mimscale.objectives.conmim import StatsPrecisionBatchNorm1d
+
+    torch.manual_seed(0)
+    ref, ours = torch.nn.BatchNorm1d(6), StatsPrecisionBatchNorm1d(6)
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5), ref.bias.uniform_(-0.5, 0.5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(32, 6) * 3 + 1
+    for mode in (True, False):
+        ref.train(mode), ours.train(mode)
+        torch.testing.assert_close(ours(x), ref(x))
+        torch.testing.assert_close(ours.running_mean, ref.running_mean)
+        torch.testing.assert_close(ours.running_var, ref.running_var)
+    assert ours.num_batches_tracked == ref.num_batches_tracked == 1
+    for prm in ours.parameters():
+        prm.data = prm.data.bfloat16()
+    ours.train()
+    y = ours(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    torch.testing.assert_close(y.float(), ref.train()(x), atol=0.05, rtol=0.05)

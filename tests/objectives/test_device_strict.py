@@ -62,16 +62,23 @@ def build(name: str, knobs: dict, checkpointing: bool = False) -> Objective:
     return obj
 
 
-def on_meta(obj: Objective, dtype: torch.dtype) -> Objective:
-    """The objective as the engine places it, on ``meta``: frozen and private modules taken out of the tree
-    (they stay attributes) and kept in their own dtype, the rest cast to the training ``dtype``."""
+def placed(obj: Objective, dtype: torch.dtype, device: torch.device = META) -> Objective:
+    """The objective as the engine places it, on ``device``: frozen and private modules taken out of the tree
+    (they stay attributes) and kept in their own dtype; of the rest, the PARAMETERS are cast to the training
+    ``dtype`` and buffers keep theirs (DeepSpeed 0.19 casts parameters only: e.g. BatchNorm running statistics
+    stay fp32 beside bf16 weights)."""
     outside = obj.frozen_modules() + obj.private_modules()
     with _detached(obj, outside, permanent=True):
-        obj.to(dtype=dtype)
-    obj.to(META)
+        for prm in obj.parameters():
+            prm.data = prm.data.to(dtype)
+    obj.to(device)
     for m in outside:
-        m.to(META)
+        m.to(device)
     return obj.train()
+
+
+def on_meta(obj: Objective, dtype: torch.dtype) -> Objective:
+    return placed(obj, dtype, META)
 
 
 def meta_batch(batch: dict) -> dict:
@@ -152,6 +159,23 @@ def test_step_runs_on_the_meta_device(case, dtype, checkpointing):
     out.loss.backward()
     trainable = [p for p in obj.parameters() if p.requires_grad]
     assert trainable and all(p.grad is not None and on_device(p.grad) for p in trainable)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_step_runs_with_the_engines_mixed_precision_placement(case, dtype):
+    """The same step on the CPU with real numbers: ``meta`` checks devices and shapes, not dtype agreement, and
+    parameters in bf16 beside fp32 buffers (DeepSpeed's placement) break ops that take both (ConMIM's projector
+    BatchNorm did: "expected scalar type BFloat16 but found Float", on CUDA as on the CPU)."""
+    name, knobs = case
+    obj = build(name, knobs)
+    batch = contract.make_batch(obj)
+    obj = placed(obj, dtype, torch.device("cpu"))
+    obj.before_step(StepContext(step=0, total_steps=10))
+    out = obj(batch)
+    assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = [p for p in obj.parameters() if p.requires_grad]
+    assert trainable and all(p.grad is not None and p.grad.dtype == dtype for p in trainable)
 
 
 def test_pack_refuses_nothing_it_used_to_accept_and_reduces_identically():
