@@ -347,6 +347,9 @@ def step_cost_problems(rec: dict, stage: int) -> list[str]:
                 teacher_gather = stage == 3 and own == "mimscale.teachers.ema" and event == "collective:all_gather"
                 if not (budgeted or teacher_gather):
                     bad.append(f"step {i}: {n} x {event} from {own}")
+    gathers = {c.get("step|mimscale.teachers.ema|collective:all_gather", 0) for c in rec["steps"][1:]}
+    if len(gathers) > 1:  # (step 0 runs before the first update partitions a ZeRO-3 teacher)
+        bad.append(f"the EMA teacher's forward gathers vary from step to step: {sorted(gathers)}")
     for i, counts in enumerate(rec["hooks"]):
         setup = i < 2  # the first step's before_step / after_optimizer_step: one-time layout exchanges
         coll = sum(n for k, n in counts.items() if k.split("|")[2].startswith("collective:"))
@@ -496,3 +499,9 @@ def test_step_cost_budget_flags_what_it_must():
         target = rec[where][-1]
         target[key] = target.get(key, 0) + (60 if where == "hooks" else 1)
         assert step_cost_problems(rec, 1), key
+    flags = clean["steps"][0]
+    ema = "step|mimscale.teachers.ema|collective:all_gather"
+    steady = {**clean, "steps": [flags, {**flags, ema: 22}, {**flags, ema: 22}]}
+    assert step_cost_problems(steady, 3) == []
+    assert step_cost_problems({**steady, "steps": [flags, {**flags, ema: 22}, {**flags, ema: 23}]}, 3)
+    assert step_cost_problems(steady, 1)  # teacher gathers in the step only at ZeRO-3
