@@ -13,7 +13,7 @@ position, and checkpoints hold nothing new.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch.nn.functional as F
 
@@ -35,6 +35,12 @@ class ResolutionSchedule:
 
     def distinct_sizes(self) -> list[int]:
         return sorted(set(self.sizes))
+
+    def mean_flops(self, flops_at: Callable[[int], float]) -> float:
+        """Training FLOPs per image averaged over the budget: each phase's FLOPs per image (``flops_at(size)``)
+        weighted by its share of the steps (the planned cost; ``perf/train_pflops`` sums the actual steps)."""
+        ends = [*self.fractions[1:], 1.0]
+        return sum((end - start) * flops_at(s) for start, end, s in zip(self.fractions, ends, self.sizes))
 
     def __repr__(self) -> str:
         return " -> ".join(f"{s} px from {f:.0%}" for f, s in zip(self.fractions, self.sizes))

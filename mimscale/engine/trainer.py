@@ -149,7 +149,9 @@ class Trainer:
             **task.summary(),
             "world_size": d.world_size,
             "total_steps": self.derived.total_steps,
-            "flops_per_sample": self.flops,
+            "flops_per_sample": self.resolution.mean_flops(self._flops_at.__getitem__)
+            if self.resolution
+            else self.flops,
             "params_total": ds.total_param_numel(self.engine),
             "params_per_rank": all_ranks(ds.local_param_numel(self.engine), self.device),
             **self.state.summary,
@@ -423,8 +425,6 @@ class Trainer:
             collectives_per_step=self.flags.collectives / max(self._steps_run(), 1),
             train_pflops=st.train_flops / 1e15,
         )
-        if self.resolution is not None and st.step:  # the run's mean: MAE-equivalent epochs count the real sizes
-            self.summary["flops_per_sample"] = st.train_flops / (st.step * self.cfg.train.batch_size)
         if stopped_by == "signal":
             self.save()
             self.summary["exit_code"] = ckpt.EXIT_REQUEUE

@@ -95,6 +95,7 @@ class EMAE(Objective):
     """EMAE: MAE on K disjoint parts of every image per step + a self-consistency loss between parts."""
 
     name = "emae"
+    supports_resolution_schedule = True
     reference = (
         "NO public code: everything beyond the paper's description is our reading [unverified] "
         "(docs/objectives/emae.md)"
@@ -180,7 +181,17 @@ class EMAE(Objective):
     # ------------------------------------------------------------------ model
 
     def mask_spec(self) -> MaskSpec:
-        return MaskSpec("parts", self.encoder.num_patches, self.cfg.mask_ratio, num_parts=self.num_parts)
+        return self.mask_spec_at(self.encoder.img_size)
+
+    def mask_spec_at(self, img_size: int) -> MaskSpec:
+        """The K parts on the grid of ``img_size`` images (progressive resolution: K stays the full grid's)."""
+        n = (img_size // self.encoder.patch_size) ** 2
+        if self.num_parts * num_visible(n, self.cfg.mask_ratio) > n:
+            raise ConfigError(
+                f"EMAE's {self.num_parts} parts of floor(N(1-r)) patches do not fit the {n} patches of {img_size} px "
+                f"images (objective.mask_ratio={self.cfg.mask_ratio}); start train.resolution_schedule larger"
+            )
+        return MaskSpec("parts", n, self.cfg.mask_ratio, num_parts=self.num_parts)
 
     def target(self, img: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]`` -> fp32 targets ``[B, N, P]`` (per-patch normalised if norm_pix_loss)."""
@@ -193,11 +204,12 @@ class EMAE(Objective):
         One encoder call and one decoder call on ``k*B`` sequences (row ``j*B + b`` = part j of image b).
         """
         k, b, n = masks.shape
-        keep_idx = visible_indices(masks.reshape(k * b, n), self.num_keep)  # [k*B, N_keep]: fixed shape, no sync
+        keep = num_visible(n, self.cfg.mask_ratio)  # the batch's grid (progressive resolution: smaller early on)
+        keep_idx = visible_indices(masks.reshape(k * b, n), keep)  # [k*B, N_keep]: fixed shape, no sync
         rows = torch.arange(b, device=tokens.device).repeat(k).unsqueeze(1)  # [k*B, 1]
         visible = tokens[rows, keep_idx.to(tokens.device)]  # [k*B, N_keep, D]
         latent = self.encoder.encode(self.encoder.add_cls(visible))  # [k*B, 1+N_keep, D]
-        return self.decoder(latent, keep_idx)  # [k*B, N, P]
+        return self.decoder(latent, keep_idx, n)  # [k*B, N, P]
 
     def predict(self, img: torch.Tensor, parts: torch.Tensor) -> torch.Tensor:
         """``img [B, C, H, W]``, ``parts bool [B, K, N]`` -> ``preds [K, B, N, P]`` for every patch slot.
@@ -208,7 +220,7 @@ class EMAE(Objective):
         """
         b, k, n = parts.shape
         masks = parts.transpose(0, 1)  # [K, B, N]
-        tokens = self.encoder.embed(img)  # [B, N, D]
+        tokens = self.encoder.embed(img, any_size=True)  # [B, N, D]
         chunk = self.cfg.parts_chunk or k
         if chunk >= k:
             pred = self._predict_flat(tokens, masks)
@@ -246,11 +258,15 @@ class EMAE(Objective):
         return LossOutput(loss, {"loss": loss.detach(), "loss_rec": loss_rec.detach(), "loss_sc": loss_sc.detach()})
 
     def flops_per_sample(self) -> float:
+        return self.flops_per_sample_at(self.encoder.img_size)
+
+    def flops_per_sample_at(self, img_size: int) -> float:
         """3 x forward: patch embedding once, then encoder (1 + N_keep tokens) and decoder on each of K parts."""
         e = self.encoder
-        fwd = linear_flops(e.num_patches, self.patch_pixels, e.embed_dim) + self.num_parts * (
-            transformer_forward_flops(1 + self.num_keep, e.embed_dim, e.depth)
-            + self.decoder.flops(e.embed_dim, self.num_keep)
+        n = (img_size // e.patch_size) ** 2
+        keep = num_visible(n, self.cfg.mask_ratio)
+        fwd = linear_flops(n, self.patch_pixels, e.embed_dim) + self.num_parts * (
+            transformer_forward_flops(1 + keep, e.embed_dim, e.depth) + self.decoder.flops(e.embed_dim, keep, n)
         )
         return 3.0 * fwd
 

@@ -169,7 +169,13 @@ def _objective_flops(cfg: dict) -> float | None:
         knobs = C.from_dict(cls.Config, obj, "objective")
         with torch.device("meta"):
             enc = build_vit(model["arch"], model["img_size"], model["patch_size"], model.get("in_chans", 3))
-            return float(build_objective(cls.name, enc, knobs).flops_per_sample())
+            objective = build_objective(cls.name, enc, knobs)
+            sched = (cfg.get("train") or {}).get("resolution_schedule")
+            if sched:  # progressive resolution: the planned mean over the budget
+                from ..engine.resolution import ResolutionSchedule
+
+                return float(ResolutionSchedule(sched, model["img_size"]).mean_flops(objective.flops_per_sample_at))
+            return float(objective.flops_per_sample())
     except Exception as e:  # best effort: a plugin objective may not be installed, or may not build on meta
         warnings.warn(
             f"cannot count the FLOPs of the run's objective from its config.yaml: {e}", RuntimeWarning, stacklevel=2
@@ -318,6 +324,9 @@ def load_run(path: str | os.PathLike, target: float | None = None) -> Run:
     # compute: the run's objective against MAE (default knobs) on the same encoder
     # (summary.json; else the logged cumulative PFLOPs; else rebuild the objective from config.yaml)
     run.flops_per_sample = _finite(summary.get("flops_per_sample"))
+    pf, done = _finite(summary.get("train_pflops")), summary.get("steps")
+    if train_cfg.get("resolution_schedule") and pf and done and run.batch_size:  # the sizes it actually ran at
+        run.flops_per_sample = pf * 1e15 / (done * run.batch_size)
     if run.flops_per_sample is None and run.batch_size:
         for r in reversed(train):
             pf = _finite(r.get("perf/train_pflops"))

@@ -219,6 +219,24 @@ def load_plan_flops(spec: str, name: str) -> float:
     return flops
 
 
+def test_the_progressive_spec_plans_mae_against_mae_with_a_resolution_schedule(tmp_path, capsys):
+    plan = plan_compare(tmp_path / "c", "progressive", [])
+    assert plan.names == ["mae", "mae_progressive"] and plan.budget == {"kind": "minutes", "value": 10.0}
+    prog = plan.member("mae_progressive")
+    assert prog.objective == "mae" and prog.overrides[1:] == ["train.resolution_schedule=[[0.0, 16], [0.7, 32]]"]
+    # FLOPs per image (what an MAE-epochs budget divides by): 16 px for 70 % of the steps, 32 px for the rest
+    from mimscale.models import build_vit
+    from mimscale.objectives.mae import MAE
+
+    cfg = load("tiny_cpu", [])
+    mae = MAE(build_vit("vit_micro", 32, 4, 3), MAE.Config(**{k: v for k, v in cfg.objective.items() if k != "name"}))
+    want = 0.7 * mae.flops_per_sample_at(16) + 0.3 * mae.flops_per_sample_at(32)
+    assert load_plan_flops("progressive", "mae_progressive") == pytest.approx(want)
+    assert load_plan_flops("progressive", "mae") == pytest.approx(mae.flops_per_sample())
+    assert main(["compare", "progressive", "--out", str(tmp_path / "d"), "--dry-run"]) == 0
+    assert "mae_progressive" in capsys.readouterr().out and not (tmp_path / "d").exists()
+
+
 # ----------------------------------------------------------------------------- budgets
 
 
@@ -287,7 +305,7 @@ def test_two_objectives_killed_mid_member_and_resumed(fmnist_small, tmp_path):
     again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     log = again.stdout + again.stderr
     assert again.returncode == 0, log[-3000:]
-    assert "2 members, 1 complete" in log and "emae: training" in log and " - resuming" in log
+    assert "2 members, 1 of 2 runs complete" in log and "emae: training" in log and " - resuming" in log
     assert mae_result.stat().st_mtime_ns == stamp
     member_log = (out / "members" / "emae" / "log.txt").read_text()
     assert "resumed from checkpoint" in member_log, member_log[-3000:]

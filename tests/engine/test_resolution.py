@@ -22,6 +22,7 @@ def test_size_follows_the_fraction_of_the_budget():
     s = ResolutionSchedule([(0.0, 16), (0.5, 24), (0.7, 32)], 32)
     assert [s.size_at(f) for f in (0.0, 0.49, 0.5, 0.69, 0.7, 1.0)] == [16, 16, 24, 24, 32, 32]
     assert s.distinct_sizes() == [16, 24, 32]
+    assert s.mean_flops(float) == pytest.approx(0.5 * 16 + 0.2 * 24 + 0.3 * 32)  # each size for its share
 
 
 def test_grid_masks_keep_the_full_grid_draws_and_add_each_smaller_grid():
@@ -108,6 +109,20 @@ def test_mae_trains_on_the_batch_grid_and_counts_its_flops():
     assert torch.isfinite(mae(small).loss) and torch.isfinite(mae(at_size(batch, 32, 32)).loss)
     f16, f32 = mae.flops_per_sample_at(16), mae.flops_per_sample_at(32)
     assert f32 == mae.flops_per_sample() and 3.5 < f32 / f16 < 4.5  # ~4x the tokens everywhere
+
+
+def test_emae_trains_its_parts_on_the_batch_grid():
+    from mimscale.objectives.emae import EMAE
+
+    torch.manual_seed(0)
+    emae = EMAE(build_vit("vit_micro", 32, 4, 3), EMAE.tiny_config())
+    masks = GridMasks({16: emae.mask_spec_at(16), 32: emae.mask_spec_at(32)}, 32).generate(2, torch.Generator())
+    k = emae.num_parts
+    assert masks["parts"].shape == (2, k, 64) and masks["16px/parts"].shape == (2, k, 16)
+    small = at_size({"image": torch.randn(2, 3, 32, 32), **masks}, 16, 32)
+    assert emae.predict(small["image"], small["parts"]).shape == (k, 2, 16, 4 * 4 * 3)
+    assert torch.isfinite(emae(small).loss)
+    assert 3.5 < emae.flops_per_sample() / emae.flops_per_sample_at(16) < 4.5
 
 
 def _losses(rd) -> dict[int, float]:
