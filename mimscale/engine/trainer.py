@@ -22,7 +22,7 @@ import torch
 from .. import checkpoint as ckpt
 from .. import config as C
 from .. import dist
-from ..errors import NonFiniteError
+from ..errors import ConfigError, NonFiniteError
 from ..objectives import StepContext
 from ..telemetry import MetricLogger, Progress, memory_stats
 from ..telemetry.mfu import mfu, peak_flops_for
@@ -141,6 +141,8 @@ class Trainer:
         self.resolution = ResolutionSchedule(sched, self.size) if sched else None
         self._size_said: int | None = None
         at = getattr(self.module, "flops_per_sample_at", None)  # progressive resolution: FLOPs of each size
+        if self.resolution is not None and at is None:
+            raise ConfigError(f"train.resolution_schedule is for pre-training: {task.name} trains at model.img_size")
         self._flops_at = {s: at(s) for s in self.resolution.distinct_sizes()} if self.resolution and at else {}
         if self.found is not None and not self.state.train_flops:  # a checkpoint from before the counter
             self.state.train_flops = self.flops * self.state.step * t.batch_size

@@ -157,6 +157,9 @@ def test_a_run_interrupted_after_the_switch_resumes_with_equal_losses(fmnist_sma
     pflops = {r["step"]: r["perf/train_pflops"] for r in read_jsonl(ref / "metrics.jsonl") if "perf/train_pflops" in r}
     assert pflops[2] == pytest.approx(2 * f8 * 16 / 1e15) and pflops[4] == pytest.approx((2 * f8 + 2 * f16) * 16 / 1e15)
     assert summary["flops_per_sample"] == pytest.approx((f8 + f16) / 2)
+    from mimscale.report.data import load_run
+
+    assert load_run(ref).flops_per_sample == pytest.approx((2 * f8 + 2 * f16) / 4)  # the actual mean
 
     assert pretrain_trainer(C.load(None, overrides(cut, "train.stop_after_steps=3"))).fit()["steps"] == 3
     caplog.clear()
