@@ -90,6 +90,7 @@ ALLOW_SLOW: dict[str, tuple[float, str]] = {
     "tests/test_preflight.py::test_check_config_raises_what_the_launch_raises": (400, "launches every bad case"),
     "tests/compare/test_compare.py::test_two_objectives_killed_mid_member": (600, "a compare killed and resumed"),
     "tests/test_docs.py::": (600, "runs the README's and guides' runnable blocks"),
+    "tests/engine/test_trainer.py::test_step_syncs_and_collectives_within_budget": (600, "every objective x 2 stages"),
     # SLURM jobs run under slurmd (their CPU is not counted here) and wait out credential expiry on requeue:
     # the wall limit (5x) is what holds them
     "tests/slurm/": (240, "jobs on the local SLURM cluster: waits, requeues"),
@@ -108,7 +109,7 @@ def _limit_s(item) -> float:
         return allowed[0][0] if allowed else LIMIT_CPU_S
     if not (mark.args and isinstance(mark.args[0], str) and mark.args[0].strip()):
         raise pytest.UsageError(f"{item.nodeid}: allow_slow needs a reason: @pytest.mark.allow_slow('why', limit_s=N)")
-    return float(mark.kwargs.get("limit_s", 600))
+    return float(mark.kwargs.get("limit_s", mark.args[1] if len(mark.args) > 1 else 600))
 
 
 @pytest.hookimpl(hookwrapper=True)

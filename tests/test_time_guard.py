@@ -27,11 +27,15 @@ def test_slow():
 def test_allowed():
     spin(0.5)
 
+@pytest.mark.allow_slow("spins on purpose", 5)
+def test_allowed_positional_limit():
+    spin(0.5)
+
 def test_fast():
     pass
 """
     )
     monkeypatch.setenv("MIMSCALE_TEST_LIMIT_S", "0.25")
     r = pytester.runpytest_subprocess("-p", "no:randomly", "-p", "no:cacheprovider")
-    r.assert_outcomes(passed=2, failed=1)
+    r.assert_outcomes(passed=3, failed=1)
     r.stdout.fnmatch_lines(["*test_slow*", "*time guard: call took * s CPU*over the limit of 0.25 s CPU*"])
