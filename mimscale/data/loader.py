@@ -36,10 +36,12 @@ number of full batches with ``valid=False`` entries.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
 import signal
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -59,6 +61,21 @@ __all__ = ["ShardLoader", "default_collate", "expand_source", "iter_tar_samples"
 log = logging.getLogger("mimscale.data")
 
 STATE_FORMAT = "mimscale-loader/1"
+
+
+#: the epoch generators whose DataLoader workers may still run (see :func:`_close_live_epochs`)
+_LIVE_EPOCHS: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register  # registered after multiprocessing's own exit hook (imported above), so it runs before it
+def _close_live_epochs() -> None:
+    """At interpreter exit, close every epoch still open so its workers are shut down through the DataLoader.
+
+    Workers ignore SIGTERM (:func:`worker_ignores_signals`); an exception that ends the program leaves the epoch
+    generator suspended in the traceback's frames, and multiprocessing's exit hook would then ``terminate()``
+    (SIGTERM, ignored) and ``join()`` the workers forever: the crashed run would hang instead of exiting."""
+    for gen in list(_LIVE_EPOCHS):
+        gen.close()
 
 
 def worker_ignores_signals(worker_id: int) -> None:
@@ -343,7 +360,9 @@ class ShardLoader:
             shuffle=self.shuffle,
             shuffle_buffer=self.shuffle_buffer,
         )
-        return self._run(plan)
+        epoch = self._run(plan)
+        _LIVE_EPOCHS.add(epoch)
+        return epoch
 
     def _run(self, plan: Plan) -> Iterator[Any]:
         if self._consumed >= self._batches:

@@ -177,8 +177,16 @@ class Trainer:
     def fit(self) -> dict:
         """Train to ``stop``; returns the run summary. On SIGUSR1/SIGTERM saves and returns with
         ``summary["exit_code"] = EXIT_REQUEUE``."""
-        st, cfg = self.state, self.cfg
         signals = Signals()  # before the baseline evaluation: a signal during it saves after the first step
+        batches = self._batches()
+        try:
+            return self._fit(signals, batches)
+        finally:  # also when a step raised: the loader's workers shut down and the run stays killable
+            batches.close()
+            signals.restore()
+
+    def _fit(self, signals: Signals, batches: Iterator[dict]) -> dict:
+        st, cfg = self.state, self.cfg
         if self.found is None:
             if self.evaluation is not None and self.evaluation.at_start:
                 self.evaluate("init")
@@ -191,7 +199,7 @@ class Trainer:
             enabled=self.d.is_main,
             desc=self.task.name,  # "finetune: step ..." for fine-tuning
         )
-        batches, window, stopped_by = self._batches(), _Window(), None
+        window, stopped_by = _Window(), None
         self.engine.train()
         while st.step < self.stop:
             ctx = self._step_context()

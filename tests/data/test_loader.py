@@ -324,3 +324,28 @@ def test_each_epoch_reorders_and_each_sample_draws_its_own_augmentation(shards, 
     d, _ = shards([8], image=lambda g: ("png", same))
     (batch,) = take(ShardLoader(d, batch_size=8, transform=TRAIN, num_workers=0, seed=3, shuffle_buffer=0), 1)
     assert len({img.numpy().tobytes() for img in batch["image"]}) > 1
+
+
+def test_an_uncaught_error_with_workers_running_exits_instead_of_hanging(shards):
+    """Workers ignore SIGTERM (a signal to the process group is the main process's to handle); an exception that
+    ends the program leaves the epoch suspended, and multiprocessing's exit hook would terminate() + join() the
+    workers forever. The loader closes open epochs at exit, so the process exits with the error."""
+    import subprocess
+    import sys
+    import textwrap
+
+    d, _ = shards([6, 6])
+    script = textwrap.dedent(
+        f"""
+        from mimscale.data import ShardLoader, TrainTransform
+        ld = ShardLoader({str(d)!r}, batch_size=2, transform=TrainTransform(8), num_workers=2, seed=0)
+        it = iter(ld)
+        next(it)
+        raise RuntimeError("planted error with workers running")
+        """
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=90)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the process hung at exit with its loader workers alive: {e}")
+    assert r.returncode == 1 and "planted error with workers running" in r.stderr

@@ -505,3 +505,37 @@ def test_step_cost_budget_flags_what_it_must():
     assert step_cost_problems(steady, 3) == []
     assert step_cost_problems({**steady, "steps": [flags, {**flags, ema: 22}, {**flags, ema: 23}]}, 3)
     assert step_cost_problems(steady, 1)  # teacher gathers in the step only at ZeRO-3
+
+
+def test_a_step_that_raises_restores_the_signal_handlers_and_closes_the_loader(fmnist_small, tmp_path, dist_single):
+    """An exception out of a step must not leave the run's save-on-signal handlers installed (SIGTERM would then
+    be swallowed and a crashed process could not be stopped) nor its loader epoch open (workers alive)."""
+    import signal
+
+    from mimscale import config as C
+    from mimscale.data import loader as L
+    from mimscale.pretrain import trainer as pretrain_trainer
+
+    ov = tiny_overrides(
+        fmnist_small,
+        tmp_path / "r",
+        train__precision="fp32",
+        train__micro_batch_size=16,
+        data__num_workers=1,
+        eval__knn_train="null",
+        eval__knn_test="null",
+        log__tensorboard="false",
+    )
+    trainer = pretrain_trainer(C.load(None, ov))
+
+    def boom(step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step == 2:
+            raise RuntimeError("planted failure in step 2")
+        return loss
+
+    trainer.loss_hooks.append(boom)
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    with pytest.raises(RuntimeError, match="planted failure"):
+        trainer.fit()
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert len(L._LIVE_EPOCHS) == 0 or all(g.gi_frame is None for g in L._LIVE_EPOCHS)
