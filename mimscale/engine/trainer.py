@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -282,7 +282,7 @@ class Trainer:
                 return _StepResult(agreed, False, "continue")
 
     # ------------------------------------------------------------------ parts of a step
-    def _batches(self) -> Iterator[dict]:
+    def _batches(self) -> Generator[dict, None, None]:
         while True:
             yield from self.loader
 

@@ -57,6 +57,8 @@ class StatsPrecisionBatchNorm1d(nn.BatchNorm1d):
         b = None if self.bias is None else self.bias.to(dtype)
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
+        momentum = self.momentum
+        assert momentum is not None, "exponential running averages only (see the class docstring)"
         y = F.batch_norm(
             x.to(dtype),
             self.running_mean if not self.training or self.track_running_stats else None,
@@ -64,7 +66,7 @@ class StatsPrecisionBatchNorm1d(nn.BatchNorm1d):
             w,
             b,
             self.training or self.running_mean is None,
-            self.momentum,
+            momentum,
             self.eps,
         )
         return y.to(x.dtype)
