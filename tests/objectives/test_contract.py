@@ -176,10 +176,11 @@ def test_after_optimizer_step_runs(name):
 def test_cli_lists_it(name, capsys):
     assert cli.main(["objectives"]) == 0
     out = capsys.readouterr().out
-    lines = {line.split()[0]: line for line in out.splitlines() if line.strip()}
-    assert name in lines
+    rows = out.splitlines()
+    heads = {line.split()[0]: i for i, line in enumerate(rows) if line.strip() and not line[0].isspace()}
+    assert name in heads  # "name  first docstring line", then an indented "module.Class; reference" line
     cls = available()[name]
-    assert f"{cls.__module__}.{cls.__name__}" in lines[name]
+    assert rows[heads[name] + 1].split(";")[0].strip() == f"{cls.__module__}.{cls.__name__}"
 
 
 # ----------------------------------------------------------------------------- entry points
