@@ -78,6 +78,7 @@ def main() -> int:
         print("engine_overhead.py measures 1 rank; run it without a launcher", file=sys.stderr)
         return 2
     dist.export(d)  # RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 MASTER_ADDR=127.0.0.1 MASTER_PORT=<free>
+    dist.bind_device(d)  # this rank's GPU current before DeepSpeed starts (one GPU per task too)
     threads = args.threads
     torch.set_num_threads(threads)
 

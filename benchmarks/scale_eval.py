@@ -471,6 +471,7 @@ def main() -> int:
         print("+", " ".join(cmd), flush=True)
         return subprocess.run(cmd, cwd=REPO).returncode
     dist.export(d)
+    dist.bind_device(d)  # this rank's GPU current before DeepSpeed starts (one GPU per task too)
     import torch
     import torch.distributed as tdist
 

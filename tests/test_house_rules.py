@@ -97,3 +97,27 @@ def test_the_checks_catch_a_violation(source, rule):
     assert rule(ast.parse(source))
     (call,) = _torch_load_calls(ast.parse("torch.load(path)\n"))
     assert "weights_only" not in {k.arg for k in call.keywords}
+
+
+def _starts_an_engine(tree: ast.AST) -> bool:
+    """``ds.initialize(...)`` (our engine builder) or ``Accelerator(...)`` called anywhere in the module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            f = ast.unparse(node.func)
+            if f in ("ds.initialize", "Accelerator") or f.endswith(".ds.initialize"):
+                return True
+    return False
+
+
+def test_every_engine_start_binds_the_device_first():
+    """DeepSpeed and accelerate take ``LOCAL_RANK`` as the GPU ordinal: under one-GPU-per-task binding that ordinal
+    does not exist, so every module (package and benchmarks) that starts an engine calls ``dist.bind_device``
+    (the Trainer does it for every task)."""
+    root = Path(__file__).resolve().parent.parent
+    files = [p for p in (root / "mimscale").rglob("*.py") if p.name != "deepspeed.py"]
+    files += sorted((root / "benchmarks").glob("*.py"))
+    starters = [p for p in files if _starts_an_engine(ast.parse(p.read_text()))]
+    assert len(starters) >= 4  # the Trainer, bench throughput, eval, the benchmarks
+    missing = [str(p.relative_to(root)) for p in starters if "bind_device(" not in p.read_text()]
+    assert not missing, f"start an engine without dist.bind_device: {missing}"
+    assert _starts_an_engine(ast.parse("engine = ds.initialize(m, cfg, dv, 'cuda')\n"))
