@@ -91,12 +91,16 @@ def check_ranges(obj: Any, prefix: str = "") -> None:
 
 
 def numeric_type(tp: Any) -> bool:
-    """Whether a field type holds numbers (int/float, optional or in a tuple); bools are not numbers."""
+    """Whether a field type holds numbers (int/float, optional or in a flat tuple); bools are not numbers.
+    Tuples of tuples (e.g. ``train.resolution_schedule``'s (fraction, size) pairs) are structured values with a
+    check of their own, not a range."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp in (int, float):
         return True
     if origin is Literal:
         return False
-    if origin in (typing.Union, types.UnionType, tuple):
+    if origin is tuple:
+        return any(a in (int, float) for a in args if a is not Ellipsis)
+    if origin in (typing.Union, types.UnionType):
         return any(numeric_type(a) for a in args if a is not Ellipsis)
     return False
