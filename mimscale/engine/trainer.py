@@ -440,8 +440,9 @@ class Trainer:
             self.summary["exit_code"] = ckpt.EXIT_REQUEUE
             self.logger.close()
             return self.summary
-        start = self.found is None or st.step > self._start_step
-        if start:
+        ev = self.evaluation  # a run signalled at its last step resumes with nothing to train: still evaluate it
+        unevaluated = ev is not None and f"{ev.summary_prefix}_final" not in self.summary
+        if self.found is None or st.step > self._start_step or unevaluated:
             self.evaluate("final")
             self.save()
         self.task.export(self.engine, self.run_dir, self.d.is_main)

@@ -539,3 +539,34 @@ def test_a_step_that_raises_restores_the_signal_handlers_and_closes_the_loader(f
         trainer.fit()
     assert {s: signal.getsignal(s) for s in before} == before
     assert len(L._LIVE_EPOCHS) == 0 or all(g.gi_frame is None for g in L._LIVE_EPOCHS)
+
+
+def test_a_run_signalled_at_its_last_step_is_evaluated_when_resumed(fmnist_small, tmp_path, dist_single):
+    """SIGUSR1 during the last step: save and exit 42 before the final evaluation; the resumed run has no step
+    left to train but must still run the final evaluation (it used to skip it: no final kNN in the summary)."""
+    import os
+    import signal
+
+    from mimscale import config as C
+    from mimscale.pretrain import trainer as pretrain_trainer
+
+    ov = tiny_overrides(
+        fmnist_small,
+        tmp_path / "r",
+        train__precision="fp32",
+        train__micro_batch_size=16,
+        train__stop_after_steps=3,
+        eval__knn_train=fmnist_small["train"],
+        eval__knn_test=fmnist_small["test"],
+        eval__knn_train_samples=256,
+        eval__knn_test_samples=128,
+        eval__knn_at_start="false",
+        eval__num_workers=0,
+        log__tensorboard="false",
+    )
+    first = pretrain_trainer(C.load(None, ov))
+    first.loss_hooks.append(lambda step, loss: (os.kill(os.getpid(), signal.SIGUSR1) if step == 2 else None) or loss)
+    s1 = first.fit()
+    assert s1["exit_code"] == ckpt.EXIT_REQUEUE and s1["steps"] == 3 and "knn_top1_final" not in s1
+    s2 = pretrain_trainer(C.load(None, ov)).fit()
+    assert s2["steps"] == 3 and "knn_top1_final" in s2
