@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -312,10 +313,20 @@ def step_costs(fmnist_small, tmp_path_factory) -> dict:
     out = root / "costs.json"
     launch = [str(BIN / "torchrun"), "--nproc_per_node=2", f"--master_port={free_port()}"]
     stages = ",".join(map(str, COST_STAGES))
-    run(
-        [*launch, str(STEP_COSTS), str(out), stages, str(root), *[f"{k}={v}" for k, v in kv.items()]],
-        timeout=120 + 40 * len(available()),
-    )
+    cmd = [*launch, str(STEP_COSTS), str(out), stages, str(root), *[f"{k}={v}" for k, v in kv.items()]]
+    p = run(cmd, timeout=120 + 40 * len(available()), check=False)
+    if p.returncode != 0 and "terminate called without an active exception" in p.stderr:
+        # KNOWN FLAKE (seen once in a full CI-style run, never in 3 runs alone): a rank aborted in C++ between two
+        # objectives' Trainers, after the first one finished. Not a budget finding; relaunched once, and a second
+        # abort fails the test. Tracked in the closing note of session 5.
+        warnings.warn(f"step-costs launch aborted (C++ terminate); relaunching once:\n{p.stderr[-1500:]}", stacklevel=2)
+        p = run(
+            [*launch[:-1], f"--master_port={free_port()}", *cmd[len(launch) :]], timeout=120 + 40 * len(available())
+        )
+    elif p.returncode != 0:
+        raise AssertionError(
+            f"{cmd} exited {p.returncode}\n--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-6000:]}"
+        )
     return json.loads(out.read_text())
 
 
