@@ -26,27 +26,23 @@ import yaml
 
 from .errors import CheckpointError, ConfigError
 from .models.describe import metadata, timm_call
-from .models.vit import VisionTransformer, build_vit
+from .models.vit import VisionTransformer
 
 __all__ = ["metadata", "timm_call", "model_from_weights", "write_timm", "write_hf", "export"]
 
 
 def model_from_weights(src: str | Path) -> tuple[VisionTransformer, str]:
     """Our ViT (head and pooling as in the file) holding every tensor of ``src``; returns it and its format."""
-    from .eval.source import infer_geometry
+    from .eval.source import infer_geometry, vit_for_geometry
     from .models.init import load_encoder, read_weights
 
     w = read_weights(src)
     state = {k: v for k, v in w.encoder.items() if not k.startswith(("head.", "fc_norm."))}
     geo = infer_geometry(state, w.path)
     head = w.encoder.get("head.weight")
-    model = build_vit(
-        geo["arch"],
-        geo["img_size"],
-        geo["patch_size"],
-        geo["in_chans"],
-        pos_embed=geo["pos_embed"],
-        layer_scale_init=1.0 if "blocks.0.gamma_1" in state or "blocks.0.ls1.gamma" in state else None,
+    model = vit_for_geometry(
+        geo,
+        state,
         global_pool="avg" if "fc_norm.weight" in w.encoder else "token",
         num_classes=int(head.shape[0]) if head is not None else 0,
     )

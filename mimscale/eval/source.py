@@ -64,6 +64,23 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def vit_for_geometry(
+    geo: dict, state: dict[str, torch.Tensor], *, global_pool: str, num_classes: int = 0
+) -> VisionTransformer:
+    """An empty ViT of :func:`infer_geometry`'s ``geo``, with layer scale where ``state`` has it (timm's ``ls1`` or
+    BEiT's ``gamma_1``), to load ``state`` into."""
+    return build_vit(
+        geo["arch"],
+        geo["img_size"],
+        geo["patch_size"],
+        geo["in_chans"],
+        pos_embed=geo["pos_embed"],
+        layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state else None,
+        global_pool=global_pool,
+        num_classes=num_classes,
+    )
+
+
 def infer_geometry(state: dict[str, torch.Tensor], path: Path) -> dict:
     """``arch, img_size, patch_size, in_chans, pos_embed`` from the tensors of an exported encoder."""
     table = state.get("blocks.0.attn.relative_position_bias_table")  # BEiT layout (pos_embed=relative)
@@ -148,15 +165,7 @@ def load_source(
             )
     # a timm model saved with global average pooling has fc_norm and no final norm: keep that layout
     pooled = "norm.weight" not in w.encoder and "fc_norm.weight" in w.encoder
-    encoder = build_vit(
-        geo["arch"],
-        geo["img_size"],
-        geo["patch_size"],
-        geo["in_chans"],
-        pos_embed=geo["pos_embed"],
-        layer_scale_init=1.0 if "blocks.0.ls1.gamma" in state or "blocks.0.gamma_1" in state else None,
-        global_pool="avg" if pooled else "token",
-    )  # values come from the file
+    encoder = vit_for_geometry(geo, state, global_pool="avg" if pooled else "token")  # values come from the file
     load_encoder(encoder, w, keep_head=pooled, require_all=True)  # logs its summary line
     data = cfg.get("data") or {}
     summary_step = None
