@@ -20,7 +20,8 @@ position tables, i.e. what :meth:`VisionTransformer.export_state_dict` writes) a
 :class:`~mimscale.objectives.mae.MAEDecoder` names (``embed``, ``mask_token``, ``blocks.{i}``, ``norm``,
 ``pred``). :func:`load_encoder` / :func:`load_decoder` then copy tensor by tensor with shape checks;
 a different patch grid resamples the position embeddings (learned: bicubic as timm; sin-cos: regenerated;
-relative tables: bicubic on the ``(2G-1)^2`` offset grid per head). Each group logs one summary line;
+relative tables: as BEiT and timm's Beit resize them, each head's ``(2G-1)^2`` offset grid on
+geometrically spaced positions sampled bilinearly, cls rows kept). Each group logs one summary line;
 a file whose width/depth/patch size do not fit, or that matches nothing, is refused in one line.
 """
 
@@ -392,7 +393,7 @@ def load_encoder(encoder: nn.Module, w: Weights, keep_head: bool = True, require
                 raise CheckpointError(f"{w.path}: {k} {list(s.shape)} does not fit {list(cur.shape)}")
             new[k] = resample_rel_pos_table(s.float(), grid).to(cur)
             if k == f"blocks.0.attn.{_REL}":
-                t.resampled.append(f"relative_position_bias_table: bicubic {g0}x{g0} -> {grid}x{grid}")
+                t.resampled.append(f"relative_position_bias_table: BEiT-interpolated {g0}x{g0} -> {grid}x{grid}")
             continue
         if s.shape != cur.shape:
             if k.startswith("head."):  # another class count: a fresh head

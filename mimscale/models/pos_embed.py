@@ -15,6 +15,8 @@ table ``sincos_2d`` is built on it, so a zero perturbation reproduces the table.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -113,23 +115,60 @@ def resample_abs_pos_embed(pos: Tensor, grid: int, prefix: int = 1) -> Tensor:
     return torch.cat([pos[:, :prefix], patches], dim=1)
 
 
+def _beit_offsets(src_side: int, dst_side: int) -> Tensor:
+    """Where BEiT places the ``src_side`` offsets of a table when it resizes it for ``dst_side`` offsets
+    (``float64 [src_side]``, symmetric about 0): the steps out from the centre grow geometrically,
+    ``1, q, q^2, ...``, so the ``src_side // 2`` offsets on each side reach about ``dst_side // 2``. The ratio
+    ``q`` is found by bisection in ``[1.01, 1.5]`` to ``1e-6``, as BEiT does (a shrinking table stays at
+    ``q ~ 1.01``: the source then spans more than the target)."""
+    n, reach = src_side // 2, dst_side // 2
+    lo, hi, q = 1.01, 1.5, 1.01
+    while hi - lo > 1e-6:
+        q = (lo + hi) / 2.0
+        if (1.0 - q**n) / (1.0 - q) > reach:  # 1 + q + ... + q^(n-1)
+            hi = q
+        else:
+            lo = q
+    steps = torch.tensor([q**i for i in range(n)], dtype=torch.float64)
+    right = torch.cumsum(steps, 0)  # [n]: 1, 1 + q, 1 + q + q^2, ...
+    return torch.cat([-right.flip(0), right.new_zeros(1), right])
+
+
+def _linear_matrix(src: Tensor, dst: Tensor) -> Tensor:
+    """``[len(dst), len(src)]`` weights of piecewise-linear interpolation from points ``src`` (increasing) to
+    ``dst``; a target outside ``src`` takes the nearest end value."""
+    if len(src) == 1:  # a 1x1 grid's single offset: a constant
+        return torch.ones(len(dst), 1, dtype=src.dtype)
+    t = dst.clamp(src[0], src[-1])
+    right = torch.searchsorted(src, t, right=True).clamp(1, len(src) - 1)  # src[right-1] <= t < src[right]
+    left = right - 1
+    w = (t - src[left]) / (src[right] - src[left])  # [T]
+    out = torch.zeros(len(dst), len(src), dtype=src.dtype)
+    rows = torch.arange(len(dst))
+    out[rows, left] = 1.0 - w
+    out[rows, right] += w
+    return out
+
+
 def resample_rel_pos_table(table: Tensor, grid: int) -> Tensor:
-    """A BEiT relative position bias table for a new patch grid: the ``(2G0-1) x (2G0-1)`` offset grid of
-    each head resized bicubically to ``(2G-1) x (2G-1)`` (offset 0 stays at the centre); the three cls rows
-    (cls->patch, patch->cls, cls->cls) are kept.
+    """A BEiT relative position bias table for a new patch grid, as BEiT (and timm's Beit checkpoint filter)
+    resizes it: each head's ``(2G0-1) x (2G0-1)`` offset grid sits on geometrically spaced positions
+    (:func:`_beit_offsets`: fine near offset 0, stretched or squeezed towards the edges) and is sampled
+    bilinearly at the integer offsets ``-(G-1)..G-1`` of the new grid (offset 0 stays offset 0; outside the
+    source span the edge value). The three cls rows (cls->patch, patch->cls, cls->cls) are kept.
 
-    ``table: [(2G0-1)^2 + 3, h] -> [(2*grid-1)^2 + 3, h]``.
+    ``table: [(2G0-1)^2 + 3, h] -> [(2*grid-1)^2 + 3, h]`` (float64 math, input dtype out).
     """
-    import torch.nn.functional as F
-
-    side0 = int(round((table.shape[0] - 3) ** 0.5))
-    if side0 * side0 != table.shape[0] - 3:
+    side0 = math.isqrt(table.shape[0] - 3) if table.shape[0] >= 3 else -1
+    if side0 * side0 != table.shape[0] - 3 or side0 % 2 == 0:
         raise ValueError(f"a relative position table of {table.shape[0]} rows is not (2G-1)^2 + 3")
     side = 2 * grid - 1
     if side0 == side:
         return table
+    w = _linear_matrix(_beit_offsets(side0, side), torch.arange(-(side // 2), side // 2 + 1, dtype=torch.float64))
+    w = w.to(table.device)
     heads = table.shape[1]
-    t = table[:-3].float().reshape(side0, side0, heads).permute(2, 0, 1).unsqueeze(0)  # [1, h, S0, S0]
-    t = F.interpolate(t, size=(side, side), mode="bicubic", align_corners=True)
-    t = t.squeeze(0).permute(1, 2, 0).reshape(side * side, heads).to(table.dtype)
-    return torch.cat([t, table[-3:]], dim=0)
+    z = table[:-3].double().reshape(side0, side0, heads).permute(2, 0, 1)  # [h, S0, S0] (row offset, col offset)
+    z = w @ z @ w.T  # [h, S, S]: rows and columns interpolated alike
+    z = z.permute(1, 2, 0).reshape(side * side, heads).to(table.dtype)
+    return torch.cat([z, table[-3:]], dim=0)

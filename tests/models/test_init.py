@@ -280,12 +280,21 @@ def test_hf_vitmae_for_pretraining_loads_encoder_and_decoder(tmp_path, monkeypat
     assert torch.allclose(pred, out.logits, atol=1e-4)
 
 
-def test_beit_at_a_new_grid_resizes_the_relative_table(tmp_path):
+@pytest.mark.parametrize("img_size", [64, 24])  # a 4x4 grid -> 8x8 (the table grows) and -> 3x3 (it shrinks)
+def test_beit_at_a_new_grid_gives_what_timm_beit_gives_at_that_size(tmp_path, img_size):
+    from timm.models.beit import Beit, checkpoint_filter_fn
+
     m, sd = _timm_beit(shared=True)
     _save(sd, tmp_path / "beit.safetensors")
-    big = build_vit("vit_micro", 64, 8, pos_embed="relative", layer_scale_init=0.1).eval()
-    line = init_module(big, tmp_path / "beit.safetensors")[0]
-    assert "relative_position_bias_table: bicubic 4x4 -> 8x8" in line and "missing 0" in line
-    want = resample_rel_pos_table(sd["blocks.0.attn.relative_position_bias_table"], 8)
-    assert torch.allclose(big.rel_pos_bias.relative_position_bias_table, want)
-    assert big(torch.randn(1, 3, 64, 64)).shape == (1, 64)
+    ours = build_vit("vit_micro", img_size, 8, pos_embed="relative", layer_scale_init=0.1).eval()
+    line = init_module(ours, tmp_path / "beit.safetensors")[0]
+    g = img_size // 8
+    assert f"relative_position_bias_table: BEiT-interpolated 4x4 -> {g}x{g}" in line and "missing 0" in line
+    want = resample_rel_pos_table(sd["blocks.0.attn.relative_position_bias_table"], g)
+    assert torch.allclose(ours.rel_pos_bias.relative_position_bias_table, want)
+    # timm's own Beit built at the new size, the same file through its checkpoint filter: the same outputs
+    theirs = Beit(**timm_beit_kwargs(ours)).eval()
+    theirs.load_state_dict(checkpoint_filter_fn(dict(sd), theirs), strict=True)
+    x = torch.randn(2, 3, img_size, img_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(ours(x), theirs(x), atol=1e-5)

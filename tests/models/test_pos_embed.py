@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimscale.models.pos_embed import grid_coords, sincos_2d, sincos_from_coords
+from mimscale.models.pos_embed import grid_coords, resample_rel_pos_table, sincos_2d, sincos_from_coords
 
 
 def _numpy_reference(dim: int, grid: int) -> np.ndarray:
@@ -106,3 +106,17 @@ def test_coords_low_precision_promoted_to_fp32():
 def test_coords_wrong_trailing_axis_raises():
     with pytest.raises(ValueError, match="trailing axis"):
         sincos_from_coords(8, torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("g0, g", [(4, 8), (8, 4), (4, 7), (7, 14), (14, 24), (2, 3)])
+def test_relative_table_resize_equals_timm_beit(g0, g):
+    """BEiT's table resize (geometric source offsets, bilinear, cls rows kept) against timm's own function
+    (what its Beit checkpoint filter calls), for growing and shrinking grids."""
+    from timm.layers import resize_rel_pos_bias_table
+
+    table = torch.randn((2 * g0 - 1) ** 2 + 3, 3, generator=torch.Generator().manual_seed(g0 * 100 + g))
+    ours = resample_rel_pos_table(table, g)
+    ref = resize_rel_pos_bias_table(table, new_window_size=(g, g), new_bias_shape=((2 * g - 1) ** 2 + 3, 3))
+    assert ours.shape == ref.shape and ours.dtype == table.dtype
+    assert torch.allclose(ours, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours[-3:], table[-3:])
