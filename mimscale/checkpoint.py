@@ -184,9 +184,17 @@ def find(run_dir: Path, expect: dict) -> Found | None:
             problems.append(str(e))
             continue
         for key, want in expect.items():
-            if meta.get("identity", {}).get(key) != want:
+            got = meta.get("identity", {}).get(key)
+            if key == "img_size" and got is not None and got != want:
                 raise CheckpointError(
-                    f"{path} was written for {key}={meta.get('identity', {}).get(key)!r} but this "
+                    f"{path} was saved at model.img_size={got} but this run has model.img_size={want}; a run "
+                    f"resumes only at its own size: set model.img_size={got} to resume it, or go on at {want} px in "
+                    f"a new run directory with model.init={Path(run_dir)} (its newest weights, position embeddings "
+                    "resampled; docs/guide/weights.md)"
+                )
+            if got != want:
+                raise CheckpointError(
+                    f"{path} was written for {key}={got!r} but this "
                     f"run has {key}={want!r}; use another train.run_dir or resume=never"
                 )
         return Found(path.name, path, meta)

@@ -89,6 +89,40 @@ def test_another_objective_or_model_is_refused(tmp_path):
         ckpt.find(tmp_path, IDENT)
 
 
+def test_resuming_at_another_img_size_says_both_sizes_and_how_to_start_from_the_run(fmnist_small, tmp_path, capsys):
+    """A run saved at 16 px, relaunched with model.img_size=32: one line through the CLI's config check naming
+    both sizes and ``model.init=RUN_DIR``; and that advice works (the checkpoint's encoder initialises a 32 px
+    model, position embeddings regenerated for the 8x8 grid)."""
+    from safetensors.torch import save
+
+    from mimscale import config as C
+    from mimscale.cli import main
+    from mimscale.engine.resume import identity
+    from mimscale.models.init import init_module
+    from mimscale.models.vit import build_vit
+
+    rd = tmp_path / "run"
+    ov16 = tiny_overrides(fmnist_small, rd)
+    enc = build_vit("vit_micro", 16, 4)
+    files = {
+        "mp_rank_00_model_states.pt": b"x" * 100,
+        "encoder.safetensors": save({k: v.contiguous() for k, v in enc.export_state_dict(enc.state_dict()).items()}),
+    }
+    fake_checkpoint(rd, 3, identity=identity(C.load(None, ov16)), files=files)
+    assert main(["check-config", "tiny_cpu", *ov16]) == 0  # the same size resumes
+    capsys.readouterr()
+    ov32 = [o if not o.startswith("model.img_size=") else "model.img_size=32" for o in ov16]
+    assert main(["check-config", "tiny_cpu", *ov32]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mimscale: error: "), err
+    for words in ("model.img_size=16", "model.img_size=32", f"model.init={rd}", "weights.md"):
+        assert words in err[0], (words, err[0])
+    big = build_vit("vit_micro", 32, 4)
+    line = init_module(big, rd)[0]
+    assert "missing 0" in line and "sin-cos regenerated, 4x4 -> 8x8" in line
+    assert torch.equal(big.blocks[0].attn.qkv.weight, enc.blocks[0].attn.qkv.weight)
+
+
 def test_unfinished_save_is_invisible(tmp_path):
     fake_checkpoint(tmp_path, 2)
     debris = tmp_path / ckpt.CKPT_DIR / ".tmp-step_00000004"
