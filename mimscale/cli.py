@@ -46,8 +46,14 @@ def _parser() -> argparse.ArgumentParser:
         "in the safetensors header and prints the exact call that loads them (docs/guide/weights.md).",
     )
     ex.add_argument("run_dir", help="a run directory (checkpoints/), a fine-tuning output or a weights file")
-    ex.add_argument("--out", required=True, help="output .safetensors file (--format hf: a folder)")
-    ex.add_argument("--format", choices=("timm", "hf"), default="timm", help="timm (default) or hf (transformers)")
+    ex.add_argument("--out", required=True, help="output .safetensors file (--format hf / hf-mae: a folder)")
+    ex.add_argument(
+        "--format",
+        choices=("timm", "hf", "hf-mae"),
+        default="timm",
+        help="timm (default), hf (transformers ViTModel) or hf-mae (transformers ViTMAEForPreTraining: encoder and "
+        "decoder of an MAE / EMAE run)",
+    )
     ex.add_argument("--step", type=int, default=None, help="a checkpoint step (default: the newest usable)")
 
     dp = sub.add_parser("data", help="write WebDataset shards")

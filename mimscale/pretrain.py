@@ -27,7 +27,9 @@ from .engine.task import Evaluation
 from .engine.trainer import Trainer
 from .eval.knn import KNNEvaluator
 from .masking import GridMasks, MaskCollate
+from .models.init import DECODER_FILE
 from .objectives import Objective
+from .objectives.mae import decoder_metadata
 
 log = logging.getLogger("mimscale.train")
 
@@ -124,6 +126,9 @@ class PretrainTask:
 
     def export(self, engine, run_dir: Path, is_main: bool) -> None:
         ds.save_encoder(engine, run_dir / "encoder.safetensors", is_main)
+        dec_meta = decoder_metadata(engine.module)
+        if dec_meta is not None:  # MAE / EMAE: the whole model, for model.init and export --format hf-mae
+            ds.save_decoder(engine, run_dir / DECODER_FILE, is_main, dec_meta)
         if is_main and run_dir == getattr(self, "run_dir", None):  # the end of the run, not a checkpoint
             self.reconstructions(engine, run_dir)
 

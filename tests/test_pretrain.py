@@ -57,3 +57,25 @@ def test_init_run_ends_with_reconstructions_in_the_report(tmp_path, fmnist_small
     run([sys.executable, "-m", "mimscale.cli", "report", str(rd), "--out", str(tmp_path / "rep")])
     html = (tmp_path / "rep" / "report.html").read_text()
     assert "<h2>Reconstructions</h2>" in html and "data:image/png;base64," in html
+    _the_run_exports_as_hf_vitmae(rd, tmp_path / "hf")
+
+
+def _the_run_exports_as_hf_vitmae(rd, out) -> None:
+    """The run wrote its MAE decoder beside the encoder (at the end and in its checkpoint); ``--format hf-mae``
+    of the run loads in transformers with the reconstructions of our MAE restored from the run."""
+    pytest.importorskip("transformers")
+    from transformers import ViTMAEForPreTraining
+
+    from mimscale.models.init import init_module
+    from mimscale.models.vit import build_vit
+    from mimscale.objectives.mae import MAE
+
+    assert (rd / "decoder.safetensors").is_file() and list((rd / "checkpoints").glob("step_*/decoder.safetensors"))
+    run([sys.executable, "-m", "mimscale.cli", "export", str(rd), "--out", str(out), "--format", "hf-mae"])
+    hf = ViTMAEForPreTraining.from_pretrained(out).eval()
+    ours = MAE(build_vit("vit_micro", 16, 4), MAE.Config(decoder_dim=32, decoder_depth=1, decoder_heads=2)).eval()
+    assert all("missing 0" in line for line in init_module(ours, rd))
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = hf(pixel_values=x, noise=torch.rand(2, 16, generator=torch.Generator().manual_seed(1)))
+        assert torch.allclose(got.logits, ours.predict(x, got.mask.bool()), atol=1e-5)

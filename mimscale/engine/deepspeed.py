@@ -164,6 +164,20 @@ def skip_shm_comm_build() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
+_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def skip_muon_import() -> None:
+    """Keep DeepSpeed from importing its Muon optimizer at every engine start.
+
+    DeepSpeed's ZeRO sanity check imports ``MuonWithAuxAdam`` only to add it to the list of supported
+    optimizers, and that import compiles kernels: 2-4 s of CPU per rank at every start (most of a test
+    launch; a few seconds per rank on a cluster). Our optimizer is always AdamW (:func:`ds_config`), so the
+    module is marked absent (``sys.modules[name] = None`` makes its import raise ``ImportError``, which the
+    check expects when Muon is not installed). A process that imported it before keeps it."""
+    sys.modules.setdefault(_MUON, None)
+
+
 def initialize(
     objective: nn.Module,
     cfg: Config,
@@ -184,6 +198,7 @@ def initialize(
 
     if accelerator == "cpu":
         skip_shm_comm_build()
+    skip_muon_import()
     frozen = list(getattr(objective, "frozen_modules", list)())
     for m in frozen:
         m.eval().requires_grad_(False)
@@ -362,6 +377,21 @@ def save_encoder(engine, path, is_main: bool) -> None:
 
         meta = metadata(encoder, getattr(engine.module, "name", None), Path(path).parent.name)
         meta["timm_call"] = timm_call(encoder, path)  # the header says what it is and how timm loads it
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)
+        tmp.replace(path)
+
+
+def save_decoder(engine, path, is_main: bool, meta: dict[str, str]) -> None:
+    """Write ``engine.module.decoder`` (its own state-dict names; fp32 master weights for parameters, saved
+    buffers as they are) as safetensors with ``meta`` in the header. Collective under ZeRO-3."""
+    from safetensors.torch import save_file
+
+    decoder = engine.module.decoder
+    master = dict(master_params(engine, decoder))
+    sd = {k: master.get(k, v) for k, v in full_state_dict(engine, decoder).items()}
+    if is_main:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp), metadata=meta)

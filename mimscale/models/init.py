@@ -5,7 +5,8 @@ may wrap its tensors in ``model`` / ``state_dict`` / ``module``):
 
 * ``mimscale`` / ``timm``: timm ``VisionTransformer`` key names (``patch_embed.proj.weight``,
   ``blocks.{i}.attn.qkv.weight``, ``pos_embed``, optional ``fc_norm`` / ``head``) — our exports, a run
-  directory's ``encoder.safetensors``, a checkpoint folder, any timm ViT state dict;
+  directory's ``encoder.safetensors`` (with the MAE decoder beside it, :data:`DECODER_FILE`), a checkpoint
+  folder, any timm ViT state dict;
 * ``beit``: timm's ``Beit`` (per-block ``attn.relative_position_bias_table``, ``q_bias`` / ``v_bias``,
   ``gamma_1`` / ``gamma_2``) or BEiT's own shared ``rel_pos_bias.relative_position_bias_table``;
 * ``mae``: the official MAE pre-training checkpoint (``{"model": ...}``): the encoder in timm names plus
@@ -42,9 +43,23 @@ from .pos_embed import resample_abs_pos_embed, resample_rel_pos_table, sincos_2d
 
 log = logging.getLogger("mimscale.init")
 
-__all__ = ["Weights", "read_tensors", "read_weights", "convert", "load_encoder", "load_decoder", "init_module"]
+__all__ = [
+    "DECODER_FILE",
+    "Weights",
+    "read_tensors",
+    "read_weights",
+    "convert",
+    "load_encoder",
+    "load_decoder",
+    "init_module",
+]
 
 _REL = "relative_position_bias_table"
+
+#: a run's MAE pixel decoder (MAE, EMAE) in :class:`~mimscale.objectives.mae.MAEDecoder` names, written beside
+#: ``encoder.safetensors`` at every checkpoint and at the end; read with it (``model.init=RUN_DIR`` continues
+#: encoder AND decoder; ``mimscale export --format hf-mae``)
+DECODER_FILE = "decoder.safetensors"
 
 
 @dataclass
@@ -58,6 +73,7 @@ class Weights:
     decoder: dict[str, Tensor] = field(default_factory=dict)
     ignored: list[str] = field(default_factory=list)  # file keys that belong to neither
     metadata: dict[str, str] = field(default_factory=dict)
+    decoder_metadata: dict[str, str] = field(default_factory=dict)  # the header of a run's DECODER_FILE
 
 
 # --------------------------------------------------------------------------- reading
@@ -281,9 +297,14 @@ def convert(state: dict[str, Tensor], path: Path, metadata: dict[str, str] | Non
 
 
 def read_weights(path: str | Path) -> Weights:
-    """:func:`read_tensors` + :func:`convert`."""
+    """:func:`read_tensors` + :func:`convert`; a run's ``encoder.safetensors`` brings the :data:`DECODER_FILE`
+    beside it (if any) as the decoder."""
     state, meta, f = read_tensors(path)
-    return convert(state, f, meta)
+    w = convert(state, f, meta)
+    beside = f.parent / DECODER_FILE
+    if f.name == "encoder.safetensors" and beside.is_file() and not w.decoder:
+        w.decoder, w.decoder_metadata, _ = read_tensors(beside)
+    return w
 
 
 # --------------------------------------------------------------------------- loading

@@ -91,7 +91,7 @@ class MAEDecoder(nn.Module):
         self.blocks = nn.ModuleList([Block(dim, heads, mlp_ratio=4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, patch_pixels)
-        self.num_patches, self.dim = num_patches, dim
+        self.num_patches, self.dim, self.heads = num_patches, dim, heads
         nn.init.normal_(self.mask_token, std=0.02)
         init_decoder_weights(self)
 
@@ -127,6 +127,29 @@ class MAEDecoder(nn.Module):
             + transformer_forward_flops(n, self.dim, len(self.blocks))
             + linear_flops(n, self.dim, self.pred.out_features)
         )
+
+
+def decoder_metadata(objective: nn.Module) -> dict[str, str] | None:
+    """The safetensors header of a run's ``decoder.safetensors`` (:data:`mimscale.models.init.DECODER_FILE`,
+    beside ``encoder.safetensors`` at every checkpoint and at the end; strings): the objective, the decoder's width, depth and
+    heads, and the knobs a Hugging Face ``ViTMAEForPreTraining`` config needs (mask ratio, norm-pix loss).
+    None for an objective without a :class:`MAEDecoder` (its decoder is not written)."""
+    dec = getattr(objective, "decoder", None)
+    cfg = getattr(objective, "cfg", None)
+    if not isinstance(dec, MAEDecoder) or cfg is None:
+        return None
+    meta = {
+        "format": "pt",
+        "mimscale": "1",
+        "decoder": "mae",
+        "objective": getattr(objective, "name", ""),
+        "decoder_dim": dec.dim,
+        "decoder_depth": len(dec.blocks),
+        "decoder_heads": cfg.decoder_heads,
+        "mask_ratio": cfg.mask_ratio,
+        "norm_pix_loss": cfg.norm_pix_loss,
+    }
+    return {k: str(v) for k, v in meta.items()}
 
 
 class MAE(Objective):
