@@ -164,20 +164,6 @@ def skip_shm_comm_build() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
-_MUON = "deepspeed.runtime.zero.muon.muon_optimizer"
-
-
-def skip_muon_import() -> None:
-    """Keep DeepSpeed from importing its Muon optimizer at every engine start.
-
-    DeepSpeed's ZeRO sanity check imports ``MuonWithAuxAdam`` only to add it to the list of supported
-    optimizers, and that import compiles kernels: 2-4 s of CPU per rank at every start (most of a test
-    launch; a few seconds per rank on a cluster). Our optimizer is always AdamW (:func:`ds_config`), so the
-    module is marked absent (``sys.modules[name] = None`` makes its import raise ``ImportError``, which the
-    check expects when Muon is not installed). A process that imported it before keeps it."""
-    sys.modules.setdefault(_MUON, None)
-
-
 def initialize(
     objective: nn.Module,
     cfg: Config,
@@ -198,7 +184,6 @@ def initialize(
 
     if accelerator == "cpu":
         skip_shm_comm_build()
-    skip_muon_import()
     frozen = list(getattr(objective, "frozen_modules", list)())
     for m in frozen:
         m.eval().requires_grad_(False)
