@@ -49,12 +49,20 @@ class ResolutionSchedule:
 def at_size(batch: dict, size: int, full: int) -> dict:
     """The batch of a step at ``size``: ``image [B, C, full, full]`` downsampled to ``[B, C, size, size]``
     (antialiased bilinear, on the batch's device) and the ``"{size}px/..."`` mask entries under their plain
-    keys; every other size's entries are dropped. ``size == full``: the plain entries, unchanged."""
+    keys; every other size's entries are dropped. ``size == full``: the plain entries, unchanged.
+
+    Images of another side (MAE+ / AdPE crops, ``[B, num_crops, C, c, c]``: ``c`` px of a ``full`` px image)
+    shrink by the same factor, to ``c * size / full`` px (a whole number: the objective checks its crop sizes)."""
     prefix = grid_key(size, "")
     out = {k: v for k, v in batch.items() if "px/" not in k}
     if size == full:
         return out
     out.update({k[len(prefix) :]: v for k, v in batch.items() if k.startswith(prefix)})
     img = batch["image"]
-    out["image"] = F.interpolate(img.float(), size=(size, size), mode="bilinear", antialias=True).to(img.dtype)
+    side = img.shape[-1] * size // full
+    if side * full != img.shape[-1] * size:
+        raise ValueError(f"{img.shape[-1]} px images do not shrink to whole pixels at {size}/{full} of the size")
+    flat = img.reshape(-1, *img.shape[-3:]).float()  # [B*..., C, c, c]
+    small = F.interpolate(flat, size=(side, side), mode="bilinear", antialias=True)
+    out["image"] = small.reshape(*img.shape[:-2], side, side).to(img.dtype)
     return out

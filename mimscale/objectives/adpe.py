@@ -89,9 +89,21 @@ class MultiCrop:
 # ----------------------------------------------------------------------------- modules
 
 
+def _cached_sincos(owner: nn.Module, dim: int, num_patches: int, cls_token: bool, device) -> torch.Tensor:
+    """``sincos_2d(dim, sqrt(num_patches), cls_token)`` on ``device``, cached on ``owner`` (not a buffer: never
+    saved, never seen by DeepSpeed) for the grids of a resolution schedule."""
+    cache = owner.__dict__.setdefault("_grid_pos", {})
+    key = (num_patches, cls_token, device)
+    if key not in cache:
+        grid = int(round(num_patches**0.5))
+        cache[key] = sincos_2d(dim, grid, cls_token=cls_token).to(device)
+    return cache[key]
+
+
 class CropDecoder(nn.Module):
     """MAE+ decoder on all ``1 + N_c`` tokens: ``Linear D->d``, + sin-cos(d) for the crop grid, blocks, norm,
-    ``Linear d->P``; ``forward(latent [M, 1+N_c, D]) -> pred [M, N_c, P]`` (cls dropped)."""
+    ``Linear d->P``; ``forward(latent [M, 1+N_c, D]) -> pred [M, N_c, P]`` (cls dropped). The grid is the
+    latent's (progressive resolution: smaller crops early on; the sin-cos table of another grid is regenerated)."""
 
     pos_embed: torch.Tensor  # a buffer: [1, 1 + N_c, d]
 
@@ -106,13 +118,19 @@ class CropDecoder(nn.Module):
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         x = self.embed(latent)
-        x = x + self.pos_embed.to(x.dtype)
+        x = x + self.pos_for(latent.shape[1] - 1).to(x.dtype)
         for blk in self.blocks:
             x = blk(x)
         return self.pred(self.norm(x))[:, 1:]
 
-    def flops(self, enc_dim: int) -> float:
-        n = self.pos_embed.shape[1]
+    def pos_for(self, num_patches: int) -> torch.Tensor:
+        """The sin-cos table ``[1, 1 + N, d]`` of a square grid of ``num_patches`` (cached per grid and device)."""
+        if num_patches == self.pos_embed.shape[1] - 1:
+            return self.pos_embed
+        return _cached_sincos(self, self.embed.out_features, num_patches, True, self.pos_embed.device)
+
+    def flops(self, enc_dim: int, num_patches: int | None = None) -> float:
+        n = (num_patches or self.pos_embed.shape[1] - 1) + 1
         return (
             linear_flops(n, enc_dim, self.embed.out_features)
             + transformer_forward_flops(n, self.embed.out_features, len(self.blocks))
@@ -244,8 +262,16 @@ class AdPEConfig:
 
 
 class _MultiCropMIM(Objective):
-    """Shared implementation of MAE+ (adv_type 0) and AdPE (adv_type 1/2); see the module docstring."""
+    """Shared implementation of MAE+ (adv_type 0) and AdPE (adv_type 1/2); see the module docstring.
 
+    Progressive resolution (``train.resolution_schedule``): ``crop_size`` is in pixels of ``model.img_size``
+    images, so at a scheduled size ``s`` the crops are ``crop_size * s / img_size`` px (:meth:`crop_at`; whole
+    patches, else a ConfigError at start-up): the loader still crops at ``crop_size`` and each step downsamples
+    the crops with the image (:func:`mimscale.engine.resolution.at_size`), the masks are those of the smaller
+    crop grid, and the position tables (encoder, decoder, AdPE's shifted coordinates) are the sin-cos ones of
+    the batch's grid. ``delta`` does not depend on the grid (a vector, or a shift in patch units)."""
+
+    supports_resolution_schedule = True
     crop_pos: torch.Tensor  # a buffer: [1, N_c, D]
 
     def __init__(self, encoder: VisionTransformer, cfg: AdPEConfig):
@@ -326,7 +352,23 @@ class _MultiCropMIM(Objective):
         return MultiCrop(self.cfg.num_crops, crop)
 
     def mask_spec(self) -> MaskSpec:
-        return MaskSpec("crops", self.num_crop_patches, self.cfg.mask_ratio, num_crops=self.cfg.num_crops)
+        return self.mask_spec_at(self.encoder.img_size)
+
+    def crop_at(self, img_size: int) -> int:
+        """The crop side at ``img_size`` (``crop_size`` scaled with the image); ConfigError unless whole patches."""
+        full, p, c = self.encoder.img_size, self.encoder.patch_size, self.cfg.crop_size
+        if (c * img_size) % (full * p):
+            raise ConfigError(
+                f"train.resolution_schedule: at {img_size} px the {c} px crops (objective.crop_size, of "
+                f"{full} px images) would be {c * img_size / full:g} px, not whole {p} px patches; pick sizes s "
+                f"with {c} x s / {full} a multiple of {p}"
+            )
+        return c * img_size // full
+
+    def mask_spec_at(self, img_size: int) -> MaskSpec:
+        """Each crop's random mask on the crop grid of ``img_size`` images (:meth:`crop_at`)."""
+        n = (self.crop_at(img_size) // self.encoder.patch_size) ** 2
+        return MaskSpec("crops", n, self.cfg.mask_ratio, num_crops=self.cfg.num_crops)
 
     # ------------------------------------------------------------------ model
 
@@ -335,25 +377,26 @@ class _MultiCropMIM(Objective):
 
     def flatten(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """``image [B, nc, C, c, c]``, ``crop_masks bool [B, nc, N_c]`` -> crops ``[M, C, c, c]``, masks ``[M, N_c]``
-        with ``M = B * nc`` (image-major)."""
+        with ``M = B * nc`` (image-major). ``c``: ``crop_size``, or a smaller multiple of the patch size under
+        a resolution schedule (the masks then of that grid)."""
         img, masks = batch["image"], batch["crop_masks"]
-        nc, c = self.cfg.num_crops, self.cfg.crop_size
-        if img.ndim != 5 or img.shape[1] != nc or img.shape[-1] != c or img.shape[-2] != c:
+        nc, c, p = self.cfg.num_crops, img.shape[-1], self.encoder.patch_size
+        if img.ndim != 5 or img.shape[1] != nc or img.shape[-2] != c or c % p or c > self.cfg.crop_size:
             raise ValueError(
-                f"batch['image'] must be [B, {nc}, C, {c}, {c}] (this objective's train_transform), "
-                f"got {tuple(img.shape)}"
+                f"batch['image'] must be [B, {nc}, C, c, c] with c = {self.cfg.crop_size} (this objective's "
+                f"train_transform) or a smaller multiple of {p}, got {tuple(img.shape)}"
             )
-        if masks.shape != (img.shape[0], nc, self.num_crop_patches):
-            raise ValueError(
-                f"batch['crop_masks'] must be [B, {nc}, {self.num_crop_patches}], got {tuple(masks.shape)}"
-            )
+        n = (c // p) ** 2
+        if masks.shape != (img.shape[0], nc, n):
+            raise ValueError(f"batch['crop_masks'] must be [B, {nc}, {n}], got {tuple(masks.shape)}")
         return img.flatten(0, 1), masks.flatten(0, 1)
 
-    def masked_pos(self, delta: torch.Tensor | None) -> torch.Tensor:
-        """Coordinate mode: sin-cos ``[N_c, D]`` (fp32) of the crop grid shifted by ``delta = (d_col, d_row)``.
+    def masked_pos(self, delta: torch.Tensor | None, grid: int | None = None) -> torch.Tensor:
+        """Coordinate mode: sin-cos ``[N_c, D]`` (fp32) of the crop grid (``grid``, default the built one) shifted
+        by ``delta = (d_col, d_row)``.
 
         Computed in fp64 and rounded once, like the fixed table, so ``delta = 0`` reproduces it exactly."""
-        coords = grid_coords(self.grid, dtype=torch.float64, device=self.crop_pos.device)
+        coords = grid_coords(grid or self.grid, dtype=torch.float64, device=self.crop_pos.device)
         if delta is not None:
             coords = coords + delta.to(torch.float64)
         return sincos_from_coords(self.encoder.embed_dim, coords).float()
@@ -365,7 +408,8 @@ class _MultiCropMIM(Objective):
         proj = self.encoder.patch_embed.proj  # the conv runs on any multiple of p (crops != img_size)
         x = proj(crops.to(proj.weight.dtype)).flatten(2).transpose(1, 2)  # [M, N_c, D]
         m = masks.unsqueeze(-1)
-        pos = self.crop_pos.to(x.dtype)  # [1, N_c, D]
+        n = x.shape[1]  # the batch's crop grid (a resolution schedule: smaller early on)
+        pos = (self.crop_pos if n == self.num_crop_patches else self.crop_pos_for(n)).to(x.dtype)  # [1, N_c, D]
         if self.adv_type == 1:
             assert self.adv is not None  # adv_type 1 and 2 build it
             fill = self.adv.live().to(x.dtype)
@@ -374,9 +418,13 @@ class _MultiCropMIM(Objective):
         x = torch.where(m, fill, x)
         if self.adv_type == 2:
             assert self.adv is not None
-            shifted = self.masked_pos(self.adv.live()).to(x.dtype)  # [N_c, D]
+            shifted = self.masked_pos(self.adv.live(), int(round(n**0.5))).to(x.dtype)  # [N_c, D]
             pos = torch.where(m, shifted, pos)
         return x + pos
+
+    def crop_pos_for(self, num_patches: int) -> torch.Tensor:
+        """The fixed sin-cos table ``[1, N, D]`` (no cls slot) of a square crop grid of ``num_patches``."""
+        return _cached_sincos(self, self.encoder.embed_dim, num_patches, False, self.crop_pos.device)
 
     def predict_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``tokens [M, N_c, D]`` -> ``pred [M, N_c, P]`` (encoder on all 1 + N_c tokens, then decoder)."""
@@ -446,11 +494,16 @@ class _MultiCropMIM(Objective):
 
     def flops_per_sample(self) -> float:
         """3 x forward of num_crops x (patch embedding + encoder on 1 + N_c tokens + decoder on 1 + N_c)."""
-        e, n = self.encoder, self.num_crop_patches
+        return self.flops_per_sample_at(self.encoder.img_size)
+
+    def flops_per_sample_at(self, img_size: int) -> float:
+        """:meth:`flops_per_sample` with the crops of ``img_size`` images (:meth:`crop_at`)."""
+        e = self.encoder
+        n = (self.crop_at(img_size) // e.patch_size) ** 2
         per_crop = (
             linear_flops(n, self.patch_pixels, e.embed_dim)
             + transformer_forward_flops(1 + n, e.embed_dim, e.depth, e.mlp_ratio)
-            + self.decoder.flops(e.embed_dim)
+            + self.decoder.flops(e.embed_dim, n)
         )
         return 3.0 * self.cfg.num_crops * per_crop
 

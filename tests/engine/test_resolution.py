@@ -125,6 +125,43 @@ def test_emae_trains_its_parts_on_the_batch_grid():
     assert 3.5 < emae.flops_per_sample() / emae.flops_per_sample_at(16) < 4.5
 
 
+@pytest.mark.parametrize("adv_type", [0, 2])  # MAE+, AdPE in coordinate mode (shifted sin-cos of the grid)
+def test_multicrop_objectives_shrink_their_crops_with_the_image(adv_type):
+    """MAE+ / AdPE: crop_size is in pixels of the full image, so at 16 of 32 px the 16 px crops become 8 px
+    (a 2x2 grid): the crops shrink with the image, the masks and every sin-cos table are the small grid's."""
+    import dataclasses
+
+    from mimscale.objectives.adpe import AdPE, MAEPlus
+
+    cls = MAEPlus if adv_type == 0 else AdPE
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(
+        cls.Config(), adv_type=adv_type, crop_size=16, num_crops=2, decoder_dim=32, decoder_depth=1, decoder_heads=2
+    )
+    obj = cls(build_vit("vit_micro", 32, 4, 3), cfg)
+    assert obj.crop_at(32) == 16 and obj.crop_at(16) == 8 and obj.mask_spec_at(16).num_patches == 4
+    with pytest.raises(ConfigError, match="would be 6 px, not whole 4 px patches"):
+        obj.crop_at(12)
+    masks = GridMasks({16: obj.mask_spec_at(16), 32: obj.mask_spec()}, 32).generate(3, torch.Generator())
+    crops = torch.randn(3, 2, 3, 16, 16)
+    small = at_size({"image": crops, **masks}, 16, 32)
+    assert small["image"].shape == (3, 2, 3, 8, 8) and small["crop_masks"].shape == (3, 2, 4)
+    ref = torch.nn.functional.interpolate(crops[1], size=(8, 8), mode="bilinear", antialias=True)
+    assert torch.allclose(small["image"][1], ref, atol=1e-6)  # each crop downsampled like a whole image
+    assert torch.equal(obj.crop_pos_for(4), sincos_2d(64, 2, cls_token=False))
+    assert torch.equal(obj.decoder.pos_for(4), sincos_2d(32, 2))
+    if adv_type == 2:  # a zero shift is the small grid's fixed table
+        assert torch.equal(obj.masked_pos(torch.zeros(2), 2), sincos_2d(64, 2, cls_token=False)[0])
+    crops_s, m = obj.flatten(small)
+    pred = obj.predict_tokens(obj.encoder_input(crops_s, m))
+    assert pred.shape == (6, 4, 4 * 4 * 3)
+    loss = obj(small).loss
+    assert torch.isfinite(loss) and torch.isfinite(obj({"image": crops, **masks}).loss)
+    loss.backward()
+    assert obj.encoder.patch_embed.proj.weight.grad.abs().sum() > 0
+    assert 3.5 < obj.flops_per_sample() / obj.flops_per_sample_at(16) < 4.5  # ~4x the tokens per crop
+
+
 def _losses(rd) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in read_jsonl(rd / "metrics.jsonl") if "train/loss" in r}
 
@@ -174,3 +211,48 @@ def test_a_run_interrupted_after_the_switch_resumes_with_equal_losses(fmnist_sma
         assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
     last = read_jsonl(cut / "metrics.jsonl")
     assert [r["perf/train_pflops"] for r in last if r.get("step") == 4][-1] == pytest.approx(pflops[4])
+
+
+def test_an_adpe_run_interrupted_after_the_switch_resumes_with_equal_losses(
+    fmnist_small, tmp_path, dist_single, caplog
+):
+    """AdPE (coordinate mode: its adversarial delta and AdamW state are objective state in the checkpoint) with
+    16 px crops of 16 px images: 8 px images and 8 px crops for the first half of 4 steps, then full size; one run
+    straight through, one stopped one step past the switch and resumed: the same losses at every step."""
+    from mimscale.pretrain import trainer as pretrain_trainer
+
+    def overrides(rd, *extra, sched="[[0.0,8],[0.5,16]]", crop=16):
+        ov = tiny_overrides(
+            fmnist_small,
+            rd,
+            train__precision="fp32",
+            train__steps=4,
+            train__max_steps="null",
+            train__save_every_minutes="null",
+            train__resolution_schedule=sched,
+            data__num_workers=0,
+            log__tensorboard="false",
+        )
+        knobs = f"adv_type: 2, crop_size: {crop}, num_crops: 2, decoder_dim: 32, decoder_depth: 1, decoder_heads: 2"
+        return [o for o in ov if not o.startswith("objective.")] + [f"objective={{name: adpe, {knobs}}}", *extra]
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    caplog.set_level("INFO", logger="mimscale.train")
+    trainer = pretrain_trainer(C.load(None, overrides(ref)))
+    f8, f16 = trainer.module.flops_per_sample_at(8), trainer.module.flops_per_sample_at(16)
+    assert 3.5 < f16 / f8 < 4.5
+    trainer.fit()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resolution:")]
+    assert said[0].startswith("resolution: 8 px from step 0") and said[1].startswith("resolution: 16 px from step 2")
+    assert pretrain_trainer(C.load(None, overrides(cut, "train.stop_after_steps=3"))).fit()["steps"] == 3
+    resumed = pretrain_trainer(C.load(None, overrides(cut)))
+    assert resumed.state.step == 3
+    assert resumed.fit()["steps"] == 4
+    want, got = _losses(ref), _losses(cut)
+    assert sorted(want) == sorted(got) == [1, 2, 3, 4]
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=1e-6, abs=1e-7), step
+    from mimscale.preflight import check
+
+    with pytest.raises(ConfigError, match="at 12 px the 8 px crops .* would be 6 px, not whole 4 px patches"):
+        check(None, overrides(tmp_path / "odd", sched="[[0.0,12],[0.5,16]]", crop=8))  # before any launch
