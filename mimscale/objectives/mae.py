@@ -131,9 +131,9 @@ class MAEDecoder(nn.Module):
 
 def decoder_metadata(objective: nn.Module) -> dict[str, str] | None:
     """The safetensors header of a run's ``decoder.safetensors`` (:data:`mimscale.models.init.DECODER_FILE`,
-    beside ``encoder.safetensors`` at every checkpoint and at the end; strings): the objective, the decoder's width, depth and
-    heads, and the knobs a Hugging Face ``ViTMAEForPreTraining`` config needs (mask ratio, norm-pix loss).
-    None for an objective without a :class:`MAEDecoder` (its decoder is not written)."""
+    beside ``encoder.safetensors`` at every checkpoint and at the end; strings): the objective, the decoder's
+    width, depth and heads, and the knobs a Hugging Face ``ViTMAEForPreTraining`` config needs (mask ratio,
+    norm-pix loss). None for an objective without a :class:`MAEDecoder` (its decoder is not written)."""
     dec = getattr(objective, "decoder", None)
     cfg = getattr(objective, "cfg", None)
     if not isinstance(dec, MAEDecoder) or cfg is None:
