@@ -37,7 +37,6 @@ from typing import Any
 from ..errors import MimscaleError
 from .spec import Member, Plan, placeholder_overrides, teacher_overrides
 
-CALIBRATE_STEPS = 60
 EPOCH_CAP = 10.0  # minutes budget: epochs = EPOCH_CAP x the calibrated estimate (a cap; the clock ends the run)
 EXIT_REQUEUE = 42  # a child saved on a signal (mimscale.checkpoint.EXIT_REQUEUE, without importing deepspeed)
 SAVE_EVERY_MINUTES = 2.0
@@ -205,14 +204,16 @@ def _train_images(plan: Plan, overrides: list[str]) -> int:
 
 
 def calibrate(plan: Plan, member: Member, root: Path, launch: str) -> dict[str, Any]:
-    """A short run without evaluation: the member's img/s and FLOPs per image on this machine (cached)."""
+    """A short run (``plan.calibrate_steps`` steps) without evaluation or checkpoints before its end: the member's
+    img/s and FLOPs per image on this machine (cached)."""
     mdir = root / "members" / member.name
     cal = mdir / "calibrate"
     if (cal / "summary.json").is_file():
         return _read_json(cal / "summary.json")
-    knobs = [f"train.max_steps={CALIBRATE_STEPS}", "eval.knn_at_start=false", "eval.knn_train=null"]
+    knobs = [f"train.max_steps={plan.calibrate_steps}", "eval.knn_at_start=false", "eval.knn_train=null"]
     knobs += ["eval.knn_test=null", f"train.run_dir={cal}", "train.resume=never", "train.save_every_minutes=null"]
-    say(f"{member.name}: calibrating ({CALIBRATE_STEPS} steps)")
+    knobs += ["train.save_every=0"]
+    say(f"{member.name}: calibrating ({plan.calibrate_steps} steps)")
     mimscale(["pretrain", plan.recipe, *member_overrides(plan, member, root), *knobs], launch, mdir / "log.txt")
     return _read_json(cal / "summary.json")
 
@@ -370,7 +371,7 @@ def _estimate(plan: Plan, root: Path, load, mae_reference_flops) -> list[dict[st
                 minutes = epochs * images / rate / 60
         if epochs is not None and images:
             steps = math.ceil(epochs * images / batch)
-        calib = None if m.name in rates or not rate else CALIBRATE_STEPS * batch / rate / 60
+        calib = None if m.name in rates or not rate else plan.calibrate_steps * batch / rate / 60
         costs = [root / "teachers" / step / "cost.json" for step in m.teachers]
         teacher = sum(_read_json(c)["seconds"] for c in costs) / 60 if all(c.is_file() for c in costs) else None
         out.append(

@@ -8,6 +8,7 @@ A **spec** is a YAML file (``mimscale/configs/compare/<name>.yaml`` or a path) o
     budget: {minutes: 10}         # training minutes per member, or {mae_epochs: 4} (MAE-equivalent epochs)
     seeds: 1                      # runs per member (train.seed + k: init, data order, masks); --seeds K
     knn_evals: 5                  # kNN evaluations during training (plus random init and the end)
+    calibrate_steps: 60           # steps of each member's calibration run (img/s, FLOPs per image)
     linear: {epochs: 20, ...}     # `mimscale eval linear` knobs at the end of each member, or null
     teachers: {clip: {samples: 60000}, kclip: {iters: 10}}
     members:                      # name -> the member's objective knobs and extra overrides
@@ -45,12 +46,14 @@ SPEC_KEYS = {
     "budget",
     "seeds",
     "knn_evals",
+    "calibrate_steps",
     "linear",
     "teachers",
     "members",
     "default_members",
 }
 BUDGET_KINDS = ("minutes", "mae_epochs")
+CALIBRATE_STEPS = 60  # the calibration run's default length (spec key calibrate_steps)
 TEACHER_STEPS = ("clip", "kclip")  # kclip needs clip (codes are k-means ids of CLIP patch features)
 
 
@@ -74,6 +77,7 @@ class Plan:
     members: list[Member]
     data: dict[str, Any]  # train / knn_train / knn_test of the base recipe (after overrides)
     seeds: int = 1  # runs per member: seed k adds k to train.seed (members/<name>/seed<k>/ for k >= 1)
+    calibrate_steps: int = CALIBRATE_STEPS  # steps of each member's calibration run (a plan without it: 60)
     version: int = PLAN_VERSION
 
     def member(self, name: str) -> Member:
@@ -221,6 +225,9 @@ def build_plan(
     knn_evals = int(spec.get("knn_evals", 4))
     if knn_evals < 0:
         raise ConfigError(f"knn_evals={knn_evals} must be >= 0")
+    calibrate_steps = spec.get("calibrate_steps", CALIBRATE_STEPS)
+    if isinstance(calibrate_steps, bool) or not isinstance(calibrate_steps, int) or calibrate_steps < 1:
+        raise ConfigError(f"calibrate_steps={calibrate_steps!r} must be a positive integer (steps)")
     data = {"train": base.data.train, "knn_train": base.eval.knn_train, "knn_test": base.eval.knn_test}
     return Plan(
         spec=spec_label,
@@ -233,6 +240,7 @@ def build_plan(
         members=members,
         data=data,
         seeds=seeds,
+        calibrate_steps=calibrate_steps,
     )
 
 
@@ -254,7 +262,7 @@ def teacher_overrides(member: Member, teachers_dir: Path) -> list[str]:
 def merge_plans(stored: Plan, new: Plan) -> Plan:
     """A restart: everything but the member list and the seeds must be the same; members may be added, never
     changed; the seeds may grow (a restart that asks for fewer keeps the stored count: finished seeds stay)."""
-    for key in ("recipe", "overrides", "budget", "knn_evals", "linear", "teachers"):
+    for key in ("recipe", "overrides", "budget", "knn_evals", "calibrate_steps", "linear", "teachers"):
         a, b = getattr(stored, key), getattr(new, key)
         if a != b:
             raise ConfigError(

@@ -133,6 +133,22 @@ def test_no_budget_and_unknown_spec_key_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and "unknown key(s) budgets" in err[0]
 
 
+def test_calibrate_steps_from_the_spec(tmp_path):
+    out = tmp_path / "c"
+    assert plan_compare(tmp_path / "d", str(_spec(tmp_path)), [], ["mae"]).calibrate_steps == 60  # the default
+    plan = plan_compare(out, str(_spec(tmp_path, calibrate_steps=5)), [], ["mae"])
+    assert plan.calibrate_steps == 5 and load_plan(out).calibrate_steps == 5
+    with pytest.raises(ConfigError, match="another calibrate_steps"):
+        plan_compare(out, str(_spec(tmp_path, calibrate_steps=6)), [], ["mae"])
+    doc = json.loads((out / "compare.json").read_text())
+    del doc["calibrate_steps"]  # a plan stored before the knob existed: the old fixed 60
+    (out / "compare.json").write_text(json.dumps(doc))
+    assert load_plan(out).calibrate_steps == 60
+    for bad in (0, -3, 2.5, True, "8"):
+        with pytest.raises(ConfigError, match=f"calibrate_steps={bad!r} must be a positive integer"):
+            plan_compare(tmp_path / "e", str(_spec(tmp_path, calibrate_steps=bad)), [], ["mae"])
+
+
 def test_a_restart_may_add_members_but_not_change_them(tmp_path):
     spec, out = str(_spec(tmp_path)), tmp_path / "c"
     plan_compare(out, spec, [], ["mae"])
@@ -279,7 +295,8 @@ def test_two_objectives_killed_mid_member_and_resumed(fmnist_small, tmp_path):
         "eval.knn_test_samples=256",
         "eval.num_workers=0",
     ]
-    spec = _spec(tmp_path, overrides=small, budget={"mae_epochs": 0.002}, knn_evals=1)
+    # 4 calibration steps (the default 60 would be ~3x mae's 20 training steps here; img/s is not what is tested)
+    spec = _spec(tmp_path, overrides=small, budget={"mae_epochs": 0.002}, knn_evals=1, calibrate_steps=4)
     out = tmp_path / "league"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "mimscale.cli", "compare"]
@@ -300,6 +317,8 @@ def test_two_objectives_killed_mid_member_and_resumed(fmnist_small, tmp_path):
     first.wait()
     mae_result = out / "members" / "mae" / "result.json"
     assert mae_result.is_file() and not (out / "members" / "emae" / "result.json").exists()
+    cal = json.loads((out / "members" / "mae" / "calibrate" / "summary.json").read_text())
+    assert cal["steps"] == 4 and cal["img_per_s"] > 0  # the spec's calibrate_steps
     stamp = mae_result.stat().st_mtime_ns
 
     again = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
