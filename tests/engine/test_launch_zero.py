@@ -79,13 +79,7 @@ def runs(fmnist_small, tmp_path_factory, knobs_no_persistence):
         ],
         train__zero_stage=2,
     )
-    launch(
-        "torchrun_z3",
-        ["torchrun", "--nproc_per_node", "2", "--master_port", str(port()), "-m", "mimscale.train"],
-        train__zero_stage=3,
-        train__ds_config=str(knobs_no_persistence),
-    )
-    launch(
+    launch(  # ZeRO-3 with activation checkpointing: ZeRO-0's trajectory proves both (one launch, not two)
         "torchrun_z3_ckpt",
         ["torchrun", "--nproc_per_node", "2", "--master_port", str(port()), "-m", "mimscale.train"],
         train__zero_stage=3,
@@ -113,17 +107,21 @@ def test_every_launcher_and_stage_trains(runs):
 def test_zero_stages_give_the_same_loss_trajectory(runs):
     ref = losses(runs["torchrun_z0"][0])
     assert ref[0] > 0.5  # norm-pix MSE of an untrained model is ~1
-    for name in ("deepspeed_z1", "accelerate_z2", "torchrun_z3"):
+    for name in ("deepspeed_z1", "accelerate_z2", "torchrun_z3_ckpt"):
         got = losses(runs[name][0])
         assert got == pytest.approx(ref, rel=1e-4, abs=1e-5), name
 
 
 def test_activation_checkpointing_gives_the_same_trajectory(runs):
-    assert losses(runs["torchrun_z3_ckpt"][0]) == pytest.approx(losses(runs["torchrun_z3"][0]), rel=1e-5, abs=1e-6)
+    """ZeRO-3 with activation checkpointing (recomputed block forwards, partitioned weights gathered again for
+    the recomputation) against ZeRO-0 without it, at the tolerance that held checkpointing against plain
+    ZeRO-3 (measured: the logged losses of all five fp32 runs are bit-identical)."""
+    ref = losses(runs["torchrun_z0"][0])
+    assert losses(runs["torchrun_z3_ckpt"][0]) == pytest.approx(ref, rel=1e-5, abs=1e-6)
 
 
 def test_zero3_holds_about_half_the_parameters_per_rank(runs):
-    s3, s0 = summary(runs["torchrun_z3"][0]), summary(runs["torchrun_z0"][0])
+    s3, s0 = summary(runs["torchrun_z3_ckpt"][0]), summary(runs["torchrun_z0"][0])
     assert s3["params_total"] == s0["params_total"] > 0
     for held in s3["params_per_rank"]:
         assert abs(held / s3["params_total"] - 0.5) < 0.05
