@@ -21,7 +21,7 @@
 # Environment knobs: GPU_SH_MODELS ("recipe:micro_batch[:zeros[:ckpts]] ...", lists comma-separated;
 # default "mae_vit_l16:128:1,3:0,1 mae_vit_h14:64:1:0,1"), GPU_SH_ZERO / GPU_SH_CKPT (the lists where a model
 # names none; "1 3" / "0 1"), GPU_SH_STEPS (20), GPU_SH_WARMUP (5), GPU_SH_WORLD_SIZE (1), GPU_SH_LOOP (1: run
-# part 2), GPU_SH_LOOP_STEPS (60), GPU_SH_LOOP_WORKERS (loader workers per rank; default cores/ranks - 2),
+# part 2), GPU_SH_LOOP_STEPS (60; --cpu-smoke 2), GPU_SH_LOOP_WORKERS (loader workers per rank; default cores/ranks - 2),
 # GPU_SH_OUT (benchmarks/results), GPU_SH_ARCH_OVERRIDE (replace every recipe's encoder, e.g. vit_micro),
 # PYTHON (default: .venv/bin/python of this checkout, else python3).
 # Results: $GPU_SH_OUT/throughput-<host>-<date>-<recipe>.json + .svg per model (shown by `mimscale report ... --bench`).
@@ -68,8 +68,9 @@ else
   EXTRA=(--img 32 --patch 4 --set objective.decoder_dim=32 --set objective.decoder_depth=1
          --set objective.decoder_heads=2)
   ARCH="${GPU_SH_ARCH_OVERRIDE:-vit_micro}"
-  LOOP_ARGS=(--recipe mae_vit_l16 --micro-batch 8 --precision bf16 --zero 1 --generate 128
-             --steps "${GPU_SH_LOOP_STEPS:-4}" --log-every 2 --skip 1 --set model.arch=vit_micro
+  # part 2 at its smallest: 1 warm-up + 2 timed steps (one timing window), 64 generated JPEGs
+  LOOP_ARGS=(--recipe mae_vit_l16 --micro-batch 8 --precision bf16 --zero 1 --generate 64
+             --steps "${GPU_SH_LOOP_STEPS:-2}" --log-every 1 --skip 1 --set model.arch=vit_micro
              --set model.img_size=32 --set model.patch_size=4 --set objective.decoder_dim=32
              --set objective.decoder_depth=1 --set objective.decoder_heads=2)
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"

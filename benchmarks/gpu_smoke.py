@@ -5,8 +5,9 @@ small batch, bf16, ZeRO-1, ``data.decode=auto`` (the device JPEG decode where th
 for two logging intervals; MAE once more at ZeRO-3. Then the save-on-signal path: MAE again, SIGUSR1 after its
 first logged interval (save, exit 42), the same command again (resume), and the resumed losses compared with
 the uninterrupted run's; the MAE run ends with a kNN evaluation. Data: generated JPEG shards (photo-like smooth
-fields, 10 classes, no data set needed), DTM's teacher a randomly initialised CLIP ViT-B/16 in open_clip's layout,
-MaPeT's targets the tokenizer-free ``pixel_mean`` codes (no cached k-CLIP codes on a bare machine).
+fields, 10 classes, no data set needed), DTM's teacher a randomly initialised CLIP ViT-B/16 in open_clip's layout
+(made only when DTM is among the objectives), MaPeT's targets the tokenizer-free ``pixel_mean`` codes (no cached
+k-CLIP codes on a bare machine).
 
 Writes ``<out>/gpu_smoke-<machine>-<date>.json``: the machine (GPU name, driver, torch/CUDA), per run the
 losses, img/s, decode path, exit codes, and the verdict. ``--cpu-smoke``: the same on the CPU with a micro ViT
@@ -192,8 +193,11 @@ def main() -> int:
         n_train, n_test = (64, 32) if cpu else (1024, 256)
         train_dir = generate_shards(n_train, work / "train", size=size)
         test_dir = generate_shards(n_test, work / "test", size=size)
-        teacher = make_teacher(work / "clip.pt", cpu)
-        print(f"data: {n_train} + {n_test} generated JPEGs ({size} px); teacher {teacher.name}", flush=True)
+        teacher = make_teacher(work / "clip.pt", cpu) if "dtm" in names else None  # only DTM distils from it
+        print(
+            f"data: {n_train} + {n_test} generated JPEGs ({size} px); teacher {teacher.name if teacher else 'none'}",
+            flush=True,
+        )
 
         def cmd(name: str, rd: Path, *extra: str) -> list[str]:
             ov = [
