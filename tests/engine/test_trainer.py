@@ -191,8 +191,8 @@ def test_gradient_accumulation_drops_a_bad_micro_batch_exactly(fmnist_small, tmp
 
 @pytest.mark.slow
 def test_nonfinite_skip_stop_and_rollback(fmnist_small, tmp_path):
-    # (a NaN step dropped and the run completing all steps: test_one_collective_and_one_host_sync_per_step_on_two_
-    # ranks and the rollback run below, which also counts its 3 skipped attempts)
+    # skip: one NaN step (below train.nonfinite_patience) is dropped and the run still completes all its steps -
+    # proven by the two tests above (2 ranks; 1 rank with accumulation) and by the rollback run below (3 drops)
     # patience exceeded with on_nonfinite=stop: one line, exit 2, the checkpoint at step 6 intact; its 6 clean
     # steps are the lr schedule's reference for the rollback below (the schedule spans train.epochs=1, not the cut)
     rd = tmp_path / "stop"
@@ -578,3 +578,36 @@ def test_a_run_signalled_at_its_last_step_is_evaluated_when_resumed(fmnist_small
     assert s1["exit_code"] == ckpt.EXIT_REQUEUE and s1["steps"] == 3 and "knn_top1_final" not in s1
     s2 = pretrain_trainer(C.load(None, ov)).fit()
     assert s2["steps"] == 3 and "knn_top1_final" in s2
+
+
+def test_a_run_signalled_at_an_evaluation_step_runs_that_evaluation_when_resumed(fmnist_small, tmp_path, dist_single):
+    """SIGUSR1 during step 2 of a run evaluating every 2 steps: the run saves and exits 42 before step 2's
+    evaluation; the resumed run starts at step 3, so it must run step 2's evaluation first (it used to be lost:
+    no ``knn_top1_step2`` in the summary, a hole in the curve of every preempted run)."""
+    import os
+    import signal
+
+    from mimscale import config as C
+    from mimscale.pretrain import trainer as pretrain_trainer
+
+    ov = tiny_overrides(
+        fmnist_small,
+        tmp_path / "r",
+        train__precision="fp32",
+        train__micro_batch_size=16,
+        train__stop_after_steps=4,
+        eval__knn_every=2,
+        eval__knn_train=fmnist_small["train"],
+        eval__knn_test=fmnist_small["test"],
+        eval__knn_train_samples=256,
+        eval__knn_test_samples=128,
+        eval__knn_at_start="false",
+        eval__num_workers=0,
+        log__tensorboard="false",
+    )
+    first = pretrain_trainer(C.load(None, ov))
+    first.loss_hooks.append(lambda step, loss: (os.kill(os.getpid(), signal.SIGUSR1) if step == 1 else None) or loss)
+    s1 = first.fit()
+    assert s1["exit_code"] == ckpt.EXIT_REQUEUE and s1["steps"] == 2 and "knn_top1_step2" not in s1
+    s2 = pretrain_trainer(C.load(None, ov)).fit()
+    assert s2["steps"] == 4 and "knn_top1_step2" in s2 and "knn_top1_final" in s2
