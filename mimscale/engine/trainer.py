@@ -192,6 +192,8 @@ class Trainer:
                 self.evaluate("init")
                 self.clock = Clock(self.d.world_size, now=self.now)  # the baseline is not training time
             st.next_eval_s = self.evals.first_due_s()
+        elif self._missed_eval(st.step):  # the run was stopped by a signal at a step that was due an evaluation
+            self.evaluate(f"step{st.step}")
         progress = Progress(
             self.stop,
             start_step=st.step,
@@ -393,6 +395,17 @@ class Trainer:
         )
 
     # ------------------------------------------------------------------ evaluation, saving, the end
+    def _missed_eval(self, step: int) -> bool:
+        """A step-scheduled evaluation of ``step`` that is not in the (restored) summary: a signal stops the loop
+        before the step's evaluation, and the resumed run starts after that step."""
+        ev = self.evaluation
+        return (
+            ev is not None
+            and 0 < step < self.stop
+            and self.evals.due_by_steps(step)
+            and f"{ev.summary_prefix}_step{step}" not in self.summary
+        )
+
     def evaluate(self, tag: str) -> None:
         ev = self.evaluation
         if ev is None:
