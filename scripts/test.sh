@@ -7,4 +7,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 export WANDB_MODE=offline WANDB_SILENT=true
-exec .venv/bin/python -m pytest -q --durations=20 "$@"
+# Two pytest-xdist workers by default (the SLURM tests mostly wait, launches mostly import: two share two cores
+# well); tests/conftest.py keeps each group of tests that shares a fixture on one worker and runs the longest
+# first. MIMSCALE_TEST_WORKERS=0 runs everything in this one process (e.g. with -x or a debugger).
+workers=${MIMSCALE_TEST_WORKERS:-2}
+parallel=()
+[ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadgroup --no-loadscope-reorder)
+exec .venv/bin/python -m pytest -q --durations=20 "${parallel[@]}" "$@"

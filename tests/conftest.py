@@ -1,24 +1,48 @@
-"""Shared fixtures: small real Fashion-MNIST shards."""
+"""Shared fixtures (small real Fashion-MNIST shards, a tiny CLIP), the tiers, the parallel schedule and the
+time guard."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory, name: str) -> Iterator[tuple[Path, bool]]:
+    """``(directory, must_build)`` for a session fixture that all pytest-xdist workers share: the first worker
+    to get here builds it (``must_build`` True; the directory counts as built when the block exits without an
+    error), the others wait on the lock and reuse it. Without xdist it is just a fresh directory."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above every worker's own
+    out, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if done.exists():
+            yield out, False
+            return
+        out.mkdir(exist_ok=True)
+        yield out, True
+        done.touch()
+
+
 @pytest.fixture(scope="session")
 def fmnist_small(tmp_path_factory) -> dict[str, Path]:
     """Real Fashion-MNIST (Debian package) as shards: 2048 train samples in 8 shards, 512 test."""
-    from mimscale.data.shards import write_fashion_mnist
+    with built_once(tmp_path_factory, "fmnist") as (out, build):
+        if build:
+            from mimscale.data.shards import write_fashion_mnist
 
-    out = tmp_path_factory.mktemp("fmnist")
-    dirs = write_fashion_mnist(out, splits=("train",), shard_size=256, limit=2048)
-    dirs.update(write_fashion_mnist(out, splits=("test",), shard_size=256, limit=512))
-    return dirs
+            write_fashion_mnist(out, splits=("train",), shard_size=256, limit=2048)
+            write_fashion_mnist(out, splits=("test",), shard_size=256, limit=512)
+    return {"train": out / "train", "test": out / "test"}
 
 
 @pytest.fixture(scope="session")
@@ -26,12 +50,13 @@ def tiny_clip(fmnist_small, tmp_path_factory) -> Path:
     """Path of a tiny real CLIP (open_clip, ``TINY_CLIP_CFG``: 32 px, patch 4 -> 8x8 grid, ``D_out`` 64), trained
     for 4096 images on ``fmnist_small`` (train: 3-4x chance zero-shot; ~15 s idle). Load it with
     ``mimscale.teachers.clip.CLIPTeacher(path)``; its zero-shot result is beside it (``clip.json``)."""
-    from mimscale.teachers.train_clip import TrainCLIPConfig, train_clip
+    with built_once(tmp_path_factory, "tiny_clip") as (out, build):
+        if build:
+            from mimscale.teachers.train_clip import TrainCLIPConfig, train_clip
 
-    out = tmp_path_factory.mktemp("tiny_clip") / "clip.pt"
-    cfg = TrainCLIPConfig(samples=4096, batch_size=32, lr=3e-3, num_workers=0, test_samples=512)
-    train_clip(out, str(fmnist_small["train"]), str(fmnist_small["test"]), cfg, progress=False)
-    return out
+            cfg = TrainCLIPConfig(samples=4096, batch_size=32, lr=3e-3, num_workers=0, test_samples=512)
+            train_clip(out / "clip.pt", str(fmnist_small["train"]), str(fmnist_small["test"]), cfg, progress=False)
+    return out / "clip.pt"
 
 
 # ----------------------------------------------------------------------------- tiers
@@ -61,6 +86,44 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.multirank)
         if not system and not item.get_closest_marker("slow") and not item.get_closest_marker("multirank"):
             item.add_marker(pytest.mark.unit)
+    _parallel_schedule(items)
+
+
+# ----------------------------------------------------------------------------- parallel schedule
+# `scripts/test.sh` runs the suite on pytest-xdist workers (`-n 2 --dist loadgroup --no-loadscope-reorder`).
+# Each test goes to whichever worker is free, except that a group runs whole on one worker: the SLURM tests
+# (one local cluster per session) and every module whose tests share a module-scoped fixture (built once).
+# Modules run longest-first (the SLURM tests, which mostly wait on the cluster, then the launches, then the
+# in-process unit tests, which fill the gaps at the end); a module stays contiguous, so without xdist its
+# fixtures are still built once. Each worker's own torch uses one thread: the parallelism is the workers'.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def _module_scoped(item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    defs = getattr(info, "name2fixturedefs", {}) if info is not None else {}
+    return any(str(d.scope) == "module" for ds in defs.values() for d in ds)
+
+
+def _parallel_schedule(items) -> None:
+    def rank(item) -> int:
+        if "/tests/slurm/" in str(item.path):
+            return 0
+        if item.get_closest_marker("system") or item.get_closest_marker("multirank"):
+            return 1
+        return 2 if item.get_closest_marker("slow") else 3
+
+    first: dict[Path, int] = {}
+    module_rank: dict[Path, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(item.path, i)
+        module_rank[item.path] = min(module_rank.get(item.path, 9), rank(item))
+        if "/tests/slurm/" in str(item.path):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif _module_scoped(item):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+    items.sort(key=lambda it: (module_rank[it.path], first[it.path]))  # stable: a module keeps its order
 
 
 # ----------------------------------------------------------------------------- time guard
