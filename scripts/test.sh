@@ -12,5 +12,5 @@ export WANDB_MODE=offline WANDB_SILENT=true
 # first. MIMSCALE_TEST_WORKERS=0 runs everything in this one process (e.g. with -x or a debugger).
 workers=${MIMSCALE_TEST_WORKERS:-2}
 parallel=()
-[ "$workers" -gt 0 ] && parallel=(-n "$workers" --dist loadgroup --no-loadscope-reorder)
+[ "$workers" -gt 0 ] && parallel=(-n "$workers" --no-loadscope-reorder)
 exec .venv/bin/python -m pytest -q --durations=20 "${parallel[@]}" "$@"

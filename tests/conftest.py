@@ -90,20 +90,48 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ----------------------------------------------------------------------------- parallel schedule
-# `scripts/test.sh` runs the suite on pytest-xdist workers (`-n 2 --dist loadgroup --no-loadscope-reorder`).
-# Each test goes to whichever worker is free, except that a group runs whole on one worker: the SLURM tests
-# (one local cluster per session) and every module whose tests share a module-scoped fixture (built once).
-# Modules run longest-first (the SLURM tests, which mostly wait on the cluster, then the launches, then the
-# in-process unit tests, which fill the gaps at the end); a module stays contiguous, so without xdist its
+# `scripts/test.sh` runs the suite on two pytest-xdist workers (`-n 2 --no-loadscope-reorder`; the scheduler
+# below replaces --dist). Each test goes to whichever worker is free, except that a group runs whole on one
+# worker: the SLURM tests (one local cluster per session) and every module with a module-scoped fixture (built
+# once). Modules run longest-first (the SLURM tests, which mostly wait on the cluster, then the launches, then
+# the in-process unit tests, which fill the gaps at the end); a module stays contiguous, so without xdist its
 # fixtures are still built once. Each worker's own torch uses one thread: the parallelism is the workers'.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _module_scoped(item) -> bool:
-    info = getattr(item, "_fixtureinfo", None)
-    defs = getattr(info, "name2fixturedefs", {}) if info is not None else {}
-    return any(str(d.scope) == "module" for ds in defs.values() for d in ds)
+def _group(nodeid: str) -> str:
+    """The unit of work a test belongs to: ``slurm``, its module (module-scoped fixtures), or itself."""
+    path = nodeid.split("::", 1)[0]
+    if path.startswith("tests/slurm/"):
+        return "slurm"
+    return path if _shares_module_fixture(path) else nodeid
+
+
+_SHARED: dict[str, bool] = {}
+
+
+def _shares_module_fixture(path: str) -> bool:
+    if path not in _SHARED:
+        try:
+            src = (_ROOT / path).read_text(encoding="utf-8")
+        except OSError:
+            src = ""
+        _SHARED[path] = 'scope="module"' in src
+    return _SHARED[path]
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scope scheduler with the groups of :func:`_group` (its own ``--dist loadgroup`` marks do
+    not reach the node ids under pytest 9)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid)
+
+    return Groups(config, log)
 
 
 def _parallel_schedule(items) -> None:
@@ -119,10 +147,6 @@ def _parallel_schedule(items) -> None:
     for i, item in enumerate(items):
         first.setdefault(item.path, i)
         module_rank[item.path] = min(module_rank.get(item.path, 9), rank(item))
-        if "/tests/slurm/" in str(item.path):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif _module_scoped(item):
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
     items.sort(key=lambda it: (module_rank[it.path], first[it.path]))  # stable: a module keeps its order
 
 

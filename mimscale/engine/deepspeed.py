@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import sys
+import types
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -164,6 +165,53 @@ def skip_shm_comm_build() -> None:
     comm_torch.build_shm_op = lambda: None
 
 
+# DeepSpeed versions whose every import of the two Muon modules was read (ZeRO-1/2/3 optimizers, bf16
+# optimizer, engine): each only asks isinstance(optimizer, MuonWithAuxAdam) or calls muon_update for
+# parameters tagged use_muon, which mimscale never tags. Another version imports the real modules.
+MUON_STUB_VERIFIED = ("0.19.8",)
+_MUON_MODULES = ("deepspeed.runtime.zero.muon.original_muon", "deepspeed.runtime.zero.muon.muon_optimizer")
+
+
+class _NoMuon:
+    """Stands in for DeepSpeed's ``MuonWithAuxAdam``, which mimscale never builds (see :func:`skip_muon_import`)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        raise RuntimeError("DeepSpeed's Muon optimizer is not available through mimscale (the optimizer is AdamW)")
+
+
+def _no_muon_update(*args, **kwargs):
+    raise RuntimeError("DeepSpeed's Muon update was called, but mimscale never tags a parameter use_muon")
+
+
+def skip_muon_import() -> bool:
+    """Keep DeepSpeed from importing its Muon optimizer in every process; True when the stand-ins are in place.
+
+    DeepSpeed's ZeRO optimizers import ``MuonWithAuxAdam`` and ``muon_update`` at engine start and in every
+    ZeRO-1/2 gradient partitioning, only to check ``isinstance(optimizer, MuonWithAuxAdam)`` or to update
+    parameters tagged ``use_muon``. Importing them wraps three functions in ``torch.compile``, which loads
+    inductor: ~1-2 s of CPU per rank at every start, a quarter of a short launch. mimscale's optimizer is
+    always AdamW (:func:`ds_config` sets it; the knobs file may not) and no parameter is tagged, so on a
+    DeepSpeed version in :data:`MUON_STUB_VERIFIED` both modules are registered as stand-ins whose class is never
+    an instance of anything built here and whose update refuses to run: every Muon branch stays off, as it
+    does for AdamW. Other versions, and a process that already imported the real modules, keep them."""
+    import deepspeed
+
+    if deepspeed.__version__ not in MUON_STUB_VERIFIED or any(m in sys.modules for m in _MUON_MODULES):
+        return all(isinstance(sys.modules.get(m), _Stub) for m in _MUON_MODULES)
+    for name in _MUON_MODULES:
+        stub = _Stub(name, "mimscale's stand-in: Muon is never used (mimscale.engine.deepspeed.skip_muon_import)")
+        stub.MuonWithAuxAdam = _NoMuon
+        stub.muon_update = stub.adam_update = _no_muon_update
+        sys.modules[name] = stub
+    return True
+
+
+class _Stub(types.ModuleType):
+    MuonWithAuxAdam: type
+    muon_update: Any
+    adam_update: Any
+
+
 def initialize(
     objective: nn.Module,
     cfg: Config,
@@ -184,6 +232,7 @@ def initialize(
 
     if accelerator == "cpu":
         skip_shm_comm_build()
+    skip_muon_import()
     frozen = list(getattr(objective, "frozen_modules", list)())
     for m in frozen:
         m.eval().requires_grad_(False)
@@ -212,6 +261,7 @@ def init_distributed() -> None:
 
     if accelerator_name() == "cpu":
         skip_shm_comm_build()
+    skip_muon_import()
     deepspeed.init_distributed(dist_init_required=True)
 
 

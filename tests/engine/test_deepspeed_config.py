@@ -217,3 +217,70 @@ def test_loss_scale_reads_each_deepspeed_fp16_optimizer_layout():
         assert isinstance(ds.loss_scale(engine), float)
     off = SimpleNamespace(fp16_enabled=lambda: False, optimizer=layouts[0])
     assert ds.loss_scale(off) == 1.0
+
+
+_MUON_PROBE = r"""
+import os, sys, torch
+from mimscale.engine import deepspeed as ds
+assert ds.skip_muon_import()
+import deepspeed
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+ds.skip_shm_comm_build()
+for stage in (1, 2, 3):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 1))
+    cfg = {"train_batch_size": 4, "bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "torch_adam": True}}, "steps_per_print": 10**9}
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    losses = []
+    for _ in range(3):
+        loss = engine(x).float().pow(2).mean()
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], (stage, losses)
+print("stand-ins", all(isinstance(sys.modules[m], ds._Stub) for m in ds._MUON_MODULES))
+print("inductor", "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def test_muon_stand_ins_keep_deepspeed_engines_from_compiling_at_start():
+    """In a fresh process on the pinned DeepSpeed, bf16 engines at ZeRO-1, 2 and 3 train with the Muon stand-ins
+    in place, and neither DeepSpeed's Muon modules nor inductor are imported (they cost ~1-2 s per rank)."""
+    import subprocess
+    import sys
+
+    import deepspeed
+    from launch_utils import REPO, clean_env, free_port
+
+    if deepspeed.__version__ not in ds.MUON_STUB_VERIFIED:
+        pytest.skip(f"DeepSpeed {deepspeed.__version__} is not one whose Muon imports were read")
+    p = subprocess.run(
+        [sys.executable, "-c", _MUON_PROBE, str(free_port())],
+        env=clean_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "stand-ins True" in p.stdout and "inductor False" in p.stdout, p.stdout
+
+
+def test_muon_stand_ins_only_on_a_verified_deepspeed(monkeypatch):
+    import sys
+
+    import deepspeed
+
+    for name in ds._MUON_MODULES:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(deepspeed, "__version__", "0.0.1")
+    assert not ds.skip_muon_import() and not any(m in sys.modules for m in ds._MUON_MODULES)
+    monkeypatch.setattr(deepspeed, "__version__", ds.MUON_STUB_VERIFIED[0])
+    assert ds.skip_muon_import()
+    stub = sys.modules[ds._MUON_MODULES[1]]
+    with pytest.raises(RuntimeError, match="AdamW"):
+        stub.MuonWithAuxAdam([])
+    with pytest.raises(RuntimeError, match="use_muon"):
+        sys.modules[ds._MUON_MODULES[0]].muon_update()
