@@ -93,9 +93,10 @@ def pytest_collection_modifyitems(config, items):
 # `scripts/test.sh` runs the suite on two pytest-xdist workers (`-n 2 --no-loadscope-reorder`; the scheduler
 # below replaces --dist). Each test goes to whichever worker is free, except that a group runs whole on one
 # worker: the SLURM tests (one local cluster per session) and every module with a module-scoped fixture (built
-# once). Modules run longest-first (the SLURM tests, which mostly wait on the cluster, then the launches, then
-# the in-process unit tests, which fill the gaps at the end); a module stays contiguous, so without xdist its
-# fixtures are still built once. Each worker's own torch uses one thread: the parallelism is the workers'.
+# once). Modules run longest-first: the SLURM tests (they mostly wait on the cluster), then the modules that
+# launch processes, largest ALLOW_SLOW allowance first, then the in-process unit tests, which fill the gaps at
+# the end; a module stays contiguous, so without xdist its fixtures are still built once. Each worker's own
+# torch uses one thread: the parallelism is the workers'.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 _ROOT = Path(__file__).resolve().parent.parent
@@ -138,16 +139,17 @@ def _parallel_schedule(items) -> None:
     def rank(item) -> int:
         if "/tests/slurm/" in str(item.path):
             return 0
-        if item.get_closest_marker("system") or item.get_closest_marker("multirank"):
-            return 1
-        return 2 if item.get_closest_marker("slow") else 3
+        return 2 if item.get_closest_marker("unit") else 1
 
     first: dict[Path, int] = {}
     module_rank: dict[Path, int] = {}
+    weight: dict[Path, float] = {}  # the largest time allowance among its tests: the long modules start first
     for i, item in enumerate(items):
         first.setdefault(item.path, i)
         module_rank[item.path] = min(module_rank.get(item.path, 9), rank(item))
-    items.sort(key=lambda it: (module_rank[it.path], first[it.path]))  # stable: a module keeps its order
+        allowed = [v[0] for k, v in ALLOW_SLOW.items() if item.nodeid.startswith(k)]
+        weight[item.path] = max(weight.get(item.path, 0.0), *allowed, 0.0)
+    items.sort(key=lambda it: (module_rank[it.path], -weight[it.path], first[it.path]))  # a module keeps its order
 
 
 # ----------------------------------------------------------------------------- time guard
