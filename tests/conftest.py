@@ -4,6 +4,7 @@ time guard."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import resource
@@ -94,7 +95,7 @@ def pytest_collection_modifyitems(config, items):
 # below replaces --dist). Each test goes to whichever worker is free, except that a group runs whole on one
 # worker: the SLURM tests (one local cluster per session) and every module with a module-scoped fixture (built
 # once). Modules run longest-first: the SLURM tests (they mostly wait on the cluster), then the modules that
-# launch processes, largest ALLOW_SLOW allowance first, then the in-process unit tests, which fill the gaps at
+# launch processes, largest time allowance first, then the in-process unit tests, which fill the gaps at
 # the end; a module stays contiguous, so without xdist its fixtures are still built once. Each worker's own
 # torch uses one thread: the parallelism is the workers'.
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -110,17 +111,12 @@ def _group(nodeid: str) -> str:
     return path if _shares_module_fixture(path) else nodeid
 
 
-_SHARED: dict[str, bool] = {}
-
-
+@functools.cache
 def _shares_module_fixture(path: str) -> bool:
-    if path not in _SHARED:
-        try:
-            src = (_ROOT / path).read_text(encoding="utf-8")
-        except OSError:
-            src = ""
-        _SHARED[path] = 'scope="module"' in src
-    return _SHARED[path]
+    try:
+        return 'scope="module"' in (_ROOT / path).read_text(encoding="utf-8")
+    except OSError:
+        return False
 
 
 def pytest_xdist_make_scheduler(config, log):
@@ -147,8 +143,7 @@ def _parallel_schedule(items) -> None:
     for i, item in enumerate(items):
         first.setdefault(item.path, i)
         module_rank[item.path] = min(module_rank.get(item.path, 9), rank(item))
-        allowed = [v[0] for k, v in ALLOW_SLOW.items() if item.nodeid.startswith(k)]
-        weight[item.path] = max(weight.get(item.path, 0.0), *allowed, 0.0)
+        weight[item.path] = max(weight.get(item.path, 0.0), _limit_s(item))
     items.sort(key=lambda it: (module_rank[it.path], -weight[it.path], first[it.path]))  # a module keeps its order
 
 
