@@ -549,9 +549,9 @@ def test_a_step_that_raises_restores_the_signal_handlers_and_closes_the_loader(f
     assert len(L._LIVE_EPOCHS) == 0 or all(g.gi_frame is None for g in L._LIVE_EPOCHS)
 
 
-def test_a_run_signalled_at_its_last_step_is_evaluated_when_resumed(fmnist_small, tmp_path, dist_single):
-    """SIGUSR1 during the last step: save and exit 42 before the final evaluation; the resumed run has no step
-    left to train but must still run the final evaluation (it used to skip it: no final kNN in the summary)."""
+def _signalled_then_resumed(fmnist_small, run_dir, signal_at: int, **over) -> tuple[dict, dict]:
+    """An in-process kNN-evaluating run sent SIGUSR1 during step ``signal_at`` (0-based), then the same config
+    resumed: the two summaries."""
     import os
     import signal
 
@@ -560,10 +560,9 @@ def test_a_run_signalled_at_its_last_step_is_evaluated_when_resumed(fmnist_small
 
     ov = tiny_overrides(
         fmnist_small,
-        tmp_path / "r",
+        run_dir,
         train__precision="fp32",
         train__micro_batch_size=16,
-        train__stop_after_steps=3,
         eval__knn_train=fmnist_small["train"],
         eval__knn_test=fmnist_small["test"],
         eval__knn_train_samples=256,
@@ -571,12 +570,24 @@ def test_a_run_signalled_at_its_last_step_is_evaluated_when_resumed(fmnist_small
         eval__knn_at_start="false",
         eval__num_workers=0,
         log__tensorboard="false",
+        **over,
     )
     first = pretrain_trainer(C.load(None, ov))
-    first.loss_hooks.append(lambda step, loss: (os.kill(os.getpid(), signal.SIGUSR1) if step == 2 else None) or loss)
-    s1 = first.fit()
+
+    def signal_during(step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return loss
+
+    first.loss_hooks.append(signal_during)
+    return first.fit(), pretrain_trainer(C.load(None, ov)).fit()
+
+
+def test_a_run_signalled_at_its_last_step_is_evaluated_when_resumed(fmnist_small, tmp_path, dist_single):
+    """SIGUSR1 during the last step: save and exit 42 before the final evaluation; the resumed run has no step
+    left to train but must still run the final evaluation (it used to skip it: no final kNN in the summary)."""
+    s1, s2 = _signalled_then_resumed(fmnist_small, tmp_path / "r", 2, train__stop_after_steps=3)
     assert s1["exit_code"] == ckpt.EXIT_REQUEUE and s1["steps"] == 3 and "knn_top1_final" not in s1
-    s2 = pretrain_trainer(C.load(None, ov)).fit()
     assert s2["steps"] == 3 and "knn_top1_final" in s2
 
 
@@ -584,30 +595,6 @@ def test_a_run_signalled_at_an_evaluation_step_runs_that_evaluation_when_resumed
     """SIGUSR1 during step 2 of a run evaluating every 2 steps: the run saves and exits 42 before step 2's
     evaluation; the resumed run starts at step 3, so it must run step 2's evaluation first (it used to be lost:
     no ``knn_top1_step2`` in the summary, a hole in the curve of every preempted run)."""
-    import os
-    import signal
-
-    from mimscale import config as C
-    from mimscale.pretrain import trainer as pretrain_trainer
-
-    ov = tiny_overrides(
-        fmnist_small,
-        tmp_path / "r",
-        train__precision="fp32",
-        train__micro_batch_size=16,
-        train__stop_after_steps=4,
-        eval__knn_every=2,
-        eval__knn_train=fmnist_small["train"],
-        eval__knn_test=fmnist_small["test"],
-        eval__knn_train_samples=256,
-        eval__knn_test_samples=128,
-        eval__knn_at_start="false",
-        eval__num_workers=0,
-        log__tensorboard="false",
-    )
-    first = pretrain_trainer(C.load(None, ov))
-    first.loss_hooks.append(lambda step, loss: (os.kill(os.getpid(), signal.SIGUSR1) if step == 1 else None) or loss)
-    s1 = first.fit()
+    s1, s2 = _signalled_then_resumed(fmnist_small, tmp_path / "r", 1, train__stop_after_steps=4, eval__knn_every=2)
     assert s1["exit_code"] == ckpt.EXIT_REQUEUE and s1["steps"] == 2 and "knn_top1_step2" not in s1
-    s2 = pretrain_trainer(C.load(None, ov)).fit()
     assert s2["steps"] == 4 and "knn_top1_step2" in s2 and "knn_top1_final" in s2
