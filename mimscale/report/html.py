@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .bench import bench_section
 from .data import Run
-from .league import League, Member, budget_text, pm
+from .league import League, Member, budget_note, budget_text, pm
 from .recon import recon_section
 from .svg import Series, dot_chart, line_chart, run_style
 
@@ -412,7 +412,9 @@ LEAGUE_NOTES = [
     ),
     (
         "Training",
-        "the training minutes each member achieved (evaluation and saving excluded) beside its budget.",
+        "the training minutes each member achieved (evaluation and saving excluded) beside its budget, and "
+        "what it used of the budget in the budget's own unit (training minutes, or the MAE-equivalent epochs "
+        "it trained for a FLOP budget): the worst seed's deviation.",
     ),
     (
         "Time to target",
@@ -470,6 +472,7 @@ def _league_meta(league: League) -> str:
         f"data: {data_txt}",
         f"encoder: {escape(_encoder(league))} &middot; spec <code>{escape(str(plan.get('spec', '?')))}</code>",
         target,
+        *[escape(n) for n in [budget_note(league)] if n],
     ]
     return "".join(f'<p class="meta">{line}</p>' for line in lines)
 
@@ -511,6 +514,9 @@ def _league_row(m: Member, rank: int | None, target: float | None, budget: str =
     seeds = "seeds " + ", ".join(f"{v:.2f}" for v in m.knn_final_seeds) if m.seeds > 1 and m.knn_final_seeds else ""
     lin_seeds = "seeds " + ", ".join(f"{v:.2f}" for v in m.linear_seeds) if m.seeds > 1 and m.linear_seeds else ""
     mins = "seeds " + ", ".join(f"{v:.2f}" for v in m.train_minutes_seeds) if m.seeds > 1 else ""
+    if m.budget_dev is not None:
+        used = f"{m.budget_used:.4g} MAE-eq. epochs, " if budget.endswith("MAE-eq. epochs") else ""
+        budget = f"{budget}; used {used}{100 * m.budget_dev:+.1f} %"
     noise = ", ".join(escape(n) for n in m.noise_peers) or DASH if m.finished and m.seeds > 1 else DASH
     cells = [
         _td(f"#{rank}" if rank else DASH, rank),

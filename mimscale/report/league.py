@@ -23,6 +23,9 @@ Definitions (also printed in the report's notes):
   member's is the mean over its seeds when every seed reaches it.
 - **achieved training minutes**: the training time each run really had (``result.json``'s
   ``train_minutes``), shown beside the budget.
+- **budget used**: what each run spent in the budget's own unit -- its training minutes (a ``minutes``
+  budget) or the MAE-equivalent epochs it trained (a ``mae_epochs`` FLOP budget: epochs x its FLOPs per
+  image / MAE's); a member's deviation is its worst seed's, relative to the budget.
 - **teacher cost**: device-hours of the teacher steps a member needs (CLIP training, k-means + codes):
   ``teacher_cost`` of its result.json, else the sum of the ``teachers/<step>/cost.json`` it lists.
 - **total**: training device-hours + teacher device-hours.
@@ -71,6 +74,7 @@ class SeedRun:
     knn_init: float | None = None
     linear_top1: float | None = None
     train_minutes: float | None = None  # achieved training time
+    budget_used: float | None = None  # in the budget's unit: training minutes or MAE-eq. epochs
     train_h: float | None = None
     ttt_step: int | None = None
     ttt_h: float | None = None
@@ -104,6 +108,8 @@ class Member:
     train_minutes: float | None = None  # achieved, mean over seeds
     train_minutes_std: float | None = None
     train_minutes_seeds: list[float] = field(default_factory=list)
+    budget_used: float | None = None  # mean over seeds, in the budget's unit
+    budget_dev: float | None = None  # the worst seed's (budget used / budget - 1)
     ttt_step: int | None = None
     ttt_h: float | None = None  # time-to-target in training device-hours
     ttt_total_h: float | None = None  # time-to-target + teacher device-hours
@@ -148,6 +154,12 @@ class League:
     def seeds(self) -> int:
         return max((m.seeds for m in self.members), default=1)
 
+    @property
+    def budget_dev(self) -> float | None:
+        """The largest |budget used / budget - 1| of any finished member's seeds (None: nothing to tell)."""
+        devs = [abs(m.budget_dev) for m in self.members if m.finished and m.budget_dev is not None]
+        return max(devs) if devs else None
+
     def to_json(self) -> dict[str, Any]:
         return {
             "path": self.path,
@@ -160,6 +172,7 @@ class League:
             "noise_test": self.noise_test,
             "rank_knn": self.rank_knn,
             "rank_with_teacher": self.rank_with_teacher,
+            "budget_dev": self.budget_dev,
             "members": [m.to_json() for m in self.members],
         }
 
@@ -187,7 +200,7 @@ def _teacher_costs(root: Path) -> dict[str, float]:
     return costs
 
 
-def _load_seed(sdir: Path, seed: int) -> tuple[SeedRun, dict]:
+def _load_seed(sdir: Path, seed: int, budget_kind: str | None = None) -> tuple[SeedRun, dict]:
     result = _read_json(sdir / "result.json")
     s = SeedRun(seed, "pending")
     if (sdir / "run" / "metrics.jsonl").is_file():
@@ -204,6 +217,9 @@ def _load_seed(sdir: Path, seed: int) -> tuple[SeedRun, dict]:
         s.linear_top1 = s.linear_top1 if s.linear_top1 is not None else r.linear_final
         if s.train_minutes is None and r.device_hours is not None:
             s.train_minutes = r.device_hours * 60 / (r.world_size or 1)
+    s.budget_used = s.train_minutes if budget_kind == "minutes" else None
+    if budget_kind == "mae_epochs" and s.run is not None:
+        s.budget_used = _finite(s.run.mae_equiv_epochs)
     return s, result
 
 
@@ -211,10 +227,13 @@ def _values(seeds: list[SeedRun], attr: str) -> list[float]:
     return [v for v in (getattr(s, attr) for s in seeds) if v is not None]
 
 
-def _load_member(root: Path, entry: dict, index: int, teacher_costs: dict[str, float], seeds: int) -> Member:
+def _load_member(
+    root: Path, entry: dict, index: int, teacher_costs: dict[str, float], seeds: int, budget: dict | None = None
+) -> Member:
     name = str(entry["name"])
     teachers = [str(t) for t in entry.get("teachers") or []]
-    loaded = [_load_seed(seed_dir(root, name, k), k) for k in range(seeds)]
+    kind = (budget or {}).get("kind")
+    loaded = [_load_seed(seed_dir(root, name, k), k, kind) for k in range(seeds)]
     m = Member(name, entry.get("objective"), "pending", teachers, index, seeds=seeds)
     m.seed_runs = [s for s, _ in loaded]
     results = [r for _, r in loaded if r]
@@ -237,6 +256,10 @@ def _load_member(root: Path, entry: dict, index: int, teacher_costs: dict[str, f
     m.linear_top1, m.linear_std = mean_std(m.linear_seeds)
     m.train_minutes_seeds = _values(use, "train_minutes")
     m.train_minutes, m.train_minutes_std = mean_std(m.train_minutes_seeds)
+    used, value = _values(use, "budget_used"), _finite((budget or {}).get("value"))
+    m.budget_used = mean_std(used)[0]
+    if used and value:
+        m.budget_dev = max((u / value - 1.0 for u in used), key=abs)
     m.train_h = mean_std(_values(use, "train_h"))[0]
     m.run = next((s.run for s in m.seed_runs if s.run is not None), None)
     if m.run is not None:
@@ -315,7 +338,8 @@ def load_league(path: str | os.PathLike, target: float | None = None) -> League:
     plan = read_plan(root)
     seeds = int(plan.get("seeds") or 1)
     costs = _teacher_costs(root)
-    members = [_load_member(root, e, i, costs, seeds) for i, e in enumerate(plan["members"])]
+    budget = plan.get("budget") if isinstance(plan.get("budget"), dict) else None
+    members = [_load_member(root, e, i, costs, seeds, budget) for i, e in enumerate(plan["members"])]
     league = League(str(root.resolve()), plan, members, target=target, target_source="--target")
     own, league.init_best, source = common_target(members)
     if target is None:
@@ -348,6 +372,30 @@ def budget_text(budget: dict[str, Any] | None) -> str:
     return f"{value:g} min" if b.get("kind") == "minutes" else f"{value:g} MAE-eq. epochs"
 
 
+def training_text(m: Member, budget: dict[str, Any] | None) -> str:
+    """A member's training cell: its achieved minutes (± over seeds), for a FLOP budget also the MAE-eq.
+    epochs it trained, and the worst seed's deviation from the budget: ``0.0102 MAE-eq. epochs (+0.1 %);
+    12.25 ± 8.66 min`` / ``9.95 ± 0.05 min (-0.5 %)``."""
+    minutes = pm(m.train_minutes, m.train_minutes_std, 2, "min")
+    dev = "" if m.budget_dev is None else f" ({100 * m.budget_dev:+.1f} %)"
+    if (budget or {}).get("kind") == "mae_epochs" and m.budget_used is not None:
+        return f"{m.budget_used:.4g} MAE-eq. epochs{dev}; {minutes}"
+    return minutes + dev
+
+
+def budget_note(league: League) -> str | None:
+    """``Budget held: every finished run within 0.1 % of ...``, or None before any member finished."""
+    dev = league.budget_dev
+    if dev is None:
+        return None
+    unit = (
+        "MAE-eq. epochs trained"
+        if (league.plan.get("budget") or {}).get("kind") == "mae_epochs"
+        else "training minutes"
+    )
+    return f"Budget held: every finished run within {100 * dev:.1f} % of its budget ({unit})."
+
+
 def markdown_table(league: League) -> str:
     """The league as a Markdown table (``league.md``: paste it into a README or an issue), ranked by mean final
     kNN; every number with its unit, ± one standard deviation over the seeds when there are several."""
@@ -373,7 +421,7 @@ def markdown_table(league: League) -> str:
         line = (
             f"| {rank} | {m.name} | {knn} | {pm(m.linear_top1, m.linear_std, 2, '%')} | {minutes(m.ttt_h)} "
             f"| {minutes(m.teacher_h)} | {rate} | {pm(m.flops_ratio, None, 2, '×')} MAE "
-            f"| {pm(m.train_minutes, m.train_minutes_std, 2, 'min')} |"
+            f"| {training_text(m, league.plan.get('budget'))} |"
         )
         if seeds > 1:
             line += f" {', '.join(m.noise_peers) or '—'} |"
@@ -382,7 +430,7 @@ def markdown_table(league: League) -> str:
         target = f"Target (to target): kNN top-1 {league.target:.2f}%, {league.target_source}."
     else:
         target = f"Target: none. {league.target_source[:1].upper()}{league.target_source[1:]}."
-    notes = [target]
+    notes = [target, *filter(None, [budget_note(league)])]
     if seeds > 1:
         notes.append(
             f"{seeds} seeds per member: mean ± standard deviation (each seed's final kNN in brackets); "

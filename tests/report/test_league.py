@@ -237,8 +237,8 @@ def test_markdown_table_ranks_finished_members_in_minutes(league):
     ]
     assert rows[0][2] == "61.80 %" and rows[0][3] == "52.40 %" and rows[1][3] == "48.30 %"  # every number: a unit
     assert rows[0][5] == f"{TEACHER_H * 60:.1f} min"  # the teacher column, in device-minutes
-    assert rows[0][8] == "10.00 min |" and "(budget 10 min)" in lines[0]  # achieved training minutes vs the budget
-    assert lines[-1].startswith("Target (to target): kNN top-1 55.60%")
+    assert rows[0][8] == "10.00 min (+0.0 %) |" and "(budget 10 min)" in lines[0]  # achieved minutes, deviation
+    assert lines[-2].startswith("Target (to target): kNN top-1 55.60%") and lines[-1].startswith("Budget held")
 
 
 # ------------------------------------------------------------------------------- seeds and the target rule
@@ -298,9 +298,29 @@ def test_seeds_mean_std_each_value_and_ranking_by_the_mean(tmp_path):
     md = markdown_table(lg)
     assert "| 1 | c | 70.20 ± 0.20 % (70.00, 70.20, 70.40) | 41.00 ± 1.00 % |" in md
     assert "| 2 | b | 61.50 ± 1.00 % (60.50, 61.50, 62.50) |" in md and "| 3 | a | 61.00 ± 1.00 %" in md
-    assert "10.00 ± 0.10 min | b |" in md and "Welch" in md
+    assert "| 10.00 ± 0.10 min (" in md and " %) | b |" in md and "Welch" in md  # the worst seed's deviation
+    assert abs(m["a"].budget_dev) == pytest.approx(0.01) and lg.budget_dev == pytest.approx(0.01)  # 9.9 / 10.1 min
+    assert "Budget held: every finished run within 1.0 % of its budget (training minutes)." in md
     html = render_league(lg)
     assert "70.20 ± 0.20 %" in html and "seeds&nbsp;70.00,&nbsp;70.20,&nbsp;70.40" in html and "Welch" in html
+
+
+def test_a_flop_budget_is_checked_in_mae_equivalent_epochs(tmp_path):
+    """With a ``mae_epochs`` budget, what a run used is the MAE-equivalent epochs it trained (epochs x its FLOPs
+    per image / MAE's), not its minutes: a run that trained 3 % more than the budget shows +3.0 %."""
+    _seeded_league(tmp_path)
+    trained = load_league(tmp_path).members[0].seed_runs[0].run.mae_equiv_epochs  # type: ignore[union-attr]
+    assert trained and trained > 0
+    plan = json.loads((tmp_path / "compare.json").read_text())
+    plan["budget"] = {"kind": "mae_epochs", "value": trained / 1.03}
+    (tmp_path / "compare.json").write_text(json.dumps(plan))
+    lg = load_league(tmp_path)
+    a = next(x for x in lg.members if x.name == "a")
+    assert a.budget_used == pytest.approx(trained) and a.budget_dev == pytest.approx(0.03)
+    md = markdown_table(lg)
+    assert f"| {trained:.4g} MAE-eq. epochs (+3.0 %); 10.00 ± 0.10 min |" in md
+    assert "within 3.0 % of its budget (MAE-eq. epochs trained)" in md
+    assert "used " in render_league(lg) and "+3.0&nbsp;%" in render_league(lg)
 
 
 def test_unfinished_seed_keeps_the_member_unranked(tmp_path):
