@@ -46,7 +46,7 @@ from typing import Any
 
 from ..errors import MimscaleError
 from .data import Run, _finite, _read_json, first_reach, load_run
-from .stats import mean_std, within_noise
+from .stats import kendall_tau, mean_std, within_noise
 
 PLAN = "compare.json"
 
@@ -437,3 +437,54 @@ def markdown_table(league: League) -> str:
             f"within noise: {league.noise_test}."
         )
     return "\n".join([*rows, "", *notes]) + "\n"
+
+
+def side_by_side(leagues: list[tuple[str, League]]) -> str:
+    """Several leagues of the same members (e.g. one per data set) as one Markdown table: each member's mean
+    final kNN top-1 (± over seeds) and its rank in every league, then its linear top-1 in each; rows in the
+    first league's kNN order. Under the table: Kendall's tau of each league's kNN ranking against the first's,
+    and every pair of members the two rankings order differently, with whether the pair is within the noise
+    in each league (a swap inside the noise is not a disagreement)."""
+    if not leagues:
+        return ""
+    finished = [[n for n in lg.rank_knn if _member(lg, n).finished] for _, lg in leagues]
+    names = list(dict.fromkeys([*leagues[0][1].rank_knn, *(n for _, lg in leagues[1:] for n in lg.rank_knn)]))
+    head = ["objective"] + [f"{t} kNN top-1 | rank" for t, _ in leagues] + [f"{t} linear top-1" for t, _ in leagues]
+    rows = ["| " + " | ".join(head) + " |", "|---" * (1 + 3 * len(leagues)) + "|"]
+    for name in names:
+        knn, lin = [], []
+        for (_, lg), order in zip(leagues, finished):
+            m = _member_or_none(lg, name)
+            knn.append(
+                f"{pm(m.knn_final, m.knn_final_std, 2, '%') if m else '—'} | "
+                f"{order.index(name) + 1 if name in order else '—'}"
+            )
+            lin.append(pm(m.linear_top1, m.linear_std, 2, "%") if m else "—")
+        rows.append("| " + " | ".join([name, *knn, *lin]) + " |")
+    notes = []
+    first_title, first = leagues[0]
+    for (title, lg), order in zip(leagues[1:], finished[1:]):
+        tau = kendall_tau(finished[0], order)
+        if tau is None:
+            continue
+        swaps = []
+        common = [n for n in finished[0] if n in order]
+        for i, x in enumerate(common):
+            for y in common[i + 1 :]:
+                if order.index(x) > order.index(y):
+                    noise = [t for t, g in ((first_title, first), (title, lg)) if y in _member(g, x).noise_peers]
+                    how = f"within the noise on {' and '.join(noise)}" if noise else "outside the noise on both"
+                    swaps.append(f"{x} / {y} ({how})")
+        agree = "the same order" if not swaps else "pairs ordered differently: " + "; ".join(swaps)
+        notes.append(f"kNN rankings, {first_title} vs {title}: Kendall's tau {tau:+.2f}, {agree}.")
+    return "\n".join([*rows, "", *notes]) + "\n"
+
+
+def _member_or_none(league: League, name: str) -> Member | None:
+    return next((m for m in league.members if m.name == name), None)
+
+
+def _member(league: League, name: str) -> Member:
+    m = _member_or_none(league, name)
+    assert m is not None, name
+    return m

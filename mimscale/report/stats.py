@@ -77,3 +77,15 @@ def within_noise(a: Sequence[float], b: Sequence[float], alpha: float = ALPHA) -
     """True when Welch's test cannot separate the two means at ``alpha``; ``None`` without a noise estimate."""
     p = welch_p(a, b)
     return None if p is None else p >= alpha
+
+
+def kendall_tau(a: Sequence[str], b: Sequence[str]) -> float | None:
+    """Kendall's rank correlation (tau-a) of two rankings (best first) over the items both hold: 1 = the same
+    order, -1 = reversed; ``None`` with fewer than two common items."""
+    common = [x for x in a if x in b]
+    if len(common) < 2:
+        return None
+    pos = {x: i for i, x in enumerate(b)}
+    pairs = [(x, y) for i, x in enumerate(common) for y in common[i + 1 :]]
+    agree = sum(1 if pos[x] < pos[y] else -1 for x, y in pairs)
+    return agree / len(pairs)

@@ -250,14 +250,15 @@ SEED_KNN = {  # final kNN per seed: a and b overlap (within the noise), c is cle
 }
 
 
-def _seeded_league(root, knn_init: float = 10.0, seeds: int = 3, done: int | None = None) -> None:
+def _seeded_league(root, knn_init: float = 10.0, seeds: int = 3, done: int | None = None, knn=None) -> None:
     """A compare directory with ``seeds`` seeds per member (seed k >= 1 in members/<name>/seed<k>/); the
     last member has only ``done`` seeds complete when given."""
     from mimscale.report.league import seed_dir
 
-    members = [{"name": n, "objective": "mae", "overrides": [], "teachers": []} for n in SEED_KNN]
+    knn = knn or SEED_KNN
+    members = [{"name": n, "objective": "mae", "overrides": [], "teachers": []} for n in knn]
     (root / "compare.json").write_text(json.dumps({**_plan(members), "seeds": seeds}))
-    for name, finals in SEED_KNN.items():
+    for name, finals in knn.items():
         for k, final in enumerate(finals[:seeds]):
             sd = seed_dir(root, name, k)
             finished = done is None or name != "c" or k < done
@@ -321,6 +322,35 @@ def test_a_flop_budget_is_checked_in_mae_equivalent_epochs(tmp_path):
     assert f"| {trained:.4g} MAE-eq. epochs (+3.0 %); 10.00 ± 0.10 min |" in md
     assert "within 3.0 % of its budget (MAE-eq. epochs trained)" in md
     assert "used " in render_league(lg) and "+3.0&nbsp;%" in render_league(lg)
+
+
+def test_two_leagues_side_by_side_rank_agreement_and_swaps_with_their_noise(tmp_path):
+    """The README's two data sets: one table, each league's rank, Kendall's tau, and the pairs ordered
+    differently with whether each swap is inside the noise."""
+    from mimscale.report.league import side_by_side
+    from mimscale.report.stats import kendall_tau
+
+    assert (
+        kendall_tau(["a", "b", "c"], ["a", "b", "c"]) == 1.0 and kendall_tau(["a", "b", "c"], ["c", "b", "a"]) == -1.0
+    )
+    assert kendall_tau(["a", "b", "c"], ["b", "a", "c"]) == pytest.approx(1 / 3) and kendall_tau(["a"], ["a"]) is None
+    (tmp_path / "f").mkdir()
+    (tmp_path / "m").mkdir()
+    _seeded_league(tmp_path / "f")  # c > b > a (a, b within the noise)
+    _seeded_league(tmp_path / "m", knn={"a": [80.0, 80.5, 81.0], "b": [60.5, 61.5, 62.5], "c": [70.0, 70.2, 70.4]})
+    f, m = load_league(tmp_path / "f"), load_league(tmp_path / "m")
+    md = side_by_side([("Fashion-MNIST", f), ("MNIST", m)])
+    lines = md.splitlines()
+    assert lines[0] == (
+        "| objective | Fashion-MNIST kNN top-1 | rank | MNIST kNN top-1 | rank | Fashion-MNIST linear top-1 "
+        "| MNIST linear top-1 |"
+    )
+    assert lines[2] == "| c | 70.20 ± 0.20 % | 1 | 70.20 ± 0.20 % | 2 | 41.00 ± 1.00 % | 41.00 ± 1.00 % |"
+    assert lines[4].startswith("| a | 61.00 ± 1.00 % | 3 | 80.50 ± 0.50 % | 1 |")
+    note = lines[-1]
+    assert note.startswith("kNN rankings, Fashion-MNIST vs MNIST: Kendall's tau -0.33, pairs ordered differently: ")
+    assert "c / a (outside the noise on both)" in note and "b / a (within the noise on Fashion-MNIST)" in note
+    assert side_by_side([("F", f), ("F again", f)]).splitlines()[-1].endswith("Kendall's tau +1.00, the same order.")
 
 
 def test_unfinished_seed_keeps_the_member_unranked(tmp_path):
