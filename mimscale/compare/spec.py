@@ -25,9 +25,12 @@ and the teacher steps it needs. It is written once; a later start must agree wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -220,7 +223,9 @@ def build_plan(
         obj = _objective_section(dict(base.objective), m, name)
         own = [f"objective={json.dumps(obj)}", *map(str, m.get("overrides") or []), *extra.get(name, [])]
         member = Member(name, obj["name"], own, teacher_steps(obj))
-        C.load(recipe, [*common, *own, *placeholder_overrides(member)])  # every key checked now
+        stand_ins = placeholder_overrides(member)
+        with _silenced("mimscale.config", bool(stand_ins)):  # its notes would be about the stand-in paths
+            C.load(recipe, [*common, *own, *stand_ins])  # every key checked now
         members.append(member)
     knn_evals = int(spec.get("knn_evals", 4))
     if knn_evals < 0:
@@ -242,6 +247,17 @@ def build_plan(
         seeds=seeds,
         calibrate_steps=calibrate_steps,
     )
+
+
+@contextlib.contextmanager
+def _silenced(logger: str, on: bool) -> Iterator[None]:
+    """``logger`` says nothing inside the block when ``on``."""
+    log = logging.getLogger(logger)
+    was, log.disabled = log.disabled, log.disabled or on
+    try:
+        yield
+    finally:
+        log.disabled = was
 
 
 def placeholder_overrides(member: Member) -> list[str]:

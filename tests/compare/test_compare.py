@@ -4,6 +4,7 @@ killed mid-member and resumed (the complete member is kept, the interrupted one 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -186,6 +187,15 @@ def test_seeds_in_the_plan_and_a_restart_may_add_seeds(tmp_path, capsys):
     assert "seeds=0 must be a positive integer" in capsys.readouterr().err
     assert main(["compare", "--out", str(out), "--seeds", "4", "--dry-run"]) == 2
     assert "give its SPEC too" in capsys.readouterr().err
+
+
+def test_dry_run_of_the_shipped_league_says_nothing_about_stand_in_teacher_paths(tmp_path, caplog):
+    """The plan's key check points MaPeT at a stand-in k-CLIP data path; what config would note about that path
+    ("kNN evaluation is off", ImageNet's mean/std) is not about the real run, so it is not logged."""
+    caplog.set_level(logging.INFO)
+    assert main(["compare", "tiny_cpu", "--out", str(tmp_path / "c"), "--dry-run"]) == 0
+    config_notes = [r.getMessage() for r in caplog.records if r.name == "mimscale.config"]
+    assert config_notes == [] and not logging.getLogger("mimscale.config").disabled
 
 
 def test_dry_run_prints_the_estimate_and_stores_nothing(tmp_path, capsys):
