@@ -130,6 +130,16 @@ def test_compare_array_runs_every_member_requeues_one_on_usr1_and_reports(slurm,
     result, steps = json.loads((out / "members" / "emae" / "result.json").read_text()), train_steps(run_dir)
     assert result["summary"]["steps"] == steps[-1] > resumed[0]
     assert sorted(set(steps)) == list(range(1, steps[-1] + 1))  # no gap across the restart
+    # the requeued EMAE run ends with its decoder beside the encoder (a real EMAE run's decoder save): it
+    # exports to a transformers ViTMAEForPreTraining that misses no weight
+    pytest.importorskip("transformers")
+    from mimscale.cli import main as cli_main
+
+    assert cli_main(["export", str(run_dir), "--out", str(tmp_path / "hf"), "--format", "hf-mae"]) == 0
+    from transformers import ViTMAEForPreTraining
+
+    _, loading = ViTMAEForPreTraining.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert not any(loading.values()), loading
     p = subprocess.run(
         [sys.executable, "-m", "mimscale.cli", "report", str(out)],
         capture_output=True,
