@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MimscaleError
-from .spec import Member, Plan, placeholder_overrides, teacher_overrides
+from .spec import Member, Plan, config_notes_silenced, placeholder_overrides, teacher_overrides
 
 EPOCH_CAP = 10.0  # minutes budget: epochs = EPOCH_CAP x the calibrated estimate (a cap; the clock ends the run)
 EXIT_REQUEUE = 42  # a child saved on a signal (mimscale.checkpoint.EXIT_REQUEUE, without importing deepspeed)
@@ -323,18 +323,11 @@ def estimate(plan: Plan, root: Path) -> list[dict[str, Any]]:
     minutes of its teacher steps. Throughput comes from the member's cached calibration, else from another
     member's calibration scaled by FLOPs per image (``rate_from`` says which), else it is unknown (``None``:
     the first real start calibrates); teacher minutes from ``teachers/<step>/cost.json`` once they ran."""
-    import logging
-
     from ..config import load
     from ..report import mae_reference_flops
 
-    quiet = logging.getLogger("mimscale.config")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # the stand-in teacher paths' notes are noise here
-    try:
+    with config_notes_silenced():
         return _estimate(plan, root, load, mae_reference_flops)
-    finally:
-        quiet.setLevel(level)
 
 
 def _estimate(plan: Plan, root: Path, load, mae_reference_flops) -> list[dict[str, Any]]:

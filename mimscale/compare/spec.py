@@ -224,7 +224,7 @@ def build_plan(
         own = [f"objective={json.dumps(obj)}", *map(str, m.get("overrides") or []), *extra.get(name, [])]
         member = Member(name, obj["name"], own, teacher_steps(obj))
         stand_ins = placeholder_overrides(member)
-        with _silenced("mimscale.config", bool(stand_ins)):  # its notes would be about the stand-in paths
+        with config_notes_silenced(bool(stand_ins)):
             C.load(recipe, [*common, *own, *stand_ins])  # every key checked now
         members.append(member)
     knn_evals = int(spec.get("knn_evals", 4))
@@ -250,14 +250,18 @@ def build_plan(
 
 
 @contextlib.contextmanager
-def _silenced(logger: str, on: bool) -> Iterator[None]:
-    """``logger`` says nothing inside the block when ``on``."""
-    log = logging.getLogger(logger)
-    was, log.disabled = log.disabled, log.disabled or on
+def config_notes_silenced(on: bool = True) -> Iterator[None]:
+    """Inside the block (when ``on``) config's notes (warnings about data paths, evaluation sets and
+    normalisation) are not shown: for configs that point at stand-in teacher paths, whose notes would describe
+    the stand-ins, not the run."""
+    log = logging.getLogger("mimscale.config")
+    level = log.level
+    if on:
+        log.setLevel(logging.ERROR)
     try:
         yield
     finally:
-        log.disabled = was
+        log.setLevel(level)
 
 
 def placeholder_overrides(member: Member) -> list[str]:
