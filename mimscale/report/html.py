@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .bench import bench_section
 from .data import Run
-from .league import League, Member, budget_note, budget_text, pm
+from .league import BUDGET_UNITS, League, Member, budget_note, budget_text, pm
 from .recon import recon_section
 from .svg import Series, dot_chart, line_chart, run_style
 
@@ -515,7 +515,8 @@ def _league_row(m: Member, rank: int | None, target: float | None, budget: str =
     lin_seeds = "seeds " + ", ".join(f"{v:.2f}" for v in m.linear_seeds) if m.seeds > 1 and m.linear_seeds else ""
     mins = "seeds " + ", ".join(f"{v:.2f}" for v in m.train_minutes_seeds) if m.seeds > 1 else ""
     if m.budget_dev is not None:
-        used = f"{m.budget_used:.4g} MAE-eq. epochs, " if budget.endswith("MAE-eq. epochs") else ""
+        flops = m.budget_unit == BUDGET_UNITS["mae_epochs"]
+        used = f"{m.budget_used:.4g} {m.budget_unit}, " if flops and m.budget_used is not None else ""
         budget = f"{budget}; used {used}{100 * m.budget_dev:+.1f} %"
     noise = ", ".join(escape(n) for n in m.noise_peers) or DASH if m.finished and m.seeds > 1 else DASH
     cells = [

@@ -49,6 +49,7 @@ from .data import Run, _finite, _read_json, first_reach, load_run
 from .stats import kendall_tau, mean_std, within_noise
 
 PLAN = "compare.json"
+BUDGET_UNITS = {"minutes": "min", "mae_epochs": "MAE-eq. epochs"}  # a plan's budget kind -> its unit
 
 
 def is_compare_dir(path: str | os.PathLike) -> bool:
@@ -108,7 +109,8 @@ class Member:
     train_minutes: float | None = None  # achieved, mean over seeds
     train_minutes_std: float | None = None
     train_minutes_seeds: list[float] = field(default_factory=list)
-    budget_used: float | None = None  # mean over seeds, in the budget's unit
+    budget_used: float | None = None  # mean over seeds, in budget_unit
+    budget_unit: str | None = None  # "min" (minutes budget) or "MAE-eq. epochs" (FLOP budget)
     budget_dev: float | None = None  # the worst seed's (budget used / budget - 1)
     ttt_step: int | None = None
     ttt_h: float | None = None  # time-to-target in training device-hours
@@ -235,6 +237,7 @@ def _load_member(
     kind = (budget or {}).get("kind")
     loaded = [_load_seed(seed_dir(root, name, k), k, kind) for k in range(seeds)]
     m = Member(name, entry.get("objective"), "pending", teachers, index, seeds=seeds)
+    m.budget_unit = BUDGET_UNITS.get(str(kind))
     m.seed_runs = [s for s, _ in loaded]
     results = [r for _, r in loaded if r]
     m.objective = next((r.get("objective") for r in results if r.get("objective")), None) or m.objective
@@ -372,14 +375,14 @@ def budget_text(budget: dict[str, Any] | None) -> str:
     return f"{value:g} min" if b.get("kind") == "minutes" else f"{value:g} MAE-eq. epochs"
 
 
-def training_text(m: Member, budget: dict[str, Any] | None) -> str:
+def training_text(m: Member) -> str:
     """A member's training cell: its achieved minutes (± over seeds), for a FLOP budget also the MAE-eq.
     epochs it trained, and the worst seed's deviation from the budget: ``0.0102 MAE-eq. epochs (+0.1 %);
     12.25 ± 8.66 min`` / ``9.95 ± 0.05 min (-0.5 %)``."""
     minutes = pm(m.train_minutes, m.train_minutes_std, 2, "min")
     dev = "" if m.budget_dev is None else f" ({100 * m.budget_dev:+.1f} %)"
-    if (budget or {}).get("kind") == "mae_epochs" and m.budget_used is not None:
-        return f"{m.budget_used:.4g} MAE-eq. epochs{dev}; {minutes}"
+    if m.budget_unit == BUDGET_UNITS["mae_epochs"] and m.budget_used is not None:
+        return f"{m.budget_used:.4g} {m.budget_unit}{dev}; {minutes}"
     return minutes + dev
 
 
@@ -421,7 +424,7 @@ def markdown_table(league: League) -> str:
         line = (
             f"| {rank} | {m.name} | {knn} | {pm(m.linear_top1, m.linear_std, 2, '%')} | {minutes(m.ttt_h)} "
             f"| {minutes(m.teacher_h)} | {rate} | {pm(m.flops_ratio, None, 2, '×')} MAE "
-            f"| {training_text(m, league.plan.get('budget'))} |"
+            f"| {training_text(m)} |"
         )
         if seeds > 1:
             line += f" {', '.join(m.noise_peers) or '—'} |"
